@@ -1,0 +1,120 @@
+"""Settings of each component: a TOML file section, overridden by environment variables.
+
+One file (default ``/etc/yun/yun.toml``) holds a ``[common]`` table and a table per
+component (``[domain]``, ``[control]``, ``[node]``, ``[storage]``, ``[gateway]``).
+An environment variable ``YUN_<COMPONENT>_<FIELD>`` (or ``YUN_<FIELD>`` for common
+fields) overrides the file. Unknown keys are refused so a typo is noticed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = Path("/etc/yun/yun.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid; the message names the key."""
+
+
+class ComponentSettings(BaseModel):
+    """Fields every component has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0])
+    domain_name: str = "default"
+    domain_secret: str = ""
+    domain_url: str | None = Field(
+        default=None, description="the domain server's address; empty means discover it by mDNS"
+    )
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    advertise_url: str | None = Field(
+        default=None, description="the URL peers use to reach this component"
+    )
+    state_dir: Path = Path("/var/lib/yun")
+    log_level: str = "INFO"
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+
+    def url(self) -> str:
+        """The URL this component tells the domain to give its peers."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.listen_host if self.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.listen_port}"
+
+
+class DomainSettings(ComponentSettings):
+    listen_port: int = 7700
+    ttl: float = Field(default=6.0, gt=0, description="seconds without heartbeat before 'gone'")
+    mdns: bool = True
+
+
+class ControlSettings(ComponentSettings):
+    listen_port: int = 7710
+    database_url: str = ""  # default: sqlite under state_dir
+    create_timeout: float = 600.0
+    reconcile_interval: float = 5.0
+
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'control.db'}"
+
+
+class NodeSettings(ComponentSettings):
+    listen_port: int = 7720
+    hypervisor: Literal["libvirt", "sim"] = "libvirt"
+    libvirt_uri: str = "qemu:///system"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    nat_subnet: str = "10.77.0.0/24"
+    bridge: str = "yunbr0"
+    report_interval: float = 2.0
+    sim_vcpus: int = 64
+    sim_memory_mb: int = 262144
+    sim_disk_gb: int = 4096
+
+
+class StorageSettings(ComponentSettings):
+    listen_port: int = 7730
+    max_upload_bytes: int = 64 * 1024**3
+
+
+class GatewaySettings(ComponentSettings):
+    listen_port: int = 8080
+    listen_host: str = "0.0.0.0"
+    admin_token: str = ""
+
+
+S = TypeVar("S", bound=ComponentSettings)
+
+
+def load_settings(cls: type[S], section: str, path: Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from ``[common]`` and ``[section]`` of the file, the environment, then
+    ``overrides`` (command-line options), in increasing precedence."""
+    data: dict[str, Any] = {}
+    path = path or Path(os.environ.get("YUN_CONFIG", DEFAULT_CONFIG))
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data.update(doc.get("common", {}))
+        data.update(doc.get(section, {}))
+    for field in cls.model_fields:
+        for env in (f"YUN_{section.upper()}_{field.upper()}", f"YUN_{field.upper()}"):
+            if env in os.environ:
+                data[field] = os.environ[env]
+                break
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"[{section}] {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({path}): {problems}") from exc

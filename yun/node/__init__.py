@@ -1,0 +1,1 @@
+"""Node Client (C-NODE): runs VMs on one hypervisor host."""

@@ -1,0 +1,171 @@
+"""The hypervisor driver contract: small, declarative, idempotent, async.
+
+Every driver (``libvirt``, ``sim``) honours the same contract; nothing outside a
+driver may ask which one it is talking to. Operations on a domain that is already
+in the requested state succeed quietly, so that a retried command is harmless.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+
+
+class HypervisorError(RuntimeError):
+    """The hypervisor refused or failed an operation."""
+
+
+class DomainNotFound(HypervisorError):
+    """No domain with that uuid exists on this host."""
+
+
+class NotSupported(HypervisorError):
+    """The driver does not offer this operation (see :class:`Capabilities`)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    live_migrate: bool = False
+    hotplug_disk: bool = False
+    hotplug_nic: bool = False
+    snapshots: bool = False
+    console: bool = False
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    """What the host offers to VMs."""
+
+    hostname: str
+    vcpus: int
+    memory_mb: int
+    accel: str  # "kvm" or "tcg" (or "sim")
+    cpu_load: float = 0.0
+    memory_used_mb: int = 0
+
+
+@dataclass(frozen=True)
+class ResolvedDisk:
+    """A disk of the spec, made real by the disk backend: a file the hypervisor opens."""
+
+    disk_id: str
+    path: Path
+    format: str  # "qcow2" or "raw"
+    bus: str = "virtio"
+
+
+@dataclass(frozen=True)
+class ResolvedNic:
+    """A NIC of the spec, made real by the network backend: a bridge the tap joins."""
+
+    nic_id: str
+    mac: str
+    bridge: str
+    tap: str
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """Something the hypervisor reports on its own: a domain started, stopped, crashed."""
+
+    uuid: str
+    state: DomainState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ConsoleInfo:
+    """How to reach a domain's display and serial log."""
+
+    vnc_host: str | None
+    vnc_port: int | None
+    serial_log: Path | None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class HypervisorDriver(abc.ABC):
+    """One hypervisor on one host."""
+
+    name: str = "abstract"
+    caps: Capabilities = Capabilities()
+
+    async def open(self) -> None:
+        """Connect to the hypervisor; called once before any other method."""
+
+    async def close(self) -> None:
+        """Release the connection; running domains keep running."""
+
+    @abc.abstractmethod
+    async def host_info(self) -> HostCapacity:
+        """Capacity and load of this host."""
+
+    @abc.abstractmethod
+    async def list_domains(self) -> list[DomainInfo]:
+        """Every domain on this host that Yun manages (a full resync)."""
+
+    @abc.abstractmethod
+    async def get_domain(self, uuid: str) -> DomainInfo | None:
+        """The domain ``uuid``, or None when it does not exist."""
+
+    @abc.abstractmethod
+    async def ensure_defined(
+        self, spec: DomainSpec, disks: list[ResolvedDisk], nics: list[ResolvedNic]
+    ) -> None:
+        """Define the domain, or update its definition; never starts it."""
+
+    @abc.abstractmethod
+    async def start(self, uuid: str) -> None:
+        """Boot the domain; a running domain is left alone."""
+
+    @abc.abstractmethod
+    async def shutdown(self, uuid: str, timeout: float) -> None:
+        """Ask the guest to power off (ACPI); force it off after ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    async def destroy(self, uuid: str) -> None:
+        """Power the domain off at once; a stopped domain is left alone."""
+
+    @abc.abstractmethod
+    async def reboot(self, uuid: str) -> None:
+        """Restart the guest."""
+
+    @abc.abstractmethod
+    async def undefine(self, uuid: str) -> None:
+        """Forget the domain (destroying it first); no error if it does not exist."""
+
+    @abc.abstractmethod
+    async def console(self, uuid: str) -> ConsoleInfo:
+        """Where the domain's display and serial log are."""
+
+    @abc.abstractmethod
+    async def console_log(self, uuid: str, max_bytes: int = 65536) -> str:
+        """The tail of what the guest printed on its serial console."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[DomainEvent]:
+        """Lifecycle events as the hypervisor reports them."""
+
+    async def suspend(self, uuid: str) -> None:
+        raise NotSupported(f"{self.name} cannot suspend domains")
+
+    async def resume(self, uuid: str) -> None:
+        raise NotSupported(f"{self.name} cannot resume domains")
+
+    async def attach_disk(self, uuid: str, disk: ResolvedDisk) -> None:
+        raise NotSupported(f"{self.name} cannot hot-plug disks")
+
+    async def detach_disk(self, uuid: str, disk_id: str) -> None:
+        raise NotSupported(f"{self.name} cannot hot-unplug disks")
+
+    async def attach_nic(self, uuid: str, nic: ResolvedNic) -> None:
+        raise NotSupported(f"{self.name} cannot hot-plug NICs")
+
+    async def detach_nic(self, uuid: str, nic_id: str) -> None:
+        raise NotSupported(f"{self.name} cannot hot-unplug NICs")
+
+    async def migrate(self, uuid: str, target_uri: str) -> None:
+        raise NotSupported(f"{self.name} cannot migrate domains")

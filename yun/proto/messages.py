@@ -1,0 +1,200 @@
+"""Typed messages of the internal protocol, shared by every component.
+
+Every model forbids unknown fields, so a malformed message is refused with a
+clear error instead of being half understood.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from yun.proto.components import ComponentType
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- domain: join and presence -------------------------------------------------
+
+
+class JoinRequest(Message):
+    """A component asks to join the work domain (F-JOIN)."""
+
+    type: ComponentType
+    name: Name
+    url: str = Field(min_length=1, max_length=2048, description="where peers reach this component")
+    secret: str = Field(min_length=1, max_length=512)
+    component_id: str | None = Field(
+        default=None, max_length=64, description="the id from an earlier join, to rejoin as itself"
+    )
+
+
+class Peer(Message):
+    """A component another component connects to."""
+
+    component_id: str
+    type: ComponentType
+    name: str
+    url: str
+
+
+class JoinResponse(Message):
+    component_id: str
+    credential: str
+    domain: str
+    heartbeat_interval: float
+    ttl: float
+    peers: list[Peer]
+
+
+class HeartbeatRequest(Message):
+    url: str | None = Field(default=None, max_length=2048, description="set when the address moved")
+
+
+class HeartbeatResponse(Message):
+    peers: list[Peer]
+    generation: int
+
+
+class ComponentStatus(StrEnum):
+    ALIVE = "alive"
+    GONE = "gone"
+    LEFT = "left"
+
+
+class ComponentInfo(Message):
+    component_id: str
+    type: ComponentType
+    name: str
+    url: str
+    status: ComponentStatus
+    joined_at: datetime
+    last_seen: datetime
+
+
+# --- node <-> control -------------------------------------------------------------
+
+
+class DomainState(StrEnum):
+    """What the hypervisor says of a domain."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    ABSENT = "absent"
+
+
+class HostInfo(Message):
+    hostname: str
+    hypervisor: str
+    accel: str = Field(description="kvm or tcg")
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    cpu_load: float = 0.0
+    memory_used_mb: int = 0
+    disk_used_gb: int = 0
+    nat_subnet: str = Field(description="the node-local NAT network, e.g. 10.77.0.0/24")
+
+
+class DiskSpec(Message):
+    """A VM disk: a qcow2 overlay of a cached image, or a blank volume."""
+
+    disk_id: str
+    size_gb: int = Field(ge=1, le=65536)
+    image_id: str | None = None
+    image_sha256: str | None = None
+    image_format: str | None = None
+    bus: Literal["virtio", "sata", "ide"] = "virtio"
+
+
+class NicSpec(Message):
+    nic_id: str
+    mac: str
+    ip: str
+    network: Literal["nat"] = "nat"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        value = value.lower()
+        if not MAC_RE.match(value):
+            raise ValueError(f"not a MAC address: {value!r}")
+        return value
+
+
+class DomainSpec(Message):
+    """Everything a node needs to define one VM; the driver turns it into hypervisor config."""
+
+    uuid: str
+    name: Name
+    vcpus: int = Field(ge=1, le=256)
+    memory_mb: int = Field(ge=16, le=4 * 1024 * 1024)
+    disks: list[DiskSpec] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=list)
+    vnc: bool = True
+
+
+class DomainInfo(Message):
+    uuid: str
+    name: str
+    state: DomainState
+    vcpus: int = 0
+    memory_mb: int = 0
+    vnc_port: int | None = None
+    console_log: str | None = None
+
+
+class NodeReport(Message):
+    """A node pushes its identity, capacity, load and domains to the control servers."""
+
+    node_id: str
+    name: str
+    url: str
+    host: HostInfo
+    domains: list[DomainInfo]
+    full: bool = Field(default=True, description="domains lists every domain on the node")
+
+
+class StopRequest(Message):
+    force: bool = False
+    timeout: float = Field(default=60.0, ge=0, le=3600)
+
+
+class ImageLocation(Message):
+    """Where a node fetches an image from (the storage server) and what it must hash to."""
+
+    image_id: str
+    url: str
+    sha256: str
+    size: int
+    format: str
+
+
+class ProvisionRequest(Message):
+    """Create (idempotently) the disks and domain of a VM on a node, and start it."""
+
+    spec: DomainSpec
+    images: list[ImageLocation] = Field(default_factory=list)
+    start: bool = True
+
+
+class StorageImageReport(Message):
+    """The storage server tells the control server an upload is stored."""
+
+    image_id: str
+    size: int
+    sha256: str
+    format: str
+    virtual_size: int
