@@ -57,6 +57,7 @@ class PeerClient:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """Send one request and return the decoded JSON answer (None for 204)."""
         payload: Any = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
@@ -66,7 +67,7 @@ class PeerClient:
         try:
             resp = await self._client.request(
                 method, path, json=payload, params=params,
-                headers=self.headers(request_id), **kwargs,
+                headers={**self.headers(request_id), **(headers or {})}, **kwargs,
             )
         except httpx.HTTPError as exc:
             raise PeerError(f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc

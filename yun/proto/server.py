@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 
 from fastapi import FastAPI, Request
@@ -72,10 +73,13 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", extra={"path": request.url.path})
+        # The details stay in the log: an answer must not leak internals (SQL, paths).
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unexpected error", extra={"path": request.url.path, "error_id": error_id})
         return problem_response(
             Problem(title="Internal error", status=500,
-                    detail=f"{exc.__class__.__name__}: {exc}", instance=request.url.path)
+                    detail=f"unexpected {exc.__class__.__name__}; the server log has error "
+                           f"{error_id}", instance=request.url.path)
         )
 
 

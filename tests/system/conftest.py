@@ -1,0 +1,33 @@
+"""Shared fixtures of the system tests: root, real namespaces, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from yun.testing.netns import Topology, cleanup_stale
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system tests need root")
+    if shutil.which("ip") is None:
+        pytest.skip("system tests need iproute2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stale_test_namespaces() -> None:
+    """Remove leftovers of killed earlier runs (never those of a live run)."""
+    if os.geteuid() == 0 and shutil.which("ip") is not None:
+        cleanup_stale()
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    """A fresh test data centre (LAN switch + root link), deleted after the test."""
+    _need_root()
+    with Topology() as topo:
+        yield topo

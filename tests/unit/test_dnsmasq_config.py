@@ -1,0 +1,276 @@
+"""dnsmasq command line and hosts files; port validation; the simulated NAT backend.
+
+The validation is shared by the real and the simulated backend, so it is tested here
+once, through both entry points.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from yun.node.network.base import NatNetwork, NetworkError
+from yun.node.network.dnsmasq import (
+    Dnsmasq,
+    DnsmasqConfig,
+    DnsmasqError,
+    PortRecord,
+    dnsmasq_argv,
+    parse_hosts_file,
+    render_hosts_file,
+)
+from yun.node.network.nat import (
+    NatNetworkBackend,
+    hostname_for,
+    parse_network,
+    plan_port,
+    tap_name,
+    validate_port,
+)
+from yun.node.network.sim import SimNetworkBackend
+from yun.proto.messages import NicSpec
+
+NET = NatNetwork(bridge="yunbr0", subnet="10.77.0.0/24", gateway="10.77.0.1")
+VM = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+NIC_ID = "9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"
+
+
+def nic(ip: str = "10.77.0.10", mac: str = "52:54:00:00:00:01", nic_id: str = NIC_ID) -> NicSpec:
+    return NicSpec(nic_id=nic_id, mac=mac, ip=ip)
+
+
+def cfg(tmp_path: Path) -> DnsmasqConfig:
+    return DnsmasqConfig(bridge="yunbr0", subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                         state_dir=tmp_path / "net")
+
+
+# --------------------------------------------------------------------------- argv
+
+
+def test_argv_binds_to_the_bridge_only_and_serves_static_leases(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    argv = dnsmasq_argv(c)
+    assert argv[0] == "dnsmasq"
+    for opt in ("--interface=yunbr0", "--bind-interfaces", "--except-interface=lo",
+                "--port=0", "--conf-file=/dev/null",
+                "--dhcp-range=10.77.0.0,static,255.255.255.0,1h",
+                f"--dhcp-hostsdir={c.state_dir / 'hosts'}",
+                f"--pid-file={c.state_dir / 'dnsmasq.pid'}",
+                f"--dhcp-leasefile={c.state_dir / 'dnsmasq.leases'}",
+                f"--log-facility={c.state_dir / 'dnsmasq.log'}"):
+        assert opt in argv, opt
+    # argv only: no shell, every option one element
+    assert all(" " not in a for a in argv)
+
+
+def test_argv_follows_the_subnet(tmp_path: Path) -> None:
+    c = DnsmasqConfig(bridge="br9", subnet=ipaddress.IPv4Network("10.8.0.0/16"),
+                      state_dir=tmp_path)
+    assert "--dhcp-range=10.8.0.0,static,255.255.0.0,1h" in dnsmasq_argv(c)
+
+
+# --------------------------------------------------------------------------- hosts files
+
+
+def test_hosts_file_round_trip() -> None:
+    recs = [PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-abc", "yv0000000001"),
+            PortRecord("n2", "52:54:00:00:00:02", "10.77.0.11", "vm-abc", "yv0000000002")]
+    text = render_hosts_file("vm-uuid", recs)
+    assert "52:54:00:00:00:01,10.77.0.10,vm-abc\n" in text
+    # Only comments and MAC,IP,hostname lines: the format dnsmasq reads.
+    for line in text.splitlines():
+        assert line.startswith("#") or line.count(",") == 2
+    assert parse_hosts_file(text) == recs
+
+
+def test_hand_written_hosts_line_is_still_read() -> None:
+    assert parse_hosts_file("52:54:00:AA:00:01,10.77.0.9\n") == [
+        PortRecord("", "52:54:00:aa:00:01", "10.77.0.9", "", "")]
+
+
+def test_write_hosts_is_atomic_and_readable_by_the_daemon(tmp_path: Path) -> None:
+    d = Dnsmasq(cfg(tmp_path))
+    rec = PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-x", "yv1")
+    d.write_hosts(VM, [rec])
+    path = d.cfg.hosts_dir / VM
+    assert path.stat().st_mode & 0o004  # "nobody" must read it
+    assert d.all_hosts() == {VM: [rec]}
+    assert [p.name for p in d.cfg.hosts_dir.iterdir()] == [VM]  # no temporary left
+
+
+def test_retire_then_drop_hosts(tmp_path: Path) -> None:
+    d = Dnsmasq(cfg(tmp_path))
+    rec = PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-x", "yv1")
+    d.write_hosts(VM, [rec])
+    assert d.retire_hosts(VM) == [rec]
+    assert d.all_hosts() == {}  # dot-files are invisible to dnsmasq and to us
+    assert d.retire_hosts(VM) == [rec]  # an interrupted release is resumed
+    d.drop_retired(VM)
+    assert d.retire_hosts(VM) == []
+    assert list(d.cfg.hosts_dir.iterdir()) == []
+
+
+def test_forget_leases_edits_the_database(tmp_path: Path) -> None:
+    d = Dnsmasq(cfg(tmp_path))
+    d.cfg.state_dir.mkdir(parents=True)
+    d.cfg.lease_file.write_text(
+        "1795324990 52:54:00:00:00:01 10.77.0.10 vm-x 01:52:54:00:00:00:01\n"
+        "1795324990 52:54:00:00:00:02 10.77.0.11 vm-y *\n")
+    rec = PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-x", "yv1")
+    assert d.forget_leases([rec]) is True  # no daemon runs: only the file changes
+    assert d.leases() == [("52:54:00:00:00:02", "10.77.0.11")]
+    assert d.forget_leases([rec]) is False
+
+
+def test_prepare_refuses_a_state_dir_nobody_cannot_reach(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    locked.chmod(0o700)
+    d = Dnsmasq(DnsmasqConfig(bridge="yunbr0", subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                              state_dir=locked / "net"))
+    with pytest.raises(DnsmasqError, match="cannot enter"):
+        d.prepare()
+
+
+def test_no_pid_file_means_not_running(tmp_path: Path) -> None:
+    d = Dnsmasq(cfg(tmp_path))
+    assert d.pid() is None
+    d.stop()  # no error
+    d.reload()  # no error
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_parse_network() -> None:
+    assert parse_network("yunbr0", "10.77.0.0/24") == NET
+    with pytest.raises(NetworkError, match="bad NAT subnet"):
+        parse_network("yunbr0", "10.77.0.1/24")  # host bits set
+    with pytest.raises(NetworkError, match="bad NAT subnet"):
+        parse_network("yunbr0", "nonsense")
+    with pytest.raises(NetworkError, match="/29"):
+        parse_network("yunbr0", "10.77.0.0/31")
+    with pytest.raises(NetworkError, match="bad bridge name"):
+        parse_network("a-bridge-name-too-long", "10.77.0.0/24")
+    with pytest.raises(NetworkError, match="bad bridge name"):
+        parse_network("br 0", "10.77.0.0/24")
+
+
+@pytest.mark.parametrize(("ip", "why"), [
+    ("10.78.0.5", "outside the NAT subnet 10.77.0.0/24"),
+    ("10.77.0.1", "is the gateway"),
+    ("10.77.0.0", "network address"),
+    ("10.77.0.255", "broadcast address"),
+    ("10.77.0.300", "not an IPv4 address"),
+    ("fe80::1", "not an IPv4 address"),
+])
+def test_bad_addresses_are_refused_with_the_reason(ip: str, why: str) -> None:
+    with pytest.raises(NetworkError, match=why) as err:
+        validate_port(NET, VM, nic(ip=ip))
+    assert NIC_ID in str(err.value) and VM in str(err.value)
+
+
+def test_multicast_mac_and_path_like_vm_uuid_are_refused() -> None:
+    with pytest.raises(NetworkError, match="multicast"):
+        validate_port(NET, VM, nic(mac="01:00:5e:00:00:01"))
+    for bad in ("../etc", ".hidden", "a/b", ""):
+        with pytest.raises(NetworkError, match="bad VM uuid"):
+            validate_port(NET, bad, nic())
+
+
+def test_good_port_record() -> None:
+    rec = validate_port(NET, VM, nic(mac="52:54:00:AB:CD:EF"))
+    assert rec == PortRecord(NIC_ID, "52:54:00:ab:cd:ef", "10.77.0.10", hostname_for(VM),
+                             tap_name(NIC_ID))
+
+
+def test_tap_names_are_short_deterministic_and_distinct() -> None:
+    assert tap_name(NIC_ID) == "yv9a8b7c6d5e"
+    assert tap_name(NIC_ID) == tap_name(NIC_ID)
+    for odd in ("nic0", "eth-0", "x" * 200):
+        name = tap_name(odd)
+        assert len(name) <= 15 and name.startswith("yv") and name.isalnum()
+    assert tap_name("nic0") != tap_name("nic1")
+
+
+def test_plan_port_refuses_an_address_or_mac_already_taken() -> None:
+    other = validate_port(NET, "other-vm", nic(nic_id="other-nic", mac="52:54:00:00:00:09"))
+    ports = {"other-vm": [other]}
+    with pytest.raises(NetworkError, match="already leased to NIC other-nic of VM other-vm"):
+        plan_port(NET, ports, VM, nic(ip=other.ip))
+    with pytest.raises(NetworkError, match="MAC 52:54:00:00:00:09 is already used"):
+        plan_port(NET, ports, VM, nic(ip="10.77.0.20", mac="52:54:00:00:00:09"))
+    # The same NIC again, with a new address: replaced, not duplicated.
+    rec, mine = plan_port(NET, {VM: [validate_port(NET, VM, nic())]}, VM, nic(ip="10.77.0.30"))
+    assert mine == [rec] and rec.ip == "10.77.0.30"
+
+
+def test_real_backend_refuses_a_bad_network_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(NetworkError, match="bad NAT subnet"):
+        NatNetworkBackend(tmp_path, "yunbr0", "10.77.0.0/33")
+
+
+async def test_real_backend_ports_without_touching_the_host(tmp_path: Path) -> None:
+    """Ports are files only: no root, no bridge needed to reserve and list them."""
+    b = NatNetworkBackend(tmp_path / "net", "yunbr0", "10.77.0.0/24")
+    resolved = await b.ensure_port(VM, nic())
+    assert resolved.tap == tap_name(NIC_ID) and resolved.bridge == "yunbr0"
+    assert await b.ensure_port(VM, nic()) == resolved
+    assert await b.vm_ports() == {VM: ["52:54:00:00:00:01"]}
+    with pytest.raises(NetworkError, match="already leased"):
+        await b.ensure_port("another", nic(nic_id="n2", mac="52:54:00:00:00:02"))
+
+
+# --------------------------------------------------------------------------- sim backend
+
+
+async def test_sim_backend_contract() -> None:
+    sim = SimNetworkBackend()
+    assert await sim.ensure_network() == NET
+    assert await sim.ensure_network() == NET
+    first = await sim.ensure_port(VM, nic())
+    assert first.tap == tap_name(NIC_ID) and first.mac == "52:54:00:00:00:01"
+    assert await sim.ensure_port(VM, nic()) == first  # idempotent
+    second = await sim.ensure_port(VM, nic(nic_id="n2", mac="52:54:00:00:00:02",
+                                           ip="10.77.0.11"))
+    assert await sim.vm_ports() == {VM: ["52:54:00:00:00:01", "52:54:00:00:00:02"]}
+    assert second.tap != first.tap
+    await sim.release_ports(VM)
+    await sim.release_ports(VM)  # no error when there is nothing
+    assert await sim.vm_ports() == {}
+    # the address is free again
+    await sim.ensure_port("vm2", nic(mac="52:54:00:00:00:03"))
+    await sim.teardown()
+    assert await sim.vm_ports() == {}
+
+
+async def test_sim_backend_validates_like_the_real_one() -> None:
+    sim = SimNetworkBackend()
+    with pytest.raises(NetworkError, match="is the gateway"):
+        await sim.ensure_port(VM, nic(ip="10.77.0.1"))
+    await sim.ensure_port(VM, nic())
+    with pytest.raises(NetworkError, match="already leased"):
+        await sim.ensure_port("vm2", nic(nic_id="n2", mac="52:54:00:00:00:02"))
+
+
+async def test_sim_fault_injection() -> None:
+    sim = SimNetworkBackend()
+    sim.fail_next("ensure_port", "no room")
+    with pytest.raises(NetworkError, match="no room"):
+        await sim.ensure_port(VM, nic())
+    await sim.ensure_port(VM, nic())  # only the next call fails
+    with pytest.raises(ValueError, match="unknown method"):
+        sim.fail_next("nope")
+
+
+async def test_thousand_sim_nodes_are_cheap() -> None:
+    import threading
+
+    before = threading.active_count()
+    nodes = [SimNetworkBackend() for _ in range(1000)]
+    for i, node in enumerate(nodes):
+        await node.ensure_network()
+        await node.ensure_port(f"vm-{i}", nic())
+    assert threading.active_count() == before

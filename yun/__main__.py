@@ -1,0 +1,3 @@
+from yun.cli.main import app
+
+app(prog_name="yun")

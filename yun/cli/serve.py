@@ -1,0 +1,99 @@
+"""Launchers of the components: `yun serve <component>` runs one service in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from yun.config import (
+    ConfigError,
+    ControlSettings,
+    DomainSettings,
+    GatewaySettings,
+    NodeSettings,
+    StorageSettings,
+    load_settings,
+)
+from yun.proto.membership import JoinRefused
+from yun.util.lifecycle import run_until_signalled
+from yun.util.logs import setup_logging
+
+app = typer.Typer(help="Run one Yun component in the foreground (logs as JSON on stderr).",
+                  no_args_is_help=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file")]
+
+
+def _run(component: str, make: object) -> None:
+    try:
+        service = make()  # type: ignore[operator]
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"yun {component}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging(component, service.settings.log_level)
+    try:
+        asyncio.run(run_until_signalled(service.start, service.stop))
+    except JoinRefused as exc:
+        typer.echo(f"yun {component}: {exc}", err=True)
+        raise typer.Exit(3) from exc
+
+
+@app.command()
+def domain(config: ConfigOpt = None) -> None:
+    """The domain server (C-DOM)."""
+    from yun.domain.service import DomainService
+    _run("domain", lambda: DomainService(load_settings(DomainSettings, "domain", config)))
+
+
+@app.command()
+def control(config: ConfigOpt = None) -> None:
+    """A control server (C-CTL)."""
+    from yun.control.service import ControlService
+    _run("control", lambda: ControlService(load_settings(ControlSettings, "control", config)))
+
+
+@app.command()
+def node(config: ConfigOpt = None) -> None:
+    """The node client of this host (C-NODE)."""
+    from yun.node.service import NodeService
+    _run("node", lambda: NodeService(load_settings(NodeSettings, "node", config)))
+
+
+@app.command()
+def storage(config: ConfigOpt = None) -> None:
+    """A storage server (C-STO)."""
+    from yun.storage.service import StorageService
+    _run("storage", lambda: StorageService(load_settings(StorageSettings, "storage", config)))
+
+
+@app.command()
+def gateway(config: ConfigOpt = None) -> None:
+    """The HTTP gateway: public REST API (C-GW)."""
+    from yun.gateway.service import GatewayService
+    _run("gateway", lambda: GatewayService(load_settings(GatewaySettings, "gateway", config)))
+
+
+@app.command("sim-nodes")
+def sim_nodes(
+    count: Annotated[int, typer.Option(min=1, max=20000, help="how many simulated nodes")],
+    prefix: Annotated[str, typer.Option(help="node names are <prefix>-<n>")] = "sim",
+    config: ConfigOpt = None,
+) -> None:
+    """Many simulated node clients in one process, each a real service (sim hypervisor)."""
+    from yun.node.service import NodeService
+
+    settings = load_settings(NodeSettings, "node", config, hypervisor="sim", listen_port=0)
+    setup_logging("sim-nodes", settings.log_level)
+    services = [NodeService(settings, name=f"{prefix}-{i:05d}") for i in range(count)]
+
+    async def start() -> None:
+        for chunk in range(0, len(services), 50):
+            await asyncio.gather(*(s.start() for s in services[chunk:chunk + 50]))
+
+    async def stop() -> None:
+        await asyncio.gather(*(s.stop() for s in services), return_exceptions=True)
+
+    asyncio.run(run_until_signalled(start, stop))

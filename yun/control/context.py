@@ -1,0 +1,24 @@
+"""What every part of a control server shares: settings, database, peers, queues, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from yun.config import ControlSettings
+from yun.control.db.session import Database
+from yun.control.flows.engine import FlowEngine
+from yun.control.scheduler.placement import Placement
+from yun.control.services.addresses import AddressAllocator
+from yun.proto.membership import Membership
+from yun.util.queues import KeyedQueues
+
+
+@dataclass
+class ControlContext:
+    settings: ControlSettings
+    db: Database
+    membership: Membership
+    queues: KeyedQueues = field(default_factory=KeyedQueues)
+    placement: Placement = field(default_factory=Placement)
+    addresses: AddressAllocator = field(default_factory=AddressAllocator)
+    engine: FlowEngine = field(init=False)

@@ -1,0 +1,53 @@
+"""IP addresses of VM NICs on a node's NAT network (F-ADDR, the node-local part)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from yun.control.db.models import AddressRow
+from yun.proto.errors import InsufficientCapacity
+
+# Addresses below this offset are left to the node (gateway) and to operators.
+FIRST_HOST_OFFSET = 10
+
+
+def node_scope(node_uuid: str) -> str:
+    return f"node:{node_uuid}"
+
+
+class AddressAllocator:
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str) -> str:
+        """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid``.
+
+        The unique (scope, ip) constraint is what guarantees no address is given twice,
+        even by two control servers; the lock only avoids needless conflicts here.
+        """
+        network = ipaddress.ip_network(subnet, strict=False)
+        async with self._lock:
+            existing = (await session.scalars(
+                select(AddressRow.ip).where(AddressRow.scope == scope)
+                .where(AddressRow.vm_uuid == vm_uuid))).first()
+            if existing:
+                return existing
+            used = set((await session.scalars(
+                select(AddressRow.ip).where(AddressRow.scope == scope))).all())
+            for offset, host in enumerate(network.hosts(), start=1):
+                if offset < FIRST_HOST_OFFSET:
+                    continue
+                ip = str(host)
+                if ip not in used:
+                    session.add(AddressRow(scope=scope, ip=ip, vm_uuid=vm_uuid))
+                    await session.flush()
+                    return ip
+        raise InsufficientCapacity(f"no free address left in {subnet} ({scope})")
+
+    @staticmethod
+    async def release(session: AsyncSession, vm_uuid: str) -> None:
+        await session.execute(delete(AddressRow).where(AddressRow.vm_uuid == vm_uuid))

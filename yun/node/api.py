@@ -1,0 +1,101 @@
+"""The node client's internal API, called by the control servers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from yun.node.agent import NodeAgent
+from yun.node.hypervisor.base import DomainNotFound, HypervisorError, NotSupported
+from yun.node.network.base import NetworkError
+from yun.node.storage.base import DiskError
+from yun.proto.components import ComponentType as CT
+from yun.proto.errors import NotFound, Problem
+from yun.proto.messages import DomainInfo, HostInfo, ProvisionRequest, StopRequest
+from yun.proto.server import install_problem_handlers, peer_identity, problem_response
+
+
+def create_node_app(agent: NodeAgent) -> FastAPI:
+    app = FastAPI(title="Yun node client (internal)", version="1")
+    install_problem_handlers(app)
+    caller = Depends(peer_identity(lambda: agent.membership.domain_secret or None,
+                                   {CT.CONTROL}))
+    base = "/internal/v1"
+
+    @app.exception_handler(DomainNotFound)
+    async def _not_found(request: Request, exc: DomainNotFound) -> JSONResponse:
+        return problem_response(NotFound(str(exc)).problem(request.url.path))
+
+    @app.exception_handler(NotSupported)
+    async def _unsupported(request: Request, exc: NotSupported) -> JSONResponse:
+        return problem_response(Problem(title="Not supported", status=501, detail=str(exc),
+                                        instance=request.url.path))
+
+    for kind, error in (("hypervisor", HypervisorError), ("disk", DiskError),
+                        ("network", NetworkError)):
+        def _register(kind: str = kind, error: type[Exception] = error) -> None:
+            @app.exception_handler(error)
+            async def _failed(request: Request, exc: Exception) -> JSONResponse:
+                return problem_response(Problem(
+                    title=f"{kind.capitalize()} error", status=500,
+                    detail=f"{kind} on node {agent.membership.name}: {exc}",
+                    instance=request.url.path))
+        _register()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "node": agent.node_id}
+
+    @app.get(f"{base}/host", response_model=HostInfo, dependencies=[caller])
+    async def host() -> HostInfo:
+        return await agent.host_info()
+
+    @app.get(f"{base}/domains", response_model=list[DomainInfo], dependencies=[caller])
+    async def domains() -> list[DomainInfo]:
+        return await agent.driver.list_domains()
+
+    @app.get(f"{base}/domains/{{vm_uuid}}", response_model=DomainInfo, dependencies=[caller])
+    async def domain(vm_uuid: str) -> DomainInfo:
+        info = await agent.driver.get_domain(vm_uuid)
+        if info is None:
+            raise NotFound(f"no domain {vm_uuid} on node {agent.membership.name}")
+        return info
+
+    @app.put(f"{base}/domains/{{vm_uuid}}", response_model=DomainInfo, dependencies=[caller])
+    async def provision(vm_uuid: str, req: ProvisionRequest) -> DomainInfo:
+        return await agent.provision(vm_uuid, req)
+
+    @app.delete(f"{base}/domains/{{vm_uuid}}", status_code=204, dependencies=[caller])
+    async def remove(vm_uuid: str) -> None:
+        await agent.remove(vm_uuid)
+
+    @app.post(f"{base}/domains/{{vm_uuid}}/start", response_model=DomainInfo,
+              dependencies=[caller])
+    async def start(vm_uuid: str) -> DomainInfo:
+        return await agent.start_vm(vm_uuid)
+
+    @app.post(f"{base}/domains/{{vm_uuid}}/stop", response_model=DomainInfo,
+              dependencies=[caller])
+    async def stop(vm_uuid: str, req: StopRequest | None = None) -> DomainInfo:
+        return await agent.stop_vm(vm_uuid, req or StopRequest())
+
+    @app.post(f"{base}/domains/{{vm_uuid}}/reboot", response_model=DomainInfo,
+              dependencies=[caller])
+    async def reboot(vm_uuid: str) -> DomainInfo:
+        return await agent.reboot_vm(vm_uuid)
+
+    @app.get(f"{base}/domains/{{vm_uuid}}/console-log", dependencies=[caller])
+    async def console_log(vm_uuid: str,
+                          max_bytes: Annotated[int, Query(ge=1, le=1 << 20)] = 65536
+                          ) -> dict[str, str]:
+        return {"text": await agent.driver.console_log(vm_uuid, max_bytes)}
+
+    @app.get(f"{base}/domains/{{vm_uuid}}/console", dependencies=[caller])
+    async def console(vm_uuid: str) -> dict[str, object]:
+        info = await agent.driver.console(vm_uuid)
+        return {"vnc_host": info.vnc_host, "vnc_port": info.vnc_port,
+                "serial_log": str(info.serial_log) if info.serial_log else None}
+
+    return app

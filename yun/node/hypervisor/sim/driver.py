@@ -1,0 +1,154 @@
+"""The simulated hypervisor: the driver contract with no QEMU, for many nodes on one machine.
+
+Like Nova's fake driver, it keeps domains in memory and honours the same
+idempotence and error rules as the libvirt driver. ``fail_next(op)`` makes the
+next call of an operation fail, and ``latency`` adds a delay to every call, so
+tests can exercise rollbacks and timing without real guests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from yun.node.hypervisor.base import (
+    Capabilities,
+    ConsoleInfo,
+    DomainEvent,
+    DomainNotFound,
+    HostCapacity,
+    HypervisorDriver,
+    HypervisorError,
+    ResolvedDisk,
+    ResolvedNic,
+)
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+
+
+@dataclass
+class SimDomain:
+    spec: DomainSpec
+    disks: list[ResolvedDisk]
+    nics: list[ResolvedNic]
+    state: DomainState = DomainState.SHUTOFF
+    console: list[str] = field(default_factory=list)
+
+    def log(self, line: str) -> None:
+        self.console.append(f"[{time.time():.3f}] {line}")
+
+
+class SimDriver(HypervisorDriver):
+    """Simulated domains of one simulated host."""
+
+    name = "sim"
+    caps = Capabilities(console=True)
+
+    def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
+                 latency: float = 0.0) -> None:
+        self.hostname = hostname
+        self.vcpus = vcpus
+        self.memory_mb = memory_mb
+        self.latency = latency
+        self.domains: dict[str, SimDomain] = {}
+        self._faults: dict[str, int] = {}
+        self._events: asyncio.Queue[DomainEvent] = asyncio.Queue()
+
+    # -- test knobs -------------------------------------------------------------------------
+
+    def fail_next(self, op: str, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``op`` (e.g. "start") raise HypervisorError."""
+        self._faults[op] = self._faults.get(op, 0) + times
+
+    async def _enter(self, op: str) -> None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if self._faults.get(op):
+            self._faults[op] -= 1
+            raise HypervisorError(f"simulated failure of {op}")
+
+    def _get(self, uuid: str) -> SimDomain:
+        dom = self.domains.get(uuid)
+        if dom is None:
+            raise DomainNotFound(f"no domain {uuid} on {self.hostname}")
+        return dom
+
+    def _set(self, dom: SimDomain, state: DomainState, reason: str) -> None:
+        if dom.state is not state:
+            dom.state = state
+            dom.log(f"state {state} ({reason})")
+            self._events.put_nowait(DomainEvent(dom.spec.uuid, state, reason))
+
+    # -- contract ---------------------------------------------------------------------------
+
+    async def host_info(self) -> HostCapacity:
+        used = sum(d.spec.memory_mb for d in self.domains.values()
+                   if d.state is DomainState.RUNNING)
+        running_vcpus = sum(d.spec.vcpus for d in self.domains.values()
+                            if d.state is DomainState.RUNNING)
+        return HostCapacity(hostname=self.hostname, vcpus=self.vcpus, memory_mb=self.memory_mb,
+                            accel="sim", cpu_load=min(1.0, running_vcpus / (4 * self.vcpus)),
+                            memory_used_mb=used)
+
+    def _info(self, dom: SimDomain) -> DomainInfo:
+        return DomainInfo(uuid=dom.spec.uuid, name=dom.spec.name, state=dom.state,
+                          vcpus=dom.spec.vcpus, memory_mb=dom.spec.memory_mb)
+
+    async def list_domains(self) -> list[DomainInfo]:
+        await self._enter("list_domains")
+        return [self._info(d) for d in self.domains.values()]
+
+    async def get_domain(self, uuid: str) -> DomainInfo | None:
+        await self._enter("get_domain")
+        dom = self.domains.get(uuid)
+        return self._info(dom) if dom else None
+
+    async def ensure_defined(self, spec: DomainSpec, disks: list[ResolvedDisk],
+                             nics: list[ResolvedNic]) -> None:
+        await self._enter("ensure_defined")
+        dom = self.domains.get(spec.uuid)
+        if dom is None:
+            self.domains[spec.uuid] = SimDomain(spec, disks, nics)
+            self.domains[spec.uuid].log("defined")
+        else:
+            dom.spec, dom.disks, dom.nics = spec, disks, nics
+
+    async def start(self, uuid: str) -> None:
+        await self._enter("start")
+        dom = self._get(uuid)
+        if dom.state is not DomainState.RUNNING:
+            self._set(dom, DomainState.RUNNING, "booted")
+            dom.log("YUN-GUEST-READY (simulated)")
+
+    async def shutdown(self, uuid: str, timeout: float) -> None:
+        await self._enter("shutdown")
+        self._set(self._get(uuid), DomainState.SHUTOFF, "shutdown")
+
+    async def destroy(self, uuid: str) -> None:
+        await self._enter("destroy")
+        self._set(self._get(uuid), DomainState.SHUTOFF, "destroyed")
+
+    async def reboot(self, uuid: str) -> None:
+        await self._enter("reboot")
+        dom = self._get(uuid)
+        if dom.state is not DomainState.RUNNING:
+            raise HypervisorError(f"domain {uuid} is not running")
+        dom.log("rebooted")
+
+    async def undefine(self, uuid: str) -> None:
+        await self._enter("undefine")
+        dom = self.domains.pop(uuid, None)
+        if dom is not None and dom.state is DomainState.RUNNING:
+            self._events.put_nowait(DomainEvent(uuid, DomainState.ABSENT, "undefined"))
+
+    async def console(self, uuid: str) -> ConsoleInfo:
+        self._get(uuid)
+        return ConsoleInfo(vnc_host=None, vnc_port=None, serial_log=None)
+
+    async def console_log(self, uuid: str, max_bytes: int = 65536) -> str:
+        return ("\n".join(self._get(uuid).console) + "\n")[-max_bytes:]
+
+    async def events(self) -> AsyncIterator[DomainEvent]:  # type: ignore[override]
+        while True:
+            yield await self._events.get()

@@ -1,0 +1,71 @@
+"""The node client process (C-NODE): one agent per host, or many simulated ones."""
+
+from __future__ import annotations
+
+import logging
+
+from yun.config import NodeSettings
+from yun.node.agent import NodeAgent
+from yun.node.api import create_node_app
+from yun.node.hypervisor import load_driver
+from yun.node.hypervisor.base import HypervisorDriver
+from yun.node.network.base import NetworkBackend
+from yun.node.storage.base import DiskBackend
+from yun.proto.components import ComponentType
+from yun.proto.membership import Membership
+from yun.util.serve import AppServer, service_url
+
+log = logging.getLogger("yun.node")
+
+
+def build_backends(settings: NodeSettings, name: str
+                   ) -> tuple[HypervisorDriver, DiskBackend, NetworkBackend]:
+    """The driver and backends a node of these settings uses."""
+    node_dir = settings.state_dir / "node"
+    if settings.hypervisor == "sim":
+        from yun.node.network.sim import SimNetworkBackend
+        from yun.node.storage.sim import SimDiskBackend
+
+        return (
+            load_driver("sim", hostname=name, vcpus=settings.sim_vcpus,
+                        memory_mb=settings.sim_memory_mb),
+            SimDiskBackend(total_gb=settings.sim_disk_gb),
+            SimNetworkBackend(bridge=settings.bridge, subnet=settings.nat_subnet),
+        )
+    from yun.node.network.nat import NatNetworkBackend
+    from yun.node.storage.local import LocalDiskBackend
+
+    return (
+        load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
+                    state_dir=node_dir),
+        LocalDiskBackend(node_dir / "disks"),
+        NatNetworkBackend(node_dir / "network", settings.bridge, settings.nat_subnet),
+    )
+
+
+class NodeService:
+    """One node client serving its internal API and reporting to the control servers."""
+
+    def __init__(self, settings: NodeSettings, *, name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or settings.name
+        driver, disks, network = build_backends(settings, self.name)
+        membership = Membership(settings, ComponentType.NODE, url="", name=self.name)
+        self.agent = NodeAgent(membership, driver, disks, network, settings.nat_subnet,
+                               settings.report_interval)
+        self.server = AppServer(create_node_app(self.agent), settings.listen_host,
+                                settings.listen_port)
+        self.url = membership.url = service_url(settings, self.server.port)
+
+    async def start(self) -> None:
+        await self.agent.membership.start()
+        await self.agent.start()
+        await self.server.start()
+        log.info("node client ready", extra={"node": self.agent.node_id, "node_name": self.name,
+                                             "url": self.url,
+                                             "hypervisor": self.settings.hypervisor})
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.agent.stop()
+        await self.agent.membership.stop()

@@ -1,0 +1,136 @@
+"""A disk backend in memory, for simulated nodes (thousands in one process).
+
+It keeps the contract of :class:`~yun.node.storage.local.LocalDiskBackend` — same
+validation, same errors, same idempotence — without files or downloads, so flows
+tested against it behave as they will on a real node. Faults are injected with
+:meth:`SimDiskBackend.fail_next`; ``latency`` makes every operation take time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from yun.node.hypervisor.base import ResolvedDisk
+from yun.node.storage.base import DiskBackend, DiskError
+from yun.node.storage.local import check_disk, check_image_location, check_uuid
+from yun.proto.messages import DiskSpec, ImageLocation
+
+log = logging.getLogger("yun.node.storage.sim")
+
+OPERATIONS = frozenset(
+    {"ensure_image", "ensure_disk", "delete_disks", "vm_disk_ids", "capacity_gb"}
+)
+
+
+@dataclass(frozen=True)
+class _SimImage:
+    sha256: str
+    size: int
+    format: str
+
+
+@dataclass(frozen=True)
+class _SimVolume:
+    disk_id: str
+    size_gb: int
+    image_id: str | None
+    bus: str
+
+
+class SimDiskBackend(DiskBackend):
+    """Images and volumes as dictionaries; nothing touches the disk or the network."""
+
+    def __init__(
+        self, root: Path = Path("/sim"), *, total_gb: int = 4096, latency: float = 0.0
+    ) -> None:
+        self.root = Path(root)
+        self.total_gb = total_gb
+        self.latency = latency
+        self.images: dict[str, _SimImage] = {}
+        self.volumes: dict[str, dict[str, _SimVolume]] = {}
+        self.downloads = 0  # how many images were "fetched" (cache misses)
+        self._faults: dict[str, list[Exception]] = {}
+
+    def fail_next(self, op: str, error: Exception | None = None) -> None:
+        """Make the next call of ``op`` raise ``error`` (a :class:`DiskError` by default).
+
+        Calls queue up: ``fail_next("ensure_disk")`` twice fails the next two calls.
+        """
+        if op not in OPERATIONS:
+            raise ValueError(f"unknown operation {op!r}; one of {', '.join(sorted(OPERATIONS))}")
+        self._faults.setdefault(op, []).append(error or DiskError(f"injected failure of {op}"))
+
+    async def _enter(self, op: str) -> None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        pending = self._faults.get(op)
+        if pending:
+            raise pending.pop(0)
+
+    def _path(self, vm_uuid: str, disk_id: str) -> Path:
+        return self.root / "vms" / vm_uuid / f"{disk_id}.qcow2"
+
+    async def ensure_image(self, image: ImageLocation, credential: str | None) -> None:
+        """Record ``image`` as cached; a different checksum for a cached id is refused."""
+        await self._enter("ensure_image")
+        check_image_location(image)
+        cached = self.images.get(image.image_id)
+        if cached is not None:
+            if cached.sha256 != image.sha256:
+                raise DiskError(
+                    f"cached image {image.image_id} has sha256 {cached.sha256} but the storage "
+                    f"server says {image.sha256}"
+                )
+            return
+        self.images[image.image_id] = _SimImage(image.sha256, image.size, image.format)
+        self.downloads += 1
+
+    async def ensure_disk(self, vm_uuid: str, disk: DiskSpec) -> ResolvedDisk:
+        """Record the volume (idempotent); its image must have been ensured first."""
+        await self._enter("ensure_disk")
+        check_disk(vm_uuid, disk)
+        resolved = ResolvedDisk(
+            disk_id=disk.disk_id, path=self._path(vm_uuid, disk.disk_id), format="qcow2",
+            bus=disk.bus,
+        )
+        if disk.disk_id in self.volumes.get(vm_uuid, {}):
+            return resolved
+        if disk.image_id is not None:
+            cached = self.images.get(disk.image_id)
+            if cached is None:
+                raise DiskError(
+                    f"disk {disk.disk_id}: image {disk.image_id} is not cached on this node "
+                    "(ensure_image first)"
+                )
+            if disk.image_sha256 is not None and disk.image_sha256 != cached.sha256:
+                raise DiskError(
+                    f"disk {disk.disk_id}: cached image {disk.image_id} has sha256 "
+                    f"{cached.sha256}, not {disk.image_sha256}"
+                )
+        self.volumes.setdefault(vm_uuid, {})[disk.disk_id] = _SimVolume(
+            disk.disk_id, disk.size_gb, disk.image_id, disk.bus
+        )
+        return resolved
+
+    async def delete_disks(self, vm_uuid: str) -> None:
+        """Forget the VM's volumes; nothing to do if it has none."""
+        await self._enter("delete_disks")
+        check_uuid(vm_uuid, "VM uuid")
+        self.volumes.pop(vm_uuid, None)
+
+    async def vm_disk_ids(self) -> dict[str, list[str]]:
+        """Every VM with volumes, and its disk ids."""
+        await self._enter("vm_disk_ids")
+        return {vm: sorted(disks) for vm, disks in sorted(self.volumes.items()) if disks}
+
+    async def capacity_gb(self) -> tuple[int, int]:
+        """(total, used) GiB, counting each volume at its full size (thick accounting).
+
+        ``used`` may exceed ``total``: overbooking is for the caller to notice, not hide.
+        """
+        await self._enter("capacity_gb")
+        used = sum(v.size_gb for disks in self.volumes.values() for v in disks.values())
+        return self.total_gb, used

@@ -1,0 +1,215 @@
+"""Public resource models of the REST API, shared by the gateway, the control server and the CLI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from yun.proto.messages import NAME_PATTERN
+
+T = TypeVar("T")
+
+ResourceName = Annotated[
+    str,
+    Field(min_length=1, max_length=63, pattern=NAME_PATTERN,
+          description="letters, digits, '.', '_' and '-', starting with a letter or digit; "
+                      "at most 63 characters"),
+]
+Description = Annotated[str, Field(max_length=1024)]
+Tags = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
+                 Field(max_length=50)]
+
+
+class Input(BaseModel):
+    """A request body: unknown fields are refused, so a typo is reported, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resource(BaseModel):
+    """Fields every resource shares."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    name: str
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    project: str = "default"
+    created_at: datetime
+    updated_at: datetime
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# --- nodes --------------------------------------------------------------------------
+
+
+class NodeStatus(StrEnum):
+    UP = "up"
+    DOWN = "down"
+
+
+class Node(Resource):
+    url: str
+    status: NodeStatus
+    hypervisor: str
+    accel: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    vcpus_reserved: int
+    memory_reserved_mb: int
+    disk_reserved_gb: int
+    cpu_load: float
+    memory_used_mb: int
+    nat_subnet: str
+    last_report_at: datetime | None = None
+    vm_count: int = 0
+
+
+# --- images -------------------------------------------------------------------------
+
+
+class ImageStatus(StrEnum):
+    UPLOADING = "uploading"
+    ACTIVE = "active"
+    ERROR = "error"
+
+
+class ImageFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    VMDK = "vmdk"
+    VDI = "vdi"
+    VHDX = "vhdx"
+    VPC = "vpc"
+    ISO = "iso"
+
+
+class ImageCreate(Input):
+    name: ResourceName
+    description: Description = ""
+    format: ImageFormat | None = Field(
+        default=None, description="declared format; required only for raw disks")
+    tags: Tags = Field(default_factory=list)
+
+
+class Image(Resource):
+    status: ImageStatus
+    format: str | None = None
+    size: int | None = None
+    virtual_size: int | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+
+class ImageUploadTicket(BaseModel):
+    """Where the gateway streams an image's bytes: a storage server chosen by the control server."""
+
+    image: Image
+    storage_url: str
+
+
+# --- tasks --------------------------------------------------------------------------
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
+
+
+class TaskStep(BaseModel):
+    name: str
+    state: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    kind: str
+    resource_type: str
+    resource_uuid: str
+    state: TaskState
+    current_step: str | None = None
+    error: str | None = None
+    steps: list[TaskStep] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+
+
+# --- virtual machines ---------------------------------------------------------------
+
+
+class VmState(StrEnum):
+    BUILDING = "building"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    REBOOTING = "rebooting"
+    DELETING = "deleting"
+    ERROR = "error"
+    UNKNOWN = "unknown"
+
+
+class VmCreate(Input):
+    name: ResourceName
+    description: Description = ""
+    image: str = Field(min_length=1, max_length=63, description="image uuid or name")
+    vcpus: int = Field(default=1, ge=1, le=64)
+    memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
+    disk_gb: int = Field(default=1, ge=1, le=16384)
+    tags: Tags = Field(default_factory=list)
+    project: ResourceName = "default"
+
+
+class VmStop(Input):
+    force: bool = False
+    timeout: float = Field(default=60.0, ge=0, le=3600)
+
+
+class Vm(Resource):
+    state: VmState
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    image_uuid: str
+    node_uuid: str | None = None
+    node_name: str | None = None
+    ip: str | None = None
+    mac: str | None = None
+    power_state: str | None = None
+    task_uuid: str | None = None
+    error: str | None = None
+
+
+class Accepted(BaseModel):
+    """The answer to a long operation: the resource as it is now and the task to watch."""
+
+    task: Task
+    resource: dict[str, Any]
+
+
+class Console(BaseModel):
+    vm_uuid: str
+    node_name: str | None
+    vnc_host: str | None
+    vnc_port: int | None
+    serial_log: str | None

@@ -1,0 +1,164 @@
+"""The Storage Server's internal HTTP API: upload, download (with ranges), list, delete.
+
+Uploads and downloads stream: neither side ever holds an image in memory. Every
+route except ``/healthz`` requires a credential of the domain (the ``auth``
+dependency the launcher builds with :func:`yun.proto.server.peer_identity`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from yun.proto.messages import StorageImageReport
+from yun.proto.server import install_problem_handlers, problem_response
+from yun.storage.store import (
+    ImageRecord,
+    ImageStore,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    check_image_id,
+)
+
+log = logging.getLogger("yun.storage.api")
+
+OnStored = Callable[[StorageImageReport], Awaitable[None]]
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int]:
+    """The inclusive (first, last) byte of a single ``Range: bytes=...`` header.
+
+    Supports ``bytes=N-``, ``bytes=N-M`` and the suffix form ``bytes=-N``. Raises
+    :class:`RangeNotSatisfiable` for anything else or a range outside the image;
+    several ranges in one request are not supported (nobody here needs them).
+    """
+    match = _RANGE_RE.match(header.strip().replace(" ", ""))
+    if not match or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable(
+            f"unsupported Range {header[:80]!r}; use bytes=N-, bytes=N-M or bytes=-N", size=size
+        )
+    first_text, last_text = match.groups()
+    if first_text == "":
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(f"empty suffix range {header!r}", size=size)
+        return max(0, size - suffix), size - 1
+    first = int(first_text)
+    last = size - 1 if last_text == "" else min(int(last_text), size - 1)
+    if first >= size or int(last_text or first) < first:
+        raise RangeNotSatisfiable(
+            f"range {header!r} is outside the image of {size} bytes", size=size
+        )
+    return first, last
+
+
+def create_storage_app(
+    store: ImageStore,
+    auth: Callable[..., Any],
+    on_stored: OnStored | None = None,
+    max_upload_bytes: int = 64 * 1024**3,
+) -> FastAPI:
+    """The Storage Server's FastAPI application.
+
+    ``on_stored`` is awaited after each successful upload, also for an idempotent
+    repeat. If it raises, the error is answered (e.g. 503) although the bytes stay
+    stored: the uploader retries, the repeat answers 200 and announces the image
+    again, so an image is never stored but unknown to the control plane.
+    """
+    app = FastAPI(title="Yun storage server", version="1")
+    install_problem_handlers(app)
+    router = APIRouter(prefix="/internal/v1", dependencies=[Depends(auth)])
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.put(
+        "/images/{image_id}/data",
+        response_model=StorageImageReport,
+        status_code=201,
+        responses={200: {"model": StorageImageReport, "description": "already stored"}},
+    )
+    async def upload(
+        image_id: str,
+        request: Request,
+        fmt: str = Query("", alias="format", description="declared format; required for raw"),
+        name: str = Query("", max_length=255),
+    ) -> JSONResponse:
+        """Store the request body as image ``image_id``."""
+        check_image_id(image_id)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_upload_bytes:
+            # Refuse before reading a byte rather than after max_upload_bytes of them.
+            raise PayloadTooLarge(
+                f"upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes"
+            )
+        record, created = await store.put(
+            image_id,
+            request.stream(),
+            name=name,
+            declared_format=fmt or None,
+            max_bytes=max_upload_bytes,
+        )
+        report = record.report()
+        if on_stored is not None:
+            try:
+                await on_stored(report)
+            except Exception:
+                log.warning("stored image not announced; the uploader must retry",
+                            extra={"image": image_id, "sha256": report.sha256}, exc_info=True)
+                raise
+        return JSONResponse(report.model_dump(mode="json"), status_code=201 if created else 200)
+
+    @router.get("/images/{image_id}/data", response_class=StreamingResponse)
+    async def download(image_id: str, request: Request) -> Response:
+        """Stream image ``image_id``, whole or one ``Range``."""
+        record = store.get(image_id)
+        headers = {
+            "ETag": f'"{record.sha256}"',
+            "Accept-Ranges": "bytes",
+            "X-Image-Format": record.format,
+        }
+        range_header = request.headers.get("range")
+        try:
+            if range_header:
+                first, last = parse_range(range_header, record.size)
+                status = 206
+                headers["Content-Range"] = f"bytes {first}-{last}/{record.size}"
+            else:
+                first, last, status = 0, record.size - 1, 200
+            body = store.open_range(image_id, first, last)
+        except RangeNotSatisfiable as exc:
+            resp = problem_response(exc.problem(instance=request.url.path))
+            resp.headers["Content-Range"] = f"bytes */{exc.size}"
+            return resp
+        headers["Content-Length"] = str(last - first + 1)
+        return StreamingResponse(
+            body, status_code=status, headers=headers, media_type="application/octet-stream"
+        )
+
+    @router.get("/images", response_model=list[ImageRecord])
+    async def list_images() -> list[ImageRecord]:
+        """Every stored image."""
+        return store.list()
+
+    @router.get("/images/{image_id}", response_model=ImageRecord)
+    async def get_image(image_id: str) -> ImageRecord:
+        """The metadata of one image."""
+        return store.get(image_id)
+
+    @router.delete("/images/{image_id}", status_code=204)
+    async def delete_image(image_id: str) -> Response:
+        """Remove an image; deleting an absent image succeeds too."""
+        await store.delete(image_id)
+        return Response(status_code=204)
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,53 @@
+"""The storage server process (C-STO): image store, internal API, reports to the control servers."""
+
+from __future__ import annotations
+
+import logging
+
+from yun.config import StorageSettings
+from yun.proto.components import ComponentType
+from yun.proto.errors import Unavailable, YunError
+from yun.proto.membership import Membership
+from yun.proto.messages import StorageImageReport
+from yun.proto.server import peer_identity
+from yun.storage.api import create_storage_app
+from yun.storage.store import ImageStore
+from yun.util.serve import AppServer, service_url
+
+log = logging.getLogger("yun.storage")
+
+
+class StorageService:
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+        self.store = ImageStore(settings.state_dir / "storage")
+        self.membership = Membership(settings, ComponentType.STORAGE, url="")
+        auth = peer_identity(lambda: settings.domain_secret or None,
+                             {ComponentType.CONTROL, ComponentType.NODE, ComponentType.GATEWAY})
+        app = create_storage_app(self.store, auth, self._report_stored,
+                                 settings.max_upload_bytes)
+        self.server = AppServer(app, settings.listen_host, settings.listen_port)
+        self.url = self.membership.url = service_url(settings, self.server.port)
+
+    async def _report_stored(self, report: StorageImageReport) -> None:
+        """Tell a control server the bytes are here, so the image becomes usable."""
+        controls = self.membership.peers_of(ComponentType.CONTROL)
+        for peer in controls:
+            try:
+                await self.membership.client(peer).request(
+                    "POST", f"/internal/v1/images/{report.image_id}/stored", body=report)
+                return
+            except YunError as exc:
+                log.warning("control server did not take the image report: %s", exc,
+                            extra={"image": report.image_id, "control": peer.component_id})
+        raise Unavailable(f"no control server recorded image {report.image_id}")
+
+    async def start(self) -> None:
+        await self.membership.start()
+        await self.server.start()
+        log.info("storage server ready", extra={"url": self.url,
+                                                "component": self.membership.component_id})
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.membership.stop()

@@ -1,0 +1,620 @@
+"""Builder of the project's test guest: a tiny BIOS-bootable qcow2 disk (and ISO).
+
+Built from Debian packages only, with nothing downloaded: the host's
+``linux-image-cloud-amd64`` kernel, ``busybox-static`` and extlinux. The guest
+
+* prints ``YUN-GUEST-BOOT`` early, then ``YUN-GUEST-IP <addr>`` and
+  ``YUN-GUEST-READY`` on its serial console once DHCP and HTTP are up;
+* takes DHCP on every NIC (busybox udhcpc), sets its hostname from DHCP option 12,
+  else from a NoCloud seed (``cidata``), else ``yun-guest``;
+* serves ``GET /`` on port 80 (``hostname=``, ``uptime=``, ``boots=``, ``token=`` ...
+  one per line), keeps a boot counter and a first-boot token on its disk;
+* powers off cleanly on the ACPI power button (busybox acpid).
+
+Layout of the disk: an MBR (syslinux ``mbr.bin``) with one bootable partition at
+1 MiB holding an ext4 file system (label ``yunroot``) with extlinux, the kernel and
+an initramfs. The cloud kernel builds virtio as modules, so the initramfs loads
+them and switches to the disk; booted from the ISO (``yun.live``), the guest runs
+from the initramfs itself.
+
+Images are cached under ``/var/cache/yun/test-guest`` keyed on the kernel, busybox,
+the boot loader and the builder's own files, so a test run pays the build (a few
+seconds) once. The guest's shell scripts live in ``guest_files/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from yun.util.run import run
+
+log = logging.getLogger("yun.testing.guest")
+
+#: Bump when the build logic changes in a way the file hashes below do not see.
+BUILDER_VERSION = 1
+
+DEFAULT_CACHE_DIR = Path("/var/cache/yun/test-guest")
+FILES_DIR = Path(__file__).with_name("guest_files")
+ROOT_LABEL = "yunroot"
+ISO_VOLUME_ID = "YUN-GUEST"
+DISK_SIZE_MIB = 128  # virtual size; the qcow2 file only holds what is used (~25 MiB)
+PART_START_SECTOR = 2048  # 1 MiB alignment, as every partitioning tool does
+SECTOR = 512
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+BUSYBOX = Path("/bin/busybox")
+KEEP_BUILDS = 3  # older cached builds are pruned (others may still use recent ones)
+
+#: Modules the guest cannot boot without (the cloud kernel builds them as modules).
+REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+#: Modules loaded when the kernel has them: other buses, CD-ROM and vfat seeds, extras.
+OPTIONAL_MODULES = (
+    "virtio_scsi", "sd_mod", "sr_mod", "ata_piix", "ahci", "isofs", "vfat",
+    "nls_cp437", "nls_ascii", "nls_utf8", "virtio_balloon", "virtio_console", "virtio_rng",
+)
+KERNEL_ARGS = (
+    "console=tty0", "console=ttyS0,115200n8",  # the last console= is /dev/console
+    "panic=10",  # a guest that cannot boot reboots instead of hanging quietly
+)
+
+
+#: Lines the guest prints on its serial console.
+BOOT_MARKER = "YUN-GUEST-BOOT"  # first thing the initramfs says
+IP_MARKER = "YUN-GUEST-IP"  # followed by the first NIC's DHCP address
+READY_MARKER = "YUN-GUEST-READY"  # DHCP done (or given up) and HTTP answering
+SHUTDOWN_MARKER = "YUN-GUEST-SHUTDOWN"  # init started a clean power-off or reboot
+HALTED_MARKER = "YUN-GUEST-HALTED"  # file systems flushed, root read-only
+
+
+class GuestBuildError(RuntimeError):
+    """The test guest cannot be built on this host (a missing package, no root ...)."""
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """Everything a build reads from the host; the cache key is derived from it."""
+
+    kernel: Path
+    kernel_version: str
+    modules_dir: Path
+    busybox: Path
+    busybox_version: str
+    mbr: Path
+    files_dir: Path
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def version_key(version: str) -> tuple[int | str, ...]:
+    """Sort key for version strings such as ``6.1.0-56-cloud-amd64`` (numbers numerically)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version) if p)
+
+
+def parse_busybox_version(banner: str) -> str:
+    """``BusyBox v1.35.0 (Debian 1:1.35.0-4+deb12u1+b1) multi-call ...`` -> ``1.35.0 (...)``."""
+    m = re.search(r"BusyBox v(\S+)(?: \(([^)]*)\))?", banner)
+    if not m:
+        raise GuestBuildError(f"unrecognised busybox banner: {banner[:80]!r}")
+    return f"{m.group(1)} ({m.group(2)})" if m.group(2) else m.group(1)
+
+
+def compute_cache_key(
+    kernel_version: str,
+    busybox_version: str,
+    builder_version: int,
+    digests: Iterable[tuple[str, str]],
+) -> str:
+    """A short stable key for one combination of build inputs.
+
+    ``digests`` are ``(name, sha256)`` pairs for the files that go into the image
+    (kernel, busybox, boot loader, the guest's scripts); their order does not matter.
+    """
+    h = hashlib.sha256()
+    h.update(f"yun-guest\0{builder_version}\0{kernel_version}\0{busybox_version}\0".encode())
+    for name, digest in sorted(digests):
+        h.update(f"{name}\0{digest}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _module_name(path: str) -> str:
+    return Path(path).name.removesuffix(".ko").replace("-", "_")
+
+
+def resolve_modules(
+    modules_dep: str,
+    modules_builtin: str,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+) -> list[str]:
+    """Relative paths (from ``modules.dep``) of the modules to load, dependencies first.
+
+    Built-in modules are skipped; a missing required module raises
+    :class:`GuestBuildError`, a missing optional one is left out.
+    """
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[_module_name(path)] = (path.strip(), rest.split())
+    builtin = {_module_name(p) for p in modules_builtin.split()}
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        _, dep_paths = deps[name]
+        for dep in dep_paths:
+            visit(_module_name(dep))
+        order.append(deps[name][0])
+
+    for want in [*required, *optional]:
+        name = want.replace("-", "_")
+        if name in builtin:
+            continue
+        if name not in deps:
+            if want in required:
+                raise GuestBuildError(f"kernel module {want} is neither built in nor available")
+            continue
+        visit(name)
+    return order
+
+
+def render_extlinux_conf(template: str, kernel: str, initrd: str, args: Sequence[str]) -> str:
+    """Fill the boot loader template (``@KERNEL@``, ``@INITRD@``, ``@APPEND@``)."""
+    return (
+        template.replace("@KERNEL@", kernel)
+        .replace("@INITRD@", initrd)
+        .replace("@APPEND@", " ".join(args))
+    )
+
+
+def kernel_args(*, live: bool = False, extra: Sequence[str] = ()) -> list[str]:
+    """The kernel command line of the disk (``root=LABEL=...``) or the ISO (``yun.live``)."""
+    root = ["yun.live"] if live else [f"root=LABEL={ROOT_LABEL}", "rw"]
+    return [*root, *KERNEL_ARGS, *extra]
+
+
+def parse_guest_info(text: str) -> dict[str, str]:
+    """Parse the guest's ``GET /`` answer (``key=value`` lines) into a dict."""
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            info[key.strip()] = value.strip()
+    return info
+
+
+def parse_serial_ip(serial: str) -> str | None:
+    """The last address announced by ``YUN-GUEST-IP <addr>`` in a serial log, if any."""
+    found = re.findall(rf"^{IP_MARKER} (\S+)\s*$", serial, flags=re.MULTILINE)
+    return found[-1] if found else None
+
+
+def mbr_sector(boot_code: bytes, start: int, sectors: int, disk_id: int) -> bytes:
+    """An MBR with ``boot_code`` and one active Linux partition of ``sectors`` at ``start``.
+
+    CHS fields hold the "use LBA" marker (0xFE 0xFF 0xFF): no BIOS we boot on uses them.
+    """
+    if len(boot_code) > 440:
+        raise ValueError("MBR boot code is at most 440 bytes")
+    mbr = bytearray(SECTOR)
+    mbr[: len(boot_code)] = boot_code
+    struct.pack_into("<I", mbr, 440, disk_id)
+    chs = b"\xfe\xff\xff"
+    struct.pack_into("<B3sB3sII", mbr, 446, 0x80, chs, 0x83, chs, start, sectors)
+    mbr[510:512] = b"\x55\xaa"
+    return bytes(mbr)
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One member of a newc cpio archive (an initramfs)."""
+
+    name: str  # without a leading slash
+    mode: int  # including the file type bits (stat.S_IFREG | 0o755 ...)
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def newc_archive(entries: Iterable[CpioEntry], mtime: int = 0) -> bytes:
+    """Serialise ``entries`` as a newc ("070701") cpio archive, as the kernel unpacks it.
+
+    Written here rather than with cpio(1) so that device nodes (``/dev/console``)
+    need no mknod and the archive is reproducible.
+    """
+    out = bytearray()
+
+    def pad() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    def member(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> None:
+        encoded = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        out.extend(b"070701" + b"".join(b"%08x" % f for f in fields))
+        out.extend(encoded)
+        pad()
+        out.extend(data)
+        pad()
+
+    ino = 1
+    for entry in entries:
+        member(ino, entry.name.lstrip("/"), entry.mode, entry.data, entry.rdev)
+        ino += 1
+    member(0, "TRAILER!!!", 0, b"", (0, 0))
+    return bytes(out)
+
+
+def is_static_elf(head: bytes) -> bool:
+    """True when an x86-64 ELF image (its first 4 KiB) has no program interpreter.
+
+    A dynamically linked busybox (package ``busybox``) would find no libc in the guest.
+    """
+    if head[:4] != b"\x7fELF" or head[4] != 2:  # ELFCLASS64
+        return False
+    phoff = struct.unpack_from("<Q", head, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 > len(head):
+            break
+        if struct.unpack_from("<I", head, off)[0] == 3:  # PT_INTERP
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- host inputs
+
+
+def find_inputs(
+    boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")
+) -> BuildInputs:
+    """Locate the newest cloud kernel with its modules, busybox-static and syslinux."""
+    kernels = [
+        (p.name.removeprefix("vmlinuz-"), p)
+        for p in boot_dir.glob("vmlinuz-*-cloud-amd64")
+        if (modules_root / p.name.removeprefix("vmlinuz-") / "modules.dep").is_file()
+    ]
+    if not kernels:
+        raise GuestBuildError(
+            f"no {boot_dir}/vmlinuz-*-cloud-amd64 with modules: install linux-image-cloud-amd64"
+        )
+    version, kernel = max(kernels, key=lambda kv: version_key(kv[0]))
+    if not os.access(kernel, os.R_OK):
+        raise GuestBuildError(f"{kernel} is not readable (build as root)")
+    if not BUSYBOX.is_file():
+        raise GuestBuildError(f"{BUSYBOX} missing: install busybox-static")
+    with BUSYBOX.open("rb") as f:
+        if not is_static_elf(f.read(4096)):
+            raise GuestBuildError(f"{BUSYBOX} is not statically linked: install busybox-static")
+    banner = run([str(BUSYBOX), "--help"], check=False, timeout=10)
+    for needed, package in ((MBR_BIN, "syslinux-common"), (LDLINUX_C32, "syslinux-common")):
+        if not needed.is_file():
+            raise GuestBuildError(f"{needed} missing: install {package}")
+    return BuildInputs(
+        kernel=kernel,
+        kernel_version=version,
+        modules_dir=modules_root / version,
+        busybox=BUSYBOX,
+        busybox_version=parse_busybox_version(banner.stdout + banner.stderr),
+        mbr=MBR_BIN,
+        files_dir=FILES_DIR,
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_or_absent(path: str | None) -> str:
+    return _sha256(Path(path)) if path and Path(path).is_file() else "absent"
+
+
+def cache_key(inputs: BuildInputs) -> str:
+    """The cache key of a build from ``inputs``: versions plus hashes of every file used.
+
+    Hashing the guest's scripts means editing one rebuilds the image without anyone
+    remembering to bump :data:`BUILDER_VERSION`.
+    """
+    digests = [
+        ("kernel", _sha256(inputs.kernel)),
+        ("busybox", _sha256(inputs.busybox)),
+        ("mbr", _sha256(inputs.mbr)),
+        ("extlinux", _sha256_or_absent(shutil.which("extlinux"))),
+        ("isolinux", _sha256_or_absent(str(ISOLINUX_BIN))),
+        ("builder", _sha256(Path(__file__))),
+    ]
+    for path in sorted(inputs.files_dir.rglob("*")):
+        if path.is_file():
+            digests.append((f"files/{path.relative_to(inputs.files_dir)}", _sha256(path)))
+    return compute_cache_key(
+        inputs.kernel_version, inputs.busybox_version, BUILDER_VERSION, digests
+    )
+
+
+# --------------------------------------------------------------------------- build steps
+
+
+def _stage_rootfs(root: Path, inputs: BuildInputs) -> None:
+    """Fill ``root`` with busybox, its applet links and the guest's files."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp",
+              "root", "mnt", "var/lib/yun-guest", "var/log", "boot/extlinux", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    shutil.copy2(inputs.busybox, root / "bin/busybox")
+    applets = run([str(inputs.busybox), "--list-full"], timeout=10).stdout.split()
+    for applet in applets:
+        link = root / applet
+        if applet == "bin/busybox" or os.path.lexists(link):
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+    src = inputs.files_dir / "rootfs"
+    for path in sorted(src.rglob("*")):
+        dest = root / path.relative_to(src)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = path.read_bytes()
+        dest.write_bytes(data)
+        # Scripts are recognised by their "#!" line: file modes do not survive every
+        # way the package may be installed (wheels, sdists, copies).
+        dest.chmod(0o755 if data.startswith(b"#!") else 0o644)
+    (root / "www/seed").symlink_to("/run/yun-guest/seed")
+    (root / "www/user-data.log").symlink_to("/var/lib/yun-guest/user-data.log")
+    (root / "etc/hostname").write_text("yun-guest\n")
+
+
+def _initramfs(root: Path, inputs: BuildInputs) -> bytes:
+    """The gzip-compressed initramfs: the whole root tree plus /init and the modules."""
+    entries: list[CpioEntry] = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "boot" or rel.startswith("boot/"):
+            continue
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            entries.append(CpioEntry(rel, stat.S_IFLNK | 0o777, os.readlink(path).encode()))
+        elif stat.S_ISDIR(st.st_mode):
+            entries.append(CpioEntry(rel, stat.S_IFDIR | stat.S_IMODE(st.st_mode)))
+        else:
+            mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
+            entries.append(CpioEntry(rel, mode, path.read_bytes()))
+    entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
+    entries.append(CpioEntry("newroot", stat.S_IFDIR | 0o755))
+    entries.append(CpioEntry("init", stat.S_IFREG | 0o755,
+                             (inputs.files_dir / "initramfs/init").read_bytes()))
+    modules = resolve_modules(
+        (inputs.modules_dir / "modules.dep").read_text(),
+        (inputs.modules_dir / "modules.builtin").read_text(),
+        REQUIRED_MODULES,
+        OPTIONAL_MODULES,
+    )
+    entries.append(CpioEntry("lib/modules/yun", stat.S_IFDIR | 0o755))
+    names = []
+    for rel in modules:
+        name = Path(rel).name.removesuffix(".ko")
+        names.append(name)
+        entries.append(CpioEntry(f"lib/modules/yun/{name}.ko", stat.S_IFREG | 0o644,
+                                 (inputs.modules_dir / rel).read_bytes()))
+    entries.append(CpioEntry("lib/modules/yun/load-order", stat.S_IFREG | 0o644,
+                             ("\n".join(names) + "\n").encode()))
+    # Level 6: level 9 costs seconds for a few per cent.
+    return gzip.compress(newc_archive(entries), compresslevel=6, mtime=0)
+
+
+@contextlib.contextmanager
+def _loop_mount(image: Path, offset: int, size: int, mountpoint: Path) -> Iterator[Path]:
+    """Mount the file system at ``offset`` in ``image``; always unmount and detach."""
+    device = run(["losetup", "--find", "--show", "--offset", str(offset),
+                  "--sizelimit", str(size), str(image)], timeout=30).stdout.strip()
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        run(["mount", "-t", "ext4", device, str(mountpoint)], timeout=30)
+        try:
+            yield mountpoint
+        finally:
+            run(["umount", str(mountpoint)], timeout=60, check=False)
+    finally:
+        run(["losetup", "--detach", device], timeout=30, check=False)
+
+
+def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | None = None) -> None:
+    """Build the disk image into ``qcow2`` (and the ISO into ``iso``), using ``workdir``.
+
+    Needs root: extlinux installs onto a mounted file system (a loop device).
+    """
+    if os.geteuid() != 0:
+        raise GuestBuildError("building the test guest needs root (loop device, mount)")
+    for tool in ("mkfs.ext4", "losetup", "mount", "extlinux", "qemu-img"):
+        if shutil.which(tool) is None:
+            raise GuestBuildError(f"{tool} not found")
+    root = workdir / "root"
+    _stage_rootfs(root, inputs)
+    initrd = _initramfs(root, inputs)
+    (root / "boot/initrd.img").write_bytes(initrd)
+    shutil.copyfile(inputs.kernel, root / "boot/vmlinuz")
+    template = (inputs.files_dir / "extlinux.conf").read_text()
+    (root / "boot/extlinux/extlinux.conf").write_text(
+        render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img", kernel_args())
+    )
+
+    raw = workdir / "disk.raw"
+    total = DISK_SIZE_MIB << 20
+    offset = PART_START_SECTOR * SECTOR
+    part_size = total - offset
+    with raw.open("wb") as f:
+        f.truncate(total)
+        # A fixed disk id per kernel: reproducible, and nothing here relies on it.
+        seed = hashlib.sha256(inputs.kernel_version.encode()).digest()
+        disk_id = int.from_bytes(seed[:4], "little")
+        f.write(mbr_sector(inputs.mbr.read_bytes()[:440], PART_START_SECTOR,
+                           part_size // SECTOR, disk_id))
+    # mke2fs writes straight into the partition (-E offset) and fills it from the
+    # staged tree (-d): no mount, no copy. nodiscard: never punch the MBR's file.
+    run(["mkfs.ext4", "-F", "-q", "-L", ROOT_LABEL, "-b", "4096", "-m", "1",
+         "-E", f"offset={offset},nodiscard", "-d", str(root), str(raw),
+         f"{part_size // 1024}k"], timeout=60)
+    with _loop_mount(raw, offset, part_size, workdir / "mnt") as mnt:
+        # extlinux reads the loop device's offset to fill in the boot sector's
+        # "hidden sectors" (partition start) itself.
+        run(["extlinux", "--install", str(mnt / "boot/extlinux")], timeout=60)
+    tmp = qcow2.with_name(qcow2.name + ".tmp")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)], timeout=120)
+    tmp.chmod(0o644)  # libvirt's qemu user reads it as a backing file
+    os.replace(tmp, qcow2)
+    if iso is not None:
+        build_iso(root / "boot/vmlinuz", root / "boot/initrd.img", workdir / "iso", iso, template)
+
+
+def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: str) -> None:
+    """An isolinux ISO booting the guest from its initramfs (``yun.live``, no disk state)."""
+    if not ISOLINUX_BIN.is_file() or shutil.which("genisoimage") is None:
+        raise GuestBuildError("the ISO needs the isolinux and genisoimage packages")
+    (staging / "isolinux").mkdir(parents=True, exist_ok=True)
+    (staging / "boot").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ISOLINUX_BIN, staging / "isolinux/isolinux.bin")
+    shutil.copyfile(LDLINUX_C32, staging / "isolinux/ldlinux.c32")
+    shutil.copyfile(kernel, staging / "boot/vmlinuz")
+    shutil.copyfile(initrd, staging / "boot/initrd.img")
+    (staging / "isolinux/isolinux.cfg").write_text(
+        render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img", kernel_args(live=True))
+    )
+    tmp = iso.with_name(iso.name + ".tmp")
+    run(["genisoimage", "-quiet", "-o", str(tmp), "-V", ISO_VOLUME_ID, "-R", "-J",
+         "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot",
+         "-boot-load-size", "4", "-boot-info-table", str(staging)], timeout=60)
+    tmp.chmod(0o644)
+    os.replace(tmp, iso)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path) -> Iterator[None]:
+    """Serialise builds: parallel test workers wait for one build instead of racing."""
+    with (cache_dir / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prune(cache_dir: Path, keep: int) -> None:
+    manifests = sorted(cache_dir.glob("yun-guest-*.json"), key=lambda p: p.stat().st_mtime)
+    for manifest in manifests[:-keep] if keep else manifests:
+        stem = manifest.name.removesuffix(".json")
+        for suffix in (".qcow2", ".iso", ".json"):
+            (cache_dir / (stem + suffix)).unlink(missing_ok=True)
+
+
+def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    inputs = find_inputs()
+    key = cache_key(inputs)
+    qcow2 = cache_dir / f"yun-guest-{key}.qcow2"
+    iso = cache_dir / f"yun-guest-{key}.iso"
+    manifest = cache_dir / f"yun-guest-{key}.json"
+    can_iso = ISOLINUX_BIN.is_file() and shutil.which("genisoimage") is not None
+    if want_iso and not can_iso:
+        raise GuestBuildError("the ISO needs the isolinux and genisoimage packages")
+
+    def ready() -> bool:
+        return manifest.is_file() and qcow2.is_file() and (iso.is_file() or not want_iso)
+
+    if ready():
+        return qcow2, iso if want_iso else None
+    with _locked(cache_dir):
+        if not ready():  # another process may have built it while we waited
+            started = time.monotonic()
+            log.info("building test guest", extra={"key": key, "kernel": inputs.kernel_version})
+            with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as tmp:
+                build_image(inputs, Path(tmp), qcow2, iso if can_iso else None)
+            info = {
+                "key": key,
+                "kernel_version": inputs.kernel_version,
+                "busybox_version": inputs.busybox_version,
+                "builder_version": BUILDER_VERSION,
+                "build_seconds": round(time.monotonic() - started, 2),
+                "qcow2": qcow2.name,
+                "iso": iso.name if can_iso else None,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            manifest.write_text(json.dumps(info, indent=2) + "\n")
+            # A stable name for people and scripts; tests should use the keyed path.
+            link = cache_dir / "yun-guest.qcow2"
+            tmp_link = cache_dir / ".yun-guest.qcow2.link"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(qcow2.name)
+            os.replace(tmp_link, link)
+            _prune(cache_dir, KEEP_BUILDS)
+    return qcow2, iso if want_iso else None
+
+
+def ensure_guest_image(cache_dir: Path | None = None) -> Path:
+    """Path of the cached test guest qcow2, built first if the inputs changed.
+
+    Never modify the returned file: boot it through an overlay (qcow2 with it as
+    backing file) or QEMU's snapshot mode. Raises :class:`GuestBuildError` when the
+    host lacks a package or root rights.
+    """
+    return _ensure(cache_dir, want_iso=False)[0]
+
+
+def ensure_guest_iso(cache_dir: Path | None = None) -> Path:
+    """Path of the cached bootable ISO of the test guest (runs from RAM, no disk state)."""
+    iso = _ensure(cache_dir, want_iso=True)[1]
+    assert iso is not None
+    return iso
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m yun.testing.guest build [--cache-dir DIR] [--iso]``: print the path."""
+    parser = argparse.ArgumentParser(prog="python -m yun.testing.guest")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or find in the cache) the test guest image")
+    build.add_argument("--cache-dir", type=Path, default=None,
+                       help=f"cache directory (default {DEFAULT_CACHE_DIR})")
+    build.add_argument("--iso", action="store_true", help="print the ISO's path instead")
+    args = parser.parse_args(argv)
+    try:
+        path = ensure_guest_iso(args.cache_dir) if args.iso else ensure_guest_image(args.cache_dir)
+    except GuestBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Run an ASGI app with uvicorn inside the caller's event loop, on a socket bound up front.
+
+Binding first means the port is known (also when 0 was asked) before peers are told
+where to reach the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+from yun.config import ComponentSettings
+
+
+def service_url(settings: ComponentSettings, bound_port: int) -> str:
+    """The URL peers use to reach a service bound to ``bound_port``."""
+    return settings.model_copy(update={"listen_port": bound_port}).url()
+
+
+class AppServer:
+    """One uvicorn server serving ``app`` on ``host:port`` as a task of the running loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on",
+            timeout_graceful_shutdown=5, limit_concurrency=None,
+        )
+        self.server = uvicorn.Server(config)
+        # The component installs its own signal handling.
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start serving and return once the server accepts connections."""
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        for _ in range(500):
+            if self.server.started or self._task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+            raise RuntimeError(f"server on {self.host}:{self.port} stopped at start")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+        self.sock.close()
