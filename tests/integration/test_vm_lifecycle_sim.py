@@ -19,7 +19,7 @@ async def test_create_power_delete(cluster: SimCluster, small_qcow2: Path) -> No
     vm_uuid = resp.json()["resource"]["uuid"]
     task = await cluster.wait_task(resp.json()["task"]["uuid"])
     assert task["state"] == "succeeded", task
-    assert [s["name"] for s in task["steps"]] == ["schedule", "allocate_ip", "provision",
+    assert [s["name"] for s in task["steps"]] == ["schedule", "provision",
                                                   "confirm"]
     vm = (await api.get(f"/api/v1/vms/{vm_uuid}")).json()
     assert vm["state"] == "running" and vm["ip"].startswith("10.77.0.")

@@ -181,3 +181,35 @@ def test_iso_boots_from_ram(tmp_path: Path, guests: list[QemuGuest]) -> None:
     info = g.info()
     assert info["boots"] == "1" and info["disks"] == "" and info["hostname"] == "yun-guest"
     _power_off(g)
+
+
+def test_hot_plugged_disk_and_nic_are_reported(
+    image: Path, tmp_path: Path, guests: list[QemuGuest]
+) -> None:
+    extra = tmp_path / "extra.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), "64M"])
+    g = boot_guest(image, workdir=tmp_path / "hotplug", timeout=BOOT_TIMEOUT)
+    guests.append(g)
+    g.qmp("blockdev-add", {"driver": "qcow2", "node-name": "extra",
+                           "file": {"driver": "file", "filename": str(extra)}})
+    g.qmp("device_add", {"driver": "virtio-blk-pci", "drive": "extra", "id": "extra-disk"})
+    g.qmp("netdev_add", {"type": "user", "id": "net1"})
+    g.qmp("device_add", {"driver": "virtio-net-pci", "netdev": "net1", "id": "extra-nic"})
+
+    def until(predicate: str, present: bool) -> dict[str, str]:
+        deadline = time.monotonic() + 60
+        while True:
+            info = g.info()
+            facts = info["disks"] + " " + info["ips"]
+            if (predicate in facts) == present or time.monotonic() > deadline:
+                return info
+            time.sleep(0.5)
+
+    info = until("vdb", True)
+    assert info["disks"] == "vda,vdb"
+    info = until("eth1:", True)  # the guest's NIC watcher started DHCP on it
+    assert "eth1:10.0.2.15" in info["ips"]
+    g.qmp("device_del", {"id": "extra-disk"})
+    g.qmp("device_del", {"id": "extra-nic"})
+    assert until("vdb", False)["disks"] == "vda"
+    assert until("eth1:", False)["ips"] == "eth0:10.0.2.15"

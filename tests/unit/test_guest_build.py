@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import struct
@@ -82,6 +83,7 @@ def test_parse_busybox_version() -> None:
 def test_version_key_orders_numerically() -> None:
     versions = ["6.1.0-9-cloud-amd64", "6.1.0-56-cloud-amd64", "6.1.0-10-cloud-amd64"]
     assert max(versions, key=version_key) == "6.1.0-56-cloud-amd64"
+    assert sorted(["6.1.0-rc1", "6.1.0-1"], key=version_key)  # text vs number: no TypeError
 
 
 # ---------------------------------------------------------------- kernel modules
@@ -297,17 +299,20 @@ def test_ensure_guest_image_builds_once_per_inputs(
     assert (cache / "yun-guest.qcow2").resolve() == second.resolve()
 
 
-def test_prune_keeps_the_newest_builds(tmp_path: Path) -> None:
-    import os
-
-    for i in range(5):
+def test_prune_keeps_the_newest_and_the_young_builds(tmp_path: Path) -> None:
+    def build(i: int, mtime: float | None) -> None:
         for suffix in (".qcow2", ".json"):
             p = tmp_path / f"yun-guest-{i:016x}{suffix}"
             p.write_text("x")
-            os.utime(p, (1000 + i, 1000 + i))
-    guest._prune(tmp_path, 2)
+            os.utime(p, None if mtime is None else (mtime, mtime))
+
+    for i in range(4):
+        build(i, 1000 + i)  # long ago
+    build(8, None)  # just now: may back a running VM
+    build(9, None)
+    guest._prune(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.glob("*.qcow2")) == [
-        f"yun-guest-{3:016x}.qcow2", f"yun-guest-{4:016x}.qcow2"]
+        f"yun-guest-{8:016x}.qcow2", f"yun-guest-{9:016x}.qcow2"]
 
 
 # ---------------------------------------------------------------- bare QEMU command line

@@ -16,7 +16,7 @@ from rich.console import Console
 from yun.cli.api import Api, ApiError
 from yun.config import DEFAULT_CONFIG
 from yun.util.procs import read_pid, start_detached, stop_pid
-from yun.util.run import CommandError, run
+from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
 
 app = typer.Typer(help="All-in-one: the whole cloud on this host.", no_args_is_help=True)
 out = Console()
@@ -75,28 +75,6 @@ token = "{token}"
     return tomllib.loads(text)
 
 
-def ensure_libvirt() -> None:
-    """Start virtlogd and libvirtd where no service manager runs them."""
-    try:
-        run(["virsh", "-c", "qemu:///system", "version"], timeout=10)
-        return
-    except CommandError:
-        pass
-    Path("/var/log/libvirt").mkdir(parents=True, exist_ok=True)
-    for daemon in ("virtlogd", "libvirtd"):
-        try:
-            run(["pgrep", "-x", daemon], timeout=5)
-        except CommandError:
-            run([daemon, "-d"], timeout=30)
-    for _ in range(100):
-        try:
-            run(["virsh", "-c", "qemu:///system", "version"], timeout=10)
-            return
-        except CommandError:
-            time.sleep(0.2)
-    raise typer.Exit(f"libvirtd did not start; see /var/log/libvirt")
-
-
 def wait_http(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -143,7 +121,7 @@ def up(config: Annotated[Path, typer.Option(help="settings file")] = DEFAULT_CON
     """Start every component, upload the test guest image and boot the demo VM."""
     write_config(config)
     out.print("[bold]Yun all-in-one[/bold]")
-    ensure_libvirt()
+    ensure_libvirt_daemons()
     start_components(config)
     api = Api(token=None)
     try:

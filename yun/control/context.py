@@ -19,6 +19,9 @@ class ControlContext:
     db: Database
     membership: Membership
     queues: KeyedQueues = field(default_factory=KeyedQueues)
-    placement: Placement = field(default_factory=Placement)
+    placement: Placement = field(init=False)
     addresses: AddressAllocator = field(default_factory=AddressAllocator)
     engine: FlowEngine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.placement = Placement(self.db, on_placed=self.addresses.on_placed)

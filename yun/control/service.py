@@ -48,6 +48,7 @@ class ControlService:
 
     async def stop(self) -> None:
         await self.nodes.stop()
+        await self.ctx.placement.stop()
         if getattr(self.ctx, "engine", None) is not None:
             await self.ctx.engine.shutdown()
         await self.ctx.membership.stop()

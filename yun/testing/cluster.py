@@ -118,6 +118,36 @@ class SimCluster:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"task {task_uuid} still {task['state']}")
 
+    async def wait_tasks(self, task_uuids: list[str], timeout: float = 600
+                         ) -> list[dict[str, Any]]:
+        """Wait for many tasks the way a bulk client does: poll the count of unfinished
+        tasks, then read them all once (one request per poll, not one per task)."""
+        assert self.api is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            unfinished = 0
+            for state in ("pending", "running", "rolling_back"):
+                page = (await self.api.get("/api/v1/tasks",
+                                           params={"state": state, "limit": 1})).json()
+                unfinished += page["total"]
+            if unfinished == 0:
+                break
+            if loop.time() > deadline:
+                raise TimeoutError(f"{unfinished} tasks unfinished after {timeout} s")
+            await asyncio.sleep(0.5)
+        wanted = set(task_uuids)
+        found: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while len(found) < len(wanted):
+            page = (await self.api.get("/api/v1/tasks",
+                                       params={"limit": 1000, "offset": offset})).json()
+            found.update((t["uuid"], t) for t in page["items"] if t["uuid"] in wanted)
+            offset += 1000
+            if offset >= page["total"]:
+                break
+        return [found[u] for u in task_uuids]
+
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.aclose()

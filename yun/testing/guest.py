@@ -18,8 +18,8 @@ them and switches to the disk; booted from the ISO (``yun.live``), the guest run
 from the initramfs itself.
 
 Images are cached under ``/var/cache/yun/test-guest`` keyed on the kernel, busybox,
-the boot loader and the builder's own files, so a test run pays the build (a few
-seconds) once. The guest's shell scripts live in ``guest_files/``.
+the boot loader and the builder's own files, so a test run pays the build (under
+a second on our machines) once. The guest's shell scripts live in ``guest_files/``.
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ DEFAULT_CACHE_DIR = Path("/var/cache/yun/test-guest")
 FILES_DIR = Path(__file__).with_name("guest_files")
 ROOT_LABEL = "yunroot"
 ISO_VOLUME_ID = "YUN-GUEST"
-DISK_SIZE_MIB = 128  # virtual size; the qcow2 file only holds what is used (~25 MiB)
+DISK_SIZE_MIB = 128  # virtual size; the qcow2 file only holds what is used (~19 MiB)
 PART_START_SECTOR = 2048  # 1 MiB alignment, as every partitioning tool does
 SECTOR = 512
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 BUSYBOX = Path("/bin/busybox")
-KEEP_BUILDS = 3  # older cached builds are pruned (others may still use recent ones)
+KEEP_BUILDS = 3  # older cached builds are pruned ...
+PRUNE_AFTER_S = 24 * 3600  # ... once a day old (running VMs may use them as backing)
 
 #: Modules the guest cannot boot without (the cloud kernel builds them as modules).
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
@@ -106,7 +107,9 @@ class BuildInputs:
 
 def version_key(version: str) -> tuple[int | str, ...]:
     """Sort key for version strings such as ``6.1.0-56-cloud-amd64`` (numbers numerically)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version) if p)
+    # Keep the empty strings re.split yields: they keep text at even and numbers at
+    # odd positions, so two keys never compare an int with a str.
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
 
 
 def parse_busybox_version(banner: str) -> str:
@@ -165,6 +168,8 @@ def resolve_modules(
         if name in seen:
             return
         seen.add(name)
+        if name not in deps:
+            raise GuestBuildError(f"modules.dep names {name} but has no line for it")
         _, dep_paths = deps[name]
         for dep in dep_paths:
             visit(_module_name(dep))
@@ -426,7 +431,7 @@ def _initramfs(root: Path, inputs: BuildInputs) -> bytes:
                                  (inputs.modules_dir / rel).read_bytes()))
     entries.append(CpioEntry("lib/modules/yun/load-order", stat.S_IFREG | 0o644,
                              ("\n".join(names) + "\n").encode()))
-    # Level 6: level 9 costs seconds for a few per cent.
+    # gzip: every kernel unpacks it; the default level keeps the build quick.
     return gzip.compress(newc_archive(entries), compresslevel=6, mtime=0)
 
 
@@ -441,9 +446,34 @@ def _loop_mount(image: Path, offset: int, size: int, mountpoint: Path) -> Iterat
         try:
             yield mountpoint
         finally:
-            run(["umount", str(mountpoint)], timeout=60, check=False)
+            if run(["umount", str(mountpoint)], timeout=60, check=False).returncode != 0:
+                # Busy: detach it lazily rather than leave a mount behind.
+                run(["umount", "--lazy", str(mountpoint)], timeout=60, check=False)
     finally:
         run(["losetup", "--detach", device], timeout=30, check=False)
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Undo what a killed build left: mounts, loop devices, work directories.
+
+    Called with the build lock held, so no ``.build-*`` directory belongs to a
+    live build.
+    """
+    for stale in cache_dir.glob(".build-*"):
+        prefix = str(stale) + "/"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/mounts").read_text().splitlines():
+                mountpoint = line.split()[1]
+                if mountpoint.startswith(prefix):
+                    run(["umount", "--lazy", mountpoint], timeout=60, check=False)
+        raw = stale / "disk.raw"
+        if raw.exists():
+            found = run(["losetup", "--associated", str(raw)], timeout=30, check=False)
+            for line in found.stdout.splitlines():
+                device = line.partition(":")[0]
+                if device.startswith("/dev/loop"):
+                    run(["losetup", "--detach", device], timeout=30, check=False)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | None = None) -> None:
@@ -486,7 +516,7 @@ def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | Non
         # extlinux reads the loop device's offset to fill in the boot sector's
         # "hidden sectors" (partition start) itself.
         run(["extlinux", "--install", str(mnt / "boot/extlinux")], timeout=60)
-    tmp = qcow2.with_name(qcow2.name + ".tmp")
+    tmp = workdir / "image.qcow2"  # moved into place whole: readers never see half
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)], timeout=120)
     tmp.chmod(0o644)  # libvirt's qemu user reads it as a backing file
     os.replace(tmp, qcow2)
@@ -507,7 +537,7 @@ def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: st
     (staging / "isolinux/isolinux.cfg").write_text(
         render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img", kernel_args(live=True))
     )
-    tmp = iso.with_name(iso.name + ".tmp")
+    tmp = staging.parent / "image.iso"
     run(["genisoimage", "-quiet", "-o", str(tmp), "-V", ISO_VOLUME_ID, "-R", "-J",
          "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot",
          "-boot-load-size", "4", "-boot-info-table", str(staging)], timeout=60)
@@ -529,9 +559,17 @@ def _locked(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prune(cache_dir: Path, keep: int) -> None:
+def _prune(cache_dir: Path, keep: int, min_age: float = PRUNE_AFTER_S) -> None:
+    """Delete builds beyond the ``keep`` newest that are older than ``min_age`` seconds.
+
+    The age guard matters: VMs of a test run (libvirt domains too) use the cached
+    qcow2 as their backing file, and a day-old build is one nobody boots any more.
+    """
     manifests = sorted(cache_dir.glob("yun-guest-*.json"), key=lambda p: p.stat().st_mtime)
+    now = time.time()
     for manifest in manifests[:-keep] if keep else manifests:
+        if now - manifest.stat().st_mtime < min_age:
+            continue
         stem = manifest.name.removesuffix(".json")
         for suffix in (".qcow2", ".iso", ".json"):
             (cache_dir / (stem + suffix)).unlink(missing_ok=True)
@@ -556,6 +594,7 @@ def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
         return qcow2, iso if want_iso else None
     with _locked(cache_dir):
         if not ready():  # another process may have built it while we waited
+            _remove_stale_builds(cache_dir)
             started = time.monotonic()
             log.info("building test guest", extra={"key": key, "kernel": inputs.kernel_version})
             with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as tmp:
@@ -599,21 +638,43 @@ def ensure_guest_iso(cache_dir: Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m yun.testing.guest build [--cache-dir DIR] [--iso]``: print the path."""
+    """Command line: ``build`` prints the image's (or ISO's) path; ``boot`` tries it.
+
+    ``python -m yun.testing.guest build [--cache-dir DIR] [--iso]``
+    ``python -m yun.testing.guest boot [--cache-dir DIR] [--iso]`` boots it under bare
+    QEMU, prints the time to ``YUN-GUEST-READY`` and the guest's HTTP facts, then
+    presses the power button.
+    """
     parser = argparse.ArgumentParser(prog="python -m yun.testing.guest")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build (or find in the cache) the test guest image")
-    build.add_argument("--cache-dir", type=Path, default=None,
-                       help=f"cache directory (default {DEFAULT_CACHE_DIR})")
-    build.add_argument("--iso", action="store_true", help="print the ISO's path instead")
+    for name, text in (("build", "build (or find in the cache) the test guest image"),
+                       ("boot", "boot the cached image under bare QEMU and power it off")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--cache-dir", type=Path, default=None,
+                         help=f"cache directory (default {DEFAULT_CACHE_DIR})")
+        cmd.add_argument("--iso", action="store_true", help="the ISO instead of the disk")
     args = parser.parse_args(argv)
     try:
         path = ensure_guest_iso(args.cache_dir) if args.iso else ensure_guest_image(args.cache_dir)
     except GuestBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(path)
-    return 0
+    if args.command == "build":
+        print(path)
+        return 0
+    from yun.testing.qemu import boot_guest  # qemu imports this module
+
+    started = time.monotonic()
+    disk, cdrom = (None, path) if args.iso else (path, None)
+    with boot_guest(disk, cdrom=cdrom, boot_cdrom=args.iso) as g:
+        print(f"{READY_MARKER} after {time.monotonic() - started:.2f} s; "
+              f"serial log {g.serial_log}; HTTP on 127.0.0.1:{g.http_port}")
+        print(g.http_get("/"), end="")
+        started = time.monotonic()
+        g.powerdown()
+        code = g.wait_exit(60)
+        print(f"power button: QEMU exited {code} after {time.monotonic() - started:.2f} s")
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -93,13 +93,15 @@ def qemu_argv(
     return [*argv, *extra_args]
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    """Kill QEMU's process group if it still runs, and reap it."""
+def _kill(process: subprocess.Popen[bytes], remove: Path | None = None) -> None:
+    """Kill QEMU's process group if it still runs, reap it, remove ``remove``."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
+    if remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
 
 
 class QemuGuest:
@@ -119,10 +121,11 @@ class QemuGuest:
         self.serial_log = serial_log
         self.qmp_socket = qmp_socket
         self.http_port = http_port
-        self._remove_workdir = remove_workdir
         # The finalizer holds the Popen, not self: it runs on collection and at
-        # interpreter exit, so no QEMU outlives the test run.
-        self._finalizer = weakref.finalize(self, _kill, process)
+        # interpreter exit, so no QEMU (nor our temporary directory) outlives the run.
+        self._finalizer = weakref.finalize(
+            self, _kill, process, workdir if remove_workdir else None
+        )
 
     # -- serial console
     def serial_text(self) -> str:
@@ -223,8 +226,6 @@ class QemuGuest:
     def stop(self) -> None:
         """Kill QEMU (if it still runs) and remove the work directory when it is ours."""
         self._finalizer()
-        if self._remove_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _qemu_output(self) -> str:
         try:
@@ -312,17 +313,17 @@ def boot_guest(
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=subprocess.STDOUT, start_new_session=True)
             guest = QemuGuest(process, workdir, serial_log, qmp_socket, port, remove_workdir)
-            # Wait for the QMP socket: QEMU has then set up its devices (and the
-            # port forwarding) or exited with an error.
-            deadline = time.monotonic() + 30
-            while not qmp_socket.exists() and process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise GuestError(f"QEMU did not start: {guest._qemu_output()}")
-                time.sleep(0.02)
+            # QMP answers once QEMU's main loop runs: its devices (and the port
+            # forwarding) are set up, or it has exited with an error.
+            with contextlib.suppress(GuestError, OSError):
+                guest.qmp("query-status", timeout=30)
             if process.poll() is None:
                 break
             message = guest._qemu_output()
+            # Reap only: the work directory serves the next attempt.
+            guest._finalizer.detach()
             _kill(process)
+            guest = None
             if "host forwarding" not in message or attempt == 2:
                 raise GuestError(f"QEMU failed ({process.returncode}): {message}")
         assert guest is not None

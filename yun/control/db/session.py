@@ -70,9 +70,11 @@ class Database:
         is_sqlite = self.url.startswith("sqlite")
         kwargs: dict[str, object] = {}
         if is_sqlite:
-            # One writer at a time is SQLite's rule; a busy timeout makes writers queue
-            # instead of failing with "database is locked".
-            kwargs["connect_args"] = {"timeout": 30}
+            # SQLite admits one writer at a time, and its busy handler makes competing
+            # writers sleep and poll: under load that collapses throughput. One shared
+            # connection makes transactions queue in asyncio instead, in arrival order.
+            kwargs.update(pool_size=1, max_overflow=0, pool_timeout=300,
+                          connect_args={"timeout": 30})
         else:
             kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)

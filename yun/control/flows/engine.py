@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import noload
 
 from yun.control.db.models import FlowRow, FlowStepRow, utcnow
 from yun.control.db.session import Database
@@ -189,7 +190,10 @@ class FlowEngine:
             return
 
         for seq, step in enumerate(definition.steps):
-            await self._journal_step(flow_uuid, seq, step.name, "running", started=True)
+            # One transaction records the previous step done (with the context) and this
+            # one running: half the journal writes, the same guarantees.
+            await self._journal_step(flow_uuid, seq, step.name, "running", started=True,
+                                     done_before=seq > 0, data=ctx.data if seq else None)
             started.append(seq)
             try:
                 await step.run(ctx)
@@ -207,8 +211,10 @@ class FlowEngine:
                 log.warning("test hook: flow paused", extra={"flow": flow_uuid,
                                                              "step": step.name})
                 await asyncio.Event().wait()
-            await self._journal_step(flow_uuid, seq, step.name, "done", data=ctx.data)
 
+        last = len(definition.steps) - 1
+        await self._journal_step(flow_uuid, last, definition.steps[last].name, "done",
+                                 data=ctx.data)
         if definition.on_success is not None:
             await definition.on_success(ctx)
         await self._finish(flow_uuid, "succeeded", None)
@@ -218,7 +224,7 @@ class FlowEngine:
     async def _rollback(self, ctx: FlowContext, definition: FlowDefinition,
                         started: list[int]) -> None:
         async with self.db.session() as session:
-            row = await session.get(FlowRow, ctx.flow_uuid)
+            row = await session.get(FlowRow, ctx.flow_uuid, options=[noload(FlowRow.steps)])
             assert row is not None
             row.state = "rolling_back"
             row.error = ctx.error
@@ -250,11 +256,16 @@ class FlowEngine:
     async def _journal_step(
         self, flow_uuid: str, seq: int, name: str, state: str, *, started: bool = False,
         error: str | None = None, data: dict[str, Any] | None = None,
+        done_before: bool = False,
     ) -> None:
         now = utcnow()
         async with self.db.session() as session:
-            row = await session.get(FlowRow, flow_uuid)
+            row = await session.get(FlowRow, flow_uuid, options=[noload(FlowRow.steps)])
             assert row is not None
+            if done_before:
+                previous = await session.get(FlowStepRow, (flow_uuid, seq - 1))
+                if previous is not None:
+                    previous.state, previous.finished_at = "done", now
             step = await session.get(FlowStepRow, (flow_uuid, seq))
             if step is None:
                 step = FlowStepRow(flow_uuid=flow_uuid, seq=seq, name=name, state=state)
@@ -273,7 +284,7 @@ class FlowEngine:
 
     async def _finish(self, flow_uuid: str, state: str, error: str | None) -> None:
         async with self.db.session() as session:
-            row = await session.get(FlowRow, flow_uuid)
+            row = await session.get(FlowRow, flow_uuid, options=[noload(FlowRow.steps)])
             assert row is not None
             row.state = state
             row.error = error

@@ -1,7 +1,7 @@
 """The flows of a VM's life: create, delete, start, stop, reboot (F-LIFE, Z-FLOW).
 
-Create: schedule (reserve capacity on a node) → allocate_ip (from the node's NAT
-network) → provision (the node fetches the image, makes the disk and NIC, defines
+Create: schedule (reserve capacity on a node and an address on its NAT network, in
+one transaction) → provision (the node fetches the image, makes the disk and NIC, defines
 and starts the domain) → confirm (the node reports the domain running).
 """
 
@@ -14,7 +14,7 @@ from yun.control.context import ControlContext
 from yun.control.db.models import ImageRow, NodeRow, VmRow
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.scheduler.placement import Placement, Request
-from yun.control.services.addresses import AddressAllocator, node_scope
+from yun.control.services.addresses import AddressAllocator
 from yun.control.services.nodes import node_client
 from yun.proto.components import ComponentType
 from yun.proto.errors import Conflict, NotFound, Unavailable
@@ -33,12 +33,6 @@ from yun.proto.resources import VmState
 log = logging.getLogger("yun.control.vm")
 
 ROOT_DISK = "root"
-
-
-def mac_for(vm_uuid: str) -> str:
-    """A stable, locally administered MAC (QEMU's 52:54:00 prefix) derived from the VM."""
-    digest = uuidlib.uuid5(uuidlib.NAMESPACE_OID, vm_uuid).bytes
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 def nic_id_for(vm_uuid: str, index: int = 0) -> str:
@@ -63,45 +57,23 @@ class Schedule(Step):
         control = _ctl(ctx)
         async with control.db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
-            if vm.node_uuid:
-                return
-            node = await control.placement.reserve(
-                session, Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
-            vm.node_uuid = node.uuid
-            log.info("VM placed", extra={"vm": vm.uuid, "node": node.uuid,
-                                         "node_name": node.name})
+            req = Request(vm.vcpus, vm.memory_mb, vm.disk_gb)
+        node = await control.placement.place(ctx.resource_uuid, req)
+        log.info("VM placed", extra={"vm": ctx.resource_uuid, "node": node.uuid,
+                                     "node_name": node.name})
 
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
         async with control.db.session() as session:
-            vm = await session.get(VmRow, ctx.resource_uuid)
-            if vm is None or not vm.node_uuid:
-                return
-            await Placement.release(session, vm.node_uuid,
-                                    Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
-            vm.node_uuid = None
-
-
-class AllocateIp(Step):
-    name = "allocate_ip"
-
-    async def run(self, ctx: FlowContext) -> None:
-        control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid)
-            if node is None:
-                raise NotFound(f"node {vm.node_uuid} vanished")
-            vm.ip = await control.addresses.allocate(
-                session, node_scope(node.uuid), node.nat_subnet, vm.uuid)
-            vm.mac = vm.mac or mac_for(vm.uuid)
-
-    async def rollback(self, ctx: FlowContext) -> None:
-        async with _ctl(ctx).db.session() as session:
             await AddressAllocator.release(session, ctx.resource_uuid)
             vm = await session.get(VmRow, ctx.resource_uuid)
-            if vm is not None:
-                vm.ip = None
+            if vm is None:
+                return
+            vm.ip = None
+            if vm.node_uuid:
+                await Placement.release(session, vm.node_uuid,
+                                        Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
+                vm.node_uuid = None
 
 
 async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
@@ -275,7 +247,7 @@ async def _power_failed(ctx: FlowContext) -> None:
 
 def vm_flows() -> list[FlowDefinition]:
     return [
-        FlowDefinition("vm.create", "vm", [Schedule(), AllocateIp(), Provision(), Confirm()],
+        FlowDefinition("vm.create", "vm", [Schedule(), Provision(), Confirm()],
                        on_success=_created, on_failure=_create_failed),
         FlowDefinition("vm.delete", "vm", [RemoveDomain(), ReleaseResources()],
                        on_failure=_delete_failed),

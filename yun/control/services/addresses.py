@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.db.models import AddressRow
+from yun.control.db.models import AddressRow, NodeRow, VmRow
 from yun.proto.errors import InsufficientCapacity
 
 # Addresses below this offset are left to the node (gateway) and to operators.
@@ -19,9 +20,26 @@ def node_scope(node_uuid: str) -> str:
     return f"node:{node_uuid}"
 
 
+def mac_for(vm_uuid: str) -> str:
+    """A stable, locally administered MAC (QEMU's 52:54:00 prefix) derived from the VM."""
+    digest = uuidlib.uuid5(uuidlib.NAMESPACE_OID, vm_uuid).bytes
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 class AddressAllocator:
-    def __init__(self) -> None:
-        self._lock = asyncio.Lock()
+    """Hands out addresses; called by the placement worker, one VM at a time."""
+
+    async def on_placed(self, session: AsyncSession, vm: VmRow, node: NodeRow
+                        ) -> Callable[[], Awaitable[None]]:
+        """Give ``vm`` an address on ``node``'s NAT network, in the placement's transaction."""
+        vm.ip = await self.allocate(session, node_scope(node.uuid), node.nat_subnet, vm.uuid)
+        vm.mac = vm.mac or mac_for(vm.uuid)
+
+        async def undo() -> None:
+            await self.release(session, vm.uuid)
+            vm.ip = None
+
+        return undo
 
     async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str) -> str:
         """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid``.
@@ -30,22 +48,21 @@ class AddressAllocator:
         even by two control servers; the lock only avoids needless conflicts here.
         """
         network = ipaddress.ip_network(subnet, strict=False)
-        async with self._lock:
-            existing = (await session.scalars(
-                select(AddressRow.ip).where(AddressRow.scope == scope)
-                .where(AddressRow.vm_uuid == vm_uuid))).first()
-            if existing:
-                return existing
-            used = set((await session.scalars(
-                select(AddressRow.ip).where(AddressRow.scope == scope))).all())
-            for offset, host in enumerate(network.hosts(), start=1):
-                if offset < FIRST_HOST_OFFSET:
-                    continue
-                ip = str(host)
-                if ip not in used:
-                    session.add(AddressRow(scope=scope, ip=ip, vm_uuid=vm_uuid))
-                    await session.flush()
-                    return ip
+        existing = (await session.scalars(
+            select(AddressRow.ip).where(AddressRow.scope == scope)
+            .where(AddressRow.vm_uuid == vm_uuid))).first()
+        if existing:
+            return existing
+        used = set((await session.scalars(
+            select(AddressRow.ip).where(AddressRow.scope == scope))).all())
+        for offset, host in enumerate(network.hosts(), start=1):
+            if offset < FIRST_HOST_OFFSET:
+                continue
+            ip = str(host)
+            if ip not in used:
+                session.add(AddressRow(scope=scope, ip=ip, vm_uuid=vm_uuid))
+                await session.flush()
+                return ip
         raise InsufficientCapacity(f"no free address left in {subnet} ({scope})")
 
     @staticmethod

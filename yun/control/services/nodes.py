@@ -10,8 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.context import ControlContext
-from yun.control.db.models import FlowRow, NodeRow, VmRow, utcnow
-from yun.control.flows.engine import UNFINISHED
+from yun.control.db.models import NodeRow, VmRow, utcnow
 from yun.proto.client import PeerClient
 from yun.proto.errors import NotFound, Unavailable, YunError
 from yun.proto.messages import DomainInfo, DomainState, NodeReport, Peer
@@ -99,19 +98,19 @@ class NodeRegistry:
     async def reconcile(self, node_uuid: str, domains: list[DomainInfo], full: bool) -> None:
         """Make the VMs' recorded state follow what the node really runs.
 
-        A VM with a task under way is left to its task. A domain Yun does not know (its
-        create was rolled back while the node was unreachable) is removed from the node.
+        A VM with a task under way (in a transient state) is left to its task. A domain
+        no VM of this node owns (its create was rolled back while the node was unreachable)
+        is removed from the node: a VM is recorded on its node before it is provisioned
+        there, so a domain being created is never taken for an orphan.
         """
         seen = {d.uuid: d for d in domains}
         orphans: list[str] = []
         async with self.ctx.db.session() as session:
-            busy = set((await session.scalars(
-                select(FlowRow.resource_uuid).where(FlowRow.state.in_(UNFINISHED)))).all())
             vms = (await session.scalars(
                 select(VmRow).where(VmRow.node_uuid == node_uuid))).all()
             known = {vm.uuid for vm in vms}
             for vm in vms:
-                if vm.uuid in busy or self.ctx.queues.busy(vm.uuid):
+                if vm.state not in SETTLED_STATES or self.ctx.queues.busy(vm.uuid):
                     continue
                 info = seen.get(vm.uuid)
                 if info is None:
@@ -124,7 +123,7 @@ class NodeRegistry:
                     new_state = OBSERVED_TO_STATE.get(info.state, VmState.UNKNOWN)
                 if vm.power_state != observed:
                     vm.power_state = observed
-                if vm.state != new_state and vm.state in SETTLED_STATES:
+                if vm.state != new_state:
                     log.warning("VM state drifted; following the node", extra={
                         "vm": vm.uuid, "node": node_uuid, "recorded": vm.state,
                         "observed": str(observed)})
@@ -132,8 +131,7 @@ class NodeRegistry:
                     vm.error = ("the domain vanished from its node"
                                 if observed is DomainState.ABSENT else None)
             if full:
-                orphans = [u for u in seen if u not in known and u not in busy
-                           and not self.ctx.queues.busy(u)]
+                orphans = [u for u in seen if u not in known and not self.ctx.queues.busy(u)]
             node = await session.get(NodeRow, node_uuid)
         if orphans and node is not None:
             client = self.ctx.membership.client_for_url(node.url)
@@ -162,10 +160,14 @@ class NodeRegistry:
                 await self.mark_down(session, peer.component_id, "left the work domain")
 
     async def _liveness_loop(self) -> None:
+        # Presence comes first from the domain server (a node that stops heartbeating is
+        # "gone" within its TTL); this catches a node alive in the domain whose reports
+        # stopped, so it is generous.
         interval = max(self.ctx.settings.heartbeat_interval, 1.0)
+        stale_after = max(30.0, interval * 10)
         while True:
             await asyncio.sleep(interval)
-            limit = utcnow() - timedelta(seconds=interval * 5)
+            limit = utcnow() - timedelta(seconds=stale_after)
             try:
                 async with self.ctx.db.session() as session:
                     stale = (await session.scalars(

@@ -53,6 +53,7 @@ class SimDriver(HypervisorDriver):
         self.latency = latency
         self.domains: dict[str, SimDomain] = {}
         self._faults: dict[str, int] = {}
+        self._crash_on_start = 0
         self._events: asyncio.Queue[DomainEvent] = asyncio.Queue()
 
     # -- test knobs -------------------------------------------------------------------------
@@ -60,6 +61,10 @@ class SimDriver(HypervisorDriver):
     def fail_next(self, op: str, times: int = 1) -> None:
         """Make the next ``times`` calls of ``op`` (e.g. "start") raise HypervisorError."""
         self._faults[op] = self._faults.get(op, 0) + times
+
+    def crash_next_boot(self, times: int = 1) -> None:
+        """Make the next ``times`` started domains crash as soon as they boot."""
+        self._crash_on_start += times
 
     async def _enter(self, op: str) -> None:
         if self.latency:
@@ -119,6 +124,11 @@ class SimDriver(HypervisorDriver):
         dom = self._get(uuid)
         if dom.state is not DomainState.RUNNING:
             self._set(dom, DomainState.RUNNING, "booted")
+            if self._crash_on_start:
+                self._crash_on_start -= 1
+                dom.log("kernel panic (simulated)")
+                self._set(dom, DomainState.CRASHED, "crashed at boot")
+                return
             dom.log("YUN-GUEST-READY (simulated)")
 
     async def shutdown(self, uuid: str, timeout: float) -> None:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, integration (sim hypervisor, many nodes) and system (real QEMU
+# guests under TCG, network namespaces, nftables, dnsmasq, PostgreSQL).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh --test
+export YUN_TEST_POSTGRES_URL="postgresql+psycopg://yun:yun@127.0.0.1:5432/yun_test"
+.venv/bin/ruff check yun tests
+.venv/bin/lint-imports
+exec .venv/bin/python -m pytest -p no:cacheprovider tests "$@"

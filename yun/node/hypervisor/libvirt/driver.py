@@ -1,0 +1,603 @@
+"""The libvirt hypervisor driver: Yun's VMs as libvirt domains on QEMU (KVM or TCG).
+
+* Only Yun's domains are touched: each carries Yun metadata (see :mod:`.xml`) and is
+  named ``yun-<uuid>``; other domains on the host are invisible to this driver.
+* Libvirt calls block, so each runs in a worker thread (``asyncio.to_thread``); the
+  event loop integration (:mod:`.events`) is safe for that.
+* Lifecycle events arrive through libvirt's event loop on asyncio and are queued for
+  :meth:`LibvirtDriver.events`.
+* Guests belong to libvirtd, not to this process: :meth:`~LibvirtDriver.close` (or a
+  crash of the agent) leaves them running, and a new driver finds them again.
+* A connection that libvirtd closed (a libvirtd restart) is reopened on the next call;
+  events emitted while it was down are lost, which a periodic :meth:`list_domains`
+  resync covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import libvirt
+
+from yun.node.hypervisor.base import (
+    Capabilities,
+    ConsoleInfo,
+    DomainEvent,
+    DomainNotFound,
+    HostCapacity,
+    HypervisorDriver,
+    HypervisorError,
+    ResolvedDisk,
+    ResolvedNic,
+)
+from yun.node.hypervisor.libvirt.accel import resolve_accel
+from yun.node.hypervisor.libvirt.events import ensure_event_impl, lifecycle_event
+from yun.node.hypervisor.libvirt.xml import (
+    DOMAIN_NAME_PREFIX,
+    ParsedDomain,
+    build_domain_xml,
+    domain_name,
+    parse_domain_xml,
+)
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+
+log = logging.getLogger("yun.node.hypervisor.libvirt")
+
+T = TypeVar("T")
+
+EVENT_QUEUE_SIZE = 10_000  # beyond this, the oldest events are dropped (resync covers)
+SHUTDOWN_POLL = 0.25  # seconds between state checks while a guest powers off
+KEEPALIVE_INTERVAL = 5  # seconds; libvirt closes the connection after 3 missed
+KEEPALIVE_COUNT = 3
+
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,  # running, waiting on I/O
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.RUNNING,  # still running, powering off
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+}
+_CRASHED_SHUTOFF_REASONS = (libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED)
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """Libvirt's default error handler prints every error on stderr; we raise them."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+def map_state(state: int, reason: int) -> DomainState:
+    """Yun's state for libvirt's ``(state, reason)`` from ``virDomain.state()``."""
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason in _CRASHED_SHUTOFF_REASONS:
+        return DomainState.CRASHED
+    return _STATES.get(state, DomainState.RUNNING)
+
+
+def canonical_uuid(value: str) -> str:
+    """``value`` as libvirt prints UUIDs (lowercase, dashed); HypervisorError if invalid."""
+    try:
+        return str(uuidlib.UUID(str(value)))
+    except ValueError:
+        raise HypervisorError(f"{value!r} is not a UUID: libvirt domains are named by UUID") \
+            from None
+
+
+def supports_direct_io(path: Path) -> bool:
+    """Whether ``path`` can be opened with O_DIRECT (cache='none'); tmpfs cannot.
+
+    A file that does not exist yet is assumed to live on a normal file system.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as exc:
+        return exc.errno != errno.EINVAL
+    os.close(fd)
+    return True
+
+
+def _code(exc: libvirt.libvirtError) -> int:
+    return int(exc.get_error_code() or 0)
+
+
+class LibvirtDriver(HypervisorDriver):
+    """Yun's domains on one libvirtd (``qemu:///system`` or a test host's socket)."""
+
+    name = "libvirt"
+    caps = Capabilities(console=True)
+
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        accel: str = "auto",
+        state_dir: Path = Path("/var/lib/yun/node"),
+        vnc_listen: str = "0.0.0.0",
+    ) -> None:
+        self.uri = uri
+        self.accel_setting = accel
+        self.state_dir = Path(state_dir)
+        self.vnc_listen = vnc_listen
+        self.accel: str | None = None  # "kvm" or "tcg", once open() resolved it
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+        self._callback_id: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[DomainEvent | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self._closed = False
+        self._cpu_sample: tuple[int, int] | None = None  # (busy ns, total ns)
+
+    # ------------------------------------------------------------------ connection
+
+    async def open(self) -> None:
+        """Resolve the accelerator (probing KVM once per process) and connect."""
+        self._loop = asyncio.get_running_loop()
+        # libvirt needs the event implementation before the first connection opens.
+        ensure_event_impl()
+        self.accel = await asyncio.to_thread(resolve_accel, self.accel_setting)
+        self._closed = False
+        await asyncio.to_thread(self._connection)
+        log.info("connected to libvirt", extra={"uri": self.uri, "accel": self.accel})
+
+    async def close(self) -> None:
+        """Drop the connection and end :meth:`events`; domains keep running."""
+        self._closed = True
+        await asyncio.to_thread(self._disconnect)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)  # wakes and ends events()
+
+    async def __aenter__(self) -> LibvirtDriver:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _connection(self) -> libvirt.virConnect:
+        """The open connection, reopened if libvirtd dropped it (worker thread)."""
+        with self._conn_lock:
+            if self._closed:
+                raise HypervisorError(f"the driver for {self.uri} is closed")
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection lost, reconnecting", extra={"uri": self.uri})
+                self._drop_connection()
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
+                ) from exc
+            # Keepalive notices a hung libvirtd; drivers without a daemon lack it.
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            try:
+                self._callback_id = conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                )
+            except libvirt.libvirtError as exc:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+                raise HypervisorError(
+                    f"cannot subscribe to libvirt events at {self.uri}: "
+                    f"{exc.get_error_message()}"
+                ) from exc
+            self._conn = conn
+            return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        callback_id, self._callback_id = self._callback_id, None
+        if conn is None:
+            return
+        if callback_id is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    def _disconnect(self) -> None:
+        with self._conn_lock:
+            self._drop_connection()
+
+    async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run ``fn(connection)`` in a worker thread."""
+        if self._loop is None:
+            raise HypervisorError("LibvirtDriver.open() was not called")
+        return await asyncio.to_thread(lambda: fn(self._connection()))
+
+    # ------------------------------------------------------------------ events
+
+    def _on_lifecycle(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int,
+        opaque: Any,
+    ) -> None:
+        """Libvirt's lifecycle callback (on the event loop's thread): queue Yun's events."""
+        try:
+            if not dom.name().startswith(DOMAIN_NAME_PREFIX):  # name(): no round trip
+                return
+            ev = lifecycle_event(dom.UUIDString(), event, detail)
+        except libvirt.libvirtError:
+            return
+        if ev is None:
+            return
+        log.info("domain event %s", ev.reason, extra={"vm": ev.uuid, "state": str(ev.state)})
+        if self._queue.full():  # nobody listens: drop the oldest, keep the news
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._queue.get_nowait()
+        self._queue.put_nowait(ev)
+
+    async def events(self) -> AsyncIterator[DomainEvent]:
+        """Lifecycle events of Yun's domains, until :meth:`close`. One consumer only."""
+        while True:
+            ev = await self._queue.get()
+            if ev is None:
+                return
+            yield ev
+
+    # ------------------------------------------------------------------ helpers
+
+    def _lookup(self, conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
+        """The Yun domain ``uuid``; DomainNotFound if absent or not Yun's."""
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(f"domain {uuid} does not exist on {self.uri}") from None
+            raise self._error(exc, "look up", uuid) from exc
+        if dom.name() != domain_name(uuid):
+            raise DomainNotFound(
+                f"domain {uuid} on {self.uri} is {dom.name()!r}, not a Yun domain"
+            )
+        return dom
+
+    def _error(self, exc: libvirt.libvirtError, action: str, uuid: str) -> HypervisorError:
+        if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return DomainNotFound(f"domain {uuid} vanished on {self.uri} during {action}")
+        return HypervisorError(
+            f"libvirt could not {action} domain {uuid} ({domain_name(uuid)}) on {self.uri}: "
+            f"{exc.get_error_message()}"
+        )
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo | None:
+        """DomainInfo of ``dom``, None if it is not Yun's (worker thread)."""
+        parsed = parse_domain_xml(dom.XMLDesc(0))
+        if parsed is None:
+            return None
+        state, reason = dom.state()
+        return _domain_info(parsed, map_state(state, reason))
+
+    def console_log_path(self, uuid: str) -> Path:
+        """Where virtlogd appends domain ``uuid``'s serial console."""
+        return self.state_dir / "console" / f"{uuid}.log"
+
+    # ------------------------------------------------------------------ queries
+
+    async def host_info(self) -> HostCapacity:
+        def query(conn: libvirt.virConnect) -> HostCapacity:
+            info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
+            free_mb = conn.getFreeMemory() // (1024 * 1024)
+            stats = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
+            return HostCapacity(
+                hostname=conn.getHostname(),
+                vcpus=int(info[2]),
+                memory_mb=int(info[1]),
+                accel=self.accel or "tcg",
+                cpu_load=self._cpu_load(stats),
+                memory_used_mb=max(0, int(info[1]) - int(free_mb)),
+            )
+
+        try:
+            return await self._call(query)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"libvirt could not describe the host {self.uri}: {exc.get_error_message()}"
+            ) from exc
+
+    def _cpu_load(self, stats: dict[str, int]) -> float:
+        """Busy fraction of all CPUs since the previous call (0.0 the first time)."""
+        idle = int(stats.get("idle", 0)) + int(stats.get("iowait", 0))
+        total = idle + sum(int(stats.get(k, 0)) for k in ("kernel", "user"))
+        busy = total - idle
+        previous, self._cpu_sample = self._cpu_sample, (busy, total)
+        if previous is None or total <= previous[1]:
+            return 0.0
+        return round(max(0.0, min(1.0, (busy - previous[0]) / (total - previous[1]))), 3)
+
+    async def list_domains(self) -> list[DomainInfo]:
+        def query(conn: libvirt.virConnect) -> list[DomainInfo]:
+            out = []
+            for dom in conn.listAllDomains(0):
+                if not dom.name().startswith(DOMAIN_NAME_PREFIX):
+                    continue
+                try:
+                    info = self._info(dom)
+                except libvirt.libvirtError as exc:
+                    if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # undefined while we listed
+                    raise
+                if info is not None:
+                    out.append(info)
+            return out
+
+        try:
+            return await self._call(query)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"libvirt could not list domains on {self.uri}: {exc.get_error_message()}"
+            ) from exc
+
+    async def get_domain(self, uuid: str) -> DomainInfo | None:
+        uuid = canonical_uuid(uuid)
+
+        def query(conn: libvirt.virConnect) -> DomainInfo | None:
+            try:
+                return self._info(self._lookup(conn, uuid))
+            except DomainNotFound:
+                return None
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise self._error(exc, "inspect", uuid) from exc
+
+        return await self._call(query)
+
+    # ------------------------------------------------------------------ definition
+
+    async def ensure_defined(
+        self, spec: DomainSpec, disks: list[ResolvedDisk], nics: list[ResolvedNic]
+    ) -> None:
+        """Define, or redefine with the new spec (takes effect at the next cold boot)."""
+        uuid = canonical_uuid(spec.uuid)
+        if uuid != spec.uuid:
+            spec = spec.model_copy(update={"uuid": uuid})
+        console_log = self.console_log_path(uuid)
+        cache_modes = {
+            d.disk_id: "none" if supports_direct_io(d.path) else "writeback" for d in disks
+        }
+        try:
+            xml = build_domain_xml(
+                spec, disks, nics, accel=self.accel or "tcg", console_log=console_log,
+                vnc_listen=self.vnc_listen, cache_modes=cache_modes,
+            )
+        except ValueError as exc:
+            raise HypervisorError(f"domain {uuid}: {exc}") from exc
+        # virtlogd creates the log file but not its directory.
+        await asyncio.to_thread(console_log.parent.mkdir, parents=True, exist_ok=True)
+
+        def define(conn: libvirt.virConnect) -> None:
+            try:
+                existing = conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise self._error(exc, "look up", uuid) from exc
+            else:
+                if parse_domain_xml(existing.XMLDesc(0)) is None:
+                    raise HypervisorError(
+                        f"domain {uuid} ({existing.name()}) exists on {self.uri} but is not "
+                        "managed by Yun; refusing to redefine it"
+                    )
+            try:
+                conn.defineXML(xml)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "define", uuid) from exc
+
+        await self._call(define)
+        log.info("domain defined", extra={"vm": uuid, "vm_name": spec.name,
+                                          "disks": len(disks), "nics": len(nics)})
+
+    async def undefine(self, uuid: str) -> None:
+        """Destroy if running, forget the definition and drop the console log."""
+        uuid = canonical_uuid(uuid)
+
+        def undefine(conn: libvirt.virConnect) -> bool:
+            try:
+                dom = self._lookup(conn, uuid)
+            except DomainNotFound:
+                return False
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    try:
+                        dom.undefineFlags(_UNDEFINE_FLAGS)
+                    except libvirt.libvirtError as exc:
+                        # Drivers that know no NVRAM/checkpoints refuse the flags.
+                        if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG,
+                                              libvirt.VIR_ERR_NO_SUPPORT):
+                            raise
+                        dom.undefine()
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise self._error(exc, "undefine", uuid) from exc
+            return True
+
+        existed = await self._call(undefine)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self.console_log_path(uuid).unlink)
+        if existed:
+            log.info("domain undefined", extra={"vm": uuid})
+
+    # ------------------------------------------------------------------ power
+
+    async def start(self, uuid: str) -> None:
+        uuid = canonical_uuid(uuid)
+
+        def start(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if dom.isActive():
+                    return False
+                dom.create()
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and dom.isActive():
+                    return False  # started by someone else meanwhile
+                raise self._error(exc, "start", uuid) from exc
+            return True
+
+        started = time.monotonic()
+        if await self._call(start):
+            log.info("domain started in %.2f s", time.monotonic() - started,
+                     extra={"vm": uuid})
+
+    async def destroy(self, uuid: str) -> None:
+        uuid = canonical_uuid(uuid)
+
+        def destroy(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if not dom.isActive():
+                    return False
+                dom.destroy()
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return False  # stopped meanwhile
+                raise self._error(exc, "destroy", uuid) from exc
+            return True
+
+        if await self._call(destroy):
+            log.info("domain destroyed", extra={"vm": uuid})
+
+    async def shutdown(self, uuid: str, timeout: float) -> None:
+        """ACPI power button, wait up to ``timeout`` s for power-off, then destroy."""
+        uuid = canonical_uuid(uuid)
+
+        def ask(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if not dom.isActive():
+                    return False
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError as exc:
+                if not dom.isActive():
+                    return False
+                raise self._error(exc, "shut down", uuid) from exc
+            return True
+
+        def active(conn: libvirt.virConnect) -> bool:
+            try:
+                return bool(self._lookup(conn, uuid).isActive())
+            except DomainNotFound:
+                return False
+
+        started = time.monotonic()
+        if timeout > 0 and not await self._call(ask):
+            return
+        deadline = started + max(0.0, timeout)
+        while time.monotonic() < deadline:
+            if not await self._call(active):
+                log.info("domain shut down by the guest in %.1f s",
+                         time.monotonic() - started, extra={"vm": uuid})
+                return
+            await asyncio.sleep(SHUTDOWN_POLL)
+        if await self._call(active):
+            log.warning("guest did not power off within %.0f s, destroying it", timeout,
+                        extra={"vm": uuid})
+            await self.destroy(uuid)
+
+    async def reboot(self, uuid: str) -> None:
+        """ACPI reboot of a running guest; a stopped domain is started instead.
+
+        The guest decides: one that ignores the power button keeps running (the
+        caller can shutdown()/start() instead).
+        """
+        uuid = canonical_uuid(uuid)
+
+        def reboot(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if not dom.isActive():
+                    dom.create()
+                    return False
+                dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "reboot", uuid) from exc
+            return True
+
+        rebooted = await self._call(reboot)
+        log.info("domain %s", "reboot requested" if rebooted else "was stopped, started",
+                 extra={"vm": uuid})
+
+    # ------------------------------------------------------------------ console
+
+    async def console(self, uuid: str) -> ConsoleInfo:
+        uuid = canonical_uuid(uuid)
+
+        def query(conn: libvirt.virConnect) -> ParsedDomain:
+            dom = self._lookup(conn, uuid)
+            try:
+                parsed = parse_domain_xml(dom.XMLDesc(0))  # live XML: the actual VNC port
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "inspect", uuid) from exc
+            if parsed is None:
+                raise DomainNotFound(f"domain {uuid} on {self.uri} is not a Yun domain")
+            return parsed
+
+        parsed = await self._call(query)
+        return ConsoleInfo(
+            vnc_host=self.vnc_listen if parsed.vnc_port is not None else None,
+            vnc_port=parsed.vnc_port,
+            serial_log=parsed.console_log,
+        )
+
+    async def console_log(self, uuid: str, max_bytes: int = 65536) -> str:
+        """The last ``max_bytes`` of the serial log ("" before the first boot)."""
+        uuid = canonical_uuid(uuid)
+        path = self.console_log_path(uuid)
+        with contextlib.suppress(DomainNotFound):
+            path = (await self.console(uuid)).serial_log or path
+        return await asyncio.to_thread(_tail, path, max_bytes)
+
+
+def _tail(path: Path, max_bytes: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max(0, max_bytes)))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def _domain_info(parsed: ParsedDomain, state: DomainState) -> DomainInfo:
+    return DomainInfo(
+        uuid=parsed.uuid,
+        name=parsed.name,
+        state=state,
+        vcpus=parsed.vcpus,
+        memory_mb=parsed.memory_mb,
+        vnc_port=parsed.vnc_port if state in (DomainState.RUNNING, DomainState.PAUSED) else None,
+        console_log=str(parsed.console_log) if parsed.console_log else None,
+    )
