@@ -74,6 +74,8 @@ class NodeSettings(ComponentSettings):
     nat_subnet: str = "10.77.0.0/24"
     bridge: str = "yunbr0"
     report_interval: float = 2.0
+    vnc_listen: str | None = Field(
+        default=None, description="address VNC displays listen on; default: listen_host")
     sim_vcpus: int = 64
     sim_memory_mb: int = 262144
     sim_disk_gb: int = 4096

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 import shutil
 from collections.abc import Iterator
 
@@ -31,3 +33,27 @@ def topology() -> Iterator[Topology]:
     _need_root()
     with Topology() as topo:
         yield topo
+
+
+@pytest.fixture
+def datacenter_factory(topology: Topology, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Builds a :class:`DataCenter` in the test's topology; everything is removed after."""
+    from yun.testing.datacenter import DataCenter
+
+    made: list[DataCenter] = []
+
+    def make(nodes: int = 1) -> DataCenter:
+        workdir = Path(tempfile.mkdtemp(prefix="yun-dc-"))
+        dc = DataCenter(topology, workdir, nodes=nodes)
+        made.append(dc)
+        try:
+            dc.start()
+        except BaseException:
+            print(dc.logs())
+            raise
+        return dc
+
+    yield make
+    for dc in made:
+        dc.close()
+        shutil.rmtree(dc.workdir, ignore_errors=True)

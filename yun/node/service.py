@@ -37,7 +37,7 @@ def build_backends(settings: NodeSettings, name: str
 
     return (
         load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
-                    state_dir=node_dir),
+                    state_dir=node_dir, vnc_listen=settings.vnc_listen or settings.listen_host),
         LocalDiskBackend(node_dir / "disks"),
         NatNetworkBackend(node_dir / "network", settings.bridge, settings.nat_subnet),
     )

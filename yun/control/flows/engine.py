@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import noload
+from sqlalchemy.orm import lazyload
 
 from yun.control.db.models import FlowRow, FlowStepRow, utcnow
 from yun.control.db.session import Database
@@ -224,7 +224,7 @@ class FlowEngine:
     async def _rollback(self, ctx: FlowContext, definition: FlowDefinition,
                         started: list[int]) -> None:
         async with self.db.session() as session:
-            row = await session.get(FlowRow, ctx.flow_uuid, options=[noload(FlowRow.steps)])
+            row = await session.get(FlowRow, ctx.flow_uuid, options=[lazyload(FlowRow.steps)])
             assert row is not None
             row.state = "rolling_back"
             row.error = ctx.error
@@ -260,7 +260,7 @@ class FlowEngine:
     ) -> None:
         now = utcnow()
         async with self.db.session() as session:
-            row = await session.get(FlowRow, flow_uuid, options=[noload(FlowRow.steps)])
+            row = await session.get(FlowRow, flow_uuid, options=[lazyload(FlowRow.steps)])
             assert row is not None
             if done_before:
                 previous = await session.get(FlowStepRow, (flow_uuid, seq - 1))
@@ -284,7 +284,7 @@ class FlowEngine:
 
     async def _finish(self, flow_uuid: str, state: str, error: str | None) -> None:
         async with self.db.session() as session:
-            row = await session.get(FlowRow, flow_uuid, options=[noload(FlowRow.steps)])
+            row = await session.get(FlowRow, flow_uuid, options=[lazyload(FlowRow.steps)])
             assert row is not None
             row.state = state
             row.error = error

@@ -1,0 +1,252 @@
+"""A real Yun deployment in network namespaces: every component its own process.
+
+The control plane (domain, control, storage, gateway) runs in host ``ctl``; each node
+host is a namespace with its own libvirtd (:class:`NodeHost`) and node agent. The
+test process reaches the gateway through the topology's root link, and the guests
+through ``ip netns exec`` into their node.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from yun.testing.netns import Host, Topology, http_get_in
+from yun.testing.nodehost import NodeHost
+from yun.util.procs import stop_pid
+
+CONTROL_PLANE = ("domain", "control", "storage", "gateway")
+PORTS = {"domain": 7700, "control": 7710, "storage": 7730, "gateway": 8080, "node": 7720}
+
+
+@dataclass
+class Process:
+    name: str
+    host: Host
+    argv: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.env = env if env is not None else self.env
+        with self.log.open("ab") as out:
+            self.popen = self.host.popen(self.argv, stdout=out, stderr=out,
+                                         stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env})
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean anything up."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            stop_pid(self.popen.pid, timeout=10)
+            self.popen.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class DataCenter:
+    def __init__(self, topo: Topology, workdir: Path, nodes: int = 1) -> None:
+        self.topo = topo
+        self.workdir = workdir
+        self.node_count = nodes
+        self.secret = secrets.token_urlsafe(16)
+        self.token = secrets.token_urlsafe(16)
+        self.procs: dict[str, Process] = {}
+        self.node_hosts: dict[str, NodeHost] = {}
+        self.ctl: Host | None = None
+        self.api: httpx.Client | None = None
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _config(self, name: str, host: Host, section: str, extra: dict[str, Any],
+                state_dir: Path) -> Path:
+        assert self.ctl is not None
+        common = {
+            "name": name, "domain_name": "dc", "domain_secret": self.secret,
+            "domain_url": f"http://{self.ctl.ip}:{PORTS['domain']}", "listen_host": host.ip,
+            "state_dir": str(state_dir), "heartbeat_interval": 1.0,
+        }
+        lines = ["[common]", *(f"{k} = {_toml(v)}" for k, v in common.items()),
+                 f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in extra.items())]
+        path = self.workdir / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _process(self, name: str, host: Host, section: str, config: Path) -> Process:
+        proc = Process(name, host, [sys.executable, "-m", "yun", "serve", section,
+                                    "--config", str(config)],
+                       self.workdir / "logs" / f"{name}.log")
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> DataCenter:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)
+        self.ctl = self.topo.add_host("ctl")
+        extras: dict[str, dict[str, Any]] = {
+            "domain": {"listen_port": PORTS["domain"], "ttl": 4.0, "mdns": False},
+            "control": {"listen_port": PORTS["control"]},
+            "storage": {"listen_port": PORTS["storage"]},
+            "gateway": {"listen_port": PORTS["gateway"], "admin_token": self.token},
+        }
+        for component in CONTROL_PLANE:
+            config = self._config(component, self.ctl, component, extras[component],
+                                  self.workdir / "state" / component)
+            self._process(component, self.ctl, component, config).start()
+            self._wait_up(self.ctl, PORTS[component], component)
+        for i in range(self.node_count):
+            self.add_node(f"node{i}")
+        self.api = httpx.Client(base_url=f"http://{self.ctl.ip}:{PORTS['gateway']}",
+                                headers={"Authorization": f"Bearer {self.token}"},
+                                timeout=120)
+        self.wait_nodes(self.node_count)
+        return self
+
+    def add_node(self, name: str) -> NodeHost:
+        host = self.topo.add_host(name)
+        node_host = NodeHost(host.ns.name, name=name).start()
+        self.node_hosts[name] = node_host
+        state = node_host.root / "yun"
+        state.mkdir(mode=0o755, exist_ok=True)
+        config = self._config(name, host, "node", {
+            "listen_port": PORTS["node"], "hypervisor": "libvirt",
+            "libvirt_uri": node_host.libvirt_uri, "accel": "tcg", "report_interval": 1.0,
+        }, state)
+        self._process(name, host, "node", config).start()
+        self._wait_up(host, PORTS["node"], name)
+        return node_host
+
+    def _wait_up(self, host: Host, port: int, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if http_get_in(host.ns.name, f"http://{host.ip}:{port}/healthz", 2).ok:
+                return
+            if proc.popen is not None and proc.popen.poll() is not None:
+                break
+            time.sleep(0.3)
+        raise RuntimeError(f"{name} did not come up:\n{proc.tail()}")
+
+    def restart(self, name: str, env: dict[str, str] | None = None) -> None:
+        proc = self.procs[name]
+        proc.stop()
+        proc.start(env if env is not None else {})
+        port = PORTS["node"] if name.startswith("node") else PORTS[name]
+        self._wait_up(proc.host, port, name)
+
+    # -- using ------------------------------------------------------------------------------
+
+    def wait_nodes(self, count: int, timeout: float = 60) -> None:
+        assert self.api is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.api.get("/api/v1/nodes", params={"status": "up"}).json()[
+                        "total"] >= count:
+                    return
+            except (httpx.HTTPError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"fewer than {count} nodes up:\n" + "\n".join(
+            p.tail(10) for p in self.procs.values()))
+
+    def wait_task(self, task_uuid: str, timeout: float = 300) -> dict[str, Any]:
+        assert self.api is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            task: dict[str, Any] = self.api.get(f"/api/v1/tasks/{task_uuid}",
+                                                params={"wait": 10}).json()
+            if task["state"] in ("succeeded", "failed"):
+                return task
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_uuid} still {task['state']}")
+
+    def upload_guest_image(self, name: str = "guest") -> dict[str, Any]:
+        from yun.testing.guest import ensure_guest_image
+
+        assert self.api is not None
+        path = ensure_guest_image()
+        with path.open("rb") as f:
+            resp = self.api.post("/api/v1/images", params={"name": name}, content=f,
+                                 headers={"Content-Type": "application/octet-stream"})
+        resp.raise_for_status()
+        return resp.json()  # type: ignore[no-any-return]
+
+    def create_vm(self, name: str, image: str = "guest", **fields: Any) -> dict[str, Any]:
+        assert self.api is not None
+        resp = self.api.post("/api/v1/vms", json={"name": name, "image": image,
+                                                  "memory_mb": 192, **fields})
+        resp.raise_for_status()
+        task = self.wait_task(resp.json()["task"]["uuid"])
+        if task["state"] != "succeeded":
+            raise RuntimeError(f"create {name} failed: {task['error']}\n{self.logs()}")
+        return self.api.get(f"/api/v1/vms/{resp.json()['resource']['uuid']}").json()  # type: ignore[no-any-return]
+
+    def node_of(self, vm: dict[str, Any]) -> Host:
+        return self.topo.hosts[vm["node_name"]]
+
+    def wait_console(self, vm_uuid: str, marker: str, timeout: float = 180,
+                     count: int = 1) -> str:
+        assert self.api is not None
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            resp = self.api.get(f"/api/v1/vms/{vm_uuid}/console-log")
+            text = resp.text if resp.status_code == 200 else ""
+            if text.count(marker) >= count:
+                return text
+            time.sleep(1)
+        raise TimeoutError(f"no {marker} (x{count}) on the console of {vm_uuid}:\n"
+                           f"{text[-2000:]}")
+
+    def guest_http(self, vm: dict[str, Any], timeout: float = 60) -> dict[str, str]:
+        """GET / of the guest from inside its node; the answer's key=value lines."""
+        deadline = time.monotonic() + timeout
+        host = self.node_of(vm)
+        last = None
+        while time.monotonic() < deadline:
+            last = http_get_in(host.ns.name, f"http://{vm['ip']}/", 3)
+            if last.ok:
+                return dict(line.split("=", 1) for line in last.body.splitlines()
+                            if "=" in line)
+            time.sleep(1)
+        raise TimeoutError(f"guest {vm['ip']} gave no HTTP answer: {last}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in self.procs.values())
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        for proc in self.procs.values():
+            try:
+                proc.stop()
+            except Exception:
+                proc.kill()
+        for node_host in self.node_hosts.values():
+            node_host.stop()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
