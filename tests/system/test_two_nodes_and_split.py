@@ -1,0 +1,66 @@
+"""Two node hosts on one machine, and U-SPLIT: guests outlive the control plane and the agent."""
+
+from __future__ import annotations
+
+import pytest
+
+from yun.testing.datacenter import DataCenter
+from yun.util.run import run
+
+pytestmark = pytest.mark.system
+
+
+def test_vms_on_two_nodes_and_guests_outlive_the_control_plane(datacenter_factory) -> None:  # type: ignore[no-untyped-def]
+    dc: DataCenter = datacenter_factory(nodes=2)
+    assert dc.api is not None
+    dc.upload_guest_image()
+    a = dc.create_vm("a")
+    b = dc.create_vm("b")
+    # Least-loaded placement puts the second VM on the other node.
+    assert {a["node_name"], b["node_name"]} == {"node0", "node1"}
+    for vm in (a, b):
+        dc.wait_console(vm["uuid"], "YUN-GUEST-READY")
+        assert dc.guest_http(vm)["boots"] == "1"
+    # Each node host's libvirtd, and so each agent, sees only its own domain.
+    for vm, other in ((a, b), (b, a)):
+        uri = dc.node_hosts[vm["node_name"]].libvirt_uri
+        listed = run(["virsh", "-c", uri, "list", "--all", "--uuid"]).stdout
+        assert vm["uuid"] in listed and other["uuid"] not in listed
+
+    # kill -9 the node agent of `a`: its guest keeps running and answering.
+    node_a = a["node_name"]
+    dc.procs[node_a].kill()
+    before = dc.guest_http(a)
+    assert int(before["uptime"]) >= 0 and before["boots"] == "1"
+    # The domain server notices the silent agent, the control server marks its node down.
+    nodes = {}
+    for _ in range(30):
+        nodes = {n["name"]: n for n in dc.api.get("/api/v1/nodes").json()["items"]}
+        if nodes[node_a]["status"] == "down":
+            break
+        import time
+        time.sleep(1)
+    assert nodes[node_a]["status"] == "down"
+
+    # A restarted agent finds its domain in libvirt and reports it: the VM is running.
+    dc.restart(node_a)
+    dc.wait_nodes(2)
+    vm = dc.api.get(f"/api/v1/vms/{a['uuid']}").json()
+    assert vm["state"] == "running" and vm["power_state"] == "running"
+    assert dc.guest_http(a)["boots"] == "1"  # the same boot: it was never restarted
+    log = dc.api.get(f"/api/v1/vms/{a['uuid']}/console-log").text
+    assert log.count("YUN-GUEST-READY") == 1
+
+    # Stop the control server and the gateway: the guests keep answering.
+    dc.procs["gateway"].kill()
+    dc.procs["control"].kill()
+    for vm in (a, b):
+        page = dc.guest_http(vm)
+        assert page["boots"] == "1"
+
+    # The control plane comes back and finds everything as it was.
+    dc.restart("control")
+    dc.restart("gateway")
+    dc.wait_nodes(2)
+    for vm in (a, b):
+        assert dc.api.get(f"/api/v1/vms/{vm['uuid']}").json()["state"] == "running"
