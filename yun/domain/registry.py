@@ -65,8 +65,10 @@ class Registry:
         self.heartbeat_interval = heartbeat_interval
         self.members: dict[str, Member] = {}
         # Bumped whenever the set of alive members or an address changes, so that
-        # components notice a change in their peers with one integer comparison.
-        self.generation = 0
+        # components notice a change in their peers with one integer comparison. It
+        # starts from the clock so a restarted domain server never repeats a number a
+        # component already saw from its previous life.
+        self.generation = time.time_ns()
 
     def join(self, req: JoinRequest, now: float | None = None) -> JoinResponse:
         """Admit a component that knows the domain secret and tell it its peers."""

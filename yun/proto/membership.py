@@ -185,6 +185,7 @@ class Membership:
         self._domain.credential = resp.credential
         self._interval = resp.heartbeat_interval
         self._save_id()
+        self.generation = -1  # the next heartbeat's peers are applied whatever they are
         log.info("joined domain", extra={"domain": resp.domain, "component": self.component_id,
                                          "type": str(self.type), "peers": len(resp.peers)})
         await self._apply_peers(resp.peers)

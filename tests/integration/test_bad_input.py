@@ -1,0 +1,157 @@
+"""Bad input gets a clear 4xx problem and changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import upload
+from yun.config import NodeSettings
+from yun.proto.auth import issue_credential
+from yun.proto.components import ComponentType
+from yun.proto.membership import JoinRefused, Membership
+from yun.testing.cluster import SimCluster
+
+
+def assert_problem(resp: httpx.Response, status: int, *fragments: str) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["status"] == status
+    for fragment in fragments:
+        assert fragment in body["detail"], body
+    assert "Traceback" not in resp.text
+    return body
+
+
+async def test_wrong_domain_secret_is_refused(cluster: SimCluster, tmp_path: Path) -> None:
+    assert cluster.domain is not None
+    settings = NodeSettings(name="intruder", domain_secret="not-the-secret",
+                            domain_url=cluster.domain.url, state_dir=tmp_path)
+    membership = Membership(settings, ComponentType.NODE, "http://127.0.0.1:1")
+    with pytest.raises(JoinRefused, match="wrong domain secret"):
+        await membership.start()
+    members = [m.name for m in cluster.domain.registry.members.values()]
+    assert "intruder" not in members
+
+
+async def test_association_table(cluster: SimCluster) -> None:
+    node = cluster.node_services[0].agent.membership
+    assert {p.type for p in node.peers.values()} == {ComponentType.CONTROL,
+                                                     ComponentType.STORAGE}
+    assert cluster.gateway is not None and cluster.control is not None
+    assert {p.type for p in cluster.gateway.membership.peers.values()} == {
+        ComponentType.CONTROL}
+    assert {p.type for p in cluster.control.ctx.membership.peers.values()} == {
+        ComponentType.NODE, ComponentType.STORAGE, ComponentType.GATEWAY}
+
+
+async def test_internal_protocol_refuses_strangers_and_malformed_messages(
+        cluster: SimCluster) -> None:
+    assert cluster.control is not None
+    url = cluster.control.url
+    async with httpx.AsyncClient(base_url=url) as http:
+        # No credential, a forged one, and one of the wrong component type.
+        report = "/internal/v1/nodes/report"
+        assert_problem(await http.post(report, json={}), 401, "missing 'Yun' credential")
+        forged = issue_credential("another-domain", "x", "node")
+        assert_problem(await http.post(report, json={}, headers={
+            "Authorization": f"Yun {forged}"}), 401, "does not match this domain")
+        gateway_cred = issue_credential(cluster.secret, "gw", "gateway")
+        assert_problem(await http.post(report, json={}, headers={
+            "Authorization": f"Yun {gateway_cred}"}), 403, "gateway component may not")
+        # A node's malformed report: named fields, nothing recorded.
+        node_id = cluster.node_services[0].agent.node_id
+        cred = issue_credential(cluster.secret, node_id, "node")
+        body = assert_problem(await http.post(report, json={
+            "node_id": node_id, "name": "x", "url": "u", "host": {"vcpus": "many"},
+            "domains": [], "surprise": 1}, headers={"Authorization": f"Yun {cred}"}),
+            422)
+        fields = {e["field"] for e in body["errors"]}
+        assert "surprise" in fields and "host.vcpus" in fields
+        assert_problem(await http.post(report, content=b"{not json", headers={
+            "Authorization": f"Yun {cred}", "Content-Type": "application/json"}), 422)
+        # A node may only report for itself.
+        other = issue_credential(cluster.secret, "someone-else", "node")
+        good = cluster.node_services[0].agent
+        payload = {"node_id": node_id, "name": "n", "url": "http://x",
+                   "host": (await good.host_info()).model_dump(), "domains": []}
+        assert_problem(await http.post(report, json=payload, headers={
+            "Authorization": f"Yun {other}"}), 403, "may not report for node")
+        # An unsupported protocol version.
+        assert_problem(await http.post(report, json=payload, headers={
+            "Authorization": f"Yun {cred}", "X-Yun-Protocol": "99"}), 400,
+            "protocol version 99")
+
+
+async def test_api_bad_requests(cluster: SimCluster, small_qcow2: Path, tmp_path: Path
+                                ) -> None:
+    api = cluster.api
+    assert api is not None and cluster.gateway is not None
+    async with httpx.AsyncClient(base_url=cluster.gateway.url) as anonymous:
+        assert_problem(await anonymous.get("/api/v1/vms"), 401, "Bearer")
+        assert_problem(await anonymous.get("/api/v1/vms", headers={
+            "Authorization": "Bearer wrong"}), 401, "not valid")
+
+    await upload(cluster, small_qcow2)
+    cases = [
+        ({"name": "x" * 64, "image": "img"}, "name"),
+        ({"name": "bad name!", "image": "img"}, "name"),
+        ({"name": "ok", "image": "img", "vcpus": 0}, "vcpus"),
+        ({"name": "ok", "image": "img", "memory_mb": "lots"}, "memory_mb"),
+        ({"name": "ok", "image": "img", "colour": "blue"}, "colour"),
+        ({"image": "img"}, "name"),
+    ]
+    for body, field in cases:
+        problem = assert_problem(await api.post("/api/v1/vms", json=body), 422)
+        assert field in {e["field"] for e in problem["errors"]}, problem
+    assert_problem(await api.post("/api/v1/vms", content=b"[1,2", headers={
+        "Content-Type": "application/json"}), 422)
+    assert_problem(await api.post("/api/v1/vms", json={"name": "ok", "image": "nope"}),
+                   404, "no image 'nope'")
+    assert_problem(await api.post("/api/v1/vms/00000000-0000-0000-0000-000000000000/start"),
+                   404)
+    assert_problem(await api.get("/api/v1/vms", params={"limit": 0}), 422)
+    assert (await api.get("/api/v1/vms")).json()["total"] == 0
+
+    # An upload that is not an image: refused, and no image record or file is left.
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a disk image\n" * 100)
+    resp = await api.post("/api/v1/images", params={"name": "notes"},
+                          content=text.read_bytes())
+    assert_problem(resp, 422, "not a disk image")
+    images = (await api.get("/api/v1/images")).json()["items"]
+    assert [i["name"] for i in images] == ["img"]
+    assert cluster.storage is not None
+    stored = list((cluster.storage.store.root / "images").iterdir())
+    assert len([p for p in stored if p.suffix != ".json"]) == 1
+    assert list((cluster.storage.store.root / "tmp").iterdir()) == []
+    assert_problem(await api.post("/api/v1/images", params={"name": "x" * 64},
+                                  content=b"abc"), 422)
+    assert_problem(await api.post("/api/v1/images", params={"name": "r", "format": "floppy"},
+                                  content=b"abc"), 422)
+
+
+async def test_idempotency_key(cluster: SimCluster, small_qcow2: Path) -> None:
+    api = cluster.api
+    assert api is not None
+    await upload(cluster, small_qcow2)
+    headers = {"Idempotency-Key": "create-web-1"}
+    first = await api.post("/api/v1/vms", json={"name": "web", "image": "img"},
+                           headers=headers)
+    again = await api.post("/api/v1/vms", json={"name": "web", "image": "img"},
+                           headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["resource"]["uuid"] == again.json()["resource"]["uuid"]
+    assert (await api.get("/api/v1/vms")).json()["total"] == 1
+    assert_problem(await api.post("/api/v1/vms", json={"name": "other", "image": "img"},
+                                  headers=headers), 422, "different request")
+    await cluster.wait_task(first.json()["task"]["uuid"])
+    # Repeating a stop is harmless and ends in the same state.
+    vm_uuid = first.json()["resource"]["uuid"]
+    for _ in range(2):
+        resp = await api.post(f"/api/v1/vms/{vm_uuid}/stop")
+        assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == "succeeded"
+        assert (await api.get(f"/api/v1/vms/{vm_uuid}")).json()["state"] == "stopped"

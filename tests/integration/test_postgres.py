@@ -1,0 +1,72 @@
+"""The same control server code on a real PostgreSQL server (started by scripts/setup.sh --test)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from tests.integration.conftest import upload
+from yun.control.db.session import downgrade, sync_url, upgrade
+from yun.testing.cluster import SimCluster
+
+URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not URL, reason="YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)"),
+]
+TABLES = {"nodes", "images", "vms", "addresses", "flows", "flow_steps", "idempotency_keys"}
+
+
+def tables() -> set[str]:
+    engine = create_engine(sync_url(URL))
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migrations_up_down_up() -> None:
+    downgrade(URL, "base")
+    assert not (tables() & TABLES)
+    upgrade(URL)
+    assert TABLES <= tables()
+    downgrade(URL, "base")
+    assert not (tables() & TABLES)
+    upgrade(URL)
+    assert TABLES <= tables()
+
+
+async def test_vm_lifecycle_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
+    downgrade(URL, "base")
+    cluster = SimCluster(tmp_path, nodes=3, database_url=URL)
+    await cluster.start()
+    try:
+        api = cluster.api
+        assert api is not None
+        await upload(cluster, small_qcow2)
+        created = []
+        for i in range(6):
+            resp = await api.post("/api/v1/vms", json={"name": f"pg-{i}", "image": "img",
+                                                        "tags": ["pg"]})
+            assert resp.status_code == 202, resp.text
+            created.append(resp.json())
+        for accepted in created:
+            assert (await cluster.wait_task(accepted["task"]["uuid"]))["state"] == "succeeded"
+        page = (await api.get("/api/v1/vms", params={"tag": "pg"})).json()
+        assert page["total"] == 6 and {v["state"] for v in page["items"]} == {"running"}
+        assert len({v["node_uuid"] for v in page["items"]}) == 3  # spread over the nodes
+        vm = created[0]["resource"]["uuid"]
+        resp = await api.post(f"/api/v1/vms/{vm}/stop")
+        assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == "succeeded"
+        for accepted in created:
+            resp = await api.delete(f"/api/v1/vms/{accepted['resource']['uuid']}")
+            assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == \
+                "succeeded"
+        assert (await api.get("/api/v1/vms")).json()["total"] == 0
+        nodes = (await api.get("/api/v1/nodes")).json()["items"]
+        assert all(n["vcpus_reserved"] == 0 for n in nodes)
+    finally:
+        await cluster.stop()
