@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +33,8 @@ async def upload(cluster: SimCluster, path: Path, name: str = "img",
     params = {"name": name}
     if fmt:
         params["format"] = fmt
-    resp = await cluster.api.post("/api/v1/images", params=params, content=path.read_bytes(),
+    data = await asyncio.to_thread(path.read_bytes)
+    resp = await cluster.api.post("/api/v1/images", params=params, content=data,
                                   headers={"Content-Type": "application/octet-stream"})
     assert resp.status_code == 201, resp.text
     return resp.json()

@@ -15,7 +15,8 @@ from yun.testing.cluster import SimCluster
 URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 pytestmark = [
     pytest.mark.postgres,
-    pytest.mark.skipif(not URL, reason="YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)"),
+    pytest.mark.skipif(not URL,
+                       reason="YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)"),
 ]
 TABLES = {"nodes", "images", "vms", "addresses", "flows", "flow_steps", "idempotency_keys"}
 

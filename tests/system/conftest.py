@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 

@@ -15,8 +15,8 @@ from rich.console import Console
 
 from yun.cli.api import Api, ApiError
 from yun.config import DEFAULT_CONFIG
-from yun.util.procs import read_pid, start_detached, stop_pid
 from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
+from yun.util.procs import read_pid, start_detached, stop_pid
 
 app = typer.Typer(help="All-in-one: the whole cloud on this host.", no_args_is_help=True)
 out = Console()

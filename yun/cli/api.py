@@ -53,10 +53,10 @@ class Api:
         except httpx.HTTPError as exc:
             raise ApiError(0, "Gateway unreachable", f"{self.url}: {exc}") from exc
         if resp.is_success:
-            if resp.status_code == 204 or not resp.content:
-                return None
             if resp.headers.get("content-type", "").startswith("text/plain"):
                 return resp.text
+            if resp.status_code == 204 or not resp.content:
+                return None
             return resp.json()
         try:
             problem = resp.json()

@@ -70,7 +70,8 @@ class PeerClient:
                 headers={**self.headers(request_id), **(headers or {})}, **kwargs,
             )
         except httpx.HTTPError as exc:
-            raise PeerError(f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc
+            raise PeerError(
+                f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc
         return decode_response(resp, self.base_url)
 
     async def call(

@@ -89,7 +89,9 @@ class PeerError(YunError):
     status = 502
     title = "Peer error"
 
-    def __init__(self, detail: str, *, peer_status: int | None = None, problem: Problem | None = None):
+    def __init__(
+        self, detail: str, *, peer_status: int | None = None, problem: Problem | None = None
+    ):
         super().__init__(detail)
         self.peer_status = peer_status
         self.peer_problem = problem
@@ -110,6 +112,8 @@ def error_from_problem(problem: Problem) -> YunError:
     """Rebuild the error a peer raised, so it travels through a chain of services unchanged."""
     cls = _BY_STATUS.get(problem.status)
     if cls is None:
-        return PeerError(problem.detail or problem.title, peer_status=problem.status, problem=problem)
+        return PeerError(
+            problem.detail or problem.title, peer_status=problem.status, problem=problem
+        )
     err = cls(problem.detail or problem.title, errors=problem.errors)
     return err

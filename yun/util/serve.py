@@ -7,7 +7,9 @@ where to reach the service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,6 +20,15 @@ from yun.config import ComponentSettings
 def service_url(settings: ComponentSettings, bound_port: int) -> str:
     """The URL peers use to reach a service bound to ``bound_port``."""
     return settings.model_copy(update={"listen_port": bound_port}).url()
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals alone: the component handles them, stopping
+    its parts in order (several servers may share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class AppServer:
@@ -36,9 +47,7 @@ class AppServer:
             app, log_config=None, access_log=False, lifespan="on",
             timeout_graceful_shutdown=5, limit_concurrency=None,
         )
-        self.server = uvicorn.Server(config)
-        # The component installs its own signal handling.
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

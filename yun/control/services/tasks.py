@@ -6,13 +6,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.db.models import FlowRow
 from yun.proto.errors import NotFound
-from yun.proto.resources import Task, TaskStep
+from yun.proto.resources import Task, TaskState, TaskStep
 
 
 def task_model(row: FlowRow) -> Task:
     return Task(
         uuid=row.uuid, kind=row.kind, resource_type=row.resource_type,
-        resource_uuid=row.resource_uuid, state=row.state, current_step=row.current_step,
+        resource_uuid=row.resource_uuid, state=TaskState(row.state), current_step=row.current_step,
         error=row.error, created_at=row.created_at, updated_at=row.updated_at,
         finished_at=row.finished_at,
         steps=[TaskStep(name=s.name, state=s.state, started_at=s.started_at,
