@@ -56,7 +56,7 @@ from types import FrameType
 from typing import Any
 
 from yun.testing.datacenter import DataCenter
-from yun.testing.guest import READY_MARKER, ensure_guest_image
+from yun.testing.guest import BOOT_MARKER, IP_MARKER, READY_MARKER, ensure_guest_image
 from yun.testing.netns import Topology
 from yun.testing.nodehost import NodeHost
 from yun.testing.qemu import boot_guest
@@ -68,6 +68,9 @@ CPU_MODEL = "qemu64"  # what yun.node.hypervisor.libvirt.xml gives a domain unde
 IMAGE_NAME = "guest"
 POLL = 0.05  # seconds between looks at a serial log (boot_guest polls at the same rate)
 GOAL = 1.2  # Yun / bare QEMU
+#: What the test guest prints on its serial console, in this order: the initramfs runs,
+#: DHCP got an address, HTTP answers (the end of the boot).
+MARKERS = {"boot": BOOT_MARKER, "ip": IP_MARKER, "ready": READY_MARKER}
 
 
 class BenchmarkError(RuntimeError):
@@ -86,6 +89,7 @@ class YunRun:
     task_done: float  # the task's finished_at (control server clock)
     marker: float  # YUN-GUEST-READY seen in the serial log
     marker_at_first_look: bool  # the marker was there before we began to look
+    guest: dict[str, float] = field(default_factory=dict)  # guest marker -> time
     steps: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (start, end)
     node: dict[str, float] = field(default_factory=dict)  # node log event -> time
     libvirt_start: float | None = None  # seconds virDomainCreate took (node log)
@@ -96,8 +100,9 @@ class YunRun:
 class HandRun:
     """One boot by hand: ``virsh create`` or bare QEMU; times from the start."""
 
-    started: float  # virsh create returned / (unused for bare QEMU: 0)
-    marker: float
+    started: float  # virsh create returned; for bare QEMU: boot_guest returned
+    marker: float  # YUN-GUEST-READY seen
+    guest: dict[str, float] = field(default_factory=dict)  # guest marker -> time
 
 
 @dataclass
@@ -120,33 +125,35 @@ def wall_to_rel(t0: float, value: str | None) -> float | None:
     return when.timestamp() - t0
 
 
-def wait_marker(path: Path, timeout: float, since: float,
-                alive: subprocess.Popen[bytes] | None = None) -> tuple[float, bool]:
-    """Poll ``path`` until it holds the ready marker.
+def wait_markers(path: Path, timeout: float, t0: float,
+                 alive: subprocess.Popen[bytes] | None = None) -> tuple[dict[str, float], bool]:
+    """Poll the serial log ``path`` until it holds the ready marker.
 
-    Returns (wall-clock time the marker was seen, whether it was there at the first
-    look — then the time is an upper bound). Raises :class:`BenchmarkError` with the
-    log's tail after ``timeout`` seconds.
+    Returns the seconds from wall-clock ``t0`` at which each guest marker (``boot``,
+    ``ip``, ``ready``) was first seen, and whether the ready marker was already there
+    at the first look (then its time is only an upper bound). Raises
+    :class:`BenchmarkError` with the log's tail after ``timeout`` seconds.
     """
-    needle = READY_MARKER.encode()
+    seen: dict[str, float] = {}
     first = True
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if needle in path.read_bytes():
-                return time.time(), first
+            data = path.read_bytes()
         except FileNotFoundError:
-            pass
+            data = b""
+        now = time.time() - t0
+        for key, marker in MARKERS.items():
+            if key not in seen and marker.encode() in data:
+                seen[key] = now
+        if "ready" in seen:
+            return seen, first
         first = False
         if alive is not None and alive.poll() is not None:
             raise BenchmarkError(f"the process writing {path} exited")
         if time.monotonic() > deadline:
-            try:
-                tail = path.read_bytes()[-1500:].decode(errors="replace")
-            except OSError:
-                tail = "(no log)"
-            raise BenchmarkError(f"no {READY_MARKER} in {path} within {timeout:.0f} s "
-                                 f"({time.time() - since:.1f} s since start):\n{tail}")
+            tail = data[-1500:].decode(errors="replace") or "(empty)"
+            raise BenchmarkError(f"no {READY_MARKER} in {path} within {timeout:.0f} s:\n{tail}")
         time.sleep(POLL)
 
 
@@ -218,7 +225,7 @@ def boot_yun(dc: DataCenter, node_host: NodeHost, index: int, timeout: float) ->
     # The product's own answer for where the serial log is (on the node's file system).
     console = dc.api.get(f"/api/v1/vms/{vm_uuid}/console").json()
     serial = Path(console["serial_log"])
-    seen, at_first = wait_marker(serial, timeout, t0)
+    guest, at_first = wait_markers(serial, timeout, t0)
     task_done = wall_to_rel(t0, task["finished_at"])
     assert task_done is not None
     steps = {}
@@ -227,8 +234,9 @@ def boot_yun(dc: DataCenter, node_host: NodeHost, index: int, timeout: float) ->
         if start is not None and end is not None:
             steps[step["name"]] = (start, end)
     node = node_log_events(dc.procs[node_host.name].log, vm_uuid, t0, t0 + task_done)
-    return YunRun(vm_uuid=vm_uuid, accepted=accepted, task_done=task_done, marker=seen - t0,
-                  marker_at_first_look=at_first, steps=steps, node=node["events"],
+    return YunRun(vm_uuid=vm_uuid, accepted=accepted, task_done=task_done,
+                  marker=guest["ready"], marker_at_first_look=at_first, guest=guest,
+                  steps=steps, node=node["events"],
                   libvirt_start=node["libvirt_start"], image_fetched=node["image_fetched"])
 
 
@@ -301,8 +309,8 @@ def boot_virsh(node_host: NodeHost, yun_uuid: str, base: Path, index: int,
         run(["virsh", "-c", uri, "create", str(xml_file)], timeout=timeout)
         created = True
         started = time.time() - t0
-        seen, _ = wait_marker(serial, timeout, t0)
-        return HandRun(started=started, marker=seen - t0)
+        guest, _ = wait_markers(serial, timeout, t0)
+        return HandRun(started=started, marker=guest["ready"], guest=guest)
     finally:
         if created:
             run(["virsh", "-c", uri, "destroy", name], check=False)
@@ -313,10 +321,11 @@ def boot_virsh(node_host: NodeHost, yun_uuid: str, base: Path, index: int,
 def boot_bare(image: Path, timeout: float) -> HandRun:
     """Bare QEMU through boot_guest; from the QEMU process's start to the marker."""
     with boot_guest(image, memory_mb=MEMORY_MB, cpus=VCPUS, cpu_model=CPU_MODEL,
-                    timeout=timeout) as guest:
-        seen = time.time()
-        started = process_start_wall(guest.process.pid)
-    return HandRun(started=0.0, marker=seen - started)
+                    marker=None, timeout=timeout) as qemu:
+        returned = time.time()
+        t0 = process_start_wall(qemu.process.pid)
+        guest, _ = wait_markers(qemu.serial_log, timeout, t0, alive=qemu.process)
+    return HandRun(started=returned - t0, marker=guest["ready"], guest=guest)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -366,6 +375,28 @@ def yun_split(r: YunRun) -> list[tuple[str, float | None]]:
     ]
 
 
+def run_running(run: Run, kind: str) -> float:
+    """When the guest's CPU started running, in seconds from the start of that boot.
+
+    Yun: the node's libvirt start returned (libvirt starts QEMU paused and resumes it
+    at the end); virsh: ``virsh create`` returned; bare QEMU: QEMU answered QMP.
+    """
+    if kind == "yun":
+        return run.yun.node.get("domain started", run.yun.task_done)
+    hand: HandRun = getattr(run, kind)
+    return hand.started
+
+
+GUEST_SEGMENTS: list[tuple[str, Any]] = [
+    ("start → QEMU running (guest CPU starts)", lambda r, g: r),
+    ("→ YUN-GUEST-BOOT (firmware, loader, kernel)", lambda r, g: g["boot"] - r),
+    ("→ YUN-GUEST-IP (init, DHCP lease)", lambda r, g: g["ip"] - g["boot"]),
+    ("→ YUN-GUEST-READY (HTTP up)", lambda r, g: g["ready"] - g["ip"]),
+    ("total", lambda r, g: g["ready"]),
+]
+GUEST_WIDTH = max(len(label) for label, _ in GUEST_SEGMENTS)
+
+
 def report(runs: list[Run], info: dict[str, str]) -> dict[str, Any]:
     """Print the tables; return the summary (also for --json)."""
     yun = [r.yun.marker for r in runs]
@@ -399,20 +430,22 @@ def report(runs: list[Run], info: dict[str, str]) -> dict[str, Any]:
     print("Where Yun's time goes (seconds, consecutive segments)")
     rows = [yun_split(r.yun) for r in runs]
     width = max(len(label) for label, _ in rows[0])
-    print(f"{'segment':<{width}} | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1))
-          + " | median")
+    print(f"{'segment':<{width}} | "
+          + " | ".join(f"{'run ' + str(i):>6}" for i in range(1, len(runs) + 1)) + " | median")
     for j, (label, _) in enumerate(rows[0]):
         values = [row[j][1] for row in rows]
         known = [v for v in values if v is not None]
         median = statistics.median(known) if known else None
         print(f"{label:<{width}} | " + " | ".join(fmt(v) for v in values)
               + f" | {fmt(median)}")
-    print(f"{'virsh: virsh create returned':<{width}} | "
-          + " | ".join(fmt(r.virsh.started) for r in runs)
-          + f" | {fmt(statistics.median(r.virsh.started for r in runs))}")
-    print(f"{'virsh: virsh create returned → marker':<{width}} | "
-          + " | ".join(fmt(r.virsh.marker - r.virsh.started) for r in runs)
-          + f" | {fmt(statistics.median(r.virsh.marker - r.virsh.started for r in runs))}")
+    print()
+    print("The same boots seen from the guest (medians, seconds)")
+    print(f"{'segment':<{GUEST_WIDTH}} |    Yun | virsh create | bare QEMU")
+    for label, pick in GUEST_SEGMENTS:
+        values = [statistics.median(pick(run_running(r, kind), getattr(r, kind).guest)
+                                    for r in runs) for kind in ("yun", "virsh", "bare")]
+        print(f"{label:<{GUEST_WIDTH}} | {values[0]:6.2f} | {values[1]:12.2f} | "
+              f"{values[2]:9.2f}")
     return {"machine": info, "medians": med, "yun_over_virsh": ratio_virsh,
             "yun_over_bare": ratio_bare, "goal": GOAL,
             "runs": [asdict(r) for r in runs]}

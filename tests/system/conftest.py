@@ -42,9 +42,9 @@ def datacenter_factory(topology: Topology, tmp_path_factory: pytest.TempPathFact
 
     made: list[DataCenter] = []
 
-    def make(nodes: int = 1) -> DataCenter:
+    def make(nodes: int = 1, discover: bool = False) -> DataCenter:
         workdir = Path(tempfile.mkdtemp(prefix="yun-dc-"))
-        dc = DataCenter(topology, workdir, nodes=nodes)
+        dc = DataCenter(topology, workdir, nodes=nodes, discover=discover)
         made.append(dc)
         try:
             dc.start()

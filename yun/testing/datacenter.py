@@ -62,8 +62,12 @@ class Process:
 
 
 class DataCenter:
-    def __init__(self, topo: Topology, workdir: Path, nodes: int = 1) -> None:
+    def __init__(self, topo: Topology, workdir: Path, nodes: int = 1,
+                 discover: bool = False) -> None:
         self.topo = topo
+        # discover: the domain server announces itself by mDNS and the nodes are given
+        # no address for it (F-DISC).
+        self.discover = discover
         self.workdir = workdir
         self.node_count = nodes
         self.secret = secrets.token_urlsafe(16)
@@ -83,6 +87,8 @@ class DataCenter:
             "domain_url": f"http://{self.ctl.ip}:{PORTS['domain']}", "listen_host": host.ip,
             "state_dir": str(state_dir), "heartbeat_interval": 1.0,
         }
+        if self.discover and section == "node":
+            del common["domain_url"]
         lines = ["[common]", *(f"{k} = {_toml(v)}" for k, v in common.items()),
                  f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in extra.items())]
         path = self.workdir / f"{name}.toml"
@@ -101,7 +107,7 @@ class DataCenter:
         self.workdir.chmod(0o755)
         self.ctl = self.topo.add_host("ctl")
         extras: dict[str, dict[str, Any]] = {
-            "domain": {"listen_port": PORTS["domain"], "ttl": 4.0, "mdns": False},
+            "domain": {"listen_port": PORTS["domain"], "ttl": 4.0, "mdns": self.discover},
             "control": {"listen_port": PORTS["control"]},
             "storage": {"listen_port": PORTS["storage"]},
             "gateway": {"listen_port": PORTS["gateway"], "admin_token": self.token},
