@@ -1,0 +1,128 @@
+"""The flow engine: rollback along the path taken, journal, recovery after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from yun.control.db.models import FlowRow, FlowStepRow
+from yun.control.db.session import Database
+from yun.control.flows.engine import FlowContext, FlowDefinition, FlowEngine, Step
+from yun.util.queues import KeyedQueues
+
+
+class Recorder(Step):
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        self.name = name
+        self.log = log
+        self.fail = fail
+
+    async def run(self, ctx: FlowContext) -> None:
+        self.log.append(f"run {self.name}")
+        ctx.data[self.name] = True
+        if self.fail:
+            raise RuntimeError(f"{self.name} broke")
+
+    async def rollback(self, ctx: FlowContext) -> None:
+        self.log.append(f"rollback {self.name}")
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Database:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path}/flows.db")
+    await database.migrate()
+    return database
+
+
+async def run_flow(engine: FlowEngine, kind: str) -> FlowRow:
+    async with engine.db.session() as session:
+        row = engine.new_flow(session, kind, "res-1", {})
+    engine.launch(row.uuid, "res-1")
+    await engine.wait(row.uuid, 10)
+    async with engine.db.session() as session:
+        result = await session.get(FlowRow, row.uuid)
+        assert result is not None
+        return result
+
+
+async def test_failure_rolls_back_the_steps_taken_in_reverse(db: Database) -> None:
+    log: list[str] = []
+    failures: list[str] = []
+
+    async def on_failure(ctx: FlowContext) -> None:
+        failures.append(ctx.error or "")
+
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.fail", "thing", [
+        Recorder("a", log), Recorder("b", log), Recorder("c", log, fail=True),
+        Recorder("d", log)], on_failure=on_failure))
+    row = await run_flow(engine, "t.fail")
+    assert log == ["run a", "run b", "run c", "rollback c", "rollback b", "rollback a"]
+    assert row.state == "failed" and row.error == "c: c broke" and failures == [row.error]
+    assert [(s.name, s.state) for s in row.steps] == [
+        ("a", "rolled_back"), ("b", "rolled_back"), ("c", "rolled_back")]
+
+
+async def test_success_journals_every_step_done_with_context(db: Database) -> None:
+    log: list[str] = []
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.ok", "thing", [Recorder("a", log), Recorder("b", log)]))
+    row = await run_flow(engine, "t.ok")
+    assert row.state == "succeeded" and row.finished_at is not None
+    assert [(s.name, s.state) for s in row.steps] == [("a", "done"), ("b", "done")]
+    assert row.context == {"a": True, "b": True}
+
+
+async def test_recovery_rolls_back_a_flow_a_crash_left_running(db: Database) -> None:
+    log: list[str] = []
+    definition = FlowDefinition("t.crash", "thing", [Recorder("a", log), Recorder("b", log)])
+    # What a control server killed during step b leaves in the journal.
+    async with db.session() as session:
+        session.add(FlowRow(uuid="f1", kind="t.crash", resource_type="thing",
+                            resource_uuid="r", state="running", current_step="b",
+                            context={}, owner="me", steps=[
+                                FlowStepRow(seq=0, name="a", state="done"),
+                                FlowStepRow(seq=1, name="b", state="running")]))
+        session.add(FlowRow(uuid="f2", kind="t.crash", resource_type="thing",
+                            resource_uuid="r2", state="running", current_step="a",
+                            context={}, owner="someone-else", steps=[]))
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(definition)
+    assert await engine.recover() == 1  # only its own flows
+    await asyncio.sleep(0)
+    await engine.wait("f1", 10)
+    async with db.session() as session:
+        row = await session.get(FlowRow, "f1")
+        assert row is not None
+        assert row.state == "failed"
+        assert row.error is not None and "interrupted during step 'b'" in row.error
+    assert log == ["rollback b", "rollback a"]
+
+
+async def test_flows_of_one_resource_run_one_at_a_time(db: Database) -> None:
+    running = 0
+    peak = 0
+
+    class Slow(Step):
+        name = "slow"
+
+        async def run(self, ctx: FlowContext) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.slow", "thing", [Slow()]))
+    uuids = []
+    for _ in range(4):
+        async with db.session() as session:
+            row = engine.new_flow(session, "t.slow", "same", {})
+        uuids.append(row.uuid)
+        engine.launch(row.uuid, "same")
+    for u in uuids:
+        await engine.wait(u, 10)
+    assert peak == 1
