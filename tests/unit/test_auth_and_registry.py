@@ -19,7 +19,7 @@ def test_credential_round_trip_and_tampering() -> None:
     assert (who.component_id, who.component_type) == ("node-1", "node")
     with pytest.raises(Unauthorized, match="does not match this domain"):
         verify_credential("other", cred)
-    payload, mac = cred.split(".")
+    _payload, mac = cred.split(".")
     forged = issue_credential("s3cret", "node-1", "control").split(".")[0]
     with pytest.raises(Unauthorized):
         verify_credential("s3cret", f"{forged}.{mac}")
