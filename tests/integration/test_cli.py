@@ -1,0 +1,64 @@
+"""The `yun` CLI against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from yun.cli.main import app
+from yun.testing.cluster import SimCluster
+
+
+@pytest.fixture
+def cli(cluster: SimCluster, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    assert cluster.gateway is not None
+    monkeypatch.setenv("YUN_API_URL", cluster.gateway.url)
+    monkeypatch.setenv("YUN_API_TOKEN", cluster.token)
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+
+    async def invoke(*args: str) -> tuple[int, str]:
+        # The CLI is synchronous; the services run on this loop, so call it from a thread.
+        result = await asyncio.to_thread(runner.invoke, app, list(args))
+        return result.exit_code, result.output
+
+    return invoke
+
+
+async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore[no-untyped-def]
+    code, out = await cli("image", "upload", str(small_qcow2), "--name", "base")
+    assert code == 0, out
+    assert "qcow2" in out and "active" in out
+    code, out = await cli("vm", "create", "web1", "--image", "base", "--memory", "128")
+    assert code == 0, out
+    assert "create web1: done" in out and "running" in out
+    code, out = await cli("vm", "list")
+    assert code == 0 and "web1" in out and "10.77.0." in out
+    code, out = await cli("node", "list")
+    assert code == 0 and "node-0000" in out
+    code, out = await cli("vm", "stop", "web1")
+    assert code == 0 and "stop web1: done" in out
+    code, out = await cli("vm", "show", "web1", "--json")
+    assert code == 0 and '"state": "stopped"' in out
+    code, out = await cli("vm", "start", "web1")
+    assert code == 0
+    code, out = await cli("vm", "console-log", "web1")
+    assert code == 0 and "YUN-GUEST-READY" in out
+    code, out = await cli("image", "delete", "base")
+    assert code == 1 and "used by VM(s) web1" in out
+    code, out = await cli("vm", "delete", "web1")
+    assert code == 0 and "delete web1: done" in out
+    code, out = await cli("vm", "show", "web1")
+    assert code == 1 and "no VM 'web1'" in out
+
+
+async def test_cli_reports_errors_clearly(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\x00not an image" * 100)
+    code, out = await cli("image", "upload", str(junk), "--name", "junk")
+    assert code == 1 and "not a disk image" in out
+    code, out = await cli("vm", "create", "x" * 70, "--image", "junk")
+    assert code == 1 and "name" in out and "63" in out
