@@ -44,6 +44,7 @@ def test_full_lifecycle_on_a_real_guest(datacenter_factory) -> None:  # type: ig
     dc.wait_console(vm["uuid"], "YUN-GUEST-READY")
     page = dc.guest_http(vm)
     assert page["boots"] == "1"
+    assert page["hostname"] == "life"  # the VM's name, offered by the node's DHCP
     token = page["token"]
     console = dc.api.get(f"/api/v1/vms/{vm['uuid']}/console").json()
     assert console["vnc_port"] and console["vnc_port"] >= 5900

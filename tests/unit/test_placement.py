@@ -65,3 +65,12 @@ async def test_release_gives_capacity_back_never_below_zero(tmp_path: Path) -> N
         row = await s.get(NodeRow, node.uuid)
         assert row is not None and (row.vcpus_reserved, row.memory_reserved_mb) == (0, 0)
     await placement.stop()
+
+
+def test_dhcp_hostname_from_vm_name() -> None:
+    from yun.control.flows.vm import hostname_for
+
+    assert hostname_for("demo") == "demo"
+    assert hostname_for("Web_1.prod") == "web-1-prod"
+    assert hostname_for("___") is None
+    assert len(hostname_for("a" * 70) or "") == 63

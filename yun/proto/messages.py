@@ -119,11 +119,17 @@ class DiskSpec(Message):
     bus: Literal["virtio", "sata", "ide"] = "virtio"
 
 
+HOSTNAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
 class NicSpec(Message):
     nic_id: str
     mac: str
     ip: str
     network: Literal["nat"] = "nat"
+    hostname: str | None = Field(
+        default=None, pattern=HOSTNAME_PATTERN,
+        description="the hostname DHCP offers the guest (an RFC 1123 label)")
 
     @field_validator("mac")
     @classmethod

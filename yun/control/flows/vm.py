@@ -8,6 +8,7 @@ and starts the domain) → confirm (the node reports the domain running).
 from __future__ import annotations
 
 import logging
+import re
 import uuid as uuidlib
 
 from yun.control.context import ControlContext
@@ -33,6 +34,12 @@ from yun.proto.resources import VmState
 log = logging.getLogger("yun.control.vm")
 
 ROOT_DISK = "root"
+
+
+def hostname_for(name: str) -> str | None:
+    """The VM's name as a DNS label for DHCP (None when nothing of it is usable)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].rstrip("-")
+    return label or None
 
 
 def nic_id_for(vm_uuid: str, index: int = 0) -> str:
@@ -89,7 +96,8 @@ async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
         uuid=vm.uuid, name=vm.name, vcpus=vm.vcpus, memory_mb=vm.memory_mb,
         disks=[DiskSpec(disk_id=ROOT_DISK, size_gb=vm.disk_gb, image_id=image.uuid,
                         image_sha256=image.sha256, image_format=image.format)],
-        nics=[NicSpec(nic_id=nic_id_for(vm.uuid), mac=vm.mac, ip=vm.ip)],
+        nics=[NicSpec(nic_id=nic_id_for(vm.uuid), mac=vm.mac, ip=vm.ip,
+                      hostname=hostname_for(vm.name))],
     )
     location = ImageLocation(
         image_id=image.uuid, url=f"{storage_url.rstrip('/')}/internal/v1/images/{image.uuid}/data",

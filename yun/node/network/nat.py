@@ -111,7 +111,8 @@ def validate_port(network: NatNetwork, vm_uuid: str, nic: NicSpec) -> PortRecord
     if int(mac.split(":")[0], 16) & 1:
         raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: MAC {mac} is multicast")
     return PortRecord(nic_id=nic.nic_id, mac=mac, ip=str(ip),
-                      hostname=hostname_for(vm_uuid), tap=tap_name(nic.nic_id))
+                      hostname=nic.hostname or hostname_for(vm_uuid),
+                      tap=tap_name(nic.nic_id))
 
 
 def plan_port(
