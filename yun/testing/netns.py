@@ -46,6 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from yun.util.procs import pid_alive, start_time
 from yun.util.run import CommandError, Result, run
 
 log = logging.getLogger("yun.testing.netns")
@@ -137,10 +138,10 @@ class Namespace:
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.05)
         for pid in pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 _signal(pid, signal.SIGKILL)
 
     def delete(self) -> None:
@@ -161,23 +162,8 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # The state letter follows the parenthesised command name, which may hold spaces.
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), against pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 # --------------------------------------------------------------------------- LAN and hosts
@@ -399,7 +385,7 @@ class Topology:
 
     def _write_marker(self, subnet: str | None) -> None:
         pid = os.getpid()
-        data = {"pid": pid, "start": _start_time(pid), "subnet": subnet}
+        data = {"pid": pid, "start": start_time(pid), "subnet": subnet}
         tmp = self._marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self._marker)
@@ -454,7 +440,7 @@ def _owner_alive(marker: Path) -> bool:
         pid = int(data["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return _alive(pid) and _start_time(pid) == data.get("start")
+    return pid_alive(pid) and start_time(pid) == data.get("start")
 
 
 def cleanup_stale(prefix: str = DEFAULT_PREFIX, state_dir: Path = STATE_DIR) -> list[str]:

@@ -43,6 +43,7 @@ import uuid as uuidlib
 from pathlib import Path
 from types import TracebackType
 
+from yun.util.procs import pid_alive, start_time
 from yun.util.run import CommandError, run
 
 log = logging.getLogger("yun.testing.nodehost")
@@ -188,7 +189,7 @@ class NodeHost:
         self.root.mkdir(mode=0o755)
         self.root.chmod(0o755)  # QEMU (libvirt-qemu) must traverse to disk_dir
         (self.root / "owner.json").write_text(json.dumps(
-            {"pid": os.getpid(), "start": _start_time(os.getpid()), "netns": self.netns}
+            {"pid": os.getpid(), "start": start_time(os.getpid()), "netns": self.netns}
         ))
         for sub in ("run", "lib", "log", "cache", "etc", "state", "disks"):
             (self.root / sub).mkdir(mode=0o755)
@@ -322,33 +323,21 @@ def _kill(pids: list[int], what: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + _KILL_WAIT
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if pid_alive(p)]
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + _KILL_WAIT
-    while time.monotonic() < deadline and any(_alive(p) for p in left):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in left):
         time.sleep(0.05)
     if left:
         log.warning("%s: %d processes needed SIGKILL", what, len(left))
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (daemons are reaped by init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def cleanup_stale(base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
@@ -367,7 +356,7 @@ def cleanup_stale(base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
         except (OSError, ValueError):
             owner = {}
         pid = owner.get("pid")
-        if isinstance(pid, int) and _alive(pid) and _start_time(pid) == owner.get("start"):
+        if isinstance(pid, int) and pid_alive(pid) and start_time(pid) == owner.get("start"):
             continue
         host = NodeHost(str(owner.get("netns", "")), base_dir=base_dir)
         host.id, host.root, host._started = root.name, root, True

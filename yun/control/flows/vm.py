@@ -11,6 +11,8 @@ import logging
 import re
 import uuid as uuidlib
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from yun.control.context import ControlContext
 from yun.control.db.models import ImageRow, NodeRow, VmRow
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
@@ -50,11 +52,19 @@ def _ctl(ctx: FlowContext) -> ControlContext:
     return ctx.services  # type: ignore[no-any-return]
 
 
-async def _vm(session: object, vm_uuid: str) -> VmRow:
-    vm = await session.get(VmRow, vm_uuid)  # type: ignore[attr-defined]
+async def _vm(session: AsyncSession, vm_uuid: str) -> VmRow:
+    vm = await session.get(VmRow, vm_uuid)
     if vm is None:
         raise NotFound(f"VM {vm_uuid} no longer exists")
-    return vm  # type: ignore[no-any-return]
+    return vm
+
+
+async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
+    """The flow's VM and the node it is placed on (either may be gone)."""
+    async with _ctl(ctx).db.session() as session:
+        vm = await session.get(VmRow, ctx.resource_uuid)
+        node = await session.get(NodeRow, vm.node_uuid) if vm and vm.node_uuid else None
+        return vm, node
 
 
 class Schedule(Step):
@@ -125,11 +135,7 @@ class Provision(Step):
 
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await session.get(VmRow, ctx.resource_uuid)
-            if vm is None or not vm.node_uuid:
-                return
-            node = await session.get(NodeRow, vm.node_uuid)
+        _, node = await _vm_and_node(ctx)
         if node is None:
             return
         # Raises when the node is unreachable: the journal then says rollback_failed, and
@@ -144,10 +150,9 @@ class Confirm(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid)
-            assert node is not None
+        vm, node = await _vm_and_node(ctx)
+        if vm is None or node is None:
+            raise NotFound("the VM or its node vanished")
         data = await node_client(control, node).request(
             "GET", f"/internal/v1/domains/{vm.uuid}", timeout=30)
         info = DomainInfo.model_validate(data)
@@ -183,10 +188,8 @@ class RemoveDomain(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
-        if node is None:
+        vm, node = await _vm_and_node(ctx)
+        if vm is None or node is None:
             return
         if node.status != "up":
             # The node's own reconciliation removes the domain when it comes back: it
@@ -229,9 +232,9 @@ class PowerStep(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
+        vm, node = await _vm_and_node(ctx)
+        if vm is None:
+            raise NotFound(f"VM {ctx.resource_uuid} no longer exists")
         if node is None:
             raise Unavailable(f"VM {vm.name} has no node")
         body = StopRequest.model_validate(ctx.data["stop"]) if self.action == "stop" else None

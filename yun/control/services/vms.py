@@ -72,40 +72,32 @@ class VmService:
 
     async def action(self, ref: str, action: str, stop: VmStop | None = None) -> Accepted:
         """Start, stop or reboot; repeating a request for the state already reached is harmless."""
-        async with self.ctx.db.session() as session:
-            vm = await find(session, VmRow, ref, "VM")
-            running = await self._running_task(session, vm.uuid)
-            if running is not None:
-                if running.kind == f"vm.{action}":
-                    return Accepted(task=task_model(running),
-                                    resource=vm_model(vm).model_dump(mode="json"))
-                raise Conflict(f"VM {vm.name} is busy with task {running.uuid} ({running.kind})")
-            if vm.state not in ACTIONS_ALLOWED[action]:
-                raise Conflict(f"cannot {action} VM {vm.name} while it is {vm.state}")
-            data: dict[str, Any] = {"previous_state": vm.state}
-            if action == "stop":
-                data["stop"] = StopRequest(**(stop or VmStop()).model_dump()).model_dump()
-            flow = self.ctx.engine.new_flow(session, f"vm.{action}", vm.uuid, data)
-            vm.state = TRANSIENT[action]
-            vm.task_uuid = flow.uuid
-            await session.flush()
-            accepted = Accepted(task=task_model(flow), resource=vm_model(vm).model_dump(
-                mode="json"))
-        self.ctx.engine.launch(flow.uuid, vm.uuid)
-        return accepted
+        data: dict[str, Any] = {}
+        if action == "stop":
+            data["stop"] = StopRequest(**(stop or VmStop()).model_dump()).model_dump()
+        return await self._launch(ref, f"vm.{action}", ACTIONS_ALLOWED[action],
+                                  TRANSIENT[action], data)
 
     async def delete(self, ref: str) -> Accepted:
+        """Delete the VM with its domain, disks, address and reservation."""
+        return await self._launch(ref, "vm.delete", None, VmState.DELETING, {})
+
+    async def _launch(self, ref: str, kind: str, allowed: set[VmState] | None,
+                      transient: VmState, data: dict[str, Any]) -> Accepted:
+        """Start flow ``kind`` on the VM, or answer the same task if it already runs one."""
         async with self.ctx.db.session() as session:
             vm = await find(session, VmRow, ref, "VM")
             running = await self._running_task(session, vm.uuid)
             if running is not None:
-                if running.kind == "vm.delete":
+                if running.kind == kind:  # a repeated request: the same answer (U-IDEMP)
                     return Accepted(task=task_model(running),
                                     resource=vm_model(vm).model_dump(mode="json"))
                 raise Conflict(f"VM {vm.name} is busy with task {running.uuid} ({running.kind})")
-            flow = self.ctx.engine.new_flow(session, "vm.delete", vm.uuid,
-                                            {"previous_state": vm.state})
-            vm.state = VmState.DELETING
+            if allowed is not None and vm.state not in allowed:
+                raise Conflict(f"cannot {kind.split('.')[1]} VM {vm.name} while it is {vm.state}")
+            flow = self.ctx.engine.new_flow(session, kind, vm.uuid,
+                                            {"previous_state": vm.state, **data})
+            vm.state = transient
             vm.task_uuid = flow.uuid
             await session.flush()
             accepted = Accepted(task=task_model(flow), resource=vm_model(vm).model_dump(
