@@ -215,7 +215,7 @@ def _report(api: Api, vm: dict[str, Any]) -> None:
     out.print(f"  console    virsh console yun-{vm['uuid']}   (Ctrl-] to leave)")
     if console.get("vnc_port"):
         out.print(f"  VNC        {console['vnc_host']}:{console['vnc_port']}")
-    out.print(f"  REST API   {api.url}/docs  (token in {DEFAULT_CONFIG} [cli])")
+    out.print(f"  REST API   {api.url}/docs  (token: {DEFAULT_CONFIG}, table \\[cli])")
 
 
 @app.command()
