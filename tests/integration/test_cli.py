@@ -62,3 +62,4 @@ async def test_cli_reports_errors_clearly(cli, tmp_path: Path) -> None:  # type:
     assert code == 1 and "not a disk image" in out
     code, out = await cli("vm", "create", "x" * 70, "--image", "junk")
     assert code == 1 and "name" in out and "63" in out
+

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from yun.proto.client import PeerClient, error_for
 from yun.proto.components import ComponentType
@@ -48,11 +48,12 @@ INTERNAL = "/internal/v1"
 
 def create_gateway_app(membership: Membership, admin_token: str) -> FastAPI:
     app = FastAPI(
-        title="Yun REST API", version="1",
+        title="Yun REST API", version="1", docs_url=None, redoc_url=None,
         description="Virtual machines, images and nodes of a Yun cloud. Long operations "
                     "answer 202 with a task; `Idempotency-Key` makes a request repeatable.",
     )
     install_problem_handlers(app)
+    _serve_docs_offline(app)
 
     def authorize(request: Request) -> None:
         header = request.headers.get("Authorization", "")
@@ -217,6 +218,25 @@ def create_gateway_app(membership: Membership, admin_token: str) -> FastAPI:
                           timeout=wait + 30)
 
     return app
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """Swagger UI at /docs from files shipped in the virtualenv: a data centre's API
+    documentation must not depend on a CDN being reachable."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="Yun REST API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 def _params(**values: Any) -> dict[str, Any]:
