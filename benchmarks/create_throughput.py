@@ -235,8 +235,8 @@ async def wait_until(what: str, check: Callable[[], Awaitable[bool]], timeout: f
         await asyncio.sleep(0.2)
 
 
-def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: int
-                     ) -> Deployment:
+def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: int,
+                     profile_control: Path | None = None) -> Deployment:
     """Write the config and start the control plane and the sim-nodes process."""
     ports = {name: free_port() for name in CONTROL_PLANE}
     token = secrets.token_urlsafe(16)
@@ -265,6 +265,11 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
     serve = [sys.executable, "-m", "yun", "serve"]
     services = {name: Service(name, [*serve, name, "--config", str(config)],
                               root / "logs" / f"{name}.log") for name in CONTROL_PLANE}
+    if profile_control is not None:
+        # Diagnostics only: cProfile (main thread; aiosqlite's thread is not seen) slows
+        # the control server down, so the figures of such a run are not the benchmark's.
+        services["control"].argv[1:3] = ["-m", "cProfile", "-o", str(profile_control),
+                                         "-m", "yun"]
     services["sim-nodes"] = Service(
         "sim-nodes", [*serve, "sim-nodes", "--count", str(nodes), "--config", str(config)],
         root / "logs" / "sim-nodes.log")
@@ -701,6 +706,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write the figures to FILE as JSON")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                         help="copy the services' logs and config to DIR before cleaning up")
+    parser.add_argument("--profile-control", type=Path, default=None, metavar="FILE",
+                        help="diagnostics: run the control server under cProfile and write "
+                             "its profile to FILE (slows it down: not for the figures)")
     args = parser.parse_args(argv)
     for name in ("vms", "nodes", "concurrency", "baseline_requests"):
         if getattr(args, name) < 1:
@@ -715,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(machine(), flush=True)
     root = Path(tempfile.mkdtemp(prefix="yun-bench-create-"))
-    dep = start_deployment(root, args.nodes, args.node_vcpus, args.node_memory_mb)
+    dep = start_deployment(root, args.nodes, args.node_vcpus, args.node_memory_mb,
+                           args.profile_control)
     try:
         with sigterm_as_interrupt():
             result = asyncio.run(measure(dep, args))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from yun.testing.datacenter import DataCenter
@@ -38,15 +40,22 @@ def test_vms_on_two_nodes_and_guests_outlive_the_control_plane(datacenter_factor
         nodes = {n["name"]: n for n in dc.api.get("/api/v1/nodes").json()["items"]}
         if nodes[node_a]["status"] == "down":
             break
-        import time
         time.sleep(1)
     assert nodes[node_a]["status"] == "down"
+    unknown = dc.api.get(f"/api/v1/vms/{a['uuid']}").json()
+    assert unknown["state"] == "unknown" and "is down" in unknown["error"]
+    assert dc.guest_http(a)["boots"] == "1"  # ... while the guest itself runs on
 
     # A restarted agent finds its domain in libvirt and reports it: the VM is running.
     dc.restart(node_a)
     dc.wait_nodes(2)
-    vm = dc.api.get(f"/api/v1/vms/{a['uuid']}").json()
+    for _ in range(20):  # settled by the agent's first report
+        vm = dc.api.get(f"/api/v1/vms/{a['uuid']}").json()
+        if vm["state"] == "running":
+            break
+        time.sleep(0.5)
     assert vm["state"] == "running" and vm["power_state"] == "running"
+    assert vm["error"] is None
     assert dc.guest_http(a)["boots"] == "1"  # the same boot: it was never restarted
     log = dc.api.get(f"/api/v1/vms/{a['uuid']}/console-log").text
     assert log.count("YUN-GUEST-READY") == 1

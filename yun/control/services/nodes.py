@@ -150,6 +150,12 @@ class NodeRegistry:
             .values(status="down"))
         if result.rowcount:  # type: ignore[attr-defined]
             log.warning("node down", extra={"node": node_uuid, "reason": why})
+            # Its guests may well run on (U-SPLIT), but nobody can vouch for them now;
+            # the node's next report after it returns settles their state again.
+            await session.execute(
+                update(VmRow).where(VmRow.node_uuid == node_uuid)
+                .where(VmRow.state == VmState.RUNNING)
+                .values(state=VmState.UNKNOWN, error=f"node {node_uuid} is down: {why}"))
 
     async def _peers_changed(self, added: list[Peer], removed: list[Peer]) -> None:
         gone = [p for p in removed if p.type == "node"]
