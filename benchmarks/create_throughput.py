@@ -602,6 +602,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
           f"{(bulk.vms - len(bulk.rejected)) / accept_s:8.1f}   ({accept_s:.2f} s)")
     print(f"  failures                                            : {failures:8d}"
           f"   ({len(bulk.rejected)} refused, {len(bulk.failed)} tasks not succeeded)")
+    for sample in (bulk.rejected + bulk.failed)[:5]:
+        print(f"    {sample}")
     print(f"  202 latency p50 / p95 / max                         : "
           f"{1000 * statistics.median(bulk.accept_latencies):.0f} / "
           f"{1000 * pct(bulk.accept_latencies, 0.95):.0f} / "
