@@ -107,6 +107,8 @@ class HandRun:
 
 @dataclass
 class Run:
+    """One round: the same guest booted through Yun, with virsh and with bare QEMU."""
+
     yun: YunRun
     virsh: HandRun
     bare: HandRun
@@ -251,6 +253,7 @@ def power_off_yun(dc: DataCenter, vm_uuid: str, timeout: float) -> None:
 
 
 def delete_yun(dc: DataCenter, vm_uuid: str, timeout: float) -> None:
+    """Delete the VM through the API and wait for its task."""
     assert dc.api is not None
     resp = dc.api.delete(f"/api/v1/vms/{vm_uuid}")
     resp.raise_for_status()
@@ -348,6 +351,7 @@ def machine() -> dict[str, str]:
 
 
 def fmt(value: float | None) -> str:
+    """A table cell: seconds, or a dash when the value is unknown."""
     return "     -" if value is None else f"{value:6.2f}"
 
 
@@ -524,8 +528,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     info_before = machine()
-    with sigterm_as_interrupt():
-        runs = benchmark(args.runs, args.timeout)
+    try:
+        with sigterm_as_interrupt():
+            runs = benchmark(args.runs, args.timeout)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}); everything started was removed",
+              file=sys.stderr)
+        return 130
     info = {**info_before, "loadavg after": machine()["loadavg"]}
     summary = report(runs, info)
     print(f"\nbenchmark wall time {time.monotonic() - started:.0f} s")

@@ -78,6 +78,7 @@ def free_port() -> int:
 
 
 def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (bool, number or basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -86,6 +87,7 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> None:
+    """Write ``tables`` (table name -> key -> value) as a TOML file."""
     lines: list[str] = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
@@ -669,6 +671,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> str:
+    """One line about the machine: CPU model, cores, memory, load."""
     model = "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -731,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             result = asyncio.run(measure(dep, args))
             summary = report(result, args)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}); stopping everything", file=sys.stderr)
+        return 130
     finally:
         # sim nodes first: they would otherwise log the control plane going away.
         stop_services([dep.services["sim-nodes"]])
