@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,11 @@ class Recorder(Step):
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> Database:
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
     database = Database(f"sqlite+aiosqlite:///{tmp_path}/flows.db")
     await database.migrate()
-    return database
+    yield database
+    await database.dispose()
 
 
 async def run_flow(engine: FlowEngine, kind: str) -> FlowRow:

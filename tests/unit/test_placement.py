@@ -52,6 +52,7 @@ async def test_concurrent_placements_spread_and_never_overbook(tmp_path: Path) -
         assert len({(a.scope, a.ip) for a in addresses}) == 20
         assert all(v.ip and v.mac and v.mac.startswith("52:54:00:") for v in rows)
     await placement.stop()
+    await db.dispose()
 
 
 async def test_release_gives_capacity_back_never_below_zero(tmp_path: Path) -> None:
@@ -65,6 +66,7 @@ async def test_release_gives_capacity_back_never_below_zero(tmp_path: Path) -> N
         row = await s.get(NodeRow, node.uuid)
         assert row is not None and (row.vcpus_reserved, row.memory_reserved_mb) == (0, 0)
     await placement.stop()
+    await db.dispose()
 
 
 def test_dhcp_hostname_from_vm_name() -> None:
