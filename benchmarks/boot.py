@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,9 @@ import tempfile
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from yun.testing.datacenter import DataCenter
@@ -60,6 +57,7 @@ from yun.testing.guest import BOOT_MARKER, IP_MARKER, READY_MARKER, ensure_guest
 from yun.testing.netns import Topology
 from yun.testing.nodehost import NodeHost
 from yun.testing.qemu import boot_guest
+from yun.util.lifecycle import sigterm_as_interrupt
 from yun.util.run import run
 
 VCPUS = 1
@@ -194,17 +192,6 @@ def node_log_events(log: Path, vm_uuid: str, t0: float, t1: float) -> dict[str, 
     return out
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so that every ``finally`` cleans up."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the three ways

@@ -48,14 +48,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+
+from yun.util.lifecycle import sigterm_as_interrupt
 
 CONTROL_PLANE = ("domain", "control", "storage", "gateway")
 UNFINISHED = ("pending", "running", "rolling_back")
@@ -161,17 +162,6 @@ def stop_services(services: list[Service], grace: float = 15.0) -> None:
             print(f"{service.name} needed SIGKILL", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so that every ``finally`` cleans up."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- measuring
