@@ -90,17 +90,29 @@ async def test_recovery_rolls_back_a_flow_a_crash_left_running(db: Database) -> 
         session.add(FlowRow(uuid="f2", kind="t.crash", resource_type="thing",
                             resource_uuid="r2", state="running", current_step="a",
                             context={}, owner="someone-else", steps=[]))
+        session.add(FlowRow(uuid="f3", kind="t.crash", resource_type="thing",
+                            resource_uuid="r3", state="pending", context={},
+                            owner="a-dead-server", steps=[]))
     engine = FlowEngine(db, KeyedQueues(), None, "me")
     engine.register(definition)
-    assert await engine.recover() == 1  # only its own flows
+    # f2 belongs to a control server that is alive: not ours to touch. f3 was left
+    # pending by one that died: it runs here.
+    assert await engine.recover(live_peers={"someone-else"}) == 2
     await asyncio.sleep(0)
     await engine.wait("f1", 10)
+    await engine.wait("f3", 10)
     async with db.session() as session:
         row = await session.get(FlowRow, "f1")
         assert row is not None
         assert row.state == "failed"
         assert row.error is not None and "interrupted during step 'b'" in row.error
-    assert log == ["rollback b", "rollback a"]
+    # The two flows run side by side (other resources); each keeps its own order.
+    assert sorted(log) == sorted(["rollback b", "rollback a", "run a", "run b"])
+    assert log.index("rollback b") < log.index("rollback a")
+    assert log.index("run a") < log.index("run b")
+    async with db.session() as session:
+        other = await session.get(FlowRow, "f2")
+        assert other is not None and other.state == "running"
 
 
 async def test_flows_of_one_resource_run_one_at_a_time(db: Database) -> None:

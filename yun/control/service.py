@@ -40,7 +40,8 @@ class ControlService:
             self.ctx.engine.register(definition)
         await self.server.start()
         self.nodes.start()
-        recovered = await self.ctx.engine.recover()
+        others = {p.component_id for p in self.ctx.membership.peers_of(ComponentType.CONTROL)}
+        recovered = await self.ctx.engine.recover(others)
         log.info("control server ready", extra={"url": self.url, "component": owner,
                                                 "database": self.db.engine.url.render_as_string(
                                                     hide_password=True),

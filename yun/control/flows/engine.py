@@ -140,13 +140,15 @@ class FlowEngine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def recover(self) -> int:
-        """Finish the journal of flows a previous life of this server left unfinished."""
+    async def recover(self, live_peers: set[str] | frozenset[str] = frozenset()) -> int:
+        """Finish the journal of flows left unfinished by a previous life of this server,
+        or by a control server that is no longer alive (``live_peers`` are the other
+        control servers alive now: their flows are theirs)."""
         async with self.db.session() as session:
-            rows = (await session.scalars(
-                select(FlowRow).where(FlowRow.state.in_(UNFINISHED))
-                .where((FlowRow.owner == self.owner) | (FlowRow.owner.is_(None)))
-            )).all()
+            query = select(FlowRow).where(FlowRow.state.in_(UNFINISHED))
+            if live_peers:
+                query = query.where(FlowRow.owner.is_(None) | FlowRow.owner.not_in(live_peers))
+            rows = (await session.scalars(query)).all()
             pending = [(r.uuid, r.resource_uuid, r.state) for r in rows]
         for flow_uuid, resource_uuid, state in pending:
             log.warning("recovering interrupted flow", extra={
