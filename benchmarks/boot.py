@@ -36,7 +36,6 @@ Needs root, KVM is not used (TCG). Run: ``.venv/bin/python benchmarks/boot.py``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -51,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_model, memory_gib  # benchmarks/machine.py
 
 from yun.testing.datacenter import DataCenter
 from yun.testing.guest import BOOT_MARKER, IP_MARKER, READY_MARKER, ensure_guest_image
@@ -323,13 +324,7 @@ def boot_bare(image: Path, timeout: float) -> HandRun:
 
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    model, mem_gib = cpu_model(), memory_gib()
     qemu = run(["qemu-system-x86_64", "--version"], check=False).stdout.splitlines()
     libvirt = run(["libvirtd", "--version"], check=False).stdout.strip()
     return {"cpu": model, "cores": str(os.cpu_count()), "memory": f"{mem_gib:.1f} GiB",

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from machine import cpu_model, memory_gib  # benchmarks/machine.py
 
 from yun.util.lifecycle import sigterm_as_interrupt
 
@@ -662,13 +663,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def machine() -> str:
     """One line about the machine: CPU model, cores, memory, load."""
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    model, mem_gib = cpu_model(), memory_gib()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"cpu {model}, {os.cpu_count()} cores, {mem_gib:.1f} GiB, loadavg {load}"
 

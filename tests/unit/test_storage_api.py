@@ -297,7 +297,7 @@ async def test_store_sweeps_unfinished_uploads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad_id", ["../images/x", "/etc/passwd", "", "a/b", "..", "\0"])
 def test_store_refuses_ids_that_are_not_uuids(tmp_path: Path, bad_id: str) -> None:
     store = ImageStore(tmp_path / "store")
-    with pytest.raises(BadRequest, match="not an image id"):
+    with pytest.raises(BadRequest, match="invalid image id"):
         store.data_path(bad_id)
     with pytest.raises(BadRequest):
         store.get(bad_id)

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import secrets
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from yun.proto.errors import BadRequest, Conflict, NotFound, Unprocessable, YunError
 from yun.proto.messages import StorageImageReport
 from yun.storage.formats import ImageFormatError, detect_format, normalize_format
+from yun.util.ids import uuid_problem
 
 log = logging.getLogger("yun.storage.store")
 
@@ -81,13 +81,10 @@ def check_image_id(image_id: str) -> str:
     Ids become file names, so anything else (``..``, slashes, odd spellings of the
     same UUID) is refused before it comes near the file system.
     """
-    try:
-        canonical = str(uuid.UUID(image_id))
-    except (ValueError, TypeError, AttributeError):
-        raise BadRequest(f"not an image id: {image_id[:80]!r} (expected a UUID)") from None
-    if canonical != image_id:
-        raise BadRequest(f"not an image id: {image_id[:80]!r} (expected {canonical})")
-    return canonical
+    problem = uuid_problem(image_id, "image id")
+    if problem is not None:
+        raise BadRequest(problem)
+    return image_id
 
 
 def _check_name(name: str) -> str:

@@ -140,9 +140,15 @@ class Provision(Step):
             return
         # Raises when the node is unreachable: the journal then says rollback_failed, and
         # reconciliation removes the domain once the node reports it.
-        await node_client(control, node).request(
-            "DELETE", f"/internal/v1/domains/{ctx.resource_uuid}",
-            request_id=f"{ctx.flow_uuid}:unprovision", timeout=120)
+        await remove_from_node(control, node, ctx, "unprovision")
+
+
+async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
+                           why: str) -> None:
+    """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
+    await node_client(control, node).request(
+        "DELETE", f"/internal/v1/domains/{ctx.resource_uuid}",
+        request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
 
 
 class Confirm(Step):
@@ -197,9 +203,7 @@ class RemoveDomain(Step):
             log.warning("deleting a VM whose node is down", extra={"vm": vm.uuid,
                                                                   "node": node.uuid})
             return
-        await node_client(control, node).request(
-            "DELETE", f"/internal/v1/domains/{vm.uuid}",
-            request_id=f"{ctx.flow_uuid}:delete", timeout=180)
+        await remove_from_node(control, node, ctx, "delete")
 
 
 class ReleaseResources(Step):

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.proto.errors import Conflict, NotFound
+from yun.util.ids import canonical_uuid
 
 R = TypeVar("R")
 
 
 def is_uuid(text: str) -> bool:
-    try:
-        uuidlib.UUID(text)
-    except ValueError:
-        return False
-    return True
+    return canonical_uuid(text) is not None
 
 
 async def find(session: AsyncSession, model: type[R], ref: str, what: str) -> R:

@@ -31,6 +31,7 @@ from yun.node.storage.base import DiskBackend, DiskError
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
 from yun.proto.auth import authorization_header
 from yun.proto.messages import DiskSpec, ImageLocation
+from yun.util.ids import uuid_problem
 
 log = logging.getLogger("yun.node.storage.local")
 
@@ -49,12 +50,9 @@ _FILE_MODE = 0o644
 
 def check_uuid(value: str, what: str) -> str:
     """``value`` if it is a canonical UUID; ids become path components, so nothing else."""
-    try:
-        canonical = str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        raise DiskError(f"invalid {what} {str(value)[:80]!r}: expected a UUID") from None
-    if canonical != value:
-        raise DiskError(f"invalid {what} {value[:80]!r}: expected {canonical}")
+    problem = uuid_problem(value, what)
+    if problem is not None:
+        raise DiskError(problem)
     return value
 
 

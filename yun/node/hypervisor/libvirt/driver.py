@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +50,7 @@ from yun.node.hypervisor.libvirt.xml import (
     parse_domain_xml,
 )
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+from yun.util.ids import canonical_uuid as canonical_uuid_or_none
 
 log = logging.getLogger("yun.node.hypervisor.libvirt")
 
@@ -97,11 +97,10 @@ def map_state(state: int, reason: int) -> DomainState:
 
 def canonical_uuid(value: str) -> str:
     """``value`` as libvirt prints UUIDs (lowercase, dashed); HypervisorError if invalid."""
-    try:
-        return str(uuidlib.UUID(str(value)))
-    except ValueError:
-        raise HypervisorError(f"{value!r} is not a UUID: libvirt domains are named by UUID") \
-            from None
+    canonical = canonical_uuid_or_none(value)
+    if canonical is None:
+        raise HypervisorError(f"{value!r} is not a UUID: libvirt domains are named by UUID")
+    return canonical
 
 
 def supports_direct_io(path: Path) -> bool:
