@@ -61,6 +61,25 @@ class ControlSettings(ComponentSettings):
     database_url: str = ""  # default: sqlite under state_dir
     create_timeout: float = 600.0
     reconcile_interval: float = 5.0
+    admin_password_file: Path | None = Field(
+        default=None, description="when no user exists yet, a super admin 'admin' is made "
+                                  "with the password in this file (mode 0600)")
+    project_quota: dict[str, int] = Field(
+        default_factory=dict, description="limits of new projects, e.g. {vms = 20}; -1 is "
+                                          "unlimited; resources not named keep the defaults")
+
+    def default_quota(self) -> dict[Any, int]:
+        """The limits a new project starts with."""
+        from yun.proto.identity import DEFAULT_QUOTA, QuotaResource
+
+        limits: dict[Any, int] = dict(DEFAULT_QUOTA)
+        for name, limit in self.project_quota.items():
+            try:
+                limits[QuotaResource(name)] = limit
+            except ValueError:
+                raise ConfigError(f"[control] project_quota: unknown resource {name!r}; "
+                                  f"known: {', '.join(r.value for r in QuotaResource)}") from None
+        return limits
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'control.db'}"
@@ -89,7 +108,18 @@ class StorageSettings(ComponentSettings):
 class GatewaySettings(ComponentSettings):
     listen_port: int = 8080
     listen_host: str = "0.0.0.0"
-    admin_token: str = ""
+    auth_cache_ttl: float = Field(
+        default=5.0, ge=0, le=300,
+        description="seconds a verified token or API key is trusted before the control "
+                    "server is asked again (a revoked token works at most this long)")
+    rate_limit: float = Field(
+        default=100.0, ge=0,
+        description="requests per second a user (or, before login, an address) may send; "
+                    "0 disables rate limiting")
+    rate_burst: int = Field(default=200, ge=1, le=1_000_000,
+                            description="requests a user may send at once above the rate")
+    max_json_body: int = Field(default=1 << 20, ge=1024, le=1 << 30,
+                               description="largest JSON request body in bytes")
 
 
 S = TypeVar("S", bound=ComponentSettings)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from yun.config import ControlSettings
+from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.session import Database
 from yun.control.flows.engine import FlowEngine
 from yun.control.scheduler.placement import Placement
-from yun.control.services.addresses import AddressAllocator
+from yun.control.services.identity import IdentityService
 from yun.proto.membership import Membership
 from yun.util.queues import KeyedQueues
 
@@ -22,6 +23,8 @@ class ControlContext:
     placement: Placement = field(init=False)
     addresses: AddressAllocator = field(default_factory=AddressAllocator)
     engine: FlowEngine = field(init=False)
+    identity: IdentityService = field(init=False)
 
     def __post_init__(self) -> None:
         self.placement = Placement(self.db, on_placed=self.addresses.on_placed)
+        self.identity = IdentityService(self.db)

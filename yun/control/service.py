@@ -8,8 +8,10 @@ from yun.config import ControlSettings
 from yun.control.api import create_control_app
 from yun.control.context import ControlContext
 from yun.control.db.session import Database
+from yun.control.flows.cascade import cascade_flows
 from yun.control.flows.engine import FlowEngine
 from yun.control.flows.vm import vm_flows
+from yun.control.services.identity import bootstrap_admin
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
@@ -33,10 +35,12 @@ class ControlService:
 
     async def start(self) -> None:
         await self.db.migrate()
+        password_file = self.settings.admin_password_file
+        await bootstrap_admin(self.db, str(password_file) if password_file else None)
         await self.ctx.membership.start()
         owner = self.ctx.membership.component_id or "control"
         self.ctx.engine = FlowEngine(self.db, self.ctx.queues, self.ctx, owner)
-        for definition in vm_flows():
+        for definition in [*vm_flows(), *cascade_flows()]:
             self.ctx.engine.register(definition)
         await self.server.start()
         self.nodes.start()

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from yun.proto.messages import NAME_PATTERN
 
@@ -19,8 +19,29 @@ ResourceName = Annotated[
                       "at most 63 characters"),
 ]
 Description = Annotated[str, Field(max_length=1024)]
-Tags = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
-                 Field(max_length=50)]
+Ref = Annotated[
+    str,
+    Field(min_length=1, max_length=63, pattern=NAME_PATTERN,
+          description="a resource's uuid or name"),
+]
+TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$"
+SYSTEM_TAG_PREFIX = "sys:"
+TagKey = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, Field(max_length=255)]
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    Field(max_length=50, description="key=value labels; keys starting with 'sys:' are the "
+                                     "platform's own and cannot be set through the API"),
+]
+
+
+def user_tags(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` after refusing the keys reserved to the platform (Z-TAG)."""
+    reserved = sorted(k for k in tags if k.lower().startswith(SYSTEM_TAG_PREFIX))
+    if reserved:
+        raise ValueError(f"tag keys starting with '{SYSTEM_TAG_PREFIX}' are reserved to the "
+                         f"platform: {', '.join(reserved)}")
+    return tags
 
 
 class Input(BaseModel):
@@ -37,17 +58,50 @@ class Resource(BaseModel):
     uuid: str
     name: str
     description: str = ""
-    tags: list[str] = Field(default_factory=list)
-    project: str = "default"
+    tags: dict[str, str] = Field(default_factory=dict)
+    project_uuid: str | None = Field(default=None, description="the project owning it")
     created_at: datetime
     updated_at: datetime
 
 
 class Page(BaseModel, Generic[T]):
+    """One page of a list. ``total`` is given when asked for with ``count=true``;
+    ``next_cursor`` continues after the last item (None on the last page)."""
+
     items: list[T]
-    total: int
+    total: int | None = None
     limit: int
-    offset: int
+    offset: int = 0
+    next_cursor: str | None = None
+
+
+class TagsUpdate(Input):
+    """Change a resource's tags: ``set`` adds or replaces, ``remove`` deletes keys."""
+
+    set: Tags = Field(default_factory=dict)
+    remove: list[TagKey] = Field(default_factory=list, max_length=50)
+
+    @field_validator("set")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        return user_tags(value)
+
+    @field_validator("remove")
+    @classmethod
+    def _not_reserved_keys(cls, value: list[str]) -> list[str]:
+        user_tags(dict.fromkeys(value, ""))
+        return value
+
+
+class TagsReplace(Input):
+    """Replace every tag of a resource that is not a platform (``sys:``) tag."""
+
+    tags: Tags = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        return user_tags(value)
 
 
 # --- nodes --------------------------------------------------------------------------
@@ -95,16 +149,30 @@ class ImageFormat(StrEnum):
     ISO = "iso"
 
 
+class ImageVisibility(StrEnum):
+    PROJECT = "project"
+    PUBLIC = "public"
+
+
 class ImageCreate(Input):
     name: ResourceName
     description: Description = ""
     format: ImageFormat | None = Field(
         default=None, description="declared format; required only for raw disks")
-    tags: Tags = Field(default_factory=list)
+    visibility: ImageVisibility = Field(
+        default=ImageVisibility.PROJECT,
+        description="'public' images are seen by every project (set by administrators)")
+    tags: Tags = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        return user_tags(value)
 
 
 class Image(Resource):
     status: ImageStatus
+    visibility: ImageVisibility = ImageVisibility.PROJECT
     format: str | None = None
     size: int | None = None
     virtual_size: int | None = None
@@ -117,6 +185,8 @@ class ImageUploadTicket(BaseModel):
 
     image: Image
     storage_url: str
+    existing: bool = Field(
+        default=False, description="a retried keyed upload: the image is already stored")
 
 
 # --- tasks --------------------------------------------------------------------------
@@ -145,6 +215,7 @@ class Task(BaseModel):
     kind: str
     resource_type: str
     resource_uuid: str
+    project_uuid: str | None = None
     state: TaskState
     current_step: str | None = None
     error: str | None = None
@@ -176,8 +247,12 @@ class VmCreate(Input):
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_gb: int = Field(default=1, ge=1, le=16384)
-    tags: Tags = Field(default_factory=list)
-    project: ResourceName = "default"
+    tags: Tags = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        return user_tags(value)
 
 
 class VmStop(Input):
@@ -201,10 +276,14 @@ class Vm(Resource):
 
 
 class Accepted(BaseModel):
-    """The answer to a long operation: the resource as it is now and the task to watch."""
+    """The answer to a long operation: the resource as it is now and the task to watch.
 
-    task: Task
+    ``task`` is None when nothing had to be done (a VM asked to start that already
+    runs); ``message`` then says so."""
+
+    task: Task | None
     resource: dict[str, Any]
+    message: str | None = None
 
 
 class Console(BaseModel):

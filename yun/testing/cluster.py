@@ -38,7 +38,9 @@ class SimCluster:
     report_interval: float = 1.0
     database_url: str = ""
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    token: str = ""
+    gateway_options: dict[str, Any] = field(default_factory=dict)
     domain: DomainService | None = None
     control: ControlService | None = None
     storage: StorageService | None = None
@@ -56,20 +58,45 @@ class SimCluster:
         self.domain = DomainService(DomainSettings(
             **self.common("domain"), ttl=self.ttl, mdns=False))
         await self.domain.start()
+        password_file = self.root / "admin-password"
+        password_file.parent.mkdir(parents=True, exist_ok=True)
+        password_file.write_text(self.admin_password)
+        password_file.chmod(0o600)
         self.control = ControlService(ControlSettings(
-            **self.common("control"), database_url=self.database_url))
+            **self.common("control"), database_url=self.database_url,
+            admin_password_file=password_file))
         await self.control.start()
         self.storage = StorageService(StorageSettings(**self.common("storage")))
         await self.storage.start()
         await self.add_nodes(self.nodes)
-        self.gateway = GatewayService(GatewaySettings(**self.common("gateway"),
-                                                      admin_token=self.token))
+        # Tests and benchmarks send far more than one user would: no rate limit here
+        # unless a test asks for one.
+        options = {"rate_limit": 0, **self.gateway_options}
+        self.gateway = GatewayService(GatewaySettings(**self.common("gateway"), **options))
         await self.gateway.start()
-        self.api = httpx.AsyncClient(base_url=self.gateway.url, timeout=120,
-                                     headers={"Authorization": f"Bearer {self.token}"})
-        await self.wait_nodes_up(len(self.node_services))
         await self.wait_peers()
+        self.token = await self.login("admin", self.admin_password)
+        self.api = self.client(self.token)
+        await self.wait_nodes_up(len(self.node_services))
         return self
+
+    async def login(self, user: str, password: str, project: str | None = None) -> str:
+        """A token for ``user`` (scoped to ``project``, or the user's first project)."""
+        assert self.gateway is not None
+        body: dict[str, Any] = {"username": user, "password": password}
+        if project is not None:
+            body["project"] = project
+        async with httpx.AsyncClient(base_url=self.gateway.url, timeout=60) as http:
+            resp = await http.post("/api/v1/auth/tokens", json=body)
+        if resp.status_code != 201:
+            raise RuntimeError(f"login of {user} failed: {resp.status_code} {resp.text}")
+        return str(resp.json()["token"])
+
+    def client(self, token: str) -> httpx.AsyncClient:
+        """An HTTP client of the public API authenticated with ``token``."""
+        assert self.gateway is not None
+        return httpx.AsyncClient(base_url=self.gateway.url, timeout=120,
+                                 headers={"Authorization": f"Bearer {token}"})
 
     async def wait_peers(self, timeout: float = 30) -> None:
         """Until the control server sees the storage server and the gateway sees the control."""
@@ -99,12 +126,13 @@ class SimCluster:
         assert self.api is not None
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            page = (await self.api.get("/api/v1/nodes", params={"status": "up",
-                                                                  "limit": 1})).json()
+            page = (await self.api.get("/api/v1/nodes", params={"q": "status=up",
+                                                                  "limit": 1,
+                                                                  "count": "true"})).json()
             if page.get("total", 0) >= count:
                 return
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"only {page.get('total')} of {count} nodes up")
+                raise TimeoutError(f"only {page.get('total')} of {count} nodes up: {page}")
             await asyncio.sleep(0.1)
 
     async def wait_task(self, task_uuid: str, timeout: float = 120) -> dict[str, Any]:
@@ -126,11 +154,10 @@ class SimCluster:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            unfinished = 0
-            for state in ("pending", "running", "rolling_back"):
-                page = (await self.api.get("/api/v1/tasks",
-                                           params={"state": state, "limit": 1})).json()
-                unfinished += page["total"]
+            page = (await self.api.get("/api/v1/tasks", params={
+                "q": "state in (pending,running,rolling_back)", "limit": 1,
+                "count": "true"})).json()
+            unfinished = page["total"]
             if unfinished == 0:
                 break
             if loop.time() > deadline:
@@ -138,13 +165,15 @@ class SimCluster:
             await asyncio.sleep(0.5)
         wanted = set(task_uuids)
         found: dict[str, dict[str, Any]] = {}
-        offset = 0
+        cursor: str | None = None
         while len(found) < len(wanted):
-            page = (await self.api.get("/api/v1/tasks",
-                                       params={"limit": 1000, "offset": offset})).json()
+            params: dict[str, Any] = {"limit": 1000}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await self.api.get("/api/v1/tasks", params=params)).json()
             found.update((t["uuid"], t) for t in page["items"] if t["uuid"] in wanted)
-            offset += 1000
-            if offset >= page["total"]:
+            cursor = page.get("next_cursor")
+            if not cursor:
                 break
         return [found[u] for u in task_uuids]
 

@@ -71,7 +71,8 @@ class DataCenter:
         self.workdir = workdir
         self.node_count = nodes
         self.secret = secrets.token_urlsafe(16)
-        self.token = secrets.token_urlsafe(16)
+        self.admin_password = secrets.token_urlsafe(16)
+        self.token = ""
         self.procs: dict[str, Process] = {}
         self.node_hosts: dict[str, NodeHost] = {}
         self.ctl: Host | None = None
@@ -108,9 +109,10 @@ class DataCenter:
         self.ctl = self.topo.add_host("ctl")
         extras: dict[str, dict[str, Any]] = {
             "domain": {"listen_port": PORTS["domain"], "ttl": 4.0, "mdns": self.discover},
-            "control": {"listen_port": PORTS["control"]},
+            "control": {"listen_port": PORTS["control"],
+                        "admin_password_file": str(self._admin_password_file())},
             "storage": {"listen_port": PORTS["storage"]},
-            "gateway": {"listen_port": PORTS["gateway"], "admin_token": self.token},
+            "gateway": {"listen_port": PORTS["gateway"], "rate_limit": 0},
         }
         for component in CONTROL_PLANE:
             config = self._config(component, self.ctl, component, extras[component],
@@ -119,11 +121,30 @@ class DataCenter:
             self._wait_up(self.ctl, PORTS[component], component)
         for i in range(self.node_count):
             self.add_node(f"node{i}")
-        self.api = httpx.Client(base_url=f"http://{self.ctl.ip}:{PORTS['gateway']}",
-                                headers={"Authorization": f"Bearer {self.token}"},
-                                timeout=120)
+        base = f"http://{self.ctl.ip}:{PORTS['gateway']}"
+        self.token = self._login(base)
+        self.api = httpx.Client(base_url=base, timeout=120,
+                                headers={"Authorization": f"Bearer {self.token}"})
         self.wait_nodes(self.node_count)
         return self
+
+    def _admin_password_file(self) -> Path:
+        path = self.workdir / "admin-password"
+        path.write_text(self.admin_password)
+        path.chmod(0o600)
+        return path
+
+    def _login(self, base: str, timeout: float = 60) -> str:
+        """The super admin's token; the control server makes that user at its first start."""
+        deadline = time.monotonic() + timeout
+        while True:
+            resp = httpx.post(f"{base}/api/v1/auth/tokens", timeout=30, json={
+                "username": "admin", "password": self.admin_password})
+            if resp.status_code == 201:
+                return str(resp.json()["token"])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"admin login failed: {resp.status_code} {resp.text}")
+            time.sleep(0.5)
 
     def add_node(self, name: str) -> NodeHost:
         host = self.topo.add_host(name)
@@ -164,7 +185,7 @@ class DataCenter:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.api.get("/api/v1/nodes", params={"status": "up"}).json()[
+                if self.api.get("/api/v1/nodes", params={"q": "status=up", "count": "true"}).json()[
                         "total"] >= count:
                     return
             except (httpx.HTTPError, KeyError):

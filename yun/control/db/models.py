@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -62,8 +63,6 @@ class NodeRow(Stamped, Base):
     uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(63))
     description: Mapped[str] = mapped_column(Text, default="")
-    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    project: Mapped[str] = mapped_column(String(63), default="default")
     url: Mapped[str] = mapped_column(String(2048))
     status: Mapped[str] = mapped_column(String(16), default="up")
     hypervisor: Mapped[str] = mapped_column(String(32))
@@ -86,8 +85,12 @@ class ImageRow(Stamped, Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), index=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    project: Mapped[str] = mapped_column(String(63), default="default")
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="RESTRICT"),
+                                              index=True)
+    visibility: Mapped[str] = mapped_column(String(16), default="project")
+    # sha256 of (user, Idempotency-Key) of the upload that made it: a retried upload
+    # finds its image instead of making a second one (U-IDEMP).
+    upload_key: Mapped[str | None] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16))
     declared_format: Mapped[str | None] = mapped_column(String(16))
     format: Mapped[str | None] = mapped_column(String(16))
@@ -106,8 +109,8 @@ class VmRow(Stamped, Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), index=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    project: Mapped[str] = mapped_column(String(63), default="default")
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="RESTRICT"),
+                                              index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     power_state: Mapped[str | None] = mapped_column(String(16))
     vcpus: Mapped[int] = mapped_column(Integer)
@@ -145,6 +148,7 @@ class FlowRow(Base):
     kind: Mapped[str] = mapped_column(String(64))
     resource_type: Mapped[str] = mapped_column(String(32))
     resource_uuid: Mapped[str] = mapped_column(String(64))
+    project_uuid: Mapped[str | None] = mapped_column(String(36), index=True)
     state: Mapped[str] = mapped_column(String(16))
     current_step: Mapped[str | None] = mapped_column(String(64))
     context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -176,12 +180,149 @@ class FlowStepRow(Base):
 
 
 class IdempotencyRow(Base):
-    """The recorded answer to a request made with an Idempotency-Key (U-IDEMP)."""
+    """The recorded answer to a request made with an Idempotency-Key (U-IDEMP).
+
+    ``key`` is the sha256 of the user and the client's key: keys are scoped per user."""
 
     __tablename__ = "idempotency_keys"
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_uuid: Mapped[str | None] = mapped_column(String(36))
     fingerprint: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int] = mapped_column(Integer)
     body: Mapped[Any] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# --- identity and tenancy (T-ID) -----------------------------------------------------
+
+
+class DepartmentRow(Stamped, Base):
+    __tablename__ = "departments"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+
+
+class ProjectRow(Stamped, Base):
+    __tablename__ = "projects"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    department_uuid: Mapped[str] = mapped_column(
+        ForeignKey("departments.uuid", ondelete="RESTRICT"), index=True)
+
+
+class UserRow(Stamped, Base):
+    __tablename__ = "users"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    email: Mapped[str | None] = mapped_column(String(254))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    department_uuid: Mapped[str] = mapped_column(
+        ForeignKey("departments.uuid", ondelete="RESTRICT"), index=True)
+
+
+class RoleAssignmentRow(Base):
+    """One role of one user on one scope: a project, a department, or the platform.
+
+    ``scope`` is ``platform``, ``department:<uuid>`` or ``project:<uuid>``: a user holds
+    at most one role per scope."""
+
+    __tablename__ = "role_assignments"
+    __table_args__ = (UniqueConstraint("user_uuid", "scope", name="uq_role_user_scope"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_uuid: Mapped[str] = mapped_column(ForeignKey("users.uuid", ondelete="CASCADE"),
+                                           index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str] = mapped_column(String(80))
+    project_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("projects.uuid", ondelete="CASCADE"), index=True)
+    department_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("departments.uuid", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TokenRow(Base):
+    """A login token: only the sha256 of its secret is kept."""
+
+    __tablename__ = "tokens"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_uuid: Mapped[str] = mapped_column(ForeignKey("users.uuid", ondelete="CASCADE"),
+                                           index=True)
+    project_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("projects.uuid", ondelete="CASCADE"), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ApiKeyRow(Stamped, Base):
+    """An API key pair. The secret is kept because requests are verified by recomputing
+    their HMAC with it."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("user_uuid", "name", name="uq_api_keys_user_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str] = mapped_column(Text, default="")
+    access_key: Mapped[str] = mapped_column(String(64), unique=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    user_uuid: Mapped[str] = mapped_column(ForeignKey("users.uuid", ondelete="CASCADE"),
+                                           index=True)
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="CASCADE"),
+                                              index=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class QuotaRow(Base):
+    """A project's limit and current use of one resource; claimed by a conditional UPDATE."""
+
+    __tablename__ = "quotas"
+
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="CASCADE"),
+                                              primary_key=True)
+    resource: Mapped[str] = mapped_column(String(32), primary_key=True)
+    limit: Mapped[int] = mapped_column(BigInteger)  # -1: unlimited
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TagRow(Base):
+    """One key=value tag of any resource (Z-TAG); ``sys:`` keys belong to the platform."""
+
+    __tablename__ = "resource_tags"
+
+    resource_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255), default="")
+    resource_type: Mapped[str] = mapped_column(String(32), index=True)
+
+
+class AuditRow(Base):
+    """One mutating API call: who, in which project, did what to what, and the result."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    user_uuid: Mapped[str | None] = mapped_column(String(36), index=True)
+    user_name: Mapped[str | None] = mapped_column(String(63))
+    project_uuid: Mapped[str | None] = mapped_column(String(36), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    resource_type: Mapped[str | None] = mapped_column(String(32))
+    resource_uuid: Mapped[str | None] = mapped_column(String(64))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -105,14 +105,17 @@ class FlowEngine:
         self.definitions[definition.kind] = definition
 
     def new_flow(
-        self, session: AsyncSession, kind: str, resource_uuid: str, data: dict[str, Any]
+        self, session: AsyncSession, kind: str, resource_uuid: str, data: dict[str, Any],
+        project_uuid: str | None = None,
     ) -> FlowRow:
-        """Add a pending flow in the caller's transaction; start it with :meth:`launch` after."""
+        """Add a pending flow in the caller's transaction; start it with :meth:`launch` after.
+
+        ``project_uuid`` makes the task visible to that project's users."""
         definition = self.definitions[kind]
         row = FlowRow(
             uuid=str(uuid.uuid4()), kind=kind, resource_type=definition.resource_type,
-            resource_uuid=resource_uuid, state="pending", context=data, owner=self.owner,
-            steps=[],
+            resource_uuid=resource_uuid, project_uuid=project_uuid, state="pending",
+            context=data, owner=self.owner, steps=[],
         )
         session.add(row)
         return row

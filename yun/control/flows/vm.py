@@ -13,12 +13,14 @@ import uuid as uuidlib
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from yun.control.allocators import quotas
+from yun.control.allocators.addresses import AddressAllocator
 from yun.control.context import ControlContext
 from yun.control.db.models import ImageRow, NodeRow, VmRow
+from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
+from yun.control.nodeclient import node_client
 from yun.control.scheduler.placement import Placement, Request
-from yun.control.services.addresses import AddressAllocator
-from yun.control.services.nodes import node_client
 from yun.proto.components import ComponentType
 from yun.proto.errors import Conflict, NotFound, Unavailable
 from yun.proto.messages import (
@@ -216,6 +218,9 @@ class ReleaseResources(Step):
             if vm.node_uuid:
                 await Placement.release(session, vm.node_uuid,
                                         Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
+            await quotas.release(session, vm.project_uuid,
+                                 quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
+            await drop_tags(session, vm.uuid)
             await session.delete(vm)
         log.info("VM deleted", extra={"vm": ctx.resource_uuid})
 

@@ -1,12 +1,14 @@
-"""Lookups and listing shared by the resource services."""
+"""Lookups shared by the resource services: every one takes the caller's scope."""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from yun.control.access.policy import Scope
+from yun.control.access.visibility import visible
 from yun.proto.errors import Conflict, NotFound
 from yun.util.ids import canonical_uuid
 
@@ -17,14 +19,22 @@ def is_uuid(text: str) -> bool:
     return canonical_uuid(text) is not None
 
 
-async def find(session: AsyncSession, model: type[R], ref: str, what: str) -> R:
-    """The row of ``model`` whose uuid or (unambiguous) name is ``ref``."""
-    if is_uuid(ref):
-        row = await session.get(model, ref)
+async def find(session: AsyncSession, model: type[R], ref: str, what: str,
+               scope: Scope) -> R:
+    """The row of ``model`` that ``scope`` sees whose uuid or (unambiguous) name is ``ref``.
+
+    A row outside the scope is answered exactly like a missing one: 404."""
+    where = visible(model, scope)
+    key = canonical_uuid(ref)
+    if key is not None:
+        row = (await session.scalars(select(model).where(
+            model.uuid == key, where).limit(1))).first()  # type: ignore[attr-defined]
         if row is not None:
             return row
-    rows = (await session.scalars(
-        select(model).where(model.name == ref).limit(2))).all()  # type: ignore[attr-defined]
+    if not hasattr(model, "name"):
+        raise NotFound(f"no {what} '{ref}'")
+    rows = (await session.scalars(select(model).where(
+        model.name == ref, where).limit(2))).all()  # type: ignore[attr-defined]
     if not rows:
         raise NotFound(f"no {what} '{ref}'")
     if len(rows) > 1:
@@ -32,20 +42,7 @@ async def find(session: AsyncSession, model: type[R], ref: str, what: str) -> R:
     return rows[0]
 
 
-async def page(
-    session: AsyncSession, model: Any, filters: dict[str, Any], tag: str | None,
-    limit: int, offset: int,
-) -> tuple[list[Any], int]:
-    """Rows of ``model`` matching every filter (and carrying ``tag``), newest first."""
-    query = select(model)
-    for column, value in filters.items():
-        if value is not None:
-            query = query.where(getattr(model, column) == value)
-    query = query.order_by(model.created_at.desc(), model.uuid)
-    if tag:
-        # Tags are a JSON list; filtering in Python keeps SQLite and PostgreSQL alike.
-        rows = [r for r in (await session.scalars(query)).all() if tag in (r.tags or [])]
-        return rows[offset:offset + limit], len(rows)
-    total = await session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = list((await session.scalars(query.limit(limit).offset(offset))).all())
-    return rows, total
+async def get_internal(session: AsyncSession, model: type[R], key: Any) -> R | None:
+    """A row by primary key for the control server's own work (flows, reconciliation),
+    never for a user's request: those go through :func:`find`."""
+    return await session.get(model, key)

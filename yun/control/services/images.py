@@ -2,45 +2,126 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid as uuidlib
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.allocators import quotas
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, VmRow
+from yun.control.db.models import ImageRow, ProjectRow, VmRow
+from yun.control.db.tags import tags_of, update_tags
+from yun.control.flows.cascade import remove_image
 from yun.control.services.common import find
+from yun.control.services.tasks import task_model
 from yun.proto.components import ComponentType
-from yun.proto.errors import Conflict, NotFound, Unavailable, YunError
+from yun.proto.context import RequestContext
+from yun.proto.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable
+from yun.proto.identity import QuotaResource
 from yun.proto.messages import StorageImageReport
-from yun.proto.resources import Image, ImageCreate, ImageStatus, ImageUploadTicket
+from yun.proto.resources import (
+    Accepted,
+    Image,
+    ImageCreate,
+    ImageStatus,
+    ImageUploadTicket,
+    ImageVisibility,
+)
 
 log = logging.getLogger("yun.control.images")
+IMAGE_QUOTA = {QuotaResource.IMAGES: 1}
+
+
+def image_model(row: ImageRow, tags: dict[str, str] | None = None) -> Image:
+    image = Image.model_validate(row)
+    image.tags = tags or {}
+    return image
+
+
+async def image_models(session: AsyncSession, rows: list[ImageRow]) -> list[Image]:
+    tags = await tags_of(session, [r.uuid for r in rows])
+    return [image_model(r, tags.get(r.uuid)) for r in rows]
+
+
+def upload_key(user: RequestContext, key: str) -> str:
+    """An Idempotency-Key as stored with the image: scoped to its user."""
+    return hashlib.sha256(f"{user.user_uuid}\0{key}".encode()).hexdigest()
 
 
 class ImageService:
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
 
-    async def create(self, req: ImageCreate) -> ImageUploadTicket:
-        """Record an image about to be uploaded and choose the storage server that keeps it."""
+    async def create(self, req: ImageCreate, user: RequestContext,
+                     idempotency_key: str | None) -> ImageUploadTicket:
+        """Record an image about to be uploaded and choose the storage server that keeps it.
+
+        A keyed upload that already stored its image answers that image (``existing``), so
+        a client retrying after a lost answer does not make a second one."""
+        require(user, Permission.WRITE, "upload images")
+        if user.project_uuid is None:
+            raise Unprocessable("this token is not scoped to a project; log in to a project "
+                                "to upload images to it")
+        if req.visibility is ImageVisibility.PUBLIC and not user.is_super_admin:
+            raise Forbidden("only a super admin may make an image public")
+        key = upload_key(user, idempotency_key) if idempotency_key else None
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise Unprocessable("Idempotency-Key must have 1 to 255 characters")
         storages = self.ctx.membership.peers_of(ComponentType.STORAGE)
         if not storages:
             raise Unavailable("no storage server has joined the domain")
         storage = storages[0]
-        async with self.ctx.db.session() as session:
-            row = ImageRow(
-                uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
-                tags=req.tags, status=ImageStatus.UPLOADING,
-                declared_format=req.format.value if req.format else None,
-                storage_uuid=storage.component_id, storage_url=storage.url,
-            )
-            session.add(row)
-            await session.flush()
-            image = Image.model_validate(row)
+        if key is not None:
+            existing = await self._keyed(key)
+            if existing is not None:
+                return existing
+        try:
+            async with self.ctx.db.session() as session:
+                project = await session.get(ProjectRow, user.project_uuid)
+                if project is None:
+                    raise Unprocessable(f"project {user.project_name} no longer exists")
+                await quotas.claim(session, project, IMAGE_QUOTA)
+                row = ImageRow(
+                    uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
+                    project_uuid=project.uuid, visibility=req.visibility.value,
+                    upload_key=key, status=ImageStatus.UPLOADING,
+                    declared_format=req.format.value if req.format else None,
+                    storage_uuid=storage.component_id, storage_url=storage.url,
+                )
+                session.add(row)
+                tags = await update_tags(session, "image", row.uuid, req.tags) if req.tags \
+                    else {}
+                await session.flush()
+                image = image_model(row, tags)
+        except IntegrityError:
+            # Two uploads with one key at once: the other one made the record.
+            existing = await self._keyed(key) if key else None
+            if existing is None:
+                raise
+            return existing
         log.info("image upload started", extra={"image": image.uuid, "image_name": req.name,
+                                                 "project": image.project_uuid,
                                                  "storage": storage.component_id})
         return ImageUploadTicket(image=image, storage_url=storage.url)
+
+    async def _keyed(self, key: str) -> ImageUploadTicket | None:
+        async with self.ctx.db.session() as session:
+            row = (await session.scalars(select(ImageRow).where(
+                ImageRow.upload_key == key))).first()
+            if row is None:
+                return None
+            if row.status == ImageStatus.UPLOADING:
+                raise Conflict(f"image {row.name} is still being uploaded with this "
+                               "Idempotency-Key; retry when that upload has ended")
+            if row.status != ImageStatus.ACTIVE:
+                return None
+            image = (await image_models(session, [row]))[0]
+            return ImageUploadTicket(image=image, storage_url=row.storage_url or "",
+                                     existing=True)
 
     async def stored(self, report: StorageImageReport) -> Image:
         """The storage server has the bytes: the image becomes usable."""
@@ -52,35 +133,49 @@ class ImageService:
             row.size, row.sha256 = report.size, report.sha256
             row.format, row.virtual_size = report.format, report.virtual_size
             row.error = None
-            image = Image.model_validate(row)
+            image = (await image_models(session, [row]))[0]
         log.info("image active", extra={"image": image.uuid, "format": report.format,
                                         "size": report.size, "sha256": report.sha256})
         return image
 
-    async def get(self, ref: str) -> Image:
+    async def get(self, ref: str, scope: Scope) -> Image:
         async with self.ctx.db.session() as session:
-            return Image.model_validate(await find(session, ImageRow, ref, "image"))
+            row = await find(session, ImageRow, ref, "image", scope)
+            return (await image_models(session, [row]))[0]
 
-    async def delete(self, ref: str) -> None:
+    async def users_of(self, ref: str, scope: Scope) -> tuple[ImageRow, list[VmRow]]:
+        """The image and the VMs made from it (any project's: an image in use stays)."""
+        async with self.ctx.db.session() as session:
+            row = await find(session, ImageRow, ref, "image", scope)
+            require_in_project(scope.context, Permission.WRITE, row.project_uuid,
+                               what=f"delete image {row.name}")
+            vms = list((await session.scalars(
+                select(VmRow).where(VmRow.image_uuid == row.uuid))).all())
+            return row, vms
+
+    async def delete(self, ref: str, scope: Scope) -> None:
         """Remove an image nobody uses, from the storage server and the records."""
+        row, users = await self.users_of(ref, scope)
+        if users:
+            names = [v.name for v in users]
+            shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+            raise Conflict(f"image {row.name} is used by VM(s) {shown}; delete them first or "
+                           "delete with cascade", errors=[{"vm": v.uuid, "name": v.name}
+                                                          for v in users[:50]])
+        await self.remove(row.uuid)
+
+    async def remove(self, image_uuid: str) -> None:
+        """Delete the image's bytes and record (no checks: callers made them)."""
+        await remove_image(self.ctx, image_uuid)
+
+    async def delete_cascade(self, ref: str, scope: Scope) -> Accepted:
+        """Delete the image after the VMs made from it, each through its own flow."""
+        row, _ = await self.users_of(ref, scope)
         async with self.ctx.db.session() as session:
-            row = await find(session, ImageRow, ref, "image")
-            users = (await session.scalars(
-                select(VmRow.name).where(VmRow.image_uuid == row.uuid).limit(6))).all()
-            if users:
-                shown = ", ".join(users[:5]) + (" …" if len(users) > 5 else "")
-                raise Conflict(f"image {row.name} is used by VM(s) {shown}; delete them first")
-            image_uuid, storage_uuid, storage_url = row.uuid, row.storage_uuid, row.storage_url
-        if storage_url:
-            peer = self.ctx.membership.peers.get(storage_uuid or "")
-            client = (self.ctx.membership.client(peer) if peer is not None
-                      else self.ctx.membership.client_for_url(storage_url))
-            try:
-                await client.request("DELETE", f"/internal/v1/images/{image_uuid}")
-            except YunError as exc:
-                raise Unavailable(f"storage server could not delete image {ref}: {exc}") from exc
-        async with self.ctx.db.session() as session:
-            row2 = await session.get(ImageRow, image_uuid)
-            if row2 is not None:
-                await session.delete(row2)
-        log.info("image deleted", extra={"image": image_uuid})
+            flow = self.ctx.engine.new_flow(session, "image.delete", row.uuid, {},
+                                            project_uuid=row.project_uuid)
+            await session.flush()
+            accepted = Accepted(task=task_model(flow), resource=(await image_models(
+                session, [row]))[0].model_dump(mode="json"))
+        self.ctx.engine.launch(flow.uuid, row.uuid)
+        return accepted

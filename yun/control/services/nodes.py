@@ -11,8 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.context import ControlContext
 from yun.control.db.models import NodeRow, VmRow, utcnow
-from yun.proto.client import PeerClient
-from yun.proto.errors import NotFound, Unavailable, YunError
+from yun.proto.errors import NotFound, YunError
 from yun.proto.messages import DomainInfo, DomainState, NodeReport, Peer
 from yun.proto.resources import Node, VmState
 
@@ -26,12 +25,6 @@ OBSERVED_TO_STATE = {
     DomainState.CRASHED: VmState.ERROR,
 }
 SETTLED_STATES = {VmState.RUNNING, VmState.STOPPED, VmState.ERROR, VmState.UNKNOWN}
-
-
-def node_client(ctx: ControlContext, node: NodeRow) -> PeerClient:
-    if node.status != "up":
-        raise Unavailable(f"node {node.name} is down")
-    return ctx.membership.client_for_url(node.url)
 
 
 async def get_node(session: AsyncSession, node_uuid: str) -> NodeRow:

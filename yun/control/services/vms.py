@@ -8,14 +8,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.allocators import quotas
 from yun.control.context import ControlContext
-from yun.control.db.models import FlowRow, ImageRow, NodeRow, VmRow
+from yun.control.db.models import FlowRow, ImageRow, NodeRow, ProjectRow, VmRow
+from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
+from yun.control.nodeclient import node_client
 from yun.control.services.common import find
-from yun.control.services.nodes import node_client
 from yun.control.services.tasks import task_model
+from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
-from yun.proto.messages import DomainInfo, StopRequest
+from yun.proto.messages import StopRequest
 from yun.proto.resources import Accepted, Console, ImageStatus, Vm, VmCreate, VmState, VmStop
 
 ACTIONS_ALLOWED: dict[str, set[VmState]] = {
@@ -24,79 +28,107 @@ ACTIONS_ALLOWED: dict[str, set[VmState]] = {
     "reboot": {VmState.RUNNING},
 }
 TRANSIENT = {"start": VmState.STARTING, "stop": VmState.STOPPING, "reboot": VmState.REBOOTING}
+# A power action asked of a VM already in its target state: nothing to do (U-IDEMP).
+ALREADY = {"start": VmState.RUNNING, "stop": VmState.STOPPED}
 
 
-def vm_model(row: VmRow, node_name: str | None = None) -> Vm:
+def vm_model(row: VmRow, node_name: str | None = None,
+             tags: dict[str, str] | None = None) -> Vm:
     vm = Vm.model_validate(row)
     vm.node_name = node_name
+    vm.tags = tags or {}
     return vm
 
 
-async def vm_with_node(session: AsyncSession, row: VmRow) -> Vm:
-    node = await session.get(NodeRow, row.node_uuid) if row.node_uuid else None
-    return vm_model(row, node.name if node else None)
+async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
+    """The API view of many VMs, with their node names and tags in two queries."""
+    node_uuids = {r.node_uuid for r in rows if r.node_uuid}
+    names: dict[str, str] = {}
+    if node_uuids:
+        names = dict((await session.execute(select(NodeRow.uuid, NodeRow.name).where(
+            NodeRow.uuid.in_(node_uuids)))).all())
+    tags = await tags_of(session, [r.uuid for r in rows])
+    return [vm_model(r, names.get(r.node_uuid or ""), tags.get(r.uuid)) for r in rows]
 
 
 class VmService:
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
 
-    async def create(self, req: VmCreate) -> Accepted:
+    async def create(self, req: VmCreate, user: RequestContext, scope: Scope) -> Accepted:
+        """Record the VM, count it against its project's quota, and start its create flow."""
+        require(user, Permission.WRITE, "create VMs")
+        if user.project_uuid is None:
+            raise Unprocessable("this token is not scoped to a project; log in to a project "
+                                "to create VMs in it")
         async with self.ctx.db.session() as session:
-            image = await find(session, ImageRow, req.image, "image")
+            image = await find(session, ImageRow, req.image, "image", scope)
             if image.status != ImageStatus.ACTIVE:
                 raise Conflict(f"image {image.name} is {image.status}, not active")
             if image.format == "iso":
                 raise Unprocessable(f"image {image.name} is an ISO; a VM boots from a disk image")
-            vm = VmRow(
-                uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
-                tags=req.tags, project=req.project, state=VmState.BUILDING, vcpus=req.vcpus,
-                memory_mb=req.memory_mb, disk_gb=req.disk_gb, image_uuid=image.uuid,
-            )
             if image.virtual_size and image.virtual_size > req.disk_gb * 1024**3:
                 raise Unprocessable(
                     f"disk_gb={req.disk_gb} is smaller than image {image.name} "
                     f"({image.virtual_size / 1024**3:.1f} GiB)")
+            await quotas.claim(session, await _project(session, user),
+                               quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
+            vm = VmRow(
+                uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
+                project_uuid=user.project_uuid, state=VmState.BUILDING, vcpus=req.vcpus,
+                memory_mb=req.memory_mb, disk_gb=req.disk_gb, image_uuid=image.uuid,
+            )
             session.add(vm)
-            flow = self.ctx.engine.new_flow(session, "vm.create", vm.uuid, {})
+            tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
+            flow = self.ctx.engine.new_flow(session, "vm.create", vm.uuid, {},
+                                            project_uuid=vm.project_uuid)
             vm.task_uuid = flow.uuid
             await session.flush()
-            accepted = Accepted(task=task_model(flow), resource=vm_model(vm).model_dump(
-                mode="json"))
+            accepted = Accepted(task=task_model(flow), resource=vm_model(
+                vm, tags=tags).model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, vm.uuid)
         return accepted
 
-    async def get(self, ref: str) -> Vm:
+    async def get(self, ref: str, scope: Scope) -> Vm:
         async with self.ctx.db.session() as session:
-            return await vm_with_node(session, await find(session, VmRow, ref, "VM"))
+            return (await vm_models(session, [await find(session, VmRow, ref, "VM", scope)]))[0]
 
-    async def action(self, ref: str, action: str, stop: VmStop | None = None) -> Accepted:
-        """Start, stop or reboot; repeating a request for the state already reached is harmless."""
+    async def action(self, ref: str, action: str, scope: Scope,
+                     stop: VmStop | None = None) -> Accepted:
+        """Start, stop or reboot; asking for the state already reached does nothing and
+        says so."""
         data: dict[str, Any] = {}
         if action == "stop":
             data["stop"] = StopRequest(**(stop or VmStop()).model_dump()).model_dump()
         return await self._launch(ref, f"vm.{action}", ACTIONS_ALLOWED[action],
-                                  TRANSIENT[action], data)
+                                  TRANSIENT[action], data, scope, ALREADY.get(action))
 
-    async def delete(self, ref: str) -> Accepted:
-        """Delete the VM with its domain, disks, address and reservation."""
-        return await self._launch(ref, "vm.delete", None, VmState.DELETING, {})
+    async def delete(self, ref: str, scope: Scope) -> Accepted:
+        """Delete the VM with its domain, disks, address, reservation and quota."""
+        return await self._launch(ref, "vm.delete", None, VmState.DELETING, {}, scope)
 
     async def _launch(self, ref: str, kind: str, allowed: set[VmState] | None,
-                      transient: VmState, data: dict[str, Any]) -> Accepted:
+                      transient: VmState, data: dict[str, Any], scope: Scope,
+                      already: VmState | None = None) -> Accepted:
         """Start flow ``kind`` on the VM, or answer the same task if it already runs one."""
         async with self.ctx.db.session() as session:
-            vm = await find(session, VmRow, ref, "VM")
+            vm = await find(session, VmRow, ref, "VM", scope)
+            require_in_project(scope.context, Permission.WRITE, vm.project_uuid,
+                               what=f"{kind.split('.')[1]} VM {vm.name}")
             running = await self._running_task(session, vm.uuid)
             if running is not None:
                 if running.kind == kind:  # a repeated request: the same answer (U-IDEMP)
                     return Accepted(task=task_model(running),
                                     resource=vm_model(vm).model_dump(mode="json"))
                 raise Conflict(f"VM {vm.name} is busy with task {running.uuid} ({running.kind})")
+            if already is not None and vm.state == already:
+                return Accepted(task=None, resource=vm_model(vm).model_dump(mode="json"),
+                                message=f"VM {vm.name} is already {vm.state}; nothing to do")
             if allowed is not None and vm.state not in allowed:
                 raise Conflict(f"cannot {kind.split('.')[1]} VM {vm.name} while it is {vm.state}")
             flow = self.ctx.engine.new_flow(session, kind, vm.uuid,
-                                            {"previous_state": vm.state, **data})
+                                            {"previous_state": vm.state, **data},
+                                            project_uuid=vm.project_uuid)
             vm.state = transient
             vm.task_uuid = flow.uuid
             await session.flush()
@@ -105,15 +137,15 @@ class VmService:
         self.ctx.engine.launch(flow.uuid, vm.uuid)
         return accepted
 
-    async def console_log(self, ref: str, max_bytes: int) -> str:
-        vm, node = await self._placed(ref)
+    async def console_log(self, ref: str, max_bytes: int, scope: Scope) -> str:
+        vm, node = await self._placed(ref, scope)
         data = await node_client(self.ctx, node).request(
             "GET", f"/internal/v1/domains/{vm.uuid}/console-log",
             params={"max_bytes": max_bytes})
         return str(data["text"])
 
-    async def console(self, ref: str) -> Console:
-        vm, node = await self._placed(ref)
+    async def console(self, ref: str, scope: Scope) -> Console:
+        vm, node = await self._placed(ref, scope)
         data = await node_client(self.ctx, node).request(
             "GET", f"/internal/v1/domains/{vm.uuid}/console")
         host = data.get("vnc_host")
@@ -123,14 +155,12 @@ class VmService:
         return Console(vm_uuid=vm.uuid, node_name=node.name, vnc_host=host,
                        vnc_port=data.get("vnc_port"), serial_log=data.get("serial_log"))
 
-    async def domain(self, ref: str) -> DomainInfo:
-        vm, node = await self._placed(ref)
-        data = await node_client(self.ctx, node).request("GET", f"/internal/v1/domains/{vm.uuid}")
-        return DomainInfo.model_validate(data)
-
-    async def _placed(self, ref: str) -> tuple[VmRow, NodeRow]:
+    async def _placed(self, ref: str, scope: Scope) -> tuple[VmRow, NodeRow]:
         async with self.ctx.db.session() as session:
-            vm = await find(session, VmRow, ref, "VM")
+            vm = await find(session, VmRow, ref, "VM", scope)
+            # The console shows what a guest prints: members only, not readers.
+            require_in_project(scope.context, Permission.WRITE, vm.project_uuid,
+                               what=f"open the console of VM {vm.name}")
             node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
             if node is None:
                 raise Conflict(f"VM {vm.name} is not placed on a node")
@@ -141,3 +171,10 @@ class VmService:
         return (await session.scalars(
             select(FlowRow).where(FlowRow.resource_uuid == vm_uuid)
             .where(FlowRow.state.in_(UNFINISHED)).limit(1))).first()
+
+
+async def _project(session: AsyncSession, user: RequestContext) -> ProjectRow:
+    project = await session.get(ProjectRow, user.project_uuid)
+    if project is None:
+        raise Unprocessable(f"project {user.project_name} no longer exists")
+    return project

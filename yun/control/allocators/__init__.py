@@ -1,0 +1,1 @@
+"""Allocators of counted resources (addresses, project quotas), claimed in a transaction."""

@@ -1,0 +1,38 @@
+"""The control server's internal API: for the gateway (user requests, each carrying a
+signed request context), the nodes and the storage servers. One router module per
+resource; the same paths as the public API, under ``/internal/v1``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from yun.control.api.accounts import account_router
+from yun.control.api.audit import audit_router
+from yun.control.api.auth import auth_router
+from yun.control.api.bundle import ApiBundle
+from yun.control.api.images import image_router
+from yun.control.api.nodes import component_router, node_router
+from yun.control.api.tags import tag_router
+from yun.control.api.tasks import task_router
+from yun.control.api.tenancy import tenancy_router
+from yun.control.api.vms import vm_router
+from yun.control.context import ControlContext
+from yun.control.services.nodes import NodeRegistry
+from yun.proto.server import install_problem_handlers
+
+
+def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
+    app = FastAPI(title="Yun control server (internal)", version="1")
+    app.state.control = ctx
+    install_problem_handlers(app)
+    api = ApiBundle(ctx, nodes)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    for router in (component_router, auth_router, tenancy_router, account_router,
+                   audit_router, node_router, image_router, vm_router, task_router,
+                   tag_router):
+        app.include_router(router(api))
+    return app

@@ -1,0 +1,89 @@
+"""Dependencies of the control server's routes: who called, for whom, and list parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from yun.control.access.policy import Scope, scope_for
+from yun.control.context import ControlContext
+from yun.control.services.listing import ListParams
+from yun.proto.auth import Identity
+from yun.proto.components import ComponentType as CT
+from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, verify_context
+from yun.proto.errors import Unauthorized
+from yun.proto.server import peer_identity
+
+
+@dataclass(frozen=True)
+class Deps:
+    """The dependencies of one control server's app."""
+
+    gateway: Callable[..., Identity]
+    node: Callable[..., Identity]
+    storage: Callable[..., Identity]
+
+
+def make_deps(ctx: ControlContext) -> Deps:
+    def secret() -> str | None:
+        return ctx.membership.domain_secret or None
+    return Deps(gateway=peer_identity(secret, {CT.GATEWAY, CT.CONTROL}),
+                node=peer_identity(secret, {CT.NODE}),
+                storage=peer_identity(secret, {CT.STORAGE}))
+
+
+def context_of(ctx: ControlContext, request: Request, caller: Identity
+               ) -> RequestContext | AnonymousContext:
+    """The signed request context the gateway forwarded (cached on the request)."""
+    cached = getattr(request.state, "yun_context", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    header = request.headers.get(CONTEXT_HEADER)
+    if not header:
+        raise Unauthorized(f"a user request needs the {CONTEXT_HEADER} header")
+    found = verify_context(ctx.membership.domain_secret, header, caller.component_id)
+    request.state.yun_context = found
+    return found
+
+
+def list_params(
+    q: Annotated[str | None, Query(max_length=4096)] = None,
+    sort: Annotated[str | None, Query(max_length=256)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+    count: bool = False,
+) -> ListParams:
+    return ListParams(q=q, sort=sort, limit=limit, offset=offset, cursor=cursor, count=count)
+
+
+Listing = Annotated[ListParams, Depends(list_params)]
+
+
+class UserDeps:
+    """Builds the ``user`` dependency (the signed context of a user request) for one app."""
+
+    def __init__(self, ctx: ControlContext, deps: Deps) -> None:
+        self.ctx = ctx
+        gateway = deps.gateway
+
+        def user(request: Request,
+                 caller: Identity = Depends(gateway)) -> RequestContext:
+            found = context_of(ctx, request, caller)
+            if not isinstance(found, RequestContext):
+                raise Unauthorized("this route needs a logged-in user")
+            return found
+
+        def anonymous(request: Request, caller: Identity = Depends(gateway)
+                      ) -> AnonymousContext | RequestContext:
+            return context_of(ctx, request, caller)
+
+        self.user = user
+        self.anonymous = anonymous
+
+    async def scope(self, user: RequestContext) -> Scope:
+        async with self.ctx.db.session() as session:
+            return await scope_for(session, user)

@@ -1,0 +1,55 @@
+"""Image routes of the control server's user API (the bytes go to a storage server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from yun.control.access.policy import Scope
+from yun.control.api.bundle import ApiBundle
+from yun.control.api.deps import Listing
+from yun.control.api.routing import IDEMPOTENCY_HEADER, audit_resource
+from yun.control.services.images import image_models
+from yun.control.services.listing import list_page
+from yun.proto.context import RequestContext
+from yun.proto.resources import Accepted, Image, ImageCreate, ImageUploadTicket, Page
+
+
+def image_router(api: ApiBundle) -> APIRouter:
+    r = api.router("images")
+    user, scope = api.user, api.scope
+
+    @r.post("/images", response_model=ImageUploadTicket, status_code=201, name="image.create")
+    async def create_image(req: ImageCreate, request: Request,
+                           ctx: RequestContext = user) -> ImageUploadTicket:
+        ticket = await api.images.create(req, ctx, request.headers.get(IDEMPOTENCY_HEADER))
+        audit_resource(request, "image", ticket.image.uuid, ticket.image.project_uuid)
+        return ticket
+
+    @r.get("/images", response_model=Page[Image], name="image.list")
+    async def list_images(params: Listing, sc: Scope = scope) -> Page[Image]:
+        async with api.ctx.db.session() as session:
+            page = await list_page(session, "image", sc, params)
+            items = await image_models(session, page.rows)
+        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
+                    next_cursor=page.next_cursor)
+
+    @r.get("/images/{ref}", response_model=Image, name="image.show")
+    async def show_image(ref: str, sc: Scope = scope) -> Image:
+        return await api.images.get(ref, sc)
+
+    @r.delete("/images/{ref}", status_code=204, response_model=None, name="image.delete",
+              responses={202: {"model": Accepted}})
+    async def delete_image(ref: str, request: Request, sc: Scope = scope,
+                           cascade: bool = False) -> Any:
+        if cascade:
+            accepted = await api.images.delete_cascade(ref, sc)
+            audit_resource(request, "image", accepted.resource.get("uuid"),
+                           accepted.resource.get("project_uuid"))
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+        await api.images.delete(ref, sc)
+        return Response(status_code=204)
+
+    return r

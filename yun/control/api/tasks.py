@@ -1,0 +1,40 @@
+"""Task routes of the control server's user API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from yun.control.access.policy import Scope
+from yun.control.api.bundle import ApiBundle
+from yun.control.api.deps import Listing
+from yun.control.services.listing import list_page
+from yun.control.services.tasks import get_task, task_model
+from yun.proto.resources import Page, Task
+
+
+def task_router(api: ApiBundle) -> APIRouter:
+    r = api.router("tasks")
+    scope = api.scope
+
+    @r.get("/tasks", response_model=Page[Task], name="task.list")
+    async def list_tasks(params: Listing, sc: Scope = scope) -> Page[Task]:
+        async with api.ctx.db.session() as session:
+            page = await list_page(session, "task", sc, params)
+            items = [task_model(r) for r in page.rows]
+        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
+                    next_cursor=page.next_cursor)
+
+    @r.get("/tasks/{task_uuid}", response_model=Task, name="task.show")
+    async def show_task(task_uuid: str, sc: Scope = scope,
+                        wait: Annotated[float, Query(ge=0, le=600)] = 0) -> Task:
+        async with api.ctx.db.session() as session:
+            row = await get_task(session, task_uuid, sc)
+            uuid = row.uuid
+        if wait:
+            await api.ctx.engine.wait(uuid, wait)
+        async with api.ctx.db.session() as session:
+            return task_model(await get_task(session, uuid, sc))
+
+    return r

@@ -1,0 +1,75 @@
+"""VM routes of the control server's user API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from yun.control.access.policy import Scope
+from yun.control.api.bundle import ApiBundle
+from yun.control.api.deps import Listing
+from yun.control.api.routing import audit_resource
+from yun.control.services.listing import list_page
+from yun.control.services.vms import vm_models
+from yun.proto.context import RequestContext
+from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmStop
+
+
+def _accepted(request: Request, accepted: Accepted) -> Accepted:
+    audit_resource(request, "vm", accepted.resource.get("uuid"),
+                   accepted.resource.get("project_uuid"))
+    return accepted
+
+
+def vm_router(api: ApiBundle) -> APIRouter:
+    r = api.router("vms")
+    user, scope = api.user, api.scope
+
+    @r.post("/vms", response_model=Accepted, status_code=202, name="vm.create")
+    async def create_vm(req: VmCreate, request: Request, ctx: RequestContext = user,
+                        sc: Scope = scope) -> Accepted:
+        return _accepted(request, await api.vms.create(req, ctx, sc))
+
+    @r.get("/vms", response_model=Page[Vm], name="vm.list")
+    async def list_vms(params: Listing, sc: Scope = scope) -> Page[Vm]:
+        async with api.ctx.db.session() as session:
+            page = await list_page(session, "vm", sc, params)
+            items = await vm_models(session, page.rows)
+        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
+                    next_cursor=page.next_cursor)
+
+    @r.get("/vms/{ref}", response_model=Vm, name="vm.show")
+    async def show_vm(ref: str, sc: Scope = scope) -> Vm:
+        return await api.vms.get(ref, sc)
+
+    @r.delete("/vms/{ref}", response_model=Accepted, status_code=202, name="vm.delete")
+    async def delete_vm(ref: str, request: Request, sc: Scope = scope) -> Accepted:
+        return _accepted(request, await api.vms.delete(ref, sc))
+
+    def power(action: str) -> None:
+        @r.post(f"/vms/{{ref}}/{action}", response_model=Accepted, status_code=202,
+                name=f"vm.{action}")
+        async def act(ref: str, request: Request, sc: Scope = scope,
+                      body: VmStop | None = None) -> Any:
+            accepted = _accepted(request, await api.vms.action(
+                ref, action, sc, body if action == "stop" else None))
+            if accepted.task is None:
+                from fastapi.responses import JSONResponse
+                return JSONResponse(accepted.model_dump(mode="json"), status_code=200)
+            return accepted
+
+    for action in ("start", "stop", "reboot"):
+        power(action)
+
+    @r.get("/vms/{ref}/console-log", name="vm.console_log")
+    async def console_log(ref: str, sc: Scope = scope,
+                          max_bytes: Annotated[int, Query(ge=1, le=1 << 20)] = 65536
+                          ) -> dict[str, str]:
+        return {"text": await api.vms.console_log(ref, max_bytes, sc)}
+
+    @r.get("/vms/{ref}/console", response_model=Console, name="vm.console")
+    async def console(ref: str, sc: Scope = scope) -> Console:
+        return await api.vms.console(ref, sc)
+
+    return r

@@ -1,0 +1,137 @@
+"""Lists of every resource through the one query language (Z-QUERY): which fields each
+resource exposes to ``q`` and ``sort``, and the page they make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from yun.control.access.policy import Scope
+from yun.control.access.visibility import visible
+from yun.control.db.models import (
+    ApiKeyRow,
+    AuditRow,
+    DepartmentRow,
+    FlowRow,
+    ImageRow,
+    NodeRow,
+    ProjectRow,
+    RoleAssignmentRow,
+    TokenRow,
+    UserRow,
+    VmRow,
+)
+from yun.control.db.query import Field, PageResult, Queryable, fetch_page
+from yun.proto.identity import Role
+from yun.proto.query import SortKey
+from yun.proto.resources import ImageStatus, NodeStatus, TaskState, VmState
+
+NEWEST_FIRST = (SortKey("created_at", True),)
+
+
+def _enum(column: Any, values: Any) -> Field:
+    return Field(column, "enum", frozenset(v.value for v in values))
+
+
+def _common(model: Any) -> dict[str, Field]:
+    return {"uuid": Field(model.uuid), "name": Field(model.name),
+            "description": Field(model.description, sortable=False),
+            "created_at": Field(model.created_at, "datetime"),
+            "updated_at": Field(model.updated_at, "datetime")}
+
+
+QUERYABLES: dict[str, Queryable] = {
+    "vm": Queryable(VmRow, {
+        **_common(VmRow), "state": _enum(VmRow.state, VmState),
+        "power_state": Field(VmRow.power_state), "vcpus": Field(VmRow.vcpus, "int"),
+        "memory_mb": Field(VmRow.memory_mb, "int"), "disk_gb": Field(VmRow.disk_gb, "int"),
+        "image_uuid": Field(VmRow.image_uuid), "node_uuid": Field(VmRow.node_uuid),
+        "ip": Field(VmRow.ip), "mac": Field(VmRow.mac), "project_uuid": Field(VmRow.project_uuid),
+        "error": Field(VmRow.error, sortable=False),
+    }, VmRow.uuid, NEWEST_FIRST, VmRow.uuid, "vm"),
+    "image": Queryable(ImageRow, {
+        **_common(ImageRow), "status": _enum(ImageRow.status, ImageStatus),
+        "format": Field(ImageRow.format), "size": Field(ImageRow.size, "int"),
+        "virtual_size": Field(ImageRow.virtual_size, "int"), "sha256": Field(ImageRow.sha256),
+        "visibility": Field(ImageRow.visibility), "project_uuid": Field(ImageRow.project_uuid),
+    }, ImageRow.uuid, NEWEST_FIRST, ImageRow.uuid, "image"),
+    "node": Queryable(NodeRow, {
+        **_common(NodeRow), "status": _enum(NodeRow.status, NodeStatus),
+        "hypervisor": Field(NodeRow.hypervisor), "accel": Field(NodeRow.accel),
+        "vcpus": Field(NodeRow.vcpus, "int"), "memory_mb": Field(NodeRow.memory_mb, "int"),
+        "disk_gb": Field(NodeRow.disk_gb, "int"),
+        "vcpus_reserved": Field(NodeRow.vcpus_reserved, "int"),
+        "memory_reserved_mb": Field(NodeRow.memory_reserved_mb, "int"),
+        "cpu_load": Field(NodeRow.cpu_load, "float"), "url": Field(NodeRow.url),
+        "last_report_at": Field(NodeRow.last_report_at, "datetime"),
+    }, NodeRow.uuid, (SortKey("name", False),), NodeRow.uuid, "node"),
+    "task": Queryable(FlowRow, {
+        "uuid": Field(FlowRow.uuid), "kind": Field(FlowRow.kind),
+        "resource_type": Field(FlowRow.resource_type),
+        "resource_uuid": Field(FlowRow.resource_uuid),
+        "project_uuid": Field(FlowRow.project_uuid),
+        "state": _enum(FlowRow.state, TaskState), "current_step": Field(FlowRow.current_step),
+        "created_at": Field(FlowRow.created_at, "datetime"),
+        "updated_at": Field(FlowRow.updated_at, "datetime"),
+        "finished_at": Field(FlowRow.finished_at, "datetime"),
+    }, FlowRow.uuid, NEWEST_FIRST),
+    "department": Queryable(DepartmentRow, _common(DepartmentRow), DepartmentRow.uuid,
+                            (SortKey("name", False),), DepartmentRow.uuid, "department"),
+    "project": Queryable(ProjectRow, {
+        **_common(ProjectRow), "department_uuid": Field(ProjectRow.department_uuid),
+    }, ProjectRow.uuid, (SortKey("name", False),), ProjectRow.uuid, "project"),
+    "user": Queryable(UserRow, {
+        **_common(UserRow), "department_uuid": Field(UserRow.department_uuid),
+        "enabled": Field(UserRow.enabled, "bool"), "email": Field(UserRow.email),
+    }, UserRow.uuid, (SortKey("name", False),), UserRow.uuid, "user"),
+    "role_assignment": Queryable(RoleAssignmentRow, {
+        "uuid": Field(RoleAssignmentRow.uuid), "user_uuid": Field(RoleAssignmentRow.user_uuid),
+        "role": _enum(RoleAssignmentRow.role, Role),
+        "project_uuid": Field(RoleAssignmentRow.project_uuid),
+        "department_uuid": Field(RoleAssignmentRow.department_uuid),
+        "created_at": Field(RoleAssignmentRow.created_at, "datetime"),
+    }, RoleAssignmentRow.uuid, NEWEST_FIRST),
+    "key": Queryable(ApiKeyRow, {
+        **_common(ApiKeyRow), "access_key": Field(ApiKeyRow.access_key),
+        "enabled": Field(ApiKeyRow.enabled, "bool"),
+        "project_uuid": Field(ApiKeyRow.project_uuid),
+        "last_used_at": Field(ApiKeyRow.last_used_at, "datetime"),
+    }, ApiKeyRow.uuid, NEWEST_FIRST),
+    "token": Queryable(TokenRow, {
+        "uuid": Field(TokenRow.uuid), "project_uuid": Field(TokenRow.project_uuid),
+        "created_at": Field(TokenRow.created_at, "datetime"),
+        "expires_at": Field(TokenRow.expires_at, "datetime"),
+        "revoked_at": Field(TokenRow.revoked_at, "datetime"),
+    }, TokenRow.uuid, NEWEST_FIRST),
+    "audit": Queryable(AuditRow, {
+        "id": Field(AuditRow.id, "int"), "at": Field(AuditRow.at, "datetime"),
+        "request_id": Field(AuditRow.request_id), "user_uuid": Field(AuditRow.user_uuid),
+        "user_name": Field(AuditRow.user_name), "project_uuid": Field(AuditRow.project_uuid),
+        "action": Field(AuditRow.action), "resource_type": Field(AuditRow.resource_type),
+        "resource_uuid": Field(AuditRow.resource_uuid), "source_ip": Field(AuditRow.source_ip),
+        "status": Field(AuditRow.status, "int"), "result": Field(AuditRow.result),
+    }, AuditRow.id, (SortKey("id", True),)),
+}
+
+
+@dataclass(frozen=True)
+class ListParams:
+    """The list parameters every list route takes."""
+
+    q: str | None = None
+    sort: str | None = None
+    limit: int = 100
+    offset: int = 0
+    cursor: str | None = None
+    count: bool = False
+
+
+async def list_page(session: AsyncSession, kind: str, scope: Scope, params: ListParams
+                    ) -> PageResult:
+    """One page of ``kind`` that ``scope`` sees, filtered, sorted and paginated."""
+    queryable = QUERYABLES[kind]
+    return await fetch_page(session, queryable, scope=visible(queryable.model, scope),
+                            q=params.q, sort=params.sort, limit=params.limit,
+                            offset=params.offset, cursor=params.cursor, count=params.count)
