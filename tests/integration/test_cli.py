@@ -41,7 +41,7 @@ async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore
     assert code == 0 and "node-0000" in out
     code, out = await cli("vm", "stop", "web1")
     assert code == 0 and "stop web1: done" in out
-    code, out = await cli("vm", "show", "web1", "--json")
+    code, out = await cli("vm", "show", "web1", "-o", "json")
     assert code == 0 and '"state": "stopped"' in out
     code, out = await cli("vm", "start", "web1")
     assert code == 0

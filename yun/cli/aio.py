@@ -13,9 +13,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from yun.cli.api import Api, ApiError
-from yun.config import DEFAULT_CONFIG
+from yun.cli.config import Profile, load_profiles, save_profiles
+from yun.client import ApiError, Client, TaskFailed
+from yun.config import DEFAULT_CONFIG, GatewaySettings, load_settings
 from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
+from yun.proto.resources import Image, Task, Vm, VmCreate
 from yun.util.procs import read_pid, start_detached, stop_pid
 
 app = typer.Typer(help="All-in-one: the whole cloud on this host.", no_args_is_help=True)
@@ -31,12 +33,28 @@ DEMO_VM = "demo"
 MARKER = "YUN-GUEST-READY"
 
 
+ADMIN_PASSWORD = Path("/etc/yun/admin-password")
+GUEST_IMAGE = Path("/var/cache/yun/test-guest/yun-guest.qcow2")
+AIO_PROFILE = "aio"
+
+
 def write_config(path: Path) -> dict[str, Any]:
-    """Create the all-in-one settings once; later runs keep the secrets they made."""
+    """Create the all-in-one settings once; later runs keep the secrets they made (a file
+    from an older version, with an admin token, is rewritten keeping its domain secret)."""
+    import tomllib
+
+    secret = secrets.token_urlsafe(24)
     if path.exists():
-        import tomllib
-        return tomllib.loads(path.read_text())
-    secret, token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        current = tomllib.loads(path.read_text())
+        if "admin_token" not in current.get("gateway", {}) and \
+                current.get("control", {}).get("admin_password_file"):
+            return current
+        secret = current.get("common", {}).get("domain_secret") or secret
+    if not ADMIN_PASSWORD.exists():
+        ADMIN_PASSWORD.parent.mkdir(parents=True, exist_ok=True)
+        ADMIN_PASSWORD.touch(mode=0o600)
+        ADMIN_PASSWORD.write_text(secrets.token_urlsafe(18) + "\n")
+    ADMIN_PASSWORD.chmod(0o600)
     text = f"""# Yun all-in-one settings, written by `yun aio up`.
 [common]
 domain_name = "aio"
@@ -51,6 +69,8 @@ mdns = false
 
 [control]
 listen_port = {PORTS['control']}
+# The first super admin, 'admin', is made with this password when no user exists.
+admin_password_file = "{ADMIN_PASSWORD}"
 
 [storage]
 listen_port = {PORTS['storage']}
@@ -62,17 +82,37 @@ accel = "auto"
 
 [gateway]
 listen_port = {PORTS['gateway']}
-admin_token = "{token}"
 
 [cli]
 api_url = "http://127.0.0.1:{PORTS['gateway']}"
-token = "{token}"
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(text)
-    import tomllib
     return tomllib.loads(text)
+
+
+def login_admin(url: str) -> Client:
+    """Log the super admin in and keep the token as the CLI profile ``aio`` (the current
+    profile unless another one is)."""
+    password = ADMIN_PASSWORD.read_text().strip()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client, issued = Client.login(url, "admin", password, "default")
+            break
+        except ApiError as exc:
+            if (exc.status != 0 and exc.status < 500) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    profiles = load_profiles()
+    profiles.profiles[AIO_PROFILE] = Profile(
+        url=url, token=issued.token, token_uuid=issued.uuid, project=issued.project_name,
+        user=issued.user_name, expires_at=issued.expires_at.isoformat())
+    if profiles.current is None or profiles.current == AIO_PROFILE:
+        profiles.current = AIO_PROFILE
+    save_profiles(profiles)
+    return client
 
 
 def wait_http(url: str, timeout: float) -> bool:
@@ -117,105 +157,108 @@ def guest_page(ip: str, timeout: float) -> str | None:
 
 
 @app.command()
-def up(config: Annotated[Path, typer.Option(help="settings file")] = DEFAULT_CONFIG) -> None:
+def up(config: Annotated[Path, typer.Option(help="settings file")] = DEFAULT_CONFIG,
+       image: Annotated[Path, typer.Option(
+           help="disk image of the demo VM (scripts/setup.sh builds the test guest there)")]
+       = GUEST_IMAGE) -> None:
     """Start every component, upload the test guest image and boot the demo VM."""
-    write_config(config)
+    settings = write_config(config)
     out.print("[bold]Yun all-in-one[/bold]")
     ensure_libvirt_daemons()
     start_components(config)
-    api = Api(token=None)
+    url = str(settings["cli"]["api_url"])
     try:
-        _wait_node(api)
-        image = _ensure_image(api)
-        vm = _ensure_vm(api, image)
-        _report(api, vm)
+        client = login_admin(url)
     except ApiError as exc:
+        out.print(f"[red]could not log in as admin:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    try:
+        _wait_node(client)
+        found = _ensure_image(client, image)
+        vm = _ensure_vm(client, found)
+        _report(client, url, vm)
+    except (ApiError, TaskFailed) as exc:
         out.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:
-        api.close()
+        client.close()
 
 
-def _wait_node(api: Api) -> None:
+def _wait_node(client: Client) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            nodes = api.request("GET", "/nodes", params={"status": "up"})["items"]
-        except ApiError:
-            nodes = []
+        nodes = client.nodes.list(q="status=up").items
         if nodes:
             node = nodes[0]
-            out.print(f"  node {node['name']}: {node['vcpus']} vCPU, {node['memory_mb']} MiB, "
-                      f"accel {node['accel']}")
+            out.print(f"  node {node.name}: {node.vcpus} vCPU, {node.memory_mb} MiB, "
+                      f"accel {node.accel}")
             return
         time.sleep(0.5)
     out.print(f"[red]no node registered[/red]; see {LOG_DIR}/node.log")
     raise typer.Exit(1)
 
 
-def _ensure_image(api: Api) -> dict[str, Any]:
-    images = api.request("GET", "/images", params={"name": DEMO_IMAGE, "status": "active"})
-    if images["items"]:
-        return images["items"][0]  # type: ignore[no-any-return]
-    from yun.testing.guest import ensure_guest_image
-
-    with out.status("building the test guest image from Debian packages…"):
-        path = ensure_guest_image()
+def _ensure_image(client: Client, path: Path) -> Image:
+    images = client.images.list(q=f"name={DEMO_IMAGE} and status=active").items
+    if images:
+        return images[0]
+    if not path.exists():
+        out.print(f"[red]no demo image at {path}[/red]: build the test guest with "
+                  "`.venv/bin/python -m yun.testing.guest build` (scripts/setup.sh does)")
+        raise typer.Exit(1)
     with out.status(f"uploading {path.name}…"):
-        image = api.upload(path, DEMO_IMAGE, None, lambda n: None)
-    out.print(f"  image {DEMO_IMAGE}: {image['format']}, {image['size']} bytes, "
-              f"sha256 {image['sha256'][:12]}…")
-    return image  # type: ignore[no-any-return]
+        # Public, so every project can boot the test guest.
+        image = client.images.upload(path, DEMO_IMAGE, visibility="public",
+                                     idempotency_key=f"aio-demo-image-{path.stat().st_size}")
+    out.print(f"  image {DEMO_IMAGE}: {image.format}, {image.size} bytes, "
+              f"sha256 {(image.sha256 or '')[:12]}…")
+    return image
 
 
-def _ensure_vm(api: Api, image: dict[str, Any]) -> dict[str, Any]:
-    vms = api.request("GET", "/vms", params={"name": DEMO_VM})["items"]
-    if vms and vms[0]["state"] == "error":
-        out.print(f"  VM {DEMO_VM} is in error ({vms[0].get('error')}); recreating it")
-        accepted = api.request("DELETE", f"/vms/{vms[0]['uuid']}")
-        api.wait_task(accepted["task"]["uuid"])
+def _ensure_vm(client: Client, image: Image) -> Vm:
+    vms = client.vms.list(q=f"name={DEMO_VM}").items
+    if vms and vms[0].state == "error":
+        out.print(f"  VM {DEMO_VM} is in error ({vms[0].error}); recreating it")
+        client.vms.delete(vms[0].uuid, wait=True)
         vms = []
     if not vms:
         with out.status(f"creating VM {DEMO_VM}…"):
-            accepted = api.request("POST", "/vms", json={
-                "name": DEMO_VM, "image": image["uuid"], "vcpus": 1, "memory_mb": 256,
-                "disk_gb": 1})
-            task = api.wait_task(accepted["task"]["uuid"])
-        if task["state"] != "succeeded":
-            out.print(f"[red]create failed:[/red] {task['error']}")
-            raise typer.Exit(1)
-        vm_uuid = accepted["resource"]["uuid"]
+            task = client.vms.create(VmCreate(name=DEMO_VM, image=image.uuid, vcpus=1,
+                                              memory_mb=256, disk_gb=1), wait=True)
+        assert isinstance(task, Task)
+        vm_uuid = task.resource_uuid
     else:
-        vm_uuid = vms[0]["uuid"]
-        if vms[0]["state"] == "stopped":
-            api.wait_task(api.request("POST", f"/vms/{vm_uuid}/start")["task"]["uuid"])
+        vm_uuid = vms[0].uuid
+        if vms[0].state == "stopped":
+            client.vms.start(vm_uuid, wait=True)
     with out.status("waiting for the guest to boot (serial console marker)…"):
         deadline = time.monotonic() + 300
-        while MARKER not in api.request("GET", f"/vms/{vm_uuid}/console-log"):
+        while MARKER not in client.vms.console_log(vm_uuid):
             if time.monotonic() > deadline:
                 out.print(f"[red]the guest printed no {MARKER} in 300 s[/red]")
                 raise typer.Exit(1)
             time.sleep(1)
-    return api.request("GET", f"/vms/{vm_uuid}")  # type: ignore[no-any-return]
+    return client.vms.get(vm_uuid)
 
 
-def _report(api: Api, vm: dict[str, Any]) -> None:
-    console = api.request("GET", f"/vms/{vm['uuid']}/console")
-    page = guest_page(vm["ip"], 60)
+def _report(client: Client, url: str, vm: Vm) -> None:
+    console = client.vms.console(vm.uuid)
+    page = guest_page(vm.ip, 60) if vm.ip else None
     out.print()
-    out.print(f"[bold green]VM {vm['name']} is {vm['state']}[/bold green] "
-              f"on node {vm['node_name']}")
-    out.print(f"  uuid       {vm['uuid']}")
-    out.print(f"  IP         {vm['ip']}")
-    out.print(f"  HTTP       curl http://{vm['ip']}/")
+    out.print(f"[bold green]VM {vm.name} is {vm.state}[/bold green] on node {vm.node_name}")
+    out.print(f"  uuid       {vm.uuid}")
+    out.print(f"  IP         {vm.ip}")
+    out.print(f"  HTTP       curl http://{vm.ip}/")
     if page:
         for line in page.strip().splitlines():
             out.print(f"               {line}")
-    out.print(f"  serial log yun vm console-log {vm['name']}")
-    out.print(f"  console    virsh console yun-{vm['uuid']}   (Ctrl-] to leave)")
-    if console.get("vnc_port"):
-        out.print(f"  VNC        {console['vnc_host']}:{console['vnc_port']}")
-    out.print(f"  REST API   {api.url}/docs  (token: {DEFAULT_CONFIG}, table \\[cli])")
+    out.print(f"  serial log yun vm console-log {vm.name}")
+    out.print(f"  console    virsh console yun-{vm.uuid}   (Ctrl-] to leave)")
+    if console.vnc_port:
+        out.print(f"  VNC        {console.vnc_host}:{console.vnc_port}")
+    out.print(f"  REST API   {url}/docs")
+    out.print(f"  login      yun login --url {url} --username admin   (password: "
+              f"{ADMIN_PASSWORD}); the CLI profile '{AIO_PROFILE}' is logged in already")
 
 
 @app.command()
@@ -228,14 +271,12 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for component, pid in rows.items():
         out.print(f"  {component:<8} {'running, pid ' + str(pid) if pid else 'stopped'}")
     if rows["gateway"]:
-        api = Api()
         try:
-            for vm in api.request("GET", "/vms")["items"]:
-                out.print(f"  VM {vm['name']:<12} {vm['state']:<9} {vm.get('ip') or ''}")
-        except ApiError as exc:
+            with _admin() as client:
+                for vm in client.vms.iterate():
+                    out.print(f"  VM {vm.name:<12} {vm.state:<9} {vm.ip or ''}")
+        except (ApiError, OSError) as exc:
             out.print(f"  API: {exc}")
-        finally:
-            api.close()
 
 
 @app.command()
@@ -244,18 +285,16 @@ def down(purge: Annotated[bool, typer.Option(
          config: Annotated[Path, typer.Option(help="settings file")] = DEFAULT_CONFIG) -> None:
     """Stop the services. VMs keep running unless --purge."""
     if purge and read_pid(RUN_DIR / "gateway.pid"):
-        api = Api()
         try:
-            for vm in api.request("GET", "/vms", params={"limit": 1000})["items"]:
-                api.wait_task(api.request("DELETE", f"/vms/{vm['uuid']}")["task"]["uuid"])
-                out.print(f"  deleted VM {vm['name']}")
-            for image in api.request("GET", "/images", params={"limit": 1000})["items"]:
-                api.request("DELETE", f"/images/{image['uuid']}")
-                out.print(f"  deleted image {image['name']}")
-        except ApiError as exc:
+            with _admin() as client:
+                for vm in list(client.vms.iterate()):
+                    client.vms.delete(vm.uuid, wait=True)
+                    out.print(f"  deleted VM {vm.name}")
+                for image in list(client.images.iterate()):
+                    client.images.delete(image.uuid)
+                    out.print(f"  deleted image {image.name}")
+        except (ApiError, TaskFailed, OSError) as exc:
             out.print(f"[yellow]cleanup incomplete:[/yellow] {exc}")
-        finally:
-            api.close()
     for component in reversed(COMPONENTS):
         pid = read_pid(RUN_DIR / f"{component}.pid")
         if pid:
@@ -274,4 +313,16 @@ def down(purge: Annotated[bool, typer.Option(
                                       settings.nat_subnet).teardown())
         shutil.rmtree(STATE_DIR, ignore_errors=True)
         config.unlink(missing_ok=True)
+        ADMIN_PASSWORD.unlink(missing_ok=True)
+        profiles = load_profiles()
+        if profiles.profiles.pop(AIO_PROFILE, None) is not None:
+            if profiles.current == AIO_PROFILE:
+                profiles.current = None
+            save_profiles(profiles)
         out.print("  state and settings removed")
+
+
+def _admin() -> Client:
+    """A client logged in as the all-in-one's super admin."""
+    settings = load_settings(GatewaySettings, "gateway")
+    return login_admin(f"http://127.0.0.1:{settings.listen_port}")

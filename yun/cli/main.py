@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from yun.cli import aio, serve
-from yun.cli.resources import image_app, node_app, task_app, vm_app
+from yun.cli.commands import department, image, infra, key, project, role, session, user, vm
+from yun.cli.context import YunGroup
+from yun.cli.state import OutputFormat, State, begin
 
-app = typer.Typer(help="Yun: an IaaS cloud for KVM/QEMU hosts.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
-app.add_typer(vm_app, name="vm")
-app.add_typer(image_app, name="image")
-app.add_typer(node_app, name="node")
-app.add_typer(task_app, name="task")
+app = typer.Typer(cls=YunGroup, help="Yun: an IaaS cloud for KVM/QEMU hosts.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    profile: Annotated[str | None, typer.Option(
+        envvar="YUN_PROFILE", help="the stored login to use (see `yun profile list`)")] = None,
+    output: Annotated[OutputFormat | None, typer.Option(
+        "--output", "-o", envvar="YUN_OUTPUT", case_sensitive=False,
+        help="table, json (the API's JSON) or yaml; each command also takes -o")] = None,
+) -> None:
+    """Yun: an IaaS cloud for KVM/QEMU hosts.
+
+    Connects with YUN_API_URL + YUN_API_TOKEN (or YUN_ACCESS_KEY + YUN_SECRET_KEY) when
+    set, else the chosen or current profile (`yun login`), else /etc/yun/yun.toml [cli]."""
+    ctx.obj = State(profile=profile, output=output)
+    begin(ctx.obj)
+    ctx.call_on_close(ctx.obj.close)
+
+
+app.command("login")(session.login)
+app.command("logout")(session.logout)
+app.command("whoami")(session.whoami)
+app.add_typer(session.profile_app, name="profile")
+app.add_typer(vm.app, name="vm")
+app.add_typer(image.app, name="image")
+app.add_typer(infra.node_app, name="node")
+app.add_typer(infra.task_app, name="task")
+app.add_typer(project.app, name="project")
+app.add_typer(project.quota_app, name="quota")
+app.add_typer(department.app, name="department")
+app.add_typer(user.app, name="user")
+app.add_typer(role.app, name="role")
+app.add_typer(key.app, name="key")
+app.add_typer(key.audit_app, name="audit")
 app.add_typer(aio.app, name="aio")
 app.add_typer(serve.app, name="serve")
 

@@ -1,0 +1,324 @@
+"""What the CLI prints: `-o` in both positions, the API's JSON, YAML in API order,
+tables, errors on stderr; and what the commands send. The API is an
+httpx.MockTransport: the CLI's parsing and printing is what is under test."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from yun.cli import context
+from yun.cli.commands.image import upload_key
+from yun.cli.main import app
+
+NOW = "2026-01-01T00:00:00Z"
+# Every field of a VM, in the order of the API's model.
+VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]prod"},
+      "project_uuid": "p1", "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z",
+      "state": "running", "vcpus": 2, "memory_mb": 512, "disk_gb": 4, "image_uuid": "i1",
+      "node_uuid": "n1", "node_name": "node-0", "ip": "10.77.0.5", "mac": "52:54:00:00:00:01",
+      "power_state": "running", "task_uuid": None, "error": None}
+TASK: dict[str, Any] = {
+    "uuid": "t1", "kind": "vm.create", "resource_type": "vm", "resource_uuid": "3f1c",
+    "project_uuid": "p1", "state": "pending", "current_step": None, "error": None,
+    "steps": [], "created_at": NOW, "updated_at": NOW, "finished_at": None}
+Route = Callable[[httpx.Request], Any] | Any
+
+
+class Api:
+    """Answers by ``(method, path)``; keeps the requests."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        answer = self.routes.get((request.method, request.url.path.removeprefix("/api/v1")))
+        if answer is None:
+            return httpx.Response(404, json={"title": "Not found", "status": 404,
+                                             "detail": f"no VM {request.url.path!r}"},
+                                  headers={"content-type": "application/problem+json"})
+        if callable(answer):
+            answer = answer(request)
+        return answer if isinstance(answer, httpx.Response) else httpx.Response(200, json=answer)
+
+
+@pytest.fixture
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Api:
+    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("YUN_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("YUN_API_URL", "http://gw:8080")
+    monkeypatch.setenv("YUN_API_TOKEN", "tok")
+    monkeypatch.setenv("COLUMNS", "200")
+    fake = Api()
+    monkeypatch.setattr(context, "TRANSPORT", httpx.MockTransport(fake))
+    return fake
+
+
+def yun(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def ok(*args: str) -> Any:
+    result = yun(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# --- formats ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("-o", "json", "vm", "show", "web1"),
+                                  ("vm", "show", "web1", "-o", "json"),
+                                  ("--output", "JSON", "vm", "show", "web1"),
+                                  ("-o", "yaml", "vm", "show", "web1", "--output", "json")])
+def test_json_is_the_api_document_with_o_in_either_position(api: Api, args: tuple[str]) -> None:
+    api.routes[("GET", "/vms/web1")] = VM
+    result = ok(*args)
+    document = json.loads(result.stdout)
+    assert document == VM and list(document) == list(VM)
+    assert result.stderr == ""
+
+
+def test_yun_output_sets_the_default_and_a_command_option_wins(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    api.routes[("GET", "/vms/web1")] = VM
+    monkeypatch.setenv("YUN_OUTPUT", "json")
+    assert json.loads(ok("vm", "show", "web1").stdout) == VM
+    assert "web1" in ok("vm", "show", "web1", "-o", "table").stdout
+    assert not ok("vm", "show", "web1", "-o", "table").stdout.lstrip().startswith("{")
+
+
+def test_yaml_keeps_the_api_order(api: Api) -> None:
+    api.routes[("GET", "/vms/web1")] = VM
+    text = ok("vm", "show", "web1", "-o", "yaml").stdout
+    assert yaml.safe_load(text) == VM
+    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] \
+        == list(VM)
+
+
+def test_tables_show_values_literally(api: Api) -> None:
+    api.routes[("GET", "/vms")] = {"items": [VM], "limit": 100, "total": 1}
+    api.routes[("GET", "/vms/web1")] = VM
+    out = ok("vm", "list").stdout
+    assert "web1" in out and "10.77.0.5" in out and "1 of 1" in out
+    assert "env=[bold]prod" in ok("vm", "show", "web1").stdout  # data, not Rich markup
+
+
+def test_a_page_with_more_says_how_to_continue(api: Api) -> None:
+    api.routes[("GET", "/vms")] = {"items": [VM], "limit": 1, "next_cursor": "abc"}
+    assert "--cursor abc" in ok("vm", "list", "--limit", "1").stdout
+
+
+# --- lists ------------------------------------------------------------------------------
+
+
+def test_list_options_reach_the_api_and_all_follows_cursors(api: Api) -> None:
+    pages = {None: ([dict(VM, name="a")], "c1"), "c1": ([dict(VM, name="b")], None)}
+
+    def vms(request: httpx.Request) -> dict[str, Any]:
+        items, after = pages[request.url.params.get("cursor")]
+        return {"items": items, "limit": 1, "next_cursor": after}
+
+    api.routes[("GET", "/vms")] = vms
+    ok("vm", "list", "-q", "state=running and tag:env=prod", "--sort", "-created_at",
+       "--limit", "1")
+    assert dict(api.requests[-1].url.params) == {
+        "q": "state=running and tag:env=prod", "sort": "-created_at", "limit": "1"}
+    everything = json.loads(ok("-o", "json", "vm", "list", "--all", "--limit", "1").stdout)
+    assert [v["name"] for v in everything["items"]] == ["a", "b"]
+    assert everything["next_cursor"] is None and everything["total"] == 2
+    ok("vm", "list", "--cursor", "c1")
+    assert api.requests[-1].url.params["cursor"] == "c1"
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_an_api_error_is_one_line_on_stderr_and_exit_1(api: Api) -> None:
+    result = yun("vm", "show", "ghost")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "error: Not found (404): no VM '/api/v1/vms/ghost'\n"
+
+
+def test_a_problem_lists_its_field_errors(api: Api) -> None:
+    api.routes[("POST", "/vms")] = httpx.Response(422, json={
+        "title": "Invalid request", "status": 422, "detail": "the body is not valid",
+        "errors": [{"loc": ["body", "image"], "msg": "no image 'deb'"}]})
+    result = yun("vm", "create", "web1", "--image", "deb")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["error: Invalid request (422): the body is not valid",
+                                          "  body.image: no image 'deb'"]
+
+
+def test_invalid_input_is_refused_before_sending(api: Api) -> None:
+    result = yun("vm", "create", "x" * 70, "--image", "deb")
+    assert result.exit_code == 1 and api.requests == []
+    assert "name" in result.stderr and "63" in result.stderr
+
+
+def test_an_unreachable_gateway_is_reported(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    monkeypatch.setattr(context, "TRANSPORT", httpx.MockTransport(refuse))
+    result = yun("vm", "list")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: Gateway unreachable (0): http://gw:8080")
+
+
+# --- long operations --------------------------------------------------------------------
+
+
+def test_create_follows_the_task_then_shows_the_vm(api: Api) -> None:
+    api.routes[("POST", "/vms")] = httpx.Response(202, json={"task": TASK, "resource": VM})
+    api.routes[("GET", "/tasks/t1")] = dict(TASK, state="succeeded")
+    api.routes[("GET", "/vms/3f1c")] = VM
+    result = ok("vm", "create", "web1", "--image", "deb", "--memory", "512", "--tag", "a=b",
+                "-o", "json")
+    assert "create web1: done" in result.stderr
+    assert json.loads(result.stdout) == VM
+    assert json.loads(api.requests[0].content) == {
+        "name": "web1", "description": "", "image": "deb", "vcpus": 1, "memory_mb": 512,
+        "disk_gb": 1, "tags": {"a": "b"}}
+
+
+def test_a_failed_task_exits_1_with_its_error(api: Api) -> None:
+    api.routes[("POST", "/vms/web1/stop")] = httpx.Response(202, json={"task": TASK,
+                                                                       "resource": VM})
+    api.routes[("GET", "/tasks/t1")] = dict(TASK, state="failed", error="guest hung")
+    result = yun("vm", "stop", "web1", "--force")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: stop web1 failed: guest hung (task t1)"
+    assert json.loads(api.requests[0].content) == {"force": True, "timeout": 60.0}
+
+
+def test_no_wait_prints_the_accepted_answer(api: Api) -> None:
+    api.routes[("DELETE", "/vms/web1")] = httpx.Response(202, json={"task": TASK,
+                                                                    "resource": VM})
+    result = ok("vm", "delete", "web1", "--no-wait", "-o", "json",
+                "--idempotency-key", "del-1")
+    assert json.loads(result.stdout) == {"task": TASK, "resource": VM, "message": None}
+    assert "task t1 pending" in result.stderr
+    assert api.requests[0].headers["Idempotency-Key"] == "del-1"
+
+
+def test_nothing_to_do_says_why(api: Api) -> None:
+    api.routes[("POST", "/vms/web1/start")] = {"task": None, "resource": VM,
+                                               "message": "the VM already runs"}
+    api.routes[("GET", "/vms/web1")] = VM
+    result = ok("vm", "start", "web1")
+    assert "start web1: the VM already runs" in result.stderr and "web1" in result.stdout
+
+
+def test_console_log_is_printed_as_it_is(api: Api) -> None:
+    api.routes[("GET", "/vms/web1/console-log")] = httpx.Response(
+        200, text="[  0.0] boot\nYUN-GUEST-READY\n", headers={"content-type": "text/plain"})
+    assert ok("vm", "console-log", "web1").stdout == "[  0.0] boot\nYUN-GUEST-READY\n"
+    assert json.loads(ok("vm", "console-log", "web1", "-o", "json").stdout).endswith("READY\n")
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def image_answer(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(201, json={
+        "uuid": "i1", "name": request.url.params["name"], "created_at": NOW, "updated_at": NOW,
+        "status": "active", "format": "qcow2", "size": len(request.content)})
+
+
+def test_upload_derives_a_stable_idempotency_key(api: Api, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"QFI\xfb" + b"\0" * 5000)
+    api.routes[("POST", "/images")] = image_answer
+    api.routes[("GET", "/images/i1")] = {"uuid": "i1", "name": "base", "created_at": NOW,
+                                         "updated_at": NOW, "status": "active"}
+    first = ok("image", "upload", str(disk), "--name", "base", "-o", "json")
+    assert json.loads(first.stdout)["size"] == 5004
+    ok("image", "upload", str(disk), "--name", "base")
+    keys = [r.headers["Idempotency-Key"] for r in api.requests if r.method == "POST"]
+    assert keys[0] == keys[1] == upload_key(disk, "base")  # a re-run is the same upload
+    assert upload_key(disk, "other") != keys[0]
+    os.utime(disk, ns=(1, 1))  # the file changed: a new upload
+    assert upload_key(disk, "base") != keys[0]
+    ok("image", "upload", str(disk), "--name", "base", "--idempotency-key", "mine",
+       "--format", "qcow2")
+    assert api.requests[-1].headers["Idempotency-Key"] == "mine"  # not checked: not derived
+    assert api.requests[-1].url.params["format"] == "qcow2"
+
+
+def test_an_upload_replayed_for_a_deleted_image_is_sent_again(api: Api, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.iso"
+    disk.write_bytes(b"CD001" * 100)
+    uploads = iter(["old", "new"])
+    api.routes[("POST", "/images")] = lambda r: httpx.Response(201, json={
+        "uuid": next(uploads), "name": "iso", "created_at": NOW, "updated_at": NOW,
+        "status": "active"})
+    # GET /images/old answers 404: that image was deleted since its upload.
+    result = ok("image", "upload", str(disk), "--name", "iso", "-o", "json")
+    assert json.loads(result.stdout)["uuid"] == "new"
+    assert "uploading again" in result.stderr
+    first, _, second = api.requests
+    assert first.headers["Idempotency-Key"] == upload_key(disk, "iso")
+    assert second.headers["Idempotency-Key"].startswith(upload_key(disk, "iso") + "-")
+
+
+def test_image_delete_with_and_without_cascade(api: Api) -> None:
+    api.routes[("DELETE", "/images/base")] = lambda r: (
+        httpx.Response(202, json={"task": dict(TASK, kind="image.delete"), "resource": {}})
+        if r.url.params.get("cascade") == "true" else httpx.Response(204))
+    api.routes[("GET", "/tasks/t1")] = dict(TASK, kind="image.delete", state="succeeded")
+    assert "delete image base: done" in ok("image", "delete", "base").stderr
+    result = ok("image", "delete", "base", "--cascade", "-o", "json")
+    assert json.loads(result.stdout)["state"] == "succeeded"
+
+
+# --- identity ---------------------------------------------------------------------------
+
+
+def test_key_create_shows_the_secret_once_with_a_warning(api: Api) -> None:
+    api.routes[("POST", "/keys")] = httpx.Response(201, json={
+        "uuid": "k1", "name": "ci", "access_key": "AKCI00000001", "user_uuid": "u",
+        "project_uuid": "p", "enabled": True, "created_at": NOW, "updated_at": NOW,
+        "secret": "the-secret"})
+    result = ok("key", "create", "ci")
+    assert "the-secret" in result.stdout and "shown only this once" in result.stderr
+
+
+def test_quota_set_sends_only_the_given_limits(api: Api) -> None:
+    api.routes[("PUT", "/projects/web/quota")] = {
+        "project_uuid": "p", "project_name": "web",
+        "lines": [{"resource": "vms", "limit": 10, "used": 2},
+                  {"resource": "vcpus", "limit": -1, "used": 4}]}
+    result = ok("quota", "set", "--project", "web", "--vms", "10", "--vcpus", "-1")
+    assert json.loads(api.requests[0].content) == {"limits": {"vms": 10, "vcpus": -1}}
+    assert "unlimited" in result.stdout
+    assert yun("quota", "set", "--project", "web").exit_code == 2  # nothing to set
+
+
+def test_role_commands(api: Api) -> None:
+    api.routes[("GET", "/users/alice")] = {
+        "uuid": "11111111-2222-3333-4444-555555555555", "name": "alice", "created_at": NOW,
+        "updated_at": NOW, "department_uuid": "d"}
+    api.routes[("GET", "/role-assignments")] = {"items": [], "limit": 1000}
+    api.routes[("POST", "/role-assignments")] = httpx.Response(201, json={
+        "uuid": "a1", "user_uuid": "u", "role": "member", "project_uuid": "p",
+        "created_at": NOW})
+    ok("role", "assignments", "--user", "alice")
+    assert api.requests[-1].url.params["q"] == "user_uuid=11111111-2222-3333-4444-555555555555"
+    ok("role", "grant", "alice", "member", "--project", "web")
+    assert json.loads(api.requests[-1].content) == {"user": "alice", "role": "member",
+                                                    "project": "web", "department": None}
+    assert yun("role", "grant", "alice", "emperor").exit_code == 2

@@ -1,0 +1,1 @@
+"""The user commands, one module per kind of resource."""

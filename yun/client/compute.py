@@ -1,0 +1,209 @@
+"""Namespaces of the compute resources: VMs, images, nodes and tasks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import httpx
+
+from yun.client._base import (
+    ACCEPTED,
+    DEFAULT_WAIT,
+    TASK,
+    Listable,
+    TaggedCollection,
+    Wait,
+    accepted,
+    follow,
+    maybe_accepted,
+    maybe_accepted_call,
+)
+from yun.client._core import (
+    Call,
+    Content,
+    Op,
+    R,
+    endpoint,
+    idempotency,
+    model,
+    path,
+    text,
+)
+from yun.proto.resources import (
+    Accepted,
+    Console,
+    Image,
+    ImageCreate,
+    ImageFormat,
+    ImageVisibility,
+    Node,
+    Page,
+    Task,
+    Vm,
+    VmCreate,
+    VmStop,
+)
+
+CHUNK = 1 << 20
+UPLOAD_TIMEOUT = httpx.Timeout(60.0, read=3600.0, write=3600.0)
+
+ImageSource = str | os.PathLike[str] | bytes | Iterable[bytes]
+"""A file's path, the image's bytes, or an iterable of chunks (streamed)."""
+
+
+class Vms(TaggedCollection[R, Vm]):
+    """``client.vms``: virtual machines of the token's project."""
+
+    _path = "/vms"
+    _model = Vm
+    _page = Page[Vm]
+
+    def _action(self, ref: str, action: str, key: str | None,
+                body: VmStop | None = None) -> Call[Accepted]:
+        return Call("POST", self._item(ref, "/" + action), ACCEPTED, body=body,
+                    headers=idempotency(key))
+
+    @endpoint
+    def create(self, spec: VmCreate, *, wait: Wait = False,
+               idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Create a VM from an image and boot it."""
+        return accepted(Call("POST", "/vms", ACCEPTED, body=spec,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def delete(self, ref: str, *, wait: Wait = False,
+               idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Delete a VM with its disks, address and network port."""
+        return accepted(Call("DELETE", self._item(ref), ACCEPTED,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def start(self, ref: str, *, wait: Wait = False,
+              idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Power a VM on (``Accepted.task`` is None when it already runs)."""
+        return accepted(self._action(ref, "start", idempotency_key), wait)
+
+    @endpoint
+    def stop(self, ref: str, *, force: bool = False, timeout: float = 60.0, wait: Wait = False,
+             idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Shut a VM down (ACPI), forcing it off after ``timeout`` seconds or at once."""
+        body = VmStop(force=force, timeout=timeout)
+        return accepted(self._action(ref, "stop", idempotency_key, body), wait)
+
+    @endpoint
+    def reboot(self, ref: str, *, wait: Wait = False,
+               idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Reboot a VM."""
+        return accepted(self._action(ref, "reboot", idempotency_key), wait)
+
+    @endpoint
+    def console_log(self, ref: str, max_bytes: int = 65536) -> Call[str]:
+        """The last ``max_bytes`` the VM wrote on its serial console."""
+        return Call("GET", self._item(ref, "/console-log"), text,
+                    params={"max_bytes": max_bytes})
+
+    @endpoint
+    def console(self, ref: str) -> Call[Console]:
+        """Where the VM's VNC display and serial log are."""
+        return Call("GET", self._item(ref, "/console"), model(Console))
+
+
+def _read(file: Path) -> Iterator[bytes]:
+    with file.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def _counted(chunks: Iterable[bytes], progress: Callable[[int], None]) -> Iterator[bytes]:
+    sent = 0
+    for chunk in chunks:
+        yield chunk
+        sent += len(chunk)  # httpx asks for the next chunk once this one is written
+        progress(sent)
+
+
+def upload_content(source: ImageSource, progress: Callable[[int], None] | None) -> Content:
+    """The body of an upload: bytes (signed with their hash) or chunks (streamed)."""
+    chunks: Iterable[bytes]
+    if isinstance(source, bytes):
+        if progress is None:
+            return source
+        chunks = (source[i:i + CHUNK] for i in range(0, len(source), CHUNK))
+    elif isinstance(source, (str, os.PathLike)):
+        file = Path(source)
+        if not file.is_file():  # say so now, not halfway through a request
+            raise FileNotFoundError(f"no such file: {file}")
+        chunks = _read(file)
+    else:
+        chunks = source
+    return chunks if progress is None else _counted(chunks, progress)
+
+
+class Images(TaggedCollection[R, Image]):
+    """``client.images``: the project's images and the public ones."""
+
+    _path = "/images"
+    _model = Image
+    _page = Page[Image]
+
+    @endpoint
+    def upload(self, source: ImageSource, name: str, format: ImageFormat | str | None = None,
+               *, description: str = "",
+               visibility: ImageVisibility | str = ImageVisibility.PROJECT,
+               idempotency_key: str | None = None,
+               progress: Callable[[int], None] | None = None) -> Call[Image]:
+        """Upload a disk image or ISO; its format is detected (declare ``raw`` ones).
+
+        ``progress`` is called with the number of bytes sent so far. A path or an
+        iterable is streamed (signed as ``UNSIGNED-PAYLOAD`` with a key pair); bytes are
+        sent at once, unless ``progress`` is given."""
+        spec = ImageCreate.model_validate({"name": name, "description": description,
+                                           "format": format, "visibility": visibility})
+        params = {"name": spec.name, "description": spec.description or None,
+                  "format": spec.format.value if spec.format else None,
+                  "visibility": spec.visibility.value}
+        return Call("POST", "/images", model(Image), params=params,
+                    content=upload_content(source, progress), timeout=UPLOAD_TIMEOUT,
+                    headers={"Content-Type": "application/octet-stream",
+                             **idempotency(idempotency_key)})
+
+    @endpoint
+    def delete(self, ref: str, *, cascade: bool = False, wait: Wait = False,
+               idempotency_key: str | None = None) -> Op[Accepted | Task | None]:
+        """Delete an image. It is refused (409) while VMs use it, unless ``cascade``,
+        which starts a task deleting those VMs first (None: deleted at once)."""
+        call = maybe_accepted_call("DELETE", self._item(ref),
+                                   {"cascade": "true" if cascade else None}, idempotency_key)
+        return maybe_accepted(call, wait)
+
+
+class Nodes(TaggedCollection[R, Node]):
+    """``client.nodes``: the compute nodes (super admins)."""
+
+    _path = "/nodes"
+    _model = Node
+    _page = Page[Node]
+
+
+class Tasks(Listable[R, Task]):
+    """``client.tasks``: long operations and their steps."""
+
+    _path = "/tasks"
+    _page = Page[Task]
+
+    @endpoint
+    def get(self, task_uuid: str, wait: float = 0) -> Call[Task]:
+        """One task; with ``wait``, the API holds the answer up to that many seconds
+        (at most 600) for the task to end."""
+        return Call("GET", path("/tasks/{}", task_uuid), TASK,
+                    params={"wait": wait or None}, timeout=wait + 30 if wait else None)
+
+    @endpoint
+    def wait(self, task_uuid: str, timeout: float = DEFAULT_WAIT, *, check: bool = True,
+             on_update: Callable[[Task], None] | None = None) -> Op[Task]:
+        """Follow a task until it ends and return it; raise :class:`TaskFailed` if it
+        failed (when ``check``) and :class:`TaskTimeout` if it has not ended in time.
+        ``on_update`` sees each state the task is polled in."""
+        return follow(task_uuid, timeout, check, on_update)
