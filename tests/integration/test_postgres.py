@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -18,7 +19,9 @@ pytestmark = [
     pytest.mark.skipif(not URL,
                        reason="YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)"),
 ]
-TABLES = {"nodes", "images", "vms", "addresses", "flows", "flow_steps", "idempotency_keys"}
+TABLES = {"nodes", "images", "vms", "addresses", "flows", "flow_steps", "idempotency_keys",
+          "departments", "projects", "users", "role_assignments", "tokens", "api_keys",
+          "quotas", "resource_tags", "audit_log"}
 
 
 def tables() -> set[str]:
@@ -51,12 +54,12 @@ async def test_vm_lifecycle_on_postgres(tmp_path: Path, small_qcow2: Path) -> No
         created = []
         for i in range(6):
             resp = await api.post("/api/v1/vms", json={"name": f"pg-{i}", "image": "img",
-                                                        "tags": ["pg"]})
+                                                        "tags": {"db": "pg"}})
             assert resp.status_code == 202, resp.text
             created.append(resp.json())
         for accepted in created:
             assert (await cluster.wait_task(accepted["task"]["uuid"]))["state"] == "succeeded"
-        page = (await api.get("/api/v1/vms", params={"tag": "pg"})).json()
+        page = (await api.get("/api/v1/vms", params={"q": "tag:db=pg", "count": "true"})).json()
         assert page["total"] == 6 and {v["state"] for v in page["items"]} == {"running"}
         assert len({v["node_uuid"] for v in page["items"]}) == 3  # spread over the nodes
         vm = created[0]["resource"]["uuid"]
@@ -66,8 +69,33 @@ async def test_vm_lifecycle_on_postgres(tmp_path: Path, small_qcow2: Path) -> No
             resp = await api.delete(f"/api/v1/vms/{accepted['resource']['uuid']}")
             assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == \
                 "succeeded"
-        assert (await api.get("/api/v1/vms")).json()["total"] == 0
+        assert (await api.get("/api/v1/vms", params={"count": "true"})).json()["total"] == 0
         nodes = (await api.get("/api/v1/nodes")).json()["items"]
         assert all(n["vcpus_reserved"] == 0 for n in nodes)
+    finally:
+        await cluster.stop()
+
+
+async def test_quota_race_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
+    """Concurrent creates claim a project's quota through row locks: exactly the limit."""
+    downgrade(URL, "base")
+    cluster = SimCluster(tmp_path, nodes=3, database_url=URL)
+    await cluster.start()
+    try:
+        api = cluster.api
+        assert api is not None
+        resp = await api.put("/api/v1/projects/default/quota", json={"limits": {"vms": 10}})
+        assert resp.status_code == 200, resp.text
+        await upload(cluster, small_qcow2)
+        answers = await asyncio.gather(*(api.post("/api/v1/vms", json={
+            "name": f"r{i}", "image": "img"}) for i in range(50)))
+        codes = [a.status_code for a in answers]
+        assert codes.count(202) == 10 and codes.count(409) == 40, codes
+        quota = (await api.get("/api/v1/quota")).json()
+        assert {line["resource"]: line["used"] for line in quota["lines"]}["vms"] == 10
+        page = (await api.get("/api/v1/vms", params={"count": "true"})).json()
+        assert page["total"] == 10
+        await cluster.wait_tasks([a.json()["task"]["uuid"] for a in answers
+                                  if a.status_code == 202])
     finally:
         await cluster.stop()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from yun.control.db.models import AddressRow, ImageRow, NodeRow, VmRow
+from yun.control.allocators.addresses import AddressAllocator
+from yun.control.db.models import AddressRow, ImageRow, NodeRow, ProjectRow, VmRow
 from yun.control.db.session import Database
 from yun.control.scheduler.placement import Placement, Request
-from yun.control.services.addresses import AddressAllocator
 from yun.proto.errors import InsufficientCapacity
 
 
@@ -22,14 +22,15 @@ async def setup(tmp_path: Path, nodes: int, vms: int, vcpus: int = 4
     await db.migrate()
     vm_uuids = [str(uuid.uuid4()) for _ in range(vms)]
     async with db.session() as s:
-        s.add(ImageRow(uuid="img", name="img", status="active"))
+        project = (await s.scalars(select(ProjectRow.uuid))).first()
+        s.add(ImageRow(uuid="img", name="img", status="active", project_uuid=project))
         for i in range(nodes):
             s.add(NodeRow(uuid=f"n{i}", name=f"n{i}", url="http://x", hypervisor="sim",
                           accel="sim", vcpus=vcpus, memory_mb=4096, disk_gb=100,
                           nat_subnet="10.77.0.0/24"))
         for u in vm_uuids:
             s.add(VmRow(uuid=u, name=u[:8], state="building", vcpus=1, memory_mb=256,
-                        disk_gb=1, image_uuid="img"))
+                        disk_gb=1, image_uuid="img", project_uuid=project))
     return db, vm_uuids
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from yun.config import ControlSettings
+from yun.control.access.identity import IdentityService
 from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.session import Database
 from yun.control.flows.engine import FlowEngine
 from yun.control.scheduler.placement import Placement
-from yun.control.services.identity import IdentityService
 from yun.proto.membership import Membership
 from yun.util.queues import KeyedQueues
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from yun.config import ControlSettings
+from yun.control.access.identity import bootstrap_admin
 from yun.control.api import create_control_app
 from yun.control.context import ControlContext
 from yun.control.db.session import Database
 from yun.control.flows.cascade import cascade_flows
 from yun.control.flows.engine import FlowEngine
 from yun.control.flows.vm import vm_flows
-from yun.control.services.identity import bootstrap_admin
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership

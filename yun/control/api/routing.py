@@ -162,7 +162,8 @@ def _answered_uuid(response: Response) -> tuple[str | None, str | None]:
     except ValueError:
         return None, None
     if isinstance(body, dict):
-        item = body.get("resource") if isinstance(body.get("resource"), dict) else body
+        resource = body.get("resource")
+        item: dict[str, Any] = resource if isinstance(resource, dict) else body
         uuid, project = item.get("uuid"), item.get("project_uuid")
         return (uuid if isinstance(uuid, str) else None,
                 project if isinstance(project, str) else None)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import re
 import uuid as uuidlib
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
 from yun.control.allocators.addresses import AddressAllocator
-from yun.control.context import ControlContext
 from yun.control.db.models import ImageRow, NodeRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
@@ -34,6 +34,9 @@ from yun.proto.messages import (
     StopRequest,
 )
 from yun.proto.resources import VmState
+
+if TYPE_CHECKING:  # the context holds the engine that runs these flows
+    from yun.control.context import ControlContext
 
 log = logging.getLogger("yun.control.vm")
 

@@ -9,6 +9,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from yun.control.access.identity import (
+    PLATFORM_SCOPE,
+    department_scope,
+    hash_password,
+    new_access_key,
+    project_scope,
+)
 from yun.control.access.policy import Permission, Scope, require_in_project
 from yun.control.context import ControlContext
 from yun.control.db.models import (
@@ -22,13 +29,6 @@ from yun.control.db.models import (
 )
 from yun.control.db.tags import drop_tags, tags_of, update_tags
 from yun.control.services.common import find
-from yun.control.services.identity import (
-    PLATFORM_SCOPE,
-    department_scope,
-    hash_password,
-    new_access_key,
-    project_scope,
-)
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Forbidden, NotFound, Unprocessable
 from yun.proto.identity import (
