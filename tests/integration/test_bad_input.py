@@ -157,3 +157,59 @@ async def test_idempotency_key(cluster: SimCluster, small_qcow2: Path) -> None:
     assert again.status_code == 200 and again.json()["task"] is None
     assert "already stopped" in again.json()["message"]
     assert (await api.get(f"/api/v1/vms/{vm_uuid}")).json()["state"] == "stopped"
+
+
+async def test_hostile_input_gets_a_clear_4xx_and_changes_nothing(
+        cluster: SimCluster, small_qcow2: Path) -> None:
+    """Over-long names, invalid UTF-8, a 100 MiB JSON body, SQL metacharacters and
+    unbalanced parentheses in a query: each refused with a problem naming what is wrong."""
+    api = cluster.api
+    assert api is not None and cluster.control is not None
+    await upload(cluster, small_qcow2)
+
+    async def audit_count() -> int:
+        page = (await api.get("/api/v1/audit", params={"count": "true", "limit": 1})).json()
+        return int(page["total"])
+
+    before = await audit_count()
+    problem = assert_problem(await api.post("/api/v1/vms", json={
+        "name": "n" * 300, "image": "img"}), 422)
+    assert "name" in {e["field"] for e in problem["errors"]}
+    assert_problem(await api.post("/api/v1/projects", json={"name": "p" * 64}), 422)
+    assert_problem(await api.post("/api/v1/users", json={
+        "name": "u", "password": "x" * 10_000}), 422)
+    # Invalid UTF-8 in a JSON body, a path and a query.
+    resp = await api.post("/api/v1/vms", content=b'{"name": "\xff\xfe", "image": "img"}',
+                          headers={"Content-Type": "application/json"})
+    assert resp.status_code in (400, 422) and "UTF-8" in resp.text, resp.text
+    resp = await api.get("/api/v1/vms/%FF%FE")
+    assert resp.status_code in (400, 422), resp.text
+    resp = await api.get("/api/v1/vms?q=name%3D%FF")
+    assert resp.status_code == 400 and "UTF-8" in resp.text, resp.text
+    # 100 MiB of JSON is refused by its length before it is read.
+    huge = b'{"name": "big", "image": "img", "description": "' + b"a" * (100 << 20) + b'"}'
+    resp = await api.post("/api/v1/vms", content=huge,
+                          headers={"Content-Type": "application/json"})
+    assert_problem(resp, 413, "larger than")
+    del huge
+    # Queries: SQL metacharacters and broken parentheses.
+    for q, fragment in (("name='a'; DROP TABLE vms; --", "q"),
+                        ("(state=running", "unbalanced"),
+                        ("state=running)", "unexpected"),
+                        ("vcpus>=", "expected a value"),
+                        ("nosuchfield=1", "nosuchfield"),
+                        ("vcpus>=two", "two")):
+        resp = await api.get("/api/v1/vms", params={"q": q})
+        assert resp.status_code == 400, (q, resp.text)
+        assert fragment in resp.json()["detail"], (q, resp.json())
+    resp = await api.get("/api/v1/vms", params={"sort": "-nosuch"})
+    assert resp.status_code == 400 and "nosuch" in resp.text
+    resp = await api.get("/api/v1/vms", params={"cursor": "garbage!!"})
+    assert resp.status_code == 400 and "cursor" in resp.text
+    # Nothing was made, and the VM table still answers.
+    page = (await api.get("/api/v1/vms", params={"count": "true"})).json()
+    assert page["total"] == 0
+    projects = (await api.get("/api/v1/projects", params={"count": "true"})).json()
+    assert [p["name"] for p in projects["items"]] == ["default"]
+    # Refused mutations that reached the control server are audited as errors.
+    assert await audit_count() >= before
