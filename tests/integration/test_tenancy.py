@@ -56,6 +56,25 @@ def _ref_for(path: str, ids: dict[str, str]) -> dict[str, str]:
     return values
 
 
+# A valid body for each request schema a route with a path parameter takes, so that the
+# lookup, not the validation, decides the answer.
+BODIES: dict[str, Any] = {
+    "QuotaUpdate": {"limits": {"vms": 1}},
+    "TagsReplace": {"tags": {"k": "v"}},
+    "TagsUpdate": {"set": {"k": "v"}},
+}
+
+
+def _valid_body(spec: dict[str, Any], operation: dict[str, Any]) -> Any:
+    content = operation.get("requestBody", {}).get("content", {})
+    schema = content.get("application/json", {}).get("schema")
+    if schema is None:
+        return None
+    refs = [schema.get("$ref", "")] + [s.get("$ref", "") for s in schema.get("anyOf", [])]
+    name = next((r.rsplit("/", 1)[-1] for r in refs if r), "")
+    return BODIES.get(name, {})
+
+
 async def test_no_route_crosses_projects(cloud: Tenants) -> None:
     """Every route of the OpenAPI document, called by alice (p1) on a resource of bob
     (p2) or of another department, answers as if it did not exist, or refuses."""
@@ -80,14 +99,11 @@ async def test_no_route_crosses_projects(cloud: Tenants) -> None:
         for method in operations:
             params = _ref_for(path, cloud.ids)
             url = path.format(**params)
-            body: Any = {} if method in ("post", "put", "patch") else None
+            body: Any = _valid_body(spec, operations[method])
             resp = await alice.request(method.upper(), url, json=body)
             expected = {404} if not path.startswith("/api/v1/nodes") else {403}
             if path.startswith("/api/v1/departments") and method != "get":
                 expected = {403, 404}  # only super admins change departments
-            if resp.status_code == 422 and body == {}:
-                # The body was refused before any lookup: try again with a valid one.
-                continue
             assert resp.status_code in expected, (method, url, resp.status_code, resp.text)
             assert "bob" not in resp.text.replace("'", ""), (method, url, resp.text)
             checked += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,9 +40,3 @@ async def find(session: AsyncSession, model: type[R], ref: str, what: str,
     if len(rows) > 1:
         raise Conflict(f"more than one {what} is named '{ref}'; use its uuid")
     return rows[0]
-
-
-async def get_internal(session: AsyncSession, model: type[R], key: Any) -> R | None:
-    """A row by primary key for the control server's own work (flows, reconciliation),
-    never for a user's request: those go through :func:`find`."""
-    return await session.get(model, key)
