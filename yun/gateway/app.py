@@ -1,223 +1,120 @@
 """The public REST API (C-GW): /api/v1, OpenAPI at /docs, problems as application/problem+json.
 
-The gateway keeps no state: it checks the caller's token, validates the request
-against the public models, and forwards it to a control server over the internal
-protocol. Image bytes are streamed straight to the storage server the control
-server chose, never buffered here.
+The gateway keeps no state but caches: it authenticates the caller (``auth``), refuses
+malformed, oversized and excessive requests (``limits``), validates parameters against
+the public models (``routers``) and forwards to a control server (``upstream``) with
+the caller's signed context. Image bytes are streamed straight to the storage server
+the control server chose, never buffered here. This module only wires the parts.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-import httpx
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import ResponseValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
-from yun.proto.client import PeerClient, error_for
+from yun.config import GatewaySettings
+from yun.gateway.auth import Authenticator
+from yun.gateway.limits import InputGuardMiddleware, RateLimitMiddleware
+from yun.gateway.openapi import install_openapi
+from yun.gateway.requestid import RequestIdMiddleware
+from yun.gateway.routers import ROUTERS
+from yun.gateway.upstream import Upstream
 from yun.proto.components import ComponentType
-from yun.proto.errors import PeerError, Unauthorized, Unavailable, YunError
+from yun.proto.errors import PeerError, Problem, YunError
 from yun.proto.membership import Membership
-from yun.proto.resources import (
-    Accepted,
-    Console,
-    Image,
-    ImageCreate,
-    ImageFormat,
-    ImageUploadTicket,
-    Node,
-    Page,
-    ResourceName,
-    Task,
-    Vm,
-    VmCreate,
-    VmStop,
-)
-from yun.proto.server import install_problem_handlers
+from yun.proto.server import install_problem_handlers, problem_response
 
 log = logging.getLogger("yun.gateway")
 
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
-Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the task to end")]
-INTERNAL = "/internal/v1"
 
-
-def create_gateway_app(membership: Membership, admin_token: str) -> FastAPI:
+def create_gateway_app(membership: Membership, settings: GatewaySettings) -> FastAPI:
+    """The gateway's ASGI application, speaking to control servers through ``membership``."""
     app = FastAPI(
         title="Yun REST API", version="1", docs_url=None, redoc_url=None,
-        description="Virtual machines, images and nodes of a Yun cloud. Long operations "
-                    "answer 202 with a task; `Idempotency-Key` makes a request repeatable.",
+        description="Virtual machines, images, nodes, projects and users of a Yun cloud. "
+                    "Authenticate with a token from `POST /api/v1/auth/tokens` or a signed "
+                    "API key request. Long operations answer 202 with a task; "
+                    "`Idempotency-Key` makes a request repeatable.",
     )
+    upstream = Upstream(membership)
+    authenticator = Authenticator(upstream, settings)
+    app.state.upstream = upstream
+    app.state.authenticator = authenticator
+
     install_problem_handlers(app)
-    _serve_docs_offline(app)
-
-    def authorize(request: Request) -> None:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("send 'Authorization: Bearer <token>'")
-        if not admin_token or not hmac.compare_digest(token.encode(), admin_token.encode()):
-            raise Unauthorized("the token is not valid")
-
-    auth = [Depends(authorize)]
-
-    def control() -> PeerClient:
-        controls = membership.peers_of(ComponentType.CONTROL)
-        if not controls:
-            raise Unavailable("no control server is available; try again shortly")
-        return membership.client(controls[0])
-
-    def forward_headers(request: Request) -> dict[str, str]:
-        key = request.headers.get("Idempotency-Key")
-        return {"Idempotency-Key": key} if key is not None else {}
-
-    async def call(method: str, path: str, request: Request | None = None, **kw: Any) -> Any:
-        headers = forward_headers(request) if request is not None else None
-        return await control().request(method, f"{INTERNAL}{path}", headers=headers, **kw)
-
-    async def waited(accepted: dict[str, Any], wait: float) -> dict[str, Any]:
-        if wait > 0:
-            task = await call("GET", f"/tasks/{accepted['task']['uuid']}",
-                              params={"wait": wait}, timeout=wait + 30)
-            accepted["task"] = task
-        return accepted
+    _install_gateway_handlers(app)
+    # Added innermost first: the request id is chosen before anything can refuse the request.
+    app.add_middleware(InputGuardMiddleware, max_json_body=settings.max_json_body)
+    app.add_middleware(RateLimitMiddleware, rate=settings.rate_limit,
+                       burst=settings.rate_burst, identify=authenticator.cached_user)
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok",
                 "control_servers": len(membership.peers_of(ComponentType.CONTROL))}
 
-    # -- nodes -------------------------------------------------------------------------------
-
-    @app.get("/api/v1/nodes", response_model=Page[Node], dependencies=auth, tags=["nodes"])
-    async def list_nodes(status: str | None = None, name: str | None = None,
-                         tag: str | None = None, limit: Limit = 100, offset: Offset = 0) -> Any:
-        return await call("GET", "/nodes", params=_params(
-            status=status, name=name, tag=tag, limit=limit, offset=offset))
-
-    @app.get("/api/v1/nodes/{ref}", response_model=Node, dependencies=auth, tags=["nodes"])
-    async def show_node(ref: str) -> Any:
-        return await call("GET", f"/nodes/{ref}")
-
-    # -- images ------------------------------------------------------------------------------
-
-    @app.post(
-        "/api/v1/images", response_model=Image, status_code=201, dependencies=auth,
-        tags=["images"],
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-    )
-    async def upload_image(
-        request: Request, name: ResourceName, format: ImageFormat | None = None,
-        description: Annotated[str, Query(max_length=1024)] = "",
-    ) -> Any:
-        """Upload a disk image (qcow2, vmdk, vdi, vhdx, vpc, ISO; raw when declared) as the
-        request body. Its format is detected, its checksum computed; a file that is not an
-        image is refused and leaves nothing behind."""
-        ticket = ImageUploadTicket.model_validate(await call(
-            "POST", "/images",
-            body=ImageCreate(name=name, description=description, format=format)))
-        image_uuid = ticket.image.uuid
-        try:
-            await _stream_to_storage(membership, ticket, request, format)
-        except BaseException:
-            try:
-                await call("DELETE", f"/images/{image_uuid}")
-            except YunError as exc:
-                log.warning("could not remove the record of a failed upload: %s", exc,
-                            extra={"image": image_uuid})
-            raise
-        return await call("GET", f"/images/{image_uuid}")
-
-    @app.get("/api/v1/images", response_model=Page[Image], dependencies=auth, tags=["images"])
-    async def list_images(status: str | None = None, name: str | None = None,
-                          format: str | None = None, tag: str | None = None,
-                          limit: Limit = 100, offset: Offset = 0) -> Any:
-        return await call("GET", "/images", params=_params(
-            status=status, name=name, format=format, tag=tag, limit=limit, offset=offset))
-
-    @app.get("/api/v1/images/{ref}", response_model=Image, dependencies=auth, tags=["images"])
-    async def show_image(ref: str) -> Any:
-        return await call("GET", f"/images/{ref}")
-
-    @app.delete("/api/v1/images/{ref}", status_code=204, dependencies=auth, tags=["images"])
-    async def delete_image(ref: str) -> None:
-        await call("DELETE", f"/images/{ref}")
-
-    # -- VMs ---------------------------------------------------------------------------------
-
-    @app.post("/api/v1/vms", response_model=Accepted, status_code=202, dependencies=auth,
-              tags=["vms"])
-    async def create_vm(body: VmCreate, request: Request, wait: Wait = 0) -> Any:
-        return await waited(await call("POST", "/vms", request, body=body), wait)
-
-    @app.get("/api/v1/vms", response_model=Page[Vm], dependencies=auth, tags=["vms"])
-    async def list_vms(state: str | None = None, name: str | None = None,
-                       node_uuid: str | None = None, project: str | None = None,
-                       image_uuid: str | None = None, tag: str | None = None,
-                       limit: Limit = 100, offset: Offset = 0) -> Any:
-        return await call("GET", "/vms", params=_params(
-            state=state, name=name, node_uuid=node_uuid, project=project,
-            image_uuid=image_uuid, tag=tag, limit=limit, offset=offset))
-
-    @app.get("/api/v1/vms/{ref}", response_model=Vm, dependencies=auth, tags=["vms"])
-    async def show_vm(ref: str) -> Any:
-        return await call("GET", f"/vms/{ref}")
-
-    @app.delete("/api/v1/vms/{ref}", response_model=Accepted, status_code=202,
-                dependencies=auth, tags=["vms"])
-    async def delete_vm(ref: str, request: Request, wait: Wait = 0) -> Any:
-        return await waited(await call("DELETE", f"/vms/{ref}", request), wait)
-
-    @app.post("/api/v1/vms/{ref}/start", response_model=Accepted, status_code=202,
-              dependencies=auth, tags=["vms"])
-    async def start_vm(ref: str, request: Request, wait: Wait = 0) -> Any:
-        return await waited(await call("POST", f"/vms/{ref}/start", request), wait)
-
-    @app.post("/api/v1/vms/{ref}/stop", response_model=Accepted, status_code=202,
-              dependencies=auth, tags=["vms"])
-    async def stop_vm(ref: str, request: Request, body: VmStop | None = None,
-                      wait: Wait = 0) -> Any:
-        return await waited(await call("POST", f"/vms/{ref}/stop", request,
-                                       body=body or VmStop()), wait)
-
-    @app.post("/api/v1/vms/{ref}/reboot", response_model=Accepted, status_code=202,
-              dependencies=auth, tags=["vms"])
-    async def reboot_vm(ref: str, request: Request, wait: Wait = 0) -> Any:
-        return await waited(await call("POST", f"/vms/{ref}/reboot", request), wait)
-
-    @app.get("/api/v1/vms/{ref}/console-log", response_class=PlainTextResponse,
-             dependencies=auth, tags=["vms"])
-    async def console_log(ref: str, max_bytes: Annotated[int, Query(ge=1, le=1 << 20)] = 65536
-                          ) -> str:
-        data = await call("GET", f"/vms/{ref}/console-log", params={"max_bytes": max_bytes})
-        return str(data["text"])
-
-    @app.get("/api/v1/vms/{ref}/console", response_model=Console, dependencies=auth,
-             tags=["vms"])
-    async def console(ref: str) -> Any:
-        return await call("GET", f"/vms/{ref}/console")
-
-    # -- tasks -------------------------------------------------------------------------------
-
-    @app.get("/api/v1/tasks", response_model=Page[Task], dependencies=auth, tags=["tasks"])
-    async def list_tasks(state: str | None = None, kind: str | None = None,
-                         resource_uuid: str | None = None, limit: Limit = 100,
-                         offset: Offset = 0) -> Any:
-        return await call("GET", "/tasks", params=_params(
-            state=state, kind=kind, resource_uuid=resource_uuid, limit=limit, offset=offset))
-
-    @app.get("/api/v1/tasks/{task_uuid}", response_model=Task, dependencies=auth,
-             tags=["tasks"])
-    async def show_task(task_uuid: str, wait: Wait = 0) -> Any:
-        return await call("GET", f"/tasks/{task_uuid}", params={"wait": wait},
-                          timeout=wait + 30)
-
+    for router in ROUTERS:
+        app.include_router(router)
+    _serve_docs_offline(app)
+    install_openapi(app)
     return app
+
+
+def _install_gateway_handlers(app: FastAPI) -> None:
+    """Problem answers that also carry the headers HTTP asks for (``WWW-Authenticate``
+    on 401, ``Allow`` on 405)."""
+
+    @app.exception_handler(YunError)
+    async def _yun_error(request: Request, exc: YunError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("request failed: %s", exc.detail, extra={"path": request.url.path})
+        response = problem_response(exc.problem(instance=request.url.path))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="yun"'
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(app, request)
+            headers["Allow"] = ", ".join(allowed)
+            detail = (f"{request.method} is not allowed on {request.url.path}; "
+                      f"it accepts {', '.join(allowed)}")
+        elif exc.status_code == 404:
+            detail = f"no route {request.url.path}"
+        response = problem_response(Problem(
+            title=str(exc.detail), status=exc.status_code, detail=detail,
+            instance=request.url.path))
+        response.headers.update(headers)
+        return response
+
+    @app.exception_handler(ResponseValidationError)
+    async def _malformed(request: Request, exc: ResponseValidationError) -> JSONResponse:
+        error = PeerError("the control server answered something the API does not define")
+        log.warning("malformed answer: %s", exc.errors()[:3], extra={"path": request.url.path})
+        return problem_response(error.problem(instance=request.url.path))
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route accepts for the request's path (all routes, not the first)."""
+    path = request.scope.get("path", "")
+    routes = [*app.router.routes, *(r for router in ROUTERS for r in router.routes)]
+    methods: set[str] = set()
+    for route in routes:
+        # Included routers are not flattened into app.router.routes (FastAPI >= 0.16x),
+        # hence the routers' own routes, matched by their path pattern alone.
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 def _serve_docs_offline(app: FastAPI) -> None:
@@ -237,31 +134,3 @@ def _serve_docs_offline(app: FastAPI) -> None:
             swagger_css_url="/docs-assets/swagger-ui.css",
             swagger_favicon_url="/docs-assets/favicon-32x32.png",
         )
-
-
-def _params(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-async def _stream_to_storage(membership: Membership, ticket: ImageUploadTicket,
-                             request: Request, declared: ImageFormat | None) -> None:
-    """Send the request body to the storage server as it arrives."""
-    storage = membership.client_for_url(ticket.storage_url)
-
-    async def body() -> AsyncIterator[bytes]:
-        async for chunk in request.stream():
-            yield chunk
-
-    params = {"name": ticket.image.name}
-    if declared is not None:
-        params["format"] = declared.value
-    try:
-        resp = await storage.http.put(
-            f"/internal/v1/images/{ticket.image.uuid}/data", content=body(), params=params,
-            headers={**storage.headers(), "Content-Type": "application/octet-stream"},
-            timeout=httpx.Timeout(60.0, read=3600.0),
-        )
-    except httpx.HTTPError as exc:
-        raise PeerError(f"storage server unreachable: {exc}") from exc
-    if not resp.is_success:
-        raise error_for(resp, ticket.storage_url)

@@ -14,12 +14,12 @@ log = logging.getLogger("yun.gateway")
 
 
 class GatewayService:
+    """A gateway: its membership in the work domain and its HTTP server."""
+
     def __init__(self, settings: GatewaySettings) -> None:
-        if not settings.admin_token:
-            raise ValueError("the gateway needs an admin_token ([gateway] admin_token)")
         self.settings = settings
         self.membership = Membership(settings, ComponentType.GATEWAY, url="")
-        self.server = AppServer(create_gateway_app(self.membership, settings.admin_token),
+        self.server = AppServer(create_gateway_app(self.membership, settings),
                                 settings.listen_host, settings.listen_port)
         self.url = self.membership.url = service_url(settings, self.server.port)
 

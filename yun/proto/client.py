@@ -32,12 +32,15 @@ class PeerClient:
     """
 
     def __init__(
-        self, base_url: str, credential: str | None = None, *, timeout: float = 30.0
+        self, base_url: str, credential: str | None = None, *, timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (tests serve a peer in-process with
+        ``httpx.ASGITransport``)."""
         self.base_url = base_url.rstrip("/")
         self.credential = credential
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                         verify=_tls_context())
+                                         verify=_tls_context(), transport=transport)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -116,4 +116,6 @@ def error_from_problem(problem: Problem) -> YunError:
             problem.detail or problem.title, peer_status=problem.status, problem=problem
         )
     err = cls(problem.detail or problem.title, errors=problem.errors)
+    # Keep the peer's own title ("Quota exceeded", not the generic "Conflict").
+    err.title = problem.title or err.title
     return err

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yun.proto.resources import (
     Description,
     Input,
+    Named,
     Ref,
-    Resource,
     ResourceName,
     Tags,
     user_tags,
@@ -48,7 +48,7 @@ class _Tagged(Input):
 # --- departments and projects -------------------------------------------------------
 
 
-class Department(Resource):
+class Department(Named):
     project_count: int = 0
     user_count: int = 0
 
@@ -62,7 +62,7 @@ class DepartmentUpdate(Input):
     description: Description | None = None
 
 
-class Project(Resource):
+class Project(Named):
     department_uuid: str
     department_name: str | None = None
 
@@ -81,7 +81,7 @@ class ProjectUpdate(Input):
 # --- users and roles ----------------------------------------------------------------
 
 
-class User(Resource):
+class User(Named):
     department_uuid: str
     department_name: str | None = None
     enabled: bool = True

@@ -50,7 +50,7 @@ class Input(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Resource(BaseModel):
+class Named(BaseModel):
     """Fields every resource shares."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -59,9 +59,14 @@ class Resource(BaseModel):
     name: str
     description: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
-    project_uuid: str | None = Field(default=None, description="the project owning it")
     created_at: datetime
     updated_at: datetime
+
+
+class Resource(Named):
+    """A resource owned by a project (VMs, images)."""
+
+    project_uuid: str | None = Field(default=None, description="the project owning it")
 
 
 class Page(BaseModel, Generic[T]):
@@ -112,7 +117,7 @@ class NodeStatus(StrEnum):
     DOWN = "down"
 
 
-class Node(Resource):
+class Node(Named):
     url: str
     status: NodeStatus
     hypervisor: str

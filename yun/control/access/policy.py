@@ -34,12 +34,20 @@ ROLE_PERMISSION: dict[Role, Permission] = {
     Role.SUPER_ADMIN: Permission.MANAGE_PLATFORM,
 }
 
+# The least role that gives each permission, to say what a refused caller lacks.
+NEEDED_ROLE = {
+    Permission.READ: Role.READER,
+    Permission.WRITE: Role.MEMBER,
+    Permission.MANAGE_PROJECT: Role.PROJECT_ADMIN,
+    Permission.MANAGE_DEPARTMENT: Role.DEPARTMENT_ADMIN,
+    Permission.MANAGE_PLATFORM: Role.SUPER_ADMIN,
+}
 _VERBS = {
-    Permission.READ: "read resources of",
-    Permission.WRITE: "change resources of",
-    Permission.MANAGE_PROJECT: "manage",
-    Permission.MANAGE_DEPARTMENT: "manage the department of",
-    Permission.MANAGE_PLATFORM: "administer the platform from",
+    Permission.READ: "read this project's resources",
+    Permission.WRITE: "change this project's resources",
+    Permission.MANAGE_PROJECT: "manage this project",
+    Permission.MANAGE_DEPARTMENT: "manage this department",
+    Permission.MANAGE_PLATFORM: "administer the platform",
 }
 
 
@@ -94,10 +102,9 @@ def require(ctx: RequestContext, need: Permission, what: str = "") -> None:
     if have is not None and have >= need:
         return
     roles = ", ".join(sorted(ctx.roles)) or "no role"
-    where = f"project {ctx.project_name}" if ctx.project_name else "this platform"
-    doing = f" ({what})" if what else ""
+    where = f"project {ctx.project_name}" if ctx.project_name else "no project"
     raise Forbidden(f"user {ctx.user_name} ({roles} in {where}) may not "
-                    f"{_VERBS[need]} it{doing}")
+                    f"{what or _VERBS[need]}: that needs the role {NEEDED_ROLE[need]}")
 
 
 def require_in_project(ctx: RequestContext, need: Permission, project_uuid: str | None,
@@ -114,5 +121,6 @@ def require_in_project(ctx: RequestContext, need: Permission, project_uuid: str 
                 and need <= Permission.MANAGE_DEPARTMENT:
             # Visible only through a department the caller administers (the scope says so).
             return
-        raise Forbidden(f"user {ctx.user_name} may not {_VERBS[need]} that project{what}")
+        raise Forbidden(f"user {ctx.user_name} may not {what or _VERBS[need]} in "
+                        "that project")
     require(ctx, need, what)

@@ -21,7 +21,7 @@ from yun.proto.resources import TagsReplace, TagsUpdate
 
 def _project_write(scope: Scope, row: Any) -> None:
     require_in_project(scope.context, Permission.WRITE, row.project_uuid,
-                       what=f" (tag {row.name})")
+                       what=f"tag {row.name}")
 
 
 def _platform(scope: Scope, row: Any) -> None:

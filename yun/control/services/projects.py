@@ -162,7 +162,7 @@ class ProjectService:
         async with self.ctx.db.session() as session:
             row = await find(session, ProjectRow, ref, "project", scope)
             require_in_project(scope.context, Permission.MANAGE_PROJECT, row.uuid,
-                               row.department_uuid, f" (change project {row.name})")
+                               row.department_uuid, f"change project {row.name}")
             if req.description is not None:
                 row.description = req.description
             await session.flush()

@@ -1,0 +1,27 @@
+"""The public routes, one module per resource."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from yun.gateway.routers import (
+    audit,
+    auth,
+    departments,
+    images,
+    keys,
+    nodes,
+    projects,
+    quotas,
+    roles,
+    tags,
+    tasks,
+    users,
+    vms,
+)
+
+ROUTERS: tuple[APIRouter, ...] = (
+    auth.router, departments.router, projects.router, quotas.router, users.router,
+    roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
+    tasks.router, tags.router,
+)

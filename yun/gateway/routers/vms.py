@@ -1,0 +1,118 @@
+"""Virtual machines: create, list, show, delete, power actions, consoles."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Query, Response
+from fastapi.responses import PlainTextResponse
+
+from yun.gateway.routers.common import (
+    Ctx,
+    IdempotencyKey,
+    Listing,
+    RefPath,
+    Up,
+    Wait,
+    accepted,
+    answer,
+    make_router,
+)
+from yun.proto.errors import PeerError
+from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmStop
+
+router = make_router("vms")
+ALREADY: dict[int | str, dict[str, Any]] = {200: {"model": Accepted,
+                 "description": "nothing had to be done (`task` is null, `message` says why)"}}
+
+
+@router.get("/vms", response_model=Page[Vm])
+async def list_vms(ctx: Ctx, up: Up, listing: Listing) -> Response:
+    """The project's virtual machines."""
+    return answer(await up.call(ctx, "GET", "/vms", params=listing), Page[Vm])
+
+
+@router.post("/vms", response_model=Accepted, status_code=202)
+async def create_vm(body: VmCreate, ctx: Ctx, up: Up, wait: Wait = 0,
+                    idempotency_key: IdempotencyKey = None) -> Response:
+    """Create a virtual machine from an image: placed on a node, given an address, booted.
+    Answers the task at once, or when it ends if `wait` is given."""
+    reply = await up.call(ctx, "POST", "/vms", body=body, idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.get("/vms/{ref}", response_model=Vm)
+async def show_vm(ref: RefPath, ctx: Ctx, up: Up) -> Response:
+    """One virtual machine, by uuid or name."""
+    return answer(await up.call(ctx, "GET", "/vms/{ref}", path={"ref": ref}), Vm)
+
+
+@router.delete("/vms/{ref}", response_model=Accepted, status_code=202)
+async def delete_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                    idempotency_key: IdempotencyKey = None) -> Response:
+    """Delete a virtual machine and its disks; its resources are released."""
+    reply = await up.call(ctx, "DELETE", "/vms/{ref}", path={"ref": ref},
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.post("/vms/{ref}/start", response_model=Accepted, status_code=202, responses=ALREADY)
+async def start_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                   idempotency_key: IdempotencyKey = None) -> Response:
+    """Start a stopped virtual machine (200 with no task if it already runs)."""
+    reply = await up.call(ctx, "POST", "/vms/{ref}/start", path={"ref": ref},
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.post("/vms/{ref}/stop", response_model=Accepted, status_code=202, responses=ALREADY)
+async def stop_vm(ref: RefPath, ctx: Ctx, up: Up, body: VmStop | None = None,
+                  wait: Wait = 0, idempotency_key: IdempotencyKey = None) -> Response:
+    """Stop a virtual machine: an ACPI shutdown, forced after `timeout` seconds, or at
+    once with `force` (200 with no task if it is already stopped)."""
+    reply = await up.call(ctx, "POST", "/vms/{ref}/stop", path={"ref": ref},
+                          body=body or VmStop(), idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.post("/vms/{ref}/reboot", response_model=Accepted, status_code=202,
+             responses=ALREADY)
+async def reboot_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                    idempotency_key: IdempotencyKey = None) -> Response:
+    """Reboot a running virtual machine."""
+    reply = await up.call(ctx, "POST", "/vms/{ref}/reboot", path={"ref": ref},
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.get("/vms/{ref}/console-log", response_class=PlainTextResponse, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+          "description": "the end of the serial console's output"}})
+async def console_log(
+    ref: RefPath, ctx: Ctx, up: Up,
+    max_bytes: Annotated[int, Query(ge=1, le=1 << 20,
+                                    description="at most this many bytes, from the end")
+                         ] = 65536,
+) -> PlainTextResponse:
+    """The last bytes the virtual machine wrote to its serial console, as text."""
+    reply = await up.call(ctx, "GET", "/vms/{ref}/console-log", path={"ref": ref},
+                          params={"max_bytes": max_bytes})
+    return PlainTextResponse(_text(reply.data))
+
+
+@router.get("/vms/{ref}/console", response_model=Console)
+async def console(ref: RefPath, ctx: Ctx, up: Up) -> Response:
+    """Where the virtual machine's VNC display and serial log are."""
+    return answer(await up.call(ctx, "GET", "/vms/{ref}/console", path={"ref": ref}),
+                  Console)
+
+
+def _text(data: Any) -> str:
+    # The control server may answer the log as text or as {"text": ...}.
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("text"), str):
+        return data["text"]
+    if data is None:
+        return ""
+    raise PeerError("the control server answered a malformed console log")

@@ -1,0 +1,169 @@
+"""The one way the gateway calls a control server: ``Upstream.call``.
+
+Every public route forwards to the same path under ``/internal/v1``. The internal
+path is built from a constant template whose placeholders are filled only with values
+that passed the reference rules (a name or uuid, or a canonical uuid for ``*_uuid``
+placeholders) and are then percent-encoded whole, so no user input can add a query,
+cut the path with ``#`` or climb with ``..``. The caller's identity travels signed in
+``X-Yun-Context``; the control server trusts nothing else about the user.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from yun.proto.client import error_for
+from yun.proto.components import ComponentType
+from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, sign_context
+from yun.proto.errors import PeerError, Unavailable, Unprocessable
+from yun.proto.membership import Membership
+from yun.proto.messages import NAME_PATTERN
+from yun.util.ids import uuid_problem
+
+log = logging.getLogger("yun.gateway")
+
+INTERNAL_PREFIX = "/internal/v1"
+DEFAULT_TIMEOUT = 30.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+REF_MAX_LENGTH = 63
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+_TEMPLATE = re.compile(r"^(/[a-z-]+|/\{[a-z_]+\})+$")
+_REF = re.compile(NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A control server's successful answer: status, decoded body (JSON, text or None)
+    and whether it replays the first answer to an ``Idempotency-Key``."""
+
+    status: int
+    data: Any
+    replayed: bool = False
+
+
+def placeholder_problem(name: str, value: object) -> str | None:
+    """Why ``value`` may not fill the placeholder ``name`` of a path, or None if it may."""
+    if not isinstance(value, str):
+        return f"{name}: expected a string"
+    if name.endswith("uuid"):
+        return uuid_problem(value, name)
+    if not 1 <= len(value) <= REF_MAX_LENGTH or not _REF.fullmatch(value):
+        # fullmatch, not match: ``$`` alone would also accept a final newline.
+        return (f"invalid {name} {value[:80]!r}: expected a uuid or a name of letters, "
+                f"digits, '.', '_' and '-' (at most {REF_MAX_LENGTH} characters)")
+    return None
+
+
+def fill_path(template: str, values: Mapping[str, str] | None = None) -> str:
+    """``template`` with each ``{name}`` replaced by the checked, percent-encoded value.
+
+    Raises :class:`Unprocessable` naming the parameter when a value is not acceptable.
+    """
+    if not _TEMPLATE.match(template):
+        raise ValueError(f"not a path template: {template!r}")
+    values = values or {}
+    names = _PLACEHOLDER.findall(template)
+    if set(names) != set(values):
+        raise ValueError(f"template {template!r} needs {sorted(names)}, got {sorted(values)}")
+    for name in names:
+        problem = placeholder_problem(name, values[name])
+        if problem is not None:
+            raise Unprocessable(problem, errors=[{"field": f"path.{name}", "message": problem}])
+    return _PLACEHOLDER.sub(lambda m: quote(values[m[1]], safe=""), template)
+
+
+def _payload(body: BaseModel | Mapping[str, Any] | None) -> Any:
+    if isinstance(body, BaseModel):
+        # Only what the client set: the control server applies the same defaults, and a
+        # PATCH must not turn an omitted field into an explicit null.
+        return body.model_dump(mode="json", exclude_unset=True)
+    return dict(body) if body is not None else None
+
+
+def _decode(resp: httpx.Response) -> Any:
+    if resp.status_code == 204 or not resp.content:
+        return None
+    media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return resp.json()
+    return resp.text
+
+
+class Upstream:
+    """Calls control servers for the gateway, in turn, skipping unreachable ones."""
+
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+        self._turn = itertools.count()
+
+    async def call(
+        self,
+        ctx: RequestContext | AnonymousContext,
+        method: str,
+        template: str,
+        *,
+        path: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        body: BaseModel | Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Send ``method`` to ``/internal/v1`` + the filled ``template`` on a control server.
+
+        Errors the control server answers come back as the same :class:`YunError`; no
+        control server at all is :class:`Unavailable` (503).
+        """
+        url = INTERNAL_PREFIX + fill_path(template, path)
+        component_id = self.membership.component_id
+        if component_id is None:
+            raise Unavailable("the gateway has not joined its work domain yet; try again shortly")
+        peers = self.membership.peers_of(ComponentType.CONTROL)
+        if not peers:
+            raise Unavailable("no control server is available; try again shortly")
+        extra = {CONTEXT_HEADER: sign_context(self.membership.domain_secret, ctx, component_id)}
+        if idempotency_key is not None:
+            extra[IDEMPOTENCY_HEADER] = idempotency_key
+        start = next(self._turn) % len(peers)
+        for peer in peers[start:] + peers[:start]:
+            client = self.membership.client(peer)
+            headers = {**client.headers(ctx.request_id or None), **extra}
+            try:
+                resp = await client.http.request(
+                    method, url, json=_payload(body), params=_query(params), headers=headers,
+                    timeout=timeout if timeout is not None else DEFAULT_TIMEOUT)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Nothing was sent, so even a POST may go to the next control server.
+                log.warning("control server unreachable: %s", exc,
+                            extra={"peer": peer.url, "request_id": ctx.request_id})
+                continue
+            except httpx.HTTPError as exc:
+                raise PeerError(f"control server {peer.name} did not answer "
+                                f"{method} {url}: {exc.__class__.__name__}") from exc
+            if not resp.is_success:
+                raise error_for(resp, f"control server {peer.name}")
+            replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
+            return Reply(resp.status_code, _decode(resp), replayed)
+        raise Unavailable("no control server is reachable; try again shortly")
+
+
+def _query(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not params:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        # httpx would send True as "True"; FastAPI on the other side expects "true".
+        out[key] = ("true" if value else "false") if isinstance(value, bool) else value
+    return out
