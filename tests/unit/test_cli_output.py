@@ -22,7 +22,7 @@ from yun.cli.main import app
 NOW = "2026-01-01T00:00:00Z"
 # Every field of a VM, in the order of the API's model.
 VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]prod"},
-      "project_uuid": "p1", "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z",
+      "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z", "project_uuid": "p1",
       "state": "running", "vcpus": 2, "memory_mb": 512, "disk_gb": 4, "image_uuid": "i1",
       "node_uuid": "n1", "node_name": "node-0", "ip": "10.77.0.5", "mac": "52:54:00:00:00:01",
       "power_state": "running", "task_uuid": None, "error": None}
