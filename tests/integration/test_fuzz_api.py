@@ -55,8 +55,8 @@ class ThreadedCluster:
     async def _seed(self, image: Path) -> None:
         api = self.cluster.api
         assert api is not None
-        resp = await api.post("/api/v1/images", params={"name": "fuzz-img"},
-                              content=image.read_bytes(),
+        data = await asyncio.to_thread(image.read_bytes)
+        resp = await api.post("/api/v1/images", params={"name": "fuzz-img"}, content=data,
                               headers={"Content-Type": "application/octet-stream"})
         assert resp.status_code == 201, resp.text
         resp = await api.post("/api/v1/vms", params={"wait": 30},

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 async def cloud(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tenants]:
     root = tmp_path_factory.mktemp("tenancy")
     image = root / "small.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2",
+                                             str(image), "64M"], check=True)
     cluster = SimCluster(root, nodes=3)
     await cluster.start()
     tenants = await build_tenants(cluster, image)
@@ -224,8 +225,9 @@ async def test_quota_race_accepts_exactly_the_limit(cloud: Tenants) -> None:
         "user": "alice", "role": "member", "project": "race"}), 201)
     token = await cloud.cluster.login("alice", PASSWORD, "race")
     async with cloud.cluster.client(token) as http:
+        data = await asyncio.to_thread(Path(cloud.ids["image_path"]).read_bytes)
         image = await ok(http.post("/api/v1/images", params={"name": "race-img"},
-                                   content=Path(cloud.ids["image_path"]).read_bytes(),
+                                   content=data,
                                    headers={"Content-Type": "application/octet-stream"}), 201)
         answers = await asyncio.gather(*(http.post("/api/v1/vms", json={
             "name": f"r{i}", "image": image["uuid"]}) for i in range(50)))
@@ -285,7 +287,7 @@ async def test_keyed_create_and_delete_repeated_concurrently_have_one_effect(
 
 async def test_retried_keyed_upload_makes_one_image(cloud: Tenants) -> None:
     alice = cloud["alice"]
-    data = Path(cloud.ids["image_path"]).read_bytes()
+    data = await asyncio.to_thread(Path(cloud.ids["image_path"]).read_bytes)
     headers = {"Idempotency-Key": f"up-{uuid.uuid4()}",
                "Content-Type": "application/octet-stream"}
     first = await ok(alice.post("/api/v1/images", params={"name": "keyed"}, content=data,

@@ -8,7 +8,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.control.services.users import ROLES, assignment_models, user_models
 from yun.proto.context import RequestContext
 from yun.proto.identity import (
@@ -42,8 +42,7 @@ def account_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "user", sc, params)
             items = await user_models(session, page.rows)
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/users/{ref}", response_model=User, name="user.show")
     async def show_user(ref: str, sc: Scope = scope) -> User:
@@ -79,8 +78,7 @@ def account_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "role_assignment", sc, params)
             items = await assignment_models(session, page.rows)
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.delete("/role-assignments/{assignment_uuid}", status_code=204, response_model=None,
               name="role.revoke")
@@ -99,8 +97,7 @@ def account_router(api: ApiBundle) -> APIRouter:
     async def list_keys(params: Listing, sc: Scope = scope) -> Page[ApiKey]:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "key", sc, params)
-        return Page(items=[ApiKey.model_validate(k) for k in page.rows], total=page.total,
-                    limit=params.limit, offset=params.offset, next_cursor=page.next_cursor)
+        return page_of([ApiKey.model_validate(k) for k in page.rows], page, params)
 
     @r.get("/keys/{ref}", response_model=ApiKey, name="key.show")
     async def show_key(ref: str, sc: Scope = scope) -> ApiKey:

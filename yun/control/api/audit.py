@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from yun.control.access.policy import Permission, Scope, require
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.proto.identity import AuditRecord
 from yun.proto.resources import Page
 
@@ -22,7 +22,6 @@ def audit_router(api: ApiBundle) -> APIRouter:
             require(sc.context, Permission.MANAGE_PROJECT, "read the audit log")
         async with api.ctx.db.session() as session:
             page = await list_page(session, "audit", sc, params)
-        return Page(items=[AuditRecord.model_validate(a) for a in page.rows], total=page.total,
-                    limit=params.limit, offset=params.offset, next_cursor=page.next_cursor)
+        return page_of([AuditRecord.model_validate(a) for a in page.rows], page, params)
 
     return r

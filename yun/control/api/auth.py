@@ -8,7 +8,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.proto.context import (
     AnonymousContext,
     AuthResult,
@@ -52,8 +52,7 @@ def auth_router(api: ApiBundle) -> APIRouter:
         items = [TokenInfo(uuid=t.uuid, user_uuid=t.user_uuid, project_uuid=t.project_uuid,
                            created_at=t.created_at, expires_at=t.expires_at,
                            revoked=t.revoked_at is not None) for t in page.rows]
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.delete("/auth/tokens/{token_uuid}", status_code=204, response_model=None, name="auth.revoke")
     async def revoke(token_uuid: str, sc: Scope = scope) -> Response:

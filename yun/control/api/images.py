@@ -12,7 +12,7 @@ from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import IDEMPOTENCY_HEADER, audit_resource
 from yun.control.services.images import image_models
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.proto.context import RequestContext
 from yun.proto.resources import Accepted, Image, ImageCreate, ImageUploadTicket, Page
 
@@ -33,8 +33,7 @@ def image_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "image", sc, params)
             items = await image_models(session, page.rows)
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/images/{ref}", response_model=Image, name="image.show")
     async def show_image(ref: str, sc: Scope = scope) -> Image:

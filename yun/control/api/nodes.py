@@ -10,7 +10,7 @@ from yun.control.api.deps import Listing
 from yun.control.db.models import NodeRow
 from yun.control.db.tags import tags_of
 from yun.control.services.common import find
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.control.services.nodes import node_model, vm_counts
 from yun.proto.auth import Identity
 from yun.proto.errors import Forbidden
@@ -32,8 +32,7 @@ def node_router(api: ApiBundle) -> APIRouter:
         items = [node_model(n, counts.get(n.uuid, 0)) for n in page.rows]
         for item in items:
             item.tags = tags.get(item.uuid, {})
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/nodes/{ref}", response_model=Node, name="node.show")
     async def show_node(ref: str, sc: Scope = scope) -> Node:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.control.services.tasks import get_task, task_model
 from yun.proto.resources import Page, Task
 
@@ -23,8 +23,7 @@ def task_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "task", sc, params)
             items = [task_model(r) for r in page.rows]
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/tasks/{task_uuid}", response_model=Task, name="task.show")
     async def show_task(task_uuid: str, sc: Scope = scope,

@@ -11,7 +11,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page
+from yun.control.services.listing import list_page, page_of
 from yun.control.services.projects import department_models, project_models
 from yun.proto.identity import (
     Department,
@@ -44,8 +44,7 @@ def tenancy_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "department", sc, params)
             items = await department_models(session, page.rows)
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/departments/{ref}", response_model=Department, name="department.show")
     async def show_department(ref: str, sc: Scope = scope) -> Department:
@@ -73,8 +72,7 @@ def tenancy_router(api: ApiBundle) -> APIRouter:
         async with api.ctx.db.session() as session:
             page = await list_page(session, "project", sc, params)
             items = await project_models(session, page.rows)
-        return Page(items=items, total=page.total, limit=params.limit, offset=params.offset,
-                    next_cursor=page.next_cursor)
+        return page_of(items, page, params)
 
     @r.get("/projects/{ref}", response_model=Project, name="project.show")
     async def show_project(ref: str, sc: Scope = scope) -> Project:

@@ -4,7 +4,7 @@ resource exposes to ``q`` and ``sort``, and the page they make."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,7 +26,9 @@ from yun.control.db.models import (
 from yun.control.db.query import Field, PageResult, Queryable, fetch_page
 from yun.proto.identity import Role
 from yun.proto.query import SortKey
-from yun.proto.resources import ImageStatus, NodeStatus, TaskState, VmState
+from yun.proto.resources import ImageStatus, NodeStatus, Page, TaskState, VmState
+
+T = TypeVar("T")
 
 NEWEST_FIRST = (SortKey("created_at", True),)
 
@@ -126,6 +128,12 @@ class ListParams:
     offset: int = 0
     cursor: str | None = None
     count: bool = False
+
+
+def page_of(items: list[T], result: PageResult, params: ListParams) -> Page[T]:
+    """The API page of ``items`` (the models of ``result.rows``)."""
+    return Page[T](items=items, total=result.total, limit=params.limit, offset=params.offset,
+                   next_cursor=result.next_cursor)
 
 
 async def list_page(session: AsyncSession, kind: str, scope: Scope, params: ListParams

@@ -200,7 +200,8 @@ class UserService:
                                         "and no department")
                 project = await find(session, ProjectRow, req.project, "project", scope)
                 require_in_project(me, Permission.MANAGE_PROJECT, project.uuid,
-                                   project.department_uuid, f"grant roles in project {project.name}")
+                                   project.department_uuid,
+                                   f"grant roles in project {project.name}")
                 scope_key, dept_of_grant = project_scope(project.uuid), project.department_uuid
             elif req.role is Role.DEPARTMENT_ADMIN:
                 if req.department is None or req.project is not None:
