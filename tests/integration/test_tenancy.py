@@ -409,3 +409,24 @@ async def test_user_delete_refuses_while_keys_exist(cloud: Tenants) -> None:
     await ok(admin.delete(f"/api/v1/users/{made['uuid']}", params={"cascade": "true"}), 204)
     async with cloud.cluster.client(token) as temp:
         assert (await temp.get("/api/v1/vms")).status_code == 401
+
+
+async def test_department_admin_stops_at_the_department(cloud: Tenants) -> None:
+    dora = cloud["dora"]  # administers d1
+    # Projects of d1 (p1, p2) are hers to see and change; d2's are not even visible.
+    names = {p["name"] for p in (await ok(dora.get("/api/v1/projects")))["items"]}
+    assert {"p1", "p2"} <= names and "p3" not in names
+    assert (await dora.get(f"/api/v1/vms/{cloud.ids['vm-bob']}")).status_code == 200
+    resp = await dora.post("/api/v1/projects", json={"name": "x-d2",
+                                                     "department": cloud.ids["d2"]})
+    assert resp.status_code == 404 and "no department" in resp.text
+    resp = await dora.post("/api/v1/role-assignments", json={
+        "user": "zed", "role": "member", "project": "p1"})
+    assert resp.status_code == 404 and "no user 'zed'" in resp.text
+    resp = await dora.post("/api/v1/role-assignments", json={
+        "user": "alice", "role": "super_admin"})
+    assert resp.status_code == 403 and "only a super admin" in resp.text
+    # A member cannot raise themselves.
+    resp = await cloud["alice"].post("/api/v1/role-assignments", json={
+        "user": "alice", "role": "project_admin", "project": "p1"})
+    assert resp.status_code == 403
