@@ -12,13 +12,14 @@ simulated. The script then
 2. measures two baselines on the same deployment:
    * the round-trip rate of the cheapest requests at the bulk's concurrency:
      ``GET /healthz`` of the gateway (FastAPI alone, nothing forwarded) and
-     ``GET /api/v1/tasks?state=running&limit=1`` (authenticated, forwarded to the
-     control server, one SQL count: what the bulk's waiting polls);
+     ``GET /api/v1/tasks?q=state=running&limit=1&count=true`` (authenticated,
+     forwarded to the control server, one SQL count: what the bulk's waiting polls);
    * the create flow one VM at a time (``POST /api/v1/vms`` then long-poll of its
      task): the latency of one create on an idle cloud; those VMs are deleted again;
 3. creates ``--vms`` VMs (1 vCPU, 256 MiB) with at most ``--concurrency`` requests in
    flight, then waits for every task to end by polling the *count* of pending,
-   running and rolling-back tasks (one request each per poll, not one per VM);
+   running and rolling-back tasks (``q=state in (...)&count=true``: one request per
+   poll, not one per VM);
 4. prints VMs per second (first request → last task's ``finished_at``), accepted
    requests per second (first request → last 202), failures, the latencies, the
    spread of the VMs over the nodes, the control server's peak RSS (``VmHWM``) and
@@ -26,6 +27,9 @@ simulated. The script then
 
 Every process is stopped at the end (SIGTERM, then SIGKILL) and the temporary
 directory removed, also on failure or SIGTERM. Exit status 1 if any create failed.
+The API is used as ``admin`` (the super admin the control server makes from
+``admin_password_file`` at its first start), logged in to project ``default`` with
+``POST /api/v1/auth/tokens``; the gateway's rate limit is off (``rate_limit = 0``).
 
 Run: ``.venv/bin/python benchmarks/create_throughput.py``.
 """
@@ -63,6 +67,8 @@ CONTROL_PLANE = ("domain", "control", "storage", "gateway")
 UNFINISHED = ("pending", "running", "rolling_back")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = 1000  # the API's largest page
+# The cheapest forwarded request: one SQL count (``q`` URL-encoded for the raw client).
+TASK_COUNT_PATH = "/api/v1/tasks?q=state%3Drunning&limit=1&count=true"
 
 
 class BenchmarkError(RuntimeError):
@@ -170,13 +176,15 @@ def stop_services(services: list[Service], grace: float = 15.0) -> None:
 
 @dataclass
 class Deployment:
-    """The running cloud: its processes, API address and token."""
+    """The running cloud: its processes, API address, the super admin's password and,
+    once logged in, a token of ``admin`` in project ``default``."""
 
     root: Path
     services: dict[str, Service]
     ports: dict[str, int]
     api_url: str
-    token: str
+    admin_password: str
+    token: str = ""
 
 
 def parse_ts(value: str) -> float:
@@ -232,7 +240,12 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
                      profile_control: Path | None = None) -> Deployment:
     """Write the config and start the control plane and the sim-nodes process."""
     ports = {name: free_port() for name in CONTROL_PLANE}
-    token = secrets.token_urlsafe(16)
+    # The control server makes the super admin ``admin`` (in project ``default``) from
+    # this file at its first start; the benchmark logs in with it.
+    admin_password = secrets.token_urlsafe(16)
+    password_file = root / "admin-password"
+    password_file.write_text(admin_password)
+    password_file.chmod(0o600)
     config = root / "yun.toml"
     tables: dict[str, dict[str, Any]] = {
         "common": {
@@ -241,10 +254,11 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
             "heartbeat_interval": 2.0, "log_level": "INFO",
         },
         "domain": {"name": "domain", "listen_port": ports["domain"], "mdns": False},
-        "control": {"name": "control", "listen_port": ports["control"]},
+        "control": {"name": "control", "listen_port": ports["control"],
+                    "admin_password_file": str(password_file)},
         "storage": {"name": "storage", "listen_port": ports["storage"]},
         "gateway": {"name": "gateway", "listen_port": ports["gateway"],
-                    "listen_host": "127.0.0.1", "admin_token": token},
+                    "listen_host": "127.0.0.1", "rate_limit": 0},  # 0: no rate limit
         "node": {"report_interval": 5.0, "sim_vcpus": node_vcpus,
                  "sim_memory_mb": node_memory_mb, "sim_disk_gb": 4096,
                  "state_dir": str(root / "state" / "nodes")},
@@ -266,12 +280,26 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
     services["sim-nodes"] = Service(
         "sim-nodes", [*serve, "sim-nodes", "--count", str(nodes), "--config", str(config)],
         root / "logs" / "sim-nodes.log")
-    return Deployment(root, services, ports, f"http://127.0.0.1:{ports['gateway']}", token)
+    return Deployment(root, services, ports, f"http://127.0.0.1:{ports['gateway']}",
+                      admin_password)
+
+
+async def login(api: httpx.AsyncClient, user: str, password: str,
+                project: str | None = None) -> str:
+    """A token of ``user`` from ``POST /api/v1/auth/tokens`` (password login)."""
+    body = {"username": user, "password": password}
+    if project is not None:
+        body["project"] = project
+    resp = await api.post("/api/v1/auth/tokens", json=body)
+    if resp.status_code != 201:
+        raise BenchmarkError(f"login of {user}: {resp.status_code} {resp.text[:300]}")
+    return str(resp.json()["token"])
 
 
 async def bring_up(dep: Deployment, api: httpx.AsyncClient, nodes: int,
                    timeout: float) -> None:
-    """Start the processes in order and wait until the cloud serves with every node up."""
+    """Start the processes in order, log ``admin`` in (``dep.token``, also set on
+    ``api``) and wait until the cloud serves with every node up."""
     for name in CONTROL_PLANE:
         dep.services[name].start()
         port = dep.ports[name]
@@ -287,10 +315,13 @@ async def bring_up(dep: Deployment, api: httpx.AsyncClient, nodes: int,
         return int((await api.get("/healthz")).json()["control_servers"]) > 0
 
     async def nodes_up() -> bool:
-        page = (await api.get("/api/v1/nodes", params={"status": "up", "limit": 1})).json()
+        page = (await api.get("/api/v1/nodes", params={"q": "status=up", "limit": 1,
+                                                        "count": "true"})).json()
         return int(page["total"]) >= nodes
 
     await wait_until("gateway peers", gateway_sees_control, timeout, dep.services)
+    dep.token = await login(api, "admin", dep.admin_password, "default")
+    api.headers["Authorization"] = f"Bearer {dep.token}"
     await wait_until(f"{nodes} nodes up", nodes_up, timeout, dep.services)
 
 
@@ -306,7 +337,7 @@ async def upload_image(dep: Deployment, api: httpx.AsyncClient, timeout: float) 
         if resp.status_code == 201:
             return bool(resp.json()["status"] == "active")
         if resp.status_code == 409:  # a previous try got the record made
-            page = (await api.get("/api/v1/images", params={"name": "img"})).json()
+            page = (await api.get("/api/v1/images", params={"q": "name=img"})).json()
             return any(i["status"] == "active" for i in page["items"])
         return False
 
@@ -457,10 +488,9 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
     deadline = time.monotonic() + timeout
     while True:
         bulk.polls += 1
-        unfinished = 0
-        for state in UNFINISHED:
-            page = await get_json(api, "/api/v1/tasks", params={"state": state, "limit": 1})
-            unfinished += int(page["total"])
+        page = await get_json(api, "/api/v1/tasks", params={
+            "q": f"state in ({','.join(UNFINISHED)})", "limit": 1, "count": "true"})
+        unfinished = int(page["total"])
         if unfinished == 0:
             bulk.all_ended_seen = time.time()
             break
@@ -468,14 +498,9 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
             raise BenchmarkError(f"{unfinished} tasks unfinished after {timeout:.0f} s")
         await asyncio.sleep(0.5)
     found: dict[str, dict[str, Any]] = {}
-    offset = 0
-    while True:
-        page = await get_json(api, "/api/v1/tasks", params={"kind": "vm.create",
-                                                            "limit": PAGE, "offset": offset})
-        found.update((t["uuid"], t) for t in page["items"] if t["uuid"] in sent)
-        offset += PAGE
-        if offset >= page["total"]:
-            break
+    for task in await list_all(api, "/api/v1/tasks", q="kind=vm.create"):
+        if task["uuid"] in sent:
+            found[task["uuid"]] = task
     for task_uuid, t_sent in sent.items():
         task = found.get(task_uuid)
         if task is None:
@@ -490,17 +515,26 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
     return bulk
 
 
+async def list_all(api: httpx.AsyncClient, path: str, q: str | None = None,
+                   max_pages: int = 10_000) -> list[dict[str, Any]]:
+    """Every item of a list, page after page of PAGE items by ``next_cursor``."""
+    items: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": PAGE}
+    if q is not None:
+        params["q"] = q
+    for _ in range(max_pages):
+        page = await get_json(api, path, params=params)
+        items.extend(page["items"])
+        if not page.get("next_cursor"):
+            return items
+        params["cursor"] = page["next_cursor"]
+    raise BenchmarkError(f"{path}: more than {max_pages} pages")
+
+
 async def placement(api: httpx.AsyncClient) -> dict[str, Any]:
     """How the running VMs are spread over the nodes, and whether any node is overbooked."""
-    vms: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        page = await get_json(api, "/api/v1/vms", params={"limit": PAGE, "offset": offset})
-        vms.extend(page["items"])
-        offset += PAGE
-        if offset >= page["total"]:
-            break
-    nodes = (await get_json(api, "/api/v1/nodes", params={"limit": PAGE}))["items"]
+    vms = await list_all(api, "/api/v1/vms")
+    nodes = await list_all(api, "/api/v1/nodes")
     per_node = Counter(v["node_uuid"] for v in vms if v["state"] == "running")
     counts = [per_node.get(n["uuid"], 0) for n in nodes]
     overbooked = [n["name"] for n in nodes if n["vcpus_reserved"] > n["vcpus"]
@@ -540,10 +574,11 @@ async def with_cpu(dep: Deployment, what: Awaitable[dict[str, Any]]) -> dict[str
 
 
 def new_client(dep: Deployment, concurrency: int) -> httpx.AsyncClient:
-    """An API client with at most ``concurrency`` connections."""
+    """An API client with at most ``concurrency`` connections (with the token, if any)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {dep.token}"} if dep.token else None
     return httpx.AsyncClient(base_url=dep.api_url, timeout=120, limits=limits,
-                             headers={"Authorization": f"Bearer {dep.token}"})
+                             headers=headers)
 
 
 async def measure(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
@@ -559,7 +594,7 @@ async def measure(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
         healthz = await with_cpu(dep, round_trips(
             dep, "/healthz", args.baseline_requests, args.concurrency))
         task_count = await with_cpu(dep, round_trips(
-            dep, "/api/v1/tasks?state=running&limit=1", args.baseline_requests,
+            dep, TASK_COUNT_PATH, args.baseline_requests,
             args.concurrency))
         sequential = await sequential_creates(api, args.baseline_vms, args.timeout)
     # A fresh connection pool: none of the bulk's connections has sat idle long enough
@@ -604,7 +639,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"  request → task finished p50 / p95 / max             : "
           f"{statistics.median(bulk.create_latencies):.2f} / "
           f"{pct(bulk.create_latencies, 0.95):.2f} / {max(bulk.create_latencies):.2f} s")
-    print(f"  waiting: {bulk.polls} polls of 3 task counts; all ended seen "
+    print(f"  waiting: {bulk.polls} polls of the unfinished-task count; all ended seen "
           f"{bulk.all_ended_seen - bulk.first_request:.2f} s after the first request")
     spread = result["spread"]
     print(f"  placement: {spread['running']} running of {spread['vms']}, "
@@ -626,8 +661,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print()
     print("Baselines (same deployment, same run)")
     for label, rt in (("GET /healthz of the gateway (FastAPI alone)", hz),
-                      ("GET /api/v1/tasks?state=running&limit=1 (gateway → control → "
-                       "SQL count)", tc)):
+                      ("GET /api/v1/tasks?q=state=running&limit=1&count=true (gateway → "
+                       "control → SQL count)", tc)):
         cpu = rt["cpu_s"]
         print(f"  {label}, {args.concurrency} in flight: {rt['per_second']:.0f} req/s, "
               f"p50 {rt['p50_ms']:.0f} ms, p95 {rt['p95_ms']:.0f} ms, errors {rt['errors']}; "

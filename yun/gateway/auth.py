@@ -244,7 +244,7 @@ def _raw_path(request: Request) -> str:
     return request.url.path
 
 
-def get_authenticator(request: Request) -> Authenticator:
+async def get_authenticator(request: Request) -> Authenticator:
     """FastAPI dependency: the gateway's authenticator (for routes that change credentials)."""
     authenticator: Authenticator = request.app.state.authenticator
     return authenticator
@@ -252,4 +252,4 @@ def get_authenticator(request: Request) -> Authenticator:
 
 async def current_context(request: Request) -> RequestContext:
     """FastAPI dependency: the authenticated caller of this request."""
-    return await get_authenticator(request).authenticate(request)
+    return await (await get_authenticator(request)).authenticate(request)

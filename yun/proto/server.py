@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,14 +86,14 @@ def install_problem_handlers(app: FastAPI) -> None:
 def peer_identity(
     secret_provider: Callable[[], str | None],
     allowed: Iterable[ComponentType] | None = None,
-) -> Callable[[Request], Identity]:
+) -> Callable[[Request], Awaitable[Identity]]:
     """A FastAPI dependency admitting only requests signed with a credential of this domain.
 
     ``allowed`` limits which component types may call the route (F-ASSOC).
     """
     allowed_set = frozenset(allowed) if allowed is not None else None
 
-    def dependency(request: Request) -> Identity:
+    async def dependency(request: Request) -> Identity:
         version = request.headers.get(VERSION_HEADER)
         if version is not None and version != str(PROTOCOL_VERSION):
             raise BadRequest(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -22,9 +22,9 @@ from yun.proto.server import peer_identity
 class Deps:
     """The dependencies of one control server's app."""
 
-    gateway: Callable[..., Identity]
-    node: Callable[..., Identity]
-    storage: Callable[..., Identity]
+    gateway: Callable[..., Awaitable[Identity]]
+    node: Callable[..., Awaitable[Identity]]
+    storage: Callable[..., Awaitable[Identity]]
 
 
 def make_deps(ctx: ControlContext) -> Deps:
@@ -49,7 +49,7 @@ def context_of(ctx: ControlContext, request: Request, caller: Identity
     return found
 
 
-def list_params(
+async def list_params(
     q: Annotated[str | None, Query(max_length=4096)] = None,
     sort: Annotated[str | None, Query(max_length=256)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

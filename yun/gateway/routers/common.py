@@ -39,7 +39,7 @@ IdempotencyKey = Annotated[str | None, Header(
                 "first answer")]
 
 
-def get_upstream(request: Request) -> Upstream:
+async def get_upstream(request: Request) -> Upstream:
     """FastAPI dependency: the gateway's way to the control servers."""
     upstream: Upstream = request.app.state.upstream
     return upstream
@@ -49,7 +49,7 @@ Ctx = Annotated[RequestContext, Depends(current_context)]
 Up = Annotated[Upstream, Depends(get_upstream)]
 
 
-def list_query(
+async def list_query(
     q: Annotated[str | None, Query(
         max_length=4096, description="filter, e.g. `vcpus>=2 and tag:env=prod`")] = None,
     sort: Annotated[str | None, Query(
