@@ -71,7 +71,6 @@ from urllib.parse import quote, urlencode
 
 import httpx
 from create_throughput import (  # benchmarks/create_throughput.py: the same deployment
-    CONTROL_PLANE,
     UNFINISHED,
     BenchmarkError,
     Deployment,
@@ -81,13 +80,12 @@ from create_throughput import (  # benchmarks/create_throughput.py: the same dep
     machine,
     new_client,
     pct,
+    run_then_stop,
     start_deployment,
-    stop_services,
     upload_image,
 )
 
 from yun.proto import signing
-from yun.util.lifecycle import sigterm_as_interrupt
 
 LIST_QUERY = "state=running and vcpus>=1"
 PAGE_SIZE = 50
@@ -747,20 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         for service in dep.services.values():
             assert service.argv[1:3] == ["-m", "yun"], service.argv
             service.argv[1:3] = ["-c", NODELAY_WRAPPER]
-    try:
-        with sigterm_as_interrupt():
-            result = asyncio.run(measure(dep, args))
-            summary = report(result, args, started_at, info)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'SIGINT'}); stopping everything", file=sys.stderr)
+    summary = run_then_stop(root, dep, args.keep_logs, lambda: report(
+        asyncio.run(measure(dep, args)), args, started_at, info))
+    if summary is None:
         return 130
-    finally:
-        stop_services([dep.services["sim-nodes"]])
-        stop_services([dep.services[n] for n in reversed(CONTROL_PLANE)])
-        if args.keep_logs is not None:
-            shutil.copytree(root / "logs", args.keep_logs, dirs_exist_ok=True)
-            shutil.copy(root / "yun.toml", args.keep_logs)
-        shutil.rmtree(root, ignore_errors=True)
     print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -743,6 +743,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_then_stop(root: Path, dep: Any, keep_logs: Path | None,
+                  run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run the measurement, then stop the deployment and remove its files whatever
+    happened; None when interrupted."""
+    try:
+        with sigterm_as_interrupt():
+            return run()
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}); stopping everything", file=sys.stderr)
+        return None
+    finally:
+        # sim nodes first: they would otherwise log the control plane going away.
+        stop_services([dep.services["sim-nodes"]])
+        stop_services([dep.services[n] for n in reversed(CONTROL_PLANE)])
+        if keep_logs is not None:
+            shutil.copytree(root / "logs", keep_logs, dirs_exist_ok=True)
+            shutil.copy(root / "yun.toml", keep_logs)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -750,21 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="yun-bench-create-"))
     dep = start_deployment(root, args.nodes, args.node_vcpus, args.node_memory_mb,
                            args.profile_control)
-    try:
-        with sigterm_as_interrupt():
-            result = asyncio.run(measure(dep, args))
-            summary = report(result, args)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'SIGINT'}); stopping everything", file=sys.stderr)
+    summary = run_then_stop(root, dep, args.keep_logs,
+                            lambda: report(asyncio.run(measure(dep, args)), args))
+    if summary is None:
         return 130
-    finally:
-        # sim nodes first: they would otherwise log the control plane going away.
-        stop_services([dep.services["sim-nodes"]])
-        stop_services([dep.services[n] for n in reversed(CONTROL_PLANE)])
-        if args.keep_logs is not None:
-            shutil.copytree(root / "logs", args.keep_logs, dirs_exist_ok=True)
-            shutil.copy(root / "yun.toml", args.keep_logs)
-        shutil.rmtree(root, ignore_errors=True)
     print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
