@@ -48,6 +48,28 @@ class Lister(Protocol[M]):
                 page_size: int = 100) -> Iterable[M]: ...
 
 
+class Browsable(Lister[M], Protocol[M]):
+    """What the list and show commands need of a namespace."""
+
+    def get(self, ref: str) -> M: ...
+
+
+def add_list_and_show(app: typer.Typer, noun: str, title: str, columns: list[str],
+                      namespace_of: Callable[[Client], Browsable[Any]],
+                      list_help: str | None = None) -> None:
+    """Register ``list`` (filtered, sorted, paged) and ``show REF`` on ``app``."""
+
+    @app.command("list", help=list_help or f"List {title}.")
+    def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
+              every: All = False, output: Output = None) -> None:
+        show_list(namespace_of(client()), q, sort, limit, cursor, every, output, columns,
+                  title)
+
+    @app.command("show", help=f"Show one {noun}.")
+    def show(ref: RefArg, output: Output = None) -> None:
+        emit(namespace_of(client()).get(ref), output)
+
+
 def show_list(namespace: Lister[Any], q: str | None, sort: str | None, limit: int,
               cursor: str | None, every: bool, output: OutputFormat | None,
               columns: list[str], title: str) -> None:

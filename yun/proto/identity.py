@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from yun.proto.resources import (
     Description,
@@ -15,8 +15,7 @@ from yun.proto.resources import (
     Named,
     Ref,
     ResourceName,
-    Tags,
-    user_tags,
+    TaggedInput,
 )
 
 Password = Annotated[str, Field(min_length=8, max_length=256,
@@ -36,13 +35,6 @@ class Role(StrEnum):
 PROJECT_ROLES = frozenset({Role.PROJECT_ADMIN, Role.MEMBER, Role.READER})
 
 
-class _Tagged(Input):
-    tags: Tags = Field(default_factory=dict)
-
-    @field_validator("tags")
-    @classmethod
-    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
-        return user_tags(value)
 
 
 # --- departments and projects -------------------------------------------------------
@@ -53,7 +45,7 @@ class Department(Named):
     user_count: int = 0
 
 
-class DepartmentCreate(_Tagged):
+class DepartmentCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
 
@@ -67,7 +59,7 @@ class Project(Named):
     department_name: str | None = None
 
 
-class ProjectCreate(_Tagged):
+class ProjectCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
     department: Ref | None = Field(
@@ -88,7 +80,7 @@ class User(Named):
     email: str | None = None
 
 
-class UserCreate(_Tagged):
+class UserCreate(TaggedInput):
     name: ResourceName
     password: Password
     description: Description = ""

@@ -98,8 +98,8 @@ class TagsUpdate(Input):
         return value
 
 
-class TagsReplace(Input):
-    """Replace every tag of a resource that is not a platform (``sys:``) tag."""
+class TaggedInput(Input):
+    """A request body carrying user tags (never ``sys:`` ones)."""
 
     tags: Tags = Field(default_factory=dict)
 
@@ -107,6 +107,10 @@ class TagsReplace(Input):
     @classmethod
     def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
         return user_tags(value)
+
+
+class TagsReplace(TaggedInput):
+    """Replace every tag of a resource that is not a platform (``sys:``) tag."""
 
 
 # --- nodes --------------------------------------------------------------------------
@@ -159,7 +163,7 @@ class ImageVisibility(StrEnum):
     PUBLIC = "public"
 
 
-class ImageCreate(Input):
+class ImageCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
     format: ImageFormat | None = Field(
@@ -167,12 +171,6 @@ class ImageCreate(Input):
     visibility: ImageVisibility = Field(
         default=ImageVisibility.PROJECT,
         description="'public' images are seen by every project (set by administrators)")
-    tags: Tags = Field(default_factory=dict)
-
-    @field_validator("tags")
-    @classmethod
-    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
-        return user_tags(value)
 
 
 class Image(Resource):
@@ -245,19 +243,13 @@ class VmState(StrEnum):
     UNKNOWN = "unknown"
 
 
-class VmCreate(Input):
+class VmCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
     image: str = Field(min_length=1, max_length=63, description="image uuid or name")
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_gb: int = Field(default=1, ge=1, le=16384)
-    tags: Tags = Field(default_factory=dict)
-
-    @field_validator("tags")
-    @classmethod
-    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
-        return user_tags(value)
 
 
 class VmStop(Input):

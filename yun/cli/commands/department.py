@@ -7,17 +7,12 @@ from typing import Annotated
 import typer
 
 from yun.cli.common import (
-    All,
-    Cursor,
     IdempotencyKey,
-    Limit,
     Output,
-    Query,
-    Sort,
     TagArgs,
+    add_list_and_show,
     add_tag_commands,
     parse_tags,
-    show_list,
 )
 from yun.cli.context import client
 from yun.cli.output import emit, note
@@ -37,18 +32,8 @@ def create(name: str, description: str = "", tag: TagArgs = None,
     emit(client().departments.create(spec, idempotency_key=idempotency_key), output)
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List departments."""
-    show_list(client().departments, q, sort, limit, cursor, every, output, COLUMNS,
-              "Departments")
-
-
-@app.command("show")
-def show(department: DepartmentArg, output: Output = None) -> None:
-    """Show one department."""
-    emit(client().departments.get(department), output)
+add_list_and_show(app, "department", "Departments", COLUMNS, lambda c: c.departments,
+                  "List departments.")
 
 
 @app.command("delete")

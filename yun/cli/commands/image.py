@@ -12,19 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from yun.cli.common import (
-    All,
-    Cursor,
     IdempotencyKey,
-    Limit,
     Output,
-    Query,
-    Sort,
     WaitOpt,
     WaitTimeout,
     accepted,
+    add_list_and_show,
     add_tag_commands,
     finish,
-    show_list,
 )
 from yun.cli.context import client
 from yun.cli.output import emit, note
@@ -90,17 +85,8 @@ def _exists(image: Image) -> bool:
     return True
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List the project's images and the public ones."""
-    show_list(client().images, q, sort, limit, cursor, every, output, COLUMNS, "Images")
-
-
-@app.command("show")
-def show(image: ImageArg, output: Output = None) -> None:
-    """Show one image."""
-    emit(client().images.get(image), output)
+add_list_and_show(app, "image", "Images", COLUMNS, lambda c: c.images,
+                  "List the project's images and the public ones.")
 
 
 @app.command("delete")

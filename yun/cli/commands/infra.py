@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from yun.cli.common import All, Cursor, Limit, Output, Query, Sort, show_list
+from yun.cli.common import All, Cursor, Limit, Output, Query, Sort, add_list_and_show, show_list
 from yun.cli.context import client
 from yun.cli.output import emit, fields_table, rows_table
 from yun.client import DEFAULT_WAIT
@@ -22,18 +22,8 @@ TASK_COLUMNS = ["uuid", "kind", "resource_type", "resource_uuid", "state", "curr
                 "created_at"]
 
 
-@node_app.command("list")
-def node_list(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-              every: All = False, output: Output = None) -> None:
-    """List compute nodes with their capacity and reservations."""
-    show_list(client().nodes, q, sort, limit, cursor, every, output, NODE_COLUMNS, "Nodes")
-
-
-@node_app.command("show")
-def node_show(node: Annotated[str, typer.Argument(help="node name or uuid")],
-              output: Output = None) -> None:
-    """Show one node."""
-    emit(client().nodes.get(node), output)
+add_list_and_show(node_app, "node", "Nodes", NODE_COLUMNS, lambda c: c.nodes,
+                  "List compute nodes with their capacity and reservations.")
 
 
 def _task_table(task: Task) -> Table:

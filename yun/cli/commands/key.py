@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from yun.cli.common import All, Cursor, IdempotencyKey, Limit, Output, Query, Sort, show_list
+from yun.cli.common import (
+    All,
+    Cursor,
+    IdempotencyKey,
+    Limit,
+    Output,
+    Query,
+    Sort,
+    add_list_and_show,
+    show_list,
+)
 from yun.cli.context import client
 from yun.cli.output import emit, note
 from yun.proto.identity import ApiKeyCreate, ApiKeyUpdate, IssuedApiKey
@@ -37,17 +47,8 @@ def create(name: str, description: str = "", idempotency_key: IdempotencyKey = N
     _issued(client().keys.create(spec, idempotency_key=idempotency_key), output)
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List your key pairs (never their secrets)."""
-    show_list(client().keys, q, sort, limit, cursor, every, output, COLUMNS, "API keys")
-
-
-@app.command("show")
-def show(key: KeyArg, output: Output = None) -> None:
-    """Show one key pair."""
-    emit(client().keys.get(key), output)
+add_list_and_show(app, "key pair", "API keys", COLUMNS, lambda c: c.keys,
+                  "List your key pairs (never their secrets).")
 
 
 def _set_enabled(key: str, enabled: bool, idempotency_key: str | None,

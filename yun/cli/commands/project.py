@@ -8,21 +8,16 @@ import typer
 from rich.table import Table
 
 from yun.cli.common import (
-    All,
-    Cursor,
     IdempotencyKey,
-    Limit,
     Output,
-    Query,
-    Sort,
     TagArgs,
     WaitOpt,
     WaitTimeout,
     accepted,
+    add_list_and_show,
     add_tag_commands,
     finish,
     parse_tags,
-    show_list,
 )
 from yun.cli.context import client
 from yun.cli.output import emit, note, rows_table
@@ -48,17 +43,8 @@ def create(name: str,
     emit(client().projects.create(spec, idempotency_key=idempotency_key), output)
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List the projects you may see."""
-    show_list(client().projects, q, sort, limit, cursor, every, output, COLUMNS, "Projects")
-
-
-@app.command("show")
-def show(project: ProjectArg, output: Output = None) -> None:
-    """Show one project."""
-    emit(client().projects.get(project), output)
+add_list_and_show(app, "project", "Projects", COLUMNS, lambda c: c.projects,
+                  "List the projects you may see.")
 
 
 @app.command("delete")

@@ -7,17 +7,12 @@ from typing import Annotated
 import typer
 
 from yun.cli.common import (
-    All,
-    Cursor,
     IdempotencyKey,
-    Limit,
     Output,
-    Query,
-    Sort,
     TagArgs,
+    add_list_and_show,
     add_tag_commands,
     parse_tags,
-    show_list,
 )
 from yun.cli.context import client
 from yun.cli.output import emit, note
@@ -52,17 +47,8 @@ def create(name: str, password: Password = None,
     emit(client().users.create(spec, idempotency_key=idempotency_key), output)
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List the users you may see."""
-    show_list(client().users, q, sort, limit, cursor, every, output, COLUMNS, "Users")
-
-
-@app.command("show")
-def show(user: UserArg, output: Output = None) -> None:
-    """Show one user."""
-    emit(client().users.get(user), output)
+add_list_and_show(app, "user", "Users", COLUMNS, lambda c: c.users,
+                  "List the users you may see.")
 
 
 @app.command("update")

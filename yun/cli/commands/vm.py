@@ -7,21 +7,16 @@ from typing import Annotated
 import typer
 
 from yun.cli.common import (
-    All,
-    Cursor,
     IdempotencyKey,
-    Limit,
     Output,
-    Query,
-    Sort,
     TagArgs,
     WaitOpt,
     WaitTimeout,
     accepted,
+    add_list_and_show,
     add_tag_commands,
     finish,
     parse_tags,
-    show_list,
 )
 from yun.cli.context import client
 from yun.cli.output import emit
@@ -62,17 +57,8 @@ def create(
     _after(answer, ref, f"create {name}", wait, wait_timeout, output)
 
 
-@app.command("list")
-def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
-          every: All = False, output: Output = None) -> None:
-    """List VMs."""
-    show_list(client().vms, q, sort, limit, cursor, every, output, COLUMNS, "VMs")
-
-
-@app.command("show")
-def show(vm: VmArg, output: Output = None) -> None:
-    """Show one VM."""
-    emit(client().vms.get(vm), output)
+add_list_and_show(app, "VM", "VMs", COLUMNS, lambda c: c.vms,
+                  "List VMs.")
 
 
 @app.command("start")

@@ -8,7 +8,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import each, listed
 from yun.control.services.users import ROLES, assignment_models, user_models
 from yun.proto.context import RequestContext
 from yun.proto.identity import (
@@ -39,10 +39,7 @@ def account_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/users", response_model=Page[User], name="user.list")
     async def list_users(params: Listing, sc: Scope = scope) -> Page[User]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "user", sc, params)
-            items = await user_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "user", sc, params, user_models)
 
     @r.get("/users/{ref}", response_model=User, name="user.show")
     async def show_user(ref: str, sc: Scope = scope) -> User:
@@ -75,10 +72,7 @@ def account_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/role-assignments", response_model=Page[RoleAssignment], name="role.assignments")
     async def assignments(params: Listing, sc: Scope = scope) -> Page[RoleAssignment]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "role_assignment", sc, params)
-            items = await assignment_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "role_assignment", sc, params, assignment_models)
 
     @r.delete("/role-assignments/{assignment_uuid}", status_code=204, response_model=None,
               name="role.revoke")
@@ -95,9 +89,8 @@ def account_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/keys", response_model=Page[ApiKey], name="key.list")
     async def list_keys(params: Listing, sc: Scope = scope) -> Page[ApiKey]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "key", sc, params)
-        return page_of([ApiKey.model_validate(k) for k in page.rows], page, params)
+        return await listed(api.ctx.db, "key", sc, params,
+                            each(ApiKey.model_validate))
 
     @r.get("/keys/{ref}", response_model=ApiKey, name="key.show")
     async def show_key(ref: str, sc: Scope = scope) -> ApiKey:

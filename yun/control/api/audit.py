@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from yun.control.access.policy import Permission, Scope, require
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import each, listed
 from yun.proto.identity import AuditRecord
 from yun.proto.resources import Page
 
@@ -20,8 +20,7 @@ def audit_router(api: ApiBundle) -> APIRouter:
     async def list_audit(params: Listing, sc: Scope = scope) -> Page[AuditRecord]:
         if not sc.context.admin_of_departments:
             require(sc.context, Permission.MANAGE_PROJECT, "read the audit log")
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "audit", sc, params)
-        return page_of([AuditRecord.model_validate(a) for a in page.rows], page, params)
+        return await listed(api.ctx.db, "audit", sc, params,
+                            each(AuditRecord.model_validate))
 
     return r

@@ -8,7 +8,8 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page, page_of
+from yun.control.db.models import TokenRow
+from yun.control.services.listing import each, listed
 from yun.proto.context import (
     AnonymousContext,
     AuthResult,
@@ -19,6 +20,12 @@ from yun.proto.context import (
 )
 from yun.proto.identity import IssuedToken, TokenCreate, TokenInfo, WhoAmI
 from yun.proto.resources import Page
+
+
+def _token_info(row: TokenRow) -> TokenInfo:
+    return TokenInfo(uuid=row.uuid, user_uuid=row.user_uuid, project_uuid=row.project_uuid,
+                     created_at=row.created_at, expires_at=row.expires_at,
+                     revoked=row.revoked_at is not None)
 
 
 def auth_router(api: ApiBundle) -> APIRouter:
@@ -47,12 +54,7 @@ def auth_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/auth/tokens", response_model=Page[TokenInfo], name="auth.tokens")
     async def tokens(params: Listing, sc: Scope = scope) -> Page[TokenInfo]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "token", sc, params)
-        items = [TokenInfo(uuid=t.uuid, user_uuid=t.user_uuid, project_uuid=t.project_uuid,
-                           created_at=t.created_at, expires_at=t.expires_at,
-                           revoked=t.revoked_at is not None) for t in page.rows]
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "token", sc, params, each(_token_info))
 
     @r.delete("/auth/tokens/{token_uuid}", status_code=204, response_model=None, name="auth.revoke")
     async def revoke(token_uuid: str, sc: Scope = scope) -> Response:

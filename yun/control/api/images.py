@@ -12,7 +12,7 @@ from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import IDEMPOTENCY_HEADER, audit_resource
 from yun.control.services.images import image_models
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import listed
 from yun.proto.context import RequestContext
 from yun.proto.resources import Accepted, Image, ImageCreate, ImageUploadTicket, Page
 
@@ -30,10 +30,7 @@ def image_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/images", response_model=Page[Image], name="image.list")
     async def list_images(params: Listing, sc: Scope = scope) -> Page[Image]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "image", sc, params)
-            items = await image_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "image", sc, params, image_models)
 
     @r.get("/images/{ref}", response_model=Image, name="image.show")
     async def show_image(ref: str, sc: Scope = scope) -> Image:

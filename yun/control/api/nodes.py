@@ -8,10 +8,9 @@ from yun.control.access.policy import Permission, Scope, require
 from yun.control.api.bundle import BASE, ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.db.models import NodeRow
-from yun.control.db.tags import tags_of
 from yun.control.services.common import find
-from yun.control.services.listing import list_page, page_of
-from yun.control.services.nodes import node_model, vm_counts
+from yun.control.services.listing import listed
+from yun.control.services.nodes import node_models
 from yun.proto.auth import Identity
 from yun.proto.errors import Forbidden
 from yun.proto.messages import NodeReport, StorageImageReport
@@ -25,24 +24,14 @@ def node_router(api: ApiBundle) -> APIRouter:
     @r.get("/nodes", response_model=Page[Node], name="node.list")
     async def list_nodes(params: Listing, sc: Scope = scope) -> Page[Node]:
         require(sc.context, Permission.MANAGE_PLATFORM, "list nodes")
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "node", sc, params)
-            counts = await vm_counts(session)
-            tags = await tags_of(session, [n.uuid for n in page.rows])
-        items = [node_model(n, counts.get(n.uuid, 0)) for n in page.rows]
-        for item in items:
-            item.tags = tags.get(item.uuid, {})
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "node", sc, params, node_models)
 
     @r.get("/nodes/{ref}", response_model=Node, name="node.show")
     async def show_node(ref: str, sc: Scope = scope) -> Node:
         require(sc.context, Permission.MANAGE_PLATFORM, "show nodes")
         async with api.ctx.db.session() as session:
             row = await find(session, NodeRow, ref, "node", sc)
-            counts = await vm_counts(session)
-            node = node_model(row, counts.get(row.uuid, 0))
-            node.tags = (await tags_of(session, [row.uuid]))[row.uuid]
-            return node
+            return (await node_models(session, [row]))[0]
 
     return r
 

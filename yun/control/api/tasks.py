@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import each, listed
 from yun.control.services.tasks import get_task, task_model
 from yun.proto.resources import Page, Task
 
@@ -20,10 +20,7 @@ def task_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/tasks", response_model=Page[Task], name="task.list")
     async def list_tasks(params: Listing, sc: Scope = scope) -> Page[Task]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "task", sc, params)
-            items = [task_model(r) for r in page.rows]
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "task", sc, params, each(task_model))
 
     @r.get("/tasks/{task_uuid}", response_model=Task, name="task.show")
     async def show_task(task_uuid: str, sc: Scope = scope,

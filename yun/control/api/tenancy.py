@@ -11,7 +11,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import listed
 from yun.control.services.projects import department_models, project_models
 from yun.proto.identity import (
     Department,
@@ -41,10 +41,7 @@ def tenancy_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/departments", response_model=Page[Department], name="department.list")
     async def list_departments(params: Listing, sc: Scope = scope) -> Page[Department]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "department", sc, params)
-            items = await department_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "department", sc, params, department_models)
 
     @r.get("/departments/{ref}", response_model=Department, name="department.show")
     async def show_department(ref: str, sc: Scope = scope) -> Department:
@@ -69,10 +66,7 @@ def tenancy_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/projects", response_model=Page[Project], name="project.list")
     async def list_projects(params: Listing, sc: Scope = scope) -> Page[Project]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "project", sc, params)
-            items = await project_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "project", sc, params, project_models)
 
     @r.get("/projects/{ref}", response_model=Project, name="project.show")
     async def show_project(ref: str, sc: Scope = scope) -> Project:

@@ -10,7 +10,7 @@ from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.api.routing import audit_resource
-from yun.control.services.listing import list_page, page_of
+from yun.control.services.listing import listed
 from yun.control.services.vms import vm_models
 from yun.proto.context import RequestContext
 from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmStop
@@ -33,10 +33,7 @@ def vm_router(api: ApiBundle) -> APIRouter:
 
     @r.get("/vms", response_model=Page[Vm], name="vm.list")
     async def list_vms(params: Listing, sc: Scope = scope) -> Page[Vm]:
-        async with api.ctx.db.session() as session:
-            page = await list_page(session, "vm", sc, params)
-            items = await vm_models(session, page.rows)
-        return page_of(items, page, params)
+        return await listed(api.ctx.db, "vm", sc, params, vm_models)
 
     @r.get("/vms/{ref}", response_model=Vm, name="vm.show")
     async def show_vm(ref: str, sc: Scope = scope) -> Vm:

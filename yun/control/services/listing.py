@@ -3,6 +3,7 @@ resource exposes to ``q`` and ``sort``, and the page they make."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from yun.control.db.models import (
     VmRow,
 )
 from yun.control.db.query import Field, PageResult, Queryable, fetch_page
+from yun.control.db.session import Database
 from yun.proto.identity import Role
 from yun.proto.query import SortKey
 from yun.proto.resources import ImageStatus, NodeStatus, Page, TaskState, VmState
@@ -128,6 +130,25 @@ class ListParams:
     offset: int = 0
     cursor: str | None = None
     count: bool = False
+
+
+Convert = Callable[[AsyncSession, list[Any]], Awaitable[list[T]]]
+
+
+def each(model: Callable[[Any], T]) -> Convert[T]:
+    """A row converter for models made from one row alone."""
+    async def convert(_session: AsyncSession, rows: list[Any]) -> list[T]:
+        return [model(row) for row in rows]
+    return convert
+
+
+async def listed(db: Database, kind: str, scope: Scope, params: ListParams,
+                 convert: Convert[T]) -> Page[T]:
+    """The API page of ``kind`` that ``scope`` sees, its rows made models by ``convert``
+    (which may read more, e.g. tags, in the same session)."""
+    async with db.session() as session:
+        result = await list_page(session, kind, scope, params)
+        return page_of(await convert(session, result.rows), result, params)
 
 
 def page_of(items: list[T], result: PageResult, params: ListParams) -> Page[T]:

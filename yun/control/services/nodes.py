@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.context import ControlContext
 from yun.control.db.models import NodeRow, VmRow, utcnow
+from yun.control.db.tags import tags_of
 from yun.proto.errors import NotFound, YunError
 from yun.proto.messages import DomainInfo, DomainState, NodeReport, Peer
 from yun.proto.resources import Node, VmState
@@ -38,6 +39,16 @@ def node_model(row: NodeRow, vm_count: int = 0) -> Node:
     node = Node.model_validate(row)
     node.vm_count = vm_count
     return node
+
+
+async def node_models(session: AsyncSession, rows: list[NodeRow]) -> list[Node]:
+    """The API view of nodes, with their VM counts and tags."""
+    counts = await vm_counts(session)
+    tags = await tags_of(session, [r.uuid for r in rows])
+    models = [node_model(r, counts.get(r.uuid, 0)) for r in rows]
+    for model in models:
+        model.tags = tags.get(model.uuid, {})
+    return models
 
 
 async def vm_counts(session: AsyncSession) -> dict[str, int]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import Request, Response
 
-from fastapi import Depends, Request, Response
-
-from yun.gateway.auth import Authenticator, anonymous_context, get_authenticator
+from yun.gateway.auth import anonymous_context
 from yun.gateway.routers.common import (
+    Auth,
     Ctx,
     IdempotencyKey,
     Listing,
@@ -20,7 +19,6 @@ from yun.proto.identity import IssuedToken, TokenCreate, TokenInfo, WhoAmI
 from yun.proto.resources import Page
 
 router = make_router("auth")
-Auth = Annotated[Authenticator, Depends(get_authenticator)]
 
 
 @router.post("/auth/tokens", response_model=IssuedToken, status_code=201)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
-from yun.gateway.auth import current_context
+from yun.gateway.auth import Authenticator, current_context, get_authenticator
 from yun.gateway.upstream import REPLAYED_HEADER, Reply, Upstream
 from yun.proto.context import RequestContext
 from yun.proto.errors import PeerError
@@ -47,6 +47,8 @@ async def get_upstream(request: Request) -> Upstream:
 
 Ctx = Annotated[RequestContext, Depends(current_context)]
 Up = Annotated[Upstream, Depends(get_upstream)]
+# For routes that change credentials: they drop what the gateway cached about them.
+Auth = Annotated[Authenticator, Depends(get_authenticator)]
 
 
 async def list_query(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import Response
 
-from fastapi import Depends, Response
-
-from yun.gateway.auth import Authenticator, get_authenticator
 from yun.gateway.routers.common import (
+    Auth,
     Ctx,
     IdempotencyKey,
     Listing,
@@ -20,7 +18,6 @@ from yun.proto.identity import ApiKey, ApiKeyCreate, ApiKeyUpdate, IssuedApiKey
 from yun.proto.resources import Page
 
 router = make_router("keys")
-Auth = Annotated[Authenticator, Depends(get_authenticator)]
 
 
 @router.get("/keys", response_model=Page[ApiKey])

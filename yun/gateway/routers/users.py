@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import Response
 
-from fastapi import Depends, Response
-
-from yun.gateway.auth import Authenticator, get_authenticator
 from yun.gateway.routers.common import (
+    Auth,
     Cascade,
     Ctx,
     IdempotencyKey,
@@ -21,7 +19,6 @@ from yun.proto.identity import User, UserCreate, UserUpdate
 from yun.proto.resources import Page
 
 router = make_router("users")
-Auth = Annotated[Authenticator, Depends(get_authenticator)]
 
 
 @router.get("/users", response_model=Page[User])
