@@ -63,12 +63,13 @@ async def test_invalid_token_gets_the_control_servers_reason() -> None:
 
 
 async def test_token_checks_are_cached_for_the_ttl() -> None:
-    gw = make_gateway(auth_cache_ttl=0.3)
+    # A TTL long enough for three requests on a loaded machine.
+    gw = make_gateway(auth_cache_ttl=2.0)
     gw.control.on("GET", VMS, 200, PAGE)
     for _ in range(3):
         assert (await gw.http.get("/api/v1/vms", headers=BEARER)).status_code == 200
     assert len(gw.control.auth_calls()) == 1
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(2.1)
     assert (await gw.http.get("/api/v1/vms", headers=BEARER)).status_code == 200
     assert len(gw.control.auth_calls()) == 2
 
@@ -85,9 +86,11 @@ async def test_concurrent_requests_share_one_check() -> None:
 async def test_a_cached_token_is_never_trusted_past_its_expiry() -> None:
     gw = make_gateway(auth_cache_ttl=60)
     gw.control.on("GET", VMS, 200, PAGE)
-    gw.control.tokens[TOKEN] = AuthResult(context=alice(), expires_at=time.time() + 0.3)
+    # Two seconds of life: enough for the first request even on a loaded machine.
+    expires_at = time.time() + 2.0
+    gw.control.tokens[TOKEN] = AuthResult(context=alice(), expires_at=expires_at)
     assert (await gw.http.get("/api/v1/vms", headers=BEARER)).status_code == 200
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.1)
     assert_401(await gw.http.get("/api/v1/vms", headers=BEARER), "expired")
     assert len(gw.control.auth_calls()) == 2  # asked again once the cache entry lapsed
 
