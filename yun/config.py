@@ -61,6 +61,16 @@ class ControlSettings(ComponentSettings):
     database_url: str = ""  # default: sqlite under state_dir
     create_timeout: float = 600.0
     reconcile_interval: float = 5.0
+    idempotency_retention: float = Field(
+        default=86400.0, gt=0, description="seconds an Idempotency-Key and its answer are "
+                                           "kept; a key used again after that is a new key")
+    flow_heartbeat_interval: float = Field(
+        default=10.0, gt=0, description="seconds between a control server's heartbeats of "
+                                        "its flows and its rounds taking over the flows of "
+                                        "departed control servers")
+    flow_takeover_grace: float = Field(
+        default=30.0, gt=0, description="seconds a flow's heartbeat must be silent, with its "
+                                        "owner gone, before another control server takes it")
     admin_password_file: Path | None = Field(
         default=None, description="when no user exists yet, a super admin 'admin' is made "
                                   "with the password in this file (mode 0600)")

@@ -12,15 +12,20 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from yun.control.db.models import AuditRow, IdempotencyRow
+from yun.control.db.idempotency import current_key
+from yun.control.db.models import AuditRow, IdempotencyRow, utcnow
+from yun.control.flows.engine import is_busy_violation
 from yun.proto import REQUEST_ID_HEADER
 from yun.proto.auth import verify_credential
+from yun.proto.components import ComponentType
 from yun.proto.context import CONTEXT_HEADER, RequestContext, verify_context
 from yun.proto.errors import Conflict, Unprocessable, YunError
 
@@ -55,10 +60,18 @@ class ControlRoute(APIRoute):
             ctx = _context(control, request)
             key = request.headers.get(IDEMPOTENCY_HEADER)
             try:
-                if key is not None and replayable and isinstance(ctx, RequestContext):
-                    response = await _idempotent(control.db, request, ctx, key, handler)
-                else:
-                    response = await handler(request)
+                try:
+                    if key is not None and replayable and isinstance(ctx, RequestContext):
+                        response = await _idempotent(control.db, request, ctx, key, handler)
+                    else:
+                        response = await handler(request)
+                except IntegrityError as exc:
+                    # A second unfinished flow of one resource, refused by the database:
+                    # a concurrent request started one first.
+                    if not is_busy_violation(exc):
+                        raise
+                    raise Conflict("the resource is busy with another task started at the "
+                                   "same time; retry when it has finished") from None
             except YunError as exc:
                 await _audit(control.db, request, ctx, action, exc.status, exc.detail)
                 raise
@@ -101,22 +114,38 @@ def _scoped_key(user_uuid: str, key: str) -> str:
 
 async def _idempotent(db: Any, request: Request, ctx: RequestContext, key: str,
                       handler: Callable[[Request], Coroutine[Any, Any, Response]]) -> Response:
-    """Run the request once per (user, key); answer repeats with the first answer."""
+    """Run the request once per (user, key); answer repeats with the first answer.
+
+    The key row names the control server incarnation holding it while the request runs.
+    A repeat that finds it held by an incarnation that is gone (a crash between storing
+    the key and storing the answer) takes it over and carries the request out again: the
+    services make that safe (a VM create finds the VM it made under the key)."""
     if not 1 <= len(key) <= 255:
         raise Unprocessable(f"{IDEMPOTENCY_HEADER} must have 1 to 255 characters")
+    control = request.app.state.control
+    me, boot = _incarnation(control)
+    retention = timedelta(seconds=control.settings.idempotency_retention)
     scoped, fp = _scoped_key(ctx.user_uuid, key), await _fingerprint(request)
     deadline = asyncio.get_running_loop().time() + REPEAT_WAIT
     while True:
+        now = utcnow()
         try:
             async with db.session() as session:
                 session.add(IdempotencyRow(key=scoped, user_uuid=ctx.user_uuid,
-                                           fingerprint=fp, status_code=IN_PROGRESS, body={}))
+                                           fingerprint=fp, status_code=IN_PROGRESS, body={},
+                                           owner=me, owner_boot=boot, created_at=now,
+                                           expires_at=now + retention))
             break
         except IntegrityError:
             async with db.session() as session:
                 row = await session.get(IdempotencyRow, scoped)
                 if row is None:
                     continue  # the first attempt failed and released the key: run it now
+                if row.expires_at is not None and row.expires_at <= now:
+                    # Past retention: an expired key is a new key.
+                    await session.execute(delete(IdempotencyRow).where(
+                        IdempotencyRow.key == scoped, IdempotencyRow.expires_at <= now))
+                    continue
                 if row.fingerprint != fp:
                     raise Unprocessable(f"{IDEMPOTENCY_HEADER} '{key}' was already used for "
                                         "a different request") from None
@@ -124,34 +153,80 @@ async def _idempotent(db: Any, request: Request, ctx: RequestContext, key: str,
                     return Response(json.dumps(row.body), status_code=row.status_code,
                                     media_type="application/json",
                                     headers={"Idempotent-Replayed": "true"})
+                holder, holder_boot = row.owner, row.owner_boot
+            if _holder_is_gone(control, me, boot, holder, holder_boot) and \
+                    await _take_over(db, scoped, holder, holder_boot, me, boot, now + retention):
+                log.warning("taking over an Idempotency-Key left in progress by a control "
+                            "server that is gone; carrying the request out again", extra={
+                                "key": scoped, "user": ctx.user_uuid, "previous_owner": holder,
+                                "previous_boot": holder_boot, "owner": me})
+                break
             if asyncio.get_running_loop().time() > deadline:
                 raise Conflict(f"a request with {IDEMPOTENCY_HEADER} '{key}' is still in "
                                "progress; retry later") from None
             await asyncio.sleep(0.05)
+    token = current_key.set(scoped)
     try:
         response = await handler(request)
     except BaseException:
         # A refused or interrupted request is not recorded: a retry with the same key runs
         # it again (a refusal changed nothing; an interruption is rolled back by its flow).
-        await _release(db, scoped)
+        await _release(db, scoped, boot)
         raise
+    finally:
+        current_key.reset(token)
     if not 200 <= response.status_code < 300:
-        await _release(db, scoped)
+        await _release(db, scoped, boot)
         return response
     body = bytes(response.body) if response.body else b""
     async with db.session() as session:
-        row = await session.get(IdempotencyRow, scoped)
-        if row is not None:
-            row.status_code = response.status_code
-            row.body = json.loads(body) if body else None
+        await session.execute(
+            update(IdempotencyRow).where(IdempotencyRow.key == scoped,
+                                         IdempotencyRow.owner_boot == boot)
+            .values(status_code=response.status_code, body=json.loads(body) if body else None)
+            .execution_options(synchronize_session=False))
     return response
 
 
-async def _release(db: Any, scoped: str) -> None:
+def _incarnation(control: Any) -> tuple[str, str]:
+    """This control server (component id) and this process of it (boot id)."""
+    return (control.membership.component_id or "control", control.engine.boot_id)
+
+
+def _holder_is_gone(control: Any, me: str, boot: str, holder: str | None,
+                    holder_boot: str | None) -> bool:
+    """Whether the incarnation holding a key in progress can no longer answer it: a
+    previous life of this server, a control server that left, or a row from before
+    holders were recorded."""
+    if holder_boot == boot:
+        return False  # this very process runs it: wait for it
+    if holder is None or holder == me:
+        return True
+    alive = {p.component_id for p in control.membership.peers_of(ComponentType.CONTROL)}
+    return holder not in alive
+
+
+async def _take_over(db: Any, scoped: str, holder: str | None, holder_boot: str | None,
+                     me: str, boot: str, expires_at: datetime) -> bool:
+    """Claim a key held by a gone incarnation; False if another retry claimed it first."""
     async with db.session() as session:
-        row = await session.get(IdempotencyRow, scoped)
-        if row is not None:
-            await session.delete(row)
+        claim = update(IdempotencyRow).where(IdempotencyRow.key == scoped,
+                                             IdempotencyRow.status_code == IN_PROGRESS)
+        claim = claim.where(IdempotencyRow.owner.is_(None) if holder is None
+                            else IdempotencyRow.owner == holder)
+        claim = claim.where(IdempotencyRow.owner_boot.is_(None) if holder_boot is None
+                            else IdempotencyRow.owner_boot == holder_boot)
+        result = await session.execute(
+            claim.values(owner=me, owner_boot=boot, expires_at=expires_at)
+            .execution_options(synchronize_session=False))
+        return bool(result.rowcount == 1)
+
+
+async def _release(db: Any, scoped: str, boot: str) -> None:
+    async with db.session() as session:
+        await session.execute(delete(IdempotencyRow).where(
+            IdempotencyRow.key == scoped, IdempotencyRow.owner_boot == boot,
+            IdempotencyRow.status_code == IN_PROGRESS))
 
 
 def _answered_uuid(response: Response) -> tuple[str | None, str | None]:

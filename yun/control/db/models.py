@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -122,6 +123,9 @@ class VmRow(Stamped, Base):
     mac: Mapped[str | None] = mapped_column(String(17))
     task_uuid: Mapped[str | None] = mapped_column(String(36))
     error: Mapped[str | None] = mapped_column(Text)
+    # The scoped Idempotency-Key of the create that made the VM: a create carried out
+    # again after a control server crash finds its VM instead of making a second one.
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class AddressRow(Base):
@@ -137,12 +141,23 @@ class AddressRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+# The states of a flow that has not ended; a resource has at most one such flow.
+UNFINISHED_STATES = ("pending", "running", "rolling_back")
+UNFINISHED_SQL = "state IN ('pending', 'running', 'rolling_back')"
+UNFINISHED_FLOW_INDEX = "uq_flows_unfinished_resource"
+
+
 class FlowRow(Base):
     """A multi-step operation (a task to the API) and its journal (Z-FLOW)."""
 
     __tablename__ = "flows"
-    __table_args__ = (Index("ix_flows_state", "state"), Index("ix_flows_resource",
-                                                              "resource_uuid"))
+    __table_args__ = (
+        Index("ix_flows_state", "state"), Index("ix_flows_resource", "resource_uuid"),
+        # One unfinished flow per resource, kept by the database itself (not a SELECT
+        # then INSERT): a concurrent second flow fails to insert.
+        Index(UNFINISHED_FLOW_INDEX, "resource_uuid", unique=True,
+              sqlite_where=text(UNFINISHED_SQL), postgresql_where=text(UNFINISHED_SQL)),
+    )
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64))
@@ -182,7 +197,10 @@ class FlowStepRow(Base):
 class IdempotencyRow(Base):
     """The recorded answer to a request made with an Idempotency-Key (U-IDEMP).
 
-    ``key`` is the sha256 of the user and the client's key: keys are scoped per user."""
+    ``key`` is the sha256 of the user and the client's key: keys are scoped per user.
+    While the request runs (``status_code`` 0) ``owner`` and ``owner_boot`` name the
+    control server and the process holding the key; a retry finding the key held by a
+    process that is gone takes it over. A key is forgotten at ``expires_at``."""
 
     __tablename__ = "idempotency_keys"
 
@@ -192,6 +210,9 @@ class IdempotencyRow(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     body: Mapped[Any] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    owner_boot: Mapped[str | None] = mapped_column(String(36))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 # --- identity and tenancy (T-ID) -----------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid as uuidlib
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from yun.control.access.policy import Permission, Scope, require, require_in_project
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
+from yun.control.db.idempotency import current_key
 from yun.control.db.models import FlowRow, ImageRow, NodeRow, ProjectRow, VmRow
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
@@ -21,6 +23,8 @@ from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import StopRequest
 from yun.proto.resources import Accepted, Console, ImageStatus, Vm, VmCreate, VmState, VmStop
+
+log = logging.getLogger("yun.control.vms")
 
 ACTIONS_ALLOWED: dict[str, set[VmState]] = {
     "start": {VmState.STOPPED, VmState.RUNNING, VmState.ERROR, VmState.UNKNOWN},
@@ -61,7 +65,12 @@ class VmService:
         if user.project_uuid is None:
             raise Unprocessable("this token is not scoped to a project; log in to a project "
                                 "to create VMs in it")
+        key = current_key.get()
         async with self.ctx.db.session() as session:
+            if key is not None:
+                made = await self._made_under_key(session, key)
+                if made is not None:
+                    return made
             image = await find(session, ImageRow, req.image, "image", scope)
             if image.status != ImageStatus.ACTIVE:
                 raise Conflict(f"image {image.name} is {image.status}, not active")
@@ -77,17 +86,35 @@ class VmService:
                 uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
                 project_uuid=user.project_uuid, state=VmState.BUILDING, vcpus=req.vcpus,
                 memory_mb=req.memory_mb, disk_gb=req.disk_gb, image_uuid=image.uuid,
+                # In the transaction that makes the VM and its flow: a create carried out
+                # again after a crash finds this VM (U-IDEMP).
+                idempotency_key=key,
             )
             session.add(vm)
             tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
-            flow = self.ctx.engine.new_flow(session, "vm.create", vm.uuid, {},
-                                            project_uuid=vm.project_uuid)
+            flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid, {},
+                                                  project_uuid=vm.project_uuid,
+                                                  what=f"VM {vm.name}")
             vm.task_uuid = flow.uuid
             await session.flush()
             accepted = Accepted(task=task_model(flow), resource=vm_model(
                 vm, tags=tags).model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, vm.uuid)
         return accepted
+
+    async def _made_under_key(self, session: AsyncSession, key: str) -> Accepted | None:
+        """The answer to a create already carried out under Idempotency-Key ``key`` (by a
+        control server that died before recording its answer), or None."""
+        vm = (await session.scalars(select(VmRow).where(VmRow.idempotency_key == key))).first()
+        if vm is None:
+            return None
+        flow = (await session.scalars(
+            select(FlowRow).where(FlowRow.resource_uuid == vm.uuid, FlowRow.kind == "vm.create")
+            .order_by(FlowRow.created_at.desc()).limit(1))).first()
+        log.info("create carried out again under its Idempotency-Key: answering the VM it "
+                 "made", extra={"vm": vm.uuid, "task": flow.uuid if flow else None})
+        return Accepted(task=task_model(flow) if flow is not None else None,
+                        resource=(await vm_models(session, [vm]))[0].model_dump(mode="json"))
 
     async def get(self, ref: str, scope: Scope) -> Vm:
         async with self.ctx.db.session() as session:
@@ -126,9 +153,10 @@ class VmService:
                                 message=f"VM {vm.name} is already {vm.state}; nothing to do")
             if allowed is not None and vm.state not in allowed:
                 raise Conflict(f"cannot {kind.split('.')[1]} VM {vm.name} while it is {vm.state}")
-            flow = self.ctx.engine.new_flow(session, kind, vm.uuid,
-                                            {"previous_state": vm.state, **data},
-                                            project_uuid=vm.project_uuid)
+            flow = await self.ctx.engine.add_flow(session, kind, vm.uuid,
+                                                  {"previous_state": vm.state, **data},
+                                                  project_uuid=vm.project_uuid,
+                                                  what=f"VM {vm.name}")
             vm.state = transient
             vm.task_uuid = flow.uuid
             await session.flush()
