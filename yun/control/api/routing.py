@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from yun.control.db.idempotency import current_key
+from yun.control.db.idempotency import current_key, forget_expired, scoped_key
 from yun.control.db.models import AuditRow, IdempotencyRow, utcnow
 from yun.control.flows.engine import is_busy_violation
 from yun.proto import REQUEST_ID_HEADER
@@ -108,10 +108,6 @@ async def _fingerprint(request: Request) -> str:
     return digest.hexdigest()
 
 
-def _scoped_key(user_uuid: str, key: str) -> str:
-    return hashlib.sha256(f"{user_uuid}\0{key}".encode()).hexdigest()
-
-
 async def _idempotent(db: Any, request: Request, ctx: RequestContext, key: str,
                       handler: Callable[[Request], Coroutine[Any, Any, Response]]) -> Response:
     """Run the request once per (user, key); answer repeats with the first answer.
@@ -125,7 +121,7 @@ async def _idempotent(db: Any, request: Request, ctx: RequestContext, key: str,
     control = request.app.state.control
     me, boot = _incarnation(control)
     retention = timedelta(seconds=control.settings.idempotency_retention)
-    scoped, fp = _scoped_key(ctx.user_uuid, key), await _fingerprint(request)
+    scoped, fp = scoped_key(ctx.user_uuid, key), await _fingerprint(request)
     deadline = asyncio.get_running_loop().time() + REPEAT_WAIT
     while True:
         now = utcnow()
@@ -143,8 +139,7 @@ async def _idempotent(db: Any, request: Request, ctx: RequestContext, key: str,
                     continue  # the first attempt failed and released the key: run it now
                 if row.expires_at is not None and row.expires_at <= now:
                     # Past retention: an expired key is a new key.
-                    await session.execute(delete(IdempotencyRow).where(
-                        IdempotencyRow.key == scoped, IdempotencyRow.expires_at <= now))
+                    await forget_expired(session, now, scoped)
                     continue
                 if row.fingerprint != fp:
                     raise Unprocessable(f"{IDEMPOTENCY_HEADER} '{key}' was already used for "
