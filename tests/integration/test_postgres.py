@@ -99,3 +99,43 @@ async def test_quota_race_on_postgres(tmp_path: Path, small_qcow2: Path) -> None
                                   if a.status_code == 202])
     finally:
         await cluster.stop()
+
+
+async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
+        tmp_path: Path, small_qcow2: Path) -> None:
+    """Truly concurrent power requests on one VM start one flow; the others get that task
+    (the same action) or a clear 409. Before: a SELECT then INSERT, so several flows
+    could start for one VM on PostgreSQL."""
+    downgrade(URL, "base")
+    cluster = SimCluster(tmp_path, nodes=1, database_url=URL)
+    await cluster.start()
+    try:
+        api = cluster.api
+        assert api is not None and cluster.control is not None
+        await upload(cluster, small_qcow2)
+        resp = await api.post("/api/v1/vms", json={"name": "busy", "image": "img"})
+        vm = resp.json()["resource"]["uuid"]
+        assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == "succeeded"
+        for _ in range(3):
+            answers = await asyncio.gather(*(
+                api.post(f"/api/v1/vms/{vm}/{'stop' if i % 2 else 'reboot'}")
+                for i in range(24)))
+            accepted = {a.json()["task"]["uuid"] for a in answers if a.status_code == 202}
+            refused = [a for a in answers if a.status_code == 409]
+            assert len(accepted) == 1, [a.status_code for a in answers]
+            assert len(refused) + sum(a.status_code == 202 for a in answers) == 24
+            assert all("busy" in a.json()["detail"] for a in refused)
+            task = await cluster.wait_task(accepted.pop())
+            assert task["state"] == "succeeded"
+            resp = await api.post(f"/api/v1/vms/{vm}/start")
+            if resp.status_code == 202:
+                await cluster.wait_task(resp.json()["task"]["uuid"])
+        from sqlalchemy import func, select
+
+        from yun.control.db.models import FlowRow
+        async with cluster.control.db.session() as session:
+            flows = (await session.execute(select(func.count()).select_from(FlowRow).where(
+                FlowRow.resource_uuid == vm))).scalar_one()
+        assert flows <= 1 + 3 * 2  # create, then one action and at most one start per round
+    finally:
+        await cluster.stop()
