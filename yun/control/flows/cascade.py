@@ -33,20 +33,28 @@ def _control(ctx: FlowContext) -> Any:
 
 async def start_vm_delete(control: Any, vm_uuid: str) -> str | None:
     """Start the delete flow of a VM (or find the flow it is busy with); None if it is gone."""
-    async with control.db.session() as session:
-        vm = await session.get(VmRow, vm_uuid)
-        if vm is None:
-            return None
-        running = (await session.scalars(select(FlowRow).where(
-            FlowRow.resource_uuid == vm_uuid, FlowRow.state.in_(UNFINISHED)).limit(1))).first()
-        if running is not None:
-            return running.uuid
-        flow = control.engine.new_flow(session, "vm.delete", vm.uuid,
-                                       {"previous_state": vm.state},
-                                       project_uuid=vm.project_uuid)
-        vm.state, vm.task_uuid = VmState.DELETING, flow.uuid
-    control.engine.launch(flow.uuid, vm_uuid)
-    return flow.uuid  # type: ignore[no-any-return]
+    for _ in range(ROUNDS):
+        try:
+            async with control.db.session() as session:
+                vm = await session.get(VmRow, vm_uuid)
+                if vm is None:
+                    return None
+                running = (await session.scalars(select(FlowRow).where(
+                    FlowRow.resource_uuid == vm_uuid, FlowRow.state.in_(UNFINISHED)
+                ).limit(1))).first()
+                if running is not None:
+                    return running.uuid  # type: ignore[no-any-return]
+                flow = await control.engine.add_flow(
+                    session, "vm.delete", vm.uuid, {"previous_state": vm.state},
+                    project_uuid=vm.project_uuid, what=f"VM {vm.name}")
+                vm.state, vm.task_uuid = VmState.DELETING, flow.uuid
+        except Conflict:
+            # Another request started a flow on this VM between the look and the insert
+            # (the database's one-unfinished-flow index refused ours): wait for that one.
+            continue
+        control.engine.launch(flow.uuid, vm_uuid)
+        return flow.uuid  # type: ignore[no-any-return]
+    raise Conflict(f"VM {vm_uuid} stayed busy with other tasks; retry the delete")
 
 
 async def _wait_flows(control: Any, flow_uuids: list[str], timeout: float) -> None:
