@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --test
 export YUN_TEST_POSTGRES_URL="postgresql+psycopg://yun:yun@127.0.0.1:5432/yun_test"
+# Every test must run here: a skip (not root, a tool or PostgreSQL missing) is a failure,
+# so a green run cannot hide system tests that never ran (tests/strict.py).
+export YUN_TEST_STRICT=1
 .venv/bin/ruff check yun tests
 .venv/bin/lint-imports
 exec .venv/bin/python -m pytest -p no:cacheprovider tests "$@"

@@ -4,16 +4,21 @@ One file (default ``/etc/yun/yun.toml``) holds a ``[common]`` table and a table 
 component (``[domain]``, ``[control]``, ``[node]``, ``[storage]``, ``[gateway]``).
 An environment variable ``YUN_<COMPONENT>_<FIELD>`` (or ``YUN_<FIELD>`` for common
 fields) overrides the file. Unknown keys are refused so a typo is noticed.
+
+The domain secret may be kept out of that file: ``domain_secret_file`` names a file
+holding only the secret, readable by the services' user alone (mode 0600), so that the
+settings file itself can be readable by anyone (the CLI reads its ``[cli]`` table).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = Path("/etc/yun/yun.toml")
 
@@ -30,6 +35,9 @@ class ComponentSettings(BaseModel):
     name: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0])
     domain_name: str = "default"
     domain_secret: str = ""
+    domain_secret_file: Path | None = Field(
+        default=None, description="a file holding the domain secret (mode 0600, nothing "
+                                  "else in it); read when domain_secret is empty")
     domain_url: str | None = Field(
         default=None, description="the domain server's address; empty means discover it by mDNS"
     )
@@ -42,12 +50,45 @@ class ComponentSettings(BaseModel):
     log_level: str = "INFO"
     heartbeat_interval: float = Field(default=2.0, gt=0)
 
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> ComponentSettings:
+        if self.domain_secret_file is not None and not self.domain_secret:
+            self.domain_secret = read_secret_file(self.domain_secret_file, "domain_secret_file")
+        return self
+
     def url(self) -> str:
         """The URL this component tells the domain to give its peers."""
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
         host = self.listen_host if self.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"http://{host}:{self.listen_port}"
+
+
+def read_secret_file(path: Path, setting: str) -> str:
+    """The secret held in ``path`` (surrounding whitespace dropped).
+
+    Refused, naming ``setting`` and the file, when the file is missing, empty, not a
+    regular file, or readable or writable by its group or others: a secret that other
+    users can read is no longer the services' own."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{setting}: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{setting}: {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{setting}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, open to its group "
+            f"or others; make it readable by its owner only (chmod 600 {path})")
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{setting}: {path} is empty")
+    return secret
 
 
 class DomainSettings(ComponentSettings):
@@ -156,7 +197,14 @@ def load_settings(cls: type[S], section: str, path: Path | None = None, **overri
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"[{section}] {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(section, e) for e in exc.errors())
         raise ConfigError(f"invalid configuration ({path}): {problems}") from exc
+
+
+def _problem(section: str, error: Any) -> str:
+    """One validation error as ``[section] field: message``; a ConfigError raised by a
+    check of the whole section (no field) keeps its own message, which names the key."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigError):
+        return f"[{section}] {cause}"
+    return f"[{section}] {'.'.join(str(p) for p in error['loc'])}: {error['msg']}"

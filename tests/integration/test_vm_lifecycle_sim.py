@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import upload
 from yun.testing.cluster import SimCluster
+
+
+def assert_node_built_what_was_asked(agent: Any, vm: dict, image: dict) -> None:
+    """What the control server had to ask the node for, as the sim node recorded it: a
+    domain of the VM's size, one disk of its size on the VM's image (downloaded with
+    its checksum), one NIC whose MAC and address are the VM's, leased to its name."""
+    domain = agent.driver.domains[vm["uuid"]]
+    assert (domain.spec.name, domain.spec.vcpus, domain.spec.memory_mb) == ("vm1", 2, 384)
+    [disk] = domain.spec.disks
+    assert (disk.size_gb, disk.image_id, disk.image_sha256) == (3, image["uuid"],
+                                                                image["sha256"])
+    assert agent.disks.images[image["uuid"]].sha256 == image["sha256"]
+    volume = agent.disks.volumes[vm["uuid"]][disk.disk_id]
+    assert (volume.size_gb, volume.image_id) == (3, image["uuid"])
+    assert [(d.disk_id, d.path.parent.name) for d in domain.disks] == [(disk.disk_id,
+                                                                          vm["uuid"])]
+    [port] = agent.network.ports[vm["uuid"]]
+    assert (port.mac, port.ip, port.hostname) == (vm["mac"], vm["ip"], "vm1")
+    assert [(n.mac, n.tap) for n in domain.nics] == [(port.mac, port.tap)]
 
 
 async def test_create_power_delete(cluster: SimCluster, small_qcow2: Path) -> None:
@@ -14,7 +34,8 @@ async def test_create_power_delete(cluster: SimCluster, small_qcow2: Path) -> No
     image = await upload(cluster, small_qcow2)
     assert image["status"] == "active" and image["format"] == "qcow2"
 
-    resp = await api.post("/api/v1/vms", json={"name": "vm1", "image": "img"})
+    resp = await api.post("/api/v1/vms", json={"name": "vm1", "image": "img", "vcpus": 2,
+                                               "memory_mb": 384, "disk_gb": 3})
     assert resp.status_code == 202, resp.text
     vm_uuid = resp.json()["resource"]["uuid"]
     task = await cluster.wait_task(resp.json()["task"]["uuid"])
@@ -25,15 +46,17 @@ async def test_create_power_delete(cluster: SimCluster, small_qcow2: Path) -> No
     assert vm["state"] == "running" and vm["ip"].startswith("10.77.0.")
     node = next(n for n in cluster.node_services if n.agent.node_id == vm["node_uuid"])
     assert (await node.agent.driver.get_domain(vm_uuid)).state == "running"
+    assert_node_built_what_was_asked(node.agent, vm, image)
 
-    for action, state in (("stop", "stopped"), ("start", "running"), ("reboot", "running")):
+    for action, state, domain_state in (("stop", "stopped", "shutoff"),
+                                        ("start", "running", "running"),
+                                        ("reboot", "running", "running")):
         resp = await api.post(f"/api/v1/vms/{vm_uuid}/{action}")
         assert resp.status_code == 202, resp.text
         assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == "succeeded"
         assert (await api.get(f"/api/v1/vms/{vm_uuid}")).json()["state"] == state
-
-    log = (await api.get(f"/api/v1/vms/{vm_uuid}/console-log")).text
-    assert "YUN-GUEST-READY" in log
+        # ... and the hypervisor was really told: its domain is in that state.
+        assert (await node.agent.driver.get_domain(vm_uuid)).state == domain_state
 
     in_use = await api.delete(f"/api/v1/images/{image['uuid']}")
     assert in_use.status_code == 409 and "vm1" in in_use.json()["detail"]

@@ -228,10 +228,11 @@ def write_system(home: Path, text: str) -> None:
 
 
 def test_resolution_order(home: Path, gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    # 4. the platform's settings file, [cli] table
-    write_system(home, '[gateway]\nadmin_token = "x"\n\n[cli]\napi_url = "http://aio:8080"\n'
-                       'token = "AIO"\n')
-    assert whoami() == "Bearer AIO@aio"
+    # The platform's settings file names the gateway but is never a login: a token
+    # there (as older all-in-ones wrote) is refused with what to do.
+    write_system(home, '[cli]\napi_url = "http://aio:8080"\ntoken = "AIO"\n')
+    with pytest.raises(cfg.ConfigError, match=r"holds a token in \[cli\].*yun login"):
+        cfg.resolve(env={})
     # 3. the current profile wins over it
     cfg.save_profiles(cfg.Profiles("cur", {
         "cur": cfg.Profile(url="http://cur", token="CUR"),

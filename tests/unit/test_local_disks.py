@@ -114,7 +114,7 @@ class Env:
         self.server = server
         self.recorder = recorder
         self.credential = issue_credential(SECRET, "node-1", ComponentType.NODE.value)
-        self.backend = LocalDiskBackend(tmp_path / "node", http_timeout=10)
+        self.backend = LocalDiskBackend(tmp_path / "node", http_timeout=10, owner=OWNER)
 
     async def upload(self, data: bytes, fmt: str = "") -> ImageLocation:
         image_id = str(uuid.uuid4())
@@ -153,6 +153,15 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+# Stands for the user QEMU runs as (nobody): chown needs root, as a node agent has.
+OWNER = (65534, 65534) if os.geteuid() == 0 else None
+
+
+def owned_by_qemu(path: Path) -> bool:
+    st = path.stat()
+    return OWNER is None or (st.st_uid, st.st_gid) == OWNER
+
+
 # --- image cache ----------------------------------------------------------------
 
 
@@ -163,9 +172,10 @@ async def test_image_is_downloaded_verified_and_cached(env: Env) -> None:
     cached = env.backend.image_path(loc.image_id, "raw")
     assert cached.read_bytes() == data
     assert env.recorder.ranges == [None]
-    # Readable by QEMU running as another user.
-    assert mode(cached) == 0o644
-    assert mode(cached.parent) == 0o755 and mode(env.backend.root) == 0o755
+    # Private to QEMU's user (the backing file of every overlay), whatever the umask.
+    assert mode(cached) == 0o600 and owned_by_qemu(cached)
+    assert mode(cached.parent) == 0o700 and mode(env.backend.root) == 0o700
+    assert owned_by_qemu(cached.parent) and owned_by_qemu(env.backend.root)
     assert not cached.with_name(cached.name + ".part").exists()
 
     await env.backend.ensure_image(loc, env.credential)
@@ -290,7 +300,8 @@ async def test_overlay_disks_on_a_cached_image(env: Env) -> None:
     assert info.backing_file == str(base)
     assert info.backing_format == "qcow2"
     assert info.virtual_size == 2 * GIB, "never smaller than the image"
-    assert mode(disk.path) == 0o644 and mode(disk.path.parent) == 0o755
+    assert mode(disk.path) == 0o600 and mode(disk.path.parent) == 0o700
+    assert owned_by_qemu(disk.path) and owned_by_qemu(disk.path.parent)
 
     big = DiskSpec(disk_id="data", size_gb=5, image_id=loc.image_id, image_format="qcow2",
                    bus="sata")

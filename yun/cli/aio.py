@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import stat
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +20,7 @@ from yun.cli.config import Profile, load_profiles, save_profiles
 from yun.client import ApiError, Client, TaskFailed
 from yun.config import DEFAULT_CONFIG, GatewaySettings, load_settings
 from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
+from yun.proto.identity import IssuedToken
 from yun.proto.resources import Image, Task, Vm, VmCreate
 from yun.util.procs import read_pid, start_detached, stop_pid
 
@@ -34,31 +38,86 @@ MARKER = "YUN-GUEST-READY"
 
 
 ADMIN_PASSWORD = Path("/etc/yun/admin-password")
+DOMAIN_SECRET = Path("/etc/yun/domain-secret")
 GUEST_IMAGE = Path("/var/cache/yun/test-guest/yun-guest.qcow2")
 AIO_PROFILE = "aio"
 
 
-def write_config(path: Path) -> dict[str, Any]:
-    """Create the all-in-one settings once; later runs keep the secrets they made (a file
-    from an older version, with an admin token, is rewritten keeping its domain secret)."""
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically by a file of mode 0600 holding ``text``: it is never
+    readable by others, not even for a moment, and a crash leaves the old or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # made 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _write_public_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically by a file of mode 0644 (it holds no secret)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _kept_secret(path: Path) -> str:
+    """The secret already in ``path``, or "" when there is none."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def write_config(path: Path = DEFAULT_CONFIG, *, secret_file: Path = DOMAIN_SECRET,
+                 password_file: Path = ADMIN_PASSWORD) -> dict[str, Any]:
+    """Create the all-in-one settings; later runs keep the secrets they made.
+
+    Each secret has a file of its own, mode 0600, readable by the services (root) only:
+    the domain secret in ``secret_file``, the first admin's password in
+    ``password_file``. The settings file ``path`` names them and holds no secret, so
+    it is 0644 (the CLI of any user reads its ``[cli]`` table for the gateway's URL).
+    The CLI's own token is never here: `yun login` keeps it in the user's profiles file
+    (0600). A settings file of an older version (with the domain secret, or an admin
+    token, inside) is rewritten, its domain secret moved to ``secret_file``."""
     import tomllib
 
-    secret = secrets.token_urlsafe(24)
+    current: dict[str, Any] = {}
     if path.exists():
         current = tomllib.loads(path.read_text())
-        if "admin_token" not in current.get("gateway", {}) and \
-                current.get("control", {}).get("admin_password_file"):
-            return current
-        secret = current.get("common", {}).get("domain_secret") or secret
-    if not ADMIN_PASSWORD.exists():
-        ADMIN_PASSWORD.parent.mkdir(parents=True, exist_ok=True)
-        ADMIN_PASSWORD.touch(mode=0o600)
-        ADMIN_PASSWORD.write_text(secrets.token_urlsafe(18) + "\n")
-    ADMIN_PASSWORD.chmod(0o600)
-    text = f"""# Yun all-in-one settings, written by `yun aio up`.
+    secret = (_kept_secret(secret_file) or current.get("common", {}).get("domain_secret")
+              or secrets.token_urlsafe(24))
+    if _kept_secret(secret_file) != secret or \
+            stat.S_IMODE(secret_file.stat().st_mode) != 0o600:
+        write_private_file(secret_file, secret + "\n")
+    if not _kept_secret(password_file):
+        write_private_file(password_file, secrets.token_urlsafe(18) + "\n")
+    password_file.chmod(0o600)
+    if current.get("common", {}).get("domain_secret_file") == str(secret_file) and \
+            "domain_secret" not in current.get("common", {}) and \
+            "admin_token" not in current.get("gateway", {}) and \
+            "token" not in current.get("cli", {}) and \
+            current.get("control", {}).get("admin_password_file"):
+        path.chmod(0o644)
+        return current  # this version's file: keep what the operator changed in it
+    text = f"""# Yun all-in-one settings, written by `yun aio up`. No secret is kept here: the
+# domain secret is in {secret_file} and the admin password in {password_file}
+# (both mode 0600, root's); the CLI's login is in ~/.config/yun/config.toml (0600).
 [common]
 domain_name = "aio"
-domain_secret = "{secret}"
+domain_secret_file = "{secret_file}"
 domain_url = "http://127.0.0.1:{PORTS['domain']}"
 listen_host = "127.0.0.1"
 state_dir = "{STATE_DIR}"
@@ -70,7 +129,7 @@ mdns = false
 [control]
 listen_port = {PORTS['control']}
 # The first super admin, 'admin', is made with this password when no user exists.
-admin_password_file = "{ADMIN_PASSWORD}"
+admin_password_file = "{password_file}"
 
 [storage]
 listen_port = {PORTS['storage']}
@@ -86,15 +145,24 @@ listen_port = {PORTS['gateway']}
 [cli]
 api_url = "http://127.0.0.1:{PORTS['gateway']}"
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(text)
+    _write_public_file(path, text)
     return tomllib.loads(text)
 
 
+def save_aio_profile(url: str, issued: IssuedToken, path: Path | None = None) -> Path:
+    """Keep the super admin's token as the CLI profile ``aio`` (the current profile
+    unless another one is), in the profiles file (0600, see :func:`save_profiles`)."""
+    profiles = load_profiles(path)
+    profiles.profiles[AIO_PROFILE] = Profile(
+        url=url, token=issued.token, token_uuid=issued.uuid, project=issued.project_name,
+        user=issued.user_name, expires_at=issued.expires_at.isoformat())
+    if profiles.current is None or profiles.current == AIO_PROFILE:
+        profiles.current = AIO_PROFILE
+    return save_profiles(profiles, path)
+
+
 def login_admin(url: str) -> Client:
-    """Log the super admin in and keep the token as the CLI profile ``aio`` (the current
-    profile unless another one is)."""
+    """Log the super admin in and keep the token as the CLI profile ``aio``."""
     password = ADMIN_PASSWORD.read_text().strip()
     deadline = time.monotonic() + 60
     while True:
@@ -105,13 +173,7 @@ def login_admin(url: str) -> Client:
             if (exc.status != 0 and exc.status < 500) or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    profiles = load_profiles()
-    profiles.profiles[AIO_PROFILE] = Profile(
-        url=url, token=issued.token, token_uuid=issued.uuid, project=issued.project_name,
-        user=issued.user_name, expires_at=issued.expires_at.isoformat())
-    if profiles.current is None or profiles.current == AIO_PROFILE:
-        profiles.current = AIO_PROFILE
-    save_profiles(profiles)
+    save_aio_profile(url, issued)
     return client
 
 
@@ -314,6 +376,7 @@ def down(purge: Annotated[bool, typer.Option(
         shutil.rmtree(STATE_DIR, ignore_errors=True)
         config.unlink(missing_ok=True)
         ADMIN_PASSWORD.unlink(missing_ok=True)
+        DOMAIN_SECRET.unlink(missing_ok=True)
         profiles = load_profiles()
         if profiles.profiles.pop(AIO_PROFILE, None) is not None:
             if profiles.current == AIO_PROFILE:

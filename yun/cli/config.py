@@ -175,8 +175,9 @@ def save_profiles(config: Profiles, path: Path | None = None) -> Path:
 
 
 def system_cli_settings() -> dict[str, Any]:
-    """The ``[cli]`` table of the platform's settings file (``api_url``, maybe ``token``);
-    empty when the file is absent or not readable by this user."""
+    """The ``[cli]`` table of the platform's settings file (``api_url``); empty when the
+    file is absent or not readable by this user. It names the gateway, never a login:
+    that file is the services' and may be readable by every user."""
     try:
         data = tomllib.loads(system_config_path().read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -210,9 +211,10 @@ def resolve(profile: str | None = None, env: Mapping[str, str] | None = None,
     1. ``YUN_API_TOKEN`` (or ``YUN_ACCESS_KEY`` + ``YUN_SECRET_KEY``) with ``YUN_API_URL``;
     2. the profile named by ``profile`` (``--profile`` / ``YUN_PROFILE``);
     3. the current profile of the profiles file;
-    4. the ``[cli]`` table of ``/etc/yun/yun.toml`` (or ``$YUN_CONFIG``).
-
-    ``YUN_API_URL`` also overrides the URL of the others."""
+    ``YUN_API_URL`` also overrides the URL of the others; the ``[cli]`` table of
+    ``/etc/yun/yun.toml`` (or ``$YUN_CONFIG``) gives only the URL for ``yun login`` and
+    for credentials from the environment. A token is never read from that file (it is
+    the services' settings file): the CLI's tokens live in the 0600 profiles file."""
     env = os.environ if env is None else env
     env_url = env.get("YUN_API_URL")
     config = load_profiles(path)
@@ -238,9 +240,10 @@ def resolve(profile: str | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"profile {name!r} holds no credential: run "
                               f"`yun login --profile {name}`")
         return Connection(env_url or stored.url, auth, f"profile {name!r}", name)
-    if system.get("api_url") and system.get("token"):
-        return Connection(env_url or str(system["api_url"]), TokenAuth(str(system["token"])),
-                          f"{system_config_path()} [cli]")
+    if system.get("token"):
+        raise ConfigError(f"not logged in: {system_config_path()} holds a token in [cli], "
+                          "which the CLI no longer reads (a token belongs in the 0600 "
+                          "profiles file): remove it and run `yun login`")
     raise ConfigError("not logged in: run `yun login` (or set YUN_API_URL and YUN_API_TOKEN)")
 
 

@@ -27,7 +27,7 @@ def root(
     """Yun: an IaaS cloud for KVM/QEMU hosts.
 
     Connects with YUN_API_URL + YUN_API_TOKEN (or YUN_ACCESS_KEY + YUN_SECRET_KEY) when
-    set, else the chosen or current profile (`yun login`), else /etc/yun/yun.toml [cli]."""
+    set, else the chosen or current profile (`yun login`)."""
     ctx.obj = State(profile=profile, output=output)
     begin(ctx.obj)
     ctx.call_on_close(ctx.obj.close)

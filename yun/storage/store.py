@@ -10,6 +10,9 @@ An upload streams into ``tmp/`` while its sha256 and length are computed, is vet
 by :mod:`yun.storage.formats`, and only then renamed into ``images/`` (atomic on one
 file system) before its sidecar is written (also by atomic rename). Any failure
 removes the temporary file, so the store never holds half an image.
+
+Images are tenants' data: every file is 0600 and every directory 0700 from the moment
+it is made (whatever the umask), so only the storage server's own user can read them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger("yun.storage.store")
 
 CHUNK = 1024 * 1024
 MAX_NAME = 255
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class PayloadTooLarge(YunError):
@@ -102,12 +107,16 @@ class ImageStore:
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.tmp_dir = self.root / "tmp"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self.images_dir, self.tmp_dir):
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            # mkdir's mode is masked by the umask and ignored for an existing directory
+            # (a store made by an older version, 0755): set it outright.
+            os.chmod(directory, DIR_MODE)
         # Commit (compare, rename, write sidecar) and delete are short; one lock for
         # the whole store keeps two uploads of the same id from both "winning".
         self._commit_lock = asyncio.Lock()
         self._sweep_tmp()
+        self._tighten_modes()
 
     def _sweep_tmp(self) -> None:
         """Remove uploads a previous process left half done (it died mid-upload)."""
@@ -115,6 +124,13 @@ class ImageStore:
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 log.info("removed unfinished upload", extra={"file": leftover.name})
+
+    def _tighten_modes(self) -> None:
+        """Make images an older version stored world-readable (0644) private."""
+        for path in self.images_dir.iterdir():
+            if path.is_file() and path.stat().st_mode & 0o077:
+                os.chmod(path, FILE_MODE)
+                log.info("image file made private", extra={"file": path.name})
 
     def data_path(self, image_id: str) -> Path:
         """Where the data of ``image_id`` lives (whether or not it exists)."""
@@ -248,7 +264,7 @@ class ImageStore:
         size = 0
         pending: list[bytes] = []
         pending_len = 0
-        with tmp.open("wb") as f:
+        with _create_private(tmp) as f:
             async for chunk in chunks:
                 if not chunk:
                     continue
@@ -270,12 +286,12 @@ class ImageStore:
     def _commit(self, tmp: Path, record: ImageRecord) -> None:
         """Move vetted data into place, then write the sidecar that makes it exist."""
         data = self.images_dir / record.id
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)  # already 0600 unless an older version made it
         os.replace(tmp, data)
         meta_tmp = self.tmp_dir / f"{record.id}.json.{secrets.token_hex(4)}"
         try:
-            with meta_tmp.open("w") as f:
-                f.write(record.model_dump_json(indent=1))
+            with _create_private(meta_tmp) as f:
+                f.write(record.model_dump_json(indent=1).encode())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(meta_tmp, self._meta_path(record.id))
@@ -301,6 +317,13 @@ class ImageStore:
 def _write_hash(f: IO[bytes], digest: hashlib._Hash, data: bytes) -> None:
     f.write(data)
     digest.update(data)
+
+
+def _create_private(path: Path) -> IO[bytes]:
+    """A new file at ``path`` open for writing, mode 0600 from its creation: no moment
+    in which another user could open it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    return os.fdopen(fd, "wb")
 
 
 def _fsync_dir(path: Path) -> None:

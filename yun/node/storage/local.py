@@ -7,16 +7,23 @@ Layout under ``root``::
     images/<image_id>.<format>.part    a download in progress (resumed with Range)
     vms/<vm_uuid>/<disk_id>.qcow2      a VM's volume (overlay of a cached image, or blank)
 
-QEMU may run as ``libvirt-qemu`` rather than root, so directories are 0755 and files
-0644 whatever the umask: QEMU must be able to reach and read the cached bases.
+VM disks and cached images are tenants' data: files are 0600 and directories 0700
+whatever the umask. QEMU runs as another user than the node agent (``libvirt-qemu`` on
+Debian, the ``user`` of ``/etc/libvirt/qemu.conf``), so the tree and the files QEMU
+opens (volumes and cached bases) are owned by that user: it can traverse the 0700
+directories and open the 0600 files, nobody else but root can. libvirt's own DAC
+relabelling (``dynamic_ownership``) chowns only the files, never their directories,
+so it cannot be relied on alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import logging
 import os
+import pwd
 import re
 import shutil
 import uuid
@@ -41,8 +48,12 @@ CHUNK = 1024 * 1024
 CACHE_FORMATS = frozenset(qemu_img.IMAGE_FORMATS | {"iso"})
 _DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_DIR_MODE = 0o755
-_FILE_MODE = 0o644
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# What Debian's libvirt runs QEMU as when qemu.conf names no user or group.
+_DEFAULT_QEMU_USER = "libvirt-qemu"
+_DEFAULT_QEMU_GROUP = "libvirt-qemu"
 
 
 # --- validation shared with the simulated backend ------------------------------------
@@ -85,19 +96,67 @@ def check_disk(vm_uuid: str, disk: DiskSpec) -> None:
             )
 
 
+# --- who QEMU runs as --------------------------------------------------------------------
+
+Owner = tuple[int, int]
+
+
+def _conf_value(text: str, key: str) -> str | None:
+    """The value of ``key = "value"`` in libvirt's qemu.conf syntax, or None."""
+    found = None
+    for line in text.splitlines():
+        match = re.match(rf'^\s*{key}\s*=\s*"([^"]*)"', line)
+        if match:
+            found = match.group(1)  # the last assignment wins, as in libvirt
+    return found
+
+
+def _resolve_id(name: str, kind: Literal["user", "group"]) -> int | None:
+    if name.startswith("+") and name[1:].isdigit():  # libvirt's "+uid" form
+        return int(name[1:])
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def qemu_owner(conf: Path = QEMU_CONF) -> Owner | None:
+    """(uid, gid) QEMU runs as under this host's libvirt, from ``qemu.conf``.
+
+    None when that user does not exist here (no libvirt installed) or when this process
+    is not root (it could not chown anyway): files then stay the agent's own."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        text = conf.read_text()
+    except OSError:
+        text = ""
+    uid = _resolve_id(_conf_value(text, "user") or _DEFAULT_QEMU_USER, "user")
+    gid = _resolve_id(_conf_value(text, "group") or _DEFAULT_QEMU_GROUP, "group")
+    if uid is None or gid is None:
+        return None
+    return uid, gid
+
+
 # --- the backend -----------------------------------------------------------------------
 
 
 class LocalDiskBackend(DiskBackend):
-    """Images cached and volumes kept under ``root`` on this node."""
+    """Images cached and volumes kept under ``root`` on this node.
 
-    def __init__(self, root: Path, *, http_timeout: float = 300) -> None:
+    ``owner`` is the (uid, gid) given the directories, cached images and volumes: by
+    default the user QEMU runs as (:func:`qemu_owner`); None leaves them the agent's."""
+
+    def __init__(self, root: Path, *, http_timeout: float = 300,
+                 owner: Owner | Literal["qemu"] | None = "qemu") -> None:
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.vms_dir = self.root / "vms"
         self.http_timeout = http_timeout
+        self.owner: Owner | None = qemu_owner() if owner == "qemu" else owner
         for d in (self.root, self.images_dir, self.vms_dir):
-            _mkdir(d)
+            _mkdir(d, self.owner)
+        self._tighten_modes()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._disk_locks: dict[str, asyncio.Lock] = {}
         self._client: httpx.AsyncClient | None = None
@@ -107,6 +166,16 @@ class LocalDiskBackend(DiskBackend):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    def _tighten_modes(self) -> None:
+        """Make what an older version left world-readable (0644 files, 0755
+        directories) private, and give it to QEMU's user."""
+        for path in (*self.images_dir.iterdir(), *self.vms_dir.glob("*/*.qcow2")):
+            if path.is_file() and not path.name.endswith((".sha256", ".part", ".tmp")):
+                _private(path, self.owner)
+        for vm_dir in self.vms_dir.iterdir():
+            if vm_dir.is_dir():
+                _mkdir(vm_dir, self.owner)
 
     def _http(self) -> httpx.AsyncClient:
         # Created lazily so the backend can be built outside an event loop.
@@ -192,7 +261,8 @@ class LocalDiskBackend(DiskBackend):
                 f"image {image.image_id}: sha256 {got} does not match the expected "
                 f"{image.sha256}; the download was discarded"
             )
-        os.chmod(part, _FILE_MODE)
+        # QEMU opens the cached image as the backing file of every overlay on it.
+        _private(part, self.owner)
         # Sidecar before rename: a cached file therefore always has its checksum.
         _write_sidecar(_sha_path(path), got)
         os.replace(part, path)
@@ -262,7 +332,7 @@ class LocalDiskBackend(DiskBackend):
             base = None
             if disk.image_id is not None and disk.image_format != "iso":
                 base = self._cached_base(disk)
-            _mkdir(path.parent)
+            _mkdir(path.parent, self.owner)
             # Built under a temporary name and renamed: a crash never leaves a volume
             # that looks finished but is not.
             tmp = path.with_name(f".{path.name}.tmp")
@@ -277,7 +347,7 @@ class LocalDiskBackend(DiskBackend):
                     await qemu_img.create_overlay(
                         base, tmp, grow, backing_format=disk.image_format
                     )
-                os.chmod(tmp, _FILE_MODE)
+                _private(tmp, self.owner)
                 os.replace(tmp, path)
             except qemu_img.QemuImgError as exc:
                 raise DiskError(f"VM {vm_uuid} disk {disk.disk_id}: {exc}") from exc
@@ -341,9 +411,19 @@ def _discard(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _mkdir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+def _mkdir(path: Path, owner: Owner | None) -> None:
+    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    # mkdir's mode is masked by the umask and ignored for an existing directory.
     os.chmod(path, _DIR_MODE)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def _private(path: Path, owner: Owner | None) -> None:
+    """Make ``path`` 0600 and, when given, ``owner``'s."""
+    os.chmod(path, _FILE_MODE)
+    if owner is not None:
+        os.chown(path, *owner)
 
 
 def _sha_path(path: Path) -> Path:
@@ -418,7 +498,9 @@ async def _write_body(
     What arrived before a broken connection is still written, so the next attempt
     resumes after it rather than fetching it again.
     """
-    with part.open(mode) as f:
+    # Created 0600: even a partial image is a tenant's data.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    with os.fdopen(os.open(part, flags, _FILE_MODE), mode) as f:
         pending: list[bytes] = []
         pending_len = 0
         try:
