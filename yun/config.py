@@ -61,6 +61,9 @@ class ControlSettings(ComponentSettings):
     database_url: str = ""  # default: sqlite under state_dir
     create_timeout: float = 600.0
     reconcile_interval: float = 5.0
+    upload_timeout: float = Field(
+        default=6 * 3600.0, gt=0, description="seconds after which an image upload not "
+                                              "finished is abandoned (status error)")
     admin_password_file: Path | None = Field(
         default=None, description="when no user exists yet, a super admin 'admin' is made "
                                   "with the password in this file (mode 0600)")

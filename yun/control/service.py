@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from yun.config import ControlSettings
@@ -12,6 +13,7 @@ from yun.control.db.session import Database
 from yun.control.flows.cascade import cascade_flows
 from yun.control.flows.engine import FlowEngine
 from yun.control.flows.vm import vm_flows
+from yun.control.services.images import expire_uploads_loop
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
@@ -32,6 +34,7 @@ class ControlService:
         self.server = AppServer(create_control_app(self.ctx, self.nodes),
                                 settings.listen_host, settings.listen_port)
         self.url = membership.url = service_url(settings, self.server.port)
+        self._uploads: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.db.migrate()
@@ -44,6 +47,9 @@ class ControlService:
             self.ctx.engine.register(definition)
         await self.server.start()
         self.nodes.start()
+        timeout = self.settings.upload_timeout
+        self._uploads = asyncio.create_task(expire_uploads_loop(
+            self.ctx, timeout, every=min(60.0, timeout / 4)), name="expire-uploads")
         others = {p.component_id for p in self.ctx.membership.peers_of(ComponentType.CONTROL)}
         recovered = await self.ctx.engine.recover(others)
         log.info("control server ready", extra={"url": self.url, "component": owner,
@@ -52,6 +58,9 @@ class ControlService:
                                                 "recovered_flows": recovered})
 
     async def stop(self) -> None:
+        if self._uploads is not None:
+            self._uploads.cancel()
+            await asyncio.gather(self._uploads, return_exceptions=True)
         await self.nodes.stop()
         await self.ctx.placement.stop()
         if getattr(self.ctx, "engine", None) is not None:

@@ -122,6 +122,11 @@ class VmRow(Stamped, Base):
     mac: Mapped[str | None] = mapped_column(String(17))
     task_uuid: Mapped[str | None] = mapped_column(String(36))
     error: Mapped[str | None] = mapped_column(Text)
+    # The node must hold nothing for this VM (its create failed, its domain vanished, or
+    # it was deleted while the node was down): what the node still holds for it is an
+    # orphan, and its address and reservation are released once a report of the node
+    # shows nothing left for it (see yun.control.services.nodes).
+    node_cleanup: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class AddressRow(Base):
