@@ -58,6 +58,10 @@ class SimNetworkBackend(NetworkBackend):
             raise ValueError(f"unknown method {method!r}; one of {', '.join(_METHODS)}")
         self._fail[method] = message
 
+    def clear_faults(self) -> None:
+        """Forget every failure armed with :meth:`fail_next`."""
+        self._fail.clear()
+
     def _maybe_fail(self, method: str) -> None:
         message = self._fail.pop(method, None)
         if message is not None:

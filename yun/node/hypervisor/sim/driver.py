@@ -112,6 +112,11 @@ class SimDriver(HypervisorDriver):
         """Make the next ``times`` calls of ``op`` (e.g. "start") raise HypervisorError."""
         self._faults[op] = self._faults.get(op, 0) + times
 
+    def clear_faults(self) -> None:
+        """Forget every failure armed with :meth:`fail_next` or :meth:`crash_next_boot`."""
+        self._faults.clear()
+        self._crash_on_start = 0
+
     def crash_next_boot(self, times: int = 1) -> None:
         """Make the next ``times`` started domains crash as soon as they boot."""
         self._crash_on_start += times
