@@ -112,6 +112,9 @@ class ControlSettings(ComponentSettings):
     flow_takeover_grace: float = Field(
         default=30.0, gt=0, description="seconds a flow's heartbeat must be silent, with its "
                                         "owner gone, before another control server takes it")
+    upload_timeout: float = Field(
+        default=6 * 3600.0, gt=0, description="seconds after which an image upload not "
+                                              "finished is abandoned (status error)")
     admin_password_file: Path | None = Field(
         default=None, description="when no user exists yet, a super admin 'admin' is made "
                                   "with the password in this file (mode 0600)")

@@ -14,6 +14,7 @@ from yun.control.db.session import Database
 from yun.control.flows.cascade import cascade_flows
 from yun.control.flows.engine import FlowEngine
 from yun.control.flows.vm import vm_flows
+from yun.control.services.images import expire_uploads_loop
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
@@ -59,6 +60,9 @@ class ControlService:
                                          settings.flow_takeover_grace)
         self.ctx.membership.on_peers_changed(self._peers_changed)
         self._jobs.append(asyncio.create_task(self._purge_keys(), name="idempotency-purge"))
+        timeout = settings.upload_timeout
+        self._jobs.append(asyncio.create_task(expire_uploads_loop(
+            self.ctx, timeout, every=min(60.0, timeout / 4)), name="expire-uploads"))
         log.info("control server ready", extra={"url": self.url, "component": owner,
                                                 "database": self.db.engine.url.render_as_string(
                                                     hide_password=True),

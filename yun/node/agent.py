@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 from yun.node.hypervisor.base import HypervisorDriver
 from yun.node.network.base import NetworkBackend
@@ -43,6 +44,11 @@ class NodeAgent:
         self.queues = KeyedQueues()
         self._tasks: list[asyncio.Task[None]] = []
         self._report_now = asyncio.Event()
+        # Reports are numbered per boot; each control server is told the last report it
+        # answered, so it knows this one was taken after it had acted on that one.
+        self.boot_id = uuid.uuid4().hex
+        self._seq = 0
+        self._acked: dict[str, int] = {}
 
     @property
     def node_id(self) -> str:
@@ -144,16 +150,36 @@ class NodeAgent:
         controls = self.membership.peers_of(ComponentType.CONTROL)
         if not controls:
             return
-        report = NodeReport(node_id=self.node_id, name=self.membership.name,
-                            url=self.membership.url, host=await self.host_info(),
-                            domains=await self.driver.list_domains())
+        report = await self.snapshot()
         for peer in controls:
+            body = report.model_copy(update={"acked_seq": self._acked.get(peer.component_id,
+                                                                          0)})
             try:
                 await self.membership.client(peer).request(
-                    "POST", "/internal/v1/nodes/report", body=report, timeout=10)
+                    "POST", "/internal/v1/nodes/report", body=body, timeout=10)
             except YunError as exc:
                 log.warning("report to control server failed: %s", exc,
                             extra={"node": self.node_id, "control": peer.component_id})
+                continue
+            self._acked[peer.component_id] = report.seq
+
+    async def snapshot(self) -> NodeReport:
+        """What this node holds now: its domains, network reservations and volumes.
+
+        VMs with an operation under way are listed as busy first, so a VM whose
+        provisioning starts while the lists are read is never seen as holding nothing.
+        """
+        self._seq += 1
+        busy = self.queues.keys()
+        domains = await self.driver.list_domains()
+        ports = await self.network.vm_ports()
+        disks = await self.disks.vm_disk_ids()
+        busy = sorted(set(busy) | set(self.queues.keys()))
+        return NodeReport(node_id=self.node_id, name=self.membership.name,
+                          url=self.membership.url, host=await self.host_info(),
+                          domains=domains, ports=ports, disks=disks, busy=busy,
+                          boot_id=self.boot_id, seq=self._seq,
+                          report_interval=self.report_interval)
 
     async def _report_loop(self) -> None:
         while True:

@@ -23,14 +23,21 @@ def build_backends(settings: NodeSettings, name: str
     """The driver and backends a node of these settings uses."""
     node_dir = settings.state_dir / "node"
     if settings.hypervisor == "sim":
+        from yun.node.hypervisor.sim.hostfile import FILE_NAME
         from yun.node.network.sim import SimNetworkBackend
         from yun.node.storage.sim import SimDiskBackend
 
+        # One file for the simulated host's domains, disks and leases, so a restarted
+        # sim node finds them as a libvirt node would (<state dir>/sim-host.json); the
+        # many nodes of `yun serve sim-nodes` share settings, so each gets its own dir.
+        state_file = (settings.state_dir / FILE_NAME if name == settings.name
+                      else settings.state_dir / "sim-hosts" / name / FILE_NAME)
         return (
             load_driver("sim", hostname=name, vcpus=settings.sim_vcpus,
-                        memory_mb=settings.sim_memory_mb),
-            SimDiskBackend(total_gb=settings.sim_disk_gb),
-            SimNetworkBackend(bridge=settings.bridge, subnet=settings.nat_subnet),
+                        memory_mb=settings.sim_memory_mb, state_file=state_file),
+            SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file),
+            SimNetworkBackend(bridge=settings.bridge, subnet=settings.nat_subnet,
+                              state_file=state_file),
         )
     from yun.node.network.nat import NatNetworkBackend
     from yun.node.storage.local import LocalDiskBackend

@@ -239,11 +239,11 @@ class Membership:
         removed = [p for cid, p in self.peers.items() if cid not in new]
         self.peers = new
         for peer in removed:
+            # Its client stays open: requests under way to it must not be cut because the
+            # peer list changed (after a domain-server restart, peers not yet rejoined
+            # look removed for a moment). Clients are closed when this component stops.
             log.info("peer gone", extra={"component": self.component_id,
                                          "peer": peer.component_id, "peer_type": str(peer.type)})
-            client = self._clients.pop(peer.component_id, None)
-            if client is not None:
-                await client.aclose()
         for peer in added:
             log.info("peer available", extra={"component": self.component_id,
                                               "peer": peer.component_id,

@@ -163,7 +163,13 @@ class DomainInfo(Message):
 
 
 class NodeReport(Message):
-    """A node pushes its identity, capacity, load and domains to the control servers."""
+    """A node pushes its identity, capacity, load and everything it holds for VMs.
+
+    ``domains``, ``ports`` and ``disks`` together are what the node holds for each VM:
+    the control server releases a VM's address and reservation only when none of them
+    names it. ``seq`` and ``acked_seq`` order reports against the control server's own
+    changes (see :meth:`yun.control.services.nodes.NodeRegistry.report`).
+    """
 
     node_id: str
     name: str
@@ -171,6 +177,23 @@ class NodeReport(Message):
     host: HostInfo
     domains: list[DomainInfo]
     full: bool = Field(default=True, description="domains lists every domain on the node")
+    ports: dict[str, list[str]] | None = Field(
+        default=None, description="VM uuid -> MACs of its network reservations (DHCP leases) "
+                                  "on the node; None when not reported")
+    disks: dict[str, list[str]] | None = Field(
+        default=None, description="VM uuid -> ids of its volumes on the node; None when not "
+                                  "reported")
+    busy: list[str] = Field(
+        default_factory=list, description="VMs the node is working on as this report was "
+                                          "taken (a provision or removal under way)")
+    boot_id: str = Field(default="", max_length=64,
+                         description="changes each time the node agent starts")
+    seq: int = Field(default=0, ge=0, description="this report's number since boot")
+    acked_seq: int = Field(
+        default=0, ge=0, description="the last report of this boot the receiving control "
+                                     "server answered before this one was taken (0: none)")
+    report_interval: float = Field(default=0.0, ge=0,
+                                   description="seconds between the node's reports")
 
 
 class StopRequest(Message):

@@ -146,6 +146,7 @@ class ImageStatus(StrEnum):
     UPLOADING = "uploading"
     ACTIVE = "active"
     ERROR = "error"
+    DELETING = "deleting"
 
 
 class ImageFormat(StrEnum):

@@ -122,6 +122,39 @@ class SimCluster:
         self.node_services.extend(new)
         return new
 
+    async def crash_node(self, index: int) -> NodeService:
+        """Stop node ``index`` the way kill -9 would: no leave, no goodbye; its sim host
+        state stays in its state dir (``sim-host.json``)."""
+        node = self.node_services[index]
+        await node.server.stop()
+        await node.agent.stop()
+        await node.agent.membership.stop(leave=False)
+        return node
+
+    async def start_node(self, index: int) -> NodeService:
+        """Start node ``index`` again from its settings and state dir (same id, same sim
+        host state; guests that ran come back shut off, as after a host crash)."""
+        old = self.node_services[index]
+        again = NodeService(old.settings, name=old.name)
+        await again.start()
+        self.node_services[index] = again
+        return again
+
+    async def restart_node(self, index: int) -> NodeService:
+        """Crash node ``index`` and start it again at once."""
+        await self.crash_node(index)
+        return await self.start_node(index)
+
+    async def restart_domain(self) -> DomainService:
+        """Stop the domain server and start a fresh one (no registry kept) on its port."""
+        assert self.domain is not None
+        old = self.domain
+        settings = old.settings.model_copy(update={"listen_port": old.server.port})
+        await old.stop()
+        self.domain = DomainService(settings)
+        await self.domain.start()
+        return self.domain
+
     async def wait_nodes_up(self, count: int, timeout: float = 60) -> None:
         assert self.api is not None
         deadline = asyncio.get_running_loop().time() + timeout

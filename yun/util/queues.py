@@ -30,3 +30,7 @@ class KeyedQueues:
 
     def busy(self, key: str) -> bool:
         return key in self._locks
+
+    def keys(self) -> list[str]:
+        """The keys held or waited for now."""
+        return list(self._locks)

@@ -126,6 +126,11 @@ class VmRow(Stamped, Base):
     # The scoped Idempotency-Key of the create that made the VM: a create carried out
     # again after a control server crash finds its VM instead of making a second one.
     idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # The node must hold nothing for this VM (its create failed, its domain vanished, or
+    # it was deleted while the node was down): what the node still holds for it is an
+    # orphan, and its address and reservation are released once a report of the node
+    # shows nothing left for it (see yun.control.services.nodes).
+    node_cleanup: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class AddressRow(Base):

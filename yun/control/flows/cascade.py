@@ -19,7 +19,7 @@ from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import UNFINISHED, FlowContext, FlowDefinition, Step
 from yun.proto.errors import Conflict, Unavailable, YunError
 from yun.proto.identity import QuotaResource
-from yun.proto.resources import VmState
+from yun.proto.resources import ImageStatus, VmState
 
 log = logging.getLogger("yun.control.cascade")
 
@@ -90,12 +90,31 @@ async def delete_vms(control: Any, where: Any, what: str) -> None:
 
 
 async def remove_image(control: Any, image_uuid: str) -> None:
-    """Delete an image's bytes on its storage server, then its record, tags and quota."""
+    """Delete an image: its record first made unusable, then its bytes on its storage
+    server, then the record, tags and quota.
+
+    Marking the record first means no create can pick an image whose bytes are going
+    (creates and the provision step require an ``active`` image). If the bytes cannot
+    be removed the image stays ``deleting`` with the reason, and deleting it again
+    retries.
+    """
     async with control.db.session() as session:
         row = await session.get(ImageRow, image_uuid)
         if row is None:
             return
         storage_uuid, storage_url = row.storage_uuid, row.storage_url
+        previous = row.status
+        row.status, row.error = ImageStatus.DELETING, None
+    async with control.db.session() as session:
+        # A create that read the image as active just before the mark may have recorded
+        # its VM since: then the image stays.
+        user = (await session.scalars(select(VmRow.name).where(
+            VmRow.image_uuid == image_uuid).limit(1))).first()
+        if user is not None:
+            row = await session.get(ImageRow, image_uuid)
+            if row is not None and row.status == ImageStatus.DELETING:
+                row.status = previous
+            raise Conflict(f"image {image_uuid} is used by VM {user}; delete it first")
     if storage_url:
         peer = control.membership.peers.get(storage_uuid or "")
         client = (control.membership.client(peer) if peer is not None
@@ -103,6 +122,10 @@ async def remove_image(control: Any, image_uuid: str) -> None:
         try:
             await client.request("DELETE", f"/internal/v1/images/{image_uuid}")
         except YunError as exc:
+            async with control.db.session() as session:
+                row = await session.get(ImageRow, image_uuid)
+                if row is not None:
+                    row.error = f"its bytes could not be deleted: {exc}"
             raise Unavailable(f"storage server could not delete image {image_uuid}: "
                               f"{exc}") from exc
     async with control.db.session() as session:

@@ -3,6 +3,12 @@
 Create: schedule (reserve capacity on a node and an address on its NAT network, in
 one transaction) → provision (the node fetches the image, makes the disk and NIC, defines
 and starts the domain) → confirm (the node reports the domain running).
+
+A rollback never releases what the node may still hold: when the node cannot confirm
+the VM's removal, the VM ends in error still holding its address and reservation
+(``node_cleanup``), and the node's reports release them once it holds nothing for it.
+Delete: remove from the node → release. A VM whose node is down stays ``deleting``
+(``node_cleanup``) until the node returns and its report shows nothing left for it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import re
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
@@ -33,7 +40,7 @@ from yun.proto.messages import (
     ProvisionRequest,
     StopRequest,
 )
-from yun.proto.resources import VmState
+from yun.proto.resources import ImageStatus, VmState
 
 if TYPE_CHECKING:  # the context holds the engine that runs these flows
     from yun.control.context import ControlContext
@@ -41,6 +48,10 @@ if TYPE_CHECKING:  # the context holds the engine that runs these flows
 log = logging.getLogger("yun.control.vm")
 
 ROOT_DISK = "root"
+# Keys of a flow's data: the node may still hold the VM after a failed rollback; the
+# VM's node was down when it was deleted.
+NODE_HOLDS = "node_holds"
+DEFERRED = "deferred_to_node"
 
 
 def hostname_for(name: str) -> str | None:
@@ -87,15 +98,53 @@ class Schedule(Step):
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
         async with control.db.session() as session:
-            await AddressAllocator.release(session, ctx.resource_uuid)
             vm = await session.get(VmRow, ctx.resource_uuid)
             if vm is None:
+                await AddressAllocator.release(session, ctx.resource_uuid)
                 return
-            vm.ip = None
-            if vm.node_uuid:
-                await Placement.release(session, vm.node_uuid,
-                                        Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
-                vm.node_uuid = None
+            if ctx.data.get(NODE_HOLDS):
+                # The node could not confirm it removed the VM: its lease may still hand
+                # out the address and its disk still fill the node. Keep both held; the
+                # node's reports release them once it holds nothing for the VM.
+                vm.node_cleanup = True
+                log.warning("create rolled back; the node may still hold the VM: address and "
+                            "reservation kept until its report shows nothing left",
+                            extra={"vm": vm.uuid, "node": vm.node_uuid, "ip": vm.ip})
+                return
+            await release_placement(session, vm)
+
+
+async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
+    """Give back the VM's address and its node's reservation, once.
+
+    The VM's ``node_uuid`` is cleared by a conditional UPDATE, so two releasers (a flow
+    and a node report, or two control servers) never both give back the reservation.
+    Returns whether this call released it.
+    """
+    await AddressAllocator.release(session, vm.uuid)
+    node_uuid = vm.node_uuid
+    vm.ip = None
+    if not node_uuid:
+        vm.node_cleanup = False
+        return False
+    claimed = await session.execute(
+        update(VmRow).where(VmRow.uuid == vm.uuid).where(VmRow.node_uuid == node_uuid)
+        .values(node_uuid=None, ip=None, node_cleanup=False)
+        .execution_options(synchronize_session=False))
+    vm.node_uuid, vm.node_cleanup = None, False
+    if not claimed.rowcount:  # type: ignore[attr-defined]
+        return False
+    await Placement.release(session, node_uuid, Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
+    return True
+
+
+async def finish_delete(session: AsyncSession, vm: VmRow) -> None:
+    """The VM's node holds nothing for it: give back everything and forget it."""
+    await release_placement(session, vm)
+    await quotas.release(session, vm.project_uuid,
+                         quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
+    await drop_tags(session, vm.uuid)
+    await session.delete(vm)
 
 
 async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
@@ -104,6 +153,8 @@ async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
     peer = control.membership.peers.get(image.storage_uuid or "")
     if peer is not None and peer.type == ComponentType.STORAGE:
         storage_url = peer.url  # the storage server may have moved since the upload
+    if image.status != ImageStatus.ACTIVE:
+        raise Conflict(f"image {image.name} is {image.status}, not active")
     if not storage_url or not image.sha256 or not image.format:
         raise Conflict(f"image {image.name} is not ready")
     assert vm.ip and vm.mac
@@ -143,9 +194,15 @@ class Provision(Step):
         _, node = await _vm_and_node(ctx)
         if node is None:
             return
-        # Raises when the node is unreachable: the journal then says rollback_failed, and
-        # reconciliation removes the domain once the node reports it.
-        await remove_from_node(control, node, ctx, "unprovision")
+        try:
+            await remove_from_node(control, node, ctx, "unprovision")
+        except Exception:
+            # The node may hold the domain, disk or lease (half removed, or never
+            # reached): the journal says rollback_failed, the schedule's rollback keeps
+            # the address and reservation, and the orphan cleanup finishes the removal
+            # once the node reports.
+            ctx.data[NODE_HOLDS] = node.uuid
+            raise
 
 
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
@@ -203,10 +260,12 @@ class RemoveDomain(Step):
         if vm is None or node is None:
             return
         if node.status != "up":
-            # The node's own reconciliation removes the domain when it comes back: it
-            # reports a domain that no VM owns.
-            log.warning("deleting a VM whose node is down", extra={"vm": vm.uuid,
-                                                                  "node": node.uuid})
+            # The guest may well run on (U-SPLIT): nothing is released now. The VM stays
+            # `deleting`; when the node returns, the orphan cleanup removes what it holds
+            # and its report showing nothing left finishes the delete.
+            log.warning("deleting a VM whose node is down: deferred until the node returns",
+                        extra={"vm": vm.uuid, "node": node.uuid, "node_name": node.name})
+            ctx.data[DEFERRED] = node.uuid
             return
         await remove_from_node(control, node, ctx, "delete")
 
@@ -217,14 +276,13 @@ class ReleaseResources(Step):
     async def run(self, ctx: FlowContext) -> None:
         async with _ctl(ctx).db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
-            await AddressAllocator.release(session, vm.uuid)
-            if vm.node_uuid:
-                await Placement.release(session, vm.node_uuid,
-                                        Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
-            await quotas.release(session, vm.project_uuid,
-                                 quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
-            await drop_tags(session, vm.uuid)
-            await session.delete(vm)
+            if ctx.data.get(DEFERRED):
+                node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
+                vm.state, vm.node_cleanup = VmState.DELETING, True
+                vm.error = (f"node {node.name if node else vm.node_uuid} is down: the VM is "
+                            "deleted when the node returns and confirms its removal")
+                return
+            await finish_delete(session, vm)
         log.info("VM deleted", extra={"vm": ctx.resource_uuid})
 
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid as uuidlib
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import Permission, Scope, require, require_in_project
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, ProjectRow, VmRow
+from yun.control.db.models import ImageRow, ProjectRow, VmRow, utcnow
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.cascade import remove_image
 from yun.control.services.common import find
@@ -129,6 +131,8 @@ class ImageService:
             row = await session.get(ImageRow, report.image_id)
             if row is None:
                 raise NotFound(f"no image {report.image_id}")
+            if row.status == ImageStatus.DELETING:
+                raise Conflict(f"image {row.name} is being deleted")
             row.status = ImageStatus.ACTIVE
             row.size, row.sha256 = report.size, report.sha256
             row.format, row.virtual_size = report.format, report.virtual_size
@@ -179,3 +183,45 @@ class ImageService:
                 session, [row]))[0].model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, row.uuid)
         return accepted
+
+
+async def expire_uploads(ctx: ControlContext, older_than: float) -> list[str]:
+    """Uploads still unfinished ``older_than`` seconds after they began become ``error``.
+
+    The gateway streams an upload and, if it fails, removes the record itself; a gateway
+    killed mid-upload cannot, and its image would stay ``uploading`` for ever (the
+    storage server drops the partial bytes when the stream breaks). The image keeps
+    counting against its project's quota until it is deleted; its Idempotency-Key is
+    freed so a client can upload again with it. Returns the expired image uuids.
+    """
+    limit = utcnow() - timedelta(seconds=older_than)
+    async with ctx.db.session() as session:
+        stale = list((await session.scalars(
+            select(ImageRow.uuid).where(ImageRow.status == ImageStatus.UPLOADING)
+            .where(ImageRow.updated_at < limit))).all())
+        if not stale:
+            return []
+        # Conditional: an upload that completes meanwhile stays active.
+        await session.execute(
+            update(ImageRow).where(ImageRow.uuid.in_(stale))
+            .where(ImageRow.status == ImageStatus.UPLOADING)
+            .values(status=ImageStatus.ERROR, upload_key=None, updated_at=utcnow(),
+                    error=f"upload abandoned: not finished within {older_than:.0f} s (its "
+                          "gateway or storage server stopped); delete the image and upload "
+                          "it again")
+            .execution_options(synchronize_session=False))
+    for image_uuid in stale:
+        log.warning("image upload abandoned; marked error", extra={
+            "image": image_uuid, "timeout": older_than})
+    return stale
+
+
+async def expire_uploads_loop(ctx: ControlContext, older_than: float,
+                              every: float = 60.0) -> None:
+    """Run :func:`expire_uploads` every ``every`` seconds, for ever."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await expire_uploads(ctx, older_than)
+        except Exception:
+            log.exception("expiring abandoned uploads failed")

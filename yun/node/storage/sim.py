@@ -4,16 +4,21 @@ It keeps the contract of :class:`~yun.node.storage.local.LocalDiskBackend` — s
 validation, same errors, same idempotence — without files or downloads, so flows
 tested against it behave as they will on a real node. Faults are injected with
 :meth:`SimDiskBackend.fail_next`; ``latency`` makes every operation take time.
+
+Given a state file (see :mod:`yun.node.hypervisor.sim.hostfile`), its volumes and cached
+images outlive its process, as files on a real node do; without one they live in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from yun.node.hypervisor.base import ResolvedDisk
+from yun.node.hypervisor.sim.hostfile import SimHostFile
 from yun.node.storage.base import DiskBackend, DiskError
 from yun.node.storage.local import check_disk, check_image_location, check_uuid
 from yun.proto.messages import DiskSpec, ImageLocation
@@ -44,7 +49,8 @@ class SimDiskBackend(DiskBackend):
     """Images and volumes as dictionaries; nothing touches the disk or the network."""
 
     def __init__(
-        self, root: Path = Path("/sim"), *, total_gb: int = 4096, latency: float = 0.0
+        self, root: Path = Path("/sim"), *, total_gb: int = 4096, latency: float = 0.0,
+        state_file: Path | None = None,
     ) -> None:
         self.root = Path(root)
         self.total_gb = total_gb
@@ -53,6 +59,26 @@ class SimDiskBackend(DiskBackend):
         self.volumes: dict[str, dict[str, _SimVolume]] = {}
         self.downloads = 0  # how many images were "fetched" (cache misses)
         self._faults: dict[str, list[Exception]] = {}
+        self._file = SimHostFile(state_file) if state_file is not None else None
+        if self._file is not None:
+            self._load(self._file)
+
+    def _load(self, file: SimHostFile) -> None:
+        for image_id, data in file.section("images").items():
+            self.images[image_id] = _SimImage(data["sha256"], data["size"], data["format"])
+        for data in file.section("disks").values():
+            self.volumes.setdefault(data["vm_uuid"], {})[data["disk_id"]] = _SimVolume(
+                data["disk_id"], data["size_gb"], data.get("image_id"), data.get("bus", "virtio"))
+
+    def _save(self) -> None:
+        """Write volumes and cached images to the host's state file (when it has one)."""
+        if self._file is None:
+            return
+        disks: dict[str, Any] = {
+            f"{vm}/{v.disk_id}": {"vm_uuid": vm, **asdict(v)}
+            for vm, volumes in self.volumes.items() for v in volumes.values()}
+        self._file.write({"disks": disks,
+                          "images": {i: asdict(img) for i, img in self.images.items()}})
 
     def fail_next(self, op: str, error: Exception | None = None) -> None:
         """Make the next call of ``op`` raise ``error`` (a :class:`DiskError` by default).
@@ -87,6 +113,7 @@ class SimDiskBackend(DiskBackend):
             return
         self.images[image.image_id] = _SimImage(image.sha256, image.size, image.format)
         self.downloads += 1
+        self._save()
 
     async def ensure_disk(self, vm_uuid: str, disk: DiskSpec) -> ResolvedDisk:
         """Record the volume (idempotent); its image must have been ensured first."""
@@ -113,13 +140,15 @@ class SimDiskBackend(DiskBackend):
         self.volumes.setdefault(vm_uuid, {})[disk.disk_id] = _SimVolume(
             disk.disk_id, disk.size_gb, disk.image_id, disk.bus
         )
+        self._save()
         return resolved
 
     async def delete_disks(self, vm_uuid: str) -> None:
         """Forget the VM's volumes; nothing to do if it has none."""
         await self._enter("delete_disks")
         check_uuid(vm_uuid, "VM uuid")
-        self.volumes.pop(vm_uuid, None)
+        if self.volumes.pop(vm_uuid, None) is not None:
+            self._save()
 
     async def vm_disk_ids(self) -> dict[str, list[str]]:
         """Every VM with volumes, and its disk ids."""

@@ -4,14 +4,21 @@ Like Nova's fake driver, it keeps domains in memory and honours the same
 idempotence and error rules as the libvirt driver. ``fail_next(op)`` makes the
 next call of an operation fail, and ``latency`` adds a delay to every call, so
 tests can exercise rollbacks and timing without real guests.
+
+Given a state file (see :mod:`.hostfile`), it behaves like a libvirt host across a
+restart of its process: persistent domains come back, shut off (the process dying is a
+host crash: every guest died with it). Without one, domains live in memory only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from yun.node.hypervisor.base import (
     Capabilities,
@@ -24,7 +31,10 @@ from yun.node.hypervisor.base import (
     ResolvedDisk,
     ResolvedNic,
 )
+from yun.node.hypervisor.sim.hostfile import SimHostFile
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+
+log = logging.getLogger("yun.node.sim")
 
 
 @dataclass
@@ -38,6 +48,33 @@ class SimDomain:
     def log(self, line: str) -> None:
         self.console.append(f"[{time.time():.3f}] {line}")
 
+    def saved(self) -> dict[str, Any]:
+        """The domain as kept in the host's state file (its console is not kept)."""
+        return {
+            "state": self.state.value,
+            "disk_ids": [d.disk_id for d in self.spec.disks],
+            "macs": [n.mac for n in self.spec.nics],
+            "spec": self.spec.model_dump(mode="json"),
+            "disks": [{"disk_id": d.disk_id, "path": str(d.path), "format": d.format,
+                       "bus": d.bus} for d in self.disks],
+            "nics": [{"nic_id": n.nic_id, "mac": n.mac, "bridge": n.bridge, "tap": n.tap}
+                     for n in self.nics],
+        }
+
+    @classmethod
+    def restored(cls, data: dict[str, Any]) -> SimDomain:
+        """A domain read back from the state file after the host restarted: shut off."""
+        dom = cls(
+            spec=DomainSpec.model_validate(data["spec"]),
+            disks=[ResolvedDisk(disk_id=d["disk_id"], path=Path(d["path"]),
+                                format=d["format"], bus=d.get("bus", "virtio"))
+                   for d in data.get("disks", [])],
+            nics=[ResolvedNic(**n) for n in data.get("nics", [])],
+            state=DomainState.SHUTOFF,
+        )
+        dom.log(f"host restarted; the domain was {data.get('state')} and is shut off")
+        return dom
+
 
 class SimDriver(HypervisorDriver):
     """Simulated domains of one simulated host."""
@@ -46,7 +83,7 @@ class SimDriver(HypervisorDriver):
     caps = Capabilities(console=True)
 
     def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
-                 latency: float = 0.0) -> None:
+                 latency: float = 0.0, state_file: Path | None = None) -> None:
         self.hostname = hostname
         self.vcpus = vcpus
         self.memory_mb = memory_mb
@@ -55,12 +92,30 @@ class SimDriver(HypervisorDriver):
         self._faults: dict[str, int] = {}
         self._crash_on_start = 0
         self._events: asyncio.Queue[DomainEvent] = asyncio.Queue()
+        self._file = SimHostFile(state_file) if state_file is not None else None
+        if self._file is not None:
+            for uuid, data in self._file.section("domains").items():
+                self.domains[uuid] = SimDomain.restored(data)
+            if self.domains:
+                log.info("sim host restarted with its domains shut off", extra={
+                    "node_name": hostname, "domains": len(self.domains)})
+                self._save()
+
+    def _save(self) -> None:
+        """Write every domain to the host's state file (when it has one)."""
+        if self._file is not None:
+            self._file.write({"domains": {u: d.saved() for u, d in self.domains.items()}})
 
     # -- test knobs -------------------------------------------------------------------------
 
     def fail_next(self, op: str, times: int = 1) -> None:
         """Make the next ``times`` calls of ``op`` (e.g. "start") raise HypervisorError."""
         self._faults[op] = self._faults.get(op, 0) + times
+
+    def clear_faults(self) -> None:
+        """Forget every failure armed with :meth:`fail_next` or :meth:`crash_next_boot`."""
+        self._faults.clear()
+        self._crash_on_start = 0
 
     def crash_next_boot(self, times: int = 1) -> None:
         """Make the next ``times`` started domains crash as soon as they boot."""
@@ -83,6 +138,7 @@ class SimDriver(HypervisorDriver):
         if dom.state is not state:
             dom.state = state
             dom.log(f"state {state} ({reason})")
+            self._save()
             self._events.put_nowait(DomainEvent(dom.spec.uuid, state, reason))
 
     # -- contract ---------------------------------------------------------------------------
@@ -118,6 +174,7 @@ class SimDriver(HypervisorDriver):
             self.domains[spec.uuid].log("defined")
         else:
             dom.spec, dom.disks, dom.nics = spec, disks, nics
+        self._save()
 
     async def start(self, uuid: str) -> None:
         await self._enter("start")
@@ -149,6 +206,8 @@ class SimDriver(HypervisorDriver):
     async def undefine(self, uuid: str) -> None:
         await self._enter("undefine")
         dom = self.domains.pop(uuid, None)
+        if dom is not None:
+            self._save()
         if dom is not None and dom.state is DomainState.RUNNING:
             self._events.put_nowait(DomainEvent(uuid, DomainState.ABSENT, "undefined"))
 
