@@ -268,10 +268,10 @@ class ProcCloud:
             await asyncio.sleep(0.3)
         raise TimeoutError(f"{what}: {last}\n{self.logs()}")
 
-    def api(self, timeout: float = 30.0) -> httpx.AsyncClient:
-        """A client of the gateway's public API as the admin."""
+    def api(self, timeout: float = 30.0, **kwargs: Any) -> httpx.AsyncClient:
+        """A client of the gateway's public API as the admin (``kwargs`` go to httpx)."""
         return httpx.AsyncClient(base_url=self.gateway_url, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+                                 headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
 
     def kill(self, name: str) -> None:
         """SIGKILL ``name`` (a component or node name) and its process group."""
