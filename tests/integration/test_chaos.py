@@ -261,7 +261,7 @@ async def test_bulk_create_survives_kill_9(cloud: ProcCloud, small_qcow2: Path,
         f"CHAOS [{db}] {VMS} creates in {bulk_time:.1f}s; crashes:",
         *(f"CHAOS [{db}]   {e}" for e in events),
         f"CHAOS [{db}] keys retried: {len(retried)} of {VMS}; retries total: "
-        f"{sum(r.attempts - 1 for r in runs)}; what retries saw: "
+        f"{sum(r.attempts - 1 for r in runs)}; what the tries got: "
         f"{dict(sum((r.seen for r in runs), Counter()).most_common())}",
         f"CHAOS [{db}] final answers: {dict(answered)}",
         f"CHAOS [{db}] VMs after settling: {dict(states)} (running "
@@ -276,6 +276,8 @@ async def test_bulk_create_survives_kill_9(cloud: ProcCloud, small_qcow2: Path,
         f"CHAOS [{db}] violations after deleting: {len(after_delete)} "
         f"{summarize(after_delete)}",
     ]
+    if cloud.keep:
+        lines.append(f"CHAOS [{db}] logs and state kept in {cloud.root}")
     print("\n".join(lines))
     problems = [f"after chaos: {p}" for p in after_chaos] + \
                [f"after deleting: {p}" for p in after_delete]
