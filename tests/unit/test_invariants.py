@@ -96,7 +96,7 @@ class Cloud:
     def host(self, name: str) -> dict:  # type: ignore[type-arg]
         return json.loads((self.nodes[name] / "sim-host.json").read_text())  # type: ignore[no-any-return]
 
-    def edit(self, change: Callable[[Session], None]) -> None:
+    def edit(self, change: Callable[[Session], object]) -> None:
         with Session(self.engine) as s, s.begin():
             change(s)
 
@@ -160,7 +160,7 @@ def _port_ip_differs(c: Cloud) -> None:
     c.write_host("node-1", doc)
 
 
-BREAKAGES: dict[str, tuple[Callable[[Cloud], None], str]] = {
+BREAKAGES: dict[str, tuple[Callable[[Cloud], object], str]] = {
     "flow left running": (lambda c: c.edit(lambda s: s.add(FlowRow(
         uuid="f-2", kind="vm.create", resource_type="vm", resource_uuid=VM_B,
         state="running", current_step="provision"))), "flow unfinished"),
