@@ -83,14 +83,7 @@ class SimCluster:
     async def login(self, user: str, password: str, project: str | None = None) -> str:
         """A token for ``user`` (scoped to ``project``, or the user's first project)."""
         assert self.gateway is not None
-        body: dict[str, Any] = {"username": user, "password": password}
-        if project is not None:
-            body["project"] = project
-        async with httpx.AsyncClient(base_url=self.gateway.url, timeout=60) as http:
-            resp = await http.post("/api/v1/auth/tokens", json=body)
-        if resp.status_code != 201:
-            raise RuntimeError(f"login of {user} failed: {resp.status_code} {resp.text}")
-        return str(resp.json()["token"])
+        return await login(self.gateway.url, user, password, project)
 
     def client(self, token: str) -> httpx.AsyncClient:
         """An HTTP client of the public API authenticated with ``token``."""
@@ -157,16 +150,7 @@ class SimCluster:
 
     async def wait_nodes_up(self, count: int, timeout: float = 60) -> None:
         assert self.api is not None
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            page = (await self.api.get("/api/v1/nodes", params={"q": "status=up",
-                                                                  "limit": 1,
-                                                                  "count": "true"})).json()
-            if page.get("total", 0) >= count:
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"only {page.get('total')} of {count} nodes up: {page}")
-            await asyncio.sleep(0.1)
+        await wait_nodes_up(self.api, count, timeout)
 
     async def wait_task(self, task_uuid: str, timeout: float = 120) -> dict[str, Any]:
         assert self.api is not None
@@ -220,3 +204,33 @@ class SimCluster:
                     await service.stop()
                 except Exception:  # keep stopping the others
                     pass
+
+
+async def login(base_url: str, user: str, password: str, project: str | None = None) -> str:
+    """A token for ``user`` from the gateway at ``base_url`` (scoped to ``project``, or the
+    user's first project)."""
+    body: dict[str, Any] = {"username": user, "password": password}
+    if project is not None:
+        body["project"] = project
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        resp = await http.post("/api/v1/auth/tokens", json=body)
+    if resp.status_code != 201:
+        raise RuntimeError(f"login of {user} failed: {resp.status_code} {resp.text}")
+    return str(resp.json()["token"])
+
+
+async def wait_nodes_up(api: httpx.AsyncClient, count: int, timeout: float = 60) -> None:
+    """Until the public API (``api``, authenticated) lists at least ``count`` nodes up."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    page: dict[str, Any] = {}
+    while True:
+        try:
+            page = (await api.get("/api/v1/nodes", params={"q": "status=up", "limit": 1,
+                                                           "count": "true"})).json()
+        except (httpx.HTTPError, ValueError):
+            page = {}  # the gateway or control server is (re)starting
+        if page.get("total", 0) >= count:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"only {page.get('total')} of {count} nodes up: {page}")
+        await asyncio.sleep(0.1)

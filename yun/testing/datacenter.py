@@ -21,6 +21,7 @@ import httpx
 
 from yun.testing.netns import Host, Topology, http_get_in
 from yun.testing.nodehost import NodeHost
+from yun.testing.procs import toml_value as _toml
 from yun.util.procs import stop_pid
 
 CONTROL_PLANE = ("domain", "control", "storage", "gateway")
@@ -270,10 +271,3 @@ class DataCenter:
         for node_host in self.node_hosts.values():
             node_host.stop()
 
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
