@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
 
 from tests.integration.conftest import upload
-from yun.control.db.session import downgrade, sync_url, upgrade
+from yun.control.db.models import NodeRow, VmRow
+from yun.control.db.session import Database, downgrade, sync_url, upgrade
+from yun.control.scheduler.placement import Placement, Request
 from yun.testing.cluster import SimCluster
 
 URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
@@ -139,3 +141,34 @@ async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
         assert flows <= 1 + 3 * 2  # create, then one action and at most one start per round
     finally:
         await cluster.stop()
+
+
+async def test_placement_keeps_releases_committed_during_its_batch_on_postgres() -> None:
+    """A placement batch must not write back node reservations from its snapshot: a release
+    committed by another transaction after the batch read the nodes must survive it."""
+    downgrade(URL, "base")
+    upgrade(URL)
+    db = Database(URL)
+    try:
+        async with db.session() as session:
+            session.add(NodeRow(uuid="n-1", name="n1", url="https://n1", status="up",
+                                hypervisor="sim", accel="tcg", vcpus=16, memory_mb=16384,
+                                disk_gb=100, vcpus_reserved=4, memory_reserved_mb=1024,
+                                disk_reserved_gb=4, nat_subnet="10.0.0.0/24"))
+        placement = Placement(db)
+        async with db.session() as batch:
+            nodes = list((await batch.scalars(select(NodeRow))).all())
+            # Another transaction gives back one VM's reservation meanwhile.
+            async with db.session() as other:
+                await Placement.release(other, "n-1", Request(2, 512, 2))
+            for i in range(2):
+                vm = VmRow(uuid=f"vm-{i}", name=f"vm-{i}")  # never added: only node_uuid is set
+                await placement._reserve(batch, nodes, vm, Request(1, 256, 1))
+                await batch.flush()
+        async with db.session() as session:
+            node = await session.get(NodeRow, "n-1")
+            assert node is not None
+            assert (node.vcpus_reserved, node.memory_reserved_mb, node.disk_reserved_gb) == (
+                4 - 2 + 2, 1024 - 512 + 512, 4 - 2 + 2)
+    finally:
+        await db.dispose()

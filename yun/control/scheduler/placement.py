@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from yun.control.db.models import NodeRow, VmRow
 from yun.control.db.session import Database
@@ -152,10 +153,15 @@ class Placement:
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
-                # Keep the in-memory copy in step, so the next VM of the batch sees it.
-                node.vcpus_reserved += req.vcpus
-                node.memory_reserved_mb += req.memory_mb
-                node.disk_reserved_gb += req.disk_gb
+                # Keep the in-memory copy in step, so the next VM of the batch sees it, but
+                # as the committed value: a dirty attribute would be flushed as an absolute
+                # number computed from this batch's snapshot, undoing releases that other
+                # transactions committed meanwhile (seen on PostgreSQL as leaked capacity).
+                set_committed_value(node, "vcpus_reserved", node.vcpus_reserved + req.vcpus)
+                set_committed_value(node, "memory_reserved_mb",
+                                    node.memory_reserved_mb + req.memory_mb)
+                set_committed_value(node, "disk_reserved_gb",
+                                    node.disk_reserved_gb + req.disk_gb)
                 vm.node_uuid = node.uuid
                 return node
             if undo is not None:  # another control server filled the node meanwhile
