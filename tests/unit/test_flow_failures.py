@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from yun.control.flows.engine import (
     Step,
     TemporaryError,
 )
+from yun.control.flows.vm import ReleaseResources
 from yun.proto.errors import Conflict, PeerError
 from yun.util.queues import KeyedQueues
 
@@ -325,3 +327,10 @@ async def test_one_unfinished_flow_per_resource_is_a_database_rule(db: Database)
             await engine.add_flow(session, "t.x", "vm-1", {}, what="VM web")
     async with db.session() as session:  # other resources are free
         await engine.add_flow(session, "t.x", "vm-2", {})
+
+
+async def test_release_step_run_again_after_its_commit_finds_the_vm_gone(db: Database) -> None:
+    """The delete flow's last step may be run again when its commit succeeded but its answer
+    was lost (a temporary database error): the second run must not fail on the missing VM."""
+    ctx = FlowContext("flow-1", "vm.delete", "vm-gone", {}, SimpleNamespace(db=db))
+    await ReleaseResources().run(ctx)  # no VM row at all: nothing to release, no error

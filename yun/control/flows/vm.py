@@ -275,7 +275,11 @@ class ReleaseResources(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         async with _ctl(ctx).db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
+            vm = await session.get(VmRow, ctx.resource_uuid)
+            if vm is None:
+                # Already deleted: an earlier try committed and only its answer was lost.
+                log.info("VM already deleted", extra={"vm": ctx.resource_uuid})
+                return
             if ctx.data.get(DEFERRED):
                 node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
                 vm.state, vm.node_cleanup = VmState.DELETING, True
