@@ -72,6 +72,10 @@ class VmService:
                 if made is not None:
                     return made
             image = await find(session, ImageRow, req.image, "image", scope)
+            # Read it again under a share lock (PostgreSQL; SQLite serialises writers
+            # anyway): an image delete that marks the record `deleting` waits for this VM to
+            # be committed and then sees it, or this create sees the mark.
+            await session.refresh(image, with_for_update={"read": True})
             if image.status != ImageStatus.ACTIVE:
                 raise Conflict(f"image {image.name} is {image.status}, not active")
             if image.format == "iso":
