@@ -42,7 +42,7 @@ class ControlService:
         self.ctx.engine = FlowEngine(self.db, self.ctx.queues, self.ctx, owner)
         for definition in [*vm_flows(), *cascade_flows()]:
             self.ctx.engine.register(definition)
-        await self.server.start()
+        await self.server.start(self.ctx.membership.serving_tls())
         self.nodes.start()
         others = {p.component_id for p in self.ctx.membership.peers_of(ComponentType.CONTROL)}
         recovered = await self.ctx.engine.recover(others)
