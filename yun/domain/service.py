@@ -76,7 +76,8 @@ class DomainService:
                 log.warning("mDNS announcement failed: %s", exc)
                 self._announcer = None
         log.info("domain server ready", extra={"domain": self.settings.domain_name,
-                                               "url": self.url})
+                                               "url": self.url,
+                                               "ca_sha256": self.ca.fingerprint.hex()[:16]})
 
     async def stop(self) -> None:
         if self._expiry is not None:

@@ -257,6 +257,8 @@ class Membership:
                              "component_name": self.name})
             raise JoinRefused(f"domain server at {url} did not prove knowledge of the domain "
                               "secret (an impostor, or another domain's secret)")
+        log.info("domain server proved it knows the domain secret",
+                 extra={"url": url, "ca_sha256": ca_fp.hex()[:16], "component_name": self.name})
         req = JoinRequest(
             challenge_id=challenge.challenge_id, public_key=self.public_key,
             client_proof=client_proof(key, challenge.server_nonce, client_nonce,
