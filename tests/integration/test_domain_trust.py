@@ -296,3 +296,24 @@ async def test_domain_restart_keeps_the_ca_and_running_work(cluster: SimCluster)
     await eventually(all_back, timeout=30)
     nodes = (await cluster.api.get("/api/v1/nodes")).json()["items"]
     assert {n["status"] for n in nodes} == {"up"}
+
+
+async def test_certificate_and_credential_are_renewed_with_the_heartbeat(
+        cluster: SimCluster) -> None:
+    """Past half its life a component's certificate and credential are renewed through the
+    heartbeat and loaded into its live TLS contexts; its peers accept the new ones."""
+    assert cluster.domain and cluster.control
+    node = cluster.node_services[0].agent.membership
+    assert node.component_id and node.credential
+    old_credential, old_cert = node.credential, node.cert_file.read_bytes()
+    member = cluster.domain.registry.members[node.component_id]
+    member.credential_issued_at -= cluster.domain.registry.credential_lifetime  # aged
+
+    async def renewed() -> bool:
+        return node.credential != old_credential
+
+    await eventually(renewed, timeout=10 * cluster.heartbeat_interval + 5)
+    assert node.cert_file.read_bytes() != old_cert
+    # A fresh connection presents the new certificate and the new credential: admitted.
+    async with PeerClient(cluster.control.url, node.signer, node.client_tls) as fresh:
+        assert (await report_status(fresh))[0] == 422
