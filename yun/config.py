@@ -16,7 +16,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -50,6 +50,10 @@ class ComponentSettings(BaseModel):
     log_level: str = "INFO"
     heartbeat_interval: float = Field(default=2.0, gt=0)
 
+    # Internal ports speak TLS with certificates of the domain CA; the gateway's user
+    # port is the one plain-HTTP exception.
+    url_scheme: ClassVar[str] = "https"
+
     @model_validator(mode="after")
     def _secret_from_file(self) -> ComponentSettings:
         if self.domain_secret_file is not None and not self.domain_secret:
@@ -61,7 +65,9 @@ class ComponentSettings(BaseModel):
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
         host = self.listen_host if self.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{self.listen_port}"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.url_scheme}://{host}:{self.listen_port}"
 
 
 def read_secret_file(path: Path, setting: str) -> str:
@@ -95,6 +101,10 @@ class DomainSettings(ComponentSettings):
     listen_port: int = 7700
     ttl: float = Field(default=6.0, gt=0, description="seconds without heartbeat before 'gone'")
     mdns: bool = True
+    credential_lifetime: float = Field(
+        default=3600.0, ge=60, le=30 * 86400,
+        description="seconds a component's certificate and credential are valid; they are "
+                    "renewed with the heartbeat when past half their life")
 
 
 class ControlSettings(ComponentSettings):
@@ -160,6 +170,7 @@ class StorageSettings(ComponentSettings):
 
 
 class GatewaySettings(ComponentSettings):
+    url_scheme: ClassVar[str] = "http"
     listen_port: int = 8080
     listen_host: str = "0.0.0.0"
     auth_cache_ttl: float = Field(

@@ -10,8 +10,10 @@ import pytest
 from tests.integration.conftest import upload
 from yun.config import NodeSettings
 from yun.proto.auth import issue_credential
+from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
 from yun.proto.membership import JoinRefused, Membership
+from yun.proto.pki import DomainCA
 from yun.testing.cluster import SimCluster
 
 
@@ -30,8 +32,11 @@ async def test_wrong_domain_secret_is_refused(cluster: SimCluster, tmp_path: Pat
     assert cluster.domain is not None
     settings = NodeSettings(name="intruder", domain_secret="not-the-secret",
                             domain_url=cluster.domain.url, state_dir=tmp_path)
-    membership = Membership(settings, ComponentType.NODE, "http://127.0.0.1:1")
-    with pytest.raises(JoinRefused, match="wrong domain secret"):
+    membership = Membership(settings, ComponentType.NODE, "https://127.0.0.1:1")
+    # The join is mutual: the component finds the server's proof does not match its own
+    # (wrong) secret and stops there; a client that goes on anyway gets 403 (see
+    # test_domain_trust).
+    with pytest.raises(JoinRefused, match="did not prove knowledge of the domain secret"):
         await membership.start()
     members = [m.name for m in cluster.domain.registry.members.values()]
     assert "intruder" not in members
@@ -49,41 +54,48 @@ async def test_association_table(cluster: SimCluster) -> None:
 
 
 async def test_internal_protocol_refuses_strangers_and_malformed_messages(
-        cluster: SimCluster) -> None:
-    assert cluster.control is not None
+        cluster: SimCluster, tmp_path: Path) -> None:
+    assert cluster.control is not None and cluster.domain is not None
     url = cluster.control.url
-    async with httpx.AsyncClient(base_url=url) as http:
-        # No credential, a forged one, and one of the wrong component type.
-        report = "/internal/v1/nodes/report"
-        assert_problem(await http.post(report, json={}), 401, "missing 'Yun' credential")
-        forged = issue_credential("another-domain", "x", "node")
-        assert_problem(await http.post(report, json={}, headers={
-            "Authorization": f"Yun {forged}"}), 401, "does not match this domain")
-        gateway_cred = issue_credential(cluster.secret, "gw", "gateway")
-        assert_problem(await http.post(report, json={}, headers={
-            "Authorization": f"Yun {gateway_cred}"}), 403, "gateway component may not")
-        # A node's malformed report: named fields, nothing recorded.
-        node_id = cluster.node_services[0].agent.node_id
-        cred = issue_credential(cluster.secret, node_id, "node")
-        body = assert_problem(await http.post(report, json={
+    report = "/internal/v1/nodes/report"
+    node_id = cluster.node_services[0].agent.node_id
+    _, tls = cluster.member(ComponentType.NODE, node_id)
+
+    async def post(client: PeerClient, **kwargs: object) -> httpx.Response:
+        async with client:
+            return await client.http.post(report, **kwargs)  # type: ignore[arg-type]
+
+    # No credential, one minted by another CA, and one of the wrong component type.
+    assert_problem(await post(PeerClient(url, None, tls), json={}), 401,
+                   "missing 'Yun' credential")
+    stranger = DomainCA.load_or_create(tmp_path / "other-ca", "other")
+    forged_signer, _ = cluster.member(ComponentType.NODE, node_id)
+    forged_signer.credential = issue_credential(
+        stranger.key, node_id, "node", forged_signer.key.public_key(), 3600)
+    assert_problem(await post(PeerClient(url, forged_signer, tls), json={}), 401,
+                   "not signed by this domain's CA")
+    gateway = cluster.member_client(url, ComponentType.GATEWAY, "gw")
+    assert_problem(await post(gateway, json={}), 403, "gateway component may not")
+    # A node's malformed report: named fields, nothing recorded.
+    body = assert_problem(await post(
+        cluster.member_client(url, ComponentType.NODE, node_id), json={
             "node_id": node_id, "name": "x", "url": "u", "host": {"vcpus": "many"},
-            "domains": [], "surprise": 1}, headers={"Authorization": f"Yun {cred}"}),
-            422)
-        fields = {e["field"] for e in body["errors"]}
-        assert "surprise" in fields and "host.vcpus" in fields
-        assert_problem(await http.post(report, content=b"{not json", headers={
-            "Authorization": f"Yun {cred}", "Content-Type": "application/json"}), 422)
-        # A node may only report for itself.
-        other = issue_credential(cluster.secret, "someone-else", "node")
-        good = cluster.node_services[0].agent
-        payload = {"node_id": node_id, "name": "n", "url": "http://x",
-                   "host": (await good.host_info()).model_dump(), "domains": []}
-        assert_problem(await http.post(report, json=payload, headers={
-            "Authorization": f"Yun {other}"}), 403, "may not report for node")
-        # An unsupported protocol version.
-        assert_problem(await http.post(report, json=payload, headers={
-            "Authorization": f"Yun {cred}", "X-Yun-Protocol": "99"}), 400,
-            "protocol version 99")
+            "domains": [], "surprise": 1}), 422)
+    fields = {e["field"] for e in body["errors"]}
+    assert "surprise" in fields and "host.vcpus" in fields
+    assert_problem(await post(cluster.member_client(url, ComponentType.NODE, node_id),
+                              content=b"{not json",
+                              headers={"Content-Type": "application/json"}), 422)
+    # A node may only report for itself.
+    good = cluster.node_services[0].agent
+    payload = {"node_id": node_id, "name": "n", "url": "http://x",
+               "host": (await good.host_info()).model_dump(), "domains": []}
+    assert_problem(await post(cluster.member_client(url, ComponentType.NODE, "someone-else"),
+                              json=payload), 403, "may not report for node")
+    # An unsupported protocol version.
+    assert_problem(await post(cluster.member_client(url, ComponentType.NODE, node_id),
+                              json=payload, headers={"X-Yun-Protocol": "99"}), 400,
+                   "protocol version 99")
 
 
 async def test_api_bad_requests(cluster: SimCluster, small_qcow2: Path, tmp_path: Path

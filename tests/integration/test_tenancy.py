@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from tests.integration.tenants import PASSWORD, Tenants, build_tenants, ok
+from yun.proto.components import ComponentType
 from yun.testing.cluster import SimCluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -128,17 +129,18 @@ async def test_user_tokens_are_refused_on_the_internal_protocol(cloud: Tenants) 
     control = cloud.cluster.control
     assert control is not None
     token = cloud.users["alice"].token
-    async with httpx.AsyncClient(base_url=control.url) as http:
+    # Over a TLS connection with a domain certificate, but a user token as credential.
+    _, tls = cloud.cluster.member(ComponentType.GATEWAY, "gw-test")
+    async with httpx.AsyncClient(base_url=control.url, verify=tls) as http:
         for auth in (f"Bearer {token}", f"Yun {token}"):
             resp = await http.get("/internal/v1/vms", headers={"Authorization": auth})
             assert resp.status_code == 401, resp.text
-        # A real component credential without a user context is refused too.
-        gateway = cloud.cluster.gateway
-        assert gateway is not None
-        headers = gateway.membership.client(next(iter(
-            gateway.membership.peers.values()))).headers()
-        resp = await http.get("/internal/v1/vms", headers=headers)
-        assert resp.status_code == 401 and "X-Yun-Context" in resp.text
+    # A real component credential without a user context is refused too.
+    gateway = cloud.cluster.gateway
+    assert gateway is not None
+    client = gateway.membership.client(next(iter(gateway.membership.peers.values())))
+    resp = await client.http.get("/internal/v1/vms", headers=client.headers())
+    assert resp.status_code == 401 and "X-Yun-Context" in resp.text
 
 
 # --- the role matrix ----------------------------------------------------------------------

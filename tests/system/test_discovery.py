@@ -18,4 +18,6 @@ def test_node_discovers_the_domain_by_mdns(datacenter_factory) -> None:  # type:
     assert [n["status"] for n in nodes] == ["up"]
     log = dc.procs["node0"].log.read_text()
     assert "found domain server by mDNS" in log
-    assert f"http://{dc.ctl.ip}:7700" in log
+    assert f"https://{dc.ctl.ip}:7700" in log
+    # The join proved the domain server knows the secret before sending anything.
+    assert "joined domain" in log

@@ -14,17 +14,16 @@ import pytest
 from tests.unit.test_gateway_harness import (
     ACCESS_KEY,
     BEARER,
-    GATEWAY_ID,
     KEY_SECRET,
-    SECRET,
     TOKEN,
     alice,
     make_gateway,
+    received_context,
     vm_json,
 )
 from yun.gateway.auth import NO_CREDENTIAL
 from yun.proto import signing
-from yun.proto.context import AuthResult, RequestContext, verify_context
+from yun.proto.context import AuthResult, RequestContext
 
 VMS = "/internal/v1/vms"
 PAGE = {"items": [], "limit": 100, "offset": 0}
@@ -115,7 +114,7 @@ async def test_a_signed_request_is_accepted_with_the_keys_context() -> None:
                                                                           query))
     assert resp.status_code == 200, resp.text
     [seen] = gw.control.calls()
-    context = verify_context(SECRET, seen.headers["x-yun-context"], GATEWAY_ID)
+    context = received_context(seen)
     assert isinstance(context, RequestContext) and context.auth == "key"
     assert context.user_uuid == alice().user_uuid
 

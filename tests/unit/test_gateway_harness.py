@@ -15,19 +15,31 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from yun.config import GatewaySettings
 from yun.gateway.app import create_gateway_app
+from yun.proto.auth import Signer, Verifier, issue_credential
 from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
-from yun.proto.context import AuthResult, KeyAuthResult, RequestContext
+from yun.proto.context import (
+    AnonymousContext,
+    AuthResult,
+    KeyAuthResult,
+    RequestContext,
+    decode_context,
+)
 from yun.proto.identity import Role
 from yun.proto.messages import Peer
 
-SECRET = "domain-secret-for-tests"
 GATEWAY_ID = "gw-0001"
+# A domain CA and the gateway's key pair, so the stubs can check what a real peer checks.
+CA_KEY = Ed25519PrivateKey.generate()
+GATEWAY_KEY = Ed25519PrivateKey.generate()
+GATEWAY_CREDENTIAL = issue_credential(CA_KEY, GATEWAY_ID, ComponentType.GATEWAY.value,
+                                      GATEWAY_KEY.public_key(), ttl=3600)
 CLIENT_IP = "203.0.113.7"
 TOKEN = "tok-alice"
 ACCESS_KEY = "AKIDALICE0001"
@@ -49,6 +61,21 @@ class Seen:
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
+
+
+def gateway_signer() -> Signer:
+    return Signer(GATEWAY_KEY, GATEWAY_CREDENTIAL)
+
+
+def received_context(seen: Seen, audience: str = "control.test"
+                     ) -> RequestContext | AnonymousContext:
+    """The context a request carried, after checking its signature as a control server
+    addressed as ``audience`` would."""
+    verifier = Verifier(lambda: [audience], CA_KEY.public_key())
+    target = seen.raw_path + (f"?{seen.query}" if seen.query else "")
+    caller = verifier.verify(seen.method, target, seen.headers)
+    assert caller.component_id == GATEWAY_ID
+    return decode_context(seen.headers["x-yun-context"], caller.component_type)
 
 
 def alice(**changes: Any) -> RequestContext:
@@ -150,7 +177,6 @@ class FakeMembership:
 
     def __init__(self, control: StubPeer, storage: StubPeer) -> None:
         self.component_id: str | None = GATEWAY_ID
-        self.domain_secret = SECRET
         self.control = control
         self.storage = storage
         self.controls = [Peer(component_id="ctl-1", type=ComponentType.CONTROL,
@@ -162,7 +188,7 @@ class FakeMembership:
 
     def _client(self, url: str, app: StubPeer) -> PeerClient:
         if url not in self._clients:
-            self._clients[url] = PeerClient(url, "gateway-credential",
+            self._clients[url] = PeerClient(url, gateway_signer(),
                                             transport=httpx.ASGITransport(app=app))
         return self._clients[url]
 

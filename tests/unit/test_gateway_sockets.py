@@ -17,6 +17,7 @@ from tests.unit.test_gateway_harness import (
     FakeMembership,
     StubControl,
     StubPeer,
+    gateway_signer,
     image_json,
     vm_json,
 )
@@ -32,7 +33,7 @@ class NetMembership(FakeMembership):
 
     def _client(self, url: str, app: StubPeer) -> PeerClient:
         if url not in self._clients:
-            self._clients[url] = PeerClient(url, "gateway-credential")
+            self._clients[url] = PeerClient(url, gateway_signer())
         return self._clients[url]
 
 

@@ -14,16 +14,16 @@ import pytest
 from tests.unit.test_gateway_harness import (
     BEARER,
     CLIENT_IP,
-    GATEWAY_ID,
-    SECRET,
+    GATEWAY_CREDENTIAL,
     alice,
     make_gateway,
     problem,
+    received_context,
     task_json,
     vm_json,
 )
 from yun.gateway.upstream import fill_path
-from yun.proto.context import AnonymousContext, RequestContext, verify_context
+from yun.proto.context import AnonymousContext, RequestContext
 from yun.proto.errors import Unprocessable
 
 BAD_REFS = [
@@ -124,8 +124,8 @@ async def test_the_control_server_gets_the_exact_path_and_a_signed_context() -> 
     [seen] = gw.control.calls()
     assert (seen.method, seen.raw_path, seen.query) == ("GET", "/internal/v1/vms/web-1.a_b", "")
     assert seen.headers["x-yun-request-id"] == "trace-42"
-    assert seen.headers["authorization"] == "Yun gateway-credential"
-    context = verify_context(SECRET, seen.headers["x-yun-context"], GATEWAY_ID)
+    assert seen.headers["authorization"] == f"Yun {GATEWAY_CREDENTIAL}"
+    context = received_context(seen)
     assert isinstance(context, RequestContext)
     assert context == alice(request_id="trace-42", source_ip=CLIENT_IP)
     assert "idempotency-key" not in seen.headers
@@ -210,7 +210,7 @@ async def test_login_forwards_an_anonymous_context() -> None:
                               json={"username": "alice", "password": "pw"})
     assert resp.status_code == 201, resp.text
     [seen] = gw.control.calls()
-    context = verify_context(SECRET, seen.headers["x-yun-context"], GATEWAY_ID)
+    context = received_context(seen)
     assert context == AnonymousContext(request_id="login-1", source_ip=CLIENT_IP)
 
 

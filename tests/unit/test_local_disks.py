@@ -17,19 +17,26 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from yun.node.storage import qemu_img
-from yun.node.storage.base import DiskError
+from yun.node.storage.base import DiskError, ImageAccess
 from yun.node.storage.local import LocalDiskBackend
-from yun.proto.auth import authorization_header, issue_credential
+from yun.proto.auth import Signer, Verifier, issue_credential
+from yun.proto.client import SigningAuth
 from yun.proto.components import ComponentType
 from yun.proto.messages import DiskSpec, ImageLocation
-from yun.proto.server import peer_identity
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.run import run
 
-SECRET = "local-disk-test-secret"
+CA_KEY = Ed25519PrivateKey.generate()
+
+
+def signing(component_type: ComponentType) -> SigningAuth:
+    key = Ed25519PrivateKey.generate()
+    return SigningAuth(Signer(key, issue_credential(
+        CA_KEY, f"{component_type}-1", component_type.value, key.public_key(), ttl=3600)))
 MIB = 1024 * 1024
 GIB = 1024**3
 Scope = MutableMapping[str, Any]
@@ -113,18 +120,14 @@ class Env:
         self.tmp_path = tmp_path
         self.server = server
         self.recorder = recorder
-        self.credential = issue_credential(SECRET, "node-1", ComponentType.NODE.value)
+        self.credential = ImageAccess(signing(ComponentType.NODE))
         self.backend = LocalDiskBackend(tmp_path / "node", http_timeout=10, owner=OWNER)
 
     async def upload(self, data: bytes, fmt: str = "") -> ImageLocation:
         image_id = str(uuid.uuid4())
         url = f"{self.server.url}/internal/v1/images/{image_id}/data"
-        control = issue_credential(SECRET, "control-1", ComponentType.CONTROL.value)
-        async with httpx.AsyncClient() as client:
-            resp = await client.put(
-                url, params={"format": fmt}, content=data,
-                headers={"Authorization": authorization_header(control)},
-            )
+        async with httpx.AsyncClient(auth=signing(ComponentType.GATEWAY)) as client:
+            resp = await client.put(url, params={"format": fmt}, content=data)
         assert resp.status_code == 201, resp.text
         report = resp.json()
         return ImageLocation(
@@ -136,9 +139,11 @@ class Env:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[ThreadServer, Recorder]]:
     store = ImageStore(tmp_path / "storage")
-    auth = peer_identity(lambda: SECRET, allowed=[ComponentType.NODE, ComponentType.CONTROL])
-    recorder = Recorder(create_storage_app(store, auth, None, 256 * MIB))
+    audience: list[str] = []
+    verifier = Verifier(lambda: audience, CA_KEY.public_key())
+    recorder = Recorder(create_storage_app(store, verifier, None, 256 * MIB))
     with ThreadServer(recorder) as srv:
+        audience.append(f"127.0.0.1:{srv.port}")
         yield srv, recorder
 
 
@@ -256,7 +261,7 @@ async def test_unreachable_storage_is_a_disk_error(tmp_path: Path) -> None:
     )
     try:
         with pytest.raises(DiskError, match="interrupted after 0 bytes"):
-            await backend.ensure_image(loc, "cred")
+            await backend.ensure_image(loc, None)
     finally:
         await backend.aclose()
 

@@ -23,8 +23,8 @@ def location(**update: Any) -> ImageLocation:
 async def test_image_then_overlay_then_delete() -> None:
     sim = SimDiskBackend(total_gb=100)
     loc = location()
-    await sim.ensure_image(loc, "cred")
-    await sim.ensure_image(loc, "cred")
+    await sim.ensure_image(loc, None)
+    await sim.ensure_image(loc, None)
     assert sim.downloads == 1
 
     vm = str(uuid.uuid4())

@@ -5,32 +5,44 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from yun.proto import PROTOCOL_VERSION, VERSION_HEADER
-from yun.proto.auth import authorization_header, issue_credential
-from yun.proto.components import ComponentType
+from yun.proto.auth import Signer, Verifier, issue_credential
+from yun.proto.client import SigningAuth
 from yun.proto.errors import BadRequest, Unavailable
 from yun.proto.messages import StorageImageReport
-from yun.proto.server import peer_identity
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.run import run
 
-SECRET = "storage-test-secret"
+CA_KEY = Ed25519PrivateKey.generate()
 MIB = 1024 * 1024
 
 
-def auth_headers(component_type: str = "node") -> dict[str, str]:
-    credential = issue_credential(SECRET, f"{component_type}-1", component_type)
-    return {
-        "Authorization": authorization_header(credential),
-        VERSION_HEADER: str(PROTOCOL_VERSION),
-    }
+def signer(component_type: str, ca_key: Ed25519PrivateKey = CA_KEY) -> Signer:
+    """A member of the test domain of ``component_type`` (its own key, a CA credential)."""
+    key = Ed25519PrivateKey.generate()
+    return Signer(key, issue_credential(ca_key, f"{component_type}-1", component_type,
+                                        key.public_key(), ttl=3600))
+
+
+class ByRoute(httpx.Auth):
+    """Signs each request as the component type that may make it: uploads as the gateway,
+    downloads as a node, the rest as a control server (the storage server's route table)."""
+
+    def __init__(self) -> None:
+        self.signers = {t: SigningAuth(signer(t)) for t in ("gateway", "node", "control")}
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        data = request.url.path.endswith("/data")
+        kind = ("gateway" if request.method == "PUT" else "node") if data else "control"
+        yield from self.signers[kind].auth_flow(request)
 
 
 class Harness:
@@ -45,11 +57,11 @@ class Harness:
                 raise Unavailable("no control server recorded the image")
             self.stored.append(report)
 
-        auth = peer_identity(lambda: SECRET, allowed=[ComponentType.NODE, ComponentType.CONTROL])
-        self.app = create_storage_app(self.store, auth, on_stored, max_upload_bytes)
+        verifier = Verifier(lambda: ["storage"], CA_KEY.public_key())
+        self.app = create_storage_app(self.store, verifier, on_stored, max_upload_bytes)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app), base_url="http://storage",
-            headers=auth_headers(),
+            headers={VERSION_HEADER: str(PROTOCOL_VERSION)}, auth=ByRoute(),
         )
 
     def leftovers(self) -> list[str]:
@@ -88,16 +100,34 @@ async def test_healthz_needs_no_credential(h: Harness) -> None:
 
 
 async def test_routes_need_a_credential(h: Harness) -> None:
-    resp = await h.client.get("/internal/v1/images", headers={"Authorization": ""})
+    unsigned = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app),
+                                 base_url="http://storage")
+    async with unsigned:
+        resp = await unsigned.get("/internal/v1/images")
     assert resp.status_code == 401
     assert resp.headers["content-type"] == "application/problem+json"
-    bad = issue_credential("another-domain", "node-9", "node")
-    resp = await h.client.get(
-        "/internal/v1/images", headers={"Authorization": authorization_header(bad)}
-    )
+    other_domain = SigningAuth(signer("control", Ed25519PrivateKey.generate()))
+    resp = await h.client.get("/internal/v1/images", auth=other_domain)
     assert resp.status_code == 401
-    resp = await h.client.get("/internal/v1/images", headers=auth_headers("gateway"))
-    assert resp.status_code == 403
+
+
+@pytest.mark.parametrize(("component_type", "method", "path"), [
+    ("node", "DELETE", "/internal/v1/images/{id}"),
+    ("node", "PUT", "/internal/v1/images/{id}/data"),
+    ("node", "GET", "/internal/v1/images"),
+    ("gateway", "DELETE", "/internal/v1/images/{id}"),
+    ("gateway", "GET", "/internal/v1/images/{id}/data"),
+    ("control", "PUT", "/internal/v1/images/{id}/data"),
+    ("storage", "GET", "/internal/v1/images/{id}/data"),
+])
+async def test_each_route_admits_only_its_component_types(
+        h: Harness, component_type: str, method: str, path: str) -> None:
+    """A node can read images but never write or delete one; a gateway only uploads."""
+    url = path.format(id=uuid.uuid4())
+    resp = await h.client.request(method, url, content=b"x" if method == "PUT" else None,
+                                  auth=SigningAuth(signer(component_type)))
+    assert resp.status_code == 403, resp.text
+    assert f"a {component_type} component may not call" in resp.json()["detail"]
 
 
 async def test_upload_qcow2_streams_and_reports(h: Harness, qcow2: bytes) -> None:

@@ -21,6 +21,7 @@ from yun.client import ApiError, Client, TaskFailed
 from yun.config import DEFAULT_CONFIG, GatewaySettings, load_settings
 from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
 from yun.proto.identity import IssuedToken
+from yun.proto.pki import serving_tls
 from yun.proto.resources import Image, Task, Vm, VmCreate
 from yun.util.procs import read_pid, start_detached, stop_pid
 
@@ -118,7 +119,7 @@ def write_config(path: Path = DEFAULT_CONFIG, *, secret_file: Path = DOMAIN_SECR
 [common]
 domain_name = "aio"
 domain_secret_file = "{secret_file}"
-domain_url = "http://127.0.0.1:{PORTS['domain']}"
+domain_url = "https://127.0.0.1:{PORTS['domain']}"
 listen_host = "127.0.0.1"
 state_dir = "{STATE_DIR}"
 
@@ -190,6 +191,19 @@ def wait_http(url: str, timeout: float) -> bool:
     return False
 
 
+def wait_up(component: str, timeout: float) -> bool:
+    """Until ``component`` serves: the gateway's plain-HTTP health check, or a TLS server on
+    an internal port (which needs a domain certificate for anything more)."""
+    if component == "gateway":
+        return wait_http(f"http://127.0.0.1:{PORTS[component]}/healthz", timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serving_tls("127.0.0.1", PORTS[component]):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def start_components(config: Path) -> None:
     for component in COMPONENTS:
         pidfile = RUN_DIR / f"{component}.pid"
@@ -201,7 +215,7 @@ def start_components(config: Path) -> None:
             state = "started"
         else:
             state = "already running"
-        if not wait_http(f"http://127.0.0.1:{PORTS[component]}/healthz", 60):
+        if not wait_up(component, 60):
             out.print(f"[red]{component} did not come up[/red]; see {LOG_DIR}/{component}.log")
             raise typer.Exit(1)
         out.print(f"  {component:<8} pid {pid:<7} {state}")

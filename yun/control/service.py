@@ -47,7 +47,7 @@ class ControlService:
         self.ctx.engine = FlowEngine(self.db, self.ctx.queues, self.ctx, owner)
         for definition in [*vm_flows(), *cascade_flows()]:
             self.ctx.engine.register(definition)
-        await self.server.start()
+        await self.server.start(self.ctx.membership.serving_tls())
         self.nodes.start()
         settings = self.settings
         # Flows of this server's previous life at once; those of departed control servers

@@ -4,8 +4,9 @@ Every public route forwards to the same path under ``/internal/v1``. The interna
 path is built from a constant template whose placeholders are filled only with values
 that passed the reference rules (a name or uuid, or a canonical uuid for ``*_uuid``
 placeholders) and are then percent-encoded whole, so no user input can add a query,
-cut the path with ``#`` or climb with ``..``. The caller's identity travels signed in
-``X-Yun-Context``; the control server trusts nothing else about the user.
+cut the path with ``#`` or climb with ``..``. The caller's identity travels in
+``X-Yun-Context``, covered by the gateway's request signature; the control server trusts
+nothing else about the user.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 
 from yun.proto.client import error_for
 from yun.proto.components import ComponentType
-from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, sign_context
+from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, encode_context
 from yun.proto.errors import PeerError, Unavailable, Unprocessable
 from yun.proto.membership import Membership
 from yun.proto.messages import NAME_PATTERN
@@ -131,7 +132,7 @@ class Upstream:
         peers = self.membership.peers_of(ComponentType.CONTROL)
         if not peers:
             raise Unavailable("no control server is available; try again shortly")
-        extra = {CONTEXT_HEADER: sign_context(self.membership.domain_secret, ctx, component_id)}
+        extra = {CONTEXT_HEADER: encode_context(ctx)}
         if idempotency_key is not None:
             extra[IDEMPOTENCY_HEADER] = idempotency_key
         start = next(self._turn) % len(peers)

@@ -14,7 +14,8 @@ import uuid
 
 from yun.node.hypervisor.base import HypervisorDriver
 from yun.node.network.base import NetworkBackend
-from yun.node.storage.base import DiskBackend
+from yun.node.storage.base import DiskBackend, ImageAccess
+from yun.proto.client import SigningAuth
 from yun.proto.components import ComponentType
 from yun.proto.errors import NotFound, YunError
 from yun.proto.membership import Membership
@@ -76,6 +77,13 @@ class NodeAgent:
 
     # -- VM operations ---------------------------------------------------------------------
 
+    def image_access(self) -> ImageAccess:
+        """How this node's image downloads are signed and checked (TLS to the storage
+        server, with the node's certificate)."""
+        signer = self.membership.signer
+        return ImageAccess(SigningAuth(signer) if signer is not None else None,
+                           self.membership.client_tls)
+
     async def provision(self, vm_uuid: str, req: ProvisionRequest) -> DomainInfo:
         """Images cached, disks made, NICs leased, domain defined (and started)."""
         if req.spec.uuid != vm_uuid:
@@ -83,7 +91,7 @@ class NodeAgent:
             raise BadRequest(f"spec uuid {req.spec.uuid} does not match the URL ({vm_uuid})")
         async with self.queues.hold(vm_uuid):
             for image in req.images:
-                await self.disks.ensure_image(image, self.membership.credential)
+                await self.disks.ensure_image(image, self.image_access())
             disks = [await self.disks.ensure_disk(vm_uuid, d) for d in req.spec.disks]
             await self.network.ensure_network()
             nics = [await self.network.ensure_port(vm_uuid, n) for n in req.spec.nics]

@@ -20,8 +20,8 @@ from yun.proto.server import install_problem_handlers, peer_identity, problem_re
 def create_node_app(agent: NodeAgent) -> FastAPI:
     app = FastAPI(title="Yun node client (internal)", version="1")
     install_problem_handlers(app)
-    caller = Depends(peer_identity(lambda: agent.membership.domain_secret or None,
-                                   {CT.CONTROL}))
+    # Every route drives the hypervisor: control servers only.
+    caller = Depends(peer_identity(agent.membership.verifier, {CT.CONTROL}))
     base = "/internal/v1"
 
     @app.exception_handler(DomainNotFound)

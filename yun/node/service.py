@@ -67,7 +67,7 @@ class NodeService:
     async def start(self) -> None:
         await self.agent.membership.start()
         await self.agent.start()
-        await self.server.start()
+        await self.server.start(self.agent.membership.serving_tls())
         log.info("node client ready", extra={"node": self.agent.node_id, "node_name": self.name,
                                              "url": self.url,
                                              "hypervisor": self.settings.hypervisor})

@@ -2,45 +2,56 @@
 
 from __future__ import annotations
 
-import functools
 import ssl
 import uuid
+from collections.abc import Generator
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
-from yun.proto.auth import authorization_header
+from yun.proto.auth import CONTEXT_HEADER, Signer
 from yun.proto.errors import PeerError, Problem, YunError, error_from_problem
 
 M = TypeVar("M", bound=BaseModel)
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One verifying TLS context for every peer client: loading the CA bundle costs ~20 ms
-    of CPU, paid once per process instead of once per peer."""
-    return ssl.create_default_context()
+class SigningAuth(httpx.Auth):
+    """Signs every request an httpx client sends with this component's key: the final
+    URL (path, query, authority) is known only here, after httpx has built the request."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(self.signer.headers(
+            request.method, request.url.raw_path.decode("ascii"),
+            request.url.netloc.decode("ascii"), request.headers.get(CONTEXT_HEADER)))
+        yield request
 
 
 class PeerClient:
     """Speaks the internal protocol to one peer at ``base_url``.
 
+    Requests are signed by ``signer`` (none before a join) and sent over TLS checked by
+    ``tls`` (the domain CA and this component's client certificate). The httpx client
+    keeps its connections, so a TLS handshake is paid once per connection, not per call.
     Errors answered by the peer come back as the same :class:`YunError` subclass
     the peer raised; an unreachable peer raises :class:`PeerError`.
     """
 
     def __init__(
-        self, base_url: str, credential: str | None = None, *, timeout: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, base_url: str, signer: Signer | None = None, tls: ssl.SSLContext | None = None,
+        *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """``transport`` replaces the network (tests serve a peer in-process with
         ``httpx.ASGITransport``)."""
         self.base_url = base_url.rstrip("/")
-        self.credential = credential
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                         verify=_tls_context(), transport=transport)
+        self.signer = signer
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, verify=tls if tls is not None else True,
+            transport=transport, auth=SigningAuth(signer) if signer is not None else None)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -52,14 +63,11 @@ class PeerClient:
         await self.aclose()
 
     def headers(self, request_id: str | None = None) -> dict[str, str]:
-        """Headers every internal request carries."""
-        headers = {
+        """Headers every internal request carries (the signature is added when it is sent)."""
+        return {
             VERSION_HEADER: str(PROTOCOL_VERSION),
             REQUEST_ID_HEADER: request_id or uuid.uuid4().hex,
         }
-        if self.credential:
-            headers["Authorization"] = authorization_header(self.credential)
-        return headers
 
     async def request(
         self,

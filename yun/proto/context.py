@@ -1,27 +1,35 @@
 """Who is asking: the request context the gateway builds and the control server trusts.
 
 The gateway authenticates a user (token or signed API key) and forwards a
-:class:`RequestContext` in the ``X-Yun-Context`` header. The header is signed with a
-key derived from the domain secret and bound to the forwarding component's id, so only
-a member of the domain can make one, it cannot be moved to another caller's request,
-and it expires within a minute. The control server never takes the user, project or
+:class:`RequestContext` in the ``X-Yun-Context`` header. The header is not signed on its
+own: the caller's request signature covers its sha256 (:mod:`yun.proto.auth`), so it
+cannot be altered or moved to another request, and the control server accepts it only
+from a gateway or control caller. The control server never takes the user, project or
 roles from a request body.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import time
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from yun.proto.errors import Unauthorized
+from yun.proto.auth import CONTEXT_HEADER
+from yun.proto.components import ComponentType
+from yun.proto.errors import Forbidden, Unauthorized
 from yun.proto.identity import Role
 
-CONTEXT_HEADER = "X-Yun-Context"
-CONTEXT_TTL = 60.0
+__all__ = [
+    "CONTEXT_CALLERS",
+    "CONTEXT_HEADER",
+    "AnonymousContext",
+    "RequestContext",
+    "decode_context",
+    "encode_context",
+]
+
+# Only these component types may forward a user's context.
+CONTEXT_CALLERS = frozenset({ComponentType.GATEWAY, ComponentType.CONTROL})
 
 
 class RequestContext(BaseModel):
@@ -57,10 +65,6 @@ class AnonymousContext(BaseModel):
     source_ip: str | None = None
 
 
-def _key(domain_secret: str) -> bytes:
-    return hmac.new(domain_secret.encode(), b"yun-request-context-v1", hashlib.sha256).digest()
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -69,47 +73,34 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _mac(domain_secret: str, payload: bytes, caller_id: str) -> bytes:
-    return hmac.new(_key(domain_secret), payload + b"\0" + caller_id.encode(),
-                    hashlib.sha256).digest()
-
-
-def sign_context(domain_secret: str, context: RequestContext | AnonymousContext,
-                 caller_id: str) -> str:
-    """The ``X-Yun-Context`` value carrying ``context`` from the component ``caller_id``."""
-    kind = "user" if isinstance(context, RequestContext) else "anonymous"
-    body = context.model_dump_json()
-    payload = f'{{"kind":"{kind}","exp":{round(time.time() + CONTEXT_TTL)},"ctx":{body}}}'
-    data = payload.encode()
-    return f"{_b64(data)}.{_b64(_mac(domain_secret, data, caller_id))}"
-
-
 class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: str
-    exp: float
     ctx: dict[str, object]
 
 
-def verify_context(domain_secret: str, header: str, caller_id: str
-                   ) -> RequestContext | AnonymousContext:
-    """The context in an ``X-Yun-Context`` header sent by ``caller_id``; raise
-    :class:`Unauthorized` if it is malformed, forged, expired or another caller's."""
+def encode_context(context: RequestContext | AnonymousContext) -> str:
+    """The ``X-Yun-Context`` value carrying ``context`` (bound to its request by the
+    caller's request signature)."""
+    kind = "user" if isinstance(context, RequestContext) else "anonymous"
+    payload = f'{{"kind":"{kind}","ctx":{context.model_dump_json()}}}'
+    return _b64(payload.encode())
+
+
+def decode_context(header: str, caller_type: str) -> RequestContext | AnonymousContext:
+    """The context in an ``X-Yun-Context`` header of a verified request from a component of
+    ``caller_type``; raise :class:`Forbidden` if that type may not forward one and
+    :class:`Unauthorized` if it is malformed."""
+    if caller_type not in CONTEXT_CALLERS:
+        raise Forbidden(f"a {caller_type} component may not forward a user's {CONTEXT_HEADER}")
     try:
-        payload_text, mac_text = header.split(".", 1)
-        payload, mac = _unb64(payload_text), _unb64(mac_text)
-    except (ValueError, TypeError) as exc:
-        raise Unauthorized(f"malformed {CONTEXT_HEADER} header") from exc
-    if not hmac.compare_digest(mac, _mac(domain_secret, payload, caller_id)):
-        raise Unauthorized(f"{CONTEXT_HEADER} signature does not match the caller")
-    try:
-        envelope = _Envelope.model_validate_json(payload)
-        if envelope.exp < time.time():
-            raise Unauthorized(f"{CONTEXT_HEADER} has expired")
+        envelope = _Envelope.model_validate_json(_unb64(header))
         if envelope.kind == "user":
             return RequestContext.model_validate(envelope.ctx)
         if envelope.kind == "anonymous":
             return AnonymousContext.model_validate(envelope.ctx)
-    except ValidationError as exc:
+    except (ValidationError, ValueError) as exc:
         raise Unauthorized(f"malformed {CONTEXT_HEADER} payload") from exc
     raise Unauthorized(f"unknown {CONTEXT_HEADER} kind {envelope.kind!r}")
 

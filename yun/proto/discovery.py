@@ -63,4 +63,4 @@ async def discover_domain(domain: str, timeout: float = 3.0) -> str | None:
     if url:
         return url.decode()
     addresses = info.parsed_addresses()
-    return f"http://{addresses[0]}:{info.port}" if addresses else None
+    return f"https://{addresses[0]}:{info.port}" if addresses else None

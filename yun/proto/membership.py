@@ -1,8 +1,17 @@
 """A component's life in the work domain: discover, join, heartbeat, follow its peers.
 
 Every service except the domain server runs one :class:`Membership`. It keeps the
-credential issued at join, the list of associated peers (F-ASSOC) and one
-:class:`PeerClient` per peer, and calls back when peers appear or vanish (F-LEAVE).
+component's key pair (in its state dir, next to its id), the certificate and credential
+issued at join, the list of associated peers (F-ASSOC) and one :class:`PeerClient` per
+peer, and calls back when peers appear or vanish (F-LEAVE).
+
+The join never sends the domain secret. Step one asks for a challenge with a fresh nonce;
+the domain server answers its own nonce, its CA certificate and an HMAC proving it knows
+the secret. Only if that proof holds does the component send its own proof (an HMAC
+bound to its public key, name and URL); an impostor answering mDNS gets a nonce and
+nothing else. The second step already checks the server's TLS certificate against the
+CA just proven. Heartbeats bring the revocation list and, past half their life, a
+renewed certificate and credential.
 """
 
 from __future__ import annotations
@@ -11,10 +20,20 @@ import asyncio
 import inspect
 import logging
 import random
+import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from yun.config import ComponentSettings
+from yun.proto.auth import (
+    Signer,
+    Verifier,
+    client_proof,
+    join_key,
+    proofs_equal,
+    server_proof,
+)
 from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
 from yun.proto.discovery import discover_domain
@@ -22,9 +41,24 @@ from yun.proto.errors import Forbidden, NotFound, PeerError, Unauthorized, YunEr
 from yun.proto.messages import (
     HeartbeatRequest,
     HeartbeatResponse,
+    JoinChallenge,
+    JoinChallengeRequest,
     JoinRequest,
     JoinResponse,
     Peer,
+    Revocation,
+)
+from yun.proto.pki import (
+    CertificateError,
+    b64,
+    ca_public_key,
+    client_context,
+    fingerprint,
+    load_or_create_key,
+    public_raw,
+    server_context,
+    url_authority,
+    write_private,
 )
 
 log = logging.getLogger("yun.membership")
@@ -33,7 +67,8 @@ PeersChanged = Callable[[list[Peer], list[Peer]], Awaitable[None] | None]
 
 
 class JoinRefused(RuntimeError):
-    """The domain refused this component (wrong secret); retrying will not help."""
+    """The domain refused this component (wrong secret), or the server did not prove it
+    knows the secret; retrying will not help."""
 
 
 class Membership:
@@ -48,7 +83,13 @@ class Membership:
         self.url = url
         self.name = name or settings.name
         self.component_id: str | None = self._load_id()
-        self.credential: str | None = None
+        self.key = load_or_create_key(self._key_file)
+        self.public_key = b64(public_raw(self.key))
+        self.signer: Signer | None = None
+        self.verifier = Verifier(self.audiences)
+        self.ca_pem: bytes | None = None
+        self.server_tls: ssl.SSLContext | None = None
+        self.client_tls: ssl.SSLContext | None = None
         self.domain_url: str | None = None
         self.peers: dict[str, Peer] = {}
         self.joined = asyncio.Event()
@@ -64,6 +105,18 @@ class Membership:
     @property
     def _id_file(self) -> Path:
         return self.settings.state_dir / "ids" / f"{self.type}-{self.name}.id"
+
+    @property
+    def _key_file(self) -> Path:
+        return self.settings.state_dir / "ids" / f"{self.type}-{self.name}.key"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.settings.state_dir / "ids" / f"{self.type}-{self.name}.crt"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.settings.state_dir / "ids" / "domain-ca.crt"
 
     def _load_id(self) -> str | None:
         try:
@@ -81,8 +134,20 @@ class Membership:
     # -- public API ---------------------------------------------------------------------
 
     @property
-    def domain_secret(self) -> str:
-        return self.settings.domain_secret
+    def credential(self) -> str | None:
+        """The credential issued at join (renewed with the heartbeat)."""
+        return self.signer.credential if self.signer else None
+
+    def serving_tls(self) -> ssl.SSLContext:
+        """The TLS context of this component's internal port (known once joined)."""
+        if self.server_tls is None:
+            raise RuntimeError(f"{self.type} '{self.name}' has no certificate: it must join "
+                               "its domain before serving")
+        return self.server_tls
+
+    def audiences(self) -> list[str]:
+        """The ``host:port`` names peers address this component by."""
+        return [url_authority(self.url)] if self.url else []
 
     def on_peers_changed(self, callback: PeersChanged) -> None:
         """Call ``callback(added, removed)`` whenever the associated peers change."""
@@ -98,9 +163,8 @@ class Membership:
         """The client speaking to ``peer`` with this component's credential."""
         client = self._clients.get(peer.component_id)
         if client is None or client.base_url != peer.url.rstrip("/"):
-            client = PeerClient(peer.url, self.credential)
+            client = PeerClient(peer.url, self.signer, self.client_tls)
             self._clients[peer.component_id] = client
-        client.credential = self.credential
         return client
 
     def client_for_url(self, url: str) -> PeerClient:
@@ -111,9 +175,8 @@ class Membership:
         key = f"url:{url}"
         client = self._clients.get(key)
         if client is None:
-            client = PeerClient(url, self.credential)
+            client = PeerClient(url, self.signer, self.client_tls)
             self._clients[key] = client
-        client.credential = self.credential
         return client
 
     async def start(self, wait: bool = True) -> None:
@@ -163,34 +226,111 @@ class Membership:
                 log.warning("domain server not found yet",
                             extra={"domain": self.settings.domain_name})
             return False
-        if self._domain is None or self._domain.base_url != url:
-            if self._domain is not None:
-                await self._domain.aclose()
-            self._domain = PeerClient(url, timeout=10)
-            self.domain_url = url
-        req = JoinRequest(
-            type=self.type, name=self.name, url=self.url,
-            secret=self.settings.domain_secret or "-", component_id=self.component_id,
-        )
+        self.domain_url = url
+        key = join_key(self.settings.domain_secret or "-")
+        client_nonce = secrets.token_urlsafe(32)
+        # Step one: nothing but a nonce is sent, over TLS not yet checked (the CA is
+        # what this step proves).
+        async with PeerClient(url, None, client_context(None), timeout=10) as probe:
+            try:
+                challenge = await probe.call(
+                    "POST", "/v1/join/challenge", JoinChallenge,
+                    body=JoinChallengeRequest(type=self.type, name=self.name,
+                                              client_nonce=client_nonce))
+            except (Forbidden, Unauthorized) as exc:
+                raise JoinRefused(f"domain at {url} refused {self.type} '{self.name}': "
+                                  f"{exc}") from exc
+            except PeerError as exc:
+                if first:
+                    log.warning("domain server unreachable: %s", exc, extra={"url": url})
+                return False
+        ca_pem = challenge.ca_cert_pem.encode()
         try:
-            resp = await self._domain.call("POST", "/v1/join", JoinResponse, body=req)
-        except (Forbidden, Unauthorized) as exc:
-            raise JoinRefused(f"domain at {url} refused {self.type} '{self.name}': {exc}") from exc
-        except PeerError as exc:
-            if first:
-                log.warning("domain server unreachable: %s", exc, extra={"url": url})
-            return False
+            ca_fp = fingerprint(ca_pem)
+        except ValueError:
+            ca_fp = b""
+        expected = server_proof(key, client_nonce, challenge.server_nonce, ca_fp)
+        if not ca_fp or not proofs_equal(challenge.server_proof, expected):
+            log.error("domain server at %s did not prove knowledge of the domain secret; "
+                      "refusing it and sending nothing more", url,
+                      extra={"url": url, "domain": self.settings.domain_name,
+                             "component_name": self.name})
+            raise JoinRefused(f"domain server at {url} did not prove knowledge of the domain "
+                              "secret (an impostor, or another domain's secret)")
+        log.info("domain server proved it knows the domain secret",
+                 extra={"url": url, "ca_sha256": ca_fp.hex()[:16], "component_name": self.name})
+        req = JoinRequest(
+            challenge_id=challenge.challenge_id, public_key=self.public_key,
+            client_proof=client_proof(key, challenge.server_nonce, client_nonce,
+                                      str(self.type), self.name, self.url, self.public_key),
+            type=self.type, name=self.name, url=self.url, component_id=self.component_id,
+        )
+        # Step two over TLS checked against the CA just proven: a relay in the middle
+        # cannot show a certificate of it for this address.
+        async with PeerClient(url, None, client_context(ca_pem), timeout=10) as verified:
+            try:
+                resp = await verified.call("POST", "/v1/join", JoinResponse, body=req)
+            except (Forbidden, Unauthorized) as exc:
+                raise JoinRefused(f"domain at {url} refused {self.type} '{self.name}': "
+                                  f"{exc}") from exc
+            except PeerError as exc:
+                log.warning("join failed: %s", exc, extra={"url": url})
+                return False
         self.component_id = resp.component_id
-        self.credential = resp.credential
-        self._domain.credential = resp.credential
-        self._interval = resp.heartbeat_interval
         self._save_id()
+        await self._install(resp.ca_cert_pem.encode(), resp.certificate_pem.encode(),
+                            resp.credential)
+        self._apply_revoked(resp.revoked, resp.revocation_generation)
+        self._interval = resp.heartbeat_interval
         self.generation = -1  # the next heartbeat's peers are applied whatever they are
         log.info("joined domain", extra={"domain": resp.domain, "component": self.component_id,
-                                         "type": str(self.type), "peers": len(resp.peers)})
+                                         "type": str(self.type), "url": self.url,
+                                         "domain_url": url, "peers": len(resp.peers)})
         await self._apply_peers(resp.peers)
         self.joined.set()
         return True
+
+    async def _install(self, ca_pem: bytes, cert_pem: bytes, credential: str) -> None:
+        """Keep the certificate and credential issued by the domain, and load them into the
+        TLS contexts (the same context objects: servers and clients pick them up at their
+        next handshake)."""
+        write_private(self.cert_file, cert_pem)
+        ca_changed = ca_pem != self.ca_pem
+        if ca_changed:
+            self.ca_file.write_bytes(ca_pem)
+        try:
+            self.verifier.set_ca(ca_public_key(ca_pem))
+        except CertificateError as exc:
+            raise JoinRefused(f"the domain sent an unusable CA certificate: {exc}") from exc
+        if self.signer is None:
+            self.signer = Signer(self.key, credential)
+        else:
+            self.signer.credential = credential
+        if self.server_tls is None or self.client_tls is None:
+            self.server_tls = server_context(self.cert_file, self._key_file, ca_pem)
+            self.client_tls = client_context(ca_pem, self.cert_file, self._key_file)
+        else:
+            self.server_tls.load_cert_chain(self.cert_file, self._key_file)
+            self.client_tls.load_cert_chain(self.cert_file, self._key_file)
+            if ca_changed:
+                # A domain server that lost its state made a new CA: trust it too.
+                self.server_tls.load_verify_locations(cadata=ca_pem.decode())
+                self.client_tls.load_verify_locations(cadata=ca_pem.decode())
+        self.ca_pem = ca_pem
+        if self._domain is None or self._domain.base_url != (self.domain_url or "").rstrip("/"):
+            if self._domain is not None:
+                await self._domain.aclose()
+            assert self.domain_url is not None
+            self._domain = PeerClient(self.domain_url, self.signer, self.client_tls, timeout=10)
+
+    def _apply_revoked(self, revoked: list[Revocation], generation: int) -> None:
+        if generation == self.verifier.revocation_generation:
+            return
+        before = set(self.verifier.revoked)
+        self.verifier.set_revoked({r.component_id: r.revoked_at for r in revoked}, generation)
+        for cid in set(self.verifier.revoked) - before:
+            log.info("peer credentials revoked", extra={"component": self.component_id,
+                                                        "peer": cid})
 
     async def _run(self) -> None:
         while True:
@@ -229,6 +369,10 @@ class Membership:
                 # Rediscover: the domain server may have moved (F-MOVE).
                 self.joined.clear()
             return
+        self._apply_revoked(resp.revoked, resp.revocation_generation)
+        if resp.credential and resp.certificate_pem and self.ca_pem is not None:
+            await self._install(self.ca_pem, resp.certificate_pem.encode(), resp.credential)
+            log.info("certificate and credential renewed", extra={"component": self.component_id})
         if resp.generation != self.generation:
             self.generation = resp.generation
             await self._apply_peers(resp.peers)

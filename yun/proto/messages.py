@@ -27,13 +27,38 @@ class Message(BaseModel):
 # --- domain: join and presence -------------------------------------------------
 
 
-class JoinRequest(Message):
-    """A component asks to join the work domain (F-JOIN)."""
+Nonce = Annotated[str, Field(min_length=32, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+Proof = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
+class JoinChallengeRequest(Message):
+    """First step of a join: the component names itself and sends a fresh nonce."""
 
     type: ComponentType
     name: Name
+    client_nonce: Nonce
+
+
+class JoinChallenge(Message):
+    """The domain server's answer: its nonce, its CA certificate, and its proof that it
+    knows the domain secret (HMAC over both nonces and the CA certificate's sha256)."""
+
+    challenge_id: str
+    server_nonce: str
+    ca_cert_pem: str
+    server_proof: str
+
+
+class JoinRequest(Message):
+    """Second step (F-JOIN): the component's proof of the secret, bound to its public key."""
+
+    challenge_id: str = Field(min_length=1, max_length=64)
+    client_proof: Proof
+    public_key: str = Field(min_length=43, max_length=43,
+                            description="the component's Ed25519 public key, base64url")
+    type: ComponentType
+    name: Name
     url: str = Field(min_length=1, max_length=2048, description="where peers reach this component")
-    secret: str = Field(min_length=1, max_length=512)
     component_id: str | None = Field(
         default=None, max_length=64, description="the id from an earlier join, to rejoin as itself"
     )
@@ -48,13 +73,26 @@ class Peer(Message):
     url: str
 
 
+class Revocation(Message):
+    """Credentials of ``component_id`` issued up to ``revoked_at`` are refused; the entry is
+    dropped at ``expires_at``, when every such credential has expired anyway."""
+
+    component_id: str
+    revoked_at: float
+    expires_at: float
+
+
 class JoinResponse(Message):
     component_id: str
     credential: str
+    certificate_pem: str
+    ca_cert_pem: str
     domain: str
     heartbeat_interval: float
     ttl: float
     peers: list[Peer]
+    revoked: list[Revocation] = Field(default_factory=list)
+    revocation_generation: int = 0
 
 
 class HeartbeatRequest(Message):
@@ -64,6 +102,10 @@ class HeartbeatRequest(Message):
 class HeartbeatResponse(Message):
     peers: list[Peer]
     generation: int
+    revoked: list[Revocation] = Field(default_factory=list)
+    revocation_generation: int = 0
+    credential: str | None = Field(default=None, description="a renewed credential")
+    certificate_pem: str | None = Field(default=None, description="a renewed certificate")
 
 
 class ComponentStatus(StrEnum):

@@ -12,14 +12,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yun.proto import PROTOCOL_VERSION, VERSION_HEADER
-from yun.proto.auth import SCHEME, Identity, verify_credential
+from yun.proto.auth import Identity, Verifier
 from yun.proto.components import ComponentType
 from yun.proto.errors import (
     PROBLEM_MEDIA_TYPE,
     BadRequest,
     Forbidden,
     Problem,
-    Unauthorized,
     YunError,
 )
 
@@ -83,31 +82,44 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
 
+IDENTITY_SCOPE_KEY = "yun.identity"
+
+
+def request_target(request: Request) -> str:
+    """The path and query of ``request`` as the client sent them (what it signed)."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    return (raw + b"?" + query if query else raw).decode("latin-1")
+
+
+def verified_caller(verifier: Verifier, request: Request) -> Identity:
+    """The verified caller of ``request``, checked once per request (a second check
+    would see the request's own nonce as a replay)."""
+    cached = request.scope.get(IDENTITY_SCOPE_KEY)
+    if isinstance(cached, Identity):
+        return cached
+    version = request.headers.get(VERSION_HEADER)
+    if version is not None and version != str(PROTOCOL_VERSION):
+        raise BadRequest(
+            f"protocol version {version} is not supported; this component speaks "
+            f"{PROTOCOL_VERSION}"
+        )
+    identity = verifier.verify(request.method, request_target(request), request.headers)
+    request.scope[IDENTITY_SCOPE_KEY] = identity
+    return identity
+
+
 def peer_identity(
-    secret_provider: Callable[[], str | None],
-    allowed: Iterable[ComponentType] | None = None,
+    verifier: Verifier, allowed: Iterable[ComponentType] | None = None,
 ) -> Callable[[Request], Awaitable[Identity]]:
-    """A FastAPI dependency admitting only requests signed with a credential of this domain.
+    """A FastAPI dependency admitting only requests signed by a member of this domain.
 
     ``allowed`` limits which component types may call the route (F-ASSOC).
     """
     allowed_set = frozenset(allowed) if allowed is not None else None
 
     async def dependency(request: Request) -> Identity:
-        version = request.headers.get(VERSION_HEADER)
-        if version is not None and version != str(PROTOCOL_VERSION):
-            raise BadRequest(
-                f"protocol version {version} is not supported; this component speaks "
-                f"{PROTOCOL_VERSION}"
-            )
-        secret = secret_provider()
-        if secret is None:
-            raise Unauthorized("this component has not joined a domain yet")
-        header = request.headers.get("Authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme != SCHEME or not credential:
-            raise Unauthorized(f"missing '{SCHEME}' credential in the Authorization header")
-        identity = verify_credential(secret, credential.strip())
+        identity = verified_caller(verifier, request)
         if allowed_set is not None and identity.component_type not in allowed_set:
             raise Forbidden(
                 f"a {identity.component_type} component may not call {request.url.path}"

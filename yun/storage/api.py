@@ -1,8 +1,17 @@
 """The Storage Server's internal HTTP API: upload, download (with ranges), list, delete.
 
 Uploads and downloads stream: neither side ever holds an image in memory. Every
-route except ``/healthz`` requires a credential of the domain (the ``auth``
-dependency the launcher builds with :func:`yun.proto.server.peer_identity`).
+route except ``/healthz`` requires a signed request of a domain member, and admits only
+the component types that need it:
+
+===========================================  ====================================
+``PUT /internal/v1/images/{id}/data``         gateway (a user's upload streams through)
+``GET /internal/v1/images/{id}/data``         node (caches an image for a VM)
+``GET /internal/v1/images``, ``.../{id}``     control (checks what is stored)
+``DELETE /internal/v1/images/{id}``           control (image deletion)
+===========================================  ====================================
+
+So a node can read images but never write or delete one.
 """
 
 from __future__ import annotations
@@ -10,13 +19,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from yun.proto.auth import Verifier
+from yun.proto.components import ComponentType as CT
 from yun.proto.messages import StorageImageReport
-from yun.proto.server import install_problem_handlers, problem_response
+from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 from yun.storage.store import (
     ImageRecord,
     ImageStore,
@@ -61,7 +71,7 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
 
 def create_storage_app(
     store: ImageStore,
-    auth: Callable[..., Any],
+    verifier: Verifier,
     on_stored: OnStored | None = None,
     max_upload_bytes: int = 64 * 1024**3,
 ) -> FastAPI:
@@ -74,7 +84,10 @@ def create_storage_app(
     """
     app = FastAPI(title="Yun storage server", version="1")
     install_problem_handlers(app)
-    router = APIRouter(prefix="/internal/v1", dependencies=[Depends(auth)])
+    router = APIRouter(prefix="/internal/v1")
+    uploader = [Depends(peer_identity(verifier, {CT.GATEWAY}))]
+    reader = [Depends(peer_identity(verifier, {CT.NODE}))]
+    manager = [Depends(peer_identity(verifier, {CT.CONTROL}))]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -84,6 +97,7 @@ def create_storage_app(
         "/images/{image_id}/data",
         response_model=StorageImageReport,
         status_code=201,
+        dependencies=uploader,
         responses={200: {"model": StorageImageReport, "description": "already stored"}},
     )
     async def upload(
@@ -117,7 +131,8 @@ def create_storage_app(
                 raise
         return JSONResponse(report.model_dump(mode="json"), status_code=201 if created else 200)
 
-    @router.get("/images/{image_id}/data", response_class=StreamingResponse)
+    @router.get("/images/{image_id}/data", response_class=StreamingResponse,
+                dependencies=reader)
     async def download(image_id: str, request: Request) -> Response:
         """Stream image ``image_id``, whole or one ``Range``."""
         record = store.get(image_id)
@@ -144,17 +159,17 @@ def create_storage_app(
             body, status_code=status, headers=headers, media_type="application/octet-stream"
         )
 
-    @router.get("/images", response_model=list[ImageRecord])
+    @router.get("/images", response_model=list[ImageRecord], dependencies=manager)
     async def list_images() -> list[ImageRecord]:
         """Every stored image."""
         return store.list()
 
-    @router.get("/images/{image_id}", response_model=ImageRecord)
+    @router.get("/images/{image_id}", response_model=ImageRecord, dependencies=manager)
     async def get_image(image_id: str) -> ImageRecord:
         """The metadata of one image."""
         return store.get(image_id)
 
-    @router.delete("/images/{image_id}", status_code=204)
+    @router.delete("/images/{image_id}", status_code=204, dependencies=manager)
     async def delete_image(image_id: str) -> Response:
         """Remove an image; deleting an absent image succeeds too."""
         await store.delete(image_id)

@@ -9,7 +9,6 @@ from yun.proto.components import ComponentType
 from yun.proto.errors import Unavailable, YunError
 from yun.proto.membership import Membership
 from yun.proto.messages import StorageImageReport
-from yun.proto.server import peer_identity
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.serve import AppServer, service_url
@@ -22,9 +21,7 @@ class StorageService:
         self.settings = settings
         self.store = ImageStore(settings.state_dir / "storage")
         self.membership = Membership(settings, ComponentType.STORAGE, url="")
-        auth = peer_identity(lambda: settings.domain_secret or None,
-                             {ComponentType.CONTROL, ComponentType.NODE, ComponentType.GATEWAY})
-        app = create_storage_app(self.store, auth, self._report_stored,
+        app = create_storage_app(self.store, self.membership.verifier, self._report_stored,
                                  settings.max_upload_bytes)
         self.server = AppServer(app, settings.listen_host, settings.listen_port)
         self.url = self.membership.url = service_url(settings, self.server.port)
@@ -44,7 +41,7 @@ class StorageService:
 
     async def start(self) -> None:
         await self.membership.start()
-        await self.server.start()
+        await self.server.start(self.membership.serving_tls())
         log.info("storage server ready", extra={"url": self.url,
                                                 "component": self.membership.component_id})
 

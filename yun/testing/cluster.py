@@ -1,13 +1,15 @@
 """A whole Yun cloud in one event loop, on loopback: for integration tests and benchmarks.
 
-Every component is the real service with its real HTTP server and protocol; only
-the hypervisor is the `sim` driver. Ports are picked by the kernel.
+Every component is the real service with its real HTTP server and protocol (TLS on
+internal ports, signed requests); only the hypervisor is the `sim` driver. Ports are
+picked by the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,10 @@ from yun.control.service import ControlService
 from yun.domain.service import DomainService
 from yun.gateway.service import GatewayService
 from yun.node.service import NodeService
+from yun.proto.auth import Signer, issue_credential
+from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
+from yun.proto.pki import client_context, load_or_create_key, url_host, write_private
 from yun.storage.service import StorageService
 
 
@@ -193,6 +198,29 @@ class SimCluster:
             if not cursor:
                 break
         return [found[u] for u in task_uuids]
+
+    def member(self, component_type: ComponentType, component_id: str, url: str = ""
+               ) -> tuple[Signer, ssl.SSLContext]:
+        """A signer and a TLS client context of a made-up member of this domain, issued by
+        the domain's own CA: what a (possibly compromised) component of that type holds.
+        For tests of the internal protocol's checks."""
+        assert self.domain is not None
+        ca = self.domain.ca
+        folder = self.root / "members" / component_id
+        key = load_or_create_key(folder / "key.pem")
+        cert = ca.issue(component_id, component_type.value, key.public_key(),
+                        url_host(url or self.domain.url), 3600)
+        write_private(folder / "cert.pem", cert)
+        credential = issue_credential(ca.key, component_id, component_type.value,
+                                      key.public_key(), 3600)
+        return (Signer(key, credential),
+                client_context(ca.cert_pem, folder / "cert.pem", folder / "key.pem"))
+
+    def member_client(self, url: str, component_type: ComponentType,
+                      component_id: str) -> PeerClient:
+        """A :class:`PeerClient` to ``url`` signing as a made-up member (see :meth:`member`)."""
+        signer, tls = self.member(component_type, component_id)
+        return PeerClient(url, signer, tls)
 
     async def stop(self) -> None:
         if self.api is not None:

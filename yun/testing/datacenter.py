@@ -86,7 +86,7 @@ class DataCenter:
         assert self.ctl is not None
         common = {
             "name": name, "domain_name": "dc", "domain_secret": self.secret,
-            "domain_url": f"http://{self.ctl.ip}:{PORTS['domain']}", "listen_host": host.ip,
+            "domain_url": f"https://{self.ctl.ip}:{PORTS['domain']}", "listen_host": host.ip,
             "state_dir": str(state_dir), "heartbeat_interval": 1.0,
         }
         if self.discover and section == "node":
@@ -161,11 +161,23 @@ class DataCenter:
         self._wait_up(host, PORTS["node"], name)
         return node_host
 
+    @staticmethod
+    def _serving(host: Host, port: int) -> bool:
+        """The gateway answers its plain-HTTP health check; an internal port serves TLS
+        that asks for a domain certificate (probed from inside the host's namespace)."""
+        if port == PORTS["gateway"]:
+            return http_get_in(host.ns.name, f"http://{host.ip}:{port}/healthz", 2).ok
+        probe = ("import sys; from yun.proto.pki import serving_tls; "
+                 "sys.exit(0 if serving_tls(sys.argv[1], int(sys.argv[2])) else 1)")
+        argv = ["ip", "netns", "exec", host.ns.name, sys.executable, "-c", probe, host.ip,
+                str(port)]
+        return subprocess.run(argv, capture_output=True, timeout=20, check=False).returncode == 0
+
     def _wait_up(self, host: Host, port: int, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         proc = self.procs[name]
         while time.monotonic() < deadline:
-            if http_get_in(host.ns.name, f"http://{host.ip}:{port}/healthz", 2).ok:
+            if self._serving(host, port):
                 return
             if proc.popen is not None and proc.popen.poll() is not None:
                 break

@@ -221,7 +221,7 @@ class ProcCloud:
         for name, extra in extras.items():
             section = "node" if name in self.node_names else name
             common = {"name": name, "domain_name": "chaos", "domain_secret": self.secret,
-                      "domain_url": f"http://127.0.0.1:{self.ports['domain']}",
+                      "domain_url": f"https://127.0.0.1:{self.ports['domain']}",
                       "listen_host": "127.0.0.1", "listen_port": self.ports[name],
                       "state_dir": str(self.state_dir(name)),
                       "heartbeat_interval": self.heartbeat_interval}

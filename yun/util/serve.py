@@ -1,7 +1,10 @@
 """Run an ASGI app with uvicorn inside the caller's event loop, on a socket bound up front.
 
 Binding first means the port is known (also when 0 was asked) before peers are told
-where to reach the service.
+where to reach the service. Internal ports serve TLS: the component binds, joins its
+domain (which issues its certificate for the advertised URL), then serves with the
+:class:`ssl.SSLContext` the join produced. Until then connections wait in the listen
+backlog, so a peer calling early is answered a moment later instead of refused.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
 
 import uvicorn
@@ -52,8 +56,17 @@ class AppServer:
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Start serving and return once the server accepts connections."""
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        """Start serving (TLS with ``tls``) and return once the server accepts connections.
+
+        The context is used as given, not copied, so loading a renewed certificate into it
+        takes effect at the next handshake.
+        """
+        config = self.server.config
+        if not config.loaded:
+            config.load()
+        # uvicorn builds its own context only from files; ours comes from the join.
+        config.ssl = tls
         self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
         for _ in range(500):
             if self.server.started or self._task.done():

@@ -13,7 +13,7 @@ from yun.control.context import ControlContext
 from yun.control.services.listing import ListParams
 from yun.proto.auth import Identity
 from yun.proto.components import ComponentType as CT
-from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, verify_context
+from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, decode_context
 from yun.proto.errors import Unauthorized
 from yun.proto.server import peer_identity
 
@@ -28,23 +28,25 @@ class Deps:
 
 
 def make_deps(ctx: ControlContext) -> Deps:
-    def secret() -> str | None:
-        return ctx.membership.domain_secret or None
-    return Deps(gateway=peer_identity(secret, {CT.GATEWAY, CT.CONTROL}),
-                node=peer_identity(secret, {CT.NODE}),
-                storage=peer_identity(secret, {CT.STORAGE}))
+    """User routes admit the gateway (and other control servers), node reports nodes only,
+    image reports storage servers only."""
+    verifier = ctx.membership.verifier
+    return Deps(gateway=peer_identity(verifier, {CT.GATEWAY, CT.CONTROL}),
+                node=peer_identity(verifier, {CT.NODE}),
+                storage=peer_identity(verifier, {CT.STORAGE}))
 
 
 def context_of(ctx: ControlContext, request: Request, caller: Identity
                ) -> RequestContext | AnonymousContext:
-    """The signed request context the gateway forwarded (cached on the request)."""
+    """The request context the gateway forwarded, bound to the request by its signature
+    (cached on the request)."""
     cached = getattr(request.state, "yun_context", None)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     header = request.headers.get(CONTEXT_HEADER)
     if not header:
         raise Unauthorized(f"a user request needs the {CONTEXT_HEADER} header")
-    found = verify_context(ctx.membership.domain_secret, header, caller.component_id)
+    found = decode_context(header, caller.component_type)
     request.state.yun_context = found
     return found
 

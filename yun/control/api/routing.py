@@ -24,10 +24,10 @@ from yun.control.db.idempotency import current_key, forget_expired, scoped_key
 from yun.control.db.models import AuditRow, IdempotencyRow, utcnow
 from yun.control.flows.engine import is_busy_violation
 from yun.proto import REQUEST_ID_HEADER
-from yun.proto.auth import verify_credential
 from yun.proto.components import ComponentType
-from yun.proto.context import CONTEXT_HEADER, RequestContext, verify_context
+from yun.proto.context import CONTEXT_HEADER, RequestContext, decode_context
 from yun.proto.errors import Conflict, Unprocessable, YunError
+from yun.proto.server import verified_caller
 
 log = logging.getLogger("yun.control.api")
 
@@ -87,14 +87,16 @@ class ControlRoute(APIRoute):
 
 
 def _context(control: Any, request: Request) -> Any:
-    """The verified context, or None (the route's own dependency refuses a bad one)."""
+    """The verified context, or None (the route's own dependency refuses a bad one).
+
+    The request is verified here, once; the route's dependency reuses the result.
+    """
     header = request.headers.get(CONTEXT_HEADER)
-    auth = request.headers.get("Authorization", "")
-    if not header or not auth.startswith("Yun "):
+    if not header:
         return None
     try:
-        caller = verify_credential(control.membership.domain_secret, auth[4:].strip())
-        return verify_context(control.membership.domain_secret, header, caller.component_id)
+        caller = verified_caller(control.membership.verifier, request)
+        return decode_context(header, caller.component_type)
     except YunError:
         return None
 

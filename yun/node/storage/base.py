@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import abc
+import ssl
+from dataclasses import dataclass
+
+import httpx
 
 from yun.node.hypervisor.base import ResolvedDisk
 from yun.proto.messages import DiskSpec, ImageLocation
@@ -12,11 +16,21 @@ class DiskError(RuntimeError):
     """A disk or image could not be made ready."""
 
 
+@dataclass(frozen=True)
+class ImageAccess:
+    """How this node reaches a storage server: ``auth`` signs each request with the node's
+    key and credential, ``tls`` checks the server against the domain CA and presents the
+    node's certificate."""
+
+    auth: httpx.Auth | None = None
+    tls: ssl.SSLContext | None = None
+
+
 class DiskBackend(abc.ABC):
     """Makes the disks of a VM real on this node, and removes them."""
 
     @abc.abstractmethod
-    async def ensure_image(self, image: ImageLocation, credential: str | None) -> None:
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> None:
         """Have ``image`` in the node's cache, fetched from the storage server and verified.
 
         Interrupted downloads resume; a cached image whose checksum matches is not fetched again.

@@ -26,6 +26,7 @@ import os
 import pwd
 import re
 import shutil
+import ssl
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -34,9 +35,8 @@ import httpx
 
 from yun.node.hypervisor.base import ResolvedDisk
 from yun.node.storage import qemu_img
-from yun.node.storage.base import DiskBackend, DiskError
+from yun.node.storage.base import DiskBackend, DiskError, ImageAccess
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
-from yun.proto.auth import authorization_header
 from yun.proto.messages import DiskSpec, ImageLocation
 from yun.util.ids import uuid_problem
 
@@ -160,12 +160,15 @@ class LocalDiskBackend(DiskBackend):
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._disk_locks: dict[str, asyncio.Lock] = {}
         self._client: httpx.AsyncClient | None = None
+        self._client_tls: ssl.SSLContext | None = None
+        self._old_clients: list[httpx.AsyncClient] = []
 
     async def aclose(self) -> None:
         """Close the HTTP client used for downloads."""
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in [*self._old_clients, *([self._client] if self._client else [])]:
+            await client.aclose()
+        self._client = None
+        self._old_clients.clear()
 
     def _tighten_modes(self) -> None:
         """Make what an older version left world-readable (0644 files, 0755
@@ -177,13 +180,18 @@ class LocalDiskBackend(DiskBackend):
             if vm_dir.is_dir():
                 _mkdir(vm_dir, self.owner)
 
-    def _http(self) -> httpx.AsyncClient:
-        # Created lazily so the backend can be built outside an event loop.
-        if self._client is None:
+    def _http(self, access: ImageAccess | None) -> httpx.AsyncClient:
+        # Created lazily so the backend can be built outside an event loop, and again when
+        # the TLS context changes (a new join); one client keeps its connections.
+        tls = access.tls if access is not None else None
+        if self._client is None or tls is not self._client_tls:
+            if self._client is not None:
+                self._old_clients.append(self._client)
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.http_timeout, connect=min(10.0, self.http_timeout)),
-                follow_redirects=False,
+                follow_redirects=False, verify=tls if tls is not None else True,
             )
+            self._client_tls = tls
         return self._client
 
     def image_path(self, image_id: str, fmt: str) -> Path:
@@ -199,7 +207,7 @@ class LocalDiskBackend(DiskBackend):
 
     # --- image cache -------------------------------------------------------------------
 
-    async def ensure_image(self, image: ImageLocation, credential: str | None) -> None:
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> None:
         """Fetch ``image`` into the cache unless it is already there and verified."""
         check_image_location(image)
         path = self.image_path(image.image_id, image.format)
@@ -208,7 +216,7 @@ class LocalDiskBackend(DiskBackend):
         async with lock:
             if await self._cached_ok(image, path):
                 return
-            await self._download(image, path, credential)
+            await self._download(image, path, access)
 
     async def _cached_ok(self, image: ImageLocation, path: Path) -> bool:
         if not await asyncio.to_thread(path.exists):
@@ -227,7 +235,7 @@ class LocalDiskBackend(DiskBackend):
             )
         return True
 
-    async def _download(self, image: ImageLocation, path: Path, credential: str | None) -> None:
+    async def _download(self, image: ImageLocation, path: Path, access: ImageAccess | None) -> None:
         part = path.with_name(path.name + ".part")
         have, digest = 0, hashlib.sha256()
         # A second pass happens only when the server refuses the resume point (416).
@@ -241,7 +249,7 @@ class LocalDiskBackend(DiskBackend):
                 digest = hashlib.sha256()
                 await asyncio.to_thread(_hash_into, part, digest, have)
                 break
-            fetched = await self._fetch(image, part, have, credential)
+            fetched = await self._fetch(image, part, have, access)
             if fetched is None:
                 part.unlink(missing_ok=True)
                 continue
@@ -270,7 +278,7 @@ class LocalDiskBackend(DiskBackend):
                                         "size": image.size})
 
     async def _fetch(
-        self, image: ImageLocation, part: Path, have: int, credential: str | None
+        self, image: ImageLocation, part: Path, have: int, access: ImageAccess | None
     ) -> tuple[int, hashlib._Hash] | None:
         """Stream ``image`` into ``part`` from byte ``have``.
 
@@ -282,14 +290,15 @@ class LocalDiskBackend(DiskBackend):
             VERSION_HEADER: str(PROTOCOL_VERSION),
             REQUEST_ID_HEADER: uuid.uuid4().hex,
         }
-        if credential:
-            headers["Authorization"] = authorization_header(credential)
         if have:
             headers["Range"] = f"bytes={have}-"
         log.info("downloading image", extra={"image": image.image_id, "url": image.url,
                                              "resume_from": have})
         try:
-            async with self._http().stream("GET", image.url, headers=headers) as resp:
+            async with self._http(access).stream(
+                    "GET", image.url, headers=headers,
+                    auth=access.auth if access and access.auth else httpx.USE_CLIENT_DEFAULT,
+            ) as resp:
                 if resp.status_code == 416 and have:
                     return None
                 digest = hashlib.sha256()

@@ -19,7 +19,7 @@ from typing import Any
 
 from yun.node.hypervisor.base import ResolvedDisk
 from yun.node.hypervisor.sim.hostfile import SimHostFile
-from yun.node.storage.base import DiskBackend, DiskError
+from yun.node.storage.base import DiskBackend, DiskError, ImageAccess
 from yun.node.storage.local import check_disk, check_image_location, check_uuid
 from yun.proto.messages import DiskSpec, ImageLocation
 
@@ -99,7 +99,7 @@ class SimDiskBackend(DiskBackend):
     def _path(self, vm_uuid: str, disk_id: str) -> Path:
         return self.root / "vms" / vm_uuid / f"{disk_id}.qcow2"
 
-    async def ensure_image(self, image: ImageLocation, credential: str | None) -> None:
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> None:
         """Record ``image`` as cached; a different checksum for a cached id is refused."""
         await self._enter("ensure_image")
         check_image_location(image)
