@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -77,7 +77,8 @@ class Cloud:
             s.add(FlowRow(uuid="f-1", kind="vm.create", resource_type="vm",
                           resource_uuid=VM_A, state="succeeded"))
             s.add(IdempotencyRow(key="h-1", user_uuid="u-1", fingerprint="x",
-                                 status_code=202, body={}))
+                                 status_code=202, body={},
+                                 expires_at=datetime.now(UTC) + timedelta(days=1)))
         self.write_host("node-1", {
             "domains": {VM_A: {"state": "running", "disk_ids": [f"{VM_A}-root"],
                                "macs": [MAC_A]},
@@ -166,7 +167,8 @@ BREAKAGES: dict[str, tuple[Callable[[Cloud], object], str]] = {
         state="running", current_step="provision"))), "flow unfinished"),
     "key left in progress": (lambda c: c.edit(lambda s: s.add(IdempotencyRow(
         key="h-2", user_uuid="u-1", fingerprint="y", status_code=0, body={},
-        created_at=datetime.now(UTC)))), "idempotency key stuck in progress"),
+        created_at=datetime.now(UTC), expires_at=datetime.now(UTC) + timedelta(days=1)))),
+        "idempotency key stuck in progress"),
     "VM left building": (lambda c: c.edit(lambda s: setattr(_vm(s, VM_B), "state",
                                                              "building")), "VM stuck"),
     "VM left unknown": (lambda c: c.edit(lambda s: setattr(_vm(s, VM_A), "state",
