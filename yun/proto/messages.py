@@ -261,6 +261,12 @@ class ProvisionRequest(Message):
     start: bool = True
 
 
+class UploadAborted(Message):
+    """The storage server tells the control server an upload's stream broke."""
+
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class StorageImageReport(Message):
     """The storage server tells the control server an upload is stored."""
 

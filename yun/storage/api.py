@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from yun.proto.auth import Verifier
 from yun.proto.components import ComponentType as CT
@@ -38,6 +39,7 @@ from yun.storage.store import (
 log = logging.getLogger("yun.storage.api")
 
 OnStored = Callable[[StorageImageReport], Awaitable[None]]
+OnAborted = Callable[[str, str], Awaitable[None]]
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -74,6 +76,7 @@ def create_storage_app(
     verifier: Verifier,
     on_stored: OnStored | None = None,
     max_upload_bytes: int = 64 * 1024**3,
+    on_aborted: OnAborted | None = None,
 ) -> FastAPI:
     """The Storage Server's FastAPI application.
 
@@ -81,6 +84,8 @@ def create_storage_app(
     repeat. If it raises, the error is answered (e.g. 503) although the bytes stay
     stored: the uploader retries, the repeat answers 200 and announces the image
     again, so an image is never stored but unknown to the control plane.
+    ``on_aborted(image_id, reason)`` is awaited when an upload's stream breaks off (its
+    gateway died or its client went away), so the image does not stay ``uploading``.
     """
     app = FastAPI(title="Yun storage server", version="1")
     install_problem_handlers(app)
@@ -114,13 +119,24 @@ def create_storage_app(
             raise PayloadTooLarge(
                 f"upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes"
             )
-        record, created = await store.put(
-            image_id,
-            request.stream(),
-            name=name,
-            declared_format=fmt or None,
-            max_bytes=max_upload_bytes,
-        )
+        try:
+            record, created = await store.put(
+                image_id,
+                request.stream(),
+                name=name,
+                declared_format=fmt or None,
+                max_bytes=max_upload_bytes,
+            )
+        except ClientDisconnect:
+            log.warning("upload broke off; partial bytes dropped", extra={"image": image_id})
+            if on_aborted is not None:
+                try:
+                    await on_aborted(image_id, "the uploading gateway disconnected before "
+                                               "the image was complete")
+                except Exception as exc:  # the control server's upload timeout still applies
+                    log.warning("aborted upload not announced: %s", exc,
+                                extra={"image": image_id})
+            raise
         report = record.report()
         if on_stored is not None:
             try:

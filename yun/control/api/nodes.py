@@ -13,7 +13,7 @@ from yun.control.services.listing import listed
 from yun.control.services.nodes import node_models
 from yun.proto.auth import Identity
 from yun.proto.errors import Forbidden
-from yun.proto.messages import NodeReport, StorageImageReport
+from yun.proto.messages import NodeReport, StorageImageReport, UploadAborted
 from yun.proto.resources import Image, Node, Page
 
 
@@ -52,5 +52,10 @@ def component_router(api: ApiBundle) -> APIRouter:
             dependencies=[storage_caller])
     async def image_stored(image_uuid: str, report: StorageImageReport) -> Image:
         return await api.images.stored(report.model_copy(update={"image_id": image_uuid}))
+
+    @r.post("/images/{image_uuid}/aborted", status_code=204, response_model=None,
+            dependencies=[storage_caller])
+    async def image_upload_aborted(image_uuid: str, report: UploadAborted) -> None:
+        await api.images.aborted(image_uuid, report.reason)
 
     return r

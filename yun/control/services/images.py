@@ -142,6 +142,10 @@ class ImageService:
                                         "size": report.size, "sha256": report.sha256})
         return image
 
+    async def aborted(self, image_uuid: str, reason: str) -> None:
+        """The storage server saw the upload of ``image_uuid`` break off."""
+        await upload_aborted(self.ctx, image_uuid, reason)
+
     async def get(self, ref: str, scope: Scope) -> Image:
         async with self.ctx.db.session() as session:
             row = await find(session, ImageRow, ref, "image", scope)
@@ -201,19 +205,42 @@ async def expire_uploads(ctx: ControlContext, older_than: float) -> list[str]:
             .where(ImageRow.updated_at < limit))).all())
         if not stale:
             return []
-        # Conditional: an upload that completes meanwhile stays active.
-        await session.execute(
-            update(ImageRow).where(ImageRow.uuid.in_(stale))
-            .where(ImageRow.status == ImageStatus.UPLOADING)
-            .values(status=ImageStatus.ERROR, upload_key=None, updated_at=utcnow(),
-                    error=f"upload abandoned: not finished within {older_than:.0f} s (its "
-                          "gateway or storage server stopped); delete the image and upload "
-                          "it again")
-            .execution_options(synchronize_session=False))
+        stale = await _fail_uploads(
+            session, stale, f"upload abandoned: not finished within {older_than:.0f} s (its "
+                            "gateway or storage server stopped); delete the image and upload it "
+                            "again")
     for image_uuid in stale:
         log.warning("image upload abandoned; marked error", extra={
             "image": image_uuid, "timeout": older_than})
     return stale
+
+
+async def upload_aborted(ctx: ControlContext, image_uuid: str, reason: str) -> bool:
+    """The storage server saw an upload's stream break (its gateway died or the client
+    went away): the image becomes ``error`` at once instead of waiting for
+    ``upload_timeout``. Returns whether an ``uploading`` image was marked."""
+    async with ctx.db.session() as session:
+        marked = await _fail_uploads(
+            session, [image_uuid], f"upload aborted: {reason}; delete the image and upload "
+                                   "it again")
+    if marked:
+        log.warning("image upload aborted; marked error", extra={"image": image_uuid,
+                                                                 "reason": reason})
+    return bool(marked)
+
+
+async def _fail_uploads(session: AsyncSession, image_uuids: list[str], error: str
+                        ) -> list[str]:
+    """Mark those of ``image_uuids`` still ``uploading`` as ``error`` and free their
+    Idempotency-Key (so a client can upload again with it); return the ones marked."""
+    # Conditional: an upload that completes meanwhile stays active.
+    marked = await session.scalars(
+        update(ImageRow).where(ImageRow.uuid.in_(image_uuids))
+        .where(ImageRow.status == ImageStatus.UPLOADING)
+        .values(status=ImageStatus.ERROR, upload_key=None, updated_at=utcnow(), error=error)
+        .returning(ImageRow.uuid)
+        .execution_options(synchronize_session=False))
+    return list(marked.all())
 
 
 async def expire_uploads_loop(ctx: ControlContext, older_than: float,
