@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import secrets
 import time
 from collections import Counter
@@ -206,6 +207,20 @@ async def _vm_states(url: str) -> Counter[str]:
     return await asyncio.to_thread(read)
 
 
+async def _error_reasons(url: str) -> Counter[str]:
+    """Why the failed VMs failed, by the first words of their error (numbers dropped)."""
+    def read() -> Counter[str]:
+        engine = create_engine(sync_url(url))
+        try:
+            with engine.connect() as conn:
+                errors = conn.execute(select(VmRow.error).where(VmRow.state == "error")).all()
+        finally:
+            engine.dispose()
+        return Counter(re.sub(r"[0-9a-f-]{8,}|\d+(\.\d+)?", "#", e or "no reason")[:70]
+                       for (e,) in errors)
+    return await asyncio.to_thread(read)
+
+
 async def test_bulk_create_survives_kill_9(cloud: ProcCloud, small_qcow2: Path,
                                            database_url: str) -> None:
     db = "postgresql" if database_url else "sqlite"
@@ -231,6 +246,7 @@ async def test_bulk_create_survives_kill_9(cloud: ProcCloud, small_qcow2: Path,
     keys = {run.key: run.answer for run in runs}
     after_chaos = await asyncio.to_thread(check, url, nodes, keys=keys)
     states = await _vm_states(url)
+    reasons = await _error_reasons(url)
 
     # -- delete everything through the API ---------------------------------------------------
     delete_began = time.monotonic()
@@ -266,6 +282,7 @@ async def test_bulk_create_survives_kill_9(cloud: ProcCloud, small_qcow2: Path,
         f"CHAOS [{db}] final answers: {dict(answered)}",
         f"CHAOS [{db}] VMs after settling: {dict(states)} (running "
         f"{states.get('running', 0)}, failed {states.get('error', 0)})",
+        f"CHAOS [{db}] why VMs failed: {dict(reasons.most_common())}",
         f"CHAOS [{db}] time to settle: "
         + (f"{settle_time:.1f}s" if settle_time is not None
            else f"did not settle in {SETTLE_TIMEOUT:.0f}s: {still}"),

@@ -18,6 +18,7 @@ from tests.integration.conftest import upload
 from yun.control.db.models import AddressRow, ImageRow, VmRow
 from yun.node.hypervisor.sim.hostfile import FILE_NAME
 from yun.node.service import NodeService
+from yun.proto.components import ComponentType
 from yun.proto.messages import DiskSpec, DomainSpec, NicSpec
 from yun.testing.cluster import SimCluster
 
@@ -276,13 +277,26 @@ async def test_domain_server_restart_changes_nothing_for_running_work(
                                                          "image": "img"})
              for i in range(6)]
     seen: set[str] = set()
+    answers: set[int] = set()
+    peers_lost: set[str] = set()
     watching = True
 
     async def watch() -> None:
-        assert cluster.control is not None
+        assert cluster.control is not None and cluster.gateway is not None
+        assert cluster.api is not None
         while watching:
             async with cluster.control.db.session() as session:
                 seen.update((await session.scalars(select(VmRow.state))).all())
+            # The gateway keeps its control server and the control server its nodes,
+            # although their rejoins reach the new domain server one by one.
+            if not cluster.gateway.membership.peers_of(ComponentType.CONTROL):
+                peers_lost.add("gateway lost its control server")
+            known = {p.component_id for p in
+                     cluster.control.ctx.membership.peers_of(ComponentType.NODE)}
+            if len(known) < len(cluster.node_services):
+                peers_lost.add("control server lost a node")
+            answers.add((await cluster.api.get("/api/v1/vms", params={"limit": 1}))
+                        .status_code)
             await asyncio.sleep(0.1)
 
     watcher = asyncio.create_task(watch())
@@ -295,6 +309,8 @@ async def test_domain_server_restart_changes_nothing_for_running_work(
     assert [t["state"] for t in tasks] == ["succeeded"] * len(tasks), [
         t.get("error") for t in tasks]
     assert "unknown" not in seen and "error" not in seen, seen
+    assert not peers_lost, peers_lost
+    assert answers == {200}, answers
     nodes = (await cluster.api.get("/api/v1/nodes")).json()["items"]
     assert [n["status"] for n in nodes] == ["up"] * len(nodes)
     for vm in running:

@@ -22,6 +22,7 @@ import logging
 import random
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -94,6 +95,10 @@ class Membership:
         self.peers: dict[str, Peer] = {}
         self.joined = asyncio.Event()
         self.generation = -1
+        # After a rejoin (the domain server restarted), peers that have not rejoined yet
+        # are missing from its lists for a moment: until this monotonic time they are kept
+        # (unless revoked), so a domain-server restart changes nothing for running work.
+        self._linger_until = 0.0
         self._callbacks: list[PeersChanged] = []
         self._clients: dict[str, PeerClient] = {}
         self._domain: PeerClient | None = None
@@ -283,6 +288,10 @@ class Membership:
         self._apply_revoked(resp.revoked, resp.revocation_generation)
         self._interval = resp.heartbeat_interval
         self.generation = -1  # the next heartbeat's peers are applied whatever they are
+        if self.peers:
+            # A rejoin: every peer needs up to one heartbeat to notice the restart and a
+            # presence TTL is the longest the domain itself would wait for it.
+            self._linger_until = time.monotonic() + resp.ttl + 2 * resp.heartbeat_interval
         log.info("joined domain", extra={"domain": resp.domain, "component": self.component_id,
                                          "type": str(self.type), "url": self.url,
                                          "domain_url": url, "peers": len(resp.peers)})
@@ -373,12 +382,19 @@ class Membership:
         if resp.credential and resp.certificate_pem and self.ca_pem is not None:
             await self._install(self.ca_pem, resp.certificate_pem.encode(), resp.credential)
             log.info("certificate and credential renewed", extra={"component": self.component_id})
-        if resp.generation != self.generation:
+        if resp.generation != self.generation or self._linger_until:
             self.generation = resp.generation
             await self._apply_peers(resp.peers)
 
     async def _apply_peers(self, peers: list[Peer]) -> None:
         new = {p.component_id: p for p in peers}
+        if self._linger_until:
+            if time.monotonic() < self._linger_until:
+                for cid, peer in self.peers.items():
+                    if cid not in new and cid not in self.verifier.revoked:
+                        new[cid] = peer
+            else:
+                self._linger_until = 0.0  # this list is the domain's whole view again
         added = [p for cid, p in new.items() if self.peers.get(cid) != p]
         removed = [p for cid, p in self.peers.items() if cid not in new]
         self.peers = new
