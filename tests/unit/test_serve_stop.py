@@ -1,0 +1,40 @@
+"""Stopping a TLS server does not wait for idle clients to answer its close_notify."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from yun.proto.pki import DomainCA, client_context, load_or_create_key, private_pem, server_context
+from yun.util.serve import AppServer
+
+
+async def test_tls_server_stops_at_once_with_an_idle_keep_alive_client(tmp_path: Path) -> None:
+    ca = DomainCA.load_or_create(tmp_path / "ca", "test")
+    ca_pem = ca.cert_pem
+    key = load_or_create_key(tmp_path / "server.key")
+    cert_pem = ca.issue("server-1", "control", key.public_key(), "127.0.0.1", 3600)
+    (tmp_path / "server.crt").write_bytes(cert_pem)
+    (tmp_path / "server.pem").write_bytes(private_pem(key))
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, str]:
+        return {"pong": "yes"}
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start(server_context(tmp_path / "server.crt", tmp_path / "server.pem", ca_pem,
+                                      require_client_cert=False))
+    client = httpx.AsyncClient(verify=client_context(ca_pem))
+    try:
+        resp = await client.get(f"https://127.0.0.1:{server.port}/ping")
+        assert resp.json() == {"pong": "yes"}
+        # The client keeps its connection in its pool, idle, and reads nothing from it.
+        started = time.monotonic()
+        await server.stop()
+        assert time.monotonic() - started < 3.0  # uvicorn's graceful timeout is 5 s
+    finally:
+        await client.aclose()
