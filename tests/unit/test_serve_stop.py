@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 
-from yun.proto.pki import DomainCA, client_context, load_or_create_key, private_pem, server_context
+from yun.proto.pki import (
+    DomainCA,
+    client_context,
+    load_or_create_key,
+    private_pem,
+    server_context,
+    serving_tls,
+)
 from yun.util.serve import AppServer
 
 
@@ -38,3 +46,22 @@ async def test_tls_server_stops_at_once_with_an_idle_keep_alive_client(tmp_path:
         assert time.monotonic() - started < 3.0  # uvicorn's graceful timeout is 5 s
     finally:
         await client.aclose()
+
+
+async def test_readiness_probe_tells_a_serving_tls_port_from_a_bound_one(tmp_path: Path) -> None:
+    """The probe the all-in-one and the system harness use: a port that requires a client
+    certificate it does not have still counts as serving; a bound socket nobody serves
+    does not."""
+    ca = DomainCA.load_or_create(tmp_path / "ca", "test")
+    key = load_or_create_key(tmp_path / "server.key")
+    (tmp_path / "server.crt").write_bytes(
+        ca.issue("server-1", "node", key.public_key(), "127.0.0.1", 3600))
+    (tmp_path / "server.pem").write_bytes(private_pem(key))
+    server = AppServer(FastAPI(), "127.0.0.1", 0)
+    assert not await asyncio.to_thread(serving_tls, "127.0.0.1", server.port, 1.0)
+    await server.start(server_context(tmp_path / "server.crt", tmp_path / "server.pem",
+                                      ca.cert_pem, require_client_cert=True))
+    try:
+        assert await asyncio.to_thread(serving_tls, "127.0.0.1", server.port, 2.0)
+    finally:
+        await server.stop()
