@@ -3,6 +3,7 @@ in 0700 directories whatever the umask, and the node's are owned by QEMU's user.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import uuid
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from yun.control.db.session import Database
 from yun.node.storage.local import LocalDiskBackend, qemu_owner
 from yun.proto.messages import DiskSpec
 from yun.storage.store import ImageStore
@@ -101,3 +104,22 @@ def test_qemu_owner_follows_qemu_conf(tmp_path: Path) -> None:
     assert qemu_owner(conf) == (65534, 4242)
     conf.write_text('user = "no-such-user-here"\n')
     assert qemu_owner(conf) is None  # no chown to a user that does not exist
+
+
+async def test_control_database_file_is_private(tmp_path: Path) -> None:
+    """The SQLite database holds password hashes and API key secrets: 0600, also when an
+    older version left it world-readable, and its WAL files follow."""
+    old = tmp_path / "old.db"
+    old.touch(mode=0o644)
+    old.chmod(0o644)
+    for path in (tmp_path / "new.db", old):
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            await db.migrate()
+            async with db.session() as session:  # a write makes the -wal and -shm files
+                await session.execute(text("CREATE TABLE probe (x INTEGER)"))
+        finally:
+            await db.dispose()
+        modes = await asyncio.to_thread(
+            lambda p=path: {f.name: mode(f) for f in (p, *p.parent.glob(f"{p.name}-*"))})
+        assert set(modes.values()) == {0o600}, modes

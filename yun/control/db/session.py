@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -83,6 +85,8 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def migrate(self) -> None:
+        await asyncio.to_thread(_private_sqlite_file, self.engine.url.database
+                                if self.url.startswith("sqlite") else None)
         await asyncio.to_thread(upgrade, self.url)
 
     @asynccontextmanager
@@ -93,6 +97,21 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _private_sqlite_file(path: str | None) -> None:
+    """Make the SQLite database file (and so its -wal and -shm files, which SQLite creates
+    with the database's mode) readable by its owner only: it holds password hashes and API
+    key secrets."""
+    if not path or path == ":memory:":
+        return
+    db_file = Path(path)
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db_file, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{db_file}{suffix}", 0o600)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
