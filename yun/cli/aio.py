@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import stat
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +21,7 @@ from yun.node.hypervisor.libvirt.daemons import ensure_libvirt_daemons
 from yun.proto.identity import IssuedToken
 from yun.proto.pki import serving_tls
 from yun.proto.resources import Image, Task, Vm, VmCreate
+from yun.util.files import write_atomic
 from yun.util.procs import read_pid, start_detached, stop_pid
 
 app = typer.Typer(help="All-in-one: the whole cloud on this host.", no_args_is_help=True)
@@ -42,36 +41,6 @@ ADMIN_PASSWORD = Path("/etc/yun/admin-password")
 DOMAIN_SECRET = Path("/etc/yun/domain-secret")
 GUEST_IMAGE = Path("/var/cache/yun/test-guest/yun-guest.qcow2")
 AIO_PROFILE = "aio"
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically by a file of mode 0600 holding ``text``: it is never
-    readable by others, not even for a moment, and a crash leaves the old or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # made 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _write_public_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically by a file of mode 0644 (it holds no secret)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _kept_secret(path: Path) -> str:
@@ -102,9 +71,9 @@ def write_config(path: Path = DEFAULT_CONFIG, *, secret_file: Path = DOMAIN_SECR
               or secrets.token_urlsafe(24))
     if _kept_secret(secret_file) != secret or \
             stat.S_IMODE(secret_file.stat().st_mode) != 0o600:
-        write_private_file(secret_file, secret + "\n")
+        write_atomic(secret_file, secret + "\n")
     if not _kept_secret(password_file):
-        write_private_file(password_file, secrets.token_urlsafe(18) + "\n")
+        write_atomic(password_file, secrets.token_urlsafe(18) + "\n")
     password_file.chmod(0o600)
     if current.get("common", {}).get("domain_secret_file") == str(secret_file) and \
             "domain_secret" not in current.get("common", {}) and \
@@ -146,7 +115,7 @@ listen_port = {PORTS['gateway']}
 [cli]
 api_url = "http://127.0.0.1:{PORTS['gateway']}"
 """
-    _write_public_file(path, text)
+    write_atomic(path, text, mode=0o644)
     return tomllib.loads(text)
 
 

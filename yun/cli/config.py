@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from yun.client import KeyPairAuth, TokenAuth
 from yun.config import DEFAULT_CONFIG
+from yun.util.files import write_atomic
 
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 DEFAULT_PROFILE = "default"
@@ -144,33 +144,10 @@ def dump_profiles(config: Profiles) -> str:
     return "\n".join(lines)
 
 
-def write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically by a 0600 file holding ``text``, in a 0700 directory:
-    a reader sees the old file or the new one, never half of one, and nobody else can
-    read the secrets even for a moment."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp made it 0600
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
-
-
 def save_profiles(config: Profiles, path: Path | None = None) -> Path:
     """Write the profiles file; returns its path."""
     path = path or profiles_path()
-    write_private(path, dump_profiles(config))
+    write_atomic(path, dump_profiles(config), dir_mode=0o700)
     return path
 
 

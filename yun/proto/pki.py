@@ -15,10 +15,8 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
 import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from yun.util.files import write_atomic
 
 log = logging.getLogger("yun.pki")
 
@@ -46,18 +46,8 @@ class CertificateError(ValueError):
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by its owner only, atomically (never a moment
-    world-readable, never half written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, KEY_MODE)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` readable by its owner only, atomically."""
+    write_atomic(path, data, mode=KEY_MODE)
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
