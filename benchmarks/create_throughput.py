@@ -61,6 +61,7 @@ from typing import Any
 import httpx
 from machine import cpu_model, memory_gib  # benchmarks/machine.py
 
+from yun.proto.pki import serving_tls
 from yun.util.lifecycle import sigterm_as_interrupt
 
 CONTROL_PLANE = ("domain", "control", "storage", "gateway")
@@ -250,7 +251,7 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
     tables: dict[str, dict[str, Any]] = {
         "common": {
             "domain_name": "bench", "domain_secret": secrets.token_urlsafe(16),
-            "domain_url": f"http://127.0.0.1:{ports['domain']}", "listen_host": "127.0.0.1",
+            "domain_url": f"https://127.0.0.1:{ports['domain']}", "listen_host": "127.0.0.1",
             "heartbeat_interval": 2.0, "log_level": "INFO",
         },
         "domain": {"name": "domain", "listen_port": ports["domain"], "mdns": False},
@@ -304,7 +305,9 @@ async def bring_up(dep: Deployment, api: httpx.AsyncClient, nodes: int,
         dep.services[name].start()
         port = dep.ports[name]
 
-        async def healthy(port: int = port) -> bool:
+        async def healthy(port: int = port, name: str = name) -> bool:
+            if name != "gateway":  # internal ports speak TLS with domain certificates only
+                return await asyncio.to_thread(serving_tls, "127.0.0.1", port)
             async with httpx.AsyncClient(timeout=2) as probe:
                 return (await probe.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
 
