@@ -46,6 +46,18 @@ async def test_upload_of_a_killed_gateway_is_marked_failed_at_once(small_qcow2: 
                         break
                     await asyncio.sleep(0.2)
             assert image is not None and image["status"] == "uploading", image
+            # Kill the gateway once its stream has reached the storage server (a partial file in
+            # its tmp/). A gateway killed before that leaves the storage server nothing to
+            # notice: such an upload ends by the control server's upload_timeout.
+            incoming = cloud.state_dir("storage") / "storage" / "tmp"
+            for _ in range(150):
+                if await asyncio.to_thread(
+                        lambda: any(f.name.startswith(image["uuid"])
+                                    for f in incoming.glob("*"))):
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"the upload never reached the storage server: {incoming}")
             cloud.kill("gateway")
             # The client is parked in its own body generator; it would notice only at its
             # next write.
