@@ -74,6 +74,7 @@ from create_throughput import (  # benchmarks/create_throughput.py: the same dep
     UNFINISHED,
     BenchmarkError,
     Deployment,
+    add_deployment_options,
     bring_up,
     get_json,
     list_all,
@@ -706,16 +707,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also keep py-spy's folded stacks (flamegraph input) in DIR")
     parser.add_argument("--tcp-nodelay", action="store_true",
                         help="diagnostics: start the services through a wrapper that sets "
-                             "TCP_NODELAY on the connections they accept (today they keep "
-                             "Nagle's algorithm); shows what that costs, not Yun as it is")
-    parser.add_argument("--timeout", type=float, default=240.0,
-                        help="seconds the VM creates may take (default 240)")
-    parser.add_argument("--startup-timeout", type=float, default=90.0,
-                        help="seconds the cloud may take to come up (default 90)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="also write the figures to FILE as JSON")
-    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
-                        help="copy the services' logs and config to DIR before cleaning up")
+                             "TCP_NODELAY on the connections they accept (Yun's own sockets "
+                             "do so since 2026-11-23); kept to compare with older figures")
+    add_deployment_options(parser)
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.profile = [] if args.profile.strip() in ("", "none") else \

@@ -706,6 +706,18 @@ def machine() -> str:
     return f"cpu {model}, {os.cpu_count()} cores, {mem_gib:.1f} GiB, loadavg {load}"
 
 
+def add_deployment_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark that brings up this deployment."""
+    parser.add_argument("--timeout", type=float, default=240.0,
+                        help="seconds the VM creates may take to end (default 240)")
+    parser.add_argument("--startup-timeout", type=float, default=90.0,
+                        help="seconds the cloud may take to come up (default 90)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the figures to FILE as JSON")
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="copy the services' logs and config to DIR before cleaning up")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benchmarks/create_throughput.py",
@@ -726,14 +738,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="VMs of the one-at-a-time baseline, deleted again (default 20)")
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="requests of each round-trip baseline (default 1000)")
-    parser.add_argument("--timeout", type=float, default=240.0,
-                        help="seconds the creates may take to end (default 240)")
-    parser.add_argument("--startup-timeout", type=float, default=90.0,
-                        help="seconds the cloud may take to come up (default 90)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="also write the figures to FILE as JSON")
-    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
-                        help="copy the services' logs and config to DIR before cleaning up")
+    add_deployment_options(parser)
     parser.add_argument("--profile-control", type=Path, default=None, metavar="FILE",
                         help="diagnostics: run the control server under cProfile and write "
                              "its profile to FILE (slows it down: not for the figures)")

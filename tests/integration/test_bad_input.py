@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import upload
+from tests.problems import assert_problem
 from yun.config import NodeSettings
 from yun.proto.auth import issue_credential
 from yun.proto.client import PeerClient
@@ -15,17 +16,6 @@ from yun.proto.components import ComponentType
 from yun.proto.membership import JoinRefused, Membership
 from yun.proto.pki import DomainCA
 from yun.testing.cluster import SimCluster
-
-
-def assert_problem(resp: httpx.Response, status: int, *fragments: str) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
-    assert body["status"] == status
-    for fragment in fragments:
-        assert fragment in body["detail"], body
-    assert "Traceback" not in resp.text
-    return body
 
 
 async def test_wrong_domain_secret_is_refused(cluster: SimCluster, tmp_path: Path) -> None:

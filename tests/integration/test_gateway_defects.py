@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import upload
+from tests.problems import assert_problem
 from yun.proto import signing
 from yun.testing.cluster import SimCluster
 
@@ -23,14 +24,6 @@ pytestmark = pytest.mark.skipif(not hasattr(SimCluster, "login"),
                                 reason="SimCluster cannot log in yet")
 
 
-def assert_problem(resp: httpx.Response, status: int, *fragments: str) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
-    for fragment in fragments:
-        assert fragment in body["detail"], body
-    assert "Traceback" not in resp.text
-    return body
 
 
 async def test_refs_that_would_change_the_internal_url_are_422(cluster: SimCluster) -> None:

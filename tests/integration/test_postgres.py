@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,18 @@ def tables() -> set[str]:
         engine.dispose()
 
 
+@asynccontextmanager
+async def cluster_on_postgres(tmp_path: Path, nodes: int) -> AsyncIterator[SimCluster]:
+    """A cloud of ``nodes`` sim nodes on a PostgreSQL schema made afresh."""
+    downgrade(URL, "base")
+    cluster = SimCluster(tmp_path, nodes=nodes, database_url=URL)
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
 def test_migrations_up_down_up() -> None:
     downgrade(URL, "base")
     assert not (tables() & TABLES)
@@ -46,10 +60,7 @@ def test_migrations_up_down_up() -> None:
 
 
 async def test_vm_lifecycle_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
-    downgrade(URL, "base")
-    cluster = SimCluster(tmp_path, nodes=3, database_url=URL)
-    await cluster.start()
-    try:
+    async with cluster_on_postgres(tmp_path, nodes=3) as cluster:
         api = cluster.api
         assert api is not None
         await upload(cluster, small_qcow2)
@@ -74,16 +85,11 @@ async def test_vm_lifecycle_on_postgres(tmp_path: Path, small_qcow2: Path) -> No
         assert (await api.get("/api/v1/vms", params={"count": "true"})).json()["total"] == 0
         nodes = (await api.get("/api/v1/nodes")).json()["items"]
         assert all(n["vcpus_reserved"] == 0 for n in nodes)
-    finally:
-        await cluster.stop()
 
 
 async def test_quota_race_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
     """Concurrent creates claim a project's quota through row locks: exactly the limit."""
-    downgrade(URL, "base")
-    cluster = SimCluster(tmp_path, nodes=3, database_url=URL)
-    await cluster.start()
-    try:
+    async with cluster_on_postgres(tmp_path, nodes=3) as cluster:
         api = cluster.api
         assert api is not None
         resp = await api.put("/api/v1/projects/default/quota", json={"limits": {"vms": 10}})
@@ -99,8 +105,6 @@ async def test_quota_race_on_postgres(tmp_path: Path, small_qcow2: Path) -> None
         assert page["total"] == 10
         await cluster.wait_tasks([a.json()["task"]["uuid"] for a in answers
                                   if a.status_code == 202])
-    finally:
-        await cluster.stop()
 
 
 async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
@@ -108,10 +112,7 @@ async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
     """Truly concurrent power requests on one VM start one flow; the others get that task
     (the same action) or a clear 409. Before: a SELECT then INSERT, so several flows
     could start for one VM on PostgreSQL."""
-    downgrade(URL, "base")
-    cluster = SimCluster(tmp_path, nodes=1, database_url=URL)
-    await cluster.start()
-    try:
+    async with cluster_on_postgres(tmp_path, nodes=1) as cluster:
         api = cluster.api
         assert api is not None and cluster.control is not None
         await upload(cluster, small_qcow2)
@@ -139,8 +140,6 @@ async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
             flows = (await session.execute(select(func.count()).select_from(FlowRow).where(
                 FlowRow.resource_uuid == vm))).scalar_one()
         assert flows <= 1 + 3 * 2  # create, then one action and at most one start per round
-    finally:
-        await cluster.stop()
 
 
 async def test_placement_keeps_releases_committed_during_its_batch_on_postgres() -> None:

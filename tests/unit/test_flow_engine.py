@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from yun.control.db.models import FlowRow, FlowStepRow
 from yun.control.db.session import Database
@@ -28,14 +24,6 @@ class Recorder(Step):
 
     async def rollback(self, ctx: FlowContext) -> None:
         self.log.append(f"rollback {self.name}")
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path}/flows.db")
-    await database.migrate()
-    yield database
-    await database.dispose()
 
 
 async def run_flow(engine: FlowEngine, kind: str) -> FlowRow:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,14 +35,6 @@ from yun.util.queues import KeyedQueues
 # Short retries, so a test sees a whole retry budget spent in about a second.
 FAST = RetryPolicy(first_delay=0.02, max_delay=0.1, step_deadline=0.5, journal_deadline=0.5,
                    hook_deadline=0.5)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path}/flows.db")
-    await database.migrate()
-    yield database
-    await database.dispose()
 
 
 @contextmanager

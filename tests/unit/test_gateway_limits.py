@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import httpx
 import pytest
 
+from tests.problems import assert_problem
 from tests.unit.test_gateway_harness import BEARER, chunks, make_gateway, vm_json
 from yun.gateway.limits import LOGIN_BURST, TokenBuckets
 
@@ -16,11 +16,6 @@ MIB = 1 << 20
 PAGE = {"items": [], "limit": 100, "offset": 0}
 
 
-def assert_problem(resp: httpx.Response, status: int, *fragments: str) -> None:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    for fragment in fragments:
-        assert fragment in resp.json()["detail"], resp.json()
 
 
 async def test_an_announced_100_mib_body_is_refused_unread() -> None:

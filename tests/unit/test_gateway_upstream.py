@@ -11,6 +11,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.problems import assert_problem
 from tests.unit.test_gateway_harness import (
     BEARER,
     CLIENT_IP,
@@ -37,14 +38,6 @@ BAD_REFS = [
 ]
 
 
-def assert_problem(resp: httpx.Response, status: int, *fragments: str) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
-    assert body["status"] == status
-    for fragment in fragments:
-        assert fragment in body["detail"], body
-    return body
 
 
 @pytest.mark.parametrize("ref", BAD_REFS)
