@@ -137,17 +137,67 @@ class DomainState(StrEnum):
     ABSENT = "absent"
 
 
+class NodeCapability(StrEnum):
+    """What a node's hypervisor can do; reported by the node and schedulable."""
+
+    LIVE_MIGRATE = "live_migrate"
+    HOTPLUG_DISK = "hotplug_disk"
+    HOTPLUG_NIC = "hotplug_nic"
+    SNAPSHOTS = "snapshots"
+    CONSOLE = "console"
+    QOS_CPU = "qos_cpu"
+    QOS_DISK = "qos_disk"
+    QOS_NET = "qos_net"
+    KVM = "kvm"
+
+
 class HostInfo(Message):
+    """A node's identity, capacity and load, as it reports them."""
+
     hostname: str
     hypervisor: str
     accel: str = Field(description="kvm or tcg")
-    vcpus: int
-    memory_mb: int
-    disk_gb: int
-    cpu_load: float = 0.0
-    memory_used_mb: int = 0
-    disk_used_gb: int = 0
+    vcpus: int = Field(ge=0, description="physical CPUs (threads) of the host")
+    memory_mb: int = Field(ge=0, description="the host's real memory (MemTotal)")
+    disk_gb: int = Field(ge=0)
+    memory_reserved_mb: int = Field(
+        default=0, ge=0, description="memory kept for the host itself, never given to VMs")
+    vcpus_reserved: int = Field(default=0, ge=0, description="CPUs kept for the host itself")
+    disk_reserved_gb: int = Field(default=0, ge=0, description="disk kept for the host itself")
+    cpu_load: float = Field(default=0.0, ge=0, description="busy fraction of all CPUs, 0..1")
+    memory_used_mb: int = Field(default=0, ge=0)
+    disk_used_gb: int = Field(default=0, ge=0)
+    net_load: float = Field(default=0.0, ge=0,
+                            description="busy fraction of the uplink's capacity, 0..1")
+    capabilities: list[NodeCapability] = Field(default_factory=list)
+    pool: str | None = Field(
+        default=None, max_length=63,
+        description="the pool the node's configuration names; used when it first registers")
     nat_subnet: str = Field(description="the node-local NAT network, e.g. 10.77.0.0/24")
+
+
+class CpuQos(StrEnum):
+    """CPU QoS levels (F-QOS-CPU): on one core at most 100/50/30% of the time,
+    sharing it 4:2:1 under contention."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+class QosSpec(Message):
+    """A VM's QoS limits (F-QOS-CPU, F-QOS-DISK, F-QOS-NET); None is unlimited.
+
+    Disk limits apply to each of the VM's disks; the bandwidth limit to each of its NICs,
+    in both directions."""
+
+    cpu: CpuQos = CpuQos.MEDIUM
+    read_iops_sec: int | None = Field(default=None, ge=1, le=1_000_000)
+    write_iops_sec: int | None = Field(default=None, ge=1, le=1_000_000)
+    read_bytes_sec: int | None = Field(default=None, ge=4096, le=1 << 40)
+    write_bytes_sec: int | None = Field(default=None, ge=4096, le=1 << 40)
+    bandwidth_kbit: int | None = Field(default=None, ge=8, le=100_000_000,
+                                       description="kilobits per second, each direction")
 
 
 class DiskSpec(Message):
@@ -192,6 +242,7 @@ class DomainSpec(Message):
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     vnc: bool = True
+    qos: QosSpec = Field(default_factory=QosSpec)
 
 
 class DomainInfo(Message):
@@ -202,6 +253,7 @@ class DomainInfo(Message):
     memory_mb: int = 0
     vnc_port: int | None = None
     console_log: str | None = None
+    qos: QosSpec | None = Field(default=None, description="the limits in force on the domain")
 
 
 class NodeReport(Message):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from yun.proto.messages import NAME_PATTERN
+from yun.proto.messages import NAME_PATTERN, CpuQos, NodeCapability, QosSpec
 
 T = TypeVar("T")
 
@@ -121,22 +121,196 @@ class NodeStatus(StrEnum):
     DOWN = "down"
 
 
+class NodeAdminState(StrEnum):
+    """``active``: gets new VMs; ``drained``: keeps its VMs, gets no new one (F-1PN)."""
+
+    ACTIVE = "active"
+    DRAINED = "drained"
+
+
+class ResourceClass(StrEnum):
+    VCPU = "vcpu"
+    MEMORY_MB = "memory_mb"
+    DISK_GB = "disk_gb"
+
+
+class Inventory(BaseModel):
+    """One resource class of a node: what VMs may use is ``(total - reserved) * ratio``."""
+
+    resource_class: ResourceClass
+    total: int = Field(description="what the host has")
+    reserved: int = Field(description="kept for the host itself")
+    ratio: float = Field(description="the overcommit ratio of the node's pool (1.0 unassigned)")
+    usable: int = Field(description="(total - reserved) * ratio")
+    used: int = Field(description="held by VMs placed on the node")
+    free: int
+
+
+class NodeLoad(BaseModel):
+    """The latest load a node reported (kept in memory by the control server)."""
+
+    cpu: float = Field(description="busy fraction of the host's CPUs, 0..1")
+    memory_used_mb: int
+    disk_used_gb: int
+    net: float = Field(description="busy fraction of the uplink, 0..1")
+    reported_at: datetime | None = None
+
+
 class Node(Named):
     url: str
     status: NodeStatus
+    admin_state: NodeAdminState = NodeAdminState.ACTIVE
+    pool_uuid: str | None = Field(default=None, description="None: unassigned")
+    pool_name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="matched by a VM's node_labels (aggregates)")
+    capabilities: list[NodeCapability] = Field(default_factory=list)
     hypervisor: str
     accel: str
     vcpus: int
     memory_mb: int
     disk_gb: int
-    vcpus_reserved: int
-    memory_reserved_mb: int
-    disk_reserved_gb: int
+    vcpus_reserved: int = Field(description="vCPUs held by VMs on the node")
+    memory_reserved_mb: int = Field(description="memory held by VMs on the node")
+    disk_reserved_gb: int = Field(description="disk held by VMs on the node")
+    inventory: list[Inventory] = Field(default_factory=list)
+    load: NodeLoad | None = None
     cpu_load: float
     memory_used_mb: int
     nat_subnet: str
     last_report_at: datetime | None = None
     vm_count: int = 0
+
+
+NodeLabelKey = Annotated[str, Field(min_length=1, max_length=63,
+                                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+NodeLabels = Annotated[dict[NodeLabelKey, Annotated[str, Field(max_length=63)]],
+                       Field(max_length=32)]
+
+
+class NodeLabelsUpdate(Input):
+    """Replace a node's labels."""
+
+    labels: NodeLabels
+
+
+# --- zones and compute pools ---------------------------------------------------------
+
+
+class ZoneCreate(TaggedInput):
+    name: ResourceName
+    description: Description = ""
+
+
+class ZoneUpdate(Input):
+    description: Description | None = None
+
+
+class Zone(Named):
+    pool_count: int = 0
+
+
+class NetworkMode(StrEnum):
+    """How a pool's VMs are networked (F-NET-*; implemented by the networks issue)."""
+
+    DIRECT = "direct"
+    SANDBOX_PRIVATE = "sandbox-private"
+    SANDBOX_MONO = "sandbox-mono"
+    SANDBOX_SHARE = "sandbox-share"
+
+
+class StorageMode(StrEnum):
+    LOCAL = "local"
+    SHARED = "shared"
+
+
+Ratio = Annotated[float, Field(gt=0, le=64, description="overcommit ratio, > 0 and <= 64")]
+Weight = Annotated[float, Field(ge=0, le=100)]
+
+
+class PoolTemplate(Input):
+    """The template fields of a pool; None in an update leaves a field as it is."""
+
+    description: Description | None = None
+    network_mode: NetworkMode | None = None
+    storage_mode: StorageMode | None = None
+    thin: bool | None = Field(default=None, description="thin-provisioned disks")
+    ha: bool | None = Field(default=None, description="restart VMs elsewhere when a node fails")
+    address_pool: Ref | None = Field(
+        default=None, description="the linked address pool (a reference until networks land)")
+    qos_level: CpuQos | None = Field(default=None, description="CPU QoS of new VMs")
+    cpu_ratio: Ratio | None = None
+    memory_ratio: Ratio | None = None
+    disk_ratio: Ratio | None = None
+    filters: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=32, description="scheduler filters, by name, in order")
+    weights: dict[Annotated[str, Field(max_length=63)], Weight] | None = Field(
+        default=None, max_length=32, description="scheduler weighers by name, with weights")
+
+
+class PoolCreate(PoolTemplate):
+    name: ResourceName
+    zone: Ref | None = Field(default=None, description="zone uuid or name; default: 'default'")
+    tags: Tags = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        return user_tags(value)
+
+
+class PoolUpdate(PoolTemplate):
+    zone: Ref | None = None
+
+
+class PoolCapacity(BaseModel):
+    resource_class: ResourceClass
+    usable: int
+    used: int
+    free: int
+
+
+class Pool(Named):
+    zone_uuid: str
+    zone_name: str | None = None
+    network_mode: NetworkMode
+    storage_mode: StorageMode
+    thin: bool
+    ha: bool
+    address_pool: str | None = None
+    qos_level: CpuQos
+    cpu_ratio: float
+    memory_ratio: float
+    disk_ratio: float
+    filters: list[str]
+    weights: dict[str, float]
+    node_count: int = 0
+    vm_count: int = 0
+    capacity: list[PoolCapacity] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class PoolNodeAdd(Input):
+    node: Ref
+
+
+# --- VM groups (affinity) ------------------------------------------------------------
+
+
+class GroupPolicy(StrEnum):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti-affinity"
+
+
+class VmGroupCreate(TaggedInput):
+    name: ResourceName
+    description: Description = ""
+    policy: GroupPolicy
+
+
+class VmGroup(Resource):
+    policy: GroupPolicy
+    members: list[str] = Field(default_factory=list, description="uuids of its VMs")
 
 
 # --- images -------------------------------------------------------------------------
@@ -251,6 +425,28 @@ class VmCreate(TaggedInput):
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_gb: int = Field(default=1, ge=1, le=16384)
+    pool: Ref | None = Field(default=None, description="compute pool; default: 'default'")
+    zone: Ref | None = Field(default=None,
+                             description="a zone instead of a pool: the scheduler picks a pool")
+    group: Ref | None = Field(default=None, description="affinity or anti-affinity VM group")
+    node_labels: NodeLabels = Field(
+        default_factory=dict, description="only nodes carrying all these labels")
+    bandwidth_kbit: int | None = Field(
+        default=None, ge=8, le=100_000_000, description="NIC bandwidth limit, kbit/s each way")
+
+
+class VmQosUpdate(Input):
+    """Change a VM's QoS; fields left out keep their value, ``clear`` lists limits to lift."""
+
+    cpu: CpuQos | None = None
+    read_iops_sec: int | None = Field(default=None, ge=1, le=1_000_000)
+    write_iops_sec: int | None = Field(default=None, ge=1, le=1_000_000)
+    read_bytes_sec: int | None = Field(default=None, ge=4096, le=1 << 40)
+    write_bytes_sec: int | None = Field(default=None, ge=4096, le=1 << 40)
+    bandwidth_kbit: int | None = Field(default=None, ge=8, le=100_000_000)
+    clear: list[Literal["read_iops_sec", "write_iops_sec", "read_bytes_sec",
+                        "write_bytes_sec", "bandwidth_kbit"]] = Field(
+        default_factory=list, max_length=5)
 
 
 class VmStop(Input):
@@ -264,6 +460,11 @@ class Vm(Resource):
     memory_mb: int
     disk_gb: int
     image_uuid: str
+    pool_uuid: str | None = None
+    pool_name: str | None = None
+    group_uuid: str | None = None
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    qos: QosSpec = Field(default_factory=QosSpec, description="the VM's QoS limits")
     node_uuid: str | None = None
     node_name: str | None = None
     ip: str | None = None
