@@ -122,6 +122,10 @@ class ControlSettings(ComponentSettings):
     flow_takeover_grace: float = Field(
         default=30.0, gt=0, description="seconds a flow's heartbeat must be silent, with its "
                                         "owner gone, before another control server takes it")
+    load_persist_interval: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="seconds between writes of the nodes' latest loads to the database; "
+                    "the live figures are kept in memory")
     upload_timeout: float = Field(
         default=6 * 3600.0, gt=0, description="seconds after which an image upload not "
                                               "finished is abandoned (status error)")
