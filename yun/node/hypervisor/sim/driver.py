@@ -25,6 +25,7 @@ from yun.node.hypervisor.base import (
     ConsoleInfo,
     DomainEvent,
     DomainNotFound,
+    DomainNotRunning,
     HostCapacity,
     HypervisorDriver,
     HypervisorError,
@@ -200,7 +201,9 @@ class SimDriver(HypervisorDriver):
         await self._enter("reboot")
         dom = self._get(uuid)
         if dom.state is not DomainState.RUNNING:
-            raise HypervisorError(f"domain {uuid} is not running")
+            raise DomainNotRunning(
+                f"cannot reboot domain {uuid}: it is {dom.state}, not running (start it "
+                "instead)")
         dom.log("rebooted")
 
     async def undefine(self, uuid: str) -> None:
