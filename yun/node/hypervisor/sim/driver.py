@@ -211,7 +211,9 @@ class SimDriver(HypervisorDriver):
         dom = self.domains.pop(uuid, None)
         if dom is not None:
             self._save()
-        if dom is not None and dom.state is DomainState.RUNNING:
+            # As libvirt: a running domain is stopped first, and every undefine is told.
+            if dom.state is DomainState.RUNNING:
+                self._events.put_nowait(DomainEvent(uuid, DomainState.SHUTOFF, "destroyed"))
             self._events.put_nowait(DomainEvent(uuid, DomainState.ABSENT, "undefined"))
 
     async def console(self, uuid: str) -> ConsoleInfo:
