@@ -26,13 +26,12 @@ from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.models import ImageRow, NodeRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
-from yun.control.nodeclient import node_client
+from yun.control.nodeclient import PowerAction, node_client
 from yun.control.scheduler.placement import Placement, Request
 from yun.proto.components import ComponentType
 from yun.proto.errors import Conflict, NotFound, Unavailable
 from yun.proto.messages import (
     DiskSpec,
-    DomainInfo,
     DomainSpec,
     DomainState,
     ImageLocation,
@@ -185,9 +184,8 @@ class Provision(Step):
                 raise NotFound("the VM's node or image vanished")
             request = await provision_request(control, vm, image)
             client = node_client(control, node)
-        await client.request("PUT", f"/internal/v1/domains/{vm.uuid}", body=request,
-                             request_id=f"{ctx.flow_uuid}:provision",
-                             timeout=control.settings.create_timeout)
+        await client.provision(request, request_id=f"{ctx.flow_uuid}:provision",
+                               timeout=control.settings.create_timeout)
 
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
@@ -208,9 +206,8 @@ class Provision(Step):
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
                            why: str) -> None:
     """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
-    await node_client(control, node).request(
-        "DELETE", f"/internal/v1/domains/{ctx.resource_uuid}",
-        request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
+    await node_client(control, node).remove(
+        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
 
 
 class Confirm(Step):
@@ -221,9 +218,7 @@ class Confirm(Step):
         vm, node = await _vm_and_node(ctx)
         if vm is None or node is None:
             raise NotFound("the VM or its node vanished")
-        data = await node_client(control, node).request(
-            "GET", f"/internal/v1/domains/{vm.uuid}", timeout=30)
-        info = DomainInfo.model_validate(data)
+        info = await node_client(control, node).get_domain(vm.uuid, timeout=30)
         if info.state is not DomainState.RUNNING:
             raise Conflict(f"node {node.name} reports the domain {info.state}, not running")
 
@@ -300,7 +295,7 @@ async def _delete_failed(ctx: FlowContext) -> None:
 class PowerStep(Step):
     """Ask the VM's node to start, stop or reboot the domain."""
 
-    def __init__(self, action: str) -> None:
+    def __init__(self, action: PowerAction) -> None:
         self.name = action
         self.action = action
 
@@ -313,10 +308,10 @@ class PowerStep(Step):
             raise Unavailable(f"VM {vm.name} has no node")
         body = StopRequest.model_validate(ctx.data["stop"]) if self.action == "stop" else None
         timeout = (body.timeout + 30) if body is not None else 120
-        data = await node_client(control, node).request(
-            "POST", f"/internal/v1/domains/{vm.uuid}/{self.action}", body=body,
-            request_id=f"{ctx.flow_uuid}:{self.action}", timeout=timeout)
-        ctx.data["power"] = DomainInfo.model_validate(data).state
+        info = await node_client(control, node).power(
+            vm.uuid, self.action, body, request_id=f"{ctx.flow_uuid}:{self.action}",
+            timeout=timeout)
+        ctx.data["power"] = info.state
 
 
 def _power_done(state: VmState) -> object:
