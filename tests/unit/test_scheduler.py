@@ -337,6 +337,13 @@ def test_explanation_follows_the_pools_filter_order() -> None:
     with pytest.raises(NoValidHost) as refused:
         Scheduler(pool).select(hosts, spec)
     assert refused.value.explanation == "pool p2: 2 nodes; 2 excluded by anti-affinity group web"
+    # The pool's order, not the (cheaper first) order the fast path evaluates them in.
+    pool = PoolPolicy(uuid="p", name="p3", filters=("vcpu", "status"))
+    with pytest.raises(NoValidHost) as refused:
+        Scheduler(pool).select([host("down-and-full", up=False, cores=1, used=(4, 0, 0))],
+                               small())
+    assert refused.value.explanation == (
+        "pool p3: 1 node; 1 short of vCPU (best: 0 free of 1 needed)")
 
 
 def test_explanation_of_memory_and_disk_misses_has_units() -> None:
