@@ -486,3 +486,35 @@ def test_a_zero_weight_leaves_a_weigher_out() -> None:
     hosts = [host("a", cpu_load=0.9), host("b", net_load=0.9)]
     pool = PoolPolicy(uuid="p", name="p", weights={"cpu": 0.0, "network": 1.0})
     assert Scheduler(pool).select(hosts, small())[0].name == "a"
+
+
+# --- zones -------------------------------------------------------------------------------
+
+def test_a_zone_places_in_its_roomiest_pool_that_fits_and_explains_every_pool() -> None:
+    from yun.control.scheduler.scheduler import room, select_in_zone
+
+    full = PoolPolicy(uuid="pool-a", name="a")
+    roomy = PoolPolicy(uuid="pool-b", name="b")
+    tight = PoolPolicy(uuid="pool-c", name="c")
+    pools = [
+        (Scheduler(full), [host("a1", up=False), host("a2", cores=1, used=(4, 0, 0))]),
+        (Scheduler(tight), [host("c1", used=(0, 6144, 0))]),
+        (Scheduler(roomy), [host("b1", used=(0, 1024, 0)), host("b2")]),
+    ]
+    assert room(pools[2][1], roomy) > room(pools[1][1], tight)
+    scheduler, result = select_in_zone(pools, small())
+    assert scheduler.pool is roomy and names(result) == ["b2", "b1"]
+    # Only the tight pool has labels: the roomier one cannot, so the tight one is used.
+    pools[1] = (Scheduler(tight), [host("c1", used=(0, 6144, 0), labels={"ssd": "true"})])
+    scheduler, result = select_in_zone(pools, small(labels={"ssd": "true"}))
+    assert scheduler.pool is tight and names(result) == ["c1"]
+    with pytest.raises(NoValidHost) as refused:
+        select_in_zone(pools, RequestSpec(vcpus=64, memory_mb=256, disk_gb=1))
+    assert refused.value.explanation.splitlines() == [
+        "pool a: 2 nodes; 1 down or drained; 1 short of vCPU (best: 0 free of 64 needed)",
+        "pool c: 1 node; 1 short of vCPU (best: 16 free of 64 needed)",
+        "pool b: 2 nodes; 2 short of vCPU (best: 16 free of 64 needed)",
+    ]
+    assert refused.value.per_filter["vcpu"] == 4
+    with pytest.raises(NoValidHost, match="no pools in the zone"):
+        select_in_zone([], small())
