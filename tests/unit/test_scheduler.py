@@ -109,6 +109,7 @@ FILTER_CASES = [
     ("memory", host("a", memory_mb=1024, reserved=(0, 1000, 0)), small(), False),
     ("disk", host("a", disk_gb=10, used=(0, 0, 9)), small(), True),
     ("disk", host("a", disk_gb=10, used=(0, 0, 10)), small(), False),
+    ("disk", host("a", disk_gb=10, used=(0, 0, 12)), RequestSpec(1, 256, 0), True),
     ("labels", host("a"), small(), True),
     ("labels", host("a", labels={"ssd": "true", "rack": "1"}), small(labels={"ssd": "true"}),
      True),
@@ -160,6 +161,8 @@ def test_batch_filters_agree_with_host_passes_on_random_hosts() -> None:
         for spec in specs:
             expected = [h for h in hosts if f.host_passes(h, spec, pool)]
             assert f.filter_all(hosts, spec, pool) == expected, (f.name, spec)
+            if not f.applies(spec):  # skipping it must change nothing
+                assert expected == hosts, (f.name, spec)
 
 
 def test_cpu_ratio_four_fits_eight_small_vms_on_two_cores_and_not_a_ninth() -> None:
