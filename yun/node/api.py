@@ -13,7 +13,7 @@ from yun.node.network.base import NetworkError
 from yun.node.storage.base import DiskError
 from yun.proto.components import ComponentType as CT
 from yun.proto.errors import NotFound, Problem
-from yun.proto.messages import DomainInfo, HostInfo, ProvisionRequest, StopRequest
+from yun.proto.messages import DomainInfo, HostInfo, ProvisionRequest, QosSpec, StopRequest
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 
 
@@ -85,6 +85,12 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
               dependencies=[caller])
     async def reboot(vm_uuid: str) -> DomainInfo:
         return await agent.reboot_vm(vm_uuid)
+
+    @app.put(f"{base}/domains/{{vm_uuid}}/qos", response_model=DomainInfo,
+             dependencies=[caller])
+    async def set_qos(vm_uuid: str, qos: QosSpec) -> DomainInfo:
+        """New QoS limits, live and persistent; 404 when the node has no such domain."""
+        return await agent.set_qos(vm_uuid, qos)
 
     @app.get(f"{base}/domains/{{vm_uuid}}/console-log", dependencies=[caller])
     async def console_log(vm_uuid: str,

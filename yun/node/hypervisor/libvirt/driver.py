@@ -45,11 +45,15 @@ from yun.node.hypervisor.libvirt.events import ensure_event_impl, lifecycle_even
 from yun.node.hypervisor.libvirt.xml import (
     DOMAIN_NAME_PREFIX,
     ParsedDomain,
+    apply_qos,
     build_domain_xml,
     domain_name,
+    interface_params,
+    iotune_params,
     parse_domain_xml,
+    scheduler_params,
 )
-from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 from yun.util.ids import canonical_uuid as canonical_uuid_or_none
 
 log = logging.getLogger("yun.node.hypervisor.libvirt")
@@ -124,7 +128,10 @@ class LibvirtDriver(HypervisorDriver):
     """Yun's domains on one libvirtd (``qemu:///system`` or a test host's socket)."""
 
     name = "libvirt"
-    caps = Capabilities(console=True)
+    # QoS: <cputune> needs libvirt's cgroup CPU controller (v1 or v2), <iotune> QEMU's
+    # block throttling, <bandwidth> tc on the taps libvirt creates; all are standard on a
+    # QEMU host.
+    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
 
     def __init__(
         self,
@@ -447,6 +454,41 @@ class LibvirtDriver(HypervisorDriver):
         if existed:
             log.info("domain undefined", extra={"vm": uuid})
 
+    # ------------------------------------------------------------------ QoS
+
+    async def set_qos(self, uuid: str, qos: QosSpec) -> None:
+        """New limits for domain ``uuid``: written into its persistent definition (the
+        next boot keeps them) and, when it runs, applied to it at once through libvirt's
+        live calls (cgroup, QEMU block throttling, tc on the taps)."""
+        uuid = canonical_uuid(uuid)
+
+        def apply(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if dom.isPersistent():
+                    inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                    conn.defineXML(apply_qos(inactive, qos))
+                if not dom.isActive():
+                    return False
+                live = parse_domain_xml(dom.XMLDesc(0))
+                if live is None:
+                    raise DomainNotFound(f"domain {uuid} on {self.uri} is not a Yun domain")
+                flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+                dom.setSchedulerParametersFlags(scheduler_params(qos), flags)
+                for dev in live.disk_targets:
+                    dom.setBlockIoTune(dev, iotune_params(qos), flags)
+                for mac in live.nic_macs:
+                    dom.setInterfaceParameters(mac, interface_params(qos), flags)
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return False  # stopped meanwhile: the definition holds the limits
+                raise self._error(exc, "set the QoS of", uuid) from exc
+            return True
+
+        live = await self._call(apply)
+        log.info("domain QoS set", extra={"vm": uuid, "live": live,
+                                          "qos": qos.model_dump(exclude_none=True)})
+
     # ------------------------------------------------------------------ power
 
     async def start(self, uuid: str) -> None:
@@ -599,4 +641,5 @@ def _domain_info(parsed: ParsedDomain, state: DomainState) -> DomainInfo:
         memory_mb=parsed.memory_mb,
         vnc_port=parsed.vnc_port if state in (DomainState.RUNNING, DomainState.PAUSED) else None,
         console_log=str(parsed.console_log) if parsed.console_log else None,
+        qos=parsed.qos,
     )
