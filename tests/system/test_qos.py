@@ -165,7 +165,8 @@ def deployment() -> Iterator[Deployment]:
 
 
 async def _boot(nodehost: NodeHost, ns: Namespace) -> Deployment:
-    driver = LibvirtDriver(**nodehost.driver_options(accel="tcg"))  # type: ignore[arg-type]
+    driver = LibvirtDriver(**nodehost.driver_options(  # type: ignore[arg-type]
+        accel="tcg", netns=ns.name))
     await driver.open()
     try:
         guests: dict[str, Guest] = {}
@@ -198,7 +199,8 @@ async def _boot(nodehost: NodeHost, ns: Namespace) -> Deployment:
 
 @pytest.fixture
 async def driver(deployment: Deployment) -> AsyncIterator[LibvirtDriver]:
-    drv = LibvirtDriver(**deployment.nodehost.driver_options(accel="tcg"))  # type: ignore[arg-type]
+    drv = LibvirtDriver(**deployment.nodehost.driver_options(  # type: ignore[arg-type]
+        accel="tcg", netns=deployment.ns.name))
     await drv.open()
     try:
         yield drv
@@ -285,10 +287,11 @@ async def measure_kbit(dep: Deployment, window: float) -> float:
 
 
 def tc_state(dep: Deployment, tap: str) -> str:
+    from yun.node.hypervisor.libvirt.shaping import ifb_name
+
     return "\n".join(
-        dep.ns.run(["tc", *args, "dev", tap]).stdout.strip()
-        for args in (["qdisc", "show"], ["class", "show"], ["filter", "show", "parent", "ffff:"])
-    )
+        dep.ns.run(["tc", "qdisc", "show", "dev", dev]).stdout.strip()
+        for dev in (tap, ifb_name(tap)))
 
 
 # ------------------------------------------------------------------------------------ CPU

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -42,19 +43,26 @@ from yun.node.hypervisor.base import (
 )
 from yun.node.hypervisor.libvirt.accel import resolve_accel
 from yun.node.hypervisor.libvirt.events import ensure_event_impl, lifecycle_event
+from yun.node.hypervisor.libvirt.shaping import (
+    ifb_name,
+    in_netns,
+    shape_commands,
+    unshape_commands,
+)
 from yun.node.hypervisor.libvirt.xml import (
     DOMAIN_NAME_PREFIX,
+    YUN_NS,
     ParsedDomain,
     apply_qos,
     build_domain_xml,
     domain_name,
-    interface_params,
     iotune_params,
     parse_domain_xml,
     scheduler_params,
 )
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 from yun.util.ids import canonical_uuid as canonical_uuid_or_none
+from yun.util.run import CommandError, run
 
 log = logging.getLogger("yun.node.hypervisor.libvirt")
 
@@ -129,8 +137,8 @@ class LibvirtDriver(HypervisorDriver):
 
     name = "libvirt"
     # QoS: <cputune> needs libvirt's cgroup CPU controller (v1 or v2), <iotune> QEMU's
-    # block throttling, <bandwidth> tc on the taps libvirt creates; all are standard on a
-    # QEMU host.
+    # block throttling, the NIC limit tc on the taps (see .shaping); all are standard on
+    # a QEMU host.
     caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
 
     def __init__(
@@ -139,8 +147,12 @@ class LibvirtDriver(HypervisorDriver):
         accel: str = "auto",
         state_dir: Path = Path("/var/lib/yun/node"),
         vnc_listen: str = "0.0.0.0",
+        netns: str | None = None,
     ) -> None:
+        """``netns``: the network namespace libvirtd (and so the taps) lives in, when it
+        is not this process's own (a test's node host); tc then runs there."""
         self.uri = uri
+        self.netns = netns
         self.accel_setting = accel
         self.state_dir = Path(state_dir)
         self.vnc_listen = vnc_listen
@@ -425,12 +437,16 @@ class LibvirtDriver(HypervisorDriver):
         """Destroy if running, forget the definition and drop the console log."""
         uuid = canonical_uuid(uuid)
 
+        taps: list[str] = []
+
         def undefine(conn: libvirt.virConnect) -> bool:
             try:
                 dom = self._lookup(conn, uuid)
             except DomainNotFound:
                 return False
             try:
+                parsed = parse_domain_xml(dom.XMLDesc(0))
+                taps.extend(parsed.nic_taps if parsed else ())
                 if dom.isActive():
                     dom.destroy()
                 if dom.isPersistent():
@@ -449,6 +465,10 @@ class LibvirtDriver(HypervisorDriver):
             return True
 
         existed = await self._call(undefine)
+        for tap in taps:  # the taps went with QEMU; the ifb devices shaping them stay
+            await asyncio.to_thread(run, in_netns(self.netns, ["ip", "link", "del",
+                                                               ifb_name(tap)]),
+                                    check=False, timeout=30)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self.console_log_path(uuid).unlink)
         if existed:
@@ -477,8 +497,9 @@ class LibvirtDriver(HypervisorDriver):
                 dom.setSchedulerParametersFlags(scheduler_params(qos), flags)
                 for dev in live.disk_targets:
                     dom.setBlockIoTune(dev, iotune_params(qos), flags)
-                for mac in live.nic_macs:
-                    dom.setInterfaceParameters(mac, interface_params(qos), flags)
+                # The NIC limit lives in Yun's metadata, read back by get_domain().
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                _instance_metadata(dom.XMLDesc(0), qos), "yun", YUN_NS, flags)
             except libvirt.libvirtError as exc:
                 if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
                     return False  # stopped meanwhile: the definition holds the limits
@@ -486,8 +507,45 @@ class LibvirtDriver(HypervisorDriver):
             return True
 
         live = await self._call(apply)
+        if live:
+            await self._shape(uuid)
         log.info("domain QoS set", extra={"vm": uuid, "live": live,
                                           "qos": qos.model_dump(exclude_none=True)})
+
+    async def _shape(self, uuid: str) -> None:
+        """Put the NIC limit of running domain ``uuid`` on its taps (or take it off)."""
+
+        def query(conn: libvirt.virConnect) -> ParsedDomain | None:
+            dom = self._lookup(conn, uuid)
+            try:
+                return parse_domain_xml(dom.XMLDesc(0)) if dom.isActive() else None
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "inspect", uuid) from exc
+
+        parsed = await self._call(query)
+        if parsed is None or not parsed.nic_taps:
+            return
+        kbit = parsed.qos.bandwidth_kbit
+        await asyncio.to_thread(self._run_shaping, uuid, parsed.nic_taps, kbit)
+
+    def _run_shaping(self, uuid: str, taps: tuple[str, ...], kbit: int | None) -> None:
+        for tap in taps:
+            if kbit is None:
+                for argv in unshape_commands(tap, tap_exists=True):
+                    run(in_netns(self.netns, argv), check=False, timeout=30)
+                continue
+            exists = run(in_netns(self.netns, ["ip", "link", "show", "dev", ifb_name(tap)]),
+                         check=False, timeout=30).returncode == 0
+            for argv in shape_commands(tap, kbit, ifb_exists=exists):
+                try:
+                    run(in_netns(self.netns, argv), timeout=30)
+                except CommandError as exc:
+                    raise HypervisorError(
+                        f"cannot limit NIC {tap} of domain {uuid} to {kbit} kbit/s: "
+                        f"{' '.join(argv)}: {exc} ({exc.stderr.strip()})"
+                    ) from exc
+        log.info("NIC bandwidth %s", f"limited to {kbit} kbit/s" if kbit else "unlimited",
+                 extra={"vm": uuid, "taps": list(taps), "bandwidth_kbit": kbit})
 
     # ------------------------------------------------------------------ power
 
@@ -510,6 +568,8 @@ class LibvirtDriver(HypervisorDriver):
         if await self._call(start):
             log.info("domain started in %.2f s", time.monotonic() - started,
                      extra={"vm": uuid})
+        # Libvirt made fresh taps: put the NIC limit on them (idempotent when running).
+        await self._shape(uuid)
 
     async def destroy(self, uuid: str) -> None:
         uuid = canonical_uuid(uuid)
@@ -618,6 +678,15 @@ class LibvirtDriver(HypervisorDriver):
         with contextlib.suppress(DomainNotFound):
             path = (await self.console(uuid)).serial_log or path
         return await asyncio.to_thread(_tail, path, max_bytes)
+
+
+def _instance_metadata(xml: str, qos: QosSpec) -> str:
+    """Yun's metadata element of domain ``xml`` with the NIC limit of ``qos``."""
+    updated = ET.fromstring(apply_qos(xml, qos))
+    inst = updated.find(f"metadata/{{{YUN_NS}}}instance")
+    if inst is None:
+        raise HypervisorError("not a Yun domain: no Yun metadata")
+    return ET.tostring(inst, encoding="unicode")
 
 
 def _tail(path: Path, max_bytes: int) -> str:

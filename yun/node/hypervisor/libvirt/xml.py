@@ -93,7 +93,8 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 # core in proportion 4:2:1. <period>/<quota> are per vCPU (libvirt's vcpu_period/
 # vcpu_quota, one cgroup per vCPU thread), unlike <global_quota> (the whole domain) and
 # <emulator_quota> (QEMU's own threads, left unlimited: their work is I/O, which the disk
-# and network limits bound).
+# and network limits bound). Disk (F-QOS-DISK): <iotune> on every disk, QEMU's block
+# throttling. Network (F-QOS-NET): see .shaping.
 
 CPU_PERIOD_US = 100_000
 #: level -> (shares, per-vCPU quota in µs of each CPU_PERIOD_US)
@@ -104,15 +105,6 @@ CPU_LEVELS: dict[CpuQos, tuple[int, int]] = {
 }
 #: iotune element names, in the order QosSpec names them (read/write, IOPS and bytes/s).
 IOTUNE_FIELDS = ("read_iops_sec", "write_iops_sec", "read_bytes_sec", "write_bytes_sec")
-#: Bytes per unit of libvirt's bandwidth figures: libvirt hands "average" to tc as
-#: "<n>kbps", which tc reads as kilobytes of 1000 bytes (and "burst" as "<n>kb", KiB).
-BANDWIDTH_UNIT_BYTES = 1000
-#: The bucket the network limit allows over the average, in seconds of traffic: enough for
-#: TCP to keep its rate through the policer, small enough not to distort a measurement.
-BANDWIDTH_BURST_S = 0.1
-MIN_BURST_KB = 16
-
-
 def cpu_tune(level: CpuQos) -> tuple[int, int, int]:
     """(shares, period µs, per-vCPU quota µs) of a CPU QoS level."""
     shares, quota = CPU_LEVELS[CpuQos(level)]
@@ -123,20 +115,6 @@ def cpu_level(shares: int) -> CpuQos:
     """The level whose shares are closest (by ratio) to ``shares`` read back from libvirt."""
     value = max(1, shares)
     return min(CPU_LEVELS, key=lambda lvl: abs(math.log(value / CPU_LEVELS[lvl][0])))
-
-
-def bandwidth_average(kbit: int) -> int:
-    """libvirt's ``average`` (units of 1000 bytes/s) for ``kbit`` kilobits per second."""
-    return max(1, round(kbit * 1000 / 8 / BANDWIDTH_UNIT_BYTES))
-
-
-def bandwidth_burst(average: int) -> int:
-    """libvirt's ``burst`` (KiB) for an average rate: BANDWIDTH_BURST_S of traffic.
-
-    Without it libvirt lets the policer on the guest's sending side burst a whole second
-    of traffic, which would put a 10 s measurement 10% over the limit.
-    """
-    return max(MIN_BURST_KB, round(average * BANDWIDTH_UNIT_BYTES * BANDWIDTH_BURST_S / 1024))
 
 
 def scheduler_params(qos: QosSpec) -> dict[str, int]:
@@ -157,16 +135,6 @@ def iotune_params(qos: QosSpec) -> dict[str, int]:
     return params
 
 
-def interface_params(qos: QosSpec) -> dict[str, int]:
-    """``virDomainSetInterfaceParameters`` parameters for a NIC; 0 removes the limit."""
-    if qos.bandwidth_kbit is None:
-        return {"inbound.average": 0, "outbound.average": 0}
-    average = bandwidth_average(qos.bandwidth_kbit)
-    burst = bandwidth_burst(average)
-    return {"inbound.average": average, "inbound.burst": burst,
-            "outbound.average": average, "outbound.burst": burst}
-
-
 def _cputune(dom: ET.Element, qos: QosSpec) -> ET.Element:
     shares, period, quota = cpu_tune(qos.cpu)
     tune = _sub(dom, "cputune")
@@ -185,15 +153,13 @@ def _iotune(disk: ET.Element, qos: QosSpec) -> None:
             _sub(tune, name, str(value))
 
 
-def _bandwidth(iface: ET.Element, qos: QosSpec) -> None:
-    if qos.bandwidth_kbit is None:
-        return
-    average = bandwidth_average(qos.bandwidth_kbit)
-    burst = str(bandwidth_burst(average))
-    bw = _sub(iface, "bandwidth")
-    # inbound: towards the guest; outbound: what the guest sends.
-    _sub(bw, "inbound", average=str(average), burst=burst)
-    _sub(bw, "outbound", average=str(average), burst=burst)
+def _net_qos(inst: ET.Element, qos: QosSpec) -> None:
+    """The NIC limit, kept in Yun's metadata: libvirt's <bandwidth> is not used (see
+    :mod:`.shaping`), the driver shapes the taps from this after each start."""
+    for el in inst.findall(f"{_Y}qos"):
+        inst.remove(el)
+    if qos.bandwidth_kbit is not None:
+        _sub(inst, f"{_Y}qos", bandwidth_kbit=str(qos.bandwidth_kbit))
 
 
 def apply_qos(xml: str, qos: QosSpec) -> str:
@@ -213,10 +179,10 @@ def apply_qos(xml: str, qos: QosSpec) -> str:
         for el in disk.findall("iotune"):
             disk.remove(el)
         _iotune(disk, qos)
-    for iface in dom.findall("devices/interface"):
-        for el in iface.findall("bandwidth"):
-            iface.remove(el)
-        _bandwidth(iface, qos)
+    inst = dom.find(f"metadata/{_Y}instance")
+    if inst is None:
+        raise ValueError("not a Yun domain: no Yun metadata")
+    _net_qos(inst, qos)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
 
@@ -229,7 +195,8 @@ def _int(text: str | None) -> int | None:
 def parse_qos(dom: ET.Element) -> QosSpec:
     """The QoS limits a domain XML holds (the live XML: the limits in force).
 
-    Disks and NICs all get the same limits from Yun; the first one's are reported.
+    Disks all get the same limits from Yun; the first one's are reported. The NIC
+    limit is read from Yun's metadata (see :func:`_net_qos`).
     A domain without <cputune><shares> (defined before QoS existed) reads as medium,
     libvirt's and the kernel's default weight being the same for every domain.
     """
@@ -241,14 +208,10 @@ def parse_qos(dom: ET.Element) -> QosSpec:
             value = _int(disk.findtext(name))
             if value:  # libvirt may print 0 for "unlimited"
                 fields[name] = value
-    bw = dom.find("devices/interface/bandwidth")
-    if bw is not None:
-        rate = bw.find("inbound")
-        if rate is None:
-            rate = bw.find("outbound")
-        average = _int(rate.get("average")) if rate is not None else None
-        if average:
-            fields["bandwidth_kbit"] = average * BANDWIDTH_UNIT_BYTES * 8 // 1000
+    net = dom.find(f"metadata/{_Y}instance/{_Y}qos")
+    kbit = _int(net.get("bandwidth_kbit")) if net is not None else None
+    if kbit:
+        fields["bandwidth_kbit"] = kbit
     return QosSpec.model_validate(fields)
 
 
@@ -285,6 +248,7 @@ def build_domain_xml(
         _sub(inst, f"{_Y}disk", id=disk.disk_id, target=dev)
     for nic in nics:
         _sub(inst, f"{_Y}nic", id=nic.nic_id, mac=nic.mac)
+    _net_qos(inst, spec.qos)
 
     _sub(dom, "memory", str(spec.memory_mb), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mb), unit="MiB")
@@ -320,15 +284,13 @@ def build_domain_xml(
         _sub(el, "target", dev=dev, bus=bus)
         _iotune(el, spec.qos)
     for nic in nics:
-        # type='bridge': libvirt creates the tap itself and, for <bandwidth>, puts tc
-        # qdiscs on it (an htb class for what the guest receives, an ingress policer
-        # for what it sends), so no tc of our own is needed.
+        # type='bridge': libvirt creates the tap itself (named by <target>); the
+        # bandwidth limit is put on it by the driver (see .shaping), not by <bandwidth>.
         el = _sub(devices, "interface", type="bridge")
         _sub(el, "source", bridge=nic.bridge)
         _sub(el, "mac", address=nic.mac)
         _sub(el, "target", dev=nic.tap)
         _sub(el, "model", type="virtio")
-        _bandwidth(el, spec.qos)
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=str(console_log), append="on")
     _sub(serial, "target", port="0")
@@ -358,7 +320,7 @@ class ParsedDomain:
     disks: dict[str, str] = field(default_factory=dict)  # disk id -> target dev
     qos: QosSpec = field(default_factory=QosSpec)
     disk_targets: tuple[str, ...] = ()  # target dev of every disk (device='disk')
-    nic_macs: tuple[str, ...] = ()  # MAC of every interface
+    nic_taps: tuple[str, ...] = ()  # host-side device (tap) of every interface
 
 
 def _memory_mb(el: ET.Element | None) -> int:
@@ -402,5 +364,5 @@ def parse_domain_xml(xml: str) -> ParsedDomain | None:
         qos=parse_qos(root),
         disk_targets=tuple(
             t.get("dev", "") for t in root.findall("devices/disk[@device='disk']/target")),
-        nic_macs=tuple(m.get("address", "") for m in root.findall("devices/interface/mac")),
+        nic_taps=tuple(t.get("dev", "") for t in root.findall("devices/interface/target")),
     )
