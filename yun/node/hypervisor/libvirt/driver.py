@@ -686,7 +686,12 @@ def _instance_metadata(xml: str, qos: QosSpec) -> str:
     inst = updated.find(f"metadata/{{{YUN_NS}}}instance")
     if inst is None:
         raise HypervisorError("not a Yun domain: no Yun metadata")
-    return ET.tostring(inst, encoding="unicode")
+    # libvirt declares the "yun" prefix on the element itself and refuses an element that
+    # already declares it: hand it over in the default namespace instead. User text is
+    # escaped ("<" is "&lt;"), so every "<yun:" here is a tag.
+    text = ET.tostring(inst, encoding="unicode")
+    return (text.replace(f'xmlns:yun="{YUN_NS}"', f'xmlns="{YUN_NS}"')
+            .replace("<yun:", "<").replace("</yun:", "</"))
 
 
 def _tail(path: Path, max_bytes: int) -> str:
