@@ -13,15 +13,25 @@ import pytest
 from yun.node.hypervisor.base import DomainNotFound, HypervisorError, ResolvedDisk, ResolvedNic
 from yun.node.hypervisor.libvirt.driver import LibvirtDriver, canonical_uuid, map_state
 from yun.node.hypervisor.libvirt.events import event_reason, lifecycle_event
+from yun.node.hypervisor.libvirt.shaping import (
+    ifb_name,
+    in_netns,
+    shape_commands,
+    unshape_commands,
+)
 from yun.node.hypervisor.libvirt.xml import (
     YUN_NS,
+    apply_qos,
     build_domain_xml,
+    cpu_level,
     disk_targets,
     domain_name,
+    iotune_params,
     parse_domain_xml,
+    scheduler_params,
     target_dev,
 )
-from yun.proto.messages import DomainSpec, DomainState
+from yun.proto.messages import CpuQos, DomainSpec, DomainState, QosSpec
 
 UUID = "6b1f0b2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
 Y = f"{{{YUN_NS}}}"
@@ -231,5 +241,130 @@ async def test_driver_on_libvirt_test_hypervisor(tmp_path: Path) -> None:
             await driver.start(vm)
         info_host = await driver.host_info()
         assert info_host.accel == "tcg" and info_host.vcpus > 0
+    finally:
+        await driver.close()
+
+
+# ----------------------------------------------------------------- QoS (F-QOS-*)
+
+
+def test_cputune_for_each_level() -> None:
+    """Shares 4:2:1 and a per-vCPU cap of 100/50/30% of one core (period 100 ms)."""
+    expected = {CpuQos.HIGH: ("4096", "100000"), CpuQos.MEDIUM: ("2048", "50000"),
+                CpuQos.LOW: ("1024", "30000")}
+    for level, (shares, quota) in expected.items():
+        tune = build(spec(qos=QosSpec(cpu=level))).find("cputune")
+        assert tune is not None
+        assert tune.findtext("shares") == shares
+        assert tune.findtext("period") == "100000"
+        assert tune.findtext("quota") == quota  # <quota> is per vCPU, not global_quota
+        assert tune.find("global_quota") is None and tune.find("emulator_quota") is None
+        assert scheduler_params(QosSpec(cpu=level)) == {
+            "cpu_shares": int(shares), "vcpu_period": 100000, "vcpu_quota": int(quota)}
+    # The default spec is medium.
+    assert build().findtext("cputune/shares") == "2048"
+
+
+def test_iotune_on_every_disk_only_for_the_limits_given() -> None:
+    qos = QosSpec(read_iops_sec=500, write_iops_sec=50, write_bytes_sec=10 << 20)
+    disks = build(spec(qos=qos)).findall("devices/disk")
+    assert len(disks) == 2
+    for disk in disks:
+        tune = disk.find("iotune")
+        assert tune is not None
+        assert {el.tag: el.text for el in tune} == {
+            "read_iops_sec": "500", "write_iops_sec": "50", "write_bytes_sec": str(10 << 20)}
+    assert all(d.find("iotune") is None for d in build().findall("devices/disk"))
+    # Live parameters name every limit, 0 (unlimited) for those not given and the totals.
+    assert iotune_params(qos) == {
+        "total_iops_sec": 0, "total_bytes_sec": 0, "read_iops_sec": 500,
+        "write_iops_sec": 50, "read_bytes_sec": 0, "write_bytes_sec": 10 << 20}
+
+
+def test_nic_limit_is_kept_in_yun_metadata_not_in_libvirt_bandwidth() -> None:
+    dom = build(spec(qos=QosSpec(bandwidth_kbit=10_000)))
+    assert dom.find(f"metadata/{Y}instance/{Y}qos").get("bandwidth_kbit") == "10000"  # type: ignore[union-attr]
+    # libvirt's <bandwidth> needs sch_sfq and act_police; the driver shapes with tc.
+    assert dom.find("devices/interface/bandwidth") is None
+    assert build().find(f"metadata/{Y}instance/{Y}qos") is None
+
+
+def test_qos_parse_roundtrip_and_apply_on_existing_xml() -> None:
+    qos = QosSpec(cpu=CpuQos.LOW, read_iops_sec=100, write_iops_sec=50,
+                  read_bytes_sec=1 << 20, write_bytes_sec=2 << 20, bandwidth_kbit=5000)
+    xml = build_domain_xml(spec(qos=qos), DISKS, NICS, accel="tcg", console_log=Path("/c"))
+    parsed = parse_domain_xml(xml)
+    assert parsed is not None and parsed.qos == qos
+    assert parsed.disk_targets == ("vda", "vdb") and parsed.nic_taps == ("yt-6b1f0b2a",)
+    # A definition from before QoS existed reads as medium, unlimited.
+    old = ET.fromstring(xml)
+    old.remove(old.find("cputune"))  # type: ignore[arg-type]
+    for disk in old.findall("devices/disk"):
+        disk.remove(disk.find("iotune"))  # type: ignore[arg-type]
+    inst = old.find(f"metadata/{Y}instance")
+    inst.remove(inst.find(f"{Y}qos"))  # type: ignore[union-attr, arg-type]
+    bare = ET.tostring(old, encoding="unicode")
+    assert parse_domain_xml(bare).qos == QosSpec()  # type: ignore[union-attr]
+    # apply_qos replaces what QoS owns and keeps the rest (pinning an operator set).
+    pinned = ET.fromstring(bare)
+    tune = ET.SubElement(pinned, "cputune")
+    ET.SubElement(tune, "shares").text = "777"
+    ET.SubElement(tune, "emulatorpin", cpuset="1")
+    updated = apply_qos(ET.tostring(pinned, encoding="unicode"), qos)
+    again = parse_domain_xml(updated)
+    assert again is not None and again.qos == qos and again.name == "web-1"
+    root = ET.fromstring(updated)
+    assert len(root.findall("cputune")) == 1
+    assert root.find("cputune/emulatorpin").get("cpuset") == "1"  # type: ignore[union-attr]
+    assert root.findtext("cputune/shares") == "1024"
+    # And back to unlimited: every limit element goes.
+    cleared = parse_domain_xml(apply_qos(updated, QosSpec(cpu=CpuQos.HIGH)))
+    assert cleared is not None and cleared.qos == QosSpec(cpu=CpuQos.HIGH)
+
+
+def test_cpu_level_read_back_from_foreign_shares() -> None:
+    """Shares another tool set are reported as the nearest level, not as an error."""
+    assert cpu_level(4096) is CpuQos.HIGH and cpu_level(1024) is CpuQos.LOW
+    assert cpu_level(3000) is CpuQos.HIGH and cpu_level(1500) is CpuQos.MEDIUM
+    assert cpu_level(100) is CpuQos.LOW  # cgroup v2's default weight
+
+
+def test_tap_shaping_commands() -> None:
+    cmds = shape_commands("yt-6b1f0b2a", 10_000, ifb_exists=False)
+    assert cmds[0] == ["ip", "link", "add", "yi-6b1f0b2a", "type", "ifb"]
+    tbf = [c for c in cmds if c[:3] == ["tc", "qdisc", "replace"] and "tbf" in c]
+    assert {c[4] for c in tbf} == {"yt-6b1f0b2a", "yi-6b1f0b2a"}  # both directions
+    for c in tbf:
+        assert c[c.index("rate") + 1] == "10000kbit"
+        assert c[c.index("burst") + 1] == str(10_000 * 1000 // 8 // 20)  # 50 ms of traffic
+    redirect = cmds[-1]
+    assert redirect[redirect.index("redirect") + 2] == "yi-6b1f0b2a"
+    assert ["ip", "link", "add", "yi-6b1f0b2a", "type", "ifb"] not in shape_commands(
+        "yt-6b1f0b2a", 10_000, ifb_exists=True)
+    assert all(len(ifb_name(t)) <= 15 for t in ("yt-6b1f0b2a", "x", "yq0123456789abc"))
+    assert unshape_commands("yt-6b1f0b2a", tap_exists=False) == [
+        ["ip", "link", "del", "yi-6b1f0b2a"]]
+    assert in_netns("ns1", ["tc", "x"]) == ["ip", "netns", "exec", "ns1", "tc", "x"]
+    assert in_netns(None, ["tc", "x"]) == ["tc", "x"]
+
+
+async def test_set_qos_on_a_stopped_domain_of_the_test_hypervisor(tmp_path: Path) -> None:
+    """A stopped domain: the new limits go into its definition and are read back."""
+    vm = str(uuidlib.uuid4())
+    driver = LibvirtDriver(uri="test:///default", accel="tcg", state_dir=tmp_path)
+    await driver.open()
+    try:
+        await driver.ensure_defined(spec(uuid=vm, name="q1"), DISKS, [])
+        info = await driver.get_domain(vm)
+        assert info is not None and info.qos == QosSpec()
+        qos = QosSpec(cpu=CpuQos.LOW, write_iops_sec=50, bandwidth_kbit=10_000)
+        await driver.set_qos(vm, qos)
+        info = await driver.get_domain(vm)
+        assert info is not None and info.qos == qos
+        await driver.set_qos(vm, QosSpec())  # back to unlimited
+        assert (await driver.get_domain(vm)).qos == QosSpec()  # type: ignore[union-attr]
+        with pytest.raises(DomainNotFound):
+            await driver.set_qos(str(uuidlib.uuid4()), qos)
+        await driver.undefine(vm)
     finally:
         await driver.close()

@@ -26,6 +26,7 @@ from yun.proto.messages import (
     HostInfo,
     NodeReport,
     ProvisionRequest,
+    QosSpec,
     StopRequest,
 )
 from yun.util.queues import KeyedQueues
@@ -150,6 +151,18 @@ class NodeAgent:
             await self._require(vm_uuid)
             await self.driver.reboot(vm_uuid)
             return await self._info(vm_uuid)
+
+    async def set_qos(self, vm_uuid: str, qos: QosSpec) -> DomainInfo:
+        """New QoS limits on the VM, live if it runs and for its next boots; the answer
+        holds the limits the hypervisor reports in force."""
+        async with self.queues.hold(vm_uuid):
+            await self._require(vm_uuid)
+            await self.driver.set_qos(vm_uuid, qos)
+            info = await self._info(vm_uuid)
+        log.info("VM QoS set", extra={"vm": vm_uuid, "node": self.node_id,
+                                      "qos": qos.model_dump(mode="json", exclude_none=True)})
+        self._report_now.set()
+        return info
 
     async def _require(self, vm_uuid: str) -> DomainInfo:
         info = await self.driver.get_domain(vm_uuid)

@@ -24,6 +24,7 @@ from yun.proto.messages import (
     DomainInfo,
     HostInfo,
     ProvisionRequest,
+    QosSpec,
     StopRequest,
 )
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
@@ -101,6 +102,12 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
               dependencies=[caller])
     async def reboot(vm_uuid: str) -> DomainInfo:
         return await agent.reboot_vm(vm_uuid)
+
+    @app.put(f"{base}/domains/{{vm_uuid}}/qos", response_model=DomainInfo,
+             dependencies=[caller])
+    async def set_qos(vm_uuid: str, qos: QosSpec) -> DomainInfo:
+        """New QoS limits, live and persistent; 404 when the node has no such domain."""
+        return await agent.set_qos(vm_uuid, qos)
 
     @app.get(f"{base}/domains/{{vm_uuid}}/console-log", response_model=ConsoleLog,
              dependencies=[caller])

@@ -56,9 +56,18 @@ _KILL_WAIT = 10.0  # seconds between SIGTERM and SIGKILL (libvirtd stops its QEM
 
 # Runs inside "ip netns exec NS unshare -m --propagation private sh -c SCRIPT sh ROOT".
 # Paths come in as "$1", never spliced into the script text.
+# "ip netns exec" mounts a fresh /sys for the namespace, without the cgroup file systems
+# under it; the host's hierarchies (type, mount point, options: the arguments after ROOT)
+# are mounted again so that libvirt can put its QEMUs in cgroups (cputune, CPU stats).
 _START_SCRIPT = r"""
 set -eu
 R="$1"
+shift
+while [ $# -ge 3 ]; do
+    mkdir -p "$2"
+    mount -t "$1" -o "$3" "$1" "$2"
+    shift 3
+done
 mount --bind "$R/run" /run
 mkdir -p /run/lock /run/user /run/libvirt
 mount --bind "$R/lib" /var/lib/libvirt
@@ -168,7 +177,8 @@ class NodeHost:
             try:
                 run(
                     ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation",
-                     "private", "sh", "-c", _START_SCRIPT, "sh", str(self.root)],
+                     "private", "sh", "-c", _START_SCRIPT, "sh", str(self.root),
+                     *cgroup_mounts()],
                     timeout=self.start_timeout,
                 )
             except CommandError as exc:
@@ -298,6 +308,20 @@ class NodeHost:
         for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
             log.warning("unmounting leaked mount", extra={"path": point})
             run(["umount", "-l", point], check=False, timeout=15)
+
+
+def cgroup_mounts(mounts: str = "/proc/self/mounts") -> list[str]:
+    """(type, mount point, options) of each cgroup file system of this host, flattened,
+    in mount order (the tmpfs holding v1 hierarchies before them)."""
+    out: list[str] = []
+    with open(mounts) as f:
+        for line in f:
+            _src, point, fstype, options, *_ = line.split()
+            if point != "/sys/fs/cgroup" and not point.startswith("/sys/fs/cgroup/"):
+                continue
+            if fstype in ("tmpfs", "cgroup", "cgroup2"):
+                out += [fstype, point, options]
+    return out
 
 
 def _pids_with_marker(host_id: str) -> list[int]:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yun.proto.messages import DomainInfo, DomainSpec, DomainState, NodeCapability
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState, NodeCapability, QosSpec
 
 
 class HypervisorError(RuntimeError):
@@ -46,9 +46,9 @@ class Capabilities:
     hotplug_nic: bool = False
     snapshots: bool = False
     console: bool = False
-    qos_cpu: bool = False
-    qos_disk: bool = False
-    qos_net: bool = False
+    qos_cpu: bool = False  # CPU levels (shares and a per-vCPU cap) applied by set_qos
+    qos_disk: bool = False  # per-disk IOPS and bytes/s limits
+    qos_net: bool = False  # per-NIC bandwidth in both directions
 
 
 def node_capabilities(caps: Capabilities, accel: str) -> list[NodeCapability]:
@@ -193,6 +193,12 @@ class HypervisorDriver(abc.ABC):
 
     async def detach_nic(self, uuid: str, nic_id: str) -> None:
         raise NotSupported(f"{self.name} cannot hot-unplug NICs")
+
+    async def set_qos(self, uuid: str, qos: QosSpec) -> None:
+        """Apply ``qos`` to domain ``uuid``: at once if it runs, and in its definition so
+        that it holds after the next boot. DomainNotFound when there is no such domain;
+        :meth:`get_domain` then reports the limits in force in ``DomainInfo.qos``."""
+        raise NotSupported(f"{self.name} cannot change QoS limits")
 
     async def migrate(self, uuid: str, target_uri: str) -> None:
         raise NotSupported(f"{self.name} cannot migrate domains")

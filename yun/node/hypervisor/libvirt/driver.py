@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -43,15 +44,26 @@ from yun.node.hypervisor.base import (
 )
 from yun.node.hypervisor.libvirt.accel import resolve_accel
 from yun.node.hypervisor.libvirt.events import ensure_event_impl, lifecycle_event
+from yun.node.hypervisor.libvirt.shaping import (
+    ifb_name,
+    in_netns,
+    shape_commands,
+    unshape_commands,
+)
 from yun.node.hypervisor.libvirt.xml import (
     DOMAIN_NAME_PREFIX,
+    YUN_NS,
     ParsedDomain,
+    apply_qos,
     build_domain_xml,
     domain_name,
+    iotune_params,
     parse_domain_xml,
+    scheduler_params,
 )
-from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 from yun.util.ids import canonical_uuid as canonical_uuid_or_none
+from yun.util.run import CommandError, run
 
 log = logging.getLogger("yun.node.hypervisor.libvirt")
 
@@ -150,7 +162,10 @@ class LibvirtDriver(HypervisorDriver):
     """Yun's domains on one libvirtd (``qemu:///system`` or a test host's socket)."""
 
     name = "libvirt"
-    caps = Capabilities(console=True)
+    # QoS: <cputune> needs libvirt's cgroup CPU controller (v1 or v2), <iotune> QEMU's
+    # block throttling, the NIC limit tc on the taps (see .shaping); all are standard on
+    # a QEMU host.
+    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
 
     def __init__(
         self,
@@ -158,8 +173,12 @@ class LibvirtDriver(HypervisorDriver):
         accel: str = "auto",
         state_dir: Path = Path("/var/lib/yun/node"),
         vnc_listen: str = "0.0.0.0",
+        netns: str | None = None,
     ) -> None:
+        """``netns``: the network namespace libvirtd (and so the taps) lives in, when it
+        is not this process's own (a test's node host); tc then runs there."""
         self.uri = uri
+        self.netns = netns
         self.accel_setting = accel
         self.state_dir = Path(state_dir)
         self.vnc_listen = vnc_listen
@@ -444,12 +463,16 @@ class LibvirtDriver(HypervisorDriver):
         """Destroy if running, forget the definition and drop the console log."""
         uuid = canonical_uuid(uuid)
 
+        taps: list[str] = []
+
         def undefine(conn: libvirt.virConnect) -> bool:
             try:
                 dom = self._lookup(conn, uuid)
             except DomainNotFound:
                 return False
             try:
+                parsed = parse_domain_xml(dom.XMLDesc(0))
+                taps.extend(parsed.nic_taps if parsed else ())
                 if dom.isActive():
                     dom.destroy()
                 if dom.isPersistent():
@@ -468,10 +491,87 @@ class LibvirtDriver(HypervisorDriver):
             return True
 
         existed = await self._call(undefine)
+        for tap in taps:  # the taps went with QEMU; the ifb devices shaping them stay
+            await asyncio.to_thread(run, in_netns(self.netns, ["ip", "link", "del",
+                                                               ifb_name(tap)]),
+                                    check=False, timeout=30)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self.console_log_path(uuid).unlink)
         if existed:
             log.info("domain undefined", extra={"vm": uuid})
+
+    # ------------------------------------------------------------------ QoS
+
+    async def set_qos(self, uuid: str, qos: QosSpec) -> None:
+        """New limits for domain ``uuid``: written into its persistent definition (the
+        next boot keeps them) and, when it runs, applied to it at once through libvirt's
+        live calls (cgroup, QEMU block throttling, tc on the taps)."""
+        uuid = canonical_uuid(uuid)
+
+        def apply(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                if dom.isPersistent():
+                    inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                    conn.defineXML(apply_qos(inactive, qos))
+                if not dom.isActive():
+                    return False
+                live = parse_domain_xml(dom.XMLDesc(0))
+                if live is None:
+                    raise DomainNotFound(f"domain {uuid} on {self.uri} is not a Yun domain")
+                flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+                dom.setSchedulerParametersFlags(scheduler_params(qos), flags)
+                for dev in live.disk_targets:
+                    dom.setBlockIoTune(dev, iotune_params(qos), flags)
+                # The NIC limit lives in Yun's metadata, read back by get_domain().
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                _instance_metadata(dom.XMLDesc(0), qos), "yun", YUN_NS, flags)
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return False  # stopped meanwhile: the definition holds the limits
+                raise self._error(exc, "set the QoS of", uuid) from exc
+            return True
+
+        live = await self._call(apply)
+        if live:
+            await self._shape(uuid)
+        log.info("domain QoS set", extra={"vm": uuid, "live": live,
+                                          "qos": qos.model_dump(exclude_none=True)})
+
+    async def _shape(self, uuid: str) -> None:
+        """Put the NIC limit of running domain ``uuid`` on its taps (or take it off)."""
+
+        def query(conn: libvirt.virConnect) -> ParsedDomain | None:
+            dom = self._lookup(conn, uuid)
+            try:
+                return parse_domain_xml(dom.XMLDesc(0)) if dom.isActive() else None
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "inspect", uuid) from exc
+
+        parsed = await self._call(query)
+        if parsed is None or not parsed.nic_taps:
+            return
+        kbit = parsed.qos.bandwidth_kbit
+        await asyncio.to_thread(self._run_shaping, uuid, parsed.nic_taps, kbit)
+
+    def _run_shaping(self, uuid: str, taps: tuple[str, ...], kbit: int | None) -> None:
+        for tap in taps:
+            if kbit is None:
+                for argv in unshape_commands(tap, tap_exists=True):
+                    run(in_netns(self.netns, argv), check=False, timeout=30)
+                continue
+            exists = run(in_netns(self.netns, ["ip", "link", "show", "dev", ifb_name(tap)]),
+                         check=False, timeout=30).returncode == 0
+            for argv in shape_commands(tap, kbit, ifb_exists=exists):
+                try:
+                    run(in_netns(self.netns, argv), timeout=30)
+                except CommandError as exc:
+                    raise HypervisorError(
+                        f"cannot limit NIC {tap} of domain {uuid} to {kbit} kbit/s: "
+                        f"{' '.join(argv)}: {exc} ({exc.stderr.strip()})"
+                    ) from exc
+        log.info("NIC bandwidth %s", f"limited to {kbit} kbit/s" if kbit else "unlimited",
+                 extra={"vm": uuid, "taps": list(taps), "bandwidth_kbit": kbit})
 
     # ------------------------------------------------------------------ power
 
@@ -494,6 +594,8 @@ class LibvirtDriver(HypervisorDriver):
         if await self._call(start):
             log.info("domain started in %.2f s", time.monotonic() - started,
                      extra={"vm": uuid})
+        # Libvirt made fresh taps: put the NIC limit on them (idempotent when running).
+        await self._shape(uuid)
 
     async def destroy(self, uuid: str) -> None:
         uuid = canonical_uuid(uuid)
@@ -616,6 +718,20 @@ class LibvirtDriver(HypervisorDriver):
         return await asyncio.to_thread(_tail, path, max_bytes)
 
 
+def _instance_metadata(xml: str, qos: QosSpec) -> str:
+    """Yun's metadata element of domain ``xml`` with the NIC limit of ``qos``."""
+    updated = ET.fromstring(apply_qos(xml, qos))
+    inst = updated.find(f"metadata/{{{YUN_NS}}}instance")
+    if inst is None:
+        raise HypervisorError("not a Yun domain: no Yun metadata")
+    # libvirt declares the "yun" prefix on the element itself and refuses an element that
+    # already declares it: hand it over in the default namespace instead. User text is
+    # escaped ("<" is "&lt;"), so every "<yun:" here is a tag.
+    text = ET.tostring(inst, encoding="unicode")
+    return (text.replace(f'xmlns:yun="{YUN_NS}"', f'xmlns="{YUN_NS}"')
+            .replace("<yun:", "<").replace("</yun:", "</"))
+
+
 def _tail(path: Path, max_bytes: int) -> str:
     try:
         with path.open("rb") as f:
@@ -637,4 +753,5 @@ def _domain_info(parsed: ParsedDomain, state: DomainState) -> DomainInfo:
         memory_mb=parsed.memory_mb,
         vnc_port=parsed.vnc_port if state in (DomainState.RUNNING, DomainState.PAUSED) else None,
         console_log=str(parsed.console_log) if parsed.console_log else None,
+        qos=parsed.qos,
     )

@@ -17,13 +17,14 @@ namespace; everything else on the host (an operator's own VMs) is left alone::
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from yun.node.hypervisor.base import ResolvedDisk, ResolvedNic
-from yun.proto.messages import DomainSpec
+from yun.proto.messages import CpuQos, DomainSpec, QosSpec
 
 YUN_NS = "https://yun.dev/xmlns/1"
 DOMAIN_NAME_PREFIX = "yun-"
@@ -84,6 +85,136 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
+# --------------------------------------------------------------------------- QoS
+#
+# CPU (F-QOS-CPU): <cputune> maps onto the QEMU process's cgroup, on cgroup v1 (cpu.shares,
+# cpu.cfs_period_us/cfs_quota_us) and v2 (cpu.weight, cpu.max) alike; libvirt does the
+# translation. <shares> sit on the domain's cgroup, so under contention domains share a
+# core in proportion 4:2:1. <period>/<quota> are per vCPU (libvirt's vcpu_period/
+# vcpu_quota, one cgroup per vCPU thread), unlike <global_quota> (the whole domain) and
+# <emulator_quota> (QEMU's own threads, left unlimited: their work is I/O, which the disk
+# and network limits bound). Disk (F-QOS-DISK): <iotune> on every disk, QEMU's block
+# throttling. Network (F-QOS-NET): see .shaping.
+
+CPU_PERIOD_US = 100_000
+#: level -> (shares, per-vCPU quota in µs of each CPU_PERIOD_US)
+CPU_LEVELS: dict[CpuQos, tuple[int, int]] = {
+    CpuQos.HIGH: (4096, 100_000),  # at most one whole core per vCPU
+    CpuQos.MEDIUM: (2048, 50_000),
+    CpuQos.LOW: (1024, 30_000),
+}
+#: iotune element names, in the order QosSpec names them (read/write, IOPS and bytes/s).
+IOTUNE_FIELDS = ("read_iops_sec", "write_iops_sec", "read_bytes_sec", "write_bytes_sec")
+def cpu_tune(level: CpuQos) -> tuple[int, int, int]:
+    """(shares, period µs, per-vCPU quota µs) of a CPU QoS level."""
+    shares, quota = CPU_LEVELS[CpuQos(level)]
+    return shares, CPU_PERIOD_US, quota
+
+
+def cpu_level(shares: int) -> CpuQos:
+    """The level whose shares are closest (by ratio) to ``shares`` read back from libvirt."""
+    value = max(1, shares)
+    return min(CPU_LEVELS, key=lambda lvl: abs(math.log(value / CPU_LEVELS[lvl][0])))
+
+
+def scheduler_params(qos: QosSpec) -> dict[str, int]:
+    """``virDomainSetSchedulerParameters`` typed parameters for ``qos.cpu``."""
+    shares, period, quota = cpu_tune(qos.cpu)
+    return {"cpu_shares": shares, "vcpu_period": period, "vcpu_quota": quota}
+
+
+def iotune_params(qos: QosSpec) -> dict[str, int]:
+    """``virDomainSetBlockIoTune`` parameters for a disk; 0 is libvirt's "unlimited".
+
+    The total_* limits are cleared explicitly: libvirt keeps what is not named, and
+    refuses a total together with a read or write limit.
+    """
+    params = {"total_iops_sec": 0, "total_bytes_sec": 0}
+    for name in IOTUNE_FIELDS:
+        params[name] = int(getattr(qos, name) or 0)
+    return params
+
+
+def _cputune(dom: ET.Element, qos: QosSpec) -> ET.Element:
+    shares, period, quota = cpu_tune(qos.cpu)
+    tune = _sub(dom, "cputune")
+    _sub(tune, "shares", str(shares))
+    _sub(tune, "period", str(period))
+    _sub(tune, "quota", str(quota))
+    return tune
+
+
+def _iotune(disk: ET.Element, qos: QosSpec) -> None:
+    limits = {name: getattr(qos, name) for name in IOTUNE_FIELDS
+              if getattr(qos, name) is not None}
+    if limits:
+        tune = _sub(disk, "iotune")
+        for name, value in limits.items():
+            _sub(tune, name, str(value))
+
+
+def _net_qos(inst: ET.Element, qos: QosSpec) -> None:
+    """The NIC limit, kept in Yun's metadata: libvirt's <bandwidth> is not used (see
+    :mod:`.shaping`), the driver shapes the taps from this after each start."""
+    for el in inst.findall(f"{_Y}qos"):
+        inst.remove(el)
+    if qos.bandwidth_kbit is not None:
+        _sub(inst, f"{_Y}qos", bandwidth_kbit=str(qos.bandwidth_kbit))
+
+
+def apply_qos(xml: str, qos: QosSpec) -> str:
+    """``xml`` (a domain definition as libvirt returns it) with ``qos`` in place of its
+    CPU tuning, every disk's iotune and every NIC's bandwidth; everything else kept."""
+    dom = ET.fromstring(xml)
+    old = dom.find("cputune")
+    kept: list[ET.Element] = []
+    if old is not None:
+        # Pinning and other tuning an operator set stay; only what QoS owns is replaced.
+        kept = [el for el in old if el.tag not in ("shares", "period", "quota")]
+        dom.remove(old)
+    _cputune(dom, qos).extend(kept)
+    for disk in dom.findall("devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        for el in disk.findall("iotune"):
+            disk.remove(el)
+        _iotune(disk, qos)
+    inst = dom.find(f"metadata/{_Y}instance")
+    if inst is None:
+        raise ValueError("not a Yun domain: no Yun metadata")
+    _net_qos(inst, qos)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _int(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def parse_qos(dom: ET.Element) -> QosSpec:
+    """The QoS limits a domain XML holds (the live XML: the limits in force).
+
+    Disks all get the same limits from Yun; the first one's are reported. The NIC
+    limit is read from Yun's metadata (see :func:`_net_qos`).
+    A domain without <cputune><shares> (defined before QoS existed) reads as medium,
+    libvirt's and the kernel's default weight being the same for every domain.
+    """
+    shares = _int(dom.findtext("cputune/shares"))
+    fields: dict[str, object] = {"cpu": cpu_level(shares) if shares else CpuQos.MEDIUM}
+    disk = dom.find("devices/disk[@device='disk']/iotune")
+    if disk is not None:
+        for name in IOTUNE_FIELDS:
+            value = _int(disk.findtext(name))
+            if value:  # libvirt may print 0 for "unlimited"
+                fields[name] = value
+    net = dom.find(f"metadata/{_Y}instance/{_Y}qos")
+    kbit = _int(net.get("bandwidth_kbit")) if net is not None else None
+    if kbit:
+        fields["bandwidth_kbit"] = kbit
+    return QosSpec.model_validate(fields)
+
+
 def build_domain_xml(
     spec: DomainSpec,
     disks: Sequence[ResolvedDisk],
@@ -117,10 +248,12 @@ def build_domain_xml(
         _sub(inst, f"{_Y}disk", id=disk.disk_id, target=dev)
     for nic in nics:
         _sub(inst, f"{_Y}nic", id=nic.nic_id, mac=nic.mac)
+    _net_qos(inst, spec.qos)
 
     _sub(dom, "memory", str(spec.memory_mb), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mb), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+    _cputune(dom, spec.qos)
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
@@ -149,7 +282,10 @@ def build_domain_xml(
              cache=cache_modes.get(disk.disk_id, "none"))
         _sub(el, "source", file=str(disk.path))
         _sub(el, "target", dev=dev, bus=bus)
+        _iotune(el, spec.qos)
     for nic in nics:
+        # type='bridge': libvirt creates the tap itself (named by <target>); the
+        # bandwidth limit is put on it by the driver (see .shaping), not by <bandwidth>.
         el = _sub(devices, "interface", type="bridge")
         _sub(el, "source", bridge=nic.bridge)
         _sub(el, "mac", address=nic.mac)
@@ -182,6 +318,9 @@ class ParsedDomain:
     vnc_port: int | None
     console_log: Path | None
     disks: dict[str, str] = field(default_factory=dict)  # disk id -> target dev
+    qos: QosSpec = field(default_factory=QosSpec)
+    disk_targets: tuple[str, ...] = ()  # target dev of every disk (device='disk')
+    nic_taps: tuple[str, ...] = ()  # host-side device (tap) of every interface
 
 
 def _memory_mb(el: ET.Element | None) -> int:
@@ -222,4 +361,8 @@ def parse_domain_xml(xml: str) -> ParsedDomain | None:
         vnc_port=port,
         console_log=Path(log_file) if log_file else None,
         disks={d.get("id", ""): d.get("target", "") for d in inst.findall(f"{_Y}disk")},
+        qos=parse_qos(root),
+        disk_targets=tuple(
+            t.get("dev", "") for t in root.findall("devices/disk[@device='disk']/target")),
+        nic_taps=tuple(t.get("dev", "") for t in root.findall("devices/interface/target")),
     )

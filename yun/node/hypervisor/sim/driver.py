@@ -33,7 +33,7 @@ from yun.node.hypervisor.base import (
     ResolvedNic,
 )
 from yun.node.hypervisor.sim.hostfile import SimHostFile
-from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 
 log = logging.getLogger("yun.node.sim")
 
@@ -81,7 +81,7 @@ class SimDriver(HypervisorDriver):
     """Simulated domains of one simulated host."""
 
     name = "sim"
-    caps = Capabilities(console=True)
+    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
 
     def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
                  latency: float = 0.0, state_file: Path | None = None) -> None:
@@ -155,7 +155,8 @@ class SimDriver(HypervisorDriver):
 
     def _info(self, dom: SimDomain) -> DomainInfo:
         return DomainInfo(uuid=dom.spec.uuid, name=dom.spec.name, state=dom.state,
-                          vcpus=dom.spec.vcpus, memory_mb=dom.spec.memory_mb)
+                          vcpus=dom.spec.vcpus, memory_mb=dom.spec.memory_mb,
+                          qos=dom.spec.qos)
 
     async def list_domains(self) -> list[DomainInfo]:
         await self._enter("list_domains")
@@ -205,6 +206,15 @@ class SimDriver(HypervisorDriver):
                 f"cannot reboot domain {uuid}: it is {dom.state}, not running (start it "
                 "instead)")
         dom.log("rebooted")
+
+    async def set_qos(self, uuid: str, qos: QosSpec) -> None:
+        """Keep ``qos`` as the domain's limits (in the host's state file too), running or
+        not, as libvirt keeps them live and in the definition."""
+        await self._enter("set_qos")
+        dom = self._get(uuid)
+        dom.spec = dom.spec.model_copy(update={"qos": qos})
+        dom.log(f"qos set: {qos.model_dump(mode='json', exclude_none=True)}")
+        self._save()
 
     async def undefine(self, uuid: str) -> None:
         await self._enter("undefine")
