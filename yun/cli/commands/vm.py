@@ -110,10 +110,13 @@ def create(
     size, image and bandwidth comes from the pool's template."""
     if pool is not None and zone is not None:
         raise typer.BadParameter("give --pool or --zone, not both (a pool has one zone)")
-    spec = VmCreate(name=name, image=image, vcpus=vcpus, memory_mb=memory, disk_gb=disk,
-                    pool=pool, zone=zone, group=group, node_labels=labels_of(node_label),
-                    bandwidth_kbit=bandwidth, description=description,
-                    tags=parse_tags(tag or []))
+    # Only what was given is sent: the API's defaults stay the API's.
+    placement = {"pool": pool, "zone": zone, "group": group,
+                 "node_labels": labels_of(node_label) or None, "bandwidth_kbit": bandwidth}
+    spec = VmCreate.model_validate({
+        "name": name, "image": image, "vcpus": vcpus, "memory_mb": memory, "disk_gb": disk,
+        "description": description, "tags": parse_tags(tag or []),
+        **{key: value for key, value in placement.items() if value is not None}})
     answer = accepted(client().vms.create(spec, idempotency_key=idempotency_key))
     ref = str(answer.resource.get("uuid", name)) if answer else name
     _after(answer, ref, f"create {name}", wait, wait_timeout, output)
@@ -200,7 +203,7 @@ def qos_update(*, cpu: CpuQos | None = None, iops: int | None = None,
     if not given and not clear:
         raise typer.BadParameter("give at least one change, e.g. --cpu high, --iops 500 "
                                  "or --bandwidth 10mbit")
-    return VmQosUpdate.model_validate({**given, "clear": clear})
+    return VmQosUpdate.model_validate({**given, **({"clear": clear} if clear else {})})
 
 
 @app.command("start")
