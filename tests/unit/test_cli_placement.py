@@ -13,6 +13,7 @@ import typer
 
 from tests.unit.test_cli_output import NOW, TASK, VM, Api, ok, yun
 from tests.unit.test_cli_output import api as cli_api  # noqa: F401  (a fixture)
+from tests.unit.test_client_calls import FakeApi
 from yun.cli.parsing import (
     format_bytes,
     format_kbit,
@@ -21,6 +22,9 @@ from yun.cli.parsing import (
     parse_label,
     parse_weight,
 )
+from yun.client import AsyncClient, InvalidReference
+from yun.proto.messages import CpuQos
+from yun.proto.resources import Task, TaskState, VmQosUpdate
 
 POOL: dict[str, Any] = {
     "uuid": "pl1", "name": "gold", "description": "", "tags": {}, "created_at": NOW,
@@ -301,3 +305,35 @@ def test_node_label_merges_and_removes(api: Api) -> None:
     ok("node", "label", "node-1", "--replace", "ssd=false")
     assert sent(api) == {"labels": {"ssd": "false"}}
     assert api.requests[-2].method == "PUT"  # --replace does not read the node first
+
+
+# --- the SDK underneath, both clients -------------------------------------------------
+
+
+def test_sdk_pool_node_paths_are_quoted_segments() -> None:
+    fake = FakeApi({("POST", "/pools/gold/nodes/node.1/drain"): NODE,
+                    ("DELETE", "/pools/gold/nodes/node.1"): NODE,
+                    ("POST", "/pools/gold/nodes/a/drain/enable"): NODE})  # decoded path
+    client = fake.client()
+    assert client.pools.drain_node("gold", "node.1").name == "node-1"
+    client.pools.remove_node("gold", "node.1", idempotency_key="k")
+    assert fake.requests[-1].headers["Idempotency-Key"] == "k"
+    with pytest.raises(InvalidReference):
+        client.pools.drain_node("gold", "..")
+    # A '/' in a name stays inside its segment instead of reaching another route.
+    client.pools.enable_node("gold", "a/drain")
+    assert fake.requests[-1].url.raw_path == b"/api/v1/pools/gold/nodes/a%2Fdrain/enable"
+
+
+async def test_async_sdk_set_qos_follows_the_task_and_set_labels_replaces() -> None:
+    polls = iter(["running", "succeeded"])
+    fake = FakeApi({
+        ("POST", "/vms/web1/qos"): httpx.Response(202, json={"task": TASK, "resource": VM}),
+        ("GET", "/tasks/t1"): lambda r: dict(TASK, state=next(polls)),
+        ("PUT", "/nodes/node-1/labels"): NODE})
+    async with AsyncClient("http://gw", transport=httpx.MockTransport(fake)) as client:
+        done = await client.vms.set_qos("web1", VmQosUpdate(cpu=CpuQos.LOW), wait=30)
+        assert isinstance(done, Task) and done.state == TaskState.SUCCEEDED
+        assert json.loads(fake.requests[0].content) == {"cpu": "low"}
+        await client.nodes.set_labels("node-1", {"ssd": "true"})
+        assert json.loads(fake.requests[-1].content) == {"labels": {"ssd": "true"}}

@@ -54,10 +54,13 @@ CpuRatioOpt = Annotated[float | None, typer.Option(help=RatioHelp.format("vCPUs"
 MemoryRatioOpt = Annotated[float | None, typer.Option(help=RatioHelp.format("memory", 1.0))]
 DiskRatioOpt = Annotated[float | None, typer.Option(help=RatioHelp.format("disk", 1.0))]
 FilterOpt = Annotated[list[str] | None, typer.Option(
-    "--filter", help="scheduler filter by name, repeatable, in order (replaces the list)")]
+    "--filter", help="scheduler filter by name (status, vcpu, memory, disk, labels, "
+                     "capabilities, affinity, anti_affinity), repeatable, in order; "
+                     "replaces the list")]
 WeightOpt = Annotated[list[NamedWeight] | None, typer.Option(
     "--weight", parser=parse_weight, metavar="NAME=WEIGHT",
-    help="weigher and its weight (0-100), repeatable, e.g. cpu=2 (replaces the set)")]
+    help="weigher (cpu, memory, disk, network) and its weight, 0-100, repeatable, "
+         "e.g. cpu=2; replaces the set")]
 
 
 def _template(**fields: Any) -> dict[str, Any]:
