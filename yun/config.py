@@ -122,6 +122,10 @@ class ControlSettings(ComponentSettings):
     flow_takeover_grace: float = Field(
         default=30.0, gt=0, description="seconds a flow's heartbeat must be silent, with its "
                                         "owner gone, before another control server takes it")
+    load_persist_interval: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="seconds between writes of the nodes' latest loads to the database; "
+                    "the live figures are kept in memory")
     upload_timeout: float = Field(
         default=6 * 3600.0, gt=0, description="seconds after which an image upload not "
                                               "finished is abandoned (status error)")
@@ -162,6 +166,30 @@ class NodeSettings(ComponentSettings):
     sim_vcpus: int = 64
     sim_memory_mb: int = 262144
     sim_disk_gb: int = 4096
+    # Host reserve: what the node keeps for itself and never offers to VMs. The node
+    # reports it beside its totals; the control server subtracts it. 1 GiB of memory
+    # covers the kernel, libvirtd, virtlogd, dnsmasq, this agent and QEMU's own overhead
+    # outside guest RAM (tens of MiB per guest) on a small host; raise it on hosts with
+    # many guests or other services (an all-in-one also runs the control plane).
+    memory_reserve_mb: int = Field(
+        default=1024, ge=0, le=1 << 30,
+        description="MiB of host memory never given to VMs (the host's own needs)")
+    vcpus_reserve: int = Field(default=0, ge=0, le=4096,
+                               description="host CPUs never given to VMs")
+    disk_reserve_gb: int = Field(default=0, ge=0, le=1 << 20,
+                                 description="GiB of VM disk space never given to VMs")
+    pool: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the compute pool a new node lands in; none: unassigned until an admin "
+                    "adds it")
+    uplink: str | None = Field(
+        default=None, min_length=1, max_length=15,
+        description="network interface whose traffic is the node's network load; default: "
+                    "the interface of the default route")
+    net_capacity_mbit: int = Field(
+        default=1000, ge=0, le=10_000_000,
+        description="the uplink's capacity in Mbit/s, to turn its traffic into a load "
+                    "fraction; 0: network load is not measured")
 
 
 class StorageSettings(ComponentSettings):

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass
 
-from yun.node.hypervisor.base import HypervisorDriver
+from yun.node.hypervisor.base import HypervisorDriver, node_capabilities
+from yun.node.netload import UplinkMeter
 from yun.node.network.base import NetworkBackend
 from yun.node.storage.base import DiskBackend, ImageAccess
 from yun.proto.client import SigningAuth
@@ -31,12 +33,29 @@ from yun.util.queues import KeyedQueues
 log = logging.getLogger("yun.node")
 
 
+@dataclass(frozen=True)
+class HostReserve:
+    """What the host keeps for itself; reported beside the totals, never given to VMs."""
+
+    memory_mb: int = 0
+    vcpus: int = 0
+    disk_gb: int = 0
+
+
 class NodeAgent:
     """One node client: a hypervisor driver with its disk and network backends."""
 
     def __init__(self, membership: Membership, driver: HypervisorDriver, disks: DiskBackend,
-                 network: NetworkBackend, nat_subnet: str, report_interval: float) -> None:
+                 network: NetworkBackend, nat_subnet: str, report_interval: float, *,
+                 reserve: HostReserve | None = None, pool: str | None = None,
+                 uplink: UplinkMeter | None = None) -> None:
+        """``pool`` is the pool the configuration names (used when the node first
+        registers); ``uplink`` measures the network load (None: reported as 0)."""
         self.membership = membership
+        self.reserve = reserve or HostReserve()
+        self.pool = pool
+        self.uplink = uplink
+        self._reserve_warned = False
         self.driver = driver
         self.disks = disks
         self.network = network
@@ -144,13 +163,29 @@ class NodeAgent:
     # -- reporting -------------------------------------------------------------------------
 
     async def host_info(self) -> HostInfo:
+        """The host's totals and reserves (separately: the control server subtracts the
+        reserve), its load, capabilities and configured pool."""
         host = await self.driver.host_info()
         total_gb, used_gb = await self.disks.capacity_gb()
+        reserve = self.reserve
+        if not self._reserve_warned and (reserve.memory_mb >= host.memory_mb
+                                         or reserve.vcpus >= host.vcpus
+                                         or reserve.disk_gb >= total_gb):
+            self._reserve_warned = True
+            log.warning("the host reserve leaves nothing for VMs in at least one resource",
+                        extra={"node": self.node_id, "memory_mb": host.memory_mb,
+                               "memory_reserve_mb": reserve.memory_mb, "vcpus": host.vcpus,
+                               "vcpus_reserve": reserve.vcpus, "disk_gb": total_gb,
+                               "disk_reserve_gb": reserve.disk_gb})
         return HostInfo(
             hostname=host.hostname, hypervisor=self.driver.name, accel=host.accel,
             vcpus=host.vcpus, memory_mb=host.memory_mb, disk_gb=total_gb,
+            memory_reserved_mb=reserve.memory_mb, vcpus_reserved=reserve.vcpus,
+            disk_reserved_gb=reserve.disk_gb,
             cpu_load=host.cpu_load, memory_used_mb=host.memory_used_mb, disk_used_gb=used_gb,
-            nat_subnet=self.nat_subnet,
+            net_load=self.uplink.sample() if self.uplink is not None else 0.0,
+            capabilities=node_capabilities(self.driver.caps, host.accel),
+            pool=self.pool, nat_subnet=self.nat_subnet,
         )
 
     async def report(self) -> None:

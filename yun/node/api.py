@@ -8,11 +8,16 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from yun.node.agent import NodeAgent
-from yun.node.hypervisor.base import DomainNotFound, HypervisorError, NotSupported
+from yun.node.hypervisor.base import (
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorError,
+    NotSupported,
+)
 from yun.node.network.base import NetworkError
 from yun.node.storage.base import DiskError
 from yun.proto.components import ComponentType as CT
-from yun.proto.errors import NotFound, Problem
+from yun.proto.errors import Conflict, NotFound, Problem
 from yun.proto.messages import DomainInfo, HostInfo, ProvisionRequest, StopRequest
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 
@@ -27,6 +32,10 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
     @app.exception_handler(DomainNotFound)
     async def _not_found(request: Request, exc: DomainNotFound) -> JSONResponse:
         return problem_response(NotFound(str(exc)).problem(request.url.path))
+
+    @app.exception_handler(DomainNotRunning)
+    async def _not_running(request: Request, exc: DomainNotRunning) -> JSONResponse:
+        return problem_response(Conflict(str(exc)).problem(request.url.path))
 
     @app.exception_handler(NotSupported)
     async def _unsupported(request: Request, exc: NotSupported) -> JSONResponse:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 from yun.config import NodeSettings
-from yun.node.agent import NodeAgent
+from yun.node.agent import HostReserve, NodeAgent
 from yun.node.api import create_node_app
 from yun.node.hypervisor import load_driver
 from yun.node.hypervisor.base import HypervisorDriver
+from yun.node.netload import UplinkMeter
 from yun.node.network.base import NetworkBackend
 from yun.node.storage.base import DiskBackend
 from yun.proto.components import ComponentType
@@ -50,16 +51,30 @@ def build_backends(settings: NodeSettings, name: str
     )
 
 
+def build_agent(settings: NodeSettings, name: str) -> NodeAgent:
+    """The node agent these settings describe: its backends, host reserve, pool and
+    uplink meter (not yet joined or serving)."""
+    driver, disks, network = build_backends(settings, name)
+    membership = Membership(settings, ComponentType.NODE, url="", name=name)
+    # A simulated host has no uplink of its own: its network load is 0.
+    uplink = (UplinkMeter(settings.uplink, settings.net_capacity_mbit)
+              if settings.hypervisor != "sim" else None)
+    return NodeAgent(membership, driver, disks, network, settings.nat_subnet,
+                     settings.report_interval,
+                     reserve=HostReserve(memory_mb=settings.memory_reserve_mb,
+                                         vcpus=settings.vcpus_reserve,
+                                         disk_gb=settings.disk_reserve_gb),
+                     pool=settings.pool, uplink=uplink)
+
+
 class NodeService:
     """One node client serving its internal API and reporting to the control servers."""
 
     def __init__(self, settings: NodeSettings, *, name: str | None = None) -> None:
         self.settings = settings
         self.name = name or settings.name
-        driver, disks, network = build_backends(settings, self.name)
-        membership = Membership(settings, ComponentType.NODE, url="", name=self.name)
-        self.agent = NodeAgent(membership, driver, disks, network, settings.nat_subnet,
-                               settings.report_interval)
+        self.agent = build_agent(settings, self.name)
+        membership = self.agent.membership
         self.server = AppServer(create_node_app(self.agent), settings.listen_host,
                                 settings.listen_port)
         self.url = membership.url = service_url(settings, self.server.port)

@@ -28,10 +28,14 @@ from sqlalchemy.orm import Session
 
 from yun.control.db.models import (
     AddressRow,
+    AllocationRow,
     FlowRow,
     IdempotencyRow,
+    InventoryRow,
     NodeRow,
+    PoolRow,
     QuotaRow,
+    VmGroupRow,
     VmRow,
 )
 from yun.control.db.session import sync_url
@@ -159,7 +163,11 @@ def check(url_or_engine: str | Engine, nodes: Mapping[str, Path] | None = None, 
         problems += _flows(flows)
         problems += _keys_in_progress(stuck_keys)
         problems += _vm_states(vms)
-        problems += _reservations(db_nodes, vms)
+        problems += _reservations(
+            db_nodes, vms, list(session.scalars(select(InventoryRow))),
+            list(session.scalars(select(AllocationRow))),
+            {p.uuid: p for p in session.scalars(select(PoolRow))})
+        problems += _groups(vms, {g.uuid: g for g in session.scalars(select(VmGroupRow))})
         problems += _addresses(addresses, vms)
         problems += _quotas(quotas, vms)
         if keys is not None:
@@ -215,26 +223,80 @@ def _vm_states(vms: Mapping[str, VmRow]) -> list[str]:
     return problems
 
 
-def _reservations(nodes: list[NodeRow], vms: Mapping[str, VmRow]) -> list[str]:
+RESOURCE_OF_VM = {"vcpu": "vcpus", "memory_mb": "memory_mb", "disk_gb": "disk_gb"}
+
+
+def _reservations(nodes: list[NodeRow], vms: Mapping[str, VmRow],
+                  inventories: list[InventoryRow], allocations: list[AllocationRow],
+                  pools: Mapping[str, PoolRow]) -> list[str]:
+    """Each node's used capacity is what its placed VMs hold, never more than its pool
+    allows; each VM holds exactly its size on its own node."""
     placed: dict[str, list[VmRow]] = defaultdict(list)
     for vm in vms.values():
         if vm.node_uuid:
             placed[vm.node_uuid].append(vm)
     problems = []
-    known = {n.uuid for n in nodes}
+    known = {n.uuid: n for n in nodes}
+    inventory = {(i.node_uuid, i.resource_class): i for i in inventories}
     for node in nodes:
         on_it = placed.get(node.uuid, [])
-        for what, reserved, column in (("vcpus", node.vcpus_reserved, "vcpus"),
-                                       ("memory_mb", node.memory_reserved_mb, "memory_mb"),
-                                       ("disk_gb", node.disk_reserved_gb, "disk_gb")):
+        pool = pools.get(node.pool_uuid or "")
+        ratios = {"vcpu": pool.cpu_ratio, "memory_mb": pool.memory_ratio,
+                  "disk_gb": pool.disk_ratio} if pool else {}
+        for rc, column in RESOURCE_OF_VM.items():
+            row = inventory.get((node.uuid, rc))
+            used = row.used if row else 0
             expected = sum(getattr(vm, column) for vm in on_it)
-            if reserved != expected:
-                problems.append(f"reservation mismatch: node {node.name} reserves {reserved} "
-                                f"{what}, its {len(on_it)} placed VMs need {expected}")
+            if used != expected:
+                problems.append(f"reservation mismatch: node {node.name} reserves {used} "
+                                f"{rc}, its {len(on_it)} placed VMs need {expected}")
+            if row is not None and rc in ratios and used > int(
+                    (row.total - row.reserved) * ratios[rc]):
+                problems.append(f"overbooked: node {node.name} holds {used} {rc} of "
+                                f"{int((row.total - row.reserved) * ratios[rc])} usable")
+    held: dict[str, dict[str, AllocationRow]] = defaultdict(dict)
+    for allocation in allocations:
+        held[allocation.consumer_uuid][allocation.resource_class] = allocation
+    for consumer, classes in held.items():
+        holder = vms.get(consumer)
+        if holder is None or not holder.node_uuid:
+            problems.append(f"allocation leaked: {consumer} holds {sorted(classes)} but is "
+                            f"{'gone' if holder is None else 'unplaced'}")
+            continue
+        vm = holder
+        for rc, column in RESOURCE_OF_VM.items():
+            a = classes.get(rc)
+            if a is None or a.node_uuid != vm.node_uuid or a.amount != getattr(vm, column):
+                problems.append(f"allocation mismatch: VM {vm.uuid} ({vm.name}) holds "
+                                f"{a.amount if a else 0} {rc} on {a.node_uuid if a else '-'}"
+                                f", placed on {vm.node_uuid} with {getattr(vm, column)}")
+    for vm in vms.values():
+        if vm.node_uuid and vm.uuid not in held:
+            problems.append(f"VM holds nothing on its node: {vm.uuid} ({vm.name})")
     for node_uuid, on_it in placed.items():
         if node_uuid not in known:
             problems += [f"VM on unknown node: {vm.uuid} ({vm.name}) is placed on {node_uuid}"
                          for vm in on_it]
+    return problems
+
+
+def _groups(vms: Mapping[str, VmRow], groups: Mapping[str, VmGroupRow]) -> list[str]:
+    """Anti-affinity members each on their own node; affinity members all on one."""
+    members: dict[str, list[VmRow]] = defaultdict(list)
+    for vm in vms.values():
+        if vm.group_uuid and vm.node_uuid:
+            members[vm.group_uuid].append(vm)
+    problems = []
+    for group_uuid, placed in members.items():
+        group = groups.get(group_uuid)
+        nodes = Counter(vm.node_uuid for vm in placed)
+        if group is None:
+            problems.append(f"VMs in unknown group {group_uuid}")
+        elif group.policy == "anti-affinity" and any(n > 1 for n in nodes.values()):
+            problems.append(f"anti-affinity broken: group {group.name} has "
+                            f"{max(nodes.values())} VMs on one node")
+        elif group.policy == "affinity" and len(nodes) > 1:
+            problems.append(f"affinity broken: group {group.name} spans {len(nodes)} nodes")
     return problems
 
 

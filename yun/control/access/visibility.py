@@ -14,11 +14,14 @@ from yun.control.db.models import (
     FlowRow,
     ImageRow,
     NodeRow,
+    PoolRow,
     ProjectRow,
     RoleAssignmentRow,
     TokenRow,
     UserRow,
+    VmGroupRow,
     VmRow,
+    ZoneRow,
 )
 from yun.proto.identity import Role
 
@@ -28,7 +31,9 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
     ctx = scope.context
     if scope.everything:
         return true()
-    if model in (VmRow, FlowRow):
+    if model in (ZoneRow, PoolRow):
+        return true()  # every user chooses where VMs go; only administrators change them
+    if model in (VmRow, FlowRow, VmGroupRow):
         return scope.clause(model.project_uuid)  # type: ignore[return-value]
     if model is ImageRow:
         return or_(ImageRow.visibility == "public",

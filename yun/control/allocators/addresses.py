@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.db.models import AddressRow, NodeRow, VmRow
+from yun.control.db.models import AddressRow, VmRow
 from yun.proto.errors import InsufficientCapacity
 
 # Addresses below this offset are left to the node (gateway) and to operators.
@@ -29,10 +29,10 @@ def mac_for(vm_uuid: str) -> str:
 class AddressAllocator:
     """Hands out addresses; called by the placement worker, one VM at a time."""
 
-    async def on_placed(self, session: AsyncSession, vm: VmRow, node: NodeRow
-                        ) -> Callable[[], Awaitable[None]]:
-        """Give ``vm`` an address on ``node``'s NAT network, in the placement's transaction."""
-        vm.ip = await self.allocate(session, node_scope(node.uuid), node.nat_subnet, vm.uuid)
+    async def on_placed(self, session: AsyncSession, vm: VmRow, node_uuid: str,
+                        nat_subnet: str) -> Callable[[], Awaitable[None]]:
+        """Give ``vm`` an address on the node's NAT network, in the placement's transaction."""
+        vm.ip = await self.allocate(session, node_scope(node_uuid), nat_subnet, vm.uuid)
         vm.mac = vm.mac or mac_for(vm.uuid)
 
         async def undo() -> None:

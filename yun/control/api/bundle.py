@@ -13,8 +13,10 @@ from yun.control.api.routing import ControlRoute
 from yun.control.context import ControlContext
 from yun.control.services.images import ImageService
 from yun.control.services.nodes import NodeRegistry
+from yun.control.services.pools import PoolService
 from yun.control.services.projects import ProjectService
 from yun.control.services.users import UserService
+from yun.control.services.vm_groups import VmGroupService
 from yun.control.services.vms import VmService
 from yun.proto.context import RequestContext
 
@@ -31,12 +33,15 @@ class ApiBundle:
     images: ImageService = field(init=False)
     projects: ProjectService = field(init=False)
     accounts: UserService = field(init=False)
+    pools: PoolService = field(init=False)
+    vm_groups: VmGroupService = field(init=False)
 
     def __post_init__(self) -> None:
         self.deps = make_deps(self.ctx)
         self.users = UserDeps(self.ctx, self.deps)
         self.vms, self.images = VmService(self.ctx), ImageService(self.ctx)
         self.projects, self.accounts = ProjectService(self.ctx), UserService(self.ctx)
+        self.pools, self.vm_groups = PoolService(self.ctx), VmGroupService(self.ctx)
 
     def router(self, tag: str) -> APIRouter:
         """A router of user routes: each mutation is idempotent and audited."""

@@ -24,14 +24,15 @@ def node_router(api: ApiBundle) -> APIRouter:
     @r.get("/nodes", response_model=Page[Node], name="node.list")
     async def list_nodes(params: Listing, sc: Scope = scope) -> Page[Node]:
         require(sc.context, Permission.MANAGE_PLATFORM, "list nodes")
-        return await listed(api.ctx.db, "node", sc, params, node_models)
+        return await listed(api.ctx.db, "node", sc, params,
+                            lambda session, rows: node_models(session, rows, api.ctx.loads))
 
     @r.get("/nodes/{ref}", response_model=Node, name="node.show")
     async def show_node(ref: str, sc: Scope = scope) -> Node:
         require(sc.context, Permission.MANAGE_PLATFORM, "show nodes")
         async with api.ctx.db.session() as session:
             row = await find(session, NodeRow, ref, "node", sc)
-            return (await node_models(session, [row]))[0]
+            return (await node_models(session, [row], api.ctx.loads))[0]
 
     return r
 

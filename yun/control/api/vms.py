@@ -13,7 +13,7 @@ from yun.control.api.routing import audit_resource
 from yun.control.services.listing import listed
 from yun.control.services.vms import vm_models
 from yun.proto.context import RequestContext
-from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmStop
+from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmQosUpdate, VmStop
 
 
 def _accepted(request: Request, accepted: Accepted) -> Accepted:
@@ -57,6 +57,11 @@ def vm_router(api: ApiBundle) -> APIRouter:
 
     for action in ("start", "stop", "reboot"):
         power(action)
+
+    @r.post("/vms/{ref}/qos", response_model=Accepted, status_code=202, name="vm.set_qos")
+    async def set_qos(ref: str, req: VmQosUpdate, request: Request,
+                      sc: Scope = scope) -> Accepted:
+        return _accepted(request, await api.vms.set_qos(ref, req, sc))
 
     @r.get("/vms/{ref}/console-log", name="vm.console_log")
     async def console_log(ref: str, sc: Scope = scope,

@@ -58,7 +58,42 @@ class Stamped:
     )
 
 
+class ZoneRow(Stamped, Base):
+    """A zone (F-PUB): a group of compute pools, e.g. one data centre."""
+
+    __tablename__ = "zones"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+
+
+class PoolRow(Stamped, Base):
+    """A compute pool (F-POOL): a set of nodes and the template of the VMs placed on them."""
+
+    __tablename__ = "pools"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    zone_uuid: Mapped[str] = mapped_column(ForeignKey("zones.uuid", ondelete="RESTRICT"),
+                                           index=True)
+    network_mode: Mapped[str] = mapped_column(String(32))
+    storage_mode: Mapped[str] = mapped_column(String(16))
+    thin: Mapped[bool] = mapped_column(Boolean, default=True)
+    ha: Mapped[bool] = mapped_column(Boolean, default=False)
+    address_pool: Mapped[str | None] = mapped_column(String(63))
+    qos_level: Mapped[str] = mapped_column(String(16))
+    cpu_ratio: Mapped[float] = mapped_column(Float)
+    memory_ratio: Mapped[float] = mapped_column(Float)
+    disk_ratio: Mapped[float] = mapped_column(Float)
+    filters: Mapped[list[str]] = mapped_column(JSON, default=list)
+    weights: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+
 class NodeRow(Stamped, Base):
+    """A node as it last reported itself; its capacity is in ``node_inventories``."""
+
     __tablename__ = "nodes"
 
     uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -66,18 +101,63 @@ class NodeRow(Stamped, Base):
     description: Mapped[str] = mapped_column(Text, default="")
     url: Mapped[str] = mapped_column(String(2048))
     status: Mapped[str] = mapped_column(String(16), default="up")
+    # active: gets new VMs; drained: keeps its VMs and gets no new one (F-1PN).
+    admin_state: Mapped[str] = mapped_column(String(16), default="active")
+    # None: unassigned, until an administrator adds it to a pool.
+    pool_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("pools.uuid", ondelete="RESTRICT"), index=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    capabilities: Mapped[list[str]] = mapped_column(JSON, default=list)
     hypervisor: Mapped[str] = mapped_column(String(32))
     accel: Mapped[str] = mapped_column(String(16))
-    vcpus: Mapped[int] = mapped_column(Integer)
-    memory_mb: Mapped[int] = mapped_column(Integer)
-    disk_gb: Mapped[int] = mapped_column(Integer)
-    vcpus_reserved: Mapped[int] = mapped_column(Integer, default=0)
-    memory_reserved_mb: Mapped[int] = mapped_column(Integer, default=0)
-    disk_reserved_gb: Mapped[int] = mapped_column(Integer, default=0)
+    # The latest load, as last persisted: the live figures are kept in memory by the
+    # node registry and written here in batches (not once per report).
     cpu_load: Mapped[float] = mapped_column(Float, default=0.0)
     memory_used_mb: Mapped[int] = mapped_column(Integer, default=0)
+    disk_used_gb: Mapped[int] = mapped_column(Integer, default=0)
+    net_load: Mapped[float] = mapped_column(Float, default=0.0)
     nat_subnet: Mapped[str] = mapped_column(String(64))
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class InventoryRow(Base):
+    """What one node has of one resource class (as Nova's placement keeps inventories).
+
+    VMs may use ``(total - reserved) * ratio`` where the ratio is the node's pool's;
+    ``used`` is the sum of the allocations on the node, claimed by a conditional UPDATE."""
+
+    __tablename__ = "node_inventories"
+
+    node_uuid: Mapped[str] = mapped_column(ForeignKey("nodes.uuid", ondelete="CASCADE"),
+                                           primary_key=True)
+    resource_class: Mapped[str] = mapped_column(String(32), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AllocationRow(Base):
+    """What one consumer (a VM) holds of one resource class on one node."""
+
+    __tablename__ = "allocations"
+
+    consumer_uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    resource_class: Mapped[str] = mapped_column(String(32), primary_key=True)
+    node_uuid: Mapped[str] = mapped_column(String(64), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class VmGroupRow(Stamped, Base):
+    """An affinity or anti-affinity group of a project's VMs."""
+
+    __tablename__ = "vm_groups"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="RESTRICT"),
+                                              index=True)
+    policy: Mapped[str] = mapped_column(String(16))
 
 
 class ImageRow(Stamped, Base):
@@ -119,6 +199,12 @@ class VmRow(Stamped, Base):
     disk_gb: Mapped[int] = mapped_column(Integer)
     image_uuid: Mapped[str] = mapped_column(ForeignKey("images.uuid", ondelete="RESTRICT"))
     node_uuid: Mapped[str | None] = mapped_column(String(64))
+    pool_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("pools.uuid", ondelete="RESTRICT"), index=True)
+    group_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("vm_groups.uuid", ondelete="RESTRICT"), index=True)
+    node_labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    qos: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     ip: Mapped[str | None] = mapped_column(String(64))
     mac: Mapped[str | None] = mapped_column(String(17))
     task_uuid: Mapped[str | None] = mapped_column(String(36))

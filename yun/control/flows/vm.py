@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import re
 import uuid as uuidlib
+from collections.abc import Iterable
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from sqlalchemy import update
@@ -23,14 +25,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
 from yun.control.allocators.addresses import AddressAllocator
-from yun.control.db.models import ImageRow, NodeRow, VmRow
+from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.nodeclient import node_client
-from yun.control.scheduler.placement import Placement, Request
+from yun.control.scheduler import inventory
+from yun.control.scheduler.placement import Request
 from yun.proto.components import ComponentType
-from yun.proto.errors import Conflict, NotFound, Unavailable
+from yun.proto.errors import Conflict, NotFound, Unavailable, YunError
 from yun.proto.messages import (
+    CpuQos,
     DiskSpec,
     DomainInfo,
     DomainSpec,
@@ -38,6 +42,7 @@ from yun.proto.messages import (
     ImageLocation,
     NicSpec,
     ProvisionRequest,
+    QosSpec,
     StopRequest,
 )
 from yun.proto.resources import ImageStatus, VmState
@@ -52,6 +57,11 @@ ROOT_DISK = "root"
 # VM's node was down when it was deleted.
 NODE_HOLDS = "node_holds"
 DEFERRED = "deferred_to_node"
+# The pools a create may use (one, or those of the zone it named); the nodes tried.
+POOLS = "pools"
+TRIED = "tried_nodes"
+# How many nodes a create tries before it rolls back (the scheduler's alternates).
+MAX_NODES_TRIED = 3
 
 
 def hostname_for(name: str) -> str | None:
@@ -83,6 +93,15 @@ async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
         return vm, node
 
 
+def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = ()) -> Request:
+    """What the VM asks of the scheduler: its pool (or its zone's pools), its group and
+    the node labels it wants, avoiding the nodes already ``tried``."""
+    pools = tuple(ctx.data.get(POOLS) or ([vm.pool_uuid] if vm.pool_uuid else []))
+    return Request(vm.vcpus, vm.memory_mb, vm.disk_gb, pool_uuids=pools,
+                   labels=MappingProxyType(dict(vm.node_labels or {})),
+                   group_uuid=vm.group_uuid, exclude=frozenset(tried))
+
+
 class Schedule(Step):
     name = "schedule"
 
@@ -90,10 +109,12 @@ class Schedule(Step):
         control = _ctl(ctx)
         async with control.db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
-            req = Request(vm.vcpus, vm.memory_mb, vm.disk_gb)
-        node = await control.placement.place(ctx.resource_uuid, req)
-        log.info("VM placed", extra={"vm": ctx.resource_uuid, "node": node.uuid,
-                                     "node_name": node.name})
+            req = placement_request(vm, ctx)
+        placed = await control.placement.place(ctx.resource_uuid, req)
+        ctx.data[TRIED] = [placed.node_uuid]
+        log.info("VM placed", extra={"vm": ctx.resource_uuid, "node": placed.node_uuid,
+                                     "node_name": placed.node_name, "pool": placed.pool_uuid,
+                                     "alternates": len(placed.alternates)})
 
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
@@ -134,7 +155,7 @@ async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
     vm.node_uuid, vm.node_cleanup = None, False
     if not claimed.rowcount:  # type: ignore[attr-defined]
         return False
-    await Placement.release(session, node_uuid, Request(vm.vcpus, vm.memory_mb, vm.disk_gb))
+    await inventory.release(session, vm.uuid)
     return True
 
 
@@ -147,8 +168,15 @@ async def finish_delete(session: AsyncSession, vm: VmRow) -> None:
     await session.delete(vm)
 
 
-async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
-                            ) -> ProvisionRequest:
+def effective_qos(row: VmRow, pool_level: str | None) -> QosSpec:
+    """The VM's QoS: what was set on it, its CPU level from its pool unless set."""
+    qos = dict(row.qos or {})
+    qos.setdefault("cpu", pool_level or CpuQos.MEDIUM)
+    return QosSpec.model_validate(qos)
+
+
+async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow,
+                            pool_level: str | None = None) -> ProvisionRequest:
     storage_url = image.storage_url or ""
     peer = control.membership.peers.get(image.storage_uuid or "")
     if peer is not None and peer.type == ComponentType.STORAGE:
@@ -160,6 +188,7 @@ async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
     assert vm.ip and vm.mac
     spec = DomainSpec(
         uuid=vm.uuid, name=vm.name, vcpus=vm.vcpus, memory_mb=vm.memory_mb,
+        qos=effective_qos(vm, pool_level),
         disks=[DiskSpec(disk_id=ROOT_DISK, size_gb=vm.disk_gb, image_id=image.uuid,
                         image_sha256=image.sha256, image_format=image.format)],
         nics=[NicSpec(nic_id=nic_id_for(vm.uuid), mac=vm.mac, ip=vm.ip,
@@ -173,21 +202,33 @@ async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow
 
 
 class Provision(Step):
+    """Build the VM on its node; when the node fails, move to the next best node (the
+    scheduler's alternates) before giving up, up to ``MAX_NODES_TRIED`` nodes."""
+
     name = "provision"
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid)
-            image = await session.get(ImageRow, vm.image_uuid)
-            if node is None or image is None:
-                raise NotFound("the VM's node or image vanished")
-            request = await provision_request(control, vm, image)
-            client = node_client(control, node)
-        await client.request("PUT", f"/internal/v1/domains/{vm.uuid}", body=request,
-                             request_id=f"{ctx.flow_uuid}:provision",
-                             timeout=control.settings.create_timeout)
+        while True:
+            async with control.db.session() as session:
+                vm = await _vm(session, ctx.resource_uuid)
+                node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
+                image = await session.get(ImageRow, vm.image_uuid)
+                if node is None or image is None:
+                    raise NotFound("the VM's node or image vanished")
+                pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+                request = await provision_request(control, vm, image,
+                                                  pool.qos_level if pool else None)
+                client = node_client(control, node)
+            try:
+                await client.request("PUT", f"/internal/v1/domains/{vm.uuid}", body=request,
+                                     request_id=f"{ctx.flow_uuid}:provision",
+                                     timeout=control.settings.create_timeout)
+                return
+            except YunError as exc:
+                tried = list(ctx.data.get(TRIED) or [node.uuid])
+                if len(tried) >= MAX_NODES_TRIED or not await _move(ctx, node, tried, exc):
+                    raise
 
     async def rollback(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
@@ -203,6 +244,34 @@ class Provision(Step):
             # once the node reports.
             ctx.data[NODE_HOLDS] = node.uuid
             raise
+
+
+async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError) -> bool:
+    """Provisioning failed on ``node``: clear it there and place the VM on another node.
+
+    Returns False (the create rolls back) when the node cannot confirm it removed what it
+    made, or when no other node fits."""
+    control = _ctl(ctx)
+    log.warning("provisioning failed on a node; trying the next best", extra={
+        "vm": ctx.resource_uuid, "node": node.uuid, "node_name": node.name, "error": str(exc)})
+    try:
+        await remove_from_node(control, node, ctx, f"unprovision-{len(tried)}")
+    except YunError:
+        return False  # the rollback tries again and keeps what the node may hold
+    async with control.db.session() as session:
+        vm = await _vm(session, ctx.resource_uuid)
+        await release_placement(session, vm)
+        req = placement_request(vm, ctx, tried)
+    try:
+        placed = await control.placement.place(ctx.resource_uuid, req)
+    except YunError:
+        return False
+    # Persisted with the step's end; after a crash the VM's node (committed with the
+    # placement) says where it went.
+    ctx.data[TRIED] = [*tried, placed.node_uuid]
+    log.info("VM moved to the next best node", extra={
+        "vm": ctx.resource_uuid, "node": placed.node_uuid, "node_name": placed.node_name})
+    return True
 
 
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
@@ -330,6 +399,44 @@ async def _power_failed(ctx: FlowContext) -> None:
     await _set_state(ctx, previous, f"{ctx.kind.split('.')[-1]} failed: {ctx.error}")
 
 
+# --- QoS ---------------------------------------------------------------------------------
+
+
+class SetQos(Step):
+    """Apply the VM's new QoS on its node: live on a running domain, and in its definition."""
+
+    name = "set_qos"
+
+    async def run(self, ctx: FlowContext) -> None:
+        control = _ctl(ctx)
+        vm, node = await _vm_and_node(ctx)
+        if vm is None:
+            raise NotFound(f"VM {ctx.resource_uuid} no longer exists")
+        if node is None:
+            raise Unavailable(f"VM {vm.name} has no node")
+        qos = QosSpec.model_validate(ctx.data["qos"])
+        await node_client(control, node).request(
+            "PUT", f"/internal/v1/domains/{vm.uuid}/qos", body=qos,
+            request_id=f"{ctx.flow_uuid}:set_qos", timeout=60)
+        log.info("VM QoS applied", extra={"vm": vm.uuid, "node": node.uuid,
+                                          "qos": qos.model_dump(exclude_none=True)})
+
+
+async def _qos_set(ctx: FlowContext) -> None:
+    async with _ctl(ctx).db.session() as session:
+        vm = await session.get(VmRow, ctx.resource_uuid)
+        if vm is not None:
+            vm.qos = dict(ctx.data["qos"])
+            vm.error = None
+
+
+async def _qos_failed(ctx: FlowContext) -> None:
+    async with _ctl(ctx).db.session() as session:
+        vm = await session.get(VmRow, ctx.resource_uuid)
+        if vm is not None:
+            vm.error = f"set_qos failed: {ctx.error}"
+
+
 def vm_flows() -> list[FlowDefinition]:
     return [
         FlowDefinition("vm.create", "vm", [Schedule(), Provision(), Confirm()],
@@ -345,4 +452,6 @@ def vm_flows() -> list[FlowDefinition]:
         FlowDefinition("vm.reboot", "vm", [PowerStep("reboot")],
                        on_success=_power_done(VmState.RUNNING),  # type: ignore[arg-type]
                        on_failure=_power_failed),
+        FlowDefinition("vm.set_qos", "vm", [SetQos()], on_success=_qos_set,
+                       on_failure=_qos_failed),
     ]

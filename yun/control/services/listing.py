@@ -18,17 +18,30 @@ from yun.control.db.models import (
     FlowRow,
     ImageRow,
     NodeRow,
+    PoolRow,
     ProjectRow,
     RoleAssignmentRow,
     TokenRow,
     UserRow,
+    VmGroupRow,
     VmRow,
+    ZoneRow,
 )
 from yun.control.db.query import Field, PageResult, Queryable, fetch_page
 from yun.control.db.session import Database
 from yun.proto.identity import Role
 from yun.proto.query import SortKey
-from yun.proto.resources import ImageStatus, NodeStatus, Page, TaskState, VmState
+from yun.proto.resources import (
+    GroupPolicy,
+    ImageStatus,
+    NetworkMode,
+    NodeAdminState,
+    NodeStatus,
+    Page,
+    StorageMode,
+    TaskState,
+    VmState,
+)
 
 T = TypeVar("T")
 
@@ -53,6 +66,7 @@ QUERYABLES: dict[str, Queryable] = {
         "memory_mb": Field(VmRow.memory_mb, "int"), "disk_gb": Field(VmRow.disk_gb, "int"),
         "image_uuid": Field(VmRow.image_uuid), "node_uuid": Field(VmRow.node_uuid),
         "ip": Field(VmRow.ip), "mac": Field(VmRow.mac), "project_uuid": Field(VmRow.project_uuid),
+        "pool_uuid": Field(VmRow.pool_uuid), "group_uuid": Field(VmRow.group_uuid),
         "error": Field(VmRow.error, sortable=False),
     }, VmRow.uuid, NEWEST_FIRST, VmRow.uuid, "vm"),
     "image": Queryable(ImageRow, {
@@ -64,13 +78,25 @@ QUERYABLES: dict[str, Queryable] = {
     "node": Queryable(NodeRow, {
         **_common(NodeRow), "status": _enum(NodeRow.status, NodeStatus),
         "hypervisor": Field(NodeRow.hypervisor), "accel": Field(NodeRow.accel),
-        "vcpus": Field(NodeRow.vcpus, "int"), "memory_mb": Field(NodeRow.memory_mb, "int"),
-        "disk_gb": Field(NodeRow.disk_gb, "int"),
-        "vcpus_reserved": Field(NodeRow.vcpus_reserved, "int"),
-        "memory_reserved_mb": Field(NodeRow.memory_reserved_mb, "int"),
+        "admin_state": _enum(NodeRow.admin_state, NodeAdminState),
+        "pool_uuid": Field(NodeRow.pool_uuid),
         "cpu_load": Field(NodeRow.cpu_load, "float"), "url": Field(NodeRow.url),
         "last_report_at": Field(NodeRow.last_report_at, "datetime"),
     }, NodeRow.uuid, (SortKey("name", False),), NodeRow.uuid, "node"),
+    "zone": Queryable(ZoneRow, _common(ZoneRow), ZoneRow.uuid, (SortKey("name", False),),
+                      ZoneRow.uuid, "zone"),
+    "pool": Queryable(PoolRow, {
+        **_common(PoolRow), "zone_uuid": Field(PoolRow.zone_uuid),
+        "network_mode": _enum(PoolRow.network_mode, NetworkMode),
+        "storage_mode": _enum(PoolRow.storage_mode, StorageMode),
+        "ha": Field(PoolRow.ha, "bool"), "thin": Field(PoolRow.thin, "bool"),
+        "cpu_ratio": Field(PoolRow.cpu_ratio, "float"),
+        "memory_ratio": Field(PoolRow.memory_ratio, "float"),
+    }, PoolRow.uuid, (SortKey("name", False),), PoolRow.uuid, "pool"),
+    "vm_group": Queryable(VmGroupRow, {
+        **_common(VmGroupRow), "policy": _enum(VmGroupRow.policy, GroupPolicy),
+        "project_uuid": Field(VmGroupRow.project_uuid),
+    }, VmGroupRow.uuid, NEWEST_FIRST, VmGroupRow.uuid, "vm_group"),
     "task": Queryable(FlowRow, {
         "uuid": Field(FlowRow.uuid), "kind": Field(FlowRow.kind),
         "resource_type": Field(FlowRow.resource_type),

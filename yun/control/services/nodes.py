@@ -47,13 +47,33 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.context import ControlContext
-from yun.control.db.models import FlowRow, NodeRow, VmRow, utcnow
+from yun.control.db.models import FlowRow, NodeRow, PoolRow, VmRow, utcnow
 from yun.control.db.tags import tags_of
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import finish_delete, release_placement
+from yun.control.scheduler.inventory import (
+    DISK_GB,
+    MEMORY_MB,
+    RESOURCE_CLASSES,
+    VCPU,
+    inventories,
+    reported_inventory,
+    sync_inventory,
+)
+from yun.control.scheduler.loads import LiveLoads, Load
 from yun.proto.errors import NotFound, YunError
-from yun.proto.messages import DomainState, NodeReport
-from yun.proto.resources import Node, VmState
+from yun.proto.messages import DomainState, NodeCapability, NodeReport
+from yun.proto.resources import (
+    Inventory,
+    Node,
+    NodeAdminState,
+    NodeLoad,
+    NodeStatus,
+    ResourceClass,
+    VmState,
+)
+
+NODE_CAPABILITIES = {c.value for c in NodeCapability}
 
 log = logging.getLogger("yun.control.nodes")
 
@@ -89,25 +109,66 @@ async def get_node(session: AsyncSession, node_uuid: str) -> NodeRow:
     return node
 
 
-def node_model(row: NodeRow, vm_count: int = 0) -> Node:
-    node = Node.model_validate(row)
-    node.vm_count = vm_count
-    return node
-
-
-async def node_models(session: AsyncSession, rows: list[NodeRow]) -> list[Node]:
-    """The API view of nodes, with their VM counts and tags."""
-    counts = await vm_counts(session)
-    tags = await tags_of(session, [r.uuid for r in rows])
-    models = [node_model(r, counts.get(r.uuid, 0)) for r in rows]
-    for model in models:
-        model.tags = tags.get(model.uuid, {})
+async def node_models(session: AsyncSession, rows: list[NodeRow],
+                      loads: LiveLoads | None = None) -> list[Node]:
+    """The API view of nodes: capacity from their inventories with their pools' ratios,
+    the live load when ``loads`` has it, VM counts and tags."""
+    uuids = [r.uuid for r in rows]
+    counts = await vm_counts(session, uuids)
+    tags = await tags_of(session, uuids)
+    inv = await inventories(session, uuids)
+    pool_uuids = {r.pool_uuid for r in rows if r.pool_uuid}
+    pools = {p.uuid: p for p in (await session.scalars(
+        select(PoolRow).where(PoolRow.uuid.in_(pool_uuids)))).all()} if pool_uuids else {}
+    models = []
+    for row in rows:
+        pool = pools.get(row.pool_uuid or "")
+        ratio = {VCPU: pool.cpu_ratio, MEMORY_MB: pool.memory_ratio,
+                 DISK_GB: pool.disk_ratio} if pool else {}
+        classes = inv.get(row.uuid, {})
+        inventory = []
+        for rc in RESOURCE_CLASSES:
+            total, reserved, used = classes.get(rc, (0, 0, 0))
+            r = ratio.get(rc, 1.0)
+            usable = max(int((total - reserved) * r), 0)
+            inventory.append(Inventory(resource_class=ResourceClass(rc), total=total,
+                                       reserved=reserved, ratio=r, usable=usable, used=used,
+                                       free=usable - used))
+        live = loads.get(row.uuid) if loads is not None else None
+        load = NodeLoad(cpu=live.cpu, memory_used_mb=live.memory_used_mb,
+                        disk_used_gb=live.disk_used_gb, net=live.net, reported_at=live.at
+                        ) if live else NodeLoad(
+            cpu=row.cpu_load, memory_used_mb=row.memory_used_mb,
+            disk_used_gb=row.disk_used_gb, net=row.net_load, reported_at=row.last_report_at)
+        models.append(Node(
+            uuid=row.uuid, name=row.name, description=row.description,
+            tags=tags.get(row.uuid, {}), created_at=row.created_at, updated_at=row.updated_at,
+            url=row.url, status=NodeStatus(row.status),
+            admin_state=NodeAdminState(row.admin_state),
+            pool_uuid=row.pool_uuid, pool_name=pool.name if pool else None,
+            labels=dict(row.labels or {}),
+            capabilities=[NodeCapability(c) for c in row.capabilities or []
+                          if c in NODE_CAPABILITIES],
+            hypervisor=row.hypervisor, accel=row.accel,
+            vcpus=classes.get(VCPU, (0, 0, 0))[0],
+            memory_mb=classes.get(MEMORY_MB, (0, 0, 0))[0],
+            disk_gb=classes.get(DISK_GB, (0, 0, 0))[0],
+            vcpus_reserved=classes.get(VCPU, (0, 0, 0))[2],
+            memory_reserved_mb=classes.get(MEMORY_MB, (0, 0, 0))[2],
+            disk_reserved_gb=classes.get(DISK_GB, (0, 0, 0))[2],
+            inventory=inventory, load=load, cpu_load=load.cpu,
+            memory_used_mb=load.memory_used_mb, nat_subnet=row.nat_subnet,
+            last_report_at=load.reported_at, vm_count=counts.get(row.uuid, 0)))
     return models
 
 
-async def vm_counts(session: AsyncSession) -> dict[str, int]:
+async def vm_counts(session: AsyncSession, node_uuids: list[str]) -> dict[str, int]:
+    """How many VMs are placed on each of ``node_uuids``."""
+    if not node_uuids:
+        return {}
     rows = await session.execute(
-        select(VmRow.node_uuid, func.count()).group_by(VmRow.node_uuid))
+        select(VmRow.node_uuid, func.count()).where(VmRow.node_uuid.in_(node_uuids))
+        .group_by(VmRow.node_uuid))
     return {node: count for node, count in rows.all() if node}
 
 
@@ -120,17 +181,39 @@ class NodeRegistry:
         self._answered: dict[str, _Answered] = {}
         self._intervals: dict[str, float] = {}
         self._cleanups: dict[str, asyncio.Task[None]] = {}
+        self._inventories: dict[str, dict[str, tuple[int, int]]] = {}
+        self._persist: asyncio.Task[None] | None = None
         self._started = utcnow()
 
     def start(self) -> None:
         self._started = utcnow()
         self._liveness = asyncio.create_task(self._liveness_loop(), name="node-liveness")
+        self._persist = asyncio.create_task(self._persist_loop(), name="node-load-persist")
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._liveness, *self._cleanups.values()] if t is not None]
+        tasks = [t for t in [self._liveness, self._persist, *self._cleanups.values()]
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.persist_loads()  # what the nodes reported since the last batch
+        except Exception:
+            log.exception("could not persist the nodes' latest loads")
+
+    async def persist_loads(self) -> int:
+        """Write the loads reported since the last batch (one statement)."""
+        async with self.ctx.db.session() as session:
+            return await self.ctx.loads.persist(session)
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ctx.settings.load_persist_interval)
+            try:
+                written = await self.persist_loads()
+                log.debug("node loads persisted", extra={"nodes": written})
+            except Exception:
+                log.exception("could not persist the nodes' latest loads")
 
     def cleanup_running(self, node_uuid: str) -> bool:
         """Whether an orphan cleanup of ``node_uuid`` is under way."""
@@ -157,31 +240,38 @@ class NodeRegistry:
         return last.done_at
 
     async def report(self, report: NodeReport) -> None:
-        """Record a node's capacity and load, reconcile its VMs, and clean its orphans."""
+        """Record a node's identity, capacity and load, reconcile its VMs, clean its orphans.
+
+        The load goes to memory (:class:`LiveLoads`); the database is written only when
+        the node's identity or capacity changed, or when its VMs need it."""
         now = utcnow()
         fresh_since = self._fresh_since(report)
         if report.report_interval:
             self._intervals[report.node_id] = report.report_interval
+        host = report.host
+        self.ctx.loads.record(report.node_id, Load(
+            cpu=host.cpu_load, memory_used_mb=host.memory_used_mb,
+            disk_used_gb=host.disk_used_gb, net=host.net_load, at=now))
         async with self.ctx.db.session() as session:
             node = await session.get(NodeRow, report.node_id)
-            host = report.host
             if node is None:
-                # Registered down: it is marked up below once it holds no orphan.
-                node = NodeRow(
-                    uuid=report.node_id, name=report.name, url=report.url, status="down",
-                    hypervisor=host.hypervisor, accel=host.accel, vcpus=host.vcpus,
-                    memory_mb=host.memory_mb, disk_gb=host.disk_gb, nat_subnet=host.nat_subnet,
-                )
-                session.add(node)
-                log.info("node registered", extra={"node": report.node_id, "node_name": report.name,
-                                                   "accel": host.accel, "vcpus": host.vcpus,
-                                                   "memory_mb": host.memory_mb})
-            node.name, node.url = report.name, report.url
-            node.hypervisor, node.accel = host.hypervisor, host.accel
-            node.vcpus, node.memory_mb, node.disk_gb = host.vcpus, host.memory_mb, host.disk_gb
-            node.cpu_load, node.memory_used_mb = host.cpu_load, host.memory_used_mb
-            node.nat_subnet = host.nat_subnet
-            node.last_report_at = now
+                node = await self._register(session, report)
+            identity = (report.name, report.url, host.hypervisor, host.accel,
+                        sorted(str(c) for c in host.capabilities), host.nat_subnet)
+            if (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
+                    node.nat_subnet) != identity:
+                (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
+                 node.nat_subnet) = identity
+            inventory_now = reported_inventory(host)
+            if self._inventories.get(report.node_id) != inventory_now:
+                if await sync_inventory(session, report.node_id, inventory_now):
+                    log.info("node capacity changed", extra={
+                        "node": report.node_id, "node_name": report.name,
+                        "capacity": {k: {"total": t, "reserved": r}
+                                     for k, (t, r) in inventory_now.items()}})
+                    if node.pool_uuid:
+                        self.ctx.placement.invalidate(node.pool_uuid)
+                self._inventories[report.node_id] = inventory_now
             was_up = node.status == "up"
         orphans = await self.reconcile(report, fresh_since)
         if orphans:
@@ -190,6 +280,35 @@ class NodeRegistry:
             await self._mark_up(report.node_id)
         self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
 
+    async def _register(self, session: AsyncSession, report: NodeReport) -> NodeRow:
+        """A node's first report: record it (down until it shows no orphan), in the pool
+        its configuration names if that pool exists, else unassigned."""
+        host = report.host
+        pool_uuid = None
+        if host.pool:
+            pool = (await session.scalars(
+                select(PoolRow).where(PoolRow.name == host.pool))).first()
+            if pool is None:
+                log.warning("node names a pool that does not exist; it stays unassigned "
+                            "until an administrator adds it to a pool",
+                            extra={"node": report.node_id, "node_name": report.name,
+                                   "pool": host.pool})
+            else:
+                pool_uuid = pool.uuid
+        node = NodeRow(uuid=report.node_id, name=report.name, url=report.url, status="down",
+                       admin_state="active", pool_uuid=pool_uuid, labels={},
+                       capabilities=sorted(str(c) for c in host.capabilities),
+                       hypervisor=host.hypervisor, accel=host.accel,
+                       nat_subnet=host.nat_subnet, last_report_at=utcnow())
+        session.add(node)
+        await session.flush()
+        log.info("node registered", extra={
+            "node": report.node_id, "node_name": report.name, "accel": host.accel,
+            "vcpus": host.vcpus, "memory_mb": host.memory_mb,
+            "memory_reserved_mb": host.memory_reserved_mb,
+            "pool": host.pool if pool_uuid else None})
+        return node
+
     async def _mark_up(self, node_uuid: str) -> None:
         async with self.ctx.db.session() as session:
             result = await session.execute(
@@ -197,6 +316,7 @@ class NodeRegistry:
                 .where(NodeRow.status != "up").values(status="up"))
         if result.rowcount:  # type: ignore[attr-defined]
             log.info("node is up", extra={"node": node_uuid})
+            self.ctx.placement.invalidate()
 
     async def reconcile(self, report: NodeReport, fresh_since: datetime | None) -> set[str]:
         """Make the node's VMs follow what it holds (the table in this module's docstring);
@@ -309,6 +429,7 @@ class NodeRegistry:
             .values(status="down"))
         if result.rowcount:  # type: ignore[attr-defined]
             log.warning("node down", extra={"node": node_uuid, "reason": why})
+            self.ctx.placement.invalidate()
             # Its guests may well run on (U-SPLIT), but nobody can vouch for them now;
             # the node's next report after it returns settles their state again.
             await session.execute(
@@ -326,7 +447,9 @@ class NodeRegistry:
         async with self.ctx.db.session() as session:
             rows = (await session.execute(
                 select(NodeRow.uuid, NodeRow.last_report_at).where(NodeRow.status == "up"))).all()
-            for node_uuid, last in rows:
+            for node_uuid, persisted in rows:
+                # Reports are kept in memory; the persisted time covers this server's start.
+                last = self.ctx.loads.last_report(node_uuid) or persisted
                 silent = (now - last).total_seconds() if last is not None else None
                 if silent is None or silent > self.down_after(node_uuid):
                     await self.mark_down(session, node_uuid,

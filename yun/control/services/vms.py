@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid as uuidlib
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import select
@@ -13,16 +14,37 @@ from yun.control.access.policy import Permission, Scope, require, require_in_pro
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
 from yun.control.db.idempotency import current_key
-from yun.control.db.models import FlowRow, ImageRow, NodeRow, ProjectRow, VmRow
+from yun.control.db.models import (
+    FlowRow,
+    ImageRow,
+    NodeRow,
+    PoolRow,
+    ProjectRow,
+    VmGroupRow,
+    VmRow,
+    ZoneRow,
+)
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
+from yun.control.flows.vm import POOLS, effective_qos
 from yun.control.nodeclient import node_client
+from yun.control.scheduler.placement import Request
 from yun.control.services.common import find
+from yun.control.services.pools import DEFAULT_POOL
 from yun.control.services.tasks import task_model
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
-from yun.proto.messages import StopRequest
-from yun.proto.resources import Accepted, Console, ImageStatus, Vm, VmCreate, VmState, VmStop
+from yun.proto.messages import QosSpec, StopRequest
+from yun.proto.resources import (
+    Accepted,
+    Console,
+    ImageStatus,
+    Vm,
+    VmCreate,
+    VmQosUpdate,
+    VmState,
+    VmStop,
+)
 
 log = logging.getLogger("yun.control.vms")
 
@@ -34,25 +56,37 @@ ACTIONS_ALLOWED: dict[str, set[VmState]] = {
 TRANSIENT = {"start": VmState.STARTING, "stop": VmState.STOPPING, "reboot": VmState.REBOOTING}
 # A power action asked of a VM already in its target state: nothing to do (U-IDEMP).
 ALREADY = {"start": VmState.RUNNING, "stop": VmState.STOPPED}
+# QoS is changed on a VM whose domain exists (live when it runs, in its definition when not).
+QOS_ALLOWED = {VmState.RUNNING, VmState.STOPPED}
 
 
 def vm_model(row: VmRow, node_name: str | None = None,
-             tags: dict[str, str] | None = None) -> Vm:
+             tags: dict[str, str] | None = None, pool: tuple[str, str] | None = None) -> Vm:
+    """The API view of a VM; ``pool`` is its pool's (name, QoS level)."""
     vm = Vm.model_validate(row)
     vm.node_name = node_name
     vm.tags = tags or {}
+    vm.pool_name = pool[0] if pool else None
+    vm.qos = effective_qos(row, pool[1] if pool else None)
     return vm
 
 
 async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
-    """The API view of many VMs, with their node names and tags in two queries."""
+    """The API view of many VMs, with their node and pool names and tags."""
     node_uuids = {r.node_uuid for r in rows if r.node_uuid}
     names: dict[str, str] = {}
     if node_uuids:
         names = dict((await session.execute(select(NodeRow.uuid, NodeRow.name).where(
             NodeRow.uuid.in_(node_uuids)))).all())
+    pool_uuids = {r.pool_uuid for r in rows if r.pool_uuid}
+    pools: dict[str, tuple[str, str]] = {}
+    if pool_uuids:
+        pools = {u: (n, q) for u, n, q in (await session.execute(
+            select(PoolRow.uuid, PoolRow.name, PoolRow.qos_level).where(
+                PoolRow.uuid.in_(pool_uuids)))).all()}
     tags = await tags_of(session, [r.uuid for r in rows])
-    return [vm_model(r, names.get(r.node_uuid or ""), tags.get(r.uuid)) for r in rows]
+    return [vm_model(r, names.get(r.node_uuid or ""), tags.get(r.uuid),
+                     pools.get(r.pool_uuid or "")) for r in rows]
 
 
 class VmService:
@@ -84,27 +118,88 @@ class VmService:
                 raise Unprocessable(
                     f"disk_gb={req.disk_gb} is smaller than image {image.name} "
                     f"({image.virtual_size / 1024**3:.1f} GiB)")
+            pools, pool = await self._pools_for(session, req, scope)
+            group = await self._group_for(session, req, user, scope)
+            vm_uuid = str(uuidlib.uuid4())
+            # Answer at once when no node can take the VM now (the placement in the
+            # create's flow is the real check: this one only saves a doomed task).
+            await self.ctx.placement.check(session, Request(
+                req.vcpus, req.memory_mb, req.disk_gb, pool_uuids=tuple(pools),
+                labels=MappingProxyType(dict(req.node_labels)),
+                group_uuid=group.uuid if group else None))
             await quotas.claim(session, await _project(session, user),
                                quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
+            qos = {"bandwidth_kbit": req.bandwidth_kbit} if req.bandwidth_kbit else {}
             vm = VmRow(
-                uuid=str(uuidlib.uuid4()), name=req.name, description=req.description,
+                uuid=vm_uuid, name=req.name, description=req.description,
                 project_uuid=user.project_uuid, state=VmState.BUILDING, vcpus=req.vcpus,
                 memory_mb=req.memory_mb, disk_gb=req.disk_gb, image_uuid=image.uuid,
+                pool_uuid=pool.uuid if pool else None, group_uuid=group.uuid if group else None,
+                node_labels=dict(req.node_labels), qos=qos,
                 # In the transaction that makes the VM and its flow: a create carried out
                 # again after a crash finds this VM (U-IDEMP).
                 idempotency_key=key,
             )
             session.add(vm)
             tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
-            flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid, {},
+            flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid,
+                                                  {POOLS: pools} if pool is None else {},
                                                   project_uuid=vm.project_uuid,
                                                   what=f"VM {vm.name}")
             vm.task_uuid = flow.uuid
             await session.flush()
             accepted = Accepted(task=task_model(flow), resource=vm_model(
-                vm, tags=tags).model_dump(mode="json"))
+                vm, tags=tags, pool=(pool.name, pool.qos_level) if pool else None,
+            ).model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, vm.uuid)
         return accepted
+
+    @staticmethod
+    async def _pools_for(session: AsyncSession, req: VmCreate, scope: Scope
+                         ) -> tuple[list[str], PoolRow | None]:
+        """The pools the VM may go to, and its pool when it named one (not a zone)."""
+        if req.pool and req.zone:
+            raise Unprocessable("name a pool or a zone, not both")
+        if req.zone:
+            zone = await find(session, ZoneRow, req.zone, "zone", scope)
+            pools = list((await session.scalars(select(PoolRow.uuid).where(
+                PoolRow.zone_uuid == zone.uuid).order_by(PoolRow.name))).all())
+            if not pools:
+                raise Unprocessable(f"zone {zone.name} has no compute pool")
+            return pools, None
+        if req.pool is None:
+            pool = (await session.scalars(select(PoolRow).where(
+                PoolRow.name == DEFAULT_POOL))).first()
+            if pool is None:
+                raise Unprocessable(f"name a pool: there is no pool named {DEFAULT_POOL}")
+        else:
+            pool = await find(session, PoolRow, req.pool, "pool", scope)
+        return [pool.uuid], pool
+
+    @staticmethod
+    async def _group_for(session: AsyncSession, req: VmCreate, user: RequestContext,
+                         scope: Scope) -> VmGroupRow | None:
+        if req.group is None:
+            return None
+        group = await find(session, VmGroupRow, req.group, "VM group", scope)
+        if group.project_uuid != user.project_uuid:
+            raise Unprocessable(f"VM group {group.name} belongs to another project")
+        return group
+
+    async def set_qos(self, ref: str, req: VmQosUpdate, scope: Scope) -> Accepted:
+        """Change a VM's QoS limits; applied at once to its running domain."""
+        async with self.ctx.db.session() as session:
+            vm = await find(session, VmRow, ref, "VM", scope)
+            pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+            current = effective_qos(vm, pool.qos_level if pool else None).model_dump()
+        changes = req.model_dump(exclude_none=True, exclude={"clear"})
+        cleared: dict[str, Any] = dict.fromkeys(req.clear)
+        wanted = {**current, **changes, **cleared}
+        if not changes and not req.clear:
+            raise Unprocessable("name at least one QoS limit to set or clear")
+        qos = QosSpec.model_validate(wanted)
+        return await self._launch(ref, "vm.set_qos", QOS_ALLOWED, None,
+                                  {"qos": qos.model_dump(mode="json")}, scope)
 
     async def _made_under_key(self, session: AsyncSession, key: str) -> Accepted | None:
         """The answer to a create already carried out under Idempotency-Key ``key`` (by a
@@ -139,7 +234,7 @@ class VmService:
         return await self._launch(ref, "vm.delete", None, VmState.DELETING, {}, scope)
 
     async def _launch(self, ref: str, kind: str, allowed: set[VmState] | None,
-                      transient: VmState, data: dict[str, Any], scope: Scope,
+                      transient: VmState | None, data: dict[str, Any], scope: Scope,
                       already: VmState | None = None) -> Accepted:
         """Start flow ``kind`` on the VM, or answer the same task if it already runs one."""
         async with self.ctx.db.session() as session:
@@ -161,7 +256,8 @@ class VmService:
                                                   {"previous_state": vm.state, **data},
                                                   project_uuid=vm.project_uuid,
                                                   what=f"VM {vm.name}")
-            vm.state = transient
+            if transient is not None:
+                vm.state = transient
             vm.task_uuid = flow.uuid
             await session.flush()
             accepted = Accepted(task=task_model(flow), resource=vm_model(vm).model_dump(

@@ -3,6 +3,11 @@
 Every driver (``libvirt``, ``sim``) honours the same contract; nothing outside a
 driver may ask which one it is talking to. Operations on a domain that is already
 in the requested state succeed quietly, so that a retried command is harmless.
+The one exception is :meth:`HypervisorDriver.reboot`: "restart it" has no meaning
+for a stopped domain, and starting a domain an operator (or a racing stop) left off
+would be a surprise, so a reboot of a domain that is not running is refused with
+:class:`DomainNotRunning` by every driver. tests/integration/test_driver_contract.py
+runs one suite over every driver to hold them to this contract.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yun.proto.messages import DomainInfo, DomainSpec, DomainState
+from yun.proto.messages import DomainInfo, DomainSpec, DomainState, NodeCapability
 
 
 class HypervisorError(RuntimeError):
@@ -27,13 +32,34 @@ class NotSupported(HypervisorError):
     """The driver does not offer this operation (see :class:`Capabilities`)."""
 
 
+class DomainNotRunning(HypervisorError):
+    """The operation needs a running domain (a reboot of a stopped one)."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
+    """What a driver can do. Each flag is named as the :class:`NodeCapability` the node
+    reports for it (see :func:`node_capabilities`)."""
+
     live_migrate: bool = False
     hotplug_disk: bool = False
     hotplug_nic: bool = False
     snapshots: bool = False
     console: bool = False
+    qos_cpu: bool = False
+    qos_disk: bool = False
+    qos_net: bool = False
+
+
+def node_capabilities(caps: Capabilities, accel: str) -> list[NodeCapability]:
+    """The capabilities a node reports: the driver's flags that are set, and ``kvm``
+    when guests run under KVM (not TCG emulation), in a stable order."""
+    out: list[NodeCapability] = [
+        cap for cap in NodeCapability
+        if cap is not NodeCapability.KVM and getattr(caps, cap.value, False)]
+    if accel == "kvm":
+        out.append(NodeCapability.KVM)
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,7 +157,8 @@ class HypervisorDriver(abc.ABC):
 
     @abc.abstractmethod
     async def reboot(self, uuid: str) -> None:
-        """Restart the guest."""
+        """Restart a running guest; :class:`DomainNotRunning` if it is not running
+        (shut off, crashed or paused: start or resume it instead)."""
 
     @abc.abstractmethod
     async def undefine(self, uuid: str) -> None:

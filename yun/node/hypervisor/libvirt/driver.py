@@ -34,6 +34,7 @@ from yun.node.hypervisor.base import (
     ConsoleInfo,
     DomainEvent,
     DomainNotFound,
+    DomainNotRunning,
     HostCapacity,
     HypervisorDriver,
     HypervisorError,
@@ -118,6 +119,31 @@ def supports_direct_io(path: Path) -> bool:
 
 def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
+
+
+def host_memory(conn: libvirt.virConnect) -> tuple[int, int]:
+    """``(total, used)`` MiB of the host's memory, as its kernel counts it (worker thread).
+
+    Not ``getInfo()``'s figure: libvirt adds up the NUMA cells there, which on hosts
+    whose memory is not all in online NUMA nodes (virtio-mem, hotplug, some VMs) is a
+    fraction of the RAM and changes from boot to boot. The all-cells memory stats are
+    the host's ``/proc/meminfo`` read by libvirtd, so they hold for a remote libvirtd
+    too. Used is what the kernel could not hand out at once: total minus free, buffers
+    and page cache. Hypervisors without memory stats (``test:///``) give getInfo's.
+    """
+    try:
+        stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    except libvirt.libvirtError as exc:
+        if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+            raise
+        stats = {}
+    total_kib = int(stats.get("total", 0))
+    if total_kib <= 0:
+        total_mb = int(conn.getInfo()[1])
+        free_mb = int(conn.getFreeMemory()) // (1024 * 1024)
+        return total_mb, max(0, total_mb - free_mb)
+    available_kib = sum(int(stats.get(k, 0)) for k in ("free", "buffers", "cached"))
+    return total_kib // 1024, max(0, total_kib - available_kib) // 1024
 
 
 class LibvirtDriver(HypervisorDriver):
@@ -304,15 +330,15 @@ class LibvirtDriver(HypervisorDriver):
     async def host_info(self) -> HostCapacity:
         def query(conn: libvirt.virConnect) -> HostCapacity:
             info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
-            free_mb = conn.getFreeMemory() // (1024 * 1024)
+            memory_mb, used_mb = host_memory(conn)
             stats = conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)
             return HostCapacity(
                 hostname=conn.getHostname(),
                 vcpus=int(info[2]),
-                memory_mb=int(info[1]),
+                memory_mb=memory_mb,
                 accel=self.accel or "tcg",
                 cpu_load=self._cpu_load(stats),
-                memory_used_mb=max(0, int(info[1]) - int(free_mb)),
+                memory_used_mb=used_mb,
             )
 
         try:
@@ -496,7 +522,15 @@ class LibvirtDriver(HypervisorDriver):
             try:
                 if not dom.isActive():
                     return False
-                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                try:
+                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                except libvirt.libvirtError as exc:
+                    # A hypervisor that lets no one choose the method (libvirt's test
+                    # driver, some older ones) shuts down its own default way.
+                    if _code(exc) not in (libvirt.VIR_ERR_INVALID_ARG,
+                                          libvirt.VIR_ERR_NO_SUPPORT):
+                        raise
+                    dom.shutdown()
             except libvirt.libvirtError as exc:
                 if not dom.isActive():
                     return False
@@ -525,27 +559,31 @@ class LibvirtDriver(HypervisorDriver):
             await self.destroy(uuid)
 
     async def reboot(self, uuid: str) -> None:
-        """ACPI reboot of a running guest; a stopped domain is started instead.
+        """ACPI reboot of a running guest; DomainNotRunning if it is not running.
 
         The guest decides: one that ignores the power button keeps running (the
         caller can shutdown()/start() instead).
         """
         uuid = canonical_uuid(uuid)
 
-        def reboot(conn: libvirt.virConnect) -> bool:
+        def reboot(conn: libvirt.virConnect) -> None:
             dom = self._lookup(conn, uuid)
             try:
-                if not dom.isActive():
-                    dom.create()
-                    return False
+                state = map_state(*dom.state())
+                if state is not DomainState.RUNNING:
+                    raise DomainNotRunning(
+                        f"cannot reboot domain {uuid}: it is {state}, not running "
+                        "(start it instead)")
                 dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
             except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    raise DomainNotRunning(
+                        f"cannot reboot domain {uuid}: it stopped meanwhile (start it "
+                        "instead)") from exc
                 raise self._error(exc, "reboot", uuid) from exc
-            return True
 
-        rebooted = await self._call(reboot)
-        log.info("domain %s", "reboot requested" if rebooted else "was stopped, started",
-                 extra={"vm": uuid})
+        await self._call(reboot)
+        log.info("domain reboot requested", extra={"vm": uuid})
 
     # ------------------------------------------------------------------ console
 

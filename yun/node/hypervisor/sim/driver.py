@@ -25,6 +25,7 @@ from yun.node.hypervisor.base import (
     ConsoleInfo,
     DomainEvent,
     DomainNotFound,
+    DomainNotRunning,
     HostCapacity,
     HypervisorDriver,
     HypervisorError,
@@ -200,7 +201,9 @@ class SimDriver(HypervisorDriver):
         await self._enter("reboot")
         dom = self._get(uuid)
         if dom.state is not DomainState.RUNNING:
-            raise HypervisorError(f"domain {uuid} is not running")
+            raise DomainNotRunning(
+                f"cannot reboot domain {uuid}: it is {dom.state}, not running (start it "
+                "instead)")
         dom.log("rebooted")
 
     async def undefine(self, uuid: str) -> None:
@@ -208,7 +211,9 @@ class SimDriver(HypervisorDriver):
         dom = self.domains.pop(uuid, None)
         if dom is not None:
             self._save()
-        if dom is not None and dom.state is DomainState.RUNNING:
+            # As libvirt: a running domain is stopped first, and every undefine is told.
+            if dom.state is DomainState.RUNNING:
+                self._events.put_nowait(DomainEvent(uuid, DomainState.SHUTOFF, "destroyed"))
             self._events.put_nowait(DomainEvent(uuid, DomainState.ABSENT, "undefined"))
 
     async def console(self, uuid: str) -> ConsoleInfo:

@@ -1,0 +1,243 @@
+"""One contract, every hypervisor driver: the same tests run over the sim driver and the
+libvirt driver on libvirt's built-in test hypervisor (``test:///default``: domains are
+defined, started and destroyed in libvirtd's memory, no QEMU runs), as Nova runs one
+test case over its fake and libvirt drivers. The real libvirt on QEMU is held to the
+same behaviour in tests/system/test_libvirt_driver.py.
+
+Whatever a test here asserts, the control plane may rely on from any driver; a driver
+that diverges fails here, not in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from yun.node.hypervisor import load_driver
+from yun.node.hypervisor.base import (
+    DomainEvent,
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorDriver,
+    HypervisorError,
+)
+from yun.proto.messages import DomainSpec, DomainState
+
+DRIVERS = ["sim", "libvirt-test"]
+EVENT_TIMEOUT = 10.0  # seconds; events are immediate, this only bounds a broken test
+
+
+@pytest.fixture(params=DRIVERS)
+async def driver(request: pytest.FixtureRequest, tmp_path: Path
+                 ) -> AsyncIterator[HypervisorDriver]:
+    if request.param == "sim":
+        drv = load_driver("sim", hostname="contract", vcpus=8, memory_mb=16384)
+    else:
+        drv = load_driver("libvirt", uri="test:///default", accel="tcg", state_dir=tmp_path)
+    await drv.open()
+    created: list[str] = []
+    drv.created = created  # type: ignore[attr-defined]
+    try:
+        yield drv
+    finally:
+        # test:///default lives as long as the process: leave no domain behind.
+        for vm in created:
+            await drv.undefine(vm)
+        await drv.close()
+
+
+def new_spec(driver: HypervisorDriver, **fields: object) -> DomainSpec:
+    """A fresh domain spec; the fixture undefines it after the test."""
+    vm = str(uuidlib.uuid4())
+    driver.created.append(vm)  # type: ignore[attr-defined]
+    values: dict[str, object] = {"uuid": vm, "name": f"c-{vm[:8]}", "vcpus": 1,
+                                 "memory_mb": 128}
+    values.update(fields)
+    return DomainSpec(**values)  # type: ignore[arg-type]
+
+
+async def state(driver: HypervisorDriver, vm: str) -> DomainState:
+    info = await driver.get_domain(vm)
+    return DomainState.ABSENT if info is None else info.state
+
+
+async def defined(driver: HypervisorDriver, running: bool = False, **fields: object) -> str:
+    spec = new_spec(driver, **fields)
+    await driver.ensure_defined(spec, [], [])
+    if running:
+        await driver.start(spec.uuid)
+    return spec.uuid
+
+
+class EventWatch:
+    """The driver's events, read in the background so none is missed."""
+
+    def __init__(self, driver: HypervisorDriver) -> None:
+        self.seen: list[DomainEvent] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(driver))
+
+    async def _read(self, driver: HypervisorDriver) -> None:
+        async for ev in driver.events():
+            self.seen.append(ev)
+            self._changed.set()
+
+    async def wait(self, vm: str, state: DomainState) -> DomainEvent:
+        """The first event putting ``vm`` in ``state`` (consumed, so the next wait finds
+        a later one)."""
+        async def find() -> DomainEvent:
+            while True:
+                for i, ev in enumerate(self.seen):
+                    if ev.uuid == vm and ev.state is state:
+                        del self.seen[: i + 1]
+                        return ev
+                self._changed.clear()
+                await self._changed.wait()
+        return await asyncio.wait_for(find(), EVENT_TIMEOUT)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+# --- definition ----------------------------------------------------------------------------
+
+
+async def test_define_is_idempotent_and_updates_never_start(driver: HypervisorDriver) -> None:
+    spec = new_spec(driver, vcpus=2, memory_mb=256)
+    assert await driver.get_domain(spec.uuid) is None
+    await driver.ensure_defined(spec, [], [])
+    await driver.ensure_defined(spec, [], [])  # again: the same one domain
+    listed = [d for d in await driver.list_domains() if d.uuid == spec.uuid]
+    assert len(listed) == 1 and listed[0].state is DomainState.SHUTOFF
+    assert (listed[0].name, listed[0].vcpus, listed[0].memory_mb) == (spec.name, 2, 256)
+    # A changed spec replaces the definition, and defining never boots the domain.
+    await driver.ensure_defined(spec.model_copy(update={"vcpus": 1}), [], [])
+    info = await driver.get_domain(spec.uuid)
+    assert info is not None and info.vcpus == 1 and info.state is DomainState.SHUTOFF
+
+
+async def test_list_and_get_show_only_what_exists(driver: HypervisorDriver) -> None:
+    a = await defined(driver)
+    b = await defined(driver, running=True)
+    states = {d.uuid: d.state for d in await driver.list_domains()}
+    assert states[a] is DomainState.SHUTOFF and states[b] is DomainState.RUNNING
+    # libvirt's test host ships a domain called "test": not Yun's, never listed.
+    assert all(d.name != "test" for d in await driver.list_domains())
+    assert await driver.get_domain(str(uuidlib.uuid4())) is None
+
+
+async def test_undefine_removes_running_or_stopped_and_absent_is_fine(
+        driver: HypervisorDriver) -> None:
+    stopped = await defined(driver)
+    running = await defined(driver, running=True)
+    for vm in (stopped, running):
+        await driver.undefine(vm)
+        assert await driver.get_domain(vm) is None
+        await driver.undefine(vm)  # already gone: no error
+    assert {stopped, running}.isdisjoint(d.uuid for d in await driver.list_domains())
+
+
+# --- power ---------------------------------------------------------------------------------
+
+
+async def test_start_and_destroy_are_idempotent(driver: HypervisorDriver) -> None:
+    vm = await defined(driver)
+    await driver.start(vm)
+    await driver.start(vm)  # already running: left alone
+    assert await state(driver, vm) is DomainState.RUNNING
+    await driver.destroy(vm)
+    await driver.destroy(vm)  # already off: left alone
+    assert await state(driver, vm) is DomainState.SHUTOFF
+    await driver.start(vm)  # a stopped domain starts again
+    assert await state(driver, vm) is DomainState.RUNNING
+
+
+async def test_shutdown_stops_a_running_domain_and_leaves_a_stopped_one(
+        driver: HypervisorDriver) -> None:
+    vm = await defined(driver, running=True)
+    await driver.shutdown(vm, timeout=5)
+    assert await state(driver, vm) is DomainState.SHUTOFF
+    await driver.shutdown(vm, timeout=5)
+    assert await state(driver, vm) is DomainState.SHUTOFF
+    # timeout 0: no grace, off at once.
+    await driver.start(vm)
+    await driver.shutdown(vm, timeout=0)
+    assert await state(driver, vm) is DomainState.SHUTOFF
+
+
+async def test_reboot_restarts_a_running_domain(driver: HypervisorDriver) -> None:
+    vm = await defined(driver, running=True)
+    await driver.reboot(vm)
+    assert await state(driver, vm) is DomainState.RUNNING
+
+
+async def test_reboot_of_a_stopped_domain_is_refused_and_leaves_it_stopped(
+        driver: HypervisorDriver) -> None:
+    """The divergence this suite was made for: libvirt used to start the domain, sim
+    refused. Both refuse now, saying what to do, and the domain stays off."""
+    vm = await defined(driver)
+    with pytest.raises(DomainNotRunning, match=rf"{vm}.*shutoff, not running.*start it"):
+        await driver.reboot(vm)
+    assert await state(driver, vm) is DomainState.SHUTOFF
+    await driver.start(vm)
+    await driver.destroy(vm)
+    with pytest.raises(DomainNotRunning):
+        await driver.reboot(vm)
+    assert await state(driver, vm) is DomainState.SHUTOFF
+
+
+@pytest.mark.parametrize("op", ["start", "destroy", "reboot", "console"])
+async def test_operations_on_an_unknown_domain_say_not_found(
+        driver: HypervisorDriver, op: str) -> None:
+    vm = str(uuidlib.uuid4())
+    with pytest.raises(DomainNotFound, match=vm):
+        await getattr(driver, op)(vm)
+    with pytest.raises(DomainNotFound, match=vm):
+        await driver.shutdown(vm, timeout=1)
+    # DomainNotFound is a HypervisorError: callers catching the family see it too.
+    assert issubclass(DomainNotFound, HypervisorError)
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+async def test_events_follow_each_state_change(driver: HypervisorDriver) -> None:
+    watch = EventWatch(driver)
+    try:
+        vm = await defined(driver)
+        await driver.start(vm)
+        assert (await watch.wait(vm, DomainState.RUNNING)).uuid == vm
+        await driver.destroy(vm)
+        await watch.wait(vm, DomainState.SHUTOFF)
+        await driver.start(vm)
+        await watch.wait(vm, DomainState.RUNNING)
+        await driver.undefine(vm)  # running: stopped, then gone
+        await watch.wait(vm, DomainState.SHUTOFF)
+        await watch.wait(vm, DomainState.ABSENT)
+    finally:
+        await watch.stop()
+
+
+# --- host and console --------------------------------------------------------------------
+
+
+async def test_host_info_is_sane(driver: HypervisorDriver) -> None:
+    host = await driver.host_info()
+    assert host.hostname and host.vcpus > 0 and host.memory_mb > 0
+    assert host.accel in ("kvm", "tcg", "sim")
+    assert 0 <= host.memory_used_mb <= host.memory_mb
+    assert 0.0 <= host.cpu_load <= 1.0
+    assert (await driver.host_info()).memory_mb == host.memory_mb  # stable between calls
+
+
+async def test_console_of_a_defined_domain(driver: HypervisorDriver) -> None:
+    vm = await defined(driver, running=True)
+    info = await driver.console(vm)
+    assert info.vnc_port is None or info.vnc_port > 0
+    assert isinstance(await driver.console_log(vm), str)
+    assert len(await driver.console_log(vm, max_bytes=10)) <= 10
