@@ -91,15 +91,6 @@ async def test_two_pools_place_vms_by_their_templates(
         "gold", "node-0001", 10_000)
     assert a1["qos"]["cpu"] == "high"  # the pool's level
 
-    code, out = await cli("vm", "set-qos", "a1", "--cpu", "low", "--iops", "500")
-    assert code == 0, out
-    qos = (await shown(cli, "vm", "show", "a1"))["qos"]
-    assert (qos["cpu"], qos["read_iops_sec"], qos["write_iops_sec"]) == ("low", 500, 500)
-    code, out = await cli("vm", "set-qos", "a1", "--clear-iops", "--clear-bandwidth")
-    assert code == 0, out
-    qos = (await shown(cli, "vm", "show", "a1"))["qos"]
-    assert (qos["read_iops_sec"], qos["bandwidth_kbit"]) == (None, None)
-
     # Anti-affinity: gold has one node, which already holds a member of the group.
     code, out = await cli("vm", "create", "a2", "--image", "base", "--memory", "128",
                           "--pool", "gold", "--group", "web")
@@ -138,6 +129,30 @@ async def test_two_pools_place_vms_by_their_templates(
     assert code == 0, out
     code, out = await cli("zone", "delete", "east")
     assert code == 0, out
+
+
+async def test_set_qos_changes_a_running_vm(
+        cli, cluster: SimCluster, small_qcow2: Path) -> None:  # type: ignore[no-untyped-def]
+    code, out = await cli("image", "upload", str(small_qcow2), "--name", "base")
+    assert code == 0, out
+    await into_pool(cli, "node-0000", "default")
+    code, out = await cli("vm", "create", "q1", "--image", "base", "--memory", "128")
+    assert code == 0, out
+    code, out = await cli("vm", "set-qos", "q1", "--cpu", "low", "--iops", "500",
+                          "--write-bps", "20MiB", "--bandwidth", "10mbit")
+    assert code == 0, out
+    assert "set-qos q1: done" in out and "10 Mbit/s" in out and "20 MiB/s" in out
+    vm = await shown(cli, "vm", "show", "q1")
+    assert vm["state"] == "running"
+    assert vm["qos"] == {"cpu": "low", "read_iops_sec": 500, "write_iops_sec": 500,
+                         "read_bytes_sec": None, "write_bytes_sec": 20 * 1024 ** 2,
+                         "bandwidth_kbit": 10_000}
+    code, out = await cli("vm", "set-qos", "q1", "--clear-iops", "--clear-bandwidth")
+    assert code == 0, out
+    qos = (await shown(cli, "vm", "show", "q1"))["qos"]
+    assert (qos["read_iops_sec"], qos["write_iops_sec"], qos["bandwidth_kbit"]) == (
+        None, None, None)
+    assert (qos["cpu"], qos["write_bytes_sec"]) == ("low", 20 * 1024 ** 2)  # kept
 
 
 async def test_bad_input_is_refused_and_changes_nothing(
