@@ -260,7 +260,8 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
         "storage": {"name": "storage", "listen_port": ports["storage"]},
         "gateway": {"name": "gateway", "listen_port": ports["gateway"],
                     "listen_host": "127.0.0.1", "rate_limit": 0},  # 0: no rate limit
-        "node": {"report_interval": 5.0, "sim_vcpus": node_vcpus,
+        "node": {"report_interval": 5.0, "pool": "default", "memory_reserve_mb": 0,
+                 "sim_vcpus": node_vcpus,
                  "sim_memory_mb": node_memory_mb, "sim_disk_gb": 4096,
                  "state_dir": str(root / "state" / "nodes")},
     }

@@ -14,13 +14,16 @@ from sqlalchemy.orm import Session
 
 from yun.control.db.models import (
     AddressRow,
+    AllocationRow,
     DepartmentRow,
     FlowRow,
     IdempotencyRow,
     ImageRow,
+    InventoryRow,
     NodeRow,
     ProjectRow,
     QuotaRow,
+    VmGroupRow,
     VmRow,
 )
 from yun.control.db.session import upgrade
@@ -54,20 +57,27 @@ class Cloud:
             s.add(DepartmentRow(uuid="d-1", name="dept"))
             s.add(ProjectRow(uuid=PROJECT, name="proj", department_uuid="d-1"))
             s.add(ImageRow(uuid="i-1", name="img", project_uuid=PROJECT, status="active"))
+            s.add(VmGroupRow(uuid="g-1", name="web", project_uuid=PROJECT,
+                             policy="anti-affinity"))
             for uuid, name in ((NODE, "node-1"), (NODE2, "node-2")):
                 s.add(NodeRow(uuid=uuid, name=name, url="http://x", status="up",
-                              hypervisor="sim", accel="sim", vcpus=16, memory_mb=8192,
-                              disk_gb=100, nat_subnet="10.77.0.0/24",
-                              vcpus_reserved=3 if uuid == NODE else 0,
-                              memory_reserved_mb=384 if uuid == NODE else 0,
-                              disk_reserved_gb=3 if uuid == NODE else 0))
+                              hypervisor="sim", accel="sim", nat_subnet="10.77.0.0/24"))
+                for rc, total, used in (("vcpu", 16, 3), ("memory_mb", 8192, 384),
+                                        ("disk_gb", 100, 3)):
+                    s.add(InventoryRow(node_uuid=uuid, resource_class=rc, total=total,
+                                       reserved=0, used=used if uuid == NODE else 0))
             for uuid, name, vcpus, memory, ip, mac in (
                     (VM_A, "a", 1, 128, "10.77.0.2", MAC_A),
                     (VM_B, "b", 2, 256, "10.77.0.3", MAC_B)):
                 s.add(VmRow(uuid=uuid, name=name, project_uuid=PROJECT, state="running",
                             vcpus=vcpus, memory_mb=memory, disk_gb=1 + (uuid == VM_B),
-                            image_uuid="i-1", node_uuid=NODE, ip=ip, mac=mac))
+                            image_uuid="i-1", node_uuid=NODE, ip=ip, mac=mac,
+                            group_uuid="g-1" if uuid == VM_A else None))
                 s.add(AddressRow(scope=f"node:{NODE}", ip=ip, vm_uuid=uuid))
+                for rc, amount in (("vcpu", vcpus), ("memory_mb", memory),
+                                   ("disk_gb", 1 + (uuid == VM_B))):
+                    s.add(AllocationRow(consumer_uuid=uuid, resource_class=rc,
+                                        node_uuid=NODE, amount=amount))
             s.add(VmRow(uuid=VM_F, name="f", project_uuid=PROJECT, state="error",
                         error="create failed: no node", vcpus=1, memory_mb=64, disk_gb=1,
                         image_uuid="i-1"))
@@ -130,6 +140,12 @@ def _node(s: Session, uuid: str = NODE) -> NodeRow:
     return node
 
 
+def _inventory(s: Session, node: str, rc: str) -> InventoryRow:
+    row = s.get(InventoryRow, (node, rc))
+    assert row is not None
+    return row
+
+
 def _drop_domain_b(c: Cloud) -> None:
     doc = c.host("node-1")
     del doc["domains"][VM_B]
@@ -177,9 +193,18 @@ BREAKAGES: dict[str, tuple[Callable[[Cloud], object], str]] = {
                            "VM failed without a reason"),
     "running VM on no node": (lambda c: c.edit(lambda s: setattr(_vm(s, VM_B), "node_uuid",
                                                                   None)), "VM not placed"),
-    "reservation leaked": (lambda c: c.edit(lambda s: setattr(_node(s, NODE2),
-                                                              "memory_reserved_mb", 64)),
-                           "reservation mismatch"),
+    "reservation leaked": (lambda c: c.edit(lambda s: setattr(_inventory(
+        s, NODE2, "memory_mb"), "used", 64)), "reservation mismatch"),
+    "allocation leaked": (lambda c: c.edit(lambda s: s.add(AllocationRow(
+        consumer_uuid="gone", resource_class="vcpu", node_uuid=NODE2, amount=1))),
+        "allocation leaked"),
+    "allocation on another node": (lambda c: c.edit(lambda s: setattr(s.get(
+        AllocationRow, (VM_B, "vcpu")), "node_uuid", NODE2)), "allocation mismatch"),
+    "node overbooked": (lambda c: c.edit(lambda s: setattr(_inventory(
+        s, NODE, "vcpu"), "total", 2)), "overbooked"),
+    "anti-affinity broken": (lambda c: c.edit(lambda s: setattr(_vm(s, VM_B), "group_uuid",
+                                                                 "g-1")),
+                             "anti-affinity broken"),
     "address leaked": (lambda c: c.edit(lambda s: s.add(AddressRow(
         scope=f"node:{NODE}", ip="10.77.0.7", vm_uuid="gone"))), "address leaked"),
     "failed VM holds an address": (lambda c: c.edit(lambda s: s.add(AddressRow(
@@ -233,7 +258,8 @@ def test_nothing_left_after_deleting_everything(cloud: Cloud) -> None:
         for model in (VmRow, AddressRow):
             s.query(model).delete()
         s.query(QuotaRow).filter(QuotaRow.resource != "images").update({"used": 0})
-        _node(s).vcpus_reserved = _node(s).memory_reserved_mb = _node(s).disk_reserved_gb = 0
+        s.query(AllocationRow).delete()
+        s.query(InventoryRow).update({"used": 0})
 
     cloud.edit(delete_all)
     cloud.keys.clear()

@@ -1,4 +1,5 @@
-"""Placement: least-loaded, never overbooked, address given in the same transaction."""
+"""Placement on the database: scheduler choice made real by per-class claims, with the
+pool's overcommit ratios, an address in the same transaction, and an explained refusal."""
 
 from __future__ import annotations
 
@@ -7,65 +8,139 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from yun.control.allocators.addresses import AddressAllocator
-from yun.control.db.models import AddressRow, ImageRow, NodeRow, ProjectRow, VmRow
+from yun.control.db.models import (
+    AddressRow,
+    AllocationRow,
+    ImageRow,
+    InventoryRow,
+    NodeRow,
+    PoolRow,
+    ProjectRow,
+    VmRow,
+)
 from yun.control.db.session import Database
-from yun.control.scheduler.placement import Placement, Request
+from yun.control.scheduler import inventory
+from yun.control.scheduler.placement import Placed, Placement, Request
 from yun.proto.errors import InsufficientCapacity
 
 
-async def setup(tmp_path: Path, nodes: int, vms: int, vcpus: int = 4
-                ) -> tuple[Database, list[str]]:
+async def setup(tmp_path: Path, nodes: int, vms: int, vcpus: int = 1
+                ) -> tuple[Database, list[str], str]:
+    """``nodes`` nodes of ``vcpus`` CPUs in the default pool (vCPU ratio 4.0)."""
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/p.db")
     await db.migrate()
     vm_uuids = [str(uuid.uuid4()) for _ in range(vms)]
     async with db.session() as s:
         project = (await s.scalars(select(ProjectRow.uuid))).first()
+        pool = (await s.scalars(select(PoolRow).where(PoolRow.name == "default"))).one()
         s.add(ImageRow(uuid="img", name="img", status="active", project_uuid=project))
         for i in range(nodes):
             s.add(NodeRow(uuid=f"n{i}", name=f"n{i}", url="http://x", hypervisor="sim",
-                          accel="sim", vcpus=vcpus, memory_mb=4096, disk_gb=100,
-                          nat_subnet="10.77.0.0/24"))
+                          accel="sim", nat_subnet="10.77.0.0/24", pool_uuid=pool.uuid,
+                          status="up"))
+            await s.flush()
+            await inventory.sync_inventory(s, f"n{i}", {
+                "vcpu": (vcpus, 0), "memory_mb": (8192, 1024), "disk_gb": (100, 0)})
         for u in vm_uuids:
             s.add(VmRow(uuid=u, name=u[:8], state="building", vcpus=1, memory_mb=256,
-                        disk_gb=1, image_uuid="img", project_uuid=project))
-    return db, vm_uuids
+                        disk_gb=1, image_uuid="img", project_uuid=project,
+                        pool_uuid=pool.uuid))
+    return db, vm_uuids, pool.uuid
 
 
-async def test_concurrent_placements_spread_and_never_overbook(tmp_path: Path) -> None:
-    db, vms = await setup(tmp_path, nodes=5, vms=25)
+async def test_concurrent_placements_spread_overcommit_and_never_overbook(
+        tmp_path: Path) -> None:
+    db, vms, pool = await setup(tmp_path, nodes=5, vms=25)
     placement = Placement(db, batch_size=7, on_placed=AddressAllocator().on_placed)
-    results = await asyncio.gather(*(placement.place(v, Request(1, 256, 1)) for v in vms),
-                                   return_exceptions=True)
-    placed = [r for r in results if isinstance(r, NodeRow)]
+    results = await asyncio.gather(*(placement.place(v, Request(1, 256, 1, (pool,)))
+                                     for v in vms), return_exceptions=True)
+    placed = [r for r in results if isinstance(r, Placed)]
     refused = [r for r in results if isinstance(r, InsufficientCapacity)]
-    assert len(placed) == 20 and len(refused) == 5  # 5 nodes x 4 vCPU
-    assert "no node can host 1 vCPU" in str(refused[0])
+    # 5 nodes of 1 CPU at the default pool's vCPU ratio 4.0: 20 one-vCPU VMs, not 5.
+    assert len(placed) == 20 and len(refused) == 5
+    # The refusal says why, per filter, with the closest miss.
+    assert "pool default: 5 nodes" in str(refused[0])
+    assert "5 short of vCPU (best: 0 free of 1 needed)" in str(refused[0])
     async with db.session() as s:
-        nodes = (await s.scalars(select(NodeRow))).all()
-        assert all(n.vcpus_reserved == 4 for n in nodes)
+        used = {(i.node_uuid, i.resource_class): i.used
+                for i in (await s.scalars(select(InventoryRow))).all()}
+        assert all(used[(f"n{i}", "vcpu")] == 4 for i in range(5))
+        assert all(used[(f"n{i}", "memory_mb")] == 1024 for i in range(5))
         rows = (await s.scalars(select(VmRow).where(VmRow.node_uuid.is_not(None)))).all()
         assert Counter(v.node_uuid for v in rows) == {f"n{i}": 4 for i in range(5)}
+        allocations = (await s.scalars(select(AllocationRow))).all()
+        assert len(allocations) == 60  # three classes for each placed VM
         addresses = (await s.scalars(select(AddressRow))).all()
-        assert len(addresses) == 20
         assert len({(a.scope, a.ip) for a in addresses}) == 20
         assert all(v.ip and v.mac and v.mac.startswith("52:54:00:") for v in rows)
     await placement.stop()
     await db.dispose()
 
 
-async def test_release_gives_capacity_back_never_below_zero(tmp_path: Path) -> None:
-    db, vms = await setup(tmp_path, nodes=1, vms=1)
+async def test_release_gives_capacity_back_once(tmp_path: Path) -> None:
+    db, vms, pool = await setup(tmp_path, nodes=1, vms=1)
     placement = Placement(db)
-    node = await placement.place(vms[0], Request(1, 256, 1))
+    placed = await placement.place(vms[0], Request(1, 256, 1, (pool,)))
     async with db.session() as s:
-        await Placement.release(s, node.uuid, Request(1, 256, 1))
-        await Placement.release(s, node.uuid, Request(1, 256, 1))
+        assert await inventory.release(s, vms[0]) == {"vcpu": 1, "memory_mb": 256,
+                                                      "disk_gb": 1}
+        assert await inventory.release(s, vms[0]) == {}  # a second release gives nothing
     async with db.session() as s:
-        row = await s.get(NodeRow, node.uuid)
-        assert row is not None and (row.vcpus_reserved, row.memory_reserved_mb) == (0, 0)
+        used = {i.resource_class: i.used for i in (await s.scalars(
+            select(InventoryRow).where(InventoryRow.node_uuid == placed.node_uuid))).all()}
+        assert used == {"vcpu": 0, "memory_mb": 0, "disk_gb": 0}
+    await placement.stop()
+    await db.dispose()
+
+
+async def test_claim_refuses_what_the_ratio_does_not_allow(tmp_path: Path) -> None:
+    db, _, _ = await setup(tmp_path, nodes=1, vms=0, vcpus=2)
+    async with db.session() as s:
+        ratios = {"vcpu": 1.5, "memory_mb": 1.0, "disk_gb": 1.0}
+        assert await inventory.claim(s, "n0", {"vcpu": 3, "memory_mb": 7168}, ratios)
+        # The vCPU class has room for nothing more; the memory claim made first in this
+        # call is given back when the vCPU claim fails.
+        assert not await inventory.claim(s, "n0", {"memory_mb": 0, "disk_gb": 1,
+                                                   "vcpu": 1}, ratios)
+        used = {i.resource_class: i.used for i in (await s.scalars(select(InventoryRow)))}
+        assert used == {"vcpu": 3, "memory_mb": 7168, "disk_gb": 0}
+    await db.dispose()
+
+
+async def test_drained_node_gets_nothing_and_alternates_are_other_nodes(
+        tmp_path: Path) -> None:
+    db, vms, pool = await setup(tmp_path, nodes=3, vms=2, vcpus=4)
+    async with db.session() as s:
+        (await s.get(NodeRow, "n1")).admin_state = "drained"  # type: ignore[union-attr]
+    placement = Placement(db)
+    placed = await placement.place(vms[0], Request(1, 256, 1, (pool,)))
+    assert placed.node_uuid != "n1" and "n1" not in placed.alternates
+    assert placed.alternates and placed.node_uuid not in placed.alternates
+    with pytest.raises(InsufficientCapacity, match="1 down or drained"):
+        # Only the drained node is left once the two others are excluded.
+        await placement.place(vms[1], Request(1, 256, 1, (pool,),
+                                              exclude=frozenset({"n0", "n2"})))
+    await placement.stop()
+    await db.dispose()
+
+
+@pytest.mark.parametrize("labels,fits", [({"ssd": "true"}, True), ({"gpu": "1"}, False)])
+async def test_node_labels_are_matched(tmp_path: Path, labels: dict[str, str],
+                                       fits: bool) -> None:
+    db, vms, pool = await setup(tmp_path, nodes=2, vms=1, vcpus=4)
+    async with db.session() as s:
+        (await s.get(NodeRow, "n1")).labels = {"ssd": "true"}  # type: ignore[union-attr]
+    placement = Placement(db)
+    request = Request(1, 256, 1, (pool,), labels=labels)
+    if fits:
+        assert (await placement.place(vms[0], request)).node_uuid == "n1"
+    else:
+        with pytest.raises(InsufficientCapacity, match="2 without label gpu=1|label"):
+            await placement.place(vms[0], request)
     await placement.stop()
     await db.dispose()
 

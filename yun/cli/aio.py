@@ -108,6 +108,10 @@ listen_port = {PORTS['storage']}
 listen_port = {PORTS['node']}
 hypervisor = "libvirt"
 accel = "auto"
+# New nodes land in this pool (the control server makes 'default' at installation).
+pool = "default"
+# Memory kept for the host: here it also runs the control plane.
+memory_reserve_mb = 2048
 
 [gateway]
 listen_port = {PORTS['gateway']}

@@ -1,21 +1,97 @@
-"""The control server's client of node agents."""
+"""The control server's client of node agents: one typed method per node operation.
+
+The flows and services call :class:`NodeClient` methods with models and get models
+back, instead of building paths and reading JSON: a route or message that changes on
+the node shows up here (and in mypy), in one place. Answers are validated; a node that
+answers something malformed raises :class:`~yun.proto.errors.PeerError`, and a node's
+own errors come back as the :class:`~yun.proto.errors.YunError` it raised.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from yun.control.db.models import NodeRow
 from yun.proto.client import PeerClient
 from yun.proto.errors import Unavailable
 from yun.proto.membership import Membership
+from yun.proto.messages import (
+    ConsoleLog,
+    DomainConsole,
+    DomainInfo,
+    ProvisionRequest,
+    QosSpec,
+    StopRequest,
+)
+
+PowerAction = Literal["start", "stop", "reboot"]
+POWER_ACTIONS: tuple[str, ...] = get_args(PowerAction)
+BASE = "/internal/v1/domains"
 
 
 class HasMembership(Protocol):
     membership: Membership
 
 
-def node_client(ctx: HasMembership, node: NodeRow) -> PeerClient:
+class NodeClient:
+    """The internal API of one node agent (yun/node/api.py), typed."""
+
+    def __init__(self, peer: PeerClient) -> None:
+        self.peer = peer
+
+    async def provision(self, req: ProvisionRequest, request_id: str | None = None,
+                        timeout: float | None = None) -> DomainInfo:
+        """Create (idempotently) the VM's disks, NICs and domain, and start it if asked."""
+        return await self.peer.call("PUT", f"{BASE}/{req.spec.uuid}", DomainInfo, body=req,
+                                    request_id=request_id, timeout=timeout)
+
+    async def remove(self, vm_uuid: str, request_id: str | None = None,
+                     timeout: float | None = None) -> None:
+        """Remove the VM's domain, disks and leases; nothing to do if already gone."""
+        await self.peer.request("DELETE", f"{BASE}/{vm_uuid}", request_id=request_id,
+                                timeout=timeout)
+
+    async def get_domain(self, vm_uuid: str, timeout: float | None = None) -> DomainInfo:
+        """The domain as the hypervisor sees it; NotFound if the node has none."""
+        return await self.peer.call("GET", f"{BASE}/{vm_uuid}", DomainInfo, timeout=timeout)
+
+    async def power(self, vm_uuid: str, action: PowerAction, body: StopRequest | None = None,
+                    request_id: str | None = None, timeout: float | None = None
+                    ) -> DomainInfo:
+        """Start, stop (``body``: how) or reboot the domain; its state afterwards."""
+        if action not in POWER_ACTIONS:
+            raise ValueError(f"unknown power action {action!r}: choose one of "
+                             f"{', '.join(POWER_ACTIONS)}")
+        if body is not None and action != "stop":
+            raise ValueError(f"a stop request goes with 'stop', not {action!r}")
+        return await self.peer.call("POST", f"{BASE}/{vm_uuid}/{action}", DomainInfo,
+                                    body=body, request_id=request_id, timeout=timeout)
+
+    async def set_qos(self, vm_uuid: str, qos: QosSpec, request_id: str | None = None,
+                      timeout: float | None = None) -> DomainInfo:
+        """Apply QoS limits to the domain (running or not); the limits now in force."""
+        return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/qos", DomainInfo, body=qos,
+                                    request_id=request_id, timeout=timeout)
+
+    async def console(self, vm_uuid: str) -> DomainConsole:
+        """Where the domain's display and serial log are."""
+        return await self.peer.call("GET", f"{BASE}/{vm_uuid}/console", DomainConsole)
+
+    async def console_log(self, vm_uuid: str, max_bytes: int = 65536) -> str:
+        """The last ``max_bytes`` the guest printed on its serial console."""
+        answer = await self.peer.call("GET", f"{BASE}/{vm_uuid}/console-log", ConsoleLog,
+                                      params={"max_bytes": max_bytes})
+        return answer.text
+
+
+def node_client(ctx: HasMembership, node: NodeRow) -> NodeClient:
     """The authenticated client of ``node``'s agent; 503 if the node is down."""
     if node.status != "up":
         raise Unavailable(f"node {node.name} is down")
-    return ctx.membership.client_for_url(node.url)
+    return NodeClient(ctx.membership.client_for_url(node.url))
+
+
+def node_client_at(ctx: HasMembership, url: str) -> NodeClient:
+    """The client of the node agent at ``url``, whatever the node's status (the orphan
+    cleanup talks to a returning node that is still marked down)."""
+    return NodeClient(ctx.membership.client_for_url(url))

@@ -18,7 +18,14 @@ from yun.node.network.base import NetworkError
 from yun.node.storage.base import DiskError
 from yun.proto.components import ComponentType as CT
 from yun.proto.errors import Conflict, NotFound, Problem
-from yun.proto.messages import DomainInfo, HostInfo, ProvisionRequest, StopRequest
+from yun.proto.messages import (
+    ConsoleLog,
+    DomainConsole,
+    DomainInfo,
+    HostInfo,
+    ProvisionRequest,
+    StopRequest,
+)
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 
 
@@ -95,16 +102,18 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
     async def reboot(vm_uuid: str) -> DomainInfo:
         return await agent.reboot_vm(vm_uuid)
 
-    @app.get(f"{base}/domains/{{vm_uuid}}/console-log", dependencies=[caller])
+    @app.get(f"{base}/domains/{{vm_uuid}}/console-log", response_model=ConsoleLog,
+             dependencies=[caller])
     async def console_log(vm_uuid: str,
                           max_bytes: Annotated[int, Query(ge=1, le=1 << 20)] = 65536
-                          ) -> dict[str, str]:
-        return {"text": await agent.driver.console_log(vm_uuid, max_bytes)}
+                          ) -> ConsoleLog:
+        return ConsoleLog(text=await agent.driver.console_log(vm_uuid, max_bytes))
 
-    @app.get(f"{base}/domains/{{vm_uuid}}/console", dependencies=[caller])
-    async def console(vm_uuid: str) -> dict[str, object]:
+    @app.get(f"{base}/domains/{{vm_uuid}}/console", response_model=DomainConsole,
+             dependencies=[caller])
+    async def console(vm_uuid: str) -> DomainConsole:
         info = await agent.driver.console(vm_uuid)
-        return {"vnc_host": info.vnc_host, "vnc_port": info.vnc_port,
-                "serial_log": str(info.serial_log) if info.serial_log else None}
+        return DomainConsole(vnc_host=info.vnc_host, vnc_port=info.vnc_port,
+                             serial_log=str(info.serial_log) if info.serial_log else None)
 
     return app

@@ -290,6 +290,20 @@ class NodeReport(Message):
                                    description="seconds between the node's reports")
 
 
+class DomainConsole(Message):
+    """Where a domain's display and serial log are, as its node tells it."""
+
+    vnc_host: str | None = Field(default=None, description="None: the domain has no display")
+    vnc_port: int | None = Field(default=None, ge=1, le=65535)
+    serial_log: str | None = Field(default=None, description="the log file on the node")
+
+
+class ConsoleLog(Message):
+    """The tail of what a guest printed on its serial console."""
+
+    text: str
+
+
 class StopRequest(Message):
     force: bool = False
     timeout: float = Field(default=60.0, ge=0, le=3600)

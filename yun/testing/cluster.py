@@ -109,7 +109,8 @@ class SimCluster:
     def node_settings(self, name: str) -> NodeSettings:
         return NodeSettings(**self.common(name), hypervisor="sim",
                             report_interval=self.report_interval, sim_vcpus=16,
-                            sim_memory_mb=32768, sim_disk_gb=1000)
+                            sim_memory_mb=32768, sim_disk_gb=1000, pool="default",
+                            memory_reserve_mb=0)
 
     async def add_nodes(self, count: int) -> list[NodeService]:
         start = len(self.node_services)

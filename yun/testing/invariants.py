@@ -241,8 +241,9 @@ def _reservations(nodes: list[NodeRow], vms: Mapping[str, VmRow],
     for node in nodes:
         on_it = placed.get(node.uuid, [])
         pool = pools.get(node.pool_uuid or "")
+        # An unassigned node has no ratios: nothing is overcommitted on it.
         ratios = {"vcpu": pool.cpu_ratio, "memory_mb": pool.memory_ratio,
-                  "disk_gb": pool.disk_ratio} if pool else {}
+                  "disk_gb": pool.disk_ratio} if pool else dict.fromkeys(RESOURCE_OF_VM, 1.0)
         for rc, column in RESOURCE_OF_VM.items():
             row = inventory.get((node.uuid, rc))
             used = row.used if row else 0

@@ -216,6 +216,7 @@ class ProcCloud:
         }
         for name in self.node_names:
             extras[name] = {"hypervisor": "sim", "report_interval": self.report_interval,
+                            "pool": "default", "memory_reserve_mb": 0,
                             "sim_vcpus": self.sim_vcpus, "sim_memory_mb": self.sim_memory_mb,
                             "sim_disk_gb": self.sim_disk_gb}
         for name, extra in extras.items():

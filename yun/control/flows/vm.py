@@ -28,7 +28,7 @@ from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
-from yun.control.nodeclient import node_client
+from yun.control.nodeclient import PowerAction, node_client
 from yun.control.scheduler import inventory
 from yun.control.scheduler.placement import Request
 from yun.proto.components import ComponentType
@@ -36,7 +36,6 @@ from yun.proto.errors import Conflict, NotFound, Unavailable, YunError
 from yun.proto.messages import (
     CpuQos,
     DiskSpec,
-    DomainInfo,
     DomainSpec,
     DomainState,
     ImageLocation,
@@ -221,9 +220,8 @@ class Provision(Step):
                                                   pool.qos_level if pool else None)
                 client = node_client(control, node)
             try:
-                await client.request("PUT", f"/internal/v1/domains/{vm.uuid}", body=request,
-                                     request_id=f"{ctx.flow_uuid}:provision",
-                                     timeout=control.settings.create_timeout)
+                await client.provision(request, request_id=f"{ctx.flow_uuid}:provision",
+                                       timeout=control.settings.create_timeout)
                 return
             except YunError as exc:
                 tried = list(ctx.data.get(TRIED) or [node.uuid])
@@ -277,9 +275,8 @@ async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
                            why: str) -> None:
     """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
-    await node_client(control, node).request(
-        "DELETE", f"/internal/v1/domains/{ctx.resource_uuid}",
-        request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
+    await node_client(control, node).remove(
+        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
 
 
 class Confirm(Step):
@@ -290,9 +287,7 @@ class Confirm(Step):
         vm, node = await _vm_and_node(ctx)
         if vm is None or node is None:
             raise NotFound("the VM or its node vanished")
-        data = await node_client(control, node).request(
-            "GET", f"/internal/v1/domains/{vm.uuid}", timeout=30)
-        info = DomainInfo.model_validate(data)
+        info = await node_client(control, node).get_domain(vm.uuid, timeout=30)
         if info.state is not DomainState.RUNNING:
             raise Conflict(f"node {node.name} reports the domain {info.state}, not running")
 
@@ -369,7 +364,7 @@ async def _delete_failed(ctx: FlowContext) -> None:
 class PowerStep(Step):
     """Ask the VM's node to start, stop or reboot the domain."""
 
-    def __init__(self, action: str) -> None:
+    def __init__(self, action: PowerAction) -> None:
         self.name = action
         self.action = action
 
@@ -382,10 +377,10 @@ class PowerStep(Step):
             raise Unavailable(f"VM {vm.name} has no node")
         body = StopRequest.model_validate(ctx.data["stop"]) if self.action == "stop" else None
         timeout = (body.timeout + 30) if body is not None else 120
-        data = await node_client(control, node).request(
-            "POST", f"/internal/v1/domains/{vm.uuid}/{self.action}", body=body,
-            request_id=f"{ctx.flow_uuid}:{self.action}", timeout=timeout)
-        ctx.data["power"] = DomainInfo.model_validate(data).state
+        info = await node_client(control, node).power(
+            vm.uuid, self.action, body, request_id=f"{ctx.flow_uuid}:{self.action}",
+            timeout=timeout)
+        ctx.data["power"] = info.state
 
 
 def _power_done(state: VmState) -> object:
@@ -415,9 +410,8 @@ class SetQos(Step):
         if node is None:
             raise Unavailable(f"VM {vm.name} has no node")
         qos = QosSpec.model_validate(ctx.data["qos"])
-        await node_client(control, node).request(
-            "PUT", f"/internal/v1/domains/{vm.uuid}/qos", body=qos,
-            request_id=f"{ctx.flow_uuid}:set_qos", timeout=60)
+        await node_client(control, node).set_qos(
+            vm.uuid, qos, request_id=f"{ctx.flow_uuid}:set_qos", timeout=60)
         log.info("VM QoS applied", extra={"vm": vm.uuid, "node": node.uuid,
                                           "qos": qos.model_dump(exclude_none=True)})
 

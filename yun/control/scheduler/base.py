@@ -98,12 +98,17 @@ class CapacityFilter(HostFilter):
         return asked
 
     def host_passes(self, host: HostState, spec: RequestSpec, pool: PoolPolicy) -> bool:
-        return self.capacity(host).free(self.ratio(pool)) >= self.asked(spec)
+        # A request for none of the resource fits even a host that a lowered ratio left
+        # overfull (a VM without a local disk on a host whose disk is overcommitted).
+        asked = self.asked(spec)
+        return asked <= 0 or self.capacity(host).free(self.ratio(pool)) >= asked
 
     def filter_all(self, hosts: Iterable[HostState], spec: RequestSpec,
                    pool: PoolPolicy) -> list[HostState]:
         # host_passes() with the lookups done once per call instead of once per host.
         capacity, ratio, asked = attrgetter(self.capacity_field), self.ratio(pool), self.asked(spec)
+        if asked <= 0:
+            return list(hosts)
         return [h for h in hosts if capacity(h).free(ratio) >= asked]
 
     def applies(self, spec: RequestSpec) -> bool:

@@ -185,3 +185,44 @@ class Scheduler:
                     error.explanation,
                     extra={"pool": pool.uuid, "per_filter": error.per_filter})
         return error
+
+
+def room(hosts: Sequence[HostState], pool: PoolPolicy) -> float:
+    """The share of a pool's usable memory still free on its schedulable hosts (0..1).
+
+    Memory, because it is the resource that is not overcommitted by default and so the
+    one a pool runs out of first.
+    """
+    usable = free = 0
+    for host in hosts:
+        if host.up and host.active:
+            capacity = host.memory_mb
+            usable += capacity.usable(pool.memory_ratio)
+            free += max(capacity.free(pool.memory_ratio), 0)
+    return free / usable if usable > 0 else 0.0
+
+
+def select_in_zone(pools: Sequence[tuple[Scheduler, Sequence[HostState]]],
+                   spec: RequestSpec, alternates: int = 3
+                   ) -> tuple[Scheduler, list[HostState]]:
+    """Place ``spec`` in one of a zone's pools: the roomiest pool that can take it.
+
+    Pools are tried in order of :func:`room` (most free memory share first), so a zone
+    fills its pools evenly; weights are not compared across pools, since each pool
+    normalises and weighs by its own settings. Returns the pool's scheduler and its
+    :meth:`Scheduler.select` answer (alternates stay in that pool). Raises one
+    :class:`NoValidHost` with a line per pool when none can, or for a zone without pools.
+    """
+    if not pools:
+        raise NoValidHost("no pools in the zone", {})
+    order = sorted(range(len(pools)), key=lambda i: room(pools[i][1], pools[i][0].pool),
+                   reverse=True)
+    errors: dict[int, NoValidHost] = {}
+    for i in order:
+        scheduler, hosts = pools[i]
+        try:
+            return scheduler, scheduler.select(hosts, spec, alternates)
+        except NoValidHost as exc:
+            errors[i] = exc
+    # The lines in the order the pools were given (stable for the reader), not tried.
+    raise NoValidHost.merge([errors[i] for i in sorted(errors)])

@@ -51,6 +51,7 @@ from yun.control.db.models import FlowRow, NodeRow, PoolRow, VmRow, utcnow
 from yun.control.db.tags import tags_of
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import finish_delete, release_placement
+from yun.control.nodeclient import node_client_at
 from yun.control.scheduler.inventory import (
     DISK_GB,
     MEMORY_MB,
@@ -404,7 +405,7 @@ class NodeRegistry:
         that report releases what VMs kept, and marks a returning node up.
         """
         # Not node_client: a returning node is still "down" until its orphans are gone.
-        client = self.ctx.membership.client_for_url(url)
+        client = node_client_at(self.ctx, url)
         limit = asyncio.Semaphore(CLEANUP_PARALLEL)
 
         async def remove(vm_uuid: str) -> None:
@@ -412,8 +413,7 @@ class NodeRegistry:
                 log.warning("removing what no VM owns from its node",
                             extra={"vm": vm_uuid, "node": node_uuid})
                 try:
-                    await client.request("DELETE", f"/internal/v1/domains/{vm_uuid}",
-                                         timeout=CLEANUP_TIMEOUT)
+                    await client.remove(vm_uuid, timeout=CLEANUP_TIMEOUT)
                 except YunError as exc:
                     log.warning("could not remove an orphan from its node: %s", exc,
                                 extra={"vm": vm_uuid, "node": node_uuid})

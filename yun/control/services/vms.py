@@ -267,21 +267,17 @@ class VmService:
 
     async def console_log(self, ref: str, max_bytes: int, scope: Scope) -> str:
         vm, node = await self._placed(ref, scope)
-        data = await node_client(self.ctx, node).request(
-            "GET", f"/internal/v1/domains/{vm.uuid}/console-log",
-            params={"max_bytes": max_bytes})
-        return str(data["text"])
+        return await node_client(self.ctx, node).console_log(vm.uuid, max_bytes)
 
     async def console(self, ref: str, scope: Scope) -> Console:
         vm, node = await self._placed(ref, scope)
-        data = await node_client(self.ctx, node).request(
-            "GET", f"/internal/v1/domains/{vm.uuid}/console")
-        host = data.get("vnc_host")
+        info = await node_client(self.ctx, node).console(vm.uuid)
+        host = info.vnc_host
         if host in (None, "0.0.0.0", "::"):
             # The display listens on every address of the node: name the node's address.
             host = node.url.split("//", 1)[-1].rsplit(":", 1)[0]
         return Console(vm_uuid=vm.uuid, node_name=node.name, vnc_host=host,
-                       vnc_port=data.get("vnc_port"), serial_log=data.get("serial_log"))
+                       vnc_port=info.vnc_port, serial_log=info.serial_log)
 
     async def _placed(self, ref: str, scope: Scope) -> tuple[VmRow, NodeRow]:
         async with self.ctx.db.session() as session:
