@@ -24,6 +24,9 @@ NOW = "2026-01-01T00:00:00Z"
 VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]prod"},
       "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z", "project_uuid": "p1",
       "state": "running", "vcpus": 2, "memory_mb": 512, "disk_gb": 4, "image_uuid": "i1",
+      "pool_uuid": "pl1", "pool_name": "default", "group_uuid": None, "node_labels": {},
+      "qos": {"cpu": "medium", "read_iops_sec": None, "write_iops_sec": None,
+              "read_bytes_sec": None, "write_bytes_sec": None, "bandwidth_kbit": None},
       "node_uuid": "n1", "node_name": "node-0", "ip": "10.77.0.5", "mac": "52:54:00:00:00:01",
       "power_state": "running", "task_uuid": None, "error": None}
 TASK: dict[str, Any] = {

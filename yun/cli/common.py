@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Protocol, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from yun.cli.context import client
@@ -101,15 +101,21 @@ def accepted(answer: Accepted | Task | None) -> Accepted | None:
 
 
 def finish(answer: Accepted | None, what: str, wait: bool, timeout: float,
-           output: OutputFormat | None, show: Callable[[], Any] | None = None) -> None:
+           output: OutputFormat | None, show: Callable[[], Any] | None = None,
+           table: Callable[[Any], RenderableType] | None = None) -> None:
     """Report a long operation: follow its task (with a spinner on stderr) when ``wait``,
-    then print ``show()`` (the resource as it is now) or the task.
+    then print ``show()`` (the resource as it is now, as ``table(resource)`` if given)
+    or the task.
 
     ``answer`` None means it was done at once (a 204)."""
+
+    def print_shown(shown: Any) -> None:
+        emit(shown, output, table=(lambda: table(shown)) if table is not None else None)
+
     if answer is None or answer.task is None:
         note(f"{what}: {answer.message if answer and answer.message else 'done'}")
         if show is not None:
-            emit(show(), output)
+            print_shown(show())
         elif answer is not None:
             emit(answer, output)
         return
@@ -129,7 +135,10 @@ def finish(answer: Accepted | None, what: str, wait: bool, timeout: float,
             raise fail(f"{what} failed: {exc.task.error or 'no detail'} "
                        f"(task {exc.task.uuid})") from exc
     note(f"{what}: done")
-    emit(show() if show is not None else task, output)
+    if show is not None:
+        print_shown(show())
+    else:
+        emit(task, output)
 
 
 def add_tag_commands(app: typer.Typer, noun: str,

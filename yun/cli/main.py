@@ -7,7 +7,20 @@ from typing import Annotated
 import typer
 
 from yun.cli import aio, serve
-from yun.cli.commands import department, image, infra, key, project, role, session, user, vm
+from yun.cli.commands import (
+    department,
+    image,
+    infra,
+    key,
+    pool,
+    project,
+    role,
+    session,
+    user,
+    vm,
+    vm_group,
+    zone,
+)
 from yun.cli.context import YunGroup
 from yun.cli.state import OutputFormat, State, begin
 
@@ -40,6 +53,9 @@ app.add_typer(session.profile_app, name="profile")
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(infra.node_app, name="node")
+app.add_typer(zone.app, name="zone")
+app.add_typer(pool.app, name="pool")
+app.add_typer(vm_group.app, name="vm-group")
 app.add_typer(infra.task_app, name="task")
 app.add_typer(project.app, name="project")
 app.add_typer(project.quota_app, name="quota")

@@ -25,6 +25,7 @@ from yun.client.identity import (
     Roles,
     Users,
 )
+from yun.client.pools import Pools, VmGroups, Zones
 from yun.proto.identity import IssuedToken
 
 API_PREFIX = "/api/v1"
@@ -46,6 +47,9 @@ class _Namespaces(Generic[R]):
         self.vms = Vms(runner)
         self.images = Images(runner)
         self.nodes = Nodes(runner)
+        self.zones = Zones(runner)
+        self.pools = Pools(runner)
+        self.vm_groups = VmGroups(runner)
         self.tasks = Tasks(runner)
         self.projects = Projects(runner)
         self.departments = Departments(runner)

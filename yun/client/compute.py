@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -39,10 +39,12 @@ from yun.proto.resources import (
     ImageFormat,
     ImageVisibility,
     Node,
+    NodeLabelsUpdate,
     Page,
     Task,
     Vm,
     VmCreate,
+    VmQosUpdate,
     VmStop,
 )
 
@@ -97,6 +99,15 @@ class Vms(TaggedCollection[R, Vm]):
                idempotency_key: str | None = None) -> Op[Accepted | Task]:
         """Reboot a VM."""
         return accepted(self._action(ref, "reboot", idempotency_key), wait)
+
+    @endpoint
+    def set_qos(self, ref: str, spec: VmQosUpdate, *, wait: Wait = False,
+                idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Change a VM's QoS (CPU level, disk IOPS and bytes/s, bandwidth); fields left
+        out keep their value, ``spec.clear`` lifts limits. A running VM gets them at once
+        (``Accepted.task`` is None when nothing changes)."""
+        return accepted(Call("POST", self._item(ref, "/qos"), ACCEPTED, body=spec,
+                             headers=idempotency(idempotency_key)), wait)
 
     @endpoint
     def console_log(self, ref: str, max_bytes: int = 65536) -> Call[str]:
@@ -185,6 +196,15 @@ class Nodes(TaggedCollection[R, Node]):
     _path = "/nodes"
     _model = Node
     _page = Page[Node]
+
+    @endpoint
+    def set_labels(self, ref: str, labels: Mapping[str, str], *,
+                   idempotency_key: str | None = None) -> Call[Node]:
+        """Replace a node's labels (``{"ssd": "true"}``), which a VM's ``node_labels``
+        must match for the node to host it; returns the node."""
+        return Call("PUT", self._item(ref, "/labels"), model(Node),
+                    body=NodeLabelsUpdate(labels=dict(labels)),
+                    headers=idempotency(idempotency_key))
 
 
 class Tasks(Listable[R, Task]):

@@ -37,7 +37,8 @@ def create_gateway_app(membership: Membership, settings: GatewaySettings) -> Fas
     """The gateway's ASGI application, speaking to control servers through ``membership``."""
     app = FastAPI(
         title="Yun REST API", version="1", docs_url=None, redoc_url=None,
-        description="Virtual machines, images, nodes, projects and users of a Yun cloud. "
+        description="Virtual machines, images, compute pools, zones, nodes, projects and "
+                    "users of a Yun cloud. "
                     "Authenticate with a token from `POST /api/v1/auth/tokens` or a signed "
                     "API key request. Long operations answer 202 with a task; "
                     "`Idempotency-Key` makes a request repeatable.",

@@ -7,23 +7,83 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from yun.cli.common import All, Cursor, Limit, Output, Query, Sort, add_list_and_show, show_list
+from yun.cli.common import (
+    All,
+    Cursor,
+    IdempotencyKey,
+    Limit,
+    Output,
+    Query,
+    Sort,
+    add_list_and_show,
+    show_list,
+)
 from yun.cli.context import client
-from yun.cli.output import emit, fields_table, rows_table
+from yun.cli.output import emit, fields_table, note, rows_table
+from yun.cli.parsing import LABEL_KEY, parse_label
 from yun.client import DEFAULT_WAIT
 from yun.proto.resources import Task
 
 node_app = typer.Typer(help="Compute nodes (super admins).", no_args_is_help=True)
 task_app = typer.Typer(help="Long-running operations.", no_args_is_help=True)
 
-NODE_COLUMNS = ["uuid", "name", "status", "accel", "vcpus", "vcpus_reserved", "memory_mb",
-                "memory_reserved_mb", "vm_count"]
+NODE_COLUMNS = ["uuid", "name", "status", "admin_state", "pool_name", "accel", "vcpus",
+                "vcpus_reserved", "memory_mb", "memory_reserved_mb", "vm_count", "labels"]
 TASK_COLUMNS = ["uuid", "kind", "resource_type", "resource_uuid", "state", "current_step",
                 "created_at"]
 
 
 add_list_and_show(node_app, "node", "Nodes", NODE_COLUMNS, lambda c: c.nodes,
                   "List compute nodes with their capacity and reservations.")
+
+
+def label_changes(changes: list[str]) -> tuple[dict[str, str], set[str]]:
+    """``["ssd=true", "gpu-"]`` as labels to set and keys to remove (``KEY-``)."""
+    set_: dict[str, str] = {}
+    remove: set[str] = set()
+    for change in changes:
+        if "=" not in change and change.endswith("-"):
+            key = change[:-1]
+            if not LABEL_KEY.match(key):
+                raise typer.BadParameter(f"{change!r}: {key!r} is not a label key")
+            remove.add(key)
+            continue
+        label = parse_label(change)
+        if label.key in set_ and set_[label.key] != label.value:
+            raise typer.BadParameter(f"label {label.key!r} is given twice")
+        set_[label.key] = label.value
+    both = remove & set_.keys()
+    if both:
+        raise typer.BadParameter(f"label(s) both set and removed: {', '.join(sorted(both))}")
+    return set_, remove
+
+
+@node_app.command("label")
+def node_label(
+    node: Annotated[str, typer.Argument(help="node name or uuid")],
+    changes: Annotated[list[str] | None, typer.Argument(
+        help="KEY=VALUE to set, KEY- to remove", show_default=False)] = None,
+    replace: Annotated[bool, typer.Option(
+        help="make the given labels the node's only ones (none given: remove all)")] = False,
+    idempotency_key: IdempotencyKey = None, output: Output = None,
+) -> None:
+    """Set or remove labels of a node (`ssd=true`, `gpu-`), which a VM's --node-label
+    must match for the node to host it; other labels are kept unless --replace."""
+    set_, remove = label_changes(changes or [])
+    if not set_ and not remove and not replace:
+        raise typer.BadParameter("give KEY=VALUE or KEY- (or --replace to remove all)")
+    if replace:
+        if remove:
+            raise typer.BadParameter("--replace takes KEY=VALUE only: the labels not given "
+                                     "are removed")
+        labels = set_
+    else:
+        current = client().nodes.get(node).labels
+        labels = {k: v for k, v in {**current, **set_}.items() if k not in remove}
+    updated = client().nodes.set_labels(node, labels, idempotency_key=idempotency_key)
+    note(f"labels of node {updated.name}: "
+         f"{', '.join(f'{k}={v}' for k, v in updated.labels.items()) or 'none'}")
+    emit(updated, output)
 
 
 def _task_table(task: Task) -> Table:

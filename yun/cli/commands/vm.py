@@ -5,34 +5,81 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from yun.cli.common import (
+    All,
+    Cursor,
     IdempotencyKey,
+    Limit,
     Output,
+    Query,
+    Sort,
     TagArgs,
     WaitOpt,
     WaitTimeout,
     accepted,
-    add_list_and_show,
     add_tag_commands,
     finish,
     parse_tags,
+    show_list,
 )
 from yun.cli.context import client
-from yun.cli.output import emit
+from yun.cli.output import emit, fields_table
+from yun.cli.parsing import (
+    Label,
+    format_bytes,
+    format_kbit,
+    labels_of,
+    parse_bandwidth,
+    parse_byte_rate,
+    parse_label,
+)
 from yun.client import DEFAULT_WAIT
-from yun.proto.resources import Accepted, VmCreate
+from yun.proto.messages import CpuQos, QosSpec
+from yun.proto.resources import Accepted, Vm, VmCreate, VmQosUpdate
 
 app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 
-COLUMNS = ["uuid", "name", "state", "vcpus", "memory_mb", "disk_gb", "ip", "node_name"]
+COLUMNS = ["uuid", "name", "state", "vcpus", "memory_mb", "disk_gb", "ip", "pool_name",
+           "node_name"]
 VmArg = Annotated[str, typer.Argument(help="VM name or uuid")]
+BandwidthOpt = Annotated[int | None, typer.Option(
+    "--bandwidth", parser=parse_bandwidth, metavar="RATE",
+    help="NIC bandwidth limit each way, e.g. 10mbit, 500kbit, 1gbit")]
+BytesOpt = Annotated[int | None, typer.Option(
+    parser=parse_byte_rate, metavar="RATE", help="bytes/s, e.g. 20MiB, 50MB, 4096")]
+
+
+def qos_rows(qos: QosSpec) -> dict[str, str]:
+    """A VM's QoS limits as readable ``field: value`` rows."""
+    return {
+        "qos cpu": qos.cpu.value,
+        "qos read iops": str(qos.read_iops_sec or "unlimited"),
+        "qos write iops": str(qos.write_iops_sec or "unlimited"),
+        "qos read bytes/s": format_bytes(qos.read_bytes_sec),
+        "qos write bytes/s": format_bytes(qos.write_bytes_sec),
+        "qos bandwidth": format_kbit(qos.bandwidth_kbit),
+    }
+
+
+def vm_table(vm: Vm) -> Table:
+    """A VM's fields, its QoS limits spelled out (with units, 'unlimited')."""
+    data = vm.model_dump(mode="json")
+    data.pop("qos", None)
+    return fields_table({**data, **qos_rows(vm.qos)})
+
+
+def show_vm(vm: Vm, output: Output) -> None:
+    """Print a VM: its fields and effective QoS limits as a table, or the API's JSON."""
+    emit(vm, output, table=lambda: vm_table(vm))
 
 
 def _after(answer: Accepted | None, ref: str, what: str, wait: bool, timeout: float,
            output: Output) -> None:
     """Follow a VM operation, then show the VM as it is now."""
-    finish(answer, what, wait, timeout, output, show=lambda: client().vms.get(ref))
+    finish(answer, what, wait, timeout, output, show=lambda: client().vms.get(ref),
+           table=vm_table)
 
 
 @app.command("create")
@@ -42,6 +89,16 @@ def create(
     vcpus: Annotated[int, typer.Option(min=1, help="virtual CPUs")] = 1,
     memory: Annotated[int, typer.Option("--memory", "--memory-mb", help="MiB")] = 256,
     disk: Annotated[int, typer.Option("--disk", "--disk-gb", help="GiB")] = 1,
+    pool: Annotated[str | None, typer.Option(
+        help="compute pool name or uuid; default: the platform's default pool")] = None,
+    zone: Annotated[str | None, typer.Option(
+        help="a zone instead of a pool: the scheduler picks a pool in it")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="VM group (affinity or anti-affinity) to join")] = None,
+    node_label: Annotated[list[Label] | None, typer.Option(
+        "--node-label", parser=parse_label, metavar="KEY=VALUE",
+        help="only nodes carrying this label, repeatable, e.g. ssd=true")] = None,
+    bandwidth: BandwidthOpt = None,
     description: str = "",
     tag: TagArgs = None,
     wait: WaitOpt = True,
@@ -49,16 +106,104 @@ def create(
     idempotency_key: IdempotencyKey = None,
     output: Output = None,
 ) -> None:
-    """Create a VM from an image and boot it."""
-    spec = VmCreate(name=name, image=image, vcpus=vcpus, memory_mb=memory, disk_gb=disk,
-                    description=description, tags=parse_tags(tag or []))
+    """Create a VM from an image and boot it, in a pool (or a zone); everything but its
+    size, image and bandwidth comes from the pool's template."""
+    if pool is not None and zone is not None:
+        raise typer.BadParameter("give --pool or --zone, not both (a pool has one zone)")
+    # Only what was given is sent: the API's defaults stay the API's.
+    placement = {"pool": pool, "zone": zone, "group": group,
+                 "node_labels": labels_of(node_label) or None, "bandwidth_kbit": bandwidth}
+    spec = VmCreate.model_validate({
+        "name": name, "image": image, "vcpus": vcpus, "memory_mb": memory, "disk_gb": disk,
+        "description": description, "tags": parse_tags(tag or []),
+        **{key: value for key, value in placement.items() if value is not None}})
     answer = accepted(client().vms.create(spec, idempotency_key=idempotency_key))
     ref = str(answer.resource.get("uuid", name)) if answer else name
     _after(answer, ref, f"create {name}", wait, wait_timeout, output)
 
 
-add_list_and_show(app, "VM", "VMs", COLUMNS, lambda c: c.vms,
-                  "List VMs.")
+@app.command("list")
+def list_(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
+          every: All = False, output: Output = None) -> None:
+    """List VMs."""
+    show_list(client().vms, q, sort, limit, cursor, every, output, COLUMNS, "VMs")
+
+
+@app.command("show")
+def show(vm: VmArg, output: Output = None) -> None:
+    """Show one VM: its state, pool, node, address and effective QoS limits."""
+    show_vm(client().vms.get(vm), output)
+
+
+@app.command("set-qos")
+def set_qos(
+    vm: VmArg,
+    cpu: Annotated[CpuQos | None, typer.Option(
+        case_sensitive=False, help="CPU level: high, medium or low")] = None,
+    iops: Annotated[int | None, typer.Option(
+        min=1, max=1_000_000, metavar="N", help="read and write IOPS limit")] = None,
+    read_iops: Annotated[int | None, typer.Option(
+        min=1, max=1_000_000, metavar="N", help="read IOPS limit")] = None,
+    write_iops: Annotated[int | None, typer.Option(
+        min=1, max=1_000_000, metavar="N", help="write IOPS limit")] = None,
+    read_bps: BytesOpt = None,
+    write_bps: BytesOpt = None,
+    bandwidth: BandwidthOpt = None,
+    clear_iops: Annotated[bool, typer.Option(
+        help="lift the read and write IOPS limits")] = False,
+    clear_bps: Annotated[bool, typer.Option(
+        help="lift the read and write bytes/s limits")] = False,
+    clear_bandwidth: Annotated[bool, typer.Option(help="lift the bandwidth limit")] = False,
+    wait: WaitOpt = True,
+    wait_timeout: WaitTimeout = DEFAULT_WAIT,
+    idempotency_key: IdempotencyKey = None,
+    output: Output = None,
+) -> None:
+    """Change a VM's QoS; a running VM gets it at once. Limits not named are kept."""
+    spec = qos_update(cpu=cpu, iops=iops, read_iops=read_iops, write_iops=write_iops,
+                      read_bps=read_bps, write_bps=write_bps, bandwidth=bandwidth,
+                      clear_iops=clear_iops, clear_bps=clear_bps,
+                      clear_bandwidth=clear_bandwidth)
+    answer = accepted(client().vms.set_qos(vm, spec, idempotency_key=idempotency_key))
+    _after(answer, vm, f"set-qos {vm}", wait, wait_timeout, output)
+
+
+def qos_update(*, cpu: CpuQos | None = None, iops: int | None = None,
+               read_iops: int | None = None, write_iops: int | None = None,
+               read_bps: int | None = None, write_bps: int | None = None,
+               bandwidth: int | None = None, clear_iops: bool = False,
+               clear_bps: bool = False, clear_bandwidth: bool = False) -> VmQosUpdate:
+    """The QoS change the set-qos options ask for; contradictions are refused here,
+    before any request (``--iops 500 --clear-iops``, ``--iops`` with ``--read-iops``)."""
+    if iops is not None and (read_iops is not None or write_iops is not None):
+        raise typer.BadParameter("--iops sets both read and write; do not also give "
+                                 "--read-iops or --write-iops")
+    read_iops = iops if iops is not None else read_iops
+    write_iops = iops if iops is not None else write_iops
+    clear: list[str] = []
+    conflicts = []
+    if clear_iops:
+        clear += ["read_iops_sec", "write_iops_sec"]
+        if read_iops is not None or write_iops is not None:
+            conflicts.append("--clear-iops with an IOPS limit")
+    if clear_bps:
+        clear += ["read_bytes_sec", "write_bytes_sec"]
+        if read_bps is not None or write_bps is not None:
+            conflicts.append("--clear-bps with a bytes/s limit")
+    if clear_bandwidth:
+        clear.append("bandwidth_kbit")
+        if bandwidth is not None:
+            conflicts.append("--clear-bandwidth with --bandwidth")
+    if conflicts:
+        raise typer.BadParameter(f"contradictory options: {'; '.join(conflicts)}")
+    fields = {"cpu": cpu, "read_iops_sec": read_iops, "write_iops_sec": write_iops,
+              "read_bytes_sec": read_bps, "write_bytes_sec": write_bps,
+              "bandwidth_kbit": bandwidth}
+    given = {key: value for key, value in fields.items() if value is not None}
+    if not given and not clear:
+        raise typer.BadParameter("give at least one change, e.g. --cpu high, --iops 500 "
+                                 "or --bandwidth 10mbit")
+    return VmQosUpdate.model_validate({**given, **({"clear": clear} if clear else {})})
 
 
 @app.command("start")

@@ -11,17 +11,20 @@ from yun.gateway.routers import (
     images,
     keys,
     nodes,
+    pools,
     projects,
     quotas,
     roles,
     tags,
     tasks,
     users,
+    vm_groups,
     vms,
+    zones,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
     auth.router, departments.router, projects.router, quotas.router, users.router,
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
-    tasks.router, tags.router,
+    tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
 )

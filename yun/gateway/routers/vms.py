@@ -1,4 +1,4 @@
-"""Virtual machines: create, list, show, delete, power actions, consoles."""
+"""Virtual machines: create, list, show, delete, power actions, QoS, consoles."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from yun.gateway.routers.common import (
     make_router,
 )
 from yun.proto.errors import PeerError
-from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmStop
+from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmQosUpdate, VmStop
 
 router = make_router("vms")
 ALREADY: dict[int | str, dict[str, Any]] = {200: {"model": Accepted,
@@ -35,8 +35,11 @@ async def list_vms(ctx: Ctx, up: Up, listing: Listing) -> Response:
 @router.post("/vms", response_model=Accepted, status_code=202)
 async def create_vm(body: VmCreate, ctx: Ctx, up: Up, wait: Wait = 0,
                     idempotency_key: IdempotencyKey = None) -> Response:
-    """Create a virtual machine from an image: placed on a node, given an address, booted.
-    Answers the task at once, or when it ends if `wait` is given."""
+    """Create a virtual machine from an image: placed on a node of its pool (or of a pool
+    of its zone) that passes the pool's filters, given an address, booted. Everything but
+    the size, image and bandwidth comes from the pool's template. A placement that no
+    node can take is refused with the reason per filter. Answers the task at once, or
+    when it ends if `wait` is given."""
     reply = await up.call(ctx, "POST", "/vms", body=body, idempotency_key=idempotency_key)
     return await accepted(up, ctx, reply, wait)
 
@@ -81,6 +84,17 @@ async def reboot_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
                     idempotency_key: IdempotencyKey = None) -> Response:
     """Reboot a running virtual machine."""
     reply = await up.call(ctx, "POST", "/vms/{ref}/reboot", path={"ref": ref},
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.post("/vms/{ref}/qos", response_model=Accepted, status_code=202, responses=ALREADY)
+async def set_vm_qos(ref: RefPath, body: VmQosUpdate, ctx: Ctx, up: Up, wait: Wait = 0,
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    """Change a virtual machine's QoS: CPU level, disk IOPS and bytes/s, NIC bandwidth.
+    Fields left out keep their value; `clear` lifts limits. A running VM gets the new
+    limits at once (200 with no task if nothing changes)."""
+    reply = await up.call(ctx, "POST", "/vms/{ref}/qos", path={"ref": ref}, body=body,
                           idempotency_key=idempotency_key)
     return await accepted(up, ctx, reply, wait)
 
