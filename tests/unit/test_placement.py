@@ -139,7 +139,7 @@ async def test_node_labels_are_matched(tmp_path: Path, labels: dict[str, str],
     if fits:
         assert (await placement.place(vms[0], request)).node_uuid == "n1"
     else:
-        with pytest.raises(InsufficientCapacity, match="2 without label gpu=1|label"):
+        with pytest.raises(InsufficientCapacity, match="2 missing labels gpu=1"):
             await placement.place(vms[0], request)
     await placement.stop()
     await db.dispose()
