@@ -156,6 +156,7 @@ class DataCenter:
         config = self._config(name, host, "node", {
             "listen_port": PORTS["node"], "hypervisor": "libvirt",
             "libvirt_uri": node_host.libvirt_uri, "accel": "tcg", "report_interval": 1.0,
+            "pool": "default",
         }, state)
         self._process(name, host, "node", config).start()
         self._wait_up(host, PORTS["node"], name)
