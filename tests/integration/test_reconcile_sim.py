@@ -157,7 +157,8 @@ async def test_failed_rollback_keeps_address_until_node_confirms(
     await upload(cluster, small_qcow2)
     for node in cluster.node_services:
         node.agent.driver.fail_next("start")  # type: ignore[attr-defined]
-        node.agent.network.fail_next("release_ports")  # type: ignore[attr-defined]
+        # Twice: the removal before trying the next node, and the rollback's.
+        node.agent.network.fail_next("release_ports", times=2)  # type: ignore[attr-defined]
     resp = await cluster.api.post("/api/v1/vms", json={"name": "half", "image": "img"})
     vm_uuid = resp.json()["resource"]["uuid"]
     task = await cluster.wait_task(resp.json()["task"]["uuid"])

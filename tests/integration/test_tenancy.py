@@ -51,7 +51,8 @@ def _ref_for(path: str, ids: dict[str, str]) -> dict[str, str]:
     refs = {"vms": ids["vm-bob"], "images": ids["img-bob"], "projects": ids["p2"],
             "users": ids["bob"], "departments": ids["d2"], "tasks": ids["task-bob"],
             "keys": ids["key-bob"], "role-assignments": ids["grant-bob"],
-            "nodes": ids["node"], "auth": ids["token-bob"]}
+            "nodes": ids["node"], "auth": ids["token-bob"], "vm-groups": ids["group-bob"],
+            "zones": ids["zone"], "pools": ids["pool"]}
     values: dict[str, str] = {}
     for name in re.findall(r"{(\w+)}", path):
         values[name] = refs[first]
@@ -64,6 +65,11 @@ BODIES: dict[str, Any] = {
     "QuotaUpdate": {"limits": {"vms": 1}},
     "TagsReplace": {"tags": {"k": "v"}},
     "TagsUpdate": {"set": {"k": "v"}},
+    "NodeLabelsUpdate": {"labels": {"k": "v"}},
+    "VmQosUpdate": {"cpu": "low"},
+    "PoolNodeAdd": {"node": "x"},
+    "ZoneUpdate": {"description": "x"},
+    "PoolUpdate": {"description": "x"},
 }
 
 
@@ -91,6 +97,11 @@ async def test_no_route_crosses_projects(cloud: Tenants) -> None:
     cloud.ids["token-bob"] = tokens["items"][0]["uuid"]
     nodes = await ok(admin.get("/api/v1/nodes"))
     cloud.ids["node"] = nodes["items"][0]["uuid"]
+    group = await ok(bob.post("/api/v1/vm-groups", json={"name": "grp-bob",
+                                                         "policy": "affinity"}), 201)
+    cloud.ids["group-bob"] = group["uuid"]
+    cloud.ids["zone"] = (await ok(admin.get("/api/v1/zones/default")))["uuid"]
+    cloud.ids["pool"] = (await ok(admin.get("/api/v1/pools/default")))["uuid"]
 
     alice = cloud["alice"]
     spec = (await alice.get("/openapi.json")).json()
@@ -106,6 +117,9 @@ async def test_no_route_crosses_projects(cloud: Tenants) -> None:
             expected = {404} if not path.startswith("/api/v1/nodes") else {403}
             if path.startswith("/api/v1/departments") and method != "get":
                 expected = {403, 404}  # only super admins change departments
+            if path.startswith(("/api/v1/zones", "/api/v1/pools")):
+                # Platform resources: every user sees them, only super admins change them.
+                expected = {200} if method == "get" else {403}
             assert resp.status_code in expected, (method, url, resp.status_code, resp.text)
             assert "bob" not in resp.text.replace("'", ""), (method, url, resp.text)
             checked += 1

@@ -34,7 +34,7 @@ class SimNetworkBackend(NetworkBackend):
         self.ports: dict[str, list[PortRecord]] = {}
         #: taps that "exist" on the node; the hypervisor simulator may add to it.
         self.taps: set[str] = set()
-        self._fail: dict[str, str] = {}
+        self._fail: dict[str, tuple[str, int]] = {}
         self._file = SimHostFile(state_file) if state_file is not None else None
         if self._file is not None:
             for mac, data in self._file.section("ports").items():
@@ -52,20 +52,25 @@ class SimNetworkBackend(NetworkBackend):
             for vm, records in self.ports.items() for r in records}
         self._file.write({"ports": ports})
 
-    def fail_next(self, method: str, message: str = "injected failure") -> None:
-        """Make the next call of ``method`` raise :class:`NetworkError`."""
+    def fail_next(self, method: str, message: str = "injected failure",
+                  times: int = 1) -> None:
+        """Make the next ``times`` calls of ``method`` raise :class:`NetworkError`."""
         if method not in _METHODS:
             raise ValueError(f"unknown method {method!r}; one of {', '.join(_METHODS)}")
-        self._fail[method] = message
+        self._fail[method] = (message, times)
 
     def clear_faults(self) -> None:
         """Forget every failure armed with :meth:`fail_next`."""
         self._fail.clear()
 
     def _maybe_fail(self, method: str) -> None:
-        message = self._fail.pop(method, None)
-        if message is not None:
-            raise NetworkError(f"{method}: {message}")
+        armed = self._fail.pop(method, None)
+        if armed is None:
+            return
+        message, times = armed
+        if times > 1:
+            self._fail[method] = (message, times - 1)
+        raise NetworkError(f"{method}: {message}")
 
     async def ensure_network(self) -> NatNetwork:
         self._maybe_fail("ensure_network")
