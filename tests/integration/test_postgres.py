@@ -12,8 +12,16 @@ import pytest
 from sqlalchemy import create_engine, inspect, select
 
 from tests.integration.conftest import upload
-from yun.control.db.models import NodeRow, VmRow
+from yun.control.db.models import (
+    ImageRow,
+    InventoryRow,
+    NodeRow,
+    PoolRow,
+    ProjectRow,
+    VmRow,
+)
 from yun.control.db.session import Database, downgrade, sync_url, upgrade
+from yun.control.scheduler import inventory
 from yun.control.scheduler.placement import Placement, Request
 from yun.testing.cluster import SimCluster
 
@@ -143,31 +151,42 @@ async def test_one_unfinished_flow_per_vm_under_concurrent_requests_on_postgres(
 
 
 async def test_placement_keeps_releases_committed_during_its_batch_on_postgres() -> None:
-    """A placement batch must not write back node reservations from its snapshot: a release
-    committed by another transaction after the batch read the nodes must survive it."""
+    """Placement must not write back capacity from its copy of the hosts: a release
+    committed by another transaction after the copy was read must survive the claims made
+    with that copy (seen once as leaked capacity, when reservations were absolute)."""
     downgrade(URL, "base")
     upgrade(URL)
     db = Database(URL)
     try:
         async with db.session() as session:
+            project = (await session.scalars(select(ProjectRow.uuid))).first()
+            pool = (await session.scalars(select(PoolRow.uuid).where(
+                PoolRow.name == "default"))).one()
+            session.add(ImageRow(uuid="img", name="img", status="active", project_uuid=project))
             session.add(NodeRow(uuid="n-1", name="n1", url="https://n1", status="up",
-                                hypervisor="sim", accel="tcg", vcpus=16, memory_mb=16384,
-                                disk_gb=100, vcpus_reserved=4, memory_reserved_mb=1024,
-                                disk_reserved_gb=4, nat_subnet="10.0.0.0/24"))
-        placement = Placement(db)
-        async with db.session() as batch:
-            nodes = list((await batch.scalars(select(NodeRow))).all())
-            # Another transaction gives back one VM's reservation meanwhile.
-            async with db.session() as other:
-                await Placement.release(other, "n-1", Request(2, 512, 2))
+                                hypervisor="sim", accel="tcg", nat_subnet="10.0.0.0/24",
+                                pool_uuid=pool))
+            await session.flush()
+            await inventory.sync_inventory(session, "n-1", {
+                "vcpu": (16, 0), "memory_mb": (16384, 0), "disk_gb": (100, 0)})
+            await session.flush()
+            # One VM already holds 2 vCPU, 512 MiB, 2 GiB there.
+            assert await inventory.claim(session, "n-1", inventory.vm_amounts(2, 512, 2),
+                                         {"vcpu": 4.0, "memory_mb": 1.0, "disk_gb": 1.0})
+            await inventory.allocate(session, "old", "n-1", inventory.vm_amounts(2, 512, 2))
             for i in range(2):
-                vm = VmRow(uuid=f"vm-{i}", name=f"vm-{i}")  # never added: only node_uuid is set
-                await placement._reserve(batch, nodes, vm, Request(1, 256, 1))
-                await batch.flush()
+                session.add(VmRow(uuid=f"vm-{i}", name=f"vm-{i}", state="building", vcpus=1,
+                                  memory_mb=256, disk_gb=1, image_uuid="img",
+                                  project_uuid=project, pool_uuid=pool))
+        placement = Placement(db, host_refresh=3600)  # the copy read once is kept
+        await placement.place("vm-0", Request(1, 256, 1, (pool,)))
+        async with db.session() as other:  # the old VM is released meanwhile
+            await inventory.release(other, "old")
+        await placement.place("vm-1", Request(1, 256, 1, (pool,)))
+        await placement.stop()
         async with db.session() as session:
-            node = await session.get(NodeRow, "n-1")
-            assert node is not None
-            assert (node.vcpus_reserved, node.memory_reserved_mb, node.disk_reserved_gb) == (
-                4 - 2 + 2, 1024 - 512 + 512, 4 - 2 + 2)
+            used = {i.resource_class: i.used for i in (await session.scalars(
+                select(InventoryRow).where(InventoryRow.node_uuid == "n-1"))).all()}
+            assert used == {"vcpu": 2, "memory_mb": 512, "disk_gb": 2}
     finally:
         await db.dispose()
