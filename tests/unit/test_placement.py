@@ -152,3 +152,29 @@ def test_dhcp_hostname_from_vm_name() -> None:
     assert hostname_for("Web_1.prod") == "web-1-prod"
     assert hostname_for("___") is None
     assert len(hostname_for("a" * 70) or "") == 63
+
+
+async def test_qos_limits_need_a_node_that_can_enforce_them(tmp_path: Path) -> None:
+    from yun.control.flows.vm import qos_needs
+
+    db, vms, pool = await setup(tmp_path, nodes=2, vms=1, vcpus=4)
+    async with db.session() as s:
+        node = await s.get(NodeRow, "n1")
+        assert node is not None
+        node.capabilities = ["qos_cpu", "qos_disk", "qos_net"]
+    placement = Placement(db)
+    needs = qos_needs({"bandwidth_kbit": 10_000})
+    assert needs == {"qos_net"} and qos_needs({"cpu": "low"}) == frozenset()
+    placed = await placement.place(vms[0], Request(1, 256, 1, (pool,), capabilities=needs))
+    assert placed.node_uuid == "n1"  # n0 cannot shape a NIC
+    async with db.session() as s:
+        node = await s.get(NodeRow, "n1")
+        assert node is not None
+        node.capabilities = []
+    placement.invalidate()
+    async with db.session() as s:
+        with pytest.raises(InsufficientCapacity, match="2 missing capabilities qos_disk"):
+            await placement.check(s, Request(1, 256, 1, (pool,),
+                                             capabilities=qos_needs({"write_iops_sec": 50})))
+    await placement.stop()
+    await db.dispose()

@@ -466,7 +466,7 @@ def test_registry_names_every_builtin_plugin() -> None:
     ({"weights": {"cpu": float("nan")}}, "weight of 'cpu'"),
     ({"cpu_ratio": 0}, "cpu_ratio must be a number above 0"),
     ({"memory_ratio": -1.0}, "memory_ratio"),
-    ({"disk_ratio": 1e6}, "disk_ratio must be a number above 0 and at most 100"),
+    ({"disk_ratio": 1e6}, "disk_ratio must be a number above 0 and at most 64"),
     ({"cpu_ratio": float("inf")}, "cpu_ratio"),
 ])
 def test_bad_pool_settings_are_refused_by_name(kwargs: dict[str, Any], message: str) -> None:

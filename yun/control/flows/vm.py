@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from yun.proto.messages import (
     DomainState,
     ImageLocation,
     NicSpec,
+    NodeCapability,
     ProvisionRequest,
     QosSpec,
     StopRequest,
@@ -98,7 +99,20 @@ def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = ()) ->
     pools = tuple(ctx.data.get(POOLS) or ([vm.pool_uuid] if vm.pool_uuid else []))
     return Request(vm.vcpus, vm.memory_mb, vm.disk_gb, pool_uuids=pools,
                    labels=MappingProxyType(dict(vm.node_labels or {})),
+                   capabilities=qos_needs(vm.qos or {}),
                    group_uuid=vm.group_uuid, exclude=frozenset(tried))
+
+
+def qos_needs(qos: Mapping[str, object]) -> frozenset[str]:
+    """The node capabilities a VM's QoS limits need: a node that cannot enforce a limit
+    must not get the VM (the CPU level is applied by every driver)."""
+    needs = set()
+    if qos.get("bandwidth_kbit"):
+        needs.add(NodeCapability.QOS_NET.value)
+    if any(qos.get(k) for k in ("read_iops_sec", "write_iops_sec", "read_bytes_sec",
+                                "write_bytes_sec")):
+        needs.add(NodeCapability.QOS_DISK.value)
+    return frozenset(needs)
 
 
 class Schedule(Step):

@@ -71,7 +71,7 @@ DEFAULT_FILTERS: tuple[str, ...] = (
 DEFAULT_WEIGHTS: FrozenMap = FrozenMap({"cpu": 1.0, "memory": 1.0, "disk": 0.5, "network": 0.5})
 
 # Overcommit beyond this is a typo, not a policy (Nova's default vCPU ratio is 16).
-MAX_RATIO = 100.0
+MAX_RATIO = 64.0  # as the API allows (yun.proto.resources.Ratio)
 
 
 def _frozen(obj: object, name: str) -> None:

@@ -59,6 +59,7 @@ class Request:
     disk_gb: int
     pool_uuids: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    capabilities: frozenset[str] = frozenset()  # what the node must be able to do
     group_uuid: str | None = None
     exclude: frozenset[str] = frozenset()  # nodes tried already (a provision failed there)
 
@@ -330,7 +331,7 @@ class Placement:
 
 def _spec(req: Request, group: GroupSpec | None) -> RequestSpec:
     return RequestSpec(vcpus=req.vcpus, memory_mb=req.memory_mb, disk_gb=req.disk_gb,
-                       labels=req.labels, group=group)
+                       labels=req.labels, capabilities=req.capabilities, group=group)
 
 
 def _no_node(req: Request, misses: list[str]) -> str:

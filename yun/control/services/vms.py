@@ -26,7 +26,7 @@ from yun.control.db.models import (
 )
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
-from yun.control.flows.vm import POOLS, effective_qos
+from yun.control.flows.vm import POOLS, effective_qos, qos_needs
 from yun.control.nodeclient import node_client
 from yun.control.scheduler.placement import Request
 from yun.control.services.common import find
@@ -126,6 +126,7 @@ class VmService:
             await self.ctx.placement.check(session, Request(
                 req.vcpus, req.memory_mb, req.disk_gb, pool_uuids=tuple(pools),
                 labels=MappingProxyType(dict(req.node_labels)),
+                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit}),
                 group_uuid=group.uuid if group else None))
             await quotas.claim(session, await _project(session, user),
                                quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
