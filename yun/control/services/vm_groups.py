@@ -60,7 +60,7 @@ class VmGroupService:
             if req.tags:
                 await update_tags(session, "vm_group", row.uuid, req.tags)
             await session.flush()
-            log.info("VM group created", extra={"vm_group": row.uuid, "name": row.name,
+            log.info("VM group created", extra={"vm_group": row.uuid, "vm_group_name": row.name,
                                                 "policy": row.policy})
             return (await vm_group_models(session, [row]))[0]
 
@@ -82,5 +82,5 @@ class VmGroupService:
             model = (await vm_group_models(session, [row]))[0]
             await drop_tags(session, row.uuid)
             await session.delete(row)
-            log.info("VM group deleted", extra={"vm_group": row.uuid, "name": row.name})
+            log.info("VM group deleted", extra={"vm_group": row.uuid, "vm_group_name": row.name})
             return model
