@@ -241,3 +241,23 @@ async def test_console_of_a_defined_domain(driver: HypervisorDriver) -> None:
     assert info.vnc_port is None or info.vnc_port > 0
     assert isinstance(await driver.console_log(vm), str)
     assert len(await driver.console_log(vm, max_bytes=10)) <= 10
+
+
+async def test_qos_is_kept_in_the_definition_and_read_back(driver: HypervisorDriver) -> None:
+    from yun.proto.messages import CpuQos, QosSpec
+
+    assert driver.caps.qos_cpu and driver.caps.qos_disk and driver.caps.qos_net
+    vm = await defined(driver, qos=QosSpec(cpu=CpuQos.HIGH))
+    info = await driver.get_domain(vm)
+    assert info is not None and info.qos is not None and info.qos.cpu is CpuQos.HIGH
+    # No disk limit here: this domain has no disk to carry one (every VM has a root disk;
+    # disk limits on real disks are held in tests/system/test_qos.py).
+    wanted = QosSpec(cpu=CpuQos.LOW, bandwidth_kbit=10_000)
+    await driver.set_qos(vm, wanted)
+    info = await driver.get_domain(vm)
+    assert info is not None and info.qos == wanted  # read back, not echoed
+    await driver.set_qos(vm, QosSpec())  # back to unlimited, medium
+    info = await driver.get_domain(vm)
+    assert info is not None and info.qos == QosSpec()
+    with pytest.raises(DomainNotFound):
+        await driver.set_qos(str(uuidlib.uuid4()), wanted)
