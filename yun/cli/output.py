@@ -48,10 +48,20 @@ def cell(value: Any) -> str:
         return ", ".join(f"{k}={cell(v)}" for k, v in value.items())
     if isinstance(value, list):
         if value and all(isinstance(v, dict) for v in value):
-            return "\n".join(" ".join(cell(x) for x in v.values() if x not in (None, ""))
-                             for v in value)
+            return "\n".join(_record_line(v) for v in value)
         return ", ".join(cell(v) for v in value)
     return str(value)
+
+
+def _record_line(record: dict[str, Any]) -> str:
+    """A nested record on one line: its first field, then the others named
+    (``vcpu: total=8 reserved=0 ratio=4.0 usable=32 used=3 free=29``)."""
+    items = [(k, v) for k, v in record.items() if v not in (None, "")]
+    if not items:
+        return ""
+    (_, first), rest = items[0], items[1:]
+    named = " ".join(f"{k}={cell(v)}" for k, v in rest)
+    return f"{cell(first)}: {named}" if named else cell(first)
 
 
 def rows_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
