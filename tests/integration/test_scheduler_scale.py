@@ -14,14 +14,21 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 import pytest
+import pytest_asyncio
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from tests.integration.conftest import upload
 from yun.control.db.models import (
     AllocationRow,
     ImageRow,
@@ -38,6 +45,8 @@ from yun.control.scheduler import inventory
 from yun.control.scheduler.hoststate import DEFAULT_FILTERS, DEFAULT_WEIGHTS
 from yun.control.scheduler.placement import Placed, Placement, Request
 from yun.proto.errors import InsufficientCapacity
+from yun.testing.cluster import SimCluster
+from yun.testing.invariants import SIM_HOST_FILE, check, engine_for
 
 POSTGRES_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
@@ -294,3 +303,244 @@ async def test_10000_nodes_2000_concurrent_placements_sqlite(tmp_path) -> None: 
 async def test_10000_nodes_2000_concurrent_placements_postgres() -> None:
     await asyncio.to_thread(downgrade, POSTGRES_URL, "base")  # a schema made afresh
     await scale(POSTGRES_URL, "postgres")
+
+
+# -- part 2: real sim nodes through the REST API -------------------------------------------
+#
+# One cloud for the module: 8 sim nodes (16 vCPU, 32 GiB each), two zones, three pools
+# with different templates, the nodes moved out of "default" into them:
+#   gold   (east): node-0000, node-0001; vCPU ratio 1.0, CPU weighed double
+#   silver (east): node-0002..0004; vCPU ratio 2.0; node-0003 labelled ssd=true
+#   bronze (west): node-0005, node-0006; vCPU ratio 4.0, memory only weighed, own filter order
+#   node-0007: unassigned, added to silver under load.
+
+PRIVATE = pytest.mark.asyncio(loop_scope="module")
+
+
+@dataclass
+class Cloud:
+    cluster: SimCluster
+    api: httpx.AsyncClient
+
+
+async def ok(resp: httpx.Response, status: int = 200) -> Any:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    return resp.json() if resp.content else None
+
+
+async def move_node(api: httpx.AsyncClient, node: str, pool: str | None) -> None:
+    """remove-node from its current pool, then add-node to ``pool`` (None: unassigned)."""
+    current = (await ok(await api.get(f"/api/v1/nodes/{node}")))["pool_name"]
+    if current is not None:
+        await ok(await api.delete(f"/api/v1/pools/{current}/nodes/{node}"))
+    if pool is not None:
+        added = await ok(await api.post(f"/api/v1/pools/{pool}/nodes", json={"node": node}))
+        assert added["pool_name"] == pool and added["admin_state"] == "active"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cloud(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cloud]:
+    root = tmp_path_factory.mktemp("sched")
+    image = root / "small.qcow2"
+    await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2",
+                                             str(image), "64M"], check=True)
+    cluster = SimCluster(root, nodes=8)
+    await cluster.start()
+    try:
+        api = cluster.api
+        assert api is not None
+        await upload(cluster, image)
+        for zone in ("east", "west"):
+            await ok(await api.post("/api/v1/zones", json={"name": zone}), 201)
+        templates = {
+            "gold": {"zone": "east", "cpu_ratio": 1.0, "qos_level": "high",
+                     "weights": {"cpu": 2.0, "memory": 1.0}},
+            "silver": {"zone": "east", "cpu_ratio": 2.0},
+            "bronze": {"zone": "west", "cpu_ratio": 4.0, "weights": {"memory": 1.0},
+                       "filters": ["status", "anti_affinity", "affinity", "labels", "memory",
+                                   "vcpu", "disk"]},
+        }
+        for name, template in templates.items():
+            pool = await ok(await api.post("/api/v1/pools", json={"name": name, **template}),
+                            201)
+            assert pool["cpu_ratio"] == template["cpu_ratio"]
+        members = {"gold": [0, 1], "silver": [2, 3, 4], "bronze": [5, 6], None: [7]}
+        for pool_name, indexes in members.items():
+            for i in indexes:
+                await move_node(api, f"node-{i:04d}", pool_name)
+        await ok(await api.put("/api/v1/nodes/node-0003/labels",
+                               json={"labels": {"ssd": "true"}}))
+        yield Cloud(cluster, api)
+    finally:
+        await cluster.stop()
+
+
+async def create(cloud: Cloud, name: str, **body: Any) -> httpx.Response:
+    return await cloud.api.post("/api/v1/vms", json={"name": name, "image": "img",
+                                                     "memory_mb": 128, **body})
+
+
+async def created(cloud: Cloud, resp: httpx.Response) -> dict[str, Any]:
+    """The VM a 202 create made, once its task finished."""
+    accepted = await ok(resp, 202)
+    task = await cloud.cluster.wait_task(accepted["task"]["uuid"])
+    assert task["state"] == "succeeded", task
+    vm: dict[str, Any] = await ok(await cloud.api.get(
+        f"/api/v1/vms/{accepted['resource']['uuid']}"))
+    return vm
+
+
+async def vm_names(cloud: Cloud) -> set[str]:
+    page = await ok(await cloud.api.get("/api/v1/vms", params={"limit": 500}))
+    return {v["name"] for v in page["items"]}
+
+
+def consistent(cloud: Cloud) -> None:
+    """The invariant checker: reservations, allocations, groups, and what each sim node
+    itself holds (its sim-host.json), against the control database."""
+    cluster = cloud.cluster
+    assert cluster.control is not None
+    url = cluster.control.settings.db_url()
+    dirs = {n.name: cluster.root / n.name for n in cluster.node_services}
+    # A sim node writes its state file once it holds something; one without it holds
+    # nothing, so no VM may be placed on it.
+    nodes = {name: d for name, d in dirs.items() if (d / SIM_HOST_FILE).exists()}
+    problems = check(url, nodes)
+    assert not problems, "\n".join(problems[:30])
+    with Session(engine_for(url)) as session:
+        empty = set(dirs) - set(nodes)
+        on_empty = session.scalars(select(VmRow.name).join(
+            NodeRow, NodeRow.uuid == VmRow.node_uuid).where(NodeRow.name.in_(empty))).all()
+    assert not on_empty, on_empty
+
+
+@PRIVATE
+async def test_anti_affinity_spreads_then_refuses_with_the_reason(cloud: Cloud) -> None:
+    await ok(await cloud.api.post("/api/v1/vm-groups",
+                                  json={"name": "web", "policy": "anti-affinity"}), 201)
+    answers = await asyncio.gather(*(create(cloud, f"web-{i}", pool="silver", group="web")
+                                     for i in range(3)))
+    vms = [await created(cloud, a) for a in answers]
+    assert sorted(v["node_name"] for v in vms) == ["node-0002", "node-0003", "node-0004"]
+    # A fourth member has no node left in silver: refused at once, saying why.
+    before = await vm_names(cloud)
+    resp = await create(cloud, "web-3", pool="silver", group="web")
+    assert resp.status_code == 409, resp.text
+    assert "pool silver: 3 nodes; 3 excluded by anti-affinity group web" in \
+        resp.json()["detail"]
+    assert await vm_names(cloud) == before
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_affinity_packs_one_node(cloud: Cloud) -> None:
+    await ok(await cloud.api.post("/api/v1/vm-groups",
+                                  json={"name": "db", "policy": "affinity"}), 201)
+    answers = await asyncio.gather(*(create(cloud, f"db-{i}", pool="bronze", group="db")
+                                     for i in range(4)))
+    vms = [await created(cloud, a) for a in answers]
+    assert len({v["node_name"] for v in vms}) == 1
+    assert {v["pool_name"] for v in vms} == {"bronze"}
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_an_aggregate_is_honoured(cloud: Cloud) -> None:
+    answers = await asyncio.gather(*(create(cloud, f"fast-{i}", pool="silver",
+                                            node_labels={"ssd": "true"}) for i in range(4)))
+    vms = [await created(cloud, a) for a in answers]
+    assert {v["node_name"] for v in vms} == {"node-0003"}
+    resp = await create(cloud, "gpu-0", pool="silver", node_labels={"gpu": "a100"})
+    assert resp.status_code == 409 and "missing labels gpu=a100" in resp.json()["detail"]
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_200_concurrent_creates_never_overbook(cloud: Cloud) -> None:
+    """gold holds 32 one-vCPU VMs (2 nodes x 16 vCPU at ratio 1.0); 200 creates race for
+    gold and the east zone. Whatever is accepted, no node holds more than its pool allows,
+    and what each node runs is what the database says."""
+    before = await ok(await cloud.api.get("/api/v1/pools/gold"))
+    assert before["vm_count"] == 0
+    sem = asyncio.Semaphore(50)
+
+    async def one(i: int) -> httpx.Response:
+        where = {"pool": "gold"} if i % 4 else {"zone": "east"}
+        async with sem:
+            return await create(cloud, f"race-{i:03d}", **where)
+
+    answers = await asyncio.gather(*(one(i) for i in range(200)))
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) <= {202, 409}, [a.text for a in answers if a.status_code not in
+                                      (202, 409)][:3]
+    refused = [a.json()["detail"] for a in answers if a.status_code == 409]
+    assert all("short of vCPU" in text for text in refused), refused[:3]
+    tasks = await cloud.cluster.wait_tasks([a.json()["task"]["uuid"] for a in answers
+                                            if a.status_code == 202], timeout=300)
+    failed = [t for t in tasks if t["state"] != "succeeded"]
+    assert all("short of vCPU" in (t.get("error") or "") for t in failed), failed[:3]
+    page = await ok(await cloud.api.get("/api/v1/vms", params={"limit": 500}))
+    gold = [v for v in page["items"] if v["pool_name"] == "gold" and v["node_uuid"]]
+    assert len(gold) == 32  # gold is exactly full, never more
+    nodes = {n["name"]: n for n in (await ok(await cloud.api.get("/api/v1/nodes")))["items"]}
+    for name in ("node-0000", "node-0001"):
+        assert nodes[name]["vcpus_reserved"] == 16
+    print(f"\n200 concurrent creates: {codes[202]} accepted, {codes[409]} refused at once, "
+          f"{len(failed)} failed in placement; gold holds {len(gold)}")
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_a_drained_node_gets_no_new_vm_and_keeps_its_own(cloud: Cloud) -> None:
+    api = cloud.api
+    page = await ok(await api.get("/api/v1/vms", params={"limit": 500}))
+    kept = [v for v in page["items"] if v["node_name"] == "node-0002"]
+    assert kept and all(v["state"] == "running" for v in kept)
+    drained = await ok(await api.post("/api/v1/pools/silver/nodes/node-0002/drain"))
+    assert drained["admin_state"] == "drained"
+    answers = await asyncio.gather(*(create(cloud, f"after-drain-{i}", pool="silver")
+                                     for i in range(6)))
+    vms = [await created(cloud, a) for a in answers]
+    assert "node-0002" not in {v["node_name"] for v in vms}
+    for vm in kept:  # its own VMs still run there
+        again = await ok(await api.get(f"/api/v1/vms/{vm['uuid']}"))
+        assert (again["state"], again["node_name"]) == ("running", "node-0002")
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_a_node_added_under_load_gets_vms_at_once(cloud: Cloud) -> None:
+    api = cloud.api
+    sem = asyncio.Semaphore(4)
+    added = asyncio.Event()
+    after_add: list[str] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            late = added.is_set()
+            resp = await create(cloud, f"load-{i:02d}", pool="silver")
+            vm = await created(cloud, resp)
+            if late:
+                after_add.append(vm["node_name"])
+
+    flowing = asyncio.gather(*(one(i) for i in range(40)))
+    await asyncio.sleep(1.0)  # creates are flowing
+    await move_node(api, "node-0007", "silver")
+    added.set()
+    await flowing
+    # The new node is the emptiest of silver: the creates after its addition go there.
+    assert after_add and "node-0007" in after_add, after_add
+    consistent(cloud)
+
+
+@PRIVATE
+async def test_removing_a_non_empty_node_is_refused_and_changes_nothing(cloud: Cloud) -> None:
+    api = cloud.api
+    before = await ok(await api.get("/api/v1/nodes/node-0003"))
+    resp = await api.delete("/api/v1/pools/silver/nodes/node-0003")
+    assert resp.status_code == 409, resp.text
+    assert "node-0003 still hosts" in resp.json()["detail"]
+    after = await ok(await api.get("/api/v1/nodes/node-0003"))
+    for key in ("pool_name", "admin_state", "labels", "vcpus_reserved", "vm_count"):
+        assert after[key] == before[key], key
+    consistent(cloud)
