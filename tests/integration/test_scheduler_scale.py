@@ -544,3 +544,84 @@ async def test_removing_a_non_empty_node_is_refused_and_changes_nothing(cloud: C
     for key in ("pool_name", "admin_state", "labels", "vcpus_reserved", "vm_count"):
         assert after[key] == before[key], key
     consistent(cloud)
+
+
+# -- part 3: bad input through the API: a clear error, and nothing changed -----------------
+
+
+async def state(cloud: Cloud) -> tuple[Any, ...]:
+    """What a refused request must leave as it was: pools, zones, nodes, VMs, quota."""
+    api = cloud.api
+    pools = (await ok(await api.get("/api/v1/pools", params={"limit": 100})))["items"]
+    zones = (await ok(await api.get("/api/v1/zones", params={"limit": 100})))["items"]
+    nodes = (await ok(await api.get("/api/v1/nodes", params={"limit": 100})))["items"]
+    vms = (await ok(await api.get("/api/v1/vms", params={"limit": 500})))["items"]
+    quota = await ok(await api.get("/api/v1/quota"))
+    return (sorted((p["name"], p["updated_at"], p["node_count"], p["vm_count"],
+                    p["storage_mode"], p["cpu_ratio"], p["filters"], p["weights"])
+                   for p in pools),
+            sorted((z["name"], z["pool_count"]) for z in zones),
+            sorted((n["name"], n["pool_name"], n["admin_state"], n["vcpus_reserved"],
+                    n["memory_reserved_mb"]) for n in nodes),
+            sorted((v["name"], v["state"], v["node_uuid"]) for v in vms),
+            sorted((line["resource"], line["used"]) for line in quota["lines"]))
+
+
+@PRIVATE
+async def test_bad_input_is_refused_clearly_and_changes_nothing(cloud: Cloud) -> None:
+    api = cloud.api
+    before = await state(cloud)
+    vm = (await ok(await api.get("/api/v1/vms", params={"limit": 1})))["items"][0]
+
+    async def refused(resp: httpx.Response, status: int, *words: str) -> None:
+        assert resp.status_code == status, (status, resp.status_code, resp.text)
+        for word in words:
+            assert word in resp.text, (word, resp.text)
+
+    # Where the VM goes.
+    await refused(await create(cloud, "bad-1", pool="nosuch"), 404, "nosuch")
+    await refused(await create(cloud, "bad-2", zone="nowhere"), 404, "nowhere")
+    await refused(await create(cloud, "bad-3", pool="silver", zone="east"), 422,
+                  "pool or a zone")
+    # Bigger than any node: refused per filter with the closest miss.
+    await refused(await create(cloud, "bad-4", zone="east", memory_mb=1024 * 1024), 409,
+                  "pool gold: 2 nodes;", "pool silver: 4 nodes;", "short of memory",
+                  "(best: ")
+    # silver: 16 vCPU nodes at ratio 2.0, the emptiest (node-0007) with room for many.
+    await refused(await create(cloud, "bad-5", pool="silver", vcpus=33), 409,
+                  "pool silver: 4 nodes;", "short of vCPU", "of 33 needed")
+    # An unmeetable group: db's members run on a bronze node, which is not in silver.
+    await refused(await create(cloud, "bad-6", pool="silver", group="db"), 409,
+                  "excluded by affinity group db")
+    await refused(await create(cloud, "bad-7", pool="silver", group="nosuch-group"), 404,
+                  "nosuch-group")
+    # A QoS level that does not exist, on a VM and on a pool.
+    await refused(await api.post(f"/api/v1/vms/{vm['uuid']}/qos", json={"cpu": "turbo"}),
+                  422, "cpu")
+    await refused(await api.post("/api/v1/pools", json={"name": "bad", "qos_level": "turbo"}),
+                  422, "qos_level")
+    # Negative, zero, absurd and non-numeric ratios, on a new pool and on an existing one.
+    for ratio in (-1, 0, 1e9, "lots"):
+        for field_name in ("cpu_ratio", "memory_ratio", "disk_ratio"):
+            await refused(await api.post("/api/v1/pools", json={"name": "bad",
+                                                                 field_name: ratio}),
+                          422, field_name)
+            await refused(await api.patch("/api/v1/pools/silver", json={field_name: ratio}),
+                          422, field_name)
+    # Unknown filter or weigher names: refused naming the known ones.
+    for body in ({"filters": ["status", "teleport"]}, {"weights": {"astrology": 1.0}}):
+        resp = await api.post("/api/v1/pools", json={"name": "bad", **body})
+        await refused(resp, 422, "teleport" if "filters" in body else "astrology",
+                      "known:", "vcpu" if "filters" in body else "memory")
+        await refused(await api.patch("/api/v1/pools/gold", json=body), 422, "known:")
+    await refused(await api.post("/api/v1/pools", json={"name": "bad",
+                                                         "weights": {"cpu": -1}}), 422, "cpu")
+    # A pool with nodes is not deleted; a pool with VMs keeps its storage mode.
+    await refused(await api.delete("/api/v1/pools/silver"), 409, "silver", "node(s)")
+    await refused(await api.patch("/api/v1/pools/silver", json={"storage_mode": "shared"}),
+                  409, "storage mode")
+    # A zone holding pools is not deleted.
+    await refused(await api.delete("/api/v1/zones/east"), 409, "gold")
+
+    assert await state(cloud) == before
+    consistent(cloud)
