@@ -181,7 +181,7 @@ async def build_fleet(url: str) -> Fleet:
     return fleet
 
 
-async def place_all(fleet: Fleet, label: str) -> dict[str, Placed | Exception]:
+async def place_all(fleet: Fleet, label: str) -> dict[str, Placed | BaseException]:
     """Every request at once through one placement; prints the rate seen."""
     placement = Placement(fleet.db)
     started = time.perf_counter()
@@ -197,7 +197,7 @@ async def place_all(fleet: Fleet, label: str) -> dict[str, Placed | Exception]:
     return dict(zip(fleet.requests, answers, strict=True))
 
 
-async def check_fleet(fleet: Fleet, answers: dict[str, Placed | Exception]) -> None:
+async def check_fleet(fleet: Fleet, answers: dict[str, Placed | BaseException]) -> None:
     """What the database holds after the placements, against what each request asked."""
     unexpected = [a for a in answers.values()
                   if not isinstance(a, Placed | InsufficientCapacity)]
@@ -217,7 +217,7 @@ async def check_fleet(fleet: Fleet, answers: dict[str, Placed | Exception]) -> N
         allocated[(a.node_uuid, a.resource_class)] += a.amount
     free_vcpu: dict[str, int] = {}
     for inv in inventories:
-        ratio = ratios[node_pool[inv.node_uuid]][inv.resource_class]
+        ratio = ratios[node_pool[inv.node_uuid] or ""][inv.resource_class]
         usable = int((inv.total - inv.reserved) * ratio)
         assert inv.used <= usable, (inv.node_uuid, inv.resource_class, inv.used, usable)
         assert inv.used == allocated[(inv.node_uuid, inv.resource_class)], (
