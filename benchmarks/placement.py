@@ -222,7 +222,9 @@ async def seed(url: str, args: argparse.Namespace) -> None:
         nodes.append(dict(
             uuid=f"node-{i:05d}", name=f"n{i}", url=f"https://10.0.{i // 256}.{i % 256}:7720",
             status="up", admin_state="active", pool_uuid=pools[i % args.pools],
-            labels={"ssd": "true"} if i % 3 == 0 else {}, capabilities=CAPABILITIES,
+            # A third of each pool's nodes (whatever the pool count) have an SSD.
+            labels={"ssd": "true"} if (i // args.pools) % 3 == 0 else {},
+            capabilities=CAPABILITIES,
             hypervisor=info.hypervisor, accel=info.accel, cpu_load=rng.random(),
             memory_used_mb=int(used[i][1] * rng.uniform(0.5, 1.0)),
             disk_used_gb=int(used[i][2] * rng.uniform(0.2, 0.8)), net_load=rng.random() / 2,
@@ -420,6 +422,8 @@ async def measure(url: str, args: argparse.Namespace, state_dir: Path) -> None:
     membership = Membership(settings, ComponentType.CONTROL, url="")
     ctx = ControlContext(settings=settings, db=db, membership=membership)
     registry = NodeRegistry(ctx)
+    if args.host_refresh is not None:
+        ctx.placement.host_refresh = args.host_refresh
     async with db.session() as s:
         pools = list((await s.scalars(select(PoolRow.uuid).where(PoolRow.name != "default")
                                       .order_by(PoolRow.name))).all())
@@ -550,6 +554,9 @@ def main() -> None:
                     help="placements per timed run (two runs)")
     db.add_argument("--concurrency", type=int, default=1_000,
                     help="creates in flight at once")
+    db.add_argument("--host-refresh", type=float, default=None,
+                    help="seconds the placement keeps its copy of a pool's hosts "
+                         "(default: the Placement's own)")
     db.add_argument("--report-interval", type=float, default=10.0,
                     help="seconds between two reports of one node")
     db.add_argument("--report-concurrency", type=int, default=100,
@@ -566,6 +573,8 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.report_interval <= 0:
         parser.error("--report-interval must be above 0")
+    if args.host_refresh is not None and args.host_refresh < 0:
+        parser.error("--host-refresh must be at least 0")
     if args.db:
         db_main(args)
         return
