@@ -64,8 +64,10 @@ class Process:
 
 class DataCenter:
     def __init__(self, topo: Topology, workdir: Path, nodes: int = 1,
-                 discover: bool = False) -> None:
+                 discover: bool = False, node_options: dict[str, Any] | None = None) -> None:
         self.topo = topo
+        # Extra settings of every node's [node] table (e.g. the all-in-one's host reserve).
+        self.node_options = dict(node_options or {})
         # discover: the domain server announces itself by mDNS and the nodes are given
         # no address for it (F-DISC).
         self.discover = discover
@@ -156,7 +158,7 @@ class DataCenter:
         config = self._config(name, host, "node", {
             "listen_port": PORTS["node"], "hypervisor": "libvirt",
             "libvirt_uri": node_host.libvirt_uri, "accel": "tcg", "report_interval": 1.0,
-            "pool": "default",
+            "pool": "default", **self.node_options,
         }, state)
         self._process(name, host, "node", config).start()
         self._wait_up(host, PORTS["node"], name)
