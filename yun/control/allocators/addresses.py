@@ -48,20 +48,21 @@ class AddressAllocator:
         even by two control servers; the lock only avoids needless conflicts here.
         """
         network = ipaddress.ip_network(subnet, strict=False)
-        existing = (await session.scalars(
-            select(AddressRow.ip).where(AddressRow.scope == scope)
-            .where(AddressRow.vm_uuid == vm_uuid))).first()
-        if existing:
-            return existing
-        used = set((await session.scalars(
-            select(AddressRow.ip).where(AddressRow.scope == scope))).all())
+        # One query for the scope's addresses (the autoflush sends this batch's earlier
+        # ones first); the new row is flushed with the next query or the commit.
+        held = (await session.execute(
+            select(AddressRow.ip, AddressRow.vm_uuid).where(AddressRow.scope == scope))).all()
+        used = set()
+        for ip, holder in held:
+            if holder == vm_uuid:
+                return str(ip)
+            used.add(ip)
         for offset, host in enumerate(network.hosts(), start=1):
             if offset < FIRST_HOST_OFFSET:
                 continue
             ip = str(host)
             if ip not in used:
                 session.add(AddressRow(scope=scope, ip=ip, vm_uuid=vm_uuid))
-                await session.flush()
                 return ip
         raise InsufficientCapacity(f"no free address left in {subnet} ({scope})")
 

@@ -62,25 +62,31 @@ async def sync_inventory(session: AsyncSession, node_uuid: str,
 
 async def claim(session: AsyncSession, node_uuid: str, amounts: Mapping[str, int],
                 ratios: Mapping[str, float]) -> bool:
-    """Hold ``amounts`` on the node if it still has room for all of them; else nothing."""
-    done: list[tuple[str, int]] = []
-    for rc, amount in amounts.items():
-        if amount <= 0:
-            continue
-        usable = cast((InventoryRow.total - InventoryRow.reserved) * ratios.get(rc, 1.0),
-                      Integer)
-        result = await session.execute(
-            update(InventoryRow)
-            .where(InventoryRow.node_uuid == node_uuid, InventoryRow.resource_class == rc)
-            .where(InventoryRow.used + amount <= usable)
-            .values(used=InventoryRow.used + amount)
-            .execution_options(synchronize_session=False))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            for held_rc, held in done:  # give back the classes already held
-                await _give_back(session, node_uuid, held_rc, held)
-            return False
-        done.append((rc, amount))
-    return True
+    """Hold ``amounts`` on the node if it still has room for all of them; else nothing.
+
+    One UPDATE for every class: each row is re-checked by the database as it is written,
+    and the classes it did hold are returned, so when one class lacks room the others
+    are given back at once."""
+    wanted = {rc: amount for rc, amount in amounts.items() if amount > 0}
+    if not wanted:
+        return True
+    amount = case(wanted, value=InventoryRow.resource_class, else_=0)
+    ratio = case({rc: ratios.get(rc, 1.0) for rc in wanted},
+                 value=InventoryRow.resource_class, else_=1.0)
+    usable = cast((InventoryRow.total - InventoryRow.reserved) * ratio, Integer)
+    held = (await session.execute(
+        update(InventoryRow)
+        .where(InventoryRow.node_uuid == node_uuid,
+               InventoryRow.resource_class.in_(list(wanted)))
+        .where(InventoryRow.used + amount <= usable)
+        .values(used=InventoryRow.used + amount)
+        .returning(InventoryRow.resource_class)
+        .execution_options(synchronize_session=False))).scalars().all()
+    if len(held) == len(wanted):
+        return True
+    for rc in held:  # give back the classes that had room
+        await _give_back(session, node_uuid, rc, wanted[rc])
+    return False
 
 
 async def allocate(session: AsyncSession, consumer_uuid: str, node_uuid: str,

@@ -5,9 +5,12 @@ The scheduler (:mod:`yun.control.scheduler.scheduler`) chooses over frozen
 feeds it and makes its choice real:
 
 * hosts are read per pool from the database (nodes, inventories) with the live loads the
-  nodes reported (:class:`LiveLoads`), and kept for ``host_refresh`` seconds: within
-  that time this server's own claims are applied to its copy, so consecutive placements
-  see each other; what other servers did is seen at the next refresh;
+  nodes reported (:class:`LiveLoads`), and kept for ``host_refresh`` seconds (5 s), or
+  until a node of the pool changes on this server (up, down, drained, added, removed,
+  new capacity): within that time this server's own claims are applied to its copy, so
+  consecutive placements see each other; releases and what other servers did are seen
+  at the next refresh (a copy showing too little room only places less evenly; one
+  showing too much only makes a claim fail and the next candidate be tried);
 * the claim is the conditional UPDATE of :func:`inventory.claim`, in the same transaction
   as the VM's node and its address: the one final check, so a stale copy can make a
   placement try another node but never overbook one;
@@ -113,7 +116,7 @@ class Placement:
 
     def __init__(self, db: Database, batch_size: int = 200,
                  on_placed: OnPlaced | None = None, loads: LiveLoads | None = None,
-                 host_refresh: float = 1.0) -> None:
+                 host_refresh: float = 5.0) -> None:
         self.db = db
         self.batch_size = batch_size
         # Work that must commit with the placement (the VM's address on that node).
@@ -199,8 +202,13 @@ class Placement:
             select(PoolRow).where(PoolRow.uuid.in_(wanted)))).all()} if wanted else {}
         groups: dict[str, GroupSpec] = {}
         results: list[Placed | Exception] = []
+        # The batch's VMs in one query, not one each.
+        uuids = [vm_uuid for vm_uuid, _, _ in batch]
+        vms = {v.uuid: v for v in (await session.scalars(
+            select(VmRow).where(VmRow.uuid.in_(uuids)))).all()}
+        members: set[str] = set()  # nodes share-locked by this batch already
         for vm_uuid, req, _ in batch:
-            vm = await session.get(VmRow, vm_uuid)
+            vm = vms.get(vm_uuid)
             if vm is None:
                 results.append(NotFound(f"VM {vm_uuid} no longer exists"))
                 continue
@@ -212,7 +220,7 @@ class Placement:
             try:
                 group = await self._group(session, req.group_uuid, groups)
                 results.append(await self._reserve(session, vm, req, policies, group,
-                                                   groups))
+                                                   groups, members))
             except InsufficientCapacity as exc:
                 results.append(exc)
         return results
@@ -235,7 +243,7 @@ class Placement:
 
     async def _reserve(self, session: AsyncSession, vm: VmRow, req: Request,
                        policies: dict[str, PoolPolicy], group: GroupSpec | None,
-                       groups: dict[str, GroupSpec]) -> Placed:
+                       groups: dict[str, GroupSpec], members: set[str]) -> Placed:
         spec = _spec(req, group)
         amounts = req.amounts()
         misses: list[str] = []
@@ -262,7 +270,7 @@ class Placement:
                                                     copy.subnets.get(host.uuid, ""))
                     except InsufficientCapacity:
                         continue  # e.g. the node's network has no free address
-                if (await _still_member(session, host.uuid, pool_uuid)
+                if (await _still_member(session, host.uuid, pool_uuid, members)
                         and await inventory.claim(session, host.uuid, amounts,
                                                   ratios(policy))):
                     await inventory.allocate(session, vm.uuid, host.uuid, amounts)
@@ -339,15 +347,23 @@ def _no_node(req: Request, misses: list[str]) -> str:
             f"{req.disk_gb} GiB disk: " + ("; ".join(misses) or "no pool to place it in"))
 
 
-async def _still_member(session: AsyncSession, node_uuid: str, pool_uuid: str) -> bool:
+async def _still_member(session: AsyncSession, node_uuid: str, pool_uuid: str,
+                        members: set[str]) -> bool:
     """Whether the node is still an active member of the pool, holding a share lock on
     its row until the placement commits (PostgreSQL; SQLite serialises writers): a drain
-    or a removal from the pool waits for this placement, or this one sees it."""
-    found = await session.scalar(
-        select(NodeRow.uuid).where(NodeRow.uuid == node_uuid)
-        .where(NodeRow.pool_uuid == pool_uuid).where(NodeRow.admin_state == "active")
-        .where(NodeRow.status == "up").with_for_update(read=True))
-    return found is not None
+    or a removal from the pool waits for this placement, or this one sees it. Asked once
+    per node and batch: ``members`` holds the nodes this batch has locked already."""
+    if node_uuid in members:
+        return True
+    with session.no_autoflush:  # the batch's pending rows are flushed once, at its end
+        found = await session.scalar(
+            select(NodeRow.uuid).where(NodeRow.uuid == node_uuid)
+            .where(NodeRow.pool_uuid == pool_uuid).where(NodeRow.admin_state == "active")
+            .where(NodeRow.status == "up").with_for_update(read=True))
+    if found is None:
+        return False
+    members.add(node_uuid)
+    return True
 
 
 def _capacity(classes: Mapping[str, tuple[int, int, int]], rc: str) -> Capacity:

@@ -91,6 +91,7 @@ DOWN_AFTER_REPORTS = 6
 DOWN_AFTER_MIN = 6.0
 DEFAULT_REPORT_INTERVAL = 2.0
 CLEANUP_PARALLEL = 8
+LOAD_PERSIST_CHUNK = 500
 CLEANUP_TIMEOUT = 120.0
 
 
@@ -203,9 +204,22 @@ class NodeRegistry:
             log.exception("could not persist the nodes' latest loads")
 
     async def persist_loads(self) -> int:
-        """Write the loads reported since the last batch (one statement)."""
-        async with self.ctx.db.session() as session:
-            return await self.ctx.loads.persist(session)
+        """Write the loads reported since the last call, in short transactions of
+        ``LOAD_PERSIST_CHUNK`` nodes; return how many were written."""
+        loads = self.ctx.loads
+        dirty = loads.take_dirty()
+        written = 0
+        for i in range(0, len(dirty), LOAD_PERSIST_CHUNK):
+            chunk = dirty[i:i + LOAD_PERSIST_CHUNK]
+            try:
+                async with self.ctx.db.session() as session:
+                    skipped = await loads.write(session, chunk)
+            except BaseException:
+                loads.mark_dirty(dirty[i:])
+                raise
+            loads.mark_dirty(skipped)
+            written += len(chunk) - len(skipped)
+        return written
 
     async def _persist_loop(self) -> None:
         while True:
