@@ -521,3 +521,25 @@ def test_a_zone_places_in_its_roomiest_pool_that_fits_and_explains_every_pool() 
     assert refused.value.per_filter["vcpu"] == 4
     with pytest.raises(NoValidHost, match="no pools in the zone"):
         select_in_zone([], small())
+
+
+def test_equal_hosts_take_turns_and_a_dry_run_does_not_move_the_rotation() -> None:
+    """Two nodes with the same reported load (two node hosts on one machine report the
+    same host figures): consecutive VMs alternate, and the create's dry run in between
+    does not make them land on the same node (seen in the two-node system test)."""
+    from yun.control.scheduler.hoststate import Capacity, HostState, PoolPolicy, RequestSpec
+    from yun.control.scheduler.scheduler import Scheduler
+
+    hosts = [HostState(uuid=f"h{i}", name=f"h{i}", pool_uuid="p", up=True, active=True,
+                       vcpu=Capacity(64, 0, 0), memory_mb=Capacity(65536, 0, 0),
+                       disk_gb=Capacity(1000, 0, 0), cpu_load=0.5,
+                       memory_used_mb=30000) for i in range(2)]
+    scheduler = Scheduler(PoolPolicy(uuid="p", name="p"))
+    spec = RequestSpec(vcpus=1, memory_mb=256, disk_gb=1)
+    chosen = []
+    for _ in range(4):
+        scheduler.select(hosts, spec, alternates=0, advance=False)  # the create's check
+        best = scheduler.select(hosts, spec)[0]
+        chosen.append(best.uuid)
+        hosts = [h.claimed(spec) if h.uuid == best.uuid else h for h in hosts]
+    assert chosen in (["h0", "h1", "h0", "h1"], ["h1", "h0", "h1", "h0"])

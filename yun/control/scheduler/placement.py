@@ -166,7 +166,8 @@ class Placement:
                 continue
             copy = await self._hosts(session, pool_uuid)
             try:
-                self._scheduler(policy).select(copy.hosts, spec, alternates=0)
+                self._scheduler(policy).select(copy.hosts, spec, alternates=0,
+                                               advance=False)
                 return
             except NoValidHost as exc:
                 misses.append(exc.explanation)

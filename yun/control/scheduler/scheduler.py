@@ -104,11 +104,12 @@ class Scheduler:
         return min(hosts, max(self.min_feasible, int(hosts * percentage / 100)))
 
     def select(self, hosts: Sequence[HostState], spec: RequestSpec,
-               alternates: int = 3) -> list[HostState]:
+               alternates: int = 3, *, advance: bool = True) -> list[HostState]:
         """The best host for ``spec`` then up to ``alternates`` others, best first.
 
         Raises :class:`NoValidHost` (with an explanation over all ``hosts``) when no
-        host passes every filter.
+        host passes every filter. ``advance=False`` leaves the rotation where it is (a
+        dry run must not change where the next real placement starts).
         """
         if alternates < 0:
             raise ValueError(f"alternates must be >= 0, got {alternates}")
@@ -133,7 +134,10 @@ class Scheduler:
                 if not chunk:
                     break
             feasible.extend(chunk)
-        self._offset = (start + examined) % count
+        if advance:
+            # Past what was examined, so a sampled pool is covered over time; by one when
+            # the whole pool was, so equally good hosts take turns.
+            self._offset = (start + (examined if examined < count else 1)) % count
         if not feasible:
             raise self.explain(hosts, spec)
         return self._best(feasible, spec, alternates + 1)
