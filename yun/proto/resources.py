@@ -248,15 +248,9 @@ class PoolTemplate(Input):
         default=None, max_length=32, description="scheduler weighers by name, with weights")
 
 
-class PoolCreate(PoolTemplate):
+class PoolCreate(PoolTemplate, TaggedInput):
     name: ResourceName
     zone: Ref | None = Field(default=None, description="zone uuid or name; default: 'default'")
-    tags: Tags = Field(default_factory=dict)
-
-    @field_validator("tags")
-    @classmethod
-    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
-        return user_tags(value)
 
 
 class PoolUpdate(PoolTemplate):

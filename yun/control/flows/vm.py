@@ -115,6 +115,16 @@ def qos_needs(qos: Mapping[str, object]) -> frozenset[str]:
     return frozenset(needs)
 
 
+async def _placed_vm(ctx: FlowContext) -> tuple[VmRow, NodeRow]:
+    """The flow's VM and its node; NotFound or Unavailable when either is missing."""
+    vm, node = await _vm_and_node(ctx)
+    if vm is None:
+        raise NotFound(f"VM {ctx.resource_uuid} no longer exists")
+    if node is None:
+        raise Unavailable(f"VM {vm.name} has no node")
+    return vm, node
+
+
 class Schedule(Step):
     name = "schedule"
 
@@ -384,11 +394,7 @@ class PowerStep(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        vm, node = await _vm_and_node(ctx)
-        if vm is None:
-            raise NotFound(f"VM {ctx.resource_uuid} no longer exists")
-        if node is None:
-            raise Unavailable(f"VM {vm.name} has no node")
+        vm, node = await _placed_vm(ctx)
         body = StopRequest.model_validate(ctx.data["stop"]) if self.action == "stop" else None
         timeout = (body.timeout + 30) if body is not None else 120
         info = await node_client(control, node).power(
@@ -418,11 +424,7 @@ class SetQos(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        vm, node = await _vm_and_node(ctx)
-        if vm is None:
-            raise NotFound(f"VM {ctx.resource_uuid} no longer exists")
-        if node is None:
-            raise Unavailable(f"VM {vm.name} has no node")
+        vm, node = await _placed_vm(ctx)
         qos = QosSpec.model_validate(ctx.data["qos"])
         await node_client(control, node).set_qos(
             vm.uuid, qos, request_id=f"{ctx.flow_uuid}:set_qos", timeout=60)

@@ -151,12 +151,30 @@ class HostWeigher(abc.ABC):
         return [self.weigh(h, spec, pool) for h in hosts]
 
 
+class GroupFilter(HostFilter):
+    """A filter about the request's VM group: its refusals name the group."""
+
+    def explain(self, eliminated: Sequence[HostState], spec: RequestSpec,
+                pool: PoolPolicy) -> str:
+        group = spec.group.name if spec.group is not None else "?"
+        return f"{len(eliminated)} {self.reason} {group}"
+
+
 def share_after(capacity: Capacity, ratio: float, asked: int) -> float:
     """Allocated share of ``capacity`` once ``asked`` more is placed (1.0 and above: full)."""
     usable = int((capacity.total - capacity.reserved) * ratio)  # Capacity.usable(), inlined
     if usable <= 0:
         return 1.0
     return (capacity.used + asked) / usable
+
+
+def capacity_load(capacity: Capacity, measured_used: int, ratio: float, asked: int) -> float:
+    """``max(allocated share, measured share)`` of a resource with ``asked`` more placed:
+    the allocated share against what VMs may use, the measured one against the total."""
+    allocated = share_after(capacity, ratio, asked)
+    total = capacity.total
+    measured = (measured_used + asked) / total if total > 0 else 1.0
+    return allocated if allocated > measured else measured
 
 
 _FILTERS: dict[str, type[HostFilter]] = {}

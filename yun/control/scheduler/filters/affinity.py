@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from yun.control.scheduler.base import HostFilter, register_filter
+from yun.control.scheduler.base import GroupFilter, register_filter
 from yun.control.scheduler.hoststate import HostState, PoolPolicy, RequestSpec
 
 
 @register_filter
-class AffinityFilter(HostFilter):
+class AffinityFilter(GroupFilter):
     """Passes only nodes already holding a member of the request's affinity group.
 
     A no-op without a group, for an anti-affinity group, and for the group's first
@@ -29,8 +27,3 @@ class AffinityFilter(HostFilter):
     def applies(self, spec: RequestSpec) -> bool:
         group = spec.group
         return group is not None and group.policy == "affinity" and bool(group.node_uuids)
-
-    def explain(self, eliminated: Sequence[HostState], spec: RequestSpec,
-                pool: PoolPolicy) -> str:
-        group = spec.group.name if spec.group is not None else "?"
-        return f"{len(eliminated)} {self.reason} {group}"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from yun.control.scheduler.base import HostFilter, register_filter
+from yun.control.scheduler.base import GroupFilter, register_filter
 from yun.control.scheduler.hoststate import HostState, PoolPolicy, RequestSpec
 
 
 @register_filter
-class AntiAffinityFilter(HostFilter):
+class AntiAffinityFilter(GroupFilter):
     """Passes only nodes holding no member of the request's anti-affinity group.
 
     A no-op without a group and for an affinity group.
@@ -28,8 +26,3 @@ class AntiAffinityFilter(HostFilter):
     def applies(self, spec: RequestSpec) -> bool:
         group = spec.group
         return group is not None and group.policy == "anti-affinity" and bool(group.node_uuids)
-
-    def explain(self, eliminated: Sequence[HostState], spec: RequestSpec,
-                pool: PoolPolicy) -> str:
-        group = spec.group.name if spec.group is not None else "?"
-        return f"{len(eliminated)} {self.reason} {group}"

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from yun.control.scheduler.base import HostWeigher, register_weigher, share_after
+from yun.control.scheduler.base import HostWeigher, capacity_load, register_weigher
 from yun.control.scheduler.hoststate import HostState, PoolPolicy, RequestSpec
 
 
 def disk_load(host: HostState, ratio: float, asked_gb: int) -> float:
     """``max(allocated share, measured share)`` of local disk with ``asked_gb`` more."""
-    capacity = host.disk_gb
-    allocated = share_after(capacity, ratio, asked_gb)
-    total = capacity.total
-    measured = (host.disk_used_gb + asked_gb) / total if total > 0 else 1.0
-    return allocated if allocated > measured else measured
+    return capacity_load(host.disk_gb, host.disk_used_gb, ratio, asked_gb)
 
 
 @register_weigher

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from yun.control.scheduler.base import HostWeigher, register_weigher, share_after
+from yun.control.scheduler.base import HostWeigher, capacity_load, register_weigher
 from yun.control.scheduler.hoststate import HostState, PoolPolicy, RequestSpec
 
 
 def memory_load(host: HostState, ratio: float, asked_mb: int) -> float:
     """``max(allocated share, measured share)`` of memory with ``asked_mb`` more."""
-    capacity = host.memory_mb
-    allocated = share_after(capacity, ratio, asked_mb)
-    total = capacity.total
-    measured = (host.memory_used_mb + asked_mb) / total if total > 0 else 1.0
-    return allocated if allocated > measured else measured
+    return capacity_load(host.memory_mb, host.memory_used_mb, ratio, asked_mb)
 
 
 @register_weigher
