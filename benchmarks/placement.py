@@ -133,7 +133,7 @@ def host_info(i: int, pool_name: str) -> HostInfo:
     return HostInfo(hostname=f"n{i}", hypervisor="sim", accel="tcg", vcpus=cores,
                     memory_mb=mib, disk_gb=gib, vcpus_reserved=2, memory_reserved_mb=4096,
                     disk_reserved_gb=50, capabilities=[NodeCapability(c) for c in CAPABILITIES],
-                    pool=pool_name, nat_subnet=node_subnet(i))
+                    pool=pool_name)
 
 
 def rss() -> dict[str, int]:
@@ -174,7 +174,7 @@ async def seed(url: str, args: argparse.Namespace) -> None:
         await s.execute(insert(PoolRow), [dict(
             uuid=pools[p], name=f"p{p}", description="", zone_uuid=default.zone_uuid,
             network_mode=default.network_mode, storage_mode=default.storage_mode,
-            thin=True, ha=False, address_pool=None, qos_level="medium",
+            thin=True, ha=False, address_pool_uuid=None, qos_level="medium",
             cpu_ratio=default.cpu_ratio, memory_ratio=default.memory_ratio,
             disk_ratio=default.disk_ratio, filters=list(default.filters),
             weights=dict(default.weights)) for p in range(args.pools)])
@@ -228,7 +228,8 @@ async def seed(url: str, args: argparse.Namespace) -> None:
             hypervisor=info.hypervisor, accel=info.accel, cpu_load=rng.random(),
             memory_used_mb=int(used[i][1] * rng.uniform(0.5, 1.0)),
             disk_used_gb=int(used[i][2] * rng.uniform(0.2, 0.8)), net_load=rng.random() / 2,
-            nat_subnet=info.nat_subnet, last_report_at=now, created_at=now, updated_at=now))
+            sandbox_subnet=node_subnet(i), last_report_at=now, created_at=now,
+            updated_at=now))
         for k, (rc, (total, reserved)) in enumerate(reported_inventory(info).items()):
             inventories.append(dict(node_uuid=f"node-{i:05d}", resource_class=rc,
                                     total=total, reserved=reserved, used=used[i][k]))

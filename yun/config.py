@@ -132,6 +132,19 @@ class ControlSettings(ComponentSettings):
     admin_password_file: Path | None = Field(
         default=None, description="when no user exists yet, a super admin 'admin' is made "
                                   "with the password in this file (mode 0600)")
+    sandbox_supernet: str = Field(
+        default="10.64.0.0/10", description="the network every node's sandbox subnet is "
+                                            "taken from (one block per node)")
+    sandbox_prefix: int = Field(default=24, ge=16, le=28,
+                                description="the prefix length of each node's sandbox subnet")
+    vm_blocked_networks: list[str] = Field(
+        default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                 "100.64.0.0/10", "169.254.0.0/16"],
+        description="networks no sandbox VM may reach, besides the sandbox supernet and "
+                    "the node's own addresses: where the management addresses live")
+    router_timeout: float = Field(
+        default=30.0, gt=0, description="seconds after its last pull of the rule set that a "
+                                        "router stops being a next hop of the VMs")
     project_quota: dict[str, int] = Field(
         default_factory=dict, description="limits of new projects, e.g. {vms = 20}; -1 is "
                                           "unlimited; resources not named keep the defaults")
@@ -158,8 +171,6 @@ class NodeSettings(ComponentSettings):
     hypervisor: Literal["libvirt", "sim"] = "libvirt"
     libvirt_uri: str = "qemu:///system"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    nat_subnet: str = "10.77.0.0/24"
-    bridge: str = "yunbr0"
     report_interval: float = 2.0
     vnc_listen: str | None = Field(
         default=None, description="address VNC displays listen on; default: listen_host")

@@ -164,7 +164,7 @@ async def test_placement_keeps_releases_committed_during_its_batch_on_postgres()
                 PoolRow.name == "default"))).one()
             session.add(ImageRow(uuid="img", name="img", status="active", project_uuid=project))
             session.add(NodeRow(uuid="n-1", name="n1", url="https://n1", status="up",
-                                hypervisor="sim", accel="tcg", nat_subnet="10.0.0.0/24",
+                                hypervisor="sim", accel="tcg", sandbox_subnet="10.0.0.0/24",
                                 pool_uuid=pool))
             await session.flush()
             await inventory.sync_inventory(session, "n-1", {

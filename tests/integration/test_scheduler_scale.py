@@ -132,8 +132,8 @@ async def build_fleet(url: str) -> Fleet:
             s.add(NodeRow(uuid=node_uuid, name=f"n{i:05d}", url=f"https://n{i}.test",
                           status="up", admin_state=admin_state, pool_uuid=pools[p],
                           labels=labels, capabilities=["qos"], hypervisor="sim",
-                          accel="sim", nat_subnet="10.77.0.0/24", cpu_load=load,
-                          net_load=load / 2))
+                          accel="sim", sandbox_subnet=f"10.{64 + i // 256}.{i % 256}.0/24",
+                          cpu_load=load, net_load=load / 2))
             reported[node_uuid] = {inventory.VCPU: vcpus, inventory.MEMORY_MB: memory,
                                    inventory.DISK_GB: (1000, 20)}
         assert len(labelled) >= 100 and len(drained) == DRAINED

@@ -40,7 +40,7 @@ NODE: dict[str, Any] = {
     "pool_uuid": "pl1", "pool_name": "gold", "labels": {"ssd": "true", "rack": "4"},
     "hypervisor": "sim", "accel": "tcg", "vcpus": 4, "memory_mb": 8192, "disk_gb": 100,
     "vcpus_reserved": 0, "memory_reserved_mb": 0, "disk_reserved_gb": 0, "cpu_load": 0.0,
-    "memory_used_mb": 0, "nat_subnet": "10.77.0.0/24"}
+    "memory_used_mb": 0, "sandbox_subnet": "10.77.0.0/24"}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from yun.node.network.base import NatNetwork, NetworkError
+from yun.node.network.base import NetworkError
 from yun.node.network.dnsmasq import (
     Dnsmasq,
     DnsmasqConfig,
@@ -22,6 +22,7 @@ from yun.node.network.dnsmasq import (
     render_hosts_file,
 )
 from yun.node.network.nat import (
+    NatNetwork,
     NatNetworkBackend,
     hostname_for,
     parse_network,
@@ -29,7 +30,6 @@ from yun.node.network.nat import (
     tap_name,
     validate_port,
 )
-from yun.node.network.sim import SimNetworkBackend
 from yun.proto.messages import NicSpec
 
 NET = NatNetwork(bridge="yunbr0", subnet="10.77.0.0/24", gateway="10.77.0.1")
@@ -221,56 +221,3 @@ async def test_real_backend_ports_without_touching_the_host(tmp_path: Path) -> N
     assert await b.vm_ports() == {VM: ["52:54:00:00:00:01"]}
     with pytest.raises(NetworkError, match="already leased"):
         await b.ensure_port("another", nic(nic_id="n2", mac="52:54:00:00:00:02"))
-
-
-# --------------------------------------------------------------------------- sim backend
-
-
-async def test_sim_backend_contract() -> None:
-    sim = SimNetworkBackend()
-    assert await sim.ensure_network() == NET
-    assert await sim.ensure_network() == NET
-    first = await sim.ensure_port(VM, nic())
-    assert first.tap == tap_name(NIC_ID) and first.mac == "52:54:00:00:00:01"
-    assert await sim.ensure_port(VM, nic()) == first  # idempotent
-    second = await sim.ensure_port(VM, nic(nic_id="n2", mac="52:54:00:00:00:02",
-                                           ip="10.77.0.11"))
-    assert await sim.vm_ports() == {VM: ["52:54:00:00:00:01", "52:54:00:00:00:02"]}
-    assert second.tap != first.tap
-    await sim.release_ports(VM)
-    await sim.release_ports(VM)  # no error when there is nothing
-    assert await sim.vm_ports() == {}
-    # the address is free again
-    await sim.ensure_port("vm2", nic(mac="52:54:00:00:00:03"))
-    await sim.teardown()
-    assert await sim.vm_ports() == {}
-
-
-async def test_sim_backend_validates_like_the_real_one() -> None:
-    sim = SimNetworkBackend()
-    with pytest.raises(NetworkError, match="is the gateway"):
-        await sim.ensure_port(VM, nic(ip="10.77.0.1"))
-    await sim.ensure_port(VM, nic())
-    with pytest.raises(NetworkError, match="already leased"):
-        await sim.ensure_port("vm2", nic(nic_id="n2", mac="52:54:00:00:00:02"))
-
-
-async def test_sim_fault_injection() -> None:
-    sim = SimNetworkBackend()
-    sim.fail_next("ensure_port", "no room")
-    with pytest.raises(NetworkError, match="no room"):
-        await sim.ensure_port(VM, nic())
-    await sim.ensure_port(VM, nic())  # only the next call fails
-    with pytest.raises(ValueError, match="unknown method"):
-        sim.fail_next("nope")
-
-
-async def test_thousand_sim_nodes_are_cheap() -> None:
-    import threading
-
-    before = threading.active_count()
-    nodes = [SimNetworkBackend() for _ in range(1000)]
-    for i, node in enumerate(nodes):
-        await node.ensure_network()
-        await node.ensure_port(f"vm-{i}", nic())
-    assert threading.active_count() == before

@@ -61,7 +61,7 @@ class Cloud:
                              policy="anti-affinity"))
             for uuid, name in ((NODE, "node-1"), (NODE2, "node-2")):
                 s.add(NodeRow(uuid=uuid, name=name, url="http://x", status="up",
-                              hypervisor="sim", accel="sim", nat_subnet="10.77.0.0/24"))
+                              hypervisor="sim", accel="sim", sandbox_subnet=None))
                 for rc, total, used in (("vcpu", 16, 3), ("memory_mb", 8192, 384),
                                         ("disk_gb", 100, 3)):
                     s.add(InventoryRow(node_uuid=uuid, resource_class=rc, total=total,

@@ -19,7 +19,7 @@ async def test_loads_are_written_once_then_only_when_reported_again(tmp_path: Pa
     async with db.session() as s:
         for i in range(3):
             s.add(NodeRow(uuid=f"n{i}", name=f"n{i}", url="https://x", hypervisor="sim",
-                          accel="sim", nat_subnet="10.0.0.0/24"))
+                          accel="sim", sandbox_subnet=f"10.0.{i}.0/24"))
     loads = LiveLoads()
     at = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     for i in range(3):

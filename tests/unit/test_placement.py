@@ -40,7 +40,7 @@ async def setup(tmp_path: Path, nodes: int, vms: int, vcpus: int = 1
         s.add(ImageRow(uuid="img", name="img", status="active", project_uuid=project))
         for i in range(nodes):
             s.add(NodeRow(uuid=f"n{i}", name=f"n{i}", url="http://x", hypervisor="sim",
-                          accel="sim", nat_subnet="10.77.0.0/24", pool_uuid=pool.uuid,
+                          accel="sim", sandbox_subnet=f"10.77.{i}.0/24", pool_uuid=pool.uuid,
                           status="up"))
             await s.flush()
             await inventory.sync_inventory(s, f"n{i}", {

@@ -12,10 +12,11 @@ import pytest
 from yun.node.agent import NodeAgent
 from yun.node.hypervisor.base import DomainNotFound
 from yun.node.hypervisor.sim.driver import SimDriver
-from yun.node.network.sim import SimNetworkBackend
+from yun.node.network.sim import SimSandboxBackend
 from yun.node.storage.sim import SimDiskBackend
 from yun.proto.errors import NotFound
 from yun.proto.messages import CpuQos, DomainSpec, DomainState, QosSpec
+from yun.proto.network import NicNetwork
 
 
 async def test_sim_keeps_qos_running_and_across_a_host_restart(tmp_path: Path) -> None:
@@ -45,7 +46,7 @@ async def test_agent_set_qos_answers_the_limits_in_force(tmp_path: Path) -> None
     driver = SimDriver()
     membership = SimpleNamespace(component_id="node-1", name="n1")
     agent = NodeAgent(membership, driver, SimDiskBackend(total_gb=10),  # type: ignore[arg-type]
-                      SimNetworkBackend(), "10.77.0.0/24", report_interval=60)
+                      {NicNetwork.SANDBOX: SimSandboxBackend()}, report_interval=60)
     vm = str(uuid.uuid4())
     await driver.ensure_defined(DomainSpec(uuid=vm, name="q", vcpus=1, memory_mb=64), [], [])
     await driver.start(vm)

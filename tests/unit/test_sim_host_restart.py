@@ -12,17 +12,17 @@ import pytest
 
 from yun.node.hypervisor.sim.driver import SimDriver
 from yun.node.hypervisor.sim.hostfile import FILE_NAME, SimHostFile, SimHostFileError
-from yun.node.network.sim import SimNetworkBackend
+from yun.node.network.sim import SimSandboxBackend
 from yun.node.storage.sim import SimDiskBackend
 from yun.proto.messages import DiskSpec, DomainSpec, DomainState, ImageLocation, NicSpec
 
 
-def backends(path: Path | None) -> tuple[SimDriver, SimDiskBackend, SimNetworkBackend]:
+def backends(path: Path | None) -> tuple[SimDriver, SimDiskBackend, SimSandboxBackend]:
     return (SimDriver(state_file=path), SimDiskBackend(total_gb=100, state_file=path),
-            SimNetworkBackend(state_file=path))
+            SimSandboxBackend(state_file=path))
 
 
-async def provision(driver: SimDriver, disks: SimDiskBackend, net: SimNetworkBackend,
+async def provision(driver: SimDriver, disks: SimDiskBackend, net: SimSandboxBackend,
                     vm: str, ip: str, mac: str) -> None:
     image = ImageLocation(image_id=str(uuid.uuid4()), url="http://s/x", sha256="ab" * 32,
                           size=1, format="qcow2")

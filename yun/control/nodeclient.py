@@ -23,10 +23,12 @@ from yun.proto.messages import (
     QosSpec,
     StopRequest,
 )
+from yun.proto.network import NodeForward, NodeForwards
 
 PowerAction = Literal["start", "stop", "reboot"]
 POWER_ACTIONS: tuple[str, ...] = get_args(PowerAction)
 BASE = "/internal/v1/domains"
+NODE_BASE = "/internal/v1"
 
 
 class HasMembership(Protocol):
@@ -72,6 +74,12 @@ class NodeClient:
         """Apply QoS limits to the domain (running or not); the limits now in force."""
         return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/qos", DomainInfo, body=qos,
                                     request_id=request_id, timeout=timeout)
+
+    async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward],
+                           request_id: str | None = None) -> None:
+        """Replace the node NAT ports reaching the VM (sandbox private mode)."""
+        await self.peer.request("PUT", f"{NODE_BASE}/vms/{vm_uuid}/forwards",
+                                body=NodeForwards(forwards=forwards), request_id=request_id)
 
     async def console(self, vm_uuid: str) -> DomainConsole:
         """Where the domain's display and serial log are."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from yun.node.hypervisor.base import HypervisorDriver, node_capabilities
@@ -19,16 +20,20 @@ from yun.node.network.base import NetworkBackend
 from yun.node.storage.base import DiskBackend, ImageAccess
 from yun.proto.client import SigningAuth
 from yun.proto.components import ComponentType
-from yun.proto.errors import NotFound, YunError
+from yun.proto.errors import BadRequest, NotFound, YunError
 from yun.proto.membership import Membership
 from yun.proto.messages import (
     DomainInfo,
     HostInfo,
+    NicSpec,
+    NodeCapability,
     NodeReport,
+    NodeReportAnswer,
     ProvisionRequest,
     QosSpec,
     StopRequest,
 )
+from yun.proto.network import LearnedAddress, NicNetwork, NodeForward
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.node")
@@ -47,7 +52,7 @@ class NodeAgent:
     """One node client: a hypervisor driver with its disk and network backends."""
 
     def __init__(self, membership: Membership, driver: HypervisorDriver, disks: DiskBackend,
-                 network: NetworkBackend, nat_subnet: str, report_interval: float, *,
+                 networks: Mapping[NicNetwork, NetworkBackend], report_interval: float, *,
                  reserve: HostReserve | None = None, pool: str | None = None,
                  uplink: UplinkMeter | None = None) -> None:
         """``pool`` is the pool the configuration names (used when the node first
@@ -59,8 +64,9 @@ class NodeAgent:
         self._reserve_warned = False
         self.driver = driver
         self.disks = disks
-        self.network = network
-        self.nat_subnet = nat_subnet
+        if NicNetwork.SANDBOX not in networks:
+            raise ValueError("a node always has a sandbox network backend")
+        self.networks = dict(networks)
         self.report_interval = report_interval
         self.queues = KeyedQueues()
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,12 +78,26 @@ class NodeAgent:
         self._acked: dict[str, int] = {}
 
     @property
+    def network(self) -> NetworkBackend:
+        """The sandbox network backend (every node has one)."""
+        return self.networks[NicNetwork.SANDBOX]
+
+    def network_of(self, nic: NicSpec) -> NetworkBackend:
+        """The backend of the NIC's network, or BadRequest naming what this node lacks."""
+        backend = self.networks.get(nic.network)
+        if backend is None:
+            raise BadRequest(f"NIC {nic.nic_id}: this node has no {nic.network} network "
+                             f"(a direct network needs [node] direct_uplink)")
+        return backend
+
+    @property
     def node_id(self) -> str:
         return self.membership.component_id or ""
 
     async def start(self) -> None:
         await self.driver.open()
-        await self.network.ensure_network()
+        for backend in self.networks.values():
+            await backend.ensure_network()
         domains = await self.driver.list_domains()
         log.info("node agent found its domains", extra={
             "node": self.node_id, "domains": len(domains),
@@ -107,14 +127,14 @@ class NodeAgent:
     async def provision(self, vm_uuid: str, req: ProvisionRequest) -> DomainInfo:
         """Images cached, disks made, NICs leased, domain defined (and started)."""
         if req.spec.uuid != vm_uuid:
-            from yun.proto.errors import BadRequest
             raise BadRequest(f"spec uuid {req.spec.uuid} does not match the URL ({vm_uuid})")
         async with self.queues.hold(vm_uuid):
             for image in req.images:
                 await self.disks.ensure_image(image, self.image_access())
             disks = [await self.disks.ensure_disk(vm_uuid, d) for d in req.spec.disks]
-            await self.network.ensure_network()
-            nics = [await self.network.ensure_port(vm_uuid, n) for n in req.spec.nics]
+            if req.sandbox is not None:
+                await self.network.ensure_network(req.sandbox)
+            nics = [await self.network_of(n).ensure_port(vm_uuid, n) for n in req.spec.nics]
             await self.driver.ensure_defined(req.spec, disks, nics)
             if req.start:
                 await self.driver.start(vm_uuid)
@@ -126,7 +146,8 @@ class NodeAgent:
         """Domain, disks and leases of the VM gone; nothing to do if already gone."""
         async with self.queues.hold(vm_uuid):
             await self.driver.undefine(vm_uuid)
-            await self.network.release_ports(vm_uuid)
+            for backend in self.networks.values():
+                await backend.release_ports(vm_uuid)
             await self.disks.delete_disks(vm_uuid)
             log.info("VM removed", extra={"vm": vm_uuid, "node": self.node_id})
         self._report_now.set()
@@ -164,6 +185,15 @@ class NodeAgent:
         self._report_now.set()
         return info
 
+    async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward]) -> None:
+        """Replace the node NAT ports reaching the VM (sandbox private mode)."""
+        async with self.queues.hold(vm_uuid):
+            await self.network.set_forwards(vm_uuid, forwards)
+        log.info("VM node ports set", extra={
+            "vm": vm_uuid, "node": self.node_id,
+            "forwards": [f"{f.protocol}/{f.node_port}->{f.vm_ip}:{f.vm_port}"
+                         for f in forwards]})
+
     async def _require(self, vm_uuid: str) -> DomainInfo:
         info = await self.driver.get_domain(vm_uuid)
         if info is None:
@@ -197,9 +227,13 @@ class NodeAgent:
             disk_reserved_gb=reserve.disk_gb,
             cpu_load=host.cpu_load, memory_used_mb=host.memory_used_mb, disk_used_gb=used_gb,
             net_load=self.uplink.sample() if self.uplink is not None else 0.0,
-            capabilities=node_capabilities(self.driver.caps, host.accel),
-            pool=self.pool, nat_subnet=self.nat_subnet,
+            capabilities=sorted({*node_capabilities(self.driver.caps, host.accel),
+                                 *self._network_capabilities()}),
+            pool=self.pool,
         )
+
+    def _network_capabilities(self) -> list[NodeCapability]:
+        return [NodeCapability.NET_DIRECT] if NicNetwork.DIRECT in self.networks else []
 
     async def report(self) -> None:
         """Push identity, capacity, load and every domain to each control server."""
@@ -211,8 +245,12 @@ class NodeAgent:
             body = report.model_copy(update={"acked_seq": self._acked.get(peer.component_id,
                                                                           0)})
             try:
-                await self.membership.client(peer).request(
+                answer = await self.membership.client(peer).request(
                     "POST", "/internal/v1/nodes/report", body=body, timeout=10)
+                if answer is not None:
+                    settings = NodeReportAnswer.model_validate(answer).sandbox
+                    if settings is not None:
+                        await self.network.ensure_network(settings)
             except YunError as exc:
                 log.warning("report to control server failed: %s", exc,
                             extra={"node": self.node_id, "control": peer.component_id})
@@ -228,14 +266,19 @@ class NodeAgent:
         self._seq += 1
         busy = self.queues.keys()
         domains = await self.driver.list_domains()
-        ports = await self.network.vm_ports()
+        ports: dict[str, list[str]] = {}
+        learned: list[LearnedAddress] = []
+        for backend in self.networks.values():
+            for vm, macs in (await backend.vm_ports()).items():
+                ports.setdefault(vm, []).extend(macs)
+            learned.extend(await backend.learned())
         disks = await self.disks.vm_disk_ids()
         busy = sorted(set(busy) | set(self.queues.keys()))
         return NodeReport(node_id=self.node_id, name=self.membership.name,
                           url=self.membership.url, host=await self.host_info(),
                           domains=domains, ports=ports, disks=disks, busy=busy,
                           boot_id=self.boot_id, seq=self._seq,
-                          report_interval=self.report_interval)
+                          report_interval=self.report_interval, learned=learned)
 
     async def _report_loop(self) -> None:
         while True:

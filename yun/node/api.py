@@ -27,6 +27,7 @@ from yun.proto.messages import (
     QosSpec,
     StopRequest,
 )
+from yun.proto.network import NodeForwards
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 
 
@@ -108,6 +109,12 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
     async def set_qos(vm_uuid: str, qos: QosSpec) -> DomainInfo:
         """New QoS limits, live and persistent; 404 when the node has no such domain."""
         return await agent.set_qos(vm_uuid, qos)
+
+    @app.put(f"{base}/vms/{{vm_uuid}}/forwards", status_code=204, response_model=None,
+             dependencies=[caller])
+    async def set_forwards(vm_uuid: str, body: NodeForwards) -> None:
+        """Replace the node NAT ports reaching the VM (sandbox private mode)."""
+        await agent.set_forwards(vm_uuid, body.forwards)
 
     @app.get(f"{base}/domains/{{vm_uuid}}/console-log", response_model=ConsoleLog,
              dependencies=[caller])

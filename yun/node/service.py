@@ -14,18 +14,19 @@ from yun.node.network.base import NetworkBackend
 from yun.node.storage.base import DiskBackend
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
+from yun.proto.network import NicNetwork
 from yun.util.serve import AppServer, service_url
 
 log = logging.getLogger("yun.node")
 
 
 def build_backends(settings: NodeSettings, name: str
-                   ) -> tuple[HypervisorDriver, DiskBackend, NetworkBackend]:
+                   ) -> tuple[HypervisorDriver, DiskBackend, dict[NicNetwork, NetworkBackend]]:
     """The driver and backends a node of these settings uses."""
     node_dir = settings.state_dir / "node"
     if settings.hypervisor == "sim":
         from yun.node.hypervisor.sim.hostfile import FILE_NAME
-        from yun.node.network.sim import SimNetworkBackend
+        from yun.node.network.sim import SimSandboxBackend
         from yun.node.storage.sim import SimDiskBackend
 
         # One file for the simulated host's domains, disks and leases, so a restarted
@@ -37,8 +38,7 @@ def build_backends(settings: NodeSettings, name: str
             load_driver("sim", hostname=name, vcpus=settings.sim_vcpus,
                         memory_mb=settings.sim_memory_mb, state_file=state_file),
             SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file),
-            SimNetworkBackend(bridge=settings.bridge, subnet=settings.nat_subnet,
-                              state_file=state_file),
+            {NicNetwork.SANDBOX: SimSandboxBackend(state_file=state_file)},
         )
     from yun.node.network.nat import NatNetworkBackend
     from yun.node.storage.local import LocalDiskBackend
@@ -47,20 +47,20 @@ def build_backends(settings: NodeSettings, name: str
         load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
                     state_dir=node_dir, vnc_listen=settings.vnc_listen or settings.listen_host),
         LocalDiskBackend(node_dir / "disks"),
-        NatNetworkBackend(node_dir / "network", settings.bridge, settings.nat_subnet),
+        {NicNetwork.SANDBOX: NatNetworkBackend(node_dir / "network", "yunbr0",
+                                               "10.77.0.0/24")},
     )
 
 
 def build_agent(settings: NodeSettings, name: str) -> NodeAgent:
     """The node agent these settings describe: its backends, host reserve, pool and
     uplink meter (not yet joined or serving)."""
-    driver, disks, network = build_backends(settings, name)
+    driver, disks, networks = build_backends(settings, name)
     membership = Membership(settings, ComponentType.NODE, url="", name=name)
     # A simulated host has no uplink of its own: its network load is 0.
     uplink = (UplinkMeter(settings.uplink, settings.net_capacity_mbit)
               if settings.hypervisor != "sim" else None)
-    return NodeAgent(membership, driver, disks, network, settings.nat_subnet,
-                     settings.report_interval,
+    return NodeAgent(membership, driver, disks, networks, settings.report_interval,
                      reserve=HostReserve(memory_mb=settings.memory_reserve_mb,
                                          vcpus=settings.vcpus_reserve,
                                          disk_gb=settings.disk_reserve_gb),

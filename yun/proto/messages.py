@@ -6,22 +6,19 @@ clear error instead of being half understood.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from yun.proto.base import MAC_RE, Message
 from yun.proto.components import ComponentType
+from yun.proto.network import Exposure, LearnedAddress, NicNetwork, SandboxSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["MAC_RE", "Message"]  # re-exported: most modules import them from here
 
 
 # --- domain: join and presence -------------------------------------------------
@@ -149,6 +146,8 @@ class NodeCapability(StrEnum):
     QOS_DISK = "qos_disk"
     QOS_NET = "qos_net"
     KVM = "kvm"
+    #: the node has a direct-mode bridge on its uplink (``[node] direct_uplink``)
+    NET_DIRECT = "net_direct"
 
 
 class HostInfo(Message):
@@ -173,7 +172,6 @@ class HostInfo(Message):
     pool: str | None = Field(
         default=None, max_length=63,
         description="the pool the node's configuration names; used when it first registers")
-    nat_subnet: str = Field(description="the node-local NAT network, e.g. 10.77.0.0/24")
 
 
 class CpuQos(StrEnum):
@@ -215,10 +213,21 @@ HOSTNAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
 class NicSpec(Message):
+    """A NIC of a VM as its node makes it: which network backend, its MAC and, in
+    sandbox mode, its addresses (in direct mode the LAN's DHCP server gives one)."""
+
     nic_id: str
     mac: str
-    ip: str
-    network: Literal["nat"] = "nat"
+    network: NicNetwork = NicNetwork.SANDBOX
+    ip: str | None = Field(default=None,
+                           description="sandbox: the VM's address (a static DHCP lease); "
+                                       "direct: None")
+    exposure: Exposure = Field(default=Exposure.PRIVATE,
+                               description="sandbox: what reaches the VM from outside")
+    extra_ips: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="sandbox: more addresses of the node's subnet routed to the NIC "
+                    "(configured by the guest itself)")
     hostname: str | None = Field(
         default=None, pattern=HOSTNAME_PATTERN,
         description="the hostname DHCP offers the guest (an RFC 1123 label)")
@@ -288,6 +297,16 @@ class NodeReport(Message):
                                      "server answered before this one was taken (0: none)")
     report_interval: float = Field(default=0.0, ge=0,
                                    description="seconds between the node's reports")
+    learned: list[LearnedAddress] = Field(
+        default_factory=list, max_length=100_000,
+        description="addresses direct-mode VMs took from the LAN's DHCP server")
+
+
+class NodeReportAnswer(Message):
+    """What the control server answers a report with: the node-wide network settings
+    it must hold (applied idempotently; they change as routers come and go)."""
+
+    sandbox: SandboxSettings | None = None
 
 
 class DomainConsole(Message):
@@ -325,6 +344,8 @@ class ProvisionRequest(Message):
     spec: DomainSpec
     images: list[ImageLocation] = Field(default_factory=list)
     start: bool = True
+    sandbox: SandboxSettings | None = Field(
+        default=None, description="the node's sandbox network, when a NIC is in it")
 
 
 class UploadAborted(Message):

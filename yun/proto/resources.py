@@ -177,7 +177,8 @@ class Node(Named):
     load: NodeLoad | None = None
     cpu_load: float
     memory_used_mb: int
-    nat_subnet: str
+    sandbox_subnet: str | None = Field(default=None,
+                                       description="the node's sandbox subnet (F-NET-SANDBOX)")
     last_report_at: datetime | None = None
     vm_count: int = 0
 

@@ -13,7 +13,12 @@ from yun.control.services.listing import listed
 from yun.control.services.nodes import node_models
 from yun.proto.auth import Identity
 from yun.proto.errors import Forbidden
-from yun.proto.messages import NodeReport, StorageImageReport, UploadAborted
+from yun.proto.messages import (
+    NodeReport,
+    NodeReportAnswer,
+    StorageImageReport,
+    UploadAborted,
+)
 from yun.proto.resources import Image, Node, Page
 
 
@@ -43,11 +48,12 @@ def component_router(api: ApiBundle) -> APIRouter:
     node_caller = Depends(api.deps.node)
     storage_caller = Depends(api.deps.storage)
 
-    @r.post("/nodes/report", status_code=204, response_model=None)
-    async def node_report(report: NodeReport, caller: Identity = node_caller) -> None:
+    @r.post("/nodes/report", response_model=NodeReportAnswer)
+    async def node_report(report: NodeReport, caller: Identity = node_caller
+                          ) -> NodeReportAnswer:
         if caller.component_id != report.node_id:
             raise Forbidden(f"{caller.component_id} may not report for node {report.node_id}")
-        await api.nodes.report(report)
+        return await api.nodes.report(report)
 
     @r.post("/images/{image_uuid}/stored", response_model=Image,
             dependencies=[storage_caller])

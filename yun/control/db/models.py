@@ -82,7 +82,9 @@ class PoolRow(Stamped, Base):
     storage_mode: Mapped[str] = mapped_column(String(16))
     thin: Mapped[bool] = mapped_column(Boolean, default=True)
     ha: Mapped[bool] = mapped_column(Boolean, default=False)
-    address_pool: Mapped[str | None] = mapped_column(String(63))
+    # The address pool mono and share VMs take their public addresses or ports from.
+    address_pool_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("address_pools.uuid", ondelete="RESTRICT"), index=True)
     qos_level: Mapped[str] = mapped_column(String(16))
     cpu_ratio: Mapped[float] = mapped_column(Float)
     memory_ratio: Mapped[float] = mapped_column(Float)
@@ -116,7 +118,9 @@ class NodeRow(Stamped, Base):
     memory_used_mb: Mapped[int] = mapped_column(Integer, default=0)
     disk_used_gb: Mapped[int] = mapped_column(Integer, default=0)
     net_load: Mapped[float] = mapped_column(Float, default=0.0)
-    nat_subnet: Mapped[str] = mapped_column(String(64))
+    # The node's sandbox subnet, given by the control server when the node registers
+    # (unique: routers route each node's subnet to it).
+    sandbox_subnet: Mapped[str | None] = mapped_column(String(64), unique=True)
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -205,8 +209,12 @@ class VmRow(Stamped, Base):
         ForeignKey("vm_groups.uuid", ondelete="RESTRICT"), index=True)
     node_labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     qos: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The primary NIC: sandbox, its lease on the node; direct, the address the node saw
+    # the VM take from the LAN's DHCP server (None until then).
     ip: Mapped[str | None] = mapped_column(String(64))
     mac: Mapped[str | None] = mapped_column(String(17))
+    # More addresses of the node's sandbox subnet routed to the primary NIC (hot-plug).
+    extra_ips: Mapped[list[str]] = mapped_column(JSON, default=list)
     task_uuid: Mapped[str | None] = mapped_column(String(36))
     error: Mapped[str | None] = mapped_column(Text)
     # The scoped Idempotency-Key of the create that made the VM: a create carried out
@@ -230,6 +238,121 @@ class AddressRow(Base):
     ip: Mapped[str] = mapped_column(String(64))
     vm_uuid: Mapped[str] = mapped_column(String(36), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class VmNicRow(Base):
+    """A NIC added to a VM after its create (U-HOTPLUG); the primary NIC is the VM's own
+    ``mac`` and ``ip``. Its address, in sandbox mode, is an ``addresses`` row of the VM."""
+
+    __tablename__ = "vm_nics"
+    __table_args__ = (UniqueConstraint("vm_uuid", "idx", name="uq_vm_nics_vm_idx"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vm_uuid: Mapped[str] = mapped_column(ForeignKey("vms.uuid", ondelete="CASCADE"),
+                                         index=True)
+    idx: Mapped[int] = mapped_column(Integer)  # 1, 2, ...: the primary NIC is 0
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AddressPoolRow(Stamped, Base):
+    """An address pool (F-ADDR): public addresses (exclusive) or public ports (shared)
+    inside one network, handed to the VMs of the compute pools linked to it."""
+
+    __tablename__ = "address_pools"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    kind: Mapped[str] = mapped_column(String(16))  # exclusive | shared
+    network: Mapped[str] = mapped_column(String(64))  # every range lies inside it
+
+
+class AddressRangeRow(Base):
+    """A range of an address pool: addresses ``first_ip``..``last_ip`` and, in a shared
+    pool, ports ``first_port``..``last_port`` on each. Ranges never overlap, in any pool."""
+
+    __tablename__ = "address_ranges"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    address_pool_uuid: Mapped[str] = mapped_column(
+        ForeignKey("address_pools.uuid", ondelete="CASCADE"), index=True)
+    first_ip: Mapped[str] = mapped_column(String(64))
+    last_ip: Mapped[str] = mapped_column(String(64))
+    first_port: Mapped[int | None] = mapped_column(Integer)
+    last_port: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PublicIpRow(Stamped, Base):
+    """A public address (``port`` 0) or public port taken from an address pool.
+
+    ``kind`` ``vm``: taken by a VM's create in a mono or share pool, released with it;
+    ``eip``: an elastic IP, allocated by a project and bound to VMs as it likes. The
+    unique (ip, port, protocol) is what guarantees nothing is handed out twice."""
+
+    __tablename__ = "public_ips"
+    __table_args__ = (UniqueConstraint("ip", "port", "protocol",
+                                       name="uq_public_ips_ip_port_protocol"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    address_pool_uuid: Mapped[str] = mapped_column(
+        ForeignKey("address_pools.uuid", ondelete="RESTRICT"), index=True)
+    project_uuid: Mapped[str] = mapped_column(
+        ForeignKey("projects.uuid", ondelete="RESTRICT"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # vm | eip
+    ip: Mapped[str] = mapped_column(String(64))
+    port: Mapped[int] = mapped_column(Integer, default=0)  # 0: the whole address
+    protocol: Mapped[str] = mapped_column(String(8), default="")  # "" | tcp | udp
+    vm_uuid: Mapped[str | None] = mapped_column(String(36), index=True)
+    vm_port: Mapped[int | None] = mapped_column(Integer)
+
+
+class NodeForwardRow(Base):
+    """A NAT port of a node reaching a port of a private sandbox VM (F-SB-PRIVATE)."""
+
+    __tablename__ = "node_forwards"
+    __table_args__ = (
+        UniqueConstraint("node_uuid", "protocol", "node_port",
+                         name="uq_node_forwards_node_port"),
+        UniqueConstraint("vm_uuid", "protocol", "vm_port", name="uq_node_forwards_vm_port"),
+    )
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    node_uuid: Mapped[str] = mapped_column(String(64), index=True)
+    protocol: Mapped[str] = mapped_column(String(8))
+    node_port: Mapped[int] = mapped_column(Integer)
+    vm_port: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class NetworkChangeRow(Base):
+    """One change of what the routers must apply. The largest id is the generation of
+    the routers' rule set: inserts never contend on one row, as a counter would."""
+
+    __tablename__ = "network_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(64))  # the VM, address pool or node
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RouterRow(Stamped, Base):
+    """An intelligent router as it last pulled the rule set."""
+
+    __tablename__ = "routers"
+
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True)  # its component id
+    name: Mapped[str] = mapped_column(String(63))
+    url: Mapped[str] = mapped_column(String(2048))
+    lan_address: Mapped[str] = mapped_column(String(64))
+    applied_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 # The states of a flow that has not ended; a resource has at most one such flow.

@@ -311,7 +311,7 @@ class Placement:
         """The pool's hosts as the database and the live loads have them now."""
         rows = (await session.execute(
             select(NodeRow.uuid, NodeRow.name, NodeRow.status, NodeRow.admin_state,
-                   NodeRow.labels, NodeRow.capabilities, NodeRow.nat_subnet,
+                   NodeRow.labels, NodeRow.capabilities, NodeRow.sandbox_subnet,
                    NodeRow.cpu_load, NodeRow.memory_used_mb, NodeRow.disk_used_gb,
                    NodeRow.net_load)
             .where(NodeRow.pool_uuid == pool_uuid).order_by(NodeRow.uuid))).all()
@@ -333,7 +333,7 @@ class Placement:
                 net_load=live.net if live else r.net_load,
                 labels=MappingProxyType(dict(r.labels or {})),
                 capabilities=frozenset(r.capabilities or ())))
-            subnets[r.uuid] = r.nat_subnet
+            subnets[r.uuid] = r.sandbox_subnet or ""
         return _PoolHosts(time.monotonic(), hosts, {h.uuid: i for i, h in enumerate(hosts)},
                           subnets)
 

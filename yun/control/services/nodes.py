@@ -51,6 +51,7 @@ from yun.control.db.models import FlowRow, NodeRow, PoolRow, VmRow, utcnow
 from yun.control.db.tags import tags_of
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import finish_delete, release_placement
+from yun.control.network.subnets import assign_sandbox_subnet, sandbox_settings
 from yun.control.nodeclient import node_client_at
 from yun.control.scheduler.inventory import (
     DISK_GB,
@@ -63,7 +64,7 @@ from yun.control.scheduler.inventory import (
 )
 from yun.control.scheduler.loads import LiveLoads, Load
 from yun.proto.errors import NotFound, YunError
-from yun.proto.messages import DomainState, NodeCapability, NodeReport
+from yun.proto.messages import DomainState, NodeCapability, NodeReport, NodeReportAnswer
 from yun.proto.resources import (
     Inventory,
     Node,
@@ -159,7 +160,7 @@ async def node_models(session: AsyncSession, rows: list[NodeRow],
             memory_reserved_mb=classes.get(MEMORY_MB, (0, 0, 0))[2],
             disk_reserved_gb=classes.get(DISK_GB, (0, 0, 0))[2],
             inventory=inventory, load=load, cpu_load=load.cpu,
-            memory_used_mb=load.memory_used_mb, nat_subnet=row.nat_subnet,
+            memory_used_mb=load.memory_used_mb, sandbox_subnet=row.sandbox_subnet,
             last_report_at=load.reported_at, vm_count=counts.get(row.uuid, 0)))
     return models
 
@@ -254,7 +255,7 @@ class NodeRegistry:
             return None
         return last.done_at
 
-    async def report(self, report: NodeReport) -> None:
+    async def report(self, report: NodeReport) -> NodeReportAnswer:
         """Record a node's identity, capacity and load, reconcile its VMs, clean its orphans.
 
         The load goes to memory (:class:`LiveLoads`); the database is written only when
@@ -272,11 +273,14 @@ class NodeRegistry:
             if node is None:
                 node = await self._register(session, report)
             identity = (report.name, report.url, host.hypervisor, host.accel,
-                        sorted(str(c) for c in host.capabilities), host.nat_subnet)
-            if (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
-                    node.nat_subnet) != identity:
-                (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
-                 node.nat_subnet) = identity
+                        sorted(str(c) for c in host.capabilities))
+            if (node.name, node.url, node.hypervisor, node.accel,
+                    node.capabilities) != identity:
+                (node.name, node.url, node.hypervisor, node.accel, node.capabilities) = identity
+            if not node.sandbox_subnet:
+                settings = self.ctx.settings
+                await assign_sandbox_subnet(session, node, settings.sandbox_supernet,
+                                            settings.sandbox_prefix)
             inventory_now = reported_inventory(host)
             if self._inventories.get(report.node_id) != inventory_now:
                 if await sync_inventory(session, report.node_id, inventory_now):
@@ -288,12 +292,15 @@ class NodeRegistry:
                         self.ctx.placement.invalidate(node.pool_uuid)
                 self._inventories[report.node_id] = inventory_now
             was_up = node.status == "up"
+            answer = NodeReportAnswer(
+                sandbox=await sandbox_settings(session, node, self.ctx.settings))
         orphans = await self.reconcile(report, fresh_since)
         if orphans:
             self._clean(report.node_id, report.url, orphans)
         elif not was_up:
             await self._mark_up(report.node_id)
         self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
+        return answer
 
     async def _register(self, session: AsyncSession, report: NodeReport) -> NodeRow:
         """A node's first report: record it (down until it shows no orphan), in the pool
@@ -314,7 +321,7 @@ class NodeRegistry:
                        admin_state="active", pool_uuid=pool_uuid, labels={},
                        capabilities=sorted(str(c) for c in host.capabilities),
                        hypervisor=host.hypervisor, accel=host.accel,
-                       nat_subnet=host.nat_subnet, last_report_at=utcnow())
+                       last_report_at=utcnow())
         session.add(node)
         await session.flush()
         log.info("node registered", extra={

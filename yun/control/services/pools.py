@@ -139,7 +139,7 @@ class PoolService:
                 network_mode=req.network_mode or NetworkMode.SANDBOX_PRIVATE,
                 storage_mode=req.storage_mode or StorageMode.LOCAL,
                 thin=True if req.thin is None else req.thin,
-                ha=bool(req.ha), address_pool=req.address_pool,
+                ha=bool(req.ha), address_pool_uuid=None,  # resolved by the address-pool service
                 qos_level=req.qos_level or CpuQos.MEDIUM,
                 cpu_ratio=req.cpu_ratio or 4.0, memory_ratio=req.memory_ratio or 1.0,
                 disk_ratio=req.disk_ratio or 1.0,
@@ -351,7 +351,7 @@ async def pool_models(session: AsyncSession, rows: list[PoolRow]) -> list[Pool]:
             zone_uuid=row.zone_uuid, zone_name=zones.get(row.zone_uuid),
             network_mode=NetworkMode(row.network_mode),
             storage_mode=StorageMode(row.storage_mode), thin=row.thin, ha=row.ha,
-            address_pool=row.address_pool, qos_level=CpuQos(row.qos_level),
+            address_pool=row.address_pool_uuid, qos_level=CpuQos(row.qos_level),
             cpu_ratio=row.cpu_ratio, memory_ratio=row.memory_ratio, disk_ratio=row.disk_ratio,
             filters=list(row.filters), weights=dict(row.weights), node_count=len(members),
             vm_count=vm_counts.get(row.uuid, 0), capacity=capacity,

@@ -86,11 +86,15 @@ class ResolvedDisk:
 
 @dataclass(frozen=True)
 class ResolvedNic:
-    """A NIC of the spec, made real by the network backend: a bridge the tap joins."""
+    """A NIC of the spec, made real by the network backend.
+
+    ``bridge`` set: the hypervisor creates the tap and joins it to that bridge (direct
+    mode); None: the tap was made by the network backend, routed, and the hypervisor
+    only opens it (sandbox mode)."""
 
     nic_id: str
     mac: str
-    bridge: str
+    bridge: str | None
     tap: str
 
 

@@ -24,17 +24,25 @@ import logging
 import re
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network import nft
-from yun.node.network.base import NatNetwork, NetworkBackend, NetworkError
+from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.dnsmasq import Dnsmasq, DnsmasqConfig, DnsmasqError, PortRecord
 from yun.proto.messages import NicSpec
 from yun.util.run import CommandError
 
 log = logging.getLogger("yun.node.network.nat")
+
+
+@dataclass(frozen=True)
+class NatNetwork:
+    bridge: str
+    subnet: str  # e.g. "10.77.0.0/24"
+    gateway: str  # e.g. "10.77.0.1"
 
 #: Tap names: "yv" + 10 hex digits = 12 characters (Linux allows 15).
 TAP_PREFIX = "yv"

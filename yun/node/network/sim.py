@@ -1,56 +1,93 @@
-"""The simulated node-local NAT network: the same contract, in memory.
+"""The simulated sandbox network: the same contract as the real one, in memory.
 
 Used for many simulated nodes in one process, so it starts no thread, no process and
-touches no file; it refuses exactly the ports the real backend refuses (the checks are
-shared with :mod:`.nat`). ``fail_next("ensure_port")`` makes the next call of that
-method raise, for testing rollbacks.
+touches no file; it refuses what the real backend refuses (an address outside the
+node's sandbox subnet, an address or MAC another port holds, a bad VM uuid).
+``fail_next("ensure_port")`` makes the next call of that method raise, for testing
+rollbacks.
 
-Given a state file (see :mod:`yun.node.hypervisor.sim.hostfile`), its leases outlive its
+Given a state file (see :mod:`yun.node.hypervisor.sim.hostfile`), its ports outlive its
 process, as dnsmasq's hosts files do on a real node; without one they live in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.hypervisor.sim.hostfile import SimHostFile
-from yun.node.network.base import NatNetwork, NetworkBackend, NetworkError
-from yun.node.network.dnsmasq import PortRecord
-from yun.node.network.nat import check_vm_uuid, parse_network, plan_port
+from yun.node.network.base import NetworkBackend, NetworkError
 from yun.proto.messages import NicSpec
+from yun.proto.network import NicNetwork, NodeForward, SandboxSettings
 
-_METHODS = ("ensure_network", "ensure_port", "release_ports", "vm_ports", "teardown")
+_METHODS = ("ensure_network", "ensure_port", "release_port", "release_ports", "vm_ports",
+            "set_forwards", "teardown")
+_VM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+TAP_PREFIX = "ys"
 
 
-class SimNetworkBackend(NetworkBackend):
-    """An in-memory NAT network: a "bridge", leases and taps as dictionaries."""
+def check_vm_uuid(vm_uuid: str) -> None:
+    """A VM uuid names files and rules on the node: refuse anything path-like."""
+    if not _VM_RE.match(vm_uuid):
+        raise NetworkError(f"bad VM uuid {vm_uuid!r}: letters, digits, '-' and '_' only")
 
-    def __init__(self, bridge: str = "yunbr0", subnet: str = "10.77.0.0/24",
-                 state_file: Path | None = None) -> None:
-        self.network = parse_network(bridge, subnet)
-        self.up = False
-        self.ports: dict[str, list[PortRecord]] = {}
+
+def tap_name(nic_id: str, prefix: str = TAP_PREFIX) -> str:
+    """The tap of a NIC: deterministic, ≤ 15 characters, the same on every retry."""
+    digits = re.sub(r"[^0-9a-f]", "", nic_id.lower())
+    if len(digits) < 10 or len(digits) != len(nic_id.replace("-", "")):
+        digits = hashlib.sha256(nic_id.encode()).hexdigest()
+    return prefix + digits[:10]
+
+
+@dataclass
+class SimPort:
+    nic_id: str
+    mac: str
+    ip: str
+    tap: str
+    exposure: str
+    extra_ips: list[str] = field(default_factory=list)
+
+
+class SimSandboxBackend(NetworkBackend):
+    """An in-memory sandbox network: ports, forwards and taps as dictionaries."""
+
+    kind = NicNetwork.SANDBOX
+
+    def __init__(self, state_file: Path | None = None) -> None:
+        self.settings: SandboxSettings | None = None
+        self.ports: dict[str, list[SimPort]] = {}
+        self.forwards: dict[str, list[NodeForward]] = {}
         #: taps that "exist" on the node; the hypervisor simulator may add to it.
         self.taps: set[str] = set()
         self._fail: dict[str, tuple[str, int]] = {}
         self._file = SimHostFile(state_file) if state_file is not None else None
         if self._file is not None:
+            # "ports" is keyed by MAC, as the invariant checker reads it.
             for mac, data in self._file.section("ports").items():
-                self.ports.setdefault(data["vm_uuid"], []).append(PortRecord(
-                    nic_id=data["nic_id"], mac=mac, ip=data["ip"],
-                    hostname=data["hostname"], tap=data["tap"]))
+                fields = {k: v for k, v in data.items() if k not in ("vm_uuid", "mac")}
+                self.ports.setdefault(data["vm_uuid"], []).append(SimPort(mac=mac, **fields))
+            for vm, fwds in self._file.section("forwards").items():
+                self.forwards[vm] = [NodeForward.model_validate(f) for f in fwds]
 
     def _save(self) -> None:
-        """Write every lease to the host's state file (when it has one)."""
         if self._file is None:
             return
-        ports: dict[str, Any] = {
-            r.mac: {"vm_uuid": vm, "ip": r.ip, "nic_id": r.nic_id, "hostname": r.hostname,
-                    "tap": r.tap}
-            for vm, records in self.ports.items() for r in records}
-        self._file.write({"ports": ports})
+        ports: dict[str, Any] = {}
+        for vm, records in self.ports.items():
+            for p in records:
+                data = asdict(p)
+                ports[data.pop("mac")] = {"vm_uuid": vm, **data}
+        self._file.write({
+            "ports": ports,
+            "forwards": {vm: [f.model_dump(mode="json") for f in fs]
+                         for vm, fs in self.forwards.items()}})
 
     def fail_next(self, method: str, message: str = "injected failure",
                   times: int = 1) -> None:
@@ -72,35 +109,108 @@ class SimNetworkBackend(NetworkBackend):
             self._fail[method] = (message, times - 1)
         raise NetworkError(f"{method}: {message}")
 
-    async def ensure_network(self) -> NatNetwork:
+    async def ensure_network(self, settings: SandboxSettings | None = None) -> None:
         self._maybe_fail("ensure_network")
-        self.up = True
-        return self.network
+        if settings is not None:
+            self.settings = settings
 
     async def ensure_port(self, vm_uuid: str, nic: NicSpec) -> ResolvedNic:
         self._maybe_fail("ensure_port")
-        rec, records = plan_port(self.network, self.ports, vm_uuid, nic)
-        self.ports[vm_uuid] = records
+        check_vm_uuid(vm_uuid)
+        if nic.network != NicNetwork.SANDBOX:
+            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid} is in the {nic.network} "
+                               f"network, not the sandbox")
+        if not nic.ip:
+            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: a sandbox NIC needs an "
+                               f"address")
+        if self.settings is not None:
+            subnet = ipaddress.IPv4Network(self.settings.subnet)
+            for ip in (nic.ip, *nic.extra_ips):
+                address = ipaddress.IPv4Address(ip)
+                if (address not in subnet or address in (subnet.network_address,
+                                                         subnet.broadcast_address)
+                        or ip == self.settings.gateway):
+                    raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: {ip} is not a "
+                                       f"VM address of the node's sandbox subnet {subnet}")
+        for other_vm, ports in self.ports.items():
+            for other in ports:
+                if other_vm == vm_uuid and other.nic_id == nic.nic_id:
+                    continue
+                if other.mac == nic.mac:
+                    raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: MAC {nic.mac} is "
+                                       f"already used by NIC {other.nic_id} of VM {other_vm}")
+                taken = {other.ip, *other.extra_ips} & {nic.ip, *nic.extra_ips}
+                if taken:
+                    raise NetworkError(
+                        f"NIC {nic.nic_id} of VM {vm_uuid}: address {sorted(taken)[0]} is "
+                        f"already held by NIC {other.nic_id} of VM {other_vm}")
+        port = SimPort(nic_id=nic.nic_id, mac=nic.mac, ip=nic.ip, tap=tap_name(nic.nic_id),
+                       exposure=str(nic.exposure), extra_ips=list(nic.extra_ips))
+        mine = [p for p in self.ports.get(vm_uuid, []) if p.nic_id != nic.nic_id]
+        self.ports[vm_uuid] = [*mine, port]
+        self.taps.add(port.tap)
         self._save()
-        return ResolvedNic(nic_id=rec.nic_id, mac=rec.mac, bridge=self.network.bridge,
-                           tap=rec.tap)
+        return ResolvedNic(nic_id=nic.nic_id, mac=nic.mac, bridge=None, tap=port.tap)
+
+    async def release_port(self, vm_uuid: str, nic_id: str) -> None:
+        self._maybe_fail("release_port")
+        check_vm_uuid(vm_uuid)
+        ports = self.ports.get(vm_uuid, [])
+        gone = [p for p in ports if p.nic_id == nic_id]
+        if not gone:
+            return
+        for p in gone:
+            self.taps.discard(p.tap)
+        kept = [p for p in ports if p.nic_id != nic_id]
+        if kept:
+            self.ports[vm_uuid] = kept
+        else:
+            self.ports.pop(vm_uuid, None)
+        self._save()
 
     async def release_ports(self, vm_uuid: str) -> None:
         self._maybe_fail("release_ports")
         check_vm_uuid(vm_uuid)
-        records = self.ports.pop(vm_uuid, [])
-        for rec in records:
-            self.taps.discard(rec.tap)
-        if records:
+        ports = self.ports.pop(vm_uuid, [])
+        for p in ports:
+            self.taps.discard(p.tap)
+        if ports or self.forwards.pop(vm_uuid, None) is not None:
             self._save()
 
     async def vm_ports(self) -> dict[str, list[str]]:
         self._maybe_fail("vm_ports")
-        return {vm: [r.mac for r in recs] for vm, recs in self.ports.items()}
+        return {vm: [p.mac for p in ps] for vm, ps in self.ports.items()}
+
+    async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward]) -> None:
+        self._maybe_fail("set_forwards")
+        check_vm_uuid(vm_uuid)
+        mine = {p.ip for p in self.ports.get(vm_uuid, [])}
+        for f in forwards:
+            if f.vm_ip not in mine:
+                raise NetworkError(f"forward of port {f.node_port} to {f.vm_ip}:{f.vm_port}: "
+                                   f"{f.vm_ip} is not an address of VM {vm_uuid} here")
+            for other_vm, others in self.forwards.items():
+                if other_vm != vm_uuid and any(
+                        (o.protocol, o.node_port) == (f.protocol, f.node_port) for o in others):
+                    raise NetworkError(f"node port {f.protocol}/{f.node_port} already "
+                                       f"forwards to VM {other_vm}")
+        if forwards:
+            self.forwards[vm_uuid] = list(forwards)
+        else:
+            self.forwards.pop(vm_uuid, None)
+        self._save()
 
     async def teardown(self) -> None:
         self._maybe_fail("teardown")
-        self.up = False
+        self.settings = None
         self.ports.clear()
+        self.forwards.clear()
         self.taps.clear()
         self._save()
+
+
+def state_of(backend: SimSandboxBackend) -> dict[str, Any]:
+    """What the backend holds, for tests and the invariant checker."""
+    return {"ports": {vm: [asdict(p) for p in ps] for vm, ps in backend.ports.items()},
+            "forwards": {vm: [f.model_dump() for f in fs]
+                         for vm, fs in backend.forwards.items()}}

@@ -1,0 +1,1 @@
+"""VM networking on the control side: network modes, address pools, the routers' rules."""
