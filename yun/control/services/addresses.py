@@ -250,10 +250,10 @@ async def eip_models(session: AsyncSession, rows: list[PublicIpRow]) -> list[Ela
     if not rows:
         return []
     pools = dict((await session.execute(select(AddressPoolRow.uuid, AddressPoolRow.name).where(
-        AddressPoolRow.uuid.in_({r.address_pool_uuid for r in rows})))).tuples().all())
+        AddressPoolRow.uuid.in_({r.address_pool_uuid for r in rows})))).all())
     vm_uuids = {r.vm_uuid for r in rows if r.vm_uuid}
     vms = dict((await session.execute(select(VmRow.uuid, VmRow.name).where(
-        VmRow.uuid.in_(vm_uuids)))).tuples().all()) if vm_uuids else {}
+        VmRow.uuid.in_(vm_uuids)))).all()) if vm_uuids else {}
     tags = await tags_of(session, [r.uuid for r in rows])
     return [ElasticIp(uuid=r.uuid, name=r.name, description=r.description,
                       project_uuid=r.project_uuid, tags=tags.get(r.uuid, {}),
@@ -308,7 +308,7 @@ async def address_pool_names(session: AsyncSession, uuids: set[str]) -> dict[str
     if not uuids:
         return {}
     return dict((await session.execute(select(AddressPoolRow.uuid, AddressPoolRow.name).where(
-        AddressPoolRow.uuid.in_(uuids)))).tuples().all())
+        AddressPoolRow.uuid.in_(uuids)))).all())
 
 
 # -- the service ----------------------------------------------------------------------
@@ -341,7 +341,7 @@ class AddressService:
                                  description=req.description, kind=kind.value,
                                  network=str(network))
             session.add(row)
-            await session.flush([row])
+            await session.flush()  # the ranges refer to it
             for r in ranges:
                 session.add(_range_row(row, r))
             if req.tags:
