@@ -145,6 +145,19 @@ async def test_pools_of_both_kinds_grow_and_keep_ranges_in_use(
     assert (await shown(cli, "address-pool", "show", "wide"))["compute_pools"] == ["mono"]
     code, out = await cli("address-pool", "delete", "wide")
     assert code == 1 and "409" in out and "compute pool(s) mono" in out, out
+    # An empty pool changes its link freely; a mode taking no address pool drops it.
+    code, out = await cli("pool", "update", "mono", "--address-pool", "pub")
+    assert code == 0, out
+    assert (await shown(cli, "pool", "show", "mono"))["address_pool"] == "pub"
+    code, out = await cli("pool", "update", "mono", "--network-mode", "sandbox-share")
+    assert code == 1 and "pub is exclusive" in out, out
+    code, out = await cli("pool", "update", "mono", "--network-mode", "sandbox-share",
+                          "--address-pool", "nat")
+    assert code == 0, out
+    code, out = await cli("pool", "update", "mono", "--network-mode", "sandbox-private")
+    assert code == 0, out
+    changed = await shown(cli, "pool", "show", "mono")
+    assert (changed["network_mode"], changed["address_pool"]) == ("sandbox-private", None)
     code, out = await cli("pool", "delete", "mono")
     assert code == 0, out
     code, out = await cli("address-pool", "delete", "wide")
