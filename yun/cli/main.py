@@ -8,7 +8,9 @@ import typer
 
 from yun.cli import aio, serve
 from yun.cli.commands import (
+    address_pool,
     department,
+    eip,
     image,
     infra,
     key,
@@ -56,6 +58,8 @@ app.add_typer(infra.node_app, name="node")
 app.add_typer(zone.app, name="zone")
 app.add_typer(pool.app, name="pool")
 app.add_typer(vm_group.app, name="vm-group")
+app.add_typer(address_pool.app, name="address-pool")
+app.add_typer(eip.app, name="eip")
 app.add_typer(infra.task_app, name="task")
 app.add_typer(project.app, name="project")
 app.add_typer(project.quota_app, name="quota")

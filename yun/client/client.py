@@ -13,6 +13,7 @@ import httpx
 
 from yun.client._core import Call, QueryValue, R, any_json
 from yun.client._runners import AsyncRunner, SyncRunner
+from yun.client.addresses import AddressPools, ElasticIps
 from yun.client.auth import TokenAuth
 from yun.client.compute import Images, Nodes, Tasks, Vms
 from yun.client.identity import (
@@ -50,6 +51,8 @@ class _Namespaces(Generic[R]):
         self.zones = Zones(runner)
         self.pools = Pools(runner)
         self.vm_groups = VmGroups(runner)
+        self.address_pools = AddressPools(runner)
+        self.eips = ElasticIps(runner)
         self.tasks = Tasks(runner)
         self.projects = Projects(runner)
         self.departments = Departments(runner)

@@ -289,6 +289,87 @@ class PoolNodeAdd(Input):
     node: Ref
 
 
+# --- address pools and elastic IPs (F-ADDR) -------------------------------------------
+
+
+class AddressPoolKind(StrEnum):
+    """What an address pool hands out: whole public addresses (mono VMs and elastic IPs)
+    or public ports of shared addresses (share VMs)."""
+
+    EXCLUSIVE = "exclusive"
+    SHARED = "shared"
+
+
+IpText = Annotated[str, Field(min_length=1, max_length=64, description="an IPv4 address")]
+
+
+class AddressRangeCreate(Input):
+    """Addresses ``first_ip``..``last_ip`` (inclusive) and, in a shared pool, ports
+    ``first_port``..``last_port`` on each of them. Checked by the service (400 naming
+    what is wrong), not here, so every mistake gets the same kind of answer."""
+
+    first_ip: IpText
+    last_ip: IpText
+    first_port: int | None = Field(default=None, description="shared pools only, 1..65535")
+    last_port: int | None = Field(default=None, description="shared pools only, 1..65535")
+
+
+class AddressRange(BaseModel):
+    uuid: str
+    first_ip: str
+    last_ip: str
+    first_port: int | None = None
+    last_port: int | None = None
+    total: int = Field(description="addresses (exclusive) or address:port pairs (shared)")
+    used: int = 0
+
+
+class AddressPoolCreate(TaggedInput):
+    name: ResourceName
+    description: Description = ""
+    kind: AddressPoolKind
+    network: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="the pool's network (CIDR); default: the smallest "
+                                  "network holding the first range")
+    ranges: list[AddressRangeCreate] = Field(min_length=1, max_length=64)
+
+
+class AddressPoolUpdate(Input):
+    description: Description | None = None
+
+
+class AddressPool(Named):
+    kind: AddressPoolKind
+    network: str
+    ranges: list[AddressRange] = Field(default_factory=list)
+    total: int = Field(default=0, description="addresses (exclusive) or address:port "
+                                              "pairs (shared) of all its ranges")
+    used: int = 0
+    free: int = 0
+    compute_pools: list[str] = Field(default_factory=list,
+                                     description="names of the compute pools linked to it")
+
+
+class ElasticIpAllocate(TaggedInput):
+    """Allocate a whole public address of an exclusive pool to the token's project."""
+
+    address_pool: Ref
+    name: ResourceName | None = Field(default=None, description="default: eip-<address>")
+    description: Description = ""
+
+
+class ElasticIpBind(Input):
+    vm: Ref
+
+
+class ElasticIp(Resource):
+    ip: str
+    address_pool_uuid: str
+    address_pool_name: str | None = None
+    vm_uuid: str | None = Field(default=None, description="the VM it is bound to, if any")
+    vm_name: str | None = None
+
+
 # --- VM groups (affinity) ------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from sqlalchemy import ColumnElement, false, or_, select, true
 
 from yun.control.access.policy import Scope
 from yun.control.db.models import (
+    AddressPoolRow,
     ApiKeyRow,
     AuditRow,
     DepartmentRow,
@@ -16,6 +17,7 @@ from yun.control.db.models import (
     NodeRow,
     PoolRow,
     ProjectRow,
+    PublicIpRow,
     RoleAssignmentRow,
     TokenRow,
     UserRow,
@@ -31,9 +33,9 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
     ctx = scope.context
     if scope.everything:
         return true()
-    if model in (ZoneRow, PoolRow):
+    if model in (ZoneRow, PoolRow, AddressPoolRow):
         return true()  # every user chooses where VMs go; only administrators change them
-    if model in (VmRow, FlowRow, VmGroupRow):
+    if model in (VmRow, FlowRow, VmGroupRow, PublicIpRow):
         return scope.clause(model.project_uuid)  # type: ignore[return-value]
     if model is ImageRow:
         return or_(ImageRow.visibility == "public",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from yun.control.api.accounts import account_router
+from yun.control.api.addresses import address_router
 from yun.control.api.audit import audit_router
 from yun.control.api.auth import auth_router
 from yun.control.api.bundle import ApiBundle
@@ -35,6 +36,6 @@ def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
 
     for router in (component_router, auth_router, tenancy_router, account_router,
                    audit_router, node_router, image_router, vm_router, task_router,
-                   tag_router, pool_router, vm_group_router):
+                   tag_router, pool_router, vm_group_router, address_router):
         app.include_router(router(api))
     return app

@@ -11,6 +11,7 @@ from yun.control.access.policy import Scope, scope_for
 from yun.control.api.deps import Deps, UserDeps, make_deps
 from yun.control.api.routing import ControlRoute
 from yun.control.context import ControlContext
+from yun.control.services.addresses import AddressService
 from yun.control.services.images import ImageService
 from yun.control.services.nodes import NodeRegistry
 from yun.control.services.pools import PoolService
@@ -35,6 +36,7 @@ class ApiBundle:
     accounts: UserService = field(init=False)
     pools: PoolService = field(init=False)
     vm_groups: VmGroupService = field(init=False)
+    addresses: AddressService = field(init=False)
 
     def __post_init__(self) -> None:
         self.deps = make_deps(self.ctx)
@@ -42,6 +44,7 @@ class ApiBundle:
         self.vms, self.images = VmService(self.ctx), ImageService(self.ctx)
         self.projects, self.accounts = ProjectService(self.ctx), UserService(self.ctx)
         self.pools, self.vm_groups = PoolService(self.ctx), VmGroupService(self.ctx)
+        self.addresses = AddressService(self.ctx)
 
     def router(self, tag: str) -> APIRouter:
         """A router of user routes: each mutation is idempotent and audited."""

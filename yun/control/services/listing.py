@@ -7,11 +7,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sqlalchemy import ColumnElement, and_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import Scope
 from yun.control.access.visibility import visible
 from yun.control.db.models import (
+    AddressPoolRow,
     ApiKeyRow,
     AuditRow,
     DepartmentRow,
@@ -20,6 +22,7 @@ from yun.control.db.models import (
     NodeRow,
     PoolRow,
     ProjectRow,
+    PublicIpRow,
     RoleAssignmentRow,
     TokenRow,
     UserRow,
@@ -32,6 +35,7 @@ from yun.control.db.session import Database
 from yun.proto.identity import Role
 from yun.proto.query import SortKey
 from yun.proto.resources import (
+    AddressPoolKind,
     GroupPolicy,
     ImageStatus,
     NetworkMode,
@@ -93,6 +97,16 @@ QUERYABLES: dict[str, Queryable] = {
         "cpu_ratio": Field(PoolRow.cpu_ratio, "float"),
         "memory_ratio": Field(PoolRow.memory_ratio, "float"),
     }, PoolRow.uuid, (SortKey("name", False),), PoolRow.uuid, "pool"),
+    "address_pool": Queryable(AddressPoolRow, {
+        **_common(AddressPoolRow), "kind": _enum(AddressPoolRow.kind, AddressPoolKind),
+        "network": Field(AddressPoolRow.network),
+    }, AddressPoolRow.uuid, (SortKey("name", False),), AddressPoolRow.uuid, "address_pool"),
+    # Rows of public_ips; the elastic IP routes add ``kind = 'eip'`` to the scope.
+    "eip": Queryable(PublicIpRow, {
+        **_common(PublicIpRow), "ip": Field(PublicIpRow.ip),
+        "address_pool_uuid": Field(PublicIpRow.address_pool_uuid),
+        "project_uuid": Field(PublicIpRow.project_uuid), "vm_uuid": Field(PublicIpRow.vm_uuid),
+    }, PublicIpRow.uuid, NEWEST_FIRST, PublicIpRow.uuid, "eip"),
     "vm_group": Queryable(VmGroupRow, {
         **_common(VmGroupRow), "policy": _enum(VmGroupRow.policy, GroupPolicy),
         "project_uuid": Field(VmGroupRow.project_uuid),
@@ -169,11 +183,11 @@ def each(model: Callable[[Any], T]) -> Convert[T]:
 
 
 async def listed(db: Database, kind: str, scope: Scope, params: ListParams,
-                 convert: Convert[T]) -> Page[T]:
-    """The API page of ``kind`` that ``scope`` sees, its rows made models by ``convert``
-    (which may read more, e.g. tags, in the same session)."""
+                 convert: Convert[T], where: ColumnElement[bool] | None = None) -> Page[T]:
+    """The API page of ``kind`` that ``scope`` sees (and ``where`` admits), its rows made
+    models by ``convert`` (which may read more, e.g. tags, in the same session)."""
     async with db.session() as session:
-        result = await list_page(session, kind, scope, params)
+        result = await list_page(session, kind, scope, params, where)
         return page_of(await convert(session, result.rows), result, params)
 
 
@@ -183,10 +197,13 @@ def page_of(items: list[T], result: PageResult, params: ListParams) -> Page[T]:
                    next_cursor=result.next_cursor)
 
 
-async def list_page(session: AsyncSession, kind: str, scope: Scope, params: ListParams
-                    ) -> PageResult:
-    """One page of ``kind`` that ``scope`` sees, filtered, sorted and paginated."""
+async def list_page(session: AsyncSession, kind: str, scope: Scope, params: ListParams,
+                    where: ColumnElement[bool] | None = None) -> PageResult:
+    """One page of ``kind`` that ``scope`` sees (and ``where`` admits), filtered, sorted
+    and paginated."""
     queryable = QUERYABLES[kind]
-    return await fetch_page(session, queryable, scope=visible(queryable.model, scope),
+    seen = visible(queryable.model, scope)
+    return await fetch_page(session, queryable,
+                            scope=seen if where is None else and_(seen, where),
                             q=params.q, sort=params.sort, limit=params.limit,
                             offset=params.offset, cursor=params.cursor, count=params.count)

@@ -24,6 +24,11 @@ from yun.control.db.tags import tags_of, update_tags
 from yun.control.scheduler.base import filter_names, weigher_names
 from yun.control.scheduler.hoststate import DEFAULT_FILTERS, DEFAULT_WEIGHTS
 from yun.control.scheduler.inventory import DISK_GB, MEMORY_MB, RESOURCE_CLASSES, VCPU, inventories
+from yun.control.services.addresses import (
+    POOL_KIND_OF_MODE,
+    address_pool_names,
+    resolve_link,
+)
 from yun.control.services.common import find
 from yun.control.services.nodes import node_models
 from yun.proto.errors import Conflict, Unprocessable
@@ -133,13 +138,15 @@ class PoolService:
         async with self.ctx.db.session() as session:
             await _unique(session, PoolRow, req.name, "pool")
             zone = await find(session, ZoneRow, req.zone or DEFAULT_ZONE, "zone", scope)
+            mode = req.network_mode or NetworkMode.SANDBOX_PRIVATE
+            address_pool_uuid = await resolve_link(session, scope, mode, req.address_pool)
             row = PoolRow(
                 uuid=str(uuidlib.uuid4()), name=req.name, description=req.description or "",
                 zone_uuid=zone.uuid,
-                network_mode=req.network_mode or NetworkMode.SANDBOX_PRIVATE,
+                network_mode=mode,
                 storage_mode=req.storage_mode or StorageMode.LOCAL,
                 thin=True if req.thin is None else req.thin,
-                ha=bool(req.ha), address_pool_uuid=None,  # resolved by the address-pool service
+                ha=bool(req.ha), address_pool_uuid=address_pool_uuid,
                 qos_level=req.qos_level or CpuQos.MEDIUM,
                 cpu_ratio=req.cpu_ratio or 4.0, memory_ratio=req.memory_ratio or 1.0,
                 disk_ratio=req.disk_ratio or 1.0,
@@ -155,7 +162,8 @@ class PoolService:
             return (await pool_models(session, [row]))[0]
 
     async def update_pool(self, ref: str, req: PoolUpdate, scope: Scope) -> Pool:
-        """Change a pool's template; the storage mode only while it has no VM."""
+        """Change a pool's template; the storage mode, the network mode and the address
+        pool only while it has no VM (its VMs were built and addressed by them)."""
         require(scope.context, Permission.MANAGE_PLATFORM, "change pools")
         check_scheduler(req.filters, req.weights)
         async with self.ctx.db.session() as session:
@@ -167,6 +175,8 @@ class PoolService:
                 if vms:
                     raise Conflict(f"pool {row.name} has {vms} VM(s): its storage mode "
                                    "changes only while it has none")
+            if "network_mode" in changes or "address_pool" in changes:
+                await self._relink(session, row, changes, scope)
             if "zone" in changes:
                 row.zone_uuid = (await find(session, ZoneRow, changes.pop("zone"), "zone",
                                             scope)).uuid
@@ -177,6 +187,26 @@ class PoolService:
             log.info("pool changed", extra={"pool": row.uuid, "pool_name": row.name,
                                             "changed": sorted(changes)})
             return (await pool_models(session, [row]))[0]
+
+    async def _relink(self, session: AsyncSession, row: PoolRow, changes: dict[str, Any],
+                      scope: Scope) -> None:
+        """Apply a change of network mode or address pool (popped from ``changes``):
+        refused while the pool has VMs, and the address pool must fit the mode (a mode
+        that takes none drops the link)."""
+        mode = changes.pop("network_mode", row.network_mode)
+        ref = changes.pop("address_pool", None)
+        if ref is None and mode == row.network_mode:
+            return
+        if ref is None and mode in POOL_KIND_OF_MODE and row.address_pool_uuid:
+            ref = row.address_pool_uuid  # keep the link if it fits the new mode
+        uuid = await resolve_link(session, scope, mode, ref)
+        if mode == row.network_mode and uuid == row.address_pool_uuid:
+            return
+        vms = await _count(session, VmRow.pool_uuid == row.uuid)
+        if vms:
+            raise Conflict(f"pool {row.name} has {vms} VM(s): its network mode and address "
+                           "pool change only while it has none")
+        row.network_mode, row.address_pool_uuid = mode, uuid
 
     async def get_pool(self, ref: str, scope: Scope) -> Pool:
         async with self.ctx.db.session() as session:
@@ -331,6 +361,8 @@ async def pool_models(session: AsyncSession, rows: list[PoolRow]) -> list[Pool]:
         .group_by(VmRow.pool_uuid))).all())
     inv = await inventories(session, [n.uuid for n in node_rows])
     tags = await tags_of(session, uuids)
+    address_pools = await address_pool_names(
+        session, {r.address_pool_uuid for r in rows if r.address_pool_uuid})
     models = []
     for row in rows:
         ratio = {VCPU: row.cpu_ratio, MEMORY_MB: row.memory_ratio, DISK_GB: row.disk_ratio}
@@ -351,7 +383,8 @@ async def pool_models(session: AsyncSession, rows: list[PoolRow]) -> list[Pool]:
             zone_uuid=row.zone_uuid, zone_name=zones.get(row.zone_uuid),
             network_mode=NetworkMode(row.network_mode),
             storage_mode=StorageMode(row.storage_mode), thin=row.thin, ha=row.ha,
-            address_pool=row.address_pool_uuid, qos_level=CpuQos(row.qos_level),
+            address_pool=address_pools.get(row.address_pool_uuid or ""),
+            qos_level=CpuQos(row.qos_level),
             cpu_ratio=row.cpu_ratio, memory_ratio=row.memory_ratio, disk_ratio=row.disk_ratio,
             filters=list(row.filters), weights=dict(row.weights), node_count=len(members),
             vm_count=vm_counts.get(row.uuid, 0), capacity=capacity,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from yun.gateway.routers import (
+    addresses,
     audit,
     auth,
     departments,
@@ -27,4 +28,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     auth.router, departments.router, projects.router, quotas.router, users.router,
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
+    addresses.router,
 )
