@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from yun.control.allocators import quotas
 from yun.control.db.models import AddressPoolRow, AddressRangeRow, PublicIpRow
 from yun.control.network.changes import note_change
-from yun.proto.errors import Conflict, InsufficientCapacity
+from yun.proto.errors import Conflict, InsufficientCapacity, NotFound
 from yun.proto.identity import QuotaResource
 
 log = logging.getLogger("yun.control.network.public_ips")
@@ -65,13 +65,24 @@ async def _ranges(session: AsyncSession, pool: AddressPoolRow) -> list[AddressRa
         AddressRangeRow.address_pool_uuid == pool.uuid))).all())
 
 
+async def lock_pool(session: AsyncSession, uuid: str) -> AddressPoolRow:
+    """The address pool, held FOR SHARE until the transaction ends: none of its ranges is
+    removed while an address is being taken from it (range changes lock it FOR UPDATE)."""
+    row = (await session.scalars(select(AddressPoolRow).where(
+        AddressPoolRow.uuid == uuid).with_for_update(read=True))).first()
+    if row is None:
+        raise NotFound(f"no address pool '{uuid}'")
+    return row
+
+
 async def _insert(session: AsyncSession, row: PublicIpRow) -> bool:
     """Insert ``row`` in a savepoint; False when another transaction holds the same
     (ip, port, protocol)."""
+    await session.flush()  # the caller's pending changes stay out of the savepoint
     try:
         async with session.begin_nested():
             session.add(row)
-            await session.flush([row])
+            await session.flush()
     except IntegrityError:
         return False
     return True
@@ -85,6 +96,7 @@ async def allocate_address(session: AsyncSession, pool: AddressPoolRow, project_
     if pool.kind != EXCLUSIVE:
         raise Conflict(f"address pool {pool.name} is {pool.kind}: it hands out ports, not "
                        f"whole addresses")
+    await lock_pool(session, pool.uuid)
     await quotas.claim(session, project_uuid, {QuotaResource.PUBLIC_IPS: 1})
     ranges = await _ranges(session, pool)
     for _ in range(_ATTEMPTS):
@@ -114,6 +126,7 @@ async def allocate_port(session: AsyncSession, pool: AddressPoolRow, project_uui
     if pool.kind != SHARED:
         raise Conflict(f"address pool {pool.name} is {pool.kind}: it hands out whole "
                        f"addresses, not ports")
+    await lock_pool(session, pool.uuid)
     ranges = await _ranges(session, pool)
     for _ in range(_ATTEMPTS):
         held = set((await session.execute(select(PublicIpRow.ip, PublicIpRow.port).where(

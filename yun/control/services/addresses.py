@@ -272,16 +272,6 @@ def eip_clause() -> Any:
 # -- linking compute pools -------------------------------------------------------------
 
 
-async def lock_for_allocation(session: AsyncSession, uuid: str) -> AddressPoolRow:
-    """The address pool, held FOR SHARE until the transaction ends: none of its ranges is
-    removed while an address is being taken from it. Every allocation takes it so."""
-    row = (await session.scalars(select(AddressPoolRow).where(
-        AddressPoolRow.uuid == uuid).with_for_update(read=True))).first()
-    if row is None:
-        raise NotFound(f"no address pool '{uuid}'")
-    return row
-
-
 async def resolve_link(session: AsyncSession, scope: Scope, mode: str,
                        ref: str | None) -> str | None:
     """The uuid of the address pool a compute pool of network ``mode`` links to (``ref``:
@@ -457,7 +447,6 @@ class AddressService:
                     PublicIpRow.name == req.name))).first():
                 raise Conflict(f"project {user.project_name} already has an elastic IP "
                                f"named {req.name}")
-            pool = await lock_for_allocation(session, pool.uuid)
             row = await public_ips.allocate_address(
                 session, pool, user.project_uuid, kind=public_ips.KIND_EIP,
                 name=req.name or "eip", description=req.description)
