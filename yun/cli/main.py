@@ -15,6 +15,7 @@ from yun.cli.commands import (
     pool,
     project,
     role,
+    router,
     session,
     user,
     vm,
@@ -56,6 +57,7 @@ app.add_typer(infra.node_app, name="node")
 app.add_typer(zone.app, name="zone")
 app.add_typer(pool.app, name="pool")
 app.add_typer(vm_group.app, name="vm-group")
+app.add_typer(router.app, name="router")
 app.add_typer(infra.task_app, name="task")
 app.add_typer(project.app, name="project")
 app.add_typer(project.quota_app, name="quota")

@@ -26,6 +26,7 @@ from yun.client.identity import (
     Users,
 )
 from yun.client.pools import Pools, VmGroups, Zones
+from yun.client.routers import Routers
 from yun.proto.identity import IssuedToken
 
 API_PREFIX = "/api/v1"
@@ -50,6 +51,7 @@ class _Namespaces(Generic[R]):
         self.zones = Zones(runner)
         self.pools = Pools(runner)
         self.vm_groups = VmGroups(runner)
+        self.routers = Routers(runner)
         self.tasks = Tasks(runner)
         self.projects = Projects(runner)
         self.departments = Departments(runner)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +114,15 @@ def _concat(*parts: Json) -> Json:
     return {"concat": list(parts)}
 
 
-def _rules() -> dict[str, list[list[Json]]]:
+def _rules(wan: Sequence[str] = ()) -> dict[str, list[list[Json]]]:
     """Every chain's rules (the expressions); each gets a comment ``yun:<chain>:<n>`` so
-    that a rule edited or deleted by hand is found by comparing the comments."""
+    that a rule edited or deleted by hand is found by comparing the comments. ``wan``:
+    when given, only packets arriving on these interfaces are translated inbound."""
     daddr, saddr = _payload("ip", "daddr"), _payload("ip", "saddr")
+    only_wan: list[Json] = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                       "right": {"set": sorted(wan)}}}] if wan else []
     pre: list[list[Json]] = [
-        [{"match": {"op": "==", "left": daddr, "right": "@public_addrs"}},
+        [*only_wan, {"match": {"op": "==", "left": daddr, "right": "@public_addrs"}},
          {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_IN}}],
         [{"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
          {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_OUT}}],
@@ -153,7 +157,7 @@ CHAINS: dict[str, tuple[str, int, str]] = {  # name -> hook, priority, policy
 }
 
 
-def table_document(rules: RouterRuleSet) -> Json:
+def table_document(rules: RouterRuleSet, wan: Sequence[str] = ()) -> Json:
     """The whole table for ``rules`` as one ``nft -j`` document that replaces it atomically
     (add, delete and add again the table: the delete never fails for a missing table)."""
     table = {"family": FAMILY, "name": TABLE}
@@ -172,7 +176,7 @@ def table_document(rules: RouterRuleSet) -> Json:
         cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain,
                                        "type": "filter", "hook": hook, "prio": prio,
                                        "policy": policy}}})
-    for chain, rule_list in _rules().items():
+    for chain, rule_list in _rules(wan).items():
         for n, expr in enumerate(rule_list):
             cmds.append({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
                                           "expr": expr, "comment": f"yun:{chain}:{n}"}}})
@@ -212,11 +216,11 @@ class TableState:
     chains: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
 
-def desired_state(rules: RouterRuleSet) -> TableState:
+def desired_state(rules: RouterRuleSet, wan: Sequence[str] = ()) -> TableState:
     """What the live table must hold for ``rules``."""
     return TableState(
         elements={k: frozenset(v) for k, v in elements(rules).items()},
-        rules={c: tuple(f"yun:{c}:{n}" for n in range(len(r))) for c, r in _rules().items()},
+        rules={c: tuple(f"yun:{c}:{n}" for n in range(len(r))) for c, r in _rules(wan).items()},
         chains=dict(CHAINS))
 
 
@@ -265,6 +269,7 @@ class NftTable:
 
     nft: str = "nft"
     timeout: float = 30.0
+    wan: tuple[str, ...] = ()
 
     async def _run(self, *args: str, stdin: bytes | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -287,7 +292,7 @@ class NftTable:
 
     async def replace(self, rules: RouterRuleSet) -> None:
         """Replace the whole table with the one of ``rules`` (atomic)."""
-        await self.apply(table_document(rules))
+        await self.apply(table_document(rules, self.wan))
 
     async def update(self, old: RouterRuleSet, new: RouterRuleSet) -> bool:
         """Apply the difference between ``old`` (what the table holds) and ``new``;

@@ -15,6 +15,7 @@ from yun.gateway.routers import (
     projects,
     quotas,
     roles,
+    routers,
     tags,
     tasks,
     users,
@@ -27,4 +28,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     auth.router, departments.router, projects.router, quotas.router, users.router,
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
+    routers.router,
 )
