@@ -107,7 +107,7 @@ def test_table_document_replaces_the_table_in_one_transaction() -> None:
     assert {"notrack": None} in pre[0]["expr"]
     assert pre[0]["expr"][-1]["mangle"]["value"] == MARK_IN
     wan = table_document(RULES, wan=["eth1"])["nftables"]
-    first = next(c["add"]["rule"] for c in wan if "rule" in c["add"])
+    first = next(c["add"]["rule"] for c in wan if "rule" in c.get("add", {}))
     assert first["expr"][0]["match"]["right"] == {"set": ["eth1"]}
 
 
