@@ -77,6 +77,17 @@ async def test_router_pulls_applies_follows_and_repairs(lab: tuple[RouterLab, La
     vm = await rows.vm("web1", "10.64.0.10")
     await rows.map_public(vm, "203.0.113.10")
     r1 = await asyncio.to_thread(lab_.add_router, "router1")
+    # A router that never syncs (its join is refused: wrong secret) forwards nothing,
+    # even where forwarding was on before it started.
+    await asyncio.to_thread(r1.ns.run, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    assert cluster.domain is not None
+    refused = lab_.router_process("router0", cluster.domain.url, "not-the-secret",
+                                  host_name="router1")
+    refused.start()
+    assert refused.popen is not None
+    code = await asyncio.to_thread(refused.popen.wait, 60)
+    assert code == 3, refused.tail()
+    assert not await asyncio.to_thread(lab_.forwarding, "router1")
     start(lab_, cluster, "router1")
 
     table = await until("router1's first sync", lambda: "203.0.113.10 : 10.64.0.10"

@@ -169,11 +169,13 @@ class RouterLab:
 
     def router_process(self, name: str, domain_url: str, secret: str, *,
                        sync_interval: float = 2.0, domain_name: str = "it",
-                       log_level: str = "INFO") -> RouterProcess:
-        """The ``yun serve router`` process of router ``name`` (made once, not started)."""
+                       log_level: str = "INFO", host_name: str | None = None
+                       ) -> RouterProcess:
+        """The ``yun serve router`` process of router ``name`` (made once, not started),
+        in the namespace of router host ``host_name`` (default: ``name``)."""
         if name in self.processes:
             return self.processes[name]
-        host = self.routers[name]
+        host = self.routers[host_name or name]
         state = self.root / name
         common = {"name": name, "domain_name": domain_name, "domain_secret": secret,
                   "domain_url": domain_url, "state_dir": str(state),
