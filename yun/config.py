@@ -1,7 +1,7 @@
 """Settings of each component: a TOML file section, overridden by environment variables.
 
 One file (default ``/etc/yun/yun.toml``) holds a ``[common]`` table and a table per
-component (``[domain]``, ``[control]``, ``[node]``, ``[storage]``, ``[gateway]``).
+component (``[domain]``, ``[control]``, ``[node]``, ``[storage]``, ``[gateway]``, ``[router]``).
 An environment variable ``YUN_<COMPONENT>_<FIELD>`` (or ``YUN_<FIELD>`` for common
 fields) overrides the file. Unknown keys are refused so a typo is noticed.
 
@@ -206,6 +206,51 @@ class NodeSettings(ComponentSettings):
 class StorageSettings(ComponentSettings):
     listen_port: int = 7730
     max_upload_bytes: int = 64 * 1024**3
+
+
+class RouterSettings(ComponentSettings):
+    """An intelligent router (C-RT): ``yun serve router``."""
+
+    listen_port: int = 7740
+    lan_address: str | None = Field(
+        default=None, description="the router's IPv4 address on the nodes' LAN: the next "
+                                  "hop of the VMs' outbound traffic; default: listen_host "
+                                  "when it is an IPv4 address")
+    wan_interfaces: list[str] = Field(
+        default_factory=list, description="the public-side interfaces; when given, only "
+                                          "packets arriving on them are translated inbound")
+    sync_interval: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="seconds between full pulls of the rule set, each compared with the "
+                    "live nftables table (drift is repaired)")
+    manage_forwarding: bool = Field(
+        default=True, description="turn IPv4 forwarding of the router's network namespace "
+                                  "on once synced (off before)")
+    nft_command: str = "nft"
+
+    @model_validator(mode="after")
+    def _lan(self) -> RouterSettings:
+        import ipaddress
+
+        if self.lan_address is None:
+            try:
+                self.lan_address = str(ipaddress.IPv4Address(self.listen_host))
+            except ValueError:
+                raise ConfigError("lan_address: give the router's IPv4 address on the "
+                                  "nodes' LAN (listen_host is not one)") from None
+            if self.lan_address == "0.0.0.0":
+                raise ConfigError("lan_address: give the router's IPv4 address on the "
+                                  "nodes' LAN (listen_host is 0.0.0.0)")
+        else:
+            try:
+                self.lan_address = str(ipaddress.IPv4Address(self.lan_address))
+            except ValueError:
+                raise ConfigError(f"lan_address: not an IPv4 address: "
+                                  f"{self.lan_address!r}") from None
+        for name in self.wan_interfaces:
+            if not 1 <= len(name) <= 15 or "/" in name or " " in name:
+                raise ConfigError(f"wan_interfaces: not an interface name: {name!r}")
+        return self
 
 
 class GatewaySettings(ComponentSettings):

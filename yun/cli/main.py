@@ -17,6 +17,7 @@ from yun.cli.commands import (
     pool,
     project,
     role,
+    router,
     session,
     user,
     vm,
@@ -60,6 +61,7 @@ app.add_typer(pool.app, name="pool")
 app.add_typer(vm_group.app, name="vm-group")
 app.add_typer(address_pool.app, name="address-pool")
 app.add_typer(eip.app, name="eip")
+app.add_typer(router.app, name="router")
 app.add_typer(infra.task_app, name="task")
 app.add_typer(project.app, name="project")
 app.add_typer(project.quota_app, name="quota")

@@ -14,6 +14,7 @@ from yun.config import (
     DomainSettings,
     GatewaySettings,
     NodeSettings,
+    RouterSettings,
     StorageSettings,
     load_settings,
 )
@@ -74,6 +75,13 @@ def gateway(config: ConfigOpt = None) -> None:
     """The HTTP gateway: public REST API (C-GW)."""
     from yun.gateway.service import GatewayService
     _run("gateway", lambda: GatewayService(load_settings(GatewaySettings, "gateway", config)))
+
+
+@app.command()
+def router(config: ConfigOpt = None) -> None:
+    """An intelligent router (C-RT): run it in the router host's network namespace."""
+    from yun.router.service import RouterService
+    _run("router", lambda: RouterService(load_settings(RouterSettings, "router", config)))
 
 
 @app.command("sim-nodes")

@@ -27,6 +27,7 @@ from yun.client.identity import (
     Users,
 )
 from yun.client.pools import Pools, VmGroups, Zones
+from yun.client.routers import Routers
 from yun.proto.identity import IssuedToken
 
 API_PREFIX = "/api/v1"
@@ -53,6 +54,7 @@ class _Namespaces(Generic[R]):
         self.vm_groups = VmGroups(runner)
         self.address_pools = AddressPools(runner)
         self.eips = ElasticIps(runner)
+        self.routers = Routers(runner)
         self.tasks = Tasks(runner)
         self.projects = Projects(runner)
         self.departments = Departments(runner)

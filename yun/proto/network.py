@@ -158,3 +158,25 @@ class LearnedAddress(Message):
 
     mac: str
     ip: IPv4
+
+
+class RouterStatus(Message):
+    """An intelligent router as the control server knows it (``GET /api/v1/routers``)."""
+
+    uuid: str = Field(description="the router's component id")
+    name: str
+    url: str
+    lan_address: str
+    applied_generation: int = Field(description="the generation its table held at its "
+                                                "last pull")
+    current_generation: int = Field(description="the control server's generation now")
+    in_sync: bool = Field(description="applied_generation == current_generation")
+    live: bool = Field(description="pulled within the router timeout")
+    last_seen_at: str | None = None
+
+
+class RouterList(Message):
+    """Every router known to the control server."""
+
+    items: list[RouterStatus] = Field(default_factory=list)
+    generation: int = 0

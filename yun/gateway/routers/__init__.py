@@ -16,6 +16,7 @@ from yun.gateway.routers import (
     projects,
     quotas,
     roles,
+    routers,
     tags,
     tasks,
     users,
@@ -29,4 +30,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
     addresses.router,
+    routers.router,
 )

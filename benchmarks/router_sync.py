@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Router rule sync for 10,000 mappings, and forwarding through a router namespace.
+
+1. Sync (run inside a fresh network namespace "router"): the rule set of ``--mappings``
+   mappings (half mono, half share) computed by the pure
+   :func:`~yun.control.network.router_rules.rule_set` from rows; the full sync at start
+   (the whole ``yun_router`` table in one ``nft -j`` transaction); one incremental change
+   (one mapping moved to another VM: element deletions and additions in one
+   transaction); and the periodic drift check (``nft -j list table`` parsed and
+   compared). Each timed ``--repeat`` times; the median and the worst are printed.
+2. Throughput: a bounded number of bytes (``--bytes``) sent over TCP by a Python socket
+   sender from namespace "src" to a receiver in namespace "dst", once through the router
+   namespace (to the public address of a mono mapping, translated by the table above, so
+   every packet goes through the 10,000-element maps) and once over a direct veth pair
+   between the same two namespaces; ``--rounds`` alternated rounds, best of each, and the
+   ratio. iperf3 is not installed here, hence the Python sender.
+
+Every address is inside the namespaces this script makes; all are deleted at the end.
+Run as root: ``PYTHONPATH=. .venv/bin/python benchmarks/router_sync.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from yun.testing.netns import Topology
+
+PUBLIC = "203.0.113.10"
+VM_IP = "10.64.0.10"
+
+
+def _rows(count: int) -> tuple[list[Any], dict[str, str | None]]:
+    import ipaddress
+
+    from yun.control.db.models import PublicIpRow
+
+    rows, ips = [], {}
+    pub0, vm0 = ipaddress.IPv4Address("100.64.0.0"), ipaddress.IPv4Address("10.65.0.0")
+    for i in range(count):
+        vm = f"vm-{i}"
+        ips[vm] = str(vm0 + 1 + i)
+        if i % 2 == 0:
+            rows.append(PublicIpRow(uuid=f"p{i}", kind="vm", ip=str(pub0 + 1 + i), port=0,
+                                    protocol="", vm_uuid=vm))
+        else:
+            rows.append(PublicIpRow(uuid=f"p{i}", kind="vm", ip=str(pub0 + 1 + (i % 64)),
+                                    port=10000 + i, protocol="tcp", vm_uuid=vm, vm_port=80))
+    rows.append(PublicIpRow(uuid="lab", kind="vm", ip=PUBLIC, port=0, protocol="",
+                            vm_uuid="lab-vm"))
+    ips["lab-vm"] = VM_IP
+    return rows, ips
+
+
+async def _inner(count: int, repeat: int) -> dict[str, Any]:
+    """Runs inside the router namespace: the sync timings."""
+    from yun.control.network.router_rules import rule_set
+    from yun.proto.network import MonoMapping
+    from yun.router.nft import NftTable, desired_state
+
+    rows, ips = _rows(count)
+    table = NftTable()
+    compute, full, change, check = [], [], [], []
+    rules = rule_set(1, rows, ips, [])
+    for n in range(repeat):
+        t0 = time.perf_counter()
+        rules = rule_set(1 + n, rows, ips, [])
+        compute.append(time.perf_counter() - t0)
+        await table.delete()
+        t0 = time.perf_counter()
+        await table.replace(rules)
+        full.append(time.perf_counter() - t0)
+        moved = rules.model_copy(update={"generation": rules.generation + 1, "mono": [
+            MonoMapping(public_ip=m.public_ip, vm_ip="10.66.0.1" if i == 1 else m.vm_ip,
+                        vm_uuid=m.vm_uuid) for i, m in enumerate(rules.mono)]})
+        t0 = time.perf_counter()
+        changed = await table.update(rules, moved)
+        change.append(time.perf_counter() - t0)
+        assert changed
+        t0 = time.perf_counter()
+        live = await table.state()
+        same = live == desired_state(moved)
+        check.append(time.perf_counter() - t0)
+        assert same, "the live table differs from the applied rules"
+    return {"mappings": len(rules.mono) + len(rules.ports), "mono": len(rules.mono),
+            "ports": len(rules.ports), "compute": compute, "full": full, "change": change,
+            "check": check}
+
+
+def _ms(values: list[float]) -> str:
+    return f"median {statistics.median(values) * 1000:.1f} ms, worst {max(values) * 1000:.1f} ms"
+
+
+RECEIVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    total = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        total += len(b)
+    c.sendall(str(total).encode()); c.close()
+"""
+
+SENDER = r"""
+import socket, sys, time
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+buf = b"x" * (1 << 20)
+s = socket.create_connection((host, port), timeout=30)
+t0 = time.perf_counter(); sent = 0
+while sent < size:
+    sent += s.send(buf[: min(len(buf), size - sent)])
+s.shutdown(socket.SHUT_WR)
+got = int(s.recv(64) or b"0")
+dt = time.perf_counter() - t0
+print(f"{got} {dt}")
+"""
+
+
+def _throughput(topo: Topology, size: int, rounds: int) -> dict[str, Any]:
+    router = topo.namespaces[-1]  # the namespace holding the table
+    src, dst = topo.add_namespace("src"), topo.add_namespace("dst")
+
+    def veth(a: Any, an: str, b: Any, bn: str) -> None:
+        a.run(["ip", "link", "add", an, "type", "veth", "peer", "name", bn, "netns", b.name])
+        a.run(["ip", "link", "set", an, "up"])
+        b.run(["ip", "link", "set", bn, "up"])
+
+    veth(src, "r0", router, "wan0")
+    veth(router, "lan0", dst, "r0")
+    veth(src, "d0", dst, "d0")
+    src.run(["ip", "addr", "add", "198.51.100.100/24", "dev", "r0"])
+    router.run(["ip", "addr", "add", "198.51.100.1/24", "dev", "wan0"])
+    router.run(["ip", "addr", "add", "10.64.0.1/32", "dev", "lan0"])
+    router.run(["ip", "route", "add", f"{VM_IP}/32", "dev", "lan0"])
+    router.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    dst.run(["ip", "addr", "add", f"{VM_IP}/32", "dev", "r0"])
+    dst.run(["ip", "route", "add", "10.64.0.1", "dev", "r0"])
+    dst.run(["ip", "route", "add", "default", "via", "10.64.0.1"])
+    src.run(["ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1"])
+    src.run(["ip", "addr", "add", "192.0.2.1/30", "dev", "d0"])
+    dst.run(["ip", "addr", "add", "192.0.2.2/30", "dev", "d0"])
+    recv = dst.popen([sys.executable, "-c", RECEIVER, "5201"], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        results: dict[str, list[float]] = {"router": [], "direct": []}
+        for _ in range(rounds):
+            for path, host in (("router", PUBLIC), ("direct", "192.0.2.2")):
+                out = src.run([sys.executable, "-c", SENDER, host, "5201", str(size)],
+                              timeout=300).stdout.split()
+                got, seconds = int(out[0]), float(out[1])
+                assert got == size, f"{path}: {got} of {size} bytes arrived"
+                results[path].append(size * 8 / seconds / 1e9)
+    finally:
+        recv.kill()
+        recv.wait(5)
+    best = {k: max(v) for k, v in results.items()}
+    return {"gbit": results, "best": best, "ratio": best["router"] / best["direct"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mappings", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--bytes", type=int, default=1 << 30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(asyncio.run(_inner(args.mappings, args.repeat))))
+        return
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"kernel {platform.release()}, "
+          f"{subprocess.run(['nft', '--version'], capture_output=True, text=True).stdout.strip()}")
+    with Topology(prefix="yb", root_link=False) as topo:
+        router = topo.add_namespace("router")
+        res = router.run([sys.executable, __file__, "--inner", "--mappings",
+                          str(args.mappings), "--repeat", str(args.repeat)],
+                         timeout=600, env={**os.environ})
+        sync = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"rule set: {sync['mappings']} mappings ({sync['mono']} mono, "
+              f"{sync['ports']} share ports)")
+        print(f"  rule_set() from rows:  {_ms(sync['compute'])}")
+        print(f"  full sync (one nft transaction):   {_ms(sync['full'])}   goal <= 1000 ms")
+        print(f"  incremental change (one mapping):  {_ms(sync['change'])}   goal <= 50 ms")
+        print(f"  drift check (list + compare):      {_ms(sync['check'])}")
+        tp = _throughput(topo, args.bytes, args.rounds)
+        print(f"throughput, {args.bytes >> 20} MiB per run, best of {args.rounds}: "
+              f"router {tp['best']['router']:.2f} Gbit/s, direct veth "
+              f"{tp['best']['direct']:.2f} Gbit/s, ratio {tp['ratio']:.2f}   goal >= 0.9")
+        print("  all runs (Gbit/s): " + json.dumps(
+            {k: [round(x, 2) for x in v] for k, v in tp["gbit"].items()}))
+
+
+if __name__ == "__main__":
+    main()

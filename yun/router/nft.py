@@ -1,0 +1,320 @@
+"""The one module that owns the router's nftables table ``ip yun_router``.
+
+The translation is STATELESS (``notrack`` and payload rewrites, no conntrack NAT), so any
+router can handle any packet of any flow: the paths between the routers and the nodes
+may be asymmetric (in through router 1, out through router 2), and a router that
+restarts or is added later needs no flow state. nft updates the IP and L4 checksums of
+the payload it rewrites.
+
+Inbound (raw prerouting, priority -300), for a packet to a public address:
+``notrack``, mark it inbound, then ``ip daddr`` through ``mono_dnat`` (public → VM) or,
+for a public port, ``ip daddr . dport`` through ``share_<p>_daddr`` (→ VM address) and
+then ``ip daddr . dport`` (the new VM address and the public port) through
+``share_<p>_dport`` (→ VM port).
+
+Outbound (a packet from a mapped VM address): ``notrack`` and mark it outbound in raw
+prerouting; in postrouting ``ip saddr`` through ``mono_snat`` (VM → public) or
+``ip saddr . sport`` through ``share_<p>_sport`` (→ public port) then ``ip saddr .
+sport`` (VM address and the public port) through ``share_<p>_saddr`` (→ public
+address). An outbound packet still carrying a VM address after that is dropped: a
+share VM's own connections and unmapped ports never leave with a private source.
+
+The forward chain (policy drop) lets through inbound packets now addressed to a mapped
+VM and outbound packets of mapped VMs, nothing else.
+
+:func:`table_document` builds the whole table as one ``nft -j`` document (applied in
+one transaction: the table is created, deleted and made again, so it is replaced
+atomically), :func:`diff_document` the element additions and deletions between two rule
+sets (one transaction too), and :func:`live_state` / :func:`desired_state` the
+comparable form used to find drift. Those four are pure; :class:`NftTable` runs nft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from yun.proto.network import RouterRuleSet
+
+log = logging.getLogger("yun.router.nft")
+
+FAMILY = "ip"
+TABLE = "yun_router"
+MARK_IN = 0x7901  # an inbound packet to a public address
+MARK_OUT = 0x7902  # an outbound packet of a mapped VM
+PROTOCOLS = ("tcp", "udp")
+
+Json = dict[str, Any]
+Elements = dict[str, set[tuple[Any, ...]]]
+
+
+def _share_maps(proto: str) -> list[str]:
+    return [f"share_{proto}_{what}" for what in ("daddr", "dport", "sport", "saddr")]
+
+
+# map/set name -> (key type, data type or None for a set)
+MAP_TYPES: dict[str, tuple[Any, str | None]] = {
+    "public_addrs": ("ipv4_addr", None),
+    "vm_addrs": ("ipv4_addr", None),
+    "mono_dnat": ("ipv4_addr", "ipv4_addr"),
+    "mono_snat": ("ipv4_addr", "ipv4_addr"),
+}
+for _p in PROTOCOLS:
+    MAP_TYPES[f"share_{_p}_daddr"] = (["ipv4_addr", "inet_service"], "ipv4_addr")
+    MAP_TYPES[f"share_{_p}_dport"] = (["ipv4_addr", "inet_service"], "inet_service")
+    MAP_TYPES[f"share_{_p}_sport"] = (["ipv4_addr", "inet_service"], "inet_service")
+    MAP_TYPES[f"share_{_p}_saddr"] = (["ipv4_addr", "inet_service"], "ipv4_addr")
+
+
+def elements(rules: RouterRuleSet) -> Elements:
+    """The content of every set and map for ``rules``: tuples (key..., data)."""
+    out: Elements = {name: set() for name in MAP_TYPES}
+    for m in rules.mono:
+        out["public_addrs"].add((m.public_ip,))
+        out["vm_addrs"].add((m.vm_ip,))
+        out["mono_dnat"].add((m.public_ip, m.vm_ip))
+        out["mono_snat"].add((m.vm_ip, m.public_ip))
+    for p in rules.ports:
+        out["public_addrs"].add((p.public_ip,))
+        out["vm_addrs"].add((p.vm_ip,))
+        pre = f"share_{p.protocol}_"
+        out[pre + "daddr"].add((p.public_ip, p.public_port, p.vm_ip))
+        out[pre + "dport"].add((p.vm_ip, p.public_port, p.vm_port))
+        out[pre + "sport"].add((p.vm_ip, p.vm_port, p.public_port))
+        out[pre + "saddr"].add((p.vm_ip, p.public_port, p.public_ip))
+    return out
+
+
+def _elem_json(name: str, item: tuple[Any, ...]) -> Any:
+    key_type, data_type = MAP_TYPES[name]
+    if data_type is None:
+        return item[0]
+    if isinstance(key_type, list):
+        return [{"concat": list(item[:-1])}, item[-1]]
+    return [item[0], item[1]]
+
+
+def _payload(proto: str, fld: str) -> Json:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _mark(value: int) -> Json:
+    return {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": value}}
+
+
+def _set_by_map(target: Json, key: Json, name: str) -> Json:
+    return {"mangle": {"key": target, "value": {"map": {"key": key, "data": f"@{name}"}}}}
+
+
+def _concat(*parts: Json) -> Json:
+    return {"concat": list(parts)}
+
+
+def _rules(wan: Sequence[str] = ()) -> dict[str, list[list[Json]]]:
+    """Every chain's rules (the expressions); each gets a comment ``yun:<chain>:<n>`` so
+    that a rule edited or deleted by hand is found by comparing the comments. ``wan``:
+    when given, only packets arriving on these interfaces are translated inbound."""
+    daddr, saddr = _payload("ip", "daddr"), _payload("ip", "saddr")
+    only_wan: list[Json] = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                       "right": {"set": sorted(wan)}}}] if wan else []
+    pre: list[list[Json]] = [
+        [*only_wan, {"match": {"op": "==", "left": daddr, "right": "@public_addrs"}},
+         {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_IN}}],
+        [{"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
+         {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_OUT}}],
+        [_mark(MARK_IN), _set_by_map(daddr, daddr, "mono_dnat")],
+    ]
+    post: list[list[Json]] = [[_mark(MARK_OUT), _set_by_map(saddr, saddr, "mono_snat")]]
+    for proto in PROTOCOLS:
+        dport, sport = _payload(proto, "dport"), _payload(proto, "sport")
+        l4 = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}}
+        pre.append([_mark(MARK_IN), l4,
+                    _set_by_map(daddr, _concat(daddr, dport), f"share_{proto}_daddr")])
+        pre.append([_mark(MARK_IN), l4,
+                    _set_by_map(dport, _concat(daddr, dport), f"share_{proto}_dport")])
+        post.append([_mark(MARK_OUT), l4,
+                     _set_by_map(sport, _concat(saddr, sport), f"share_{proto}_sport")])
+        post.append([_mark(MARK_OUT), l4,
+                     _set_by_map(saddr, _concat(saddr, sport), f"share_{proto}_saddr")])
+    post.append([_mark(MARK_OUT), {"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
+                 {"drop": None}])
+    forward: list[list[Json]] = [
+        [_mark(MARK_IN), {"match": {"op": "==", "left": daddr, "right": "@vm_addrs"}},
+         {"accept": None}],
+        [_mark(MARK_OUT), {"accept": None}],
+    ]
+    return {"prerouting": pre, "postrouting": post, "forward": forward}
+
+
+CHAINS: dict[str, tuple[str, int, str]] = {  # name -> hook, priority, policy
+    "prerouting": ("prerouting", -300, "accept"),
+    "postrouting": ("postrouting", 100, "accept"),
+    "forward": ("forward", 0, "drop"),
+}
+
+
+def table_document(rules: RouterRuleSet, wan: Sequence[str] = ()) -> Json:
+    """The whole table for ``rules`` as one ``nft -j`` document that replaces it atomically
+    (add, delete and add again the table: the delete never fails for a missing table)."""
+    table = {"family": FAMILY, "name": TABLE}
+    cmds: list[Json] = [{"add": {"table": table}}, {"delete": {"table": table}},
+                        {"add": {"table": table}}]
+    content = elements(rules)
+    for name, (key_type, data_type) in MAP_TYPES.items():
+        body: Json = {"family": FAMILY, "table": TABLE, "name": name, "type": key_type}
+        if data_type is not None:
+            body["map"] = data_type
+        items = sorted(content[name], key=str)
+        if items:
+            body["elem"] = [_elem_json(name, item) for item in items]
+        cmds.append({"add": {"map" if data_type else "set": body}})
+    for chain, (hook, prio, policy) in CHAINS.items():
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain,
+                                       "type": "filter", "hook": hook, "prio": prio,
+                                       "policy": policy}}})
+    for chain, rule_list in _rules(wan).items():
+        for n, expr in enumerate(rule_list):
+            cmds.append({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
+                                          "expr": expr, "comment": f"yun:{chain}:{n}"}}})
+    return {"nftables": cmds}
+
+
+def diff_document(old: RouterRuleSet, new: RouterRuleSet) -> Json | None:
+    """The element deletions then additions that turn the table of ``old`` into that of
+    ``new`` (one transaction), or None when nothing changes. A key whose data changes is
+    deleted and added again in the same transaction."""
+    before, after = elements(old), elements(new)
+    deletes: list[Json] = []
+    adds: list[Json] = []
+    for name in MAP_TYPES:
+        gone = before[name] - after[name]
+        came = after[name] - before[name]
+        if gone:
+            deletes.append({"delete": {"element": {
+                "family": FAMILY, "table": TABLE, "name": name,
+                "elem": [_elem_json(name, i) for i in sorted(gone, key=str)]}}})
+        if came:
+            adds.append({"add": {"element": {
+                "family": FAMILY, "table": TABLE, "name": name,
+                "elem": [_elem_json(name, i) for i in sorted(came, key=str)]}}})
+    if not deletes and not adds:
+        return None
+    return {"nftables": deletes + adds}
+
+
+@dataclass(frozen=True)
+class TableState:
+    """The comparable content of the table: elements per set/map, rule comments per
+    chain, and each chain's hook, priority and policy."""
+
+    elements: dict[str, frozenset[tuple[Any, ...]]] = field(default_factory=dict)
+    rules: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, int, str]] = field(default_factory=dict)
+
+
+def desired_state(rules: RouterRuleSet, wan: Sequence[str] = ()) -> TableState:
+    """What the live table must hold for ``rules``."""
+    return TableState(
+        elements={k: frozenset(v) for k, v in elements(rules).items()},
+        rules={c: tuple(f"yun:{c}:{n}" for n in range(len(r))) for c, r in _rules(wan).items()},
+        chains=dict(CHAINS))
+
+
+def _item(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, dict) and "concat" in value:
+        return tuple(value["concat"])
+    return (value,)
+
+
+def live_state(listing: Json) -> TableState:
+    """The comparable form of ``nft -j list table ip yun_router`` output."""
+    elems: dict[str, set[tuple[Any, ...]]] = {}
+    rules: dict[str, list[str]] = {}
+    chains: dict[str, tuple[str, int, str]] = {}
+    for entry in listing.get("nftables", []):
+        for kind in ("set", "map"):
+            if kind in entry:
+                body = entry[kind]
+                got: set[tuple[Any, ...]] = set()
+                for e in body.get("elem", []):
+                    if isinstance(e, dict) and "elem" in e:  # with timeout/comment info
+                        e = e["elem"]["val"]
+                    if kind == "map":
+                        got.add((*_item(e[0]), e[1]))
+                    else:
+                        got.add(_item(e))
+                elems[body["name"]] = got
+        if "chain" in entry:
+            c = entry["chain"]
+            chains[c["name"]] = (c.get("hook", ""), int(c.get("prio", 0)), c.get("policy", ""))
+            rules.setdefault(c["name"], [])
+        if "rule" in entry:
+            r = entry["rule"]
+            rules.setdefault(r["chain"], []).append(r.get("comment", ""))
+    return TableState(elements={k: frozenset(v) for k, v in elems.items()},
+                      rules={k: tuple(v) for k, v in rules.items()}, chains=chains)
+
+
+class NftError(RuntimeError):
+    """nft refused a document or could not list the table."""
+
+
+@dataclass
+class NftTable:
+    """Runs ``nft`` (in the process's network namespace) for the router's table."""
+
+    nft: str = "nft"
+    timeout: float = 30.0
+    wan: tuple[str, ...] = ()
+
+    async def _run(self, *args: str, stdin: bytes | None = None) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            self.nft, *args, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise NftError(f"nft {' '.join(args)} took more than {self.timeout} s") from None
+        if proc.returncode != 0:
+            raise NftError(f"nft {' '.join(args)} failed ({proc.returncode}): "
+                           f"{err.decode(errors='replace').strip()[:2000]}")
+        return out.decode()
+
+    async def apply(self, document: Json) -> None:
+        """Apply one ``nft -j`` document in one transaction (all or nothing)."""
+        await self._run("-j", "-f", "-", stdin=json.dumps(document).encode())
+
+    async def replace(self, rules: RouterRuleSet) -> None:
+        """Replace the whole table with the one of ``rules`` (atomic)."""
+        await self.apply(table_document(rules, self.wan))
+
+    async def update(self, old: RouterRuleSet, new: RouterRuleSet) -> bool:
+        """Apply the difference between ``old`` (what the table holds) and ``new``;
+        whether anything changed."""
+        doc = diff_document(old, new)
+        if doc is None:
+            return False
+        await self.apply(doc)
+        return True
+
+    async def state(self) -> TableState | None:
+        """The live table's comparable content, or None when the table does not exist."""
+        try:
+            out = await self._run("-j", "list", "table", FAMILY, TABLE)
+        except NftError as exc:
+            if "No such file" in str(exc) or "does not exist" in str(exc):
+                return None
+            raise
+        return live_state(json.loads(out))
+
+    async def delete(self) -> None:
+        """Remove the table (no error when it is absent)."""
+        table = {"family": FAMILY, "name": TABLE}
+        await self.apply({"nftables": [{"add": {"table": table}},
+                                       {"delete": {"table": table}}]})
