@@ -36,7 +36,7 @@ async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore
     assert code == 0, out
     assert "create web1: done" in out and "running" in out
     code, out = await cli("vm", "list")
-    assert code == 0 and "web1" in out and "10.77.0." in out
+    assert code == 0 and "web1" in out and "10.64." in out
     code, out = await cli("node", "list")
     assert code == 0 and "node-0000" in out
     code, out = await cli("vm", "stop", "web1")

@@ -27,6 +27,8 @@ from yun.control.db.models import (
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import POOLS, effective_qos, qos_needs
+from yun.control.network.modes import mode_for
+from yun.control.network.modes.base import address_pool_of
 from yun.control.nodeclient import node_client
 from yun.control.scheduler.placement import Request
 from yun.control.services.common import find
@@ -120,13 +122,17 @@ class VmService:
                     f"({image.virtual_size / 1024**3:.1f} GiB)")
             pools, pool = await self._pools_for(session, req, scope)
             group = await self._group_for(session, req, user, scope)
+            mode = mode_for(pool.network_mode) if pool is not None else None
+            if mode is not None and pool is not None and mode.name == "sandbox-mono":
+                await address_pool_of(session, pool)  # refused at once when none is linked
             vm_uuid = str(uuidlib.uuid4())
             # Answer at once when no node can take the VM now (the placement in the
             # create's flow is the real check: this one only saves a doomed task).
             await self.ctx.placement.check(session, Request(
                 req.vcpus, req.memory_mb, req.disk_gb, pool_uuids=tuple(pools),
                 labels=MappingProxyType(dict(req.node_labels)),
-                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit}),
+                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit})
+                | (mode.capabilities if mode is not None else frozenset()),
                 group_uuid=group.uuid if group else None))
             await quotas.claim(session, await _project(session, user),
                                quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
