@@ -206,7 +206,7 @@ class PortForwardService:
             try:
                 async with session.begin_nested():
                     session.add(row)
-                    await session.flush([row])
+                    await session.flush()
             except IntegrityError:
                 continue
             return row
