@@ -19,7 +19,9 @@ from yun.control.db.models import (
     PoolRow,
     PublicIpRow,
     QuotaRow,
+    VmRow,
 )
+from yun.proto.network import LearnedAddress
 from yun.control.db.session import Database
 from yun.testing.cluster import SimCluster
 
@@ -215,3 +217,35 @@ async def test_direct_pool_needs_a_node_with_a_direct_bridge(
                                                        "memory_mb": 64, "disk_gb": 1})
     assert resp.status_code in (409, 503), resp.text
     assert "net_direct" in resp.text
+
+
+async def test_direct_vm_address_is_learned_from_its_node(
+        cluster: SimCluster, small_qcow2: Path) -> None:
+    """The address a node reports a direct-mode VM took (by MAC) becomes the VM's ip;
+    a sandbox VM's address is the platform's and never follows such a report."""
+    assert cluster.api is not None and cluster.control is not None
+    await upload(cluster, small_qcow2)
+    task, vm = await create_vm(cluster, "lan1")
+    assert task["state"] == "succeeded"
+    agent = node_of(cluster, vm).agent
+    registry = cluster.control.nodes
+    learned = [LearnedAddress(mac=vm["mac"], ip="192.168.1.77")]
+
+    async def report() -> None:
+        snapshot = await agent.snapshot()
+        await registry.report(snapshot.model_copy(update={"learned": learned}))
+
+    await report()  # the pool is sandbox-private: the report changes nothing
+    assert (await cluster.api.get("/api/v1/vms/lan1")).json()["ip"] == vm["ip"]
+    async with _db(cluster).session() as s:
+        await s.execute(update(PoolRow).where(PoolRow.name == "default").values(
+            network_mode="direct"))
+    await report()
+    async with _db(cluster).session() as s:
+        row = await s.get(VmRow, vm["uuid"])
+        assert row is not None and row.ip == "192.168.1.77"
+        stamp = row.updated_at
+    await report()  # the same address again: no write
+    async with _db(cluster).session() as s:
+        row = await s.get(VmRow, vm["uuid"])
+        assert row is not None and row.updated_at == stamp
