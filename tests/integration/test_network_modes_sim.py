@@ -21,9 +21,18 @@ from yun.control.db.models import (
     QuotaRow,
     VmRow,
 )
-from yun.proto.network import LearnedAddress
 from yun.control.db.session import Database
+from yun.proto.network import LearnedAddress
 from yun.testing.cluster import SimCluster
+from yun.testing.invariants import SIM_HOST_FILE, check
+
+
+async def consistent(cluster: SimCluster) -> list[str]:
+    """Every invariant violation of the cloud, the holdings of its nodes that held
+    anything included (a node writes its state file once it holds something)."""
+    nodes = {n.name: cluster.root / n.name for n in cluster.node_services
+             if (cluster.root / n.name / SIM_HOST_FILE).exists()}
+    return await asyncio.to_thread(check, _db(cluster).url, nodes)
 
 
 def _db(cluster: SimCluster) -> Database:
@@ -141,6 +150,7 @@ async def test_mono_pool_exhausted_by_concurrent_creates(
     rows = await public_rows(cluster)
     assert len(rows) == 20 and len({r.ip for r in rows}) == 20
     assert {r.vm_uuid for r in rows} == {vm["uuid"] for vm in ok}
+    assert await consistent(cluster) == []
 
 
 async def test_private_port_forward_is_pushed_to_the_node(
@@ -179,10 +189,18 @@ async def test_private_port_forward_is_pushed_to_the_node(
     assert resp.status_code == 404
     listed = (await cluster.api.get("/api/v1/vms/web1/port-forwards")).json()
     assert [f["vm_port"] for f in listed] == [53, 80]
+    assert await consistent(cluster) == []
+    # A forward the database does not have, on the node: the checker names it.
+    held = node.agent.network.forwards[vm["uuid"]]
+    await node.agent.network.set_forwards(vm["uuid"], [*held, held[0].model_copy(
+        update={"node_port": 40009})])
+    assert [p.split(":")[0] for p in await consistent(cluster)] == ["forward orphaned"]
+    await node.agent.network.set_forwards(vm["uuid"], held)
     await delete_vm(cluster, "web1")
     async with _db(cluster).session() as s:
         assert (await s.scalars(select(NodeForwardRow))).all() == []
     assert vm["uuid"] not in node.agent.network.forwards
+    assert await consistent(cluster) == []
 
 
 async def test_share_port_forward_gets_a_public_ip_and_port(

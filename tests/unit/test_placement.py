@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from yun.control.network.modes import on_placed
 from yun.control.db.models import (
     AddressRow,
     AllocationRow,
@@ -23,6 +22,7 @@ from yun.control.db.models import (
     VmRow,
 )
 from yun.control.db.session import Database
+from yun.control.network.modes import on_placed
 from yun.control.scheduler import inventory
 from yun.control.scheduler.placement import Placed, Placement, Request
 from yun.proto.errors import InsufficientCapacity
