@@ -14,6 +14,7 @@ from tests.integration.conftest import upload
 from yun.control.db.models import (
     AddressPoolRow,
     AddressRangeRow,
+    AddressRow,
     NetworkChangeRow,
     NodeForwardRow,
     PoolRow,
@@ -267,3 +268,39 @@ async def test_direct_vm_address_is_learned_from_its_node(
     async with _db(cluster).session() as s:
         row = await s.get(VmRow, vm["uuid"])
         assert row is not None and row.updated_at == stamp
+
+
+async def test_extra_address_hot_plugged_on_a_running_vm(
+        cluster: SimCluster, small_qcow2: Path) -> None:
+    """U-HOTPLUG: an extra address of the node's subnet reaches the node's port of the
+    running VM at once; removed, it is gone there and free again; the VM kept running."""
+    assert cluster.api is not None
+    await upload(cluster, small_qcow2)
+    task, vm = await create_vm(cluster, "hp1")
+    assert task["state"] == "succeeded"
+    node = node_of(cluster, vm)
+    resp = await cluster.api.post("/api/v1/vms/hp1/addresses")
+    assert resp.status_code == 201, resp.text
+    extra = resp.json()["ip"]
+    assert extra != vm["ip"] and extra.rsplit(".", 1)[0] == vm["ip"].rsplit(".", 1)[0]
+    [port] = node.agent.network.ports[vm["uuid"]]
+    assert port.ip == vm["ip"] and port.extra_ips == [extra]
+    shown = (await cluster.api.get("/api/v1/vms/hp1")).json()
+    assert shown["extra_ips"] == [extra] and shown["state"] == "running"
+    assert (await node.agent.driver.get_domain(vm["uuid"])).state == "running"
+    assert await consistent(cluster) == []
+    # The node refuses: the address is given back, nothing half made.
+    node.agent.network.fail_next("ensure_port")
+    resp = await cluster.api.post("/api/v1/vms/hp1/addresses")
+    assert resp.status_code >= 500 or resp.status_code == 409, resp.text
+    assert (await cluster.api.get("/api/v1/vms/hp1")).json()["extra_ips"] == [extra]
+    resp = await cluster.api.delete(f"/api/v1/vms/hp1/addresses/{extra}")
+    assert resp.status_code == 204, resp.text
+    [port] = node.agent.network.ports[vm["uuid"]]
+    assert port.extra_ips == []
+    resp = await cluster.api.delete(f"/api/v1/vms/hp1/addresses/{extra}")
+    assert resp.status_code == 404 and "no extra address" in resp.text
+    async with _db(cluster).session() as s:  # only the primary address is held
+        assert (await s.scalars(select(AddressRow.ip).where(
+            AddressRow.vm_uuid == vm["uuid"]))).all() == [vm["ip"]]
+    await delete_vm(cluster, "hp1")

@@ -46,6 +46,7 @@ from yun.proto.resources import (
     PortForwardCreate,
     Task,
     Vm,
+    VmAddress,
     VmCreate,
     VmQosUpdate,
     VmStop,
@@ -135,6 +136,19 @@ class Vms(TaggedCollection[R, Vm]):
         or a public ip:port (sandbox-share)."""
         body = PortForwardCreate.model_validate({"port": port, "protocol": protocol})
         return Call("POST", self._item(ref, "/port-forwards"), model(PortForward), body=body,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def add_address(self, ref: str, *, idempotency_key: str | None = None) -> Call[VmAddress]:
+        """One more address of the node's subnet for a sandbox VM (U-HOTPLUG)."""
+        return Call("POST", self._item(ref, "/addresses"), model(VmAddress),
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def remove_address(self, ref: str, ip: str, *,
+                       idempotency_key: str | None = None) -> Call[None]:
+        """Take an extra address off a VM."""
+        return Call("DELETE", path("/vms/{}/addresses/{}", ref, ip), nothing,
                     headers=idempotency(idempotency_key))
 
     @endpoint

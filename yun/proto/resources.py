@@ -469,6 +469,13 @@ class PortForward(BaseModel):
     port: int
 
 
+class VmAddress(BaseModel):
+    """An extra address of a sandbox VM, of its node's subnet, routed to its NIC
+    (U-HOTPLUG); the guest configures it itself."""
+
+    ip: str
+
+
 class Vm(Resource):
     state: VmState
     vcpus: int

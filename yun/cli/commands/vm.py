@@ -308,4 +308,29 @@ def forward_remove(vm: VmArg, port: PortArg, udp: UdpOpt = False,
     typer.echo(f"port forward of {vm}:{port}{'/udp' if udp else ''} removed")
 
 
+addresses_app = typer.Typer(help="Extra addresses of a sandbox VM (hot-plugged, routed to "
+                                 "its NIC; the guest configures them itself).",
+                            no_args_is_help=True)
+app.add_typer(addresses_app, name="address")
+
+
+@addresses_app.command("add")
+def address_add(vm: VmArg, idempotency_key: IdempotencyKey = None,
+                output: Output = None) -> None:
+    """Give the VM one more address of its node's subnet; prints it."""
+    made = client().vms.add_address(vm, idempotency_key=idempotency_key)
+    if output_format(output) is OutputFormat.TABLE:
+        typer.echo(made.ip)
+    else:
+        emit(made, output)
+
+
+@addresses_app.command("remove")
+def address_remove(vm: VmArg, ip: Annotated[str, typer.Argument(help="the extra address")],
+                   idempotency_key: IdempotencyKey = None) -> None:
+    """Take an extra address off the VM."""
+    client().vms.remove_address(vm, ip, idempotency_key=idempotency_key)
+    typer.echo(f"address {ip} removed from {vm}")
+
+
 add_tag_commands(app, "VM", lambda c: c.vms.tags)

@@ -29,8 +29,10 @@ def mac_for(vm_uuid: str) -> str:
 class AddressAllocator:
     """Hands out node-scoped addresses (the placement worker's hook, hot-plugged IPs)."""
 
-    async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str) -> str:
-        """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid``.
+    async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str,
+                       *, another: bool = False) -> str:
+        """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid`` (the one
+        it already holds there, unless ``another``: an extra address of the VM).
 
         The unique (scope, ip) constraint is what guarantees no address is given twice,
         even by two control servers; the lock only avoids needless conflicts here.
@@ -42,7 +44,7 @@ class AddressAllocator:
             select(AddressRow.ip, AddressRow.vm_uuid).where(AddressRow.scope == scope))).all()
         used = set()
         for ip, holder in held:
-            if holder == vm_uuid:
+            if holder == vm_uuid and not another:
                 return str(ip)
             used.add(ip)
         for offset, host in enumerate(network.hosts(), start=1):

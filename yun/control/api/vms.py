@@ -20,6 +20,7 @@ from yun.proto.resources import (
     PortForward,
     PortForwardCreate,
     Vm,
+    VmAddress,
     VmCreate,
     VmQosUpdate,
     VmStop,
@@ -99,5 +100,15 @@ def vm_router(api: ApiBundle) -> APIRouter:
                              port: Annotated[int, Path(ge=1, le=65535)],
                              sc: Scope = scope) -> None:
         await api.vms.forwards.remove(ref, protocol, port, sc)
+
+    @r.post("/vms/{ref}/addresses", response_model=VmAddress, status_code=201,
+            name="vm.address.add")
+    async def add_address(ref: str, sc: Scope = scope) -> VmAddress:
+        return await api.vms.addresses.add(ref, sc)
+
+    @r.delete("/vms/{ref}/addresses/{ip}", status_code=204, response_model=None,
+              name="vm.address.remove")
+    async def remove_address(ref: str, ip: str, sc: Scope = scope) -> None:
+        await api.vms.addresses.remove(ref, ip, sc)
 
     return r

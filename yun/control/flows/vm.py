@@ -181,6 +181,8 @@ async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
     await release_node_scoped(session, vm.uuid)
     node_uuid = vm.node_uuid
     vm.ip = None
+    if vm.extra_ips:
+        vm.extra_ips = []  # addresses of the node's subnet: given back with it
     if not node_uuid:
         vm.node_cleanup = False
         return False

@@ -39,6 +39,7 @@ from yun.control.services.port_forwards import (
     public_addresses_of,
 )
 from yun.control.services.tasks import task_model
+from yun.control.services.vm_addresses import VmAddressService
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import QosSpec, StopRequest
@@ -109,6 +110,7 @@ class VmService:
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
         self.forwards = PortForwardService(ctx)
+        self.addresses = VmAddressService(ctx)
 
     async def create(self, req: VmCreate, user: RequestContext, scope: Scope) -> Accepted:
         """Record the VM, count it against its project's quota, and start its create flow."""

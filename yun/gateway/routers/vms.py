@@ -26,6 +26,7 @@ from yun.proto.resources import (
     PortForward,
     PortForwardCreate,
     Vm,
+    VmAddress,
     VmCreate,
     VmQosUpdate,
     VmStop,
@@ -169,4 +170,23 @@ async def remove_port_forward(
     """Stop forwarding the VM's port (``tcp`` or ``udp``)."""
     return answer(await up.call(ctx, "DELETE", "/vms/{ref}/port-forwards/{protocol}/{port}",
                                 path={"ref": ref, "protocol": protocol, "port": str(port)},
+                                idempotency_key=idempotency_key), None)
+
+
+@router.post("/vms/{ref}/addresses", response_model=VmAddress, status_code=201)
+async def add_vm_address(ref: RefPath, ctx: Ctx, up: Up,
+                         idempotency_key: IdempotencyKey = None) -> Response:
+    """Give a running sandbox VM one more address of its node's subnet, routed to its NIC
+    at once (the guest configures it itself). Refused (409) for a direct-mode VM."""
+    return answer(await up.call(ctx, "POST", "/vms/{ref}/addresses", path={"ref": ref},
+                                idempotency_key=idempotency_key), VmAddress)
+
+
+@router.delete("/vms/{ref}/addresses/{ip}", status_code=204)
+async def remove_vm_address(
+        ref: RefPath, ip: Annotated[str, Path(pattern=r"^[0-9.]{7,15}$")], ctx: Ctx, up: Up,
+        idempotency_key: IdempotencyKey = None) -> Response:
+    """Take an extra address off the VM (its primary address stays)."""
+    return answer(await up.call(ctx, "DELETE", "/vms/{ref}/addresses/{ip}",
+                                path={"ref": ref, "ip": ip},
                                 idempotency_key=idempotency_key), None)
