@@ -164,7 +164,7 @@ async def add_port_forward(ref: RefPath, body: PortForwardCreate, ctx: Ctx, up: 
 
 @router.delete("/vms/{ref}/port-forwards/{protocol}/{port}", status_code=204)
 async def remove_port_forward(
-        ref: RefPath, protocol: Annotated[str, Path(pattern="^(tcp|udp)$")],
+        ref: RefPath, protocol: Annotated[str, Path(pattern="^(tcp|udp)$", max_length=3)],
         port: Annotated[int, Path(ge=1, le=65535)], ctx: Ctx, up: Up,
         idempotency_key: IdempotencyKey = None) -> Response:
     """Stop forwarding the VM's port (``tcp`` or ``udp``)."""
@@ -184,7 +184,7 @@ async def add_vm_address(ref: RefPath, ctx: Ctx, up: Up,
 
 @router.delete("/vms/{ref}/addresses/{ip}", status_code=204)
 async def remove_vm_address(
-        ref: RefPath, ip: Annotated[str, Path(pattern=r"^[0-9.]{7,15}$")], ctx: Ctx, up: Up,
+        ref: RefPath, ip: Annotated[str, Path(pattern=r"^[0-9.]{7,15}$", max_length=15)], ctx: Ctx, up: Up,
         idempotency_key: IdempotencyKey = None) -> Response:
     """Take an extra address off the VM (its primary address stays)."""
     return answer(await up.call(ctx, "DELETE", "/vms/{ref}/addresses/{ip}",
