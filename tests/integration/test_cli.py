@@ -36,7 +36,7 @@ async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore
     assert code == 0, out
     assert "create web1: done" in out and "running" in out
     code, out = await cli("vm", "list")
-    assert code == 0 and "web1" in out and "10.77.0." in out
+    assert code == 0 and "web1" in out and "10.64." in out
     code, out = await cli("node", "list")
     assert code == 0 and "node-0000" in out
     code, out = await cli("vm", "stop", "web1")
@@ -49,6 +49,24 @@ async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore
     assert code == 0 and "YUN-GUEST-READY" in out
     code, out = await cli("image", "delete", "base")
     assert code == 1 and "used by VM(s) web1" in out
+    # The private VM's port 80 through a NAT port of its node (F-SB-PRIVATE).
+    code, out = await cli("vm", "port-forward", "add", "web1", "80")
+    assert code == 0 and out.strip() == "web1:80 -> 127.0.0.1:40000", out
+    code, out = await cli("vm", "port-forward", "add", "web1", "53", "--udp")
+    assert code == 0 and out.strip() == "web1:53/udp -> 127.0.0.1:40000", out
+    code, out = await cli("vm", "port-forward", "add", "web1", "80")
+    assert code == 1 and "already forwarded" in out
+    code, out = await cli("vm", "port-forward", "add", "web1", "70000")
+    assert code == 2 and "65535" in out, out
+    code, out = await cli("vm", "port-forward", "list", "web1")
+    assert code == 0 and out.splitlines() == ["web1:53/udp -> 127.0.0.1:40000",
+                                              "web1:80 -> 127.0.0.1:40000"], out
+    code, out = await cli("vm", "show", "web1")
+    assert code == 0 and "web1:80 -> 127.0.0.1:40000" in out and "sandbox-private" in out
+    code, out = await cli("vm", "port-forward", "remove", "web1", "53", "--udp")
+    assert code == 0 and "removed" in out
+    code, out = await cli("vm", "port-forward", "list", "web1")
+    assert code == 0 and out.splitlines() == ["web1:80 -> 127.0.0.1:40000"], out
     code, out = await cli("vm", "delete", "web1")
     assert code == 0 and "delete web1: done" in out
     code, out = await cli("vm", "show", "web1")

@@ -5,6 +5,7 @@ a domain-server restart."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 import uuid
@@ -236,8 +237,11 @@ async def test_orphan_cleanup_is_one_background_job_per_node(cluster: SimCluster
     domain_only, port_only, disk_only = (str(uuid.uuid4()) for _ in range(3))
     await agent.driver.ensure_defined(DomainSpec(uuid=domain_only, name="stray", vcpus=1,
                                                  memory_mb=64), [], [])
+    # An address of the node's sandbox subnet (the control server gave it one).
+    assert agent.network.settings is not None
+    stray_ip = str(ipaddress.IPv4Network(agent.network.settings.subnet)[200])
     await agent.network.ensure_port(port_only, NicSpec(nic_id="n0", mac="52:54:00:aa:bb:cc",
-                                                       ip="10.77.0.200"))
+                                                       ip=stray_ip))
     await agent.disks.ensure_disk(disk_only, DiskSpec(disk_id="root", size_gb=1))
 
     # The node takes its time to remove (a slow host): count what it is asked to do.

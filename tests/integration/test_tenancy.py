@@ -55,7 +55,7 @@ def _ref_for(path: str, ids: dict[str, str]) -> dict[str, str]:
             "zones": ids["zone"], "pools": ids["pool"]}
     values: dict[str, str] = {}
     for name in re.findall(r"{(\w+)}", path):
-        values[name] = refs[first]
+        values[name] = PLAIN_PARAMS.get(name, refs[first])
     return values
 
 
@@ -70,7 +70,10 @@ BODIES: dict[str, Any] = {
     "PoolNodeAdd": {"node": "x"},
     "ZoneUpdate": {"description": "x"},
     "PoolUpdate": {"description": "x"},
+    "PortForwardCreate": {"port": 80},
 }
+# Path parameters that name no resource: a valid value of each.
+PLAIN_PARAMS = {"protocol": "tcp", "port": "80", "ip": "10.64.0.20"}
 
 
 def _valid_body(spec: dict[str, Any], operation: dict[str, Any]) -> Any:

@@ -24,7 +24,9 @@ def assert_node_built_what_was_asked(agent: Any, vm: dict, image: dict) -> None:
     assert [(d.disk_id, d.path.parent.name) for d in domain.disks] == [(disk.disk_id,
                                                                           vm["uuid"])]
     [port] = agent.network.ports[vm["uuid"]]
-    assert (port.mac, port.ip, port.hostname) == (vm["mac"], vm["ip"], "vm1")
+    assert (port.mac, port.ip, port.exposure) == (vm["mac"], vm["ip"], "private")
+    [nic] = domain.spec.nics
+    assert (nic.network, nic.hostname) == ("sandbox", "vm1")
     assert [(n.mac, n.tap) for n in domain.nics] == [(port.mac, port.tap)]
 
 
@@ -40,10 +42,10 @@ async def test_create_power_delete(cluster: SimCluster, small_qcow2: Path) -> No
     vm_uuid = resp.json()["resource"]["uuid"]
     task = await cluster.wait_task(resp.json()["task"]["uuid"])
     assert task["state"] == "succeeded", task
-    assert [s["name"] for s in task["steps"]] == ["schedule", "provision",
-                                                  "confirm"]
+    assert [s["name"] for s in task["steps"]] == ["schedule", "address", "provision",
+                                                  "forwarders", "confirm"]
     vm = (await api.get(f"/api/v1/vms/{vm_uuid}")).json()
-    assert vm["state"] == "running" and vm["ip"].startswith("10.77.0.")
+    assert vm["state"] == "running" and vm["ip"].startswith("10.64.")
     node = next(n for n in cluster.node_services if n.agent.node_id == vm["node_uuid"])
     assert (await node.agent.driver.get_domain(vm_uuid)).state == "running"
     assert_node_built_what_was_asked(node.agent, vm, image)

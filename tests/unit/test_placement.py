@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.models import (
     AddressRow,
     AllocationRow,
@@ -23,6 +22,7 @@ from yun.control.db.models import (
     VmRow,
 )
 from yun.control.db.session import Database
+from yun.control.network.modes import on_placed
 from yun.control.scheduler import inventory
 from yun.control.scheduler.placement import Placed, Placement, Request
 from yun.proto.errors import InsufficientCapacity
@@ -55,7 +55,7 @@ async def setup(tmp_path: Path, nodes: int, vms: int, vcpus: int = 1
 async def test_concurrent_placements_spread_overcommit_and_never_overbook(
         tmp_path: Path) -> None:
     db, vms, pool = await setup(tmp_path, nodes=5, vms=25)
-    placement = Placement(db, batch_size=7, on_placed=AddressAllocator().on_placed)
+    placement = Placement(db, batch_size=7, on_placed=on_placed)
     results = await asyncio.gather(*(placement.place(v, Request(1, 256, 1, (pool,)))
                                      for v in vms), return_exceptions=True)
     placed = [r for r in results if isinstance(r, Placed)]

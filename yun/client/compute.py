@@ -28,6 +28,7 @@ from yun.client._core import (
     endpoint,
     idempotency,
     model,
+    nothing,
     path,
     text,
 )
@@ -41,8 +42,11 @@ from yun.proto.resources import (
     Node,
     NodeLabelsUpdate,
     Page,
+    PortForward,
+    PortForwardCreate,
     Task,
     Vm,
+    VmAddress,
     VmCreate,
     VmQosUpdate,
     VmStop,
@@ -119,6 +123,40 @@ class Vms(TaggedCollection[R, Vm]):
     def console(self, ref: str) -> Call[Console]:
         """Where the VM's VNC display and serial log are."""
         return Call("GET", self._item(ref, "/console"), model(Console))
+
+    @endpoint
+    def port_forwards(self, ref: str) -> Call[list[PortForward]]:
+        """How the VM's ports are reached from outside."""
+        return Call("GET", self._item(ref, "/port-forwards"), model(list[PortForward]))
+
+    @endpoint
+    def add_port_forward(self, ref: str, port: int, protocol: str = "tcp", *,
+                         idempotency_key: str | None = None) -> Call[PortForward]:
+        """Reach ``port`` of the VM from outside: a NAT port of its node (sandbox-private)
+        or a public ip:port (sandbox-share)."""
+        body = PortForwardCreate.model_validate({"port": port, "protocol": protocol})
+        return Call("POST", self._item(ref, "/port-forwards"), model(PortForward), body=body,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def add_address(self, ref: str, *, idempotency_key: str | None = None) -> Call[VmAddress]:
+        """One more address of the node's subnet for a sandbox VM (U-HOTPLUG)."""
+        return Call("POST", self._item(ref, "/addresses"), model(VmAddress),
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def remove_address(self, ref: str, ip: str, *,
+                       idempotency_key: str | None = None) -> Call[None]:
+        """Take an extra address off a VM."""
+        return Call("DELETE", path("/vms/{}/addresses/{}", ref, ip), nothing,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def remove_port_forward(self, ref: str, port: int, protocol: str = "tcp", *,
+                            idempotency_key: str | None = None) -> Call[None]:
+        """Stop forwarding ``port`` of the VM."""
+        return Call("DELETE", path("/vms/{}/port-forwards/{}/{}", ref, protocol, str(port)),
+                    nothing, headers=idempotency(idempotency_key))
 
 
 def _read(file: Path) -> Iterator[bytes]:

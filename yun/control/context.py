@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from yun.config import ControlSettings
 from yun.control.access.identity import IdentityService
-from yun.control.allocators.addresses import AddressAllocator
 from yun.control.db.session import Database
 from yun.control.flows.engine import FlowEngine
+from yun.control.network.modes import on_placed
 from yun.control.scheduler.loads import LiveLoads
 from yun.control.scheduler.placement import Placement
 from yun.proto.membership import Membership
@@ -23,11 +23,10 @@ class ControlContext:
     queues: KeyedQueues = field(default_factory=KeyedQueues)
     loads: LiveLoads = field(default_factory=LiveLoads)
     placement: Placement = field(init=False)
-    addresses: AddressAllocator = field(default_factory=AddressAllocator)
     engine: FlowEngine = field(init=False)
     identity: IdentityService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.placement = Placement(self.db, on_placed=self.addresses.on_placed,
+        self.placement = Placement(self.db, on_placed=on_placed,
                                    loads=self.loads)
         self.identity = IdentityService(self.db)

@@ -530,6 +530,33 @@ class VmStop(Input):
     timeout: float = Field(default=60.0, ge=0, le=3600)
 
 
+class PortForwardCreate(BaseModel):
+    """Reach a port of a VM from outside: a NAT port of its node (sandbox-private) or a
+    public ip:port of its pool's shared address pool (sandbox-share)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=1, le=65535, description="the VM's port")
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class PortForward(BaseModel):
+    """``address:port`` reaches ``vm_port`` of the VM."""
+
+    protocol: str
+    vm_port: int
+    address: str = Field(description="the node's LAN address (private) or the public "
+                                     "address (share)")
+    port: int
+
+
+class VmAddress(BaseModel):
+    """An extra address of a sandbox VM, of its node's subnet, routed to its NIC
+    (U-HOTPLUG); the guest configures it itself."""
+
+    ip: str
+
+
 class Vm(Resource):
     state: VmState
     vcpus: int
@@ -543,8 +570,15 @@ class Vm(Resource):
     qos: QosSpec = Field(default_factory=QosSpec, description="the VM's QoS limits")
     node_uuid: str | None = None
     node_name: str | None = None
-    ip: str | None = None
+    ip: str | None = Field(default=None, description="sandbox: its address in its node's "
+                           "subnet; direct: the address it took from the LAN's DHCP server")
     mac: str | None = None
+    extra_ips: list[str] = Field(default_factory=list,
+                                 description="more addresses of its node's subnet (hot-plug)")
+    network_mode: str | None = None
+    public_ip: str | None = Field(default=None, description="sandbox-mono: its own public "
+                                  "address")
+    port_forwards: list[PortForward] = Field(default_factory=list)
     power_state: str | None = None
     task_uuid: str | None = None
     error: str | None = None

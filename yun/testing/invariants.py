@@ -10,7 +10,13 @@ The nodes' state is what each sim node persists in ``<state dir>/sim-host.json``
 
     {"domains": {"<vm uuid>": {"state": "running", "disk_ids": [...], "macs": [...]}},
      "disks":   {"<disk id>": {"vm_uuid": "...", "size_gb": 1}},
-     "ports":   {"<mac>": {"vm_uuid": "...", "ip": "10.77.0.5"}}}
+     "ports":   {"<mac>": {"vm_uuid": "...", "ip": "10.64.0.10"}},
+     "forwards": {"<vm uuid>": [{"protocol": "tcp", "node_port": 40000,
+                                 "vm_ip": "10.64.0.10", "vm_port": 80}]}}
+
+The network checks: a node-scoped address, a public address or port and a node NAT port
+are held only by a VM that exists and has not failed; a running sandbox VM's address is
+held; the NAT ports a node forwards are the database's, to the VM's address.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from yun.control.db.models import (
     FlowRow,
     IdempotencyRow,
     InventoryRow,
+    NodeForwardRow,
     NodeRow,
     PoolRow,
+    PublicIpRow,
     QuotaRow,
     VmGroupRow,
     VmRow,
@@ -58,6 +66,7 @@ class SimHost:
     domains: dict[str, dict[str, Any]] = field(default_factory=dict)
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    forwards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def load_sim_host(state_dir: Path) -> SimHost:
@@ -88,6 +97,12 @@ def load_sim_host(state_dir: Path) -> SimHost:
             if table != "domains" and not isinstance(entry.get("vm_uuid"), str):
                 raise ValueError(f"{path}: {table}[{key!r}] names no vm_uuid")
         setattr(host, table, entries)
+    forwards = doc.get("forwards", {})
+    if not isinstance(forwards, dict) or not all(
+            isinstance(f, list) and all(isinstance(e, dict) for e in f)
+            for f in forwards.values()):
+        raise ValueError(f"{path}: 'forwards' must map VMs to lists of objects")
+    host.forwards = forwards
     return host
 
 
@@ -153,6 +168,8 @@ def check(url_or_engine: str | Engine, nodes: Mapping[str, Path] | None = None, 
         vms = {vm.uuid: vm for vm in session.scalars(select(VmRow))}
         db_nodes = list(session.scalars(select(NodeRow)))
         addresses = list(session.scalars(select(AddressRow)))
+        pools = {p.uuid: p for p in session.scalars(select(PoolRow))}
+        forwards = list(session.scalars(select(NodeForwardRow)))
         flows = list(session.scalars(select(FlowRow).where(
             FlowRow.state.in_(UNFINISHED_FLOW_STATES))))
         stuck_keys = list(session.scalars(select(IdempotencyRow).where(
@@ -166,16 +183,19 @@ def check(url_or_engine: str | Engine, nodes: Mapping[str, Path] | None = None, 
         problems += _reservations(
             db_nodes, vms, list(session.scalars(select(InventoryRow))),
             list(session.scalars(select(AllocationRow))),
-            {p.uuid: p for p in session.scalars(select(PoolRow))})
+            pools)
         problems += _groups(vms, {g.uuid: g for g in session.scalars(select(VmGroupRow))})
-        problems += _addresses(addresses, vms)
+        problems += _addresses(addresses, vms, pools)
+        problems += _public_ips(list(session.scalars(select(PublicIpRow))), vms)
+        problems += _node_forwards(forwards, vms)
         problems += _quotas(quotas, vms)
         if keys is not None:
             problems += _key_answers(keys, vms)
         if nodes is not None:
             by_name = {n.name: n for n in db_nodes}
             for name, state_dir in sorted(nodes.items()):
-                problems += _node_holdings(name, Path(state_dir), by_name.get(name), vms)
+                problems += _node_holdings(name, Path(state_dir), by_name.get(name), vms,
+                                           forwards)
         if expect_no_vms:
             problems += [f"VM left: {vm.uuid} ({vm.name}) is {vm.state}"
                          for vm in vms.values()]
@@ -301,7 +321,8 @@ def _groups(vms: Mapping[str, VmRow], groups: Mapping[str, VmGroupRow]) -> list[
     return problems
 
 
-def _addresses(addresses: list[AddressRow], vms: Mapping[str, VmRow]) -> list[str]:
+def _addresses(addresses: list[AddressRow], vms: Mapping[str, VmRow],
+               pools: Mapping[str, PoolRow]) -> list[str]:
     problems = []
     held: dict[str, list[AddressRow]] = defaultdict(list)
     for address in addresses:
@@ -314,9 +335,42 @@ def _addresses(addresses: list[AddressRow], vms: Mapping[str, VmRow]) -> list[st
             problems.append(f"address held by a failed VM: {address.ip} ({address.scope}) "
                             f"by {vm.uuid} ({vm.name})")
     for vm in vms.values():
+        pool = pools.get(vm.pool_uuid or "")
+        if pool is not None and pool.network_mode == "direct":
+            continue  # its address is the LAN's DHCP server's, not the platform's
         if vm.state == "running" and vm.ip and vm.ip not in {a.ip for a in held[vm.uuid]}:
             problems.append(f"address not held: running VM {vm.uuid} ({vm.name}) uses "
                             f"{vm.ip} but no address record holds it")
+    return problems
+
+
+def _public_ips(rows: list[PublicIpRow], vms: Mapping[str, VmRow]) -> list[str]:
+    problems = []
+    for row in rows:
+        where = f"{row.ip}:{row.port}" if row.port else row.ip
+        if row.vm_uuid is None:
+            if row.kind != "eip":
+                problems.append(f"public address leaked: {where} ({row.kind}) is held by "
+                                f"no VM")
+            continue
+        vm = vms.get(row.vm_uuid)
+        if vm is None:
+            problems.append(f"public address leaked: {where} is held by VM {row.vm_uuid}, "
+                            f"which does not exist")
+        elif vm.state in FAILED_VM_STATES and row.kind != "eip":
+            problems.append(f"public address held by a failed VM: {where} by {vm.uuid} "
+                            f"({vm.name})")
+    return problems
+
+
+def _node_forwards(rows: list[NodeForwardRow], vms: Mapping[str, VmRow]) -> list[str]:
+    problems = []
+    for row in rows:
+        vm = vms.get(row.vm_uuid)
+        if vm is None or vm.node_uuid != row.node_uuid:
+            problems.append(f"node port leaked: {row.protocol}/{row.node_port} of node "
+                            f"{row.node_uuid} forwards to VM {row.vm_uuid}, "
+                            f"{_elsewhere(vms, row.vm_uuid)}")
     return problems
 
 
@@ -357,7 +411,7 @@ def _key_answers(keys: Mapping[str, KeyAnswer], vms: Mapping[str, VmRow]) -> lis
 
 
 def _node_holdings(name: str, state_dir: Path, node: NodeRow | None,
-                   vms: Mapping[str, VmRow]) -> list[str]:
+                   vms: Mapping[str, VmRow], forwards: list[NodeForwardRow]) -> list[str]:
     if node is None:
         return [f"node unknown: {name} has a state directory but no record"]
     try:
@@ -394,6 +448,24 @@ def _node_holdings(name: str, state_dir: Path, node: NodeRow | None,
         elif port.get("ip") and vm.ip and port["ip"] != vm.ip:
             problems.append(f"port address mismatch: node {name} gives VM {vm.uuid} "
                             f"{port['ip']}, the database {vm.ip}")
+    wanted = {(f.vm_uuid, f.protocol, f.node_port, f.vm_port) for f in forwards
+              if f.node_uuid == node.uuid}
+    for vm_uuid, entries in host.forwards.items():
+        vm = placed.get(vm_uuid)
+        for entry in entries:
+            key = (vm_uuid, entry.get("protocol"), entry.get("node_port"), entry.get("vm_port"))
+            if vm is None or key not in wanted:
+                problems.append(f"forward orphaned: node {name} forwards "
+                                f"{entry.get('protocol')}/{entry.get('node_port')} to VM "
+                                f"{vm_uuid}, which the database does not have")
+            elif vm.ip and entry.get("vm_ip") != vm.ip:
+                problems.append(f"forward address mismatch: node {name} forwards to "
+                                f"{entry.get('vm_ip')}, the database's VM {vm_uuid} is {vm.ip}")
+    held = {(vm_uuid, e.get("protocol"), e.get("node_port"), e.get("vm_port"))
+            for vm_uuid, entries in host.forwards.items() for e in entries}
+    for vm_uuid, protocol, node_port, _ in sorted(wanted - held):
+        problems.append(f"forward missing: node {name} does not forward {protocol}/{node_port} "
+                        f"to VM {vm_uuid} as the database says")
     return problems
 
 

@@ -25,7 +25,7 @@ from yun.cli.common import (
     show_list,
 )
 from yun.cli.context import client
-from yun.cli.output import emit, fields_table
+from yun.cli.output import OutputFormat, emit, fields_table, output_format
 from yun.cli.parsing import (
     Label,
     format_bytes,
@@ -37,7 +37,7 @@ from yun.cli.parsing import (
 )
 from yun.client import DEFAULT_WAIT
 from yun.proto.messages import CpuQos, QosSpec
-from yun.proto.resources import Accepted, Vm, VmCreate, VmQosUpdate
+from yun.proto.resources import Accepted, PortForward, Vm, VmCreate, VmQosUpdate
 
 app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 
@@ -63,11 +63,22 @@ def qos_rows(qos: QosSpec) -> dict[str, str]:
     }
 
 
+def forward_line(vm: str, forward: PortForward) -> str:
+    """``web1:80 -> 10.0.0.5:40001`` (``/udp`` after the VM port when it is UDP)."""
+    proto = "" if forward.protocol == "tcp" else f"/{forward.protocol}"
+    return f"{vm}:{forward.vm_port}{proto} -> {forward.address}:{forward.port}"
+
+
 def vm_table(vm: Vm) -> Table:
-    """A VM's fields, its QoS limits spelled out (with units, 'unlimited')."""
+    """A VM's fields, its QoS limits spelled out (with units, 'unlimited'), its port
+    forwards one per row."""
     data = vm.model_dump(mode="json")
     data.pop("qos", None)
-    return fields_table({**data, **qos_rows(vm.qos)})
+    data.pop("port_forwards", None)
+    data["extra_ips"] = ", ".join(vm.extra_ips)
+    forwards = {f"port forward {i + 1}": forward_line(vm.name, f)
+                for i, f in enumerate(vm.port_forwards)}
+    return fields_table({**data, **forwards, **qos_rows(vm.qos)})
 
 
 def show_vm(vm: Vm, output: Output) -> None:
@@ -253,6 +264,73 @@ def console_log(vm: VmArg, max_bytes: Annotated[int, typer.Option(min=1)] = 6553
 def console(vm: VmArg, output: Output = None) -> None:
     """Where the VM's VNC display is."""
     emit(client().vms.console(vm), output)
+
+
+forwards_app = typer.Typer(help="Reach ports of a VM from outside (sandbox-private: a NAT "
+                                "port of its node; sandbox-share: a public ip:port).",
+                           no_args_is_help=True)
+app.add_typer(forwards_app, name="port-forward")
+PortArg = Annotated[int, typer.Argument(min=1, max=65535, help="the VM's port")]
+UdpOpt = Annotated[bool, typer.Option("--udp", help="a UDP port (default TCP)")]
+
+
+@forwards_app.command("add")
+def forward_add(vm: VmArg, port: PortArg, udp: UdpOpt = False,
+                idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
+    """Forward a port of the VM; prints how to reach it, e.g. web1:80 -> 10.0.0.5:40001."""
+    made = client().vms.add_port_forward(vm, port, "udp" if udp else "tcp",
+                                         idempotency_key=idempotency_key)
+    if output_format(output) is OutputFormat.TABLE:
+        typer.echo(forward_line(vm, made))
+    else:
+        emit(made, output)
+
+
+@forwards_app.command("list")
+def forward_list(vm: VmArg, output: Output = None) -> None:
+    """The VM's port forwards, one per line."""
+    forwards = client().vms.port_forwards(vm)
+    if output_format(output) is not OutputFormat.TABLE:
+        emit(forwards, output)
+        return
+    for forward in forwards:
+        typer.echo(forward_line(vm, forward))
+    if not forwards:
+        typer.echo(f"VM {vm} has no port forward")
+
+
+@forwards_app.command("remove")
+def forward_remove(vm: VmArg, port: PortArg, udp: UdpOpt = False,
+                   idempotency_key: IdempotencyKey = None) -> None:
+    """Stop forwarding a port of the VM."""
+    client().vms.remove_port_forward(vm, port, "udp" if udp else "tcp",
+                                     idempotency_key=idempotency_key)
+    typer.echo(f"port forward of {vm}:{port}{'/udp' if udp else ''} removed")
+
+
+addresses_app = typer.Typer(help="Extra addresses of a sandbox VM (hot-plugged, routed to "
+                                 "its NIC; the guest configures them itself).",
+                            no_args_is_help=True)
+app.add_typer(addresses_app, name="address")
+
+
+@addresses_app.command("add")
+def address_add(vm: VmArg, idempotency_key: IdempotencyKey = None,
+                output: Output = None) -> None:
+    """Give the VM one more address of its node's subnet; prints it."""
+    made = client().vms.add_address(vm, idempotency_key=idempotency_key)
+    if output_format(output) is OutputFormat.TABLE:
+        typer.echo(made.ip)
+    else:
+        emit(made, output)
+
+
+@addresses_app.command("remove")
+def address_remove(vm: VmArg, ip: Annotated[str, typer.Argument(help="the extra address")],
+                   idempotency_key: IdempotencyKey = None) -> None:
+    """Take an extra address off the VM."""
+    client().vms.remove_address(vm, ip, idempotency_key=idempotency_key)
+    typer.echo(f"address {ip} removed from {vm}")
 
 
 add_tag_commands(app, "VM", lambda c: c.vms.tags)

@@ -1,15 +1,15 @@
-"""IP addresses of VM NICs on a node's NAT network (F-ADDR, the node-local part)."""
+"""IP addresses of VM NICs in a node's sandbox subnet (the node-scoped part of F-ADDR),
+used by the sandbox network modes (:mod:`yun.control.network.modes.sandbox`)."""
 
 from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.db.models import AddressRow, VmRow
+from yun.control.db.models import AddressRow
 from yun.proto.errors import InsufficientCapacity
 
 # Addresses below this offset are left to the node (gateway) and to operators.
@@ -27,22 +27,12 @@ def mac_for(vm_uuid: str) -> str:
 
 
 class AddressAllocator:
-    """Hands out addresses; called by the placement worker, one VM at a time."""
+    """Hands out node-scoped addresses (the placement worker's hook, hot-plugged IPs)."""
 
-    async def on_placed(self, session: AsyncSession, vm: VmRow, node_uuid: str,
-                        nat_subnet: str) -> Callable[[], Awaitable[None]]:
-        """Give ``vm`` an address on the node's NAT network, in the placement's transaction."""
-        vm.ip = await self.allocate(session, node_scope(node_uuid), nat_subnet, vm.uuid)
-        vm.mac = vm.mac or mac_for(vm.uuid)
-
-        async def undo() -> None:
-            await self.release(session, vm.uuid)
-            vm.ip = None
-
-        return undo
-
-    async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str) -> str:
-        """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid``.
+    async def allocate(self, session: AsyncSession, scope: str, subnet: str, vm_uuid: str,
+                       *, another: bool = False) -> str:
+        """Hold the lowest free address of ``subnet`` in ``scope`` for ``vm_uuid`` (the one
+        it already holds there, unless ``another``: an extra address of the VM).
 
         The unique (scope, ip) constraint is what guarantees no address is given twice,
         even by two control servers; the lock only avoids needless conflicts here.
@@ -54,7 +44,7 @@ class AddressAllocator:
             select(AddressRow.ip, AddressRow.vm_uuid).where(AddressRow.scope == scope))).all()
         used = set()
         for ip, holder in held:
-            if holder == vm_uuid:
+            if holder == vm_uuid and not another:
                 return str(ip)
             used.add(ip)
         for offset, host in enumerate(network.hosts(), start=1):

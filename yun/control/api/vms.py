@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from yun.control.access.policy import Scope
 from yun.control.api.bundle import ApiBundle
@@ -13,7 +13,18 @@ from yun.control.api.routing import audit_resource
 from yun.control.services.listing import listed
 from yun.control.services.vms import vm_models
 from yun.proto.context import RequestContext
-from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmQosUpdate, VmStop
+from yun.proto.resources import (
+    Accepted,
+    Console,
+    Page,
+    PortForward,
+    PortForwardCreate,
+    Vm,
+    VmAddress,
+    VmCreate,
+    VmQosUpdate,
+    VmStop,
+)
 
 
 def _accepted(request: Request, accepted: Accepted) -> Accepted:
@@ -72,5 +83,32 @@ def vm_router(api: ApiBundle) -> APIRouter:
     @r.get("/vms/{ref}/console", response_model=Console, name="vm.console")
     async def console(ref: str, sc: Scope = scope) -> Console:
         return await api.vms.console(ref, sc)
+
+    @r.get("/vms/{ref}/port-forwards", response_model=list[PortForward],
+           name="vm.port_forward.list")
+    async def list_forwards(ref: str, sc: Scope = scope) -> list[PortForward]:
+        return await api.vms.forwards.list(ref, sc)
+
+    @r.post("/vms/{ref}/port-forwards", response_model=PortForward, status_code=201,
+            name="vm.port_forward.add")
+    async def add_forward(ref: str, req: PortForwardCreate, sc: Scope = scope) -> PortForward:
+        return await api.vms.forwards.add(ref, req, sc)
+
+    @r.delete("/vms/{ref}/port-forwards/{protocol}/{port}", status_code=204,
+              response_model=None, name="vm.port_forward.remove")
+    async def remove_forward(ref: str, protocol: str,
+                             port: Annotated[int, Path(ge=1, le=65535)],
+                             sc: Scope = scope) -> None:
+        await api.vms.forwards.remove(ref, protocol, port, sc)
+
+    @r.post("/vms/{ref}/addresses", response_model=VmAddress, status_code=201,
+            name="vm.address.add")
+    async def add_address(ref: str, sc: Scope = scope) -> VmAddress:
+        return await api.vms.addresses.add(ref, sc)
+
+    @r.delete("/vms/{ref}/addresses/{ip}", status_code=204, response_model=None,
+              name="vm.address.remove")
+    async def remove_address(ref: str, ip: str, sc: Scope = scope) -> None:
+        await api.vms.addresses.remove(ref, ip, sc)
 
     return r

@@ -1,8 +1,12 @@
 """The flows of a VM's life: create, delete, start, stop, reboot (F-LIFE, Z-FLOW).
 
-Create: schedule (reserve capacity on a node and an address on its NAT network, in
-one transaction) → provision (the node fetches the image, makes the disk and NIC, defines
-and starts the domain) → confirm (the node reports the domain running).
+Create (F-BALANCE): schedule (reserve capacity on a node and, in sandbox mode, an
+address of its sandbox subnet, in one transaction) → address (a mono VM's public address
+from its pool's address pool) → provision (the node fetches the image, makes the disk
+and NIC, defines and starts the domain) → forwarders (the routers are told the VM's
+public mappings; best effort, a router down catches up) → confirm (the node reports the
+domain running). Each step rolls back what it took. The network mode of the VM's pool
+(:mod:`yun.control.network.modes`) decides what the network steps do.
 
 A rollback never releases what the node may still hold: when the node cannot confirm
 the VM's removal, the VM ends in error still holding its address and reservation
@@ -15,19 +19,28 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid as uuidlib
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
-from yun.control.allocators.addresses import AddressAllocator
-from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmRow
+from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
+from yun.control.network import public_ips
+from yun.control.network.changes import note_change
+from yun.control.network.modes import (
+    NetworkMode,
+    mode_for,
+    pool_mode,
+    release_all,
+    release_node_scoped,
+)
+from yun.control.network.modes.publish import notify, publish
+from yun.control.network.subnets import sandbox_settings
 from yun.control.nodeclient import PowerAction, node_client
 from yun.control.scheduler import inventory
 from yun.control.scheduler.placement import Request
@@ -39,12 +52,12 @@ from yun.proto.messages import (
     DomainSpec,
     DomainState,
     ImageLocation,
-    NicSpec,
     NodeCapability,
     ProvisionRequest,
     QosSpec,
     StopRequest,
 )
+from yun.proto.network import NicNetwork
 from yun.proto.resources import ImageStatus, VmState
 
 if TYPE_CHECKING:  # the context holds the engine that runs these flows
@@ -70,10 +83,6 @@ def hostname_for(name: str) -> str | None:
     return label or None
 
 
-def nic_id_for(vm_uuid: str, index: int = 0) -> str:
-    return str(uuidlib.uuid5(uuidlib.UUID(vm_uuid), f"nic{index}"))
-
-
 def _ctl(ctx: FlowContext) -> ControlContext:
     return ctx.services  # type: ignore[no-any-return]
 
@@ -93,13 +102,16 @@ async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
         return vm, node
 
 
-def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = ()) -> Request:
-    """What the VM asks of the scheduler: its pool (or its zone's pools), its group and
-    the node labels it wants, avoiding the nodes already ``tried``."""
+def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = (),
+                      mode: NetworkMode | None = None) -> Request:
+    """What the VM asks of the scheduler: its pool (or its zone's pools), its group, the
+    node labels it wants and the node capabilities its QoS and its pool's network ``mode``
+    need, avoiding the nodes already ``tried``."""
     pools = tuple(ctx.data.get(POOLS) or ([vm.pool_uuid] if vm.pool_uuid else []))
+    needs = qos_needs(vm.qos or {}) | (mode.capabilities if mode is not None else frozenset())
     return Request(vm.vcpus, vm.memory_mb, vm.disk_gb, pool_uuids=pools,
                    labels=MappingProxyType(dict(vm.node_labels or {})),
-                   capabilities=qos_needs(vm.qos or {}),
+                   capabilities=needs,
                    group_uuid=vm.group_uuid, exclude=frozenset(tried))
 
 
@@ -132,7 +144,7 @@ class Schedule(Step):
         control = _ctl(ctx)
         async with control.db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
-            req = placement_request(vm, ctx)
+            req = placement_request(vm, ctx, mode=await pool_mode(session, vm.pool_uuid))
         placed = await control.placement.place(ctx.resource_uuid, req)
         ctx.data[TRIED] = [placed.node_uuid]
         log.info("VM placed", extra={"vm": ctx.resource_uuid, "node": placed.node_uuid,
@@ -144,7 +156,7 @@ class Schedule(Step):
         async with control.db.session() as session:
             vm = await session.get(VmRow, ctx.resource_uuid)
             if vm is None:
-                await AddressAllocator.release(session, ctx.resource_uuid)
+                await release_all(session, ctx.resource_uuid)
                 return
             if ctx.data.get(NODE_HOLDS):
                 # The node could not confirm it removed the VM: its lease may still hand
@@ -159,15 +171,18 @@ class Schedule(Step):
 
 
 async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
-    """Give back the VM's address and its node's reservation, once.
+    """Give back what the VM holds on its node (sandbox addresses, NAT ports) and the
+    node's reservation, once.
 
     The VM's ``node_uuid`` is cleared by a conditional UPDATE, so two releasers (a flow
     and a node report, or two control servers) never both give back the reservation.
     Returns whether this call released it.
     """
-    await AddressAllocator.release(session, vm.uuid)
+    await release_node_scoped(session, vm.uuid)
     node_uuid = vm.node_uuid
     vm.ip = None
+    if vm.extra_ips:
+        vm.extra_ips = []  # addresses of the node's subnet: given back with it
     if not node_uuid:
         vm.node_cleanup = False
         return False
@@ -183,8 +198,14 @@ async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
 
 
 async def finish_delete(session: AsyncSession, vm: VmRow) -> None:
-    """The VM's node holds nothing for it: give back everything and forget it."""
+    """The VM's node holds nothing for it: give back everything and forget it (its
+    public addresses and ports too: the routers' rules change)."""
     await release_placement(session, vm)
+    released = await public_ips.release_vm(session, vm.uuid)
+    note_change(session, vm.uuid)
+    if released:
+        log.info("VM's public addresses released", extra={"vm": vm.uuid,
+                                                           "released": released})
     await quotas.release(session, vm.project_uuid,
                          quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
     await drop_tags(session, vm.uuid)
@@ -198,8 +219,11 @@ def effective_qos(row: VmRow, pool_level: str | None) -> QosSpec:
     return QosSpec.model_validate(qos)
 
 
-async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow,
-                            pool_level: str | None = None) -> ProvisionRequest:
+async def provision_request(control: ControlContext, session: AsyncSession, vm: VmRow,
+                            node: NodeRow, image: ImageRow,
+                            pool: PoolRow | None = None) -> ProvisionRequest:
+    """What the node is asked to build: the domain, its NICs as the pool's network mode
+    makes them and, for sandbox NICs, the node's sandbox settings."""
     storage_url = image.storage_url or ""
     peer = control.membership.peers.get(image.storage_uuid or "")
     if peer is not None and peer.type == ComponentType.STORAGE:
@@ -208,20 +232,25 @@ async def provision_request(control: ControlContext, vm: VmRow, image: ImageRow,
         raise Conflict(f"image {image.name} is {image.status}, not active")
     if not storage_url or not image.sha256 or not image.format:
         raise Conflict(f"image {image.name} is not ready")
-    assert vm.ip and vm.mac
+    mode = mode_for(pool.network_mode if pool is not None else None)
+    nics = (await session.scalars(select(VmNicRow).where(VmNicRow.vm_uuid == vm.uuid))).all()
     spec = DomainSpec(
         uuid=vm.uuid, name=vm.name, vcpus=vm.vcpus, memory_mb=vm.memory_mb,
-        qos=effective_qos(vm, pool_level),
+        qos=effective_qos(vm, pool.qos_level if pool is not None else None),
         disks=[DiskSpec(disk_id=ROOT_DISK, size_gb=vm.disk_gb, image_id=image.uuid,
                         image_sha256=image.sha256, image_format=image.format)],
-        nics=[NicSpec(nic_id=nic_id_for(vm.uuid), mac=vm.mac, ip=vm.ip,
-                      hostname=hostname_for(vm.name))],
+        nics=mode.nic_specs(vm, nics, hostname=hostname_for(vm.name)),
     )
+    sandbox = None
+    if any(n.network == NicNetwork.SANDBOX for n in spec.nics):
+        sandbox = await sandbox_settings(session, node, control.settings)
+        if sandbox is None:
+            raise Conflict(f"node {node.name} has no sandbox subnet yet")
     location = ImageLocation(
         image_id=image.uuid, url=f"{storage_url.rstrip('/')}/internal/v1/images/{image.uuid}/data",
         sha256=image.sha256, size=image.size or 0, format=image.format,
     )
-    return ProvisionRequest(spec=spec, images=[location], start=True)
+    return ProvisionRequest(spec=spec, images=[location], start=True, sandbox=sandbox)
 
 
 class Provision(Step):
@@ -240,8 +269,7 @@ class Provision(Step):
                 if node is None or image is None:
                     raise NotFound("the VM's node or image vanished")
                 pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
-                request = await provision_request(control, vm, image,
-                                                  pool.qos_level if pool else None)
+                request = await provision_request(control, session, vm, node, image, pool)
                 client = node_client(control, node)
             try:
                 await client.provision(request, request_id=f"{ctx.flow_uuid}:provision",
@@ -282,8 +310,10 @@ async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError
         return False  # the rollback tries again and keeps what the node may hold
     async with control.db.session() as session:
         vm = await _vm(session, ctx.resource_uuid)
+        # Its sandbox address was of the failed node's subnet: the placement's hook takes
+        # one of the new node's (a public address stays: it is not node-scoped).
         await release_placement(session, vm)
-        req = placement_request(vm, ctx, tried)
+        req = placement_request(vm, ctx, tried, mode=await pool_mode(session, vm.pool_uuid))
     try:
         placed = await control.placement.place(ctx.resource_uuid, req)
     except YunError:
@@ -301,6 +331,47 @@ async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowCont
     """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
     await node_client(control, node).remove(
         ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
+
+
+class Address(Step):
+    """F-BALANCE "address from the pool": the public address the VM's network mode takes
+    at create (a mono VM's own address); given back on rollback."""
+
+    name = "address"
+
+    async def run(self, ctx: FlowContext) -> None:
+        async with _ctl(ctx).db.session() as session:
+            vm = await _vm(session, ctx.resource_uuid)
+            pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+            if pool is None:
+                return
+            taken = await mode_for(pool.network_mode).allocate_public(session, vm, pool)
+        if taken:
+            log.info("VM given its public address", extra={
+                "vm": ctx.resource_uuid, "ips": [r.ip for r in taken]})
+
+    async def rollback(self, ctx: FlowContext) -> None:
+        async with _ctl(ctx).db.session() as session:
+            released = await public_ips.release_vm(session, ctx.resource_uuid)
+        if released:
+            log.info("create rolled back: public addresses released",
+                     extra={"vm": ctx.resource_uuid, "released": released})
+            await notify(_ctl(ctx), ctx.resource_uuid)
+
+
+class Forwarders(Step):
+    """F-BALANCE "forwarders on the routers": the VM's mappings (its public address to
+    its address on the new node) are published. Best effort past the database: a router
+    that is down catches up when it returns, so the create never fails because of it."""
+
+    name = "forwarders"
+
+    async def run(self, ctx: FlowContext) -> None:
+        await publish(_ctl(ctx), ctx.resource_uuid)
+
+    async def rollback(self, ctx: FlowContext) -> None:
+        # The address step's rollback unmaps the VM; the routers are told then.
+        return None
 
 
 class Confirm(Step):
@@ -376,6 +447,7 @@ class ReleaseResources(Step):
                 return
             await finish_delete(session, vm)
         log.info("VM deleted", extra={"vm": ctx.resource_uuid})
+        await notify(_ctl(ctx), ctx.resource_uuid)
 
 
 async def _delete_failed(ctx: FlowContext) -> None:
@@ -449,7 +521,8 @@ async def _qos_failed(ctx: FlowContext) -> None:
 
 def vm_flows() -> list[FlowDefinition]:
     return [
-        FlowDefinition("vm.create", "vm", [Schedule(), Provision(), Confirm()],
+        FlowDefinition("vm.create", "vm",
+                       [Schedule(), Address(), Provision(), Forwarders(), Confirm()],
                        on_success=_created, on_failure=_create_failed),
         FlowDefinition("vm.delete", "vm", [RemoveDomain(), ReleaseResources()],
                        on_failure=_delete_failed),

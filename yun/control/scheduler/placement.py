@@ -80,10 +80,11 @@ class Placed:
     alternates: tuple[str, ...] = ()
 
 
-# Called in the placement's transaction for a candidate node (the VM, the node, its NAT
-# subnet); returns how to undo it, and raises InsufficientCapacity when the node cannot
-# take the VM after all (e.g. its network has no free address).
-OnPlaced = Callable[[AsyncSession, VmRow, str, str],
+# Called in the placement's transaction for a candidate node (the VM, the node, the pool
+# it is placed in, the node's sandbox subnet); returns how to undo it, and raises
+# InsufficientCapacity when the node cannot take the VM after all (e.g. its network has
+# no free address). The network mode of the pool decides what it does.
+OnPlaced = Callable[[AsyncSession, VmRow, str, str, str],
                     Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
@@ -267,7 +268,7 @@ class Placement:
                 undo = None
                 if self.on_placed is not None:
                     try:
-                        undo = await self.on_placed(session, vm, host.uuid,
+                        undo = await self.on_placed(session, vm, host.uuid, pool_uuid,
                                                     copy.subnets.get(host.uuid, ""))
                     except InsufficientCapacity:
                         continue  # e.g. the node's network has no free address

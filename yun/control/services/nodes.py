@@ -67,6 +67,7 @@ from yun.proto.errors import NotFound, YunError
 from yun.proto.messages import DomainState, NodeCapability, NodeReport, NodeReportAnswer
 from yun.proto.resources import (
     Inventory,
+    NetworkMode,
     Node,
     NodeAdminState,
     NodeLoad,
@@ -354,6 +355,8 @@ class NodeRegistry:
             vms = list((await session.scalars(
                 select(VmRow).where(VmRow.node_uuid == node_uuid))).all())
             in_flows = await _with_unfinished_flows(session, {v.uuid for v in vms} | holding)
+            if report.learned:
+                await _learn_addresses(session, vms, report, node_uuid)
             for vm in vms:
                 busy = vm.uuid in in_flows or self.ctx.queues.busy(vm.uuid)
                 cleanup = vm.node_cleanup or (vm.state == VmState.DELETING and not busy)
@@ -486,6 +489,26 @@ class NodeRegistry:
                 await self.check_liveness()
             except Exception:
                 log.exception("node liveness check failed")
+
+
+async def _learn_addresses(session: AsyncSession, vms: list[VmRow], report: NodeReport,
+                           node_uuid: str) -> None:
+    """F-NET-DIRECT: a direct-mode VM's address is the one the node saw it take from the
+    LAN's DHCP server (by its MAC). Written only when it changed: most reports change
+    nothing, and a write per report would load the database for no news."""
+    learned = {a.mac.lower(): a.ip for a in report.learned}
+    pool_uuids = {v.pool_uuid for v in vms if v.pool_uuid and (v.mac or "") in learned}
+    if not pool_uuids:
+        return
+    direct = set((await session.scalars(select(PoolRow.uuid).where(
+        PoolRow.uuid.in_(pool_uuids), PoolRow.network_mode == NetworkMode.DIRECT.value))).all())
+    for vm in vms:
+        ip = learned.get(vm.mac or "")
+        if ip is None or vm.pool_uuid not in direct or vm.ip == ip:
+            continue
+        log.info("direct-mode VM's address learned from its node", extra={
+            "vm": vm.uuid, "node": node_uuid, "mac": vm.mac, "ip": ip, "previous": vm.ip})
+        vm.ip = ip
 
 
 async def _with_unfinished_flows(session: AsyncSession, uuids: set[str]) -> set[str]:

@@ -27,11 +27,19 @@ from yun.control.db.models import (
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import POOLS, effective_qos, qos_needs
+from yun.control.network.modes import mode_for
+from yun.control.network.modes.base import address_pool_of
 from yun.control.nodeclient import node_client
 from yun.control.scheduler.placement import Request
 from yun.control.services.common import find
 from yun.control.services.pools import DEFAULT_POOL
+from yun.control.services.port_forwards import (
+    PortForwardService,
+    forwards_of,
+    public_addresses_of,
+)
 from yun.control.services.tasks import task_model
+from yun.control.services.vm_addresses import VmAddressService
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import QosSpec, StopRequest
@@ -39,6 +47,7 @@ from yun.proto.resources import (
     Accepted,
     Console,
     ImageStatus,
+    PortForward,
     Vm,
     VmCreate,
     VmQosUpdate,
@@ -61,13 +70,17 @@ QOS_ALLOWED = {VmState.RUNNING, VmState.STOPPED}
 
 
 def vm_model(row: VmRow, node_name: str | None = None,
-             tags: dict[str, str] | None = None, pool: tuple[str, str] | None = None) -> Vm:
-    """The API view of a VM; ``pool`` is its pool's (name, QoS level)."""
+             tags: dict[str, str] | None = None, pool: tuple[str, str, str] | None = None,
+             public_ip: str | None = None, forwards: list[PortForward] | None = None) -> Vm:
+    """The API view of a VM; ``pool`` is its pool's (name, QoS level, network mode)."""
     vm = Vm.model_validate(row)
     vm.node_name = node_name
     vm.tags = tags or {}
     vm.pool_name = pool[0] if pool else None
     vm.qos = effective_qos(row, pool[1] if pool else None)
+    vm.network_mode = pool[2] if pool else None
+    vm.public_ip = public_ip
+    vm.port_forwards = forwards or []
     return vm
 
 
@@ -79,19 +92,25 @@ async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
         names = dict((await session.execute(select(NodeRow.uuid, NodeRow.name).where(
             NodeRow.uuid.in_(node_uuids)))).all())
     pool_uuids = {r.pool_uuid for r in rows if r.pool_uuid}
-    pools: dict[str, tuple[str, str]] = {}
+    pools: dict[str, tuple[str, str, str]] = {}
     if pool_uuids:
-        pools = {u: (n, q) for u, n, q in (await session.execute(
-            select(PoolRow.uuid, PoolRow.name, PoolRow.qos_level).where(
+        pools = {u: (n, q, m) for u, n, q, m in (await session.execute(
+            select(PoolRow.uuid, PoolRow.name, PoolRow.qos_level, PoolRow.network_mode).where(
                 PoolRow.uuid.in_(pool_uuids)))).all()}
-    tags = await tags_of(session, [r.uuid for r in rows])
+    uuids = [r.uuid for r in rows]
+    tags = await tags_of(session, uuids)
+    public = await public_addresses_of(session, uuids)
+    forwards = await forwards_of(session, uuids)
     return [vm_model(r, names.get(r.node_uuid or ""), tags.get(r.uuid),
-                     pools.get(r.pool_uuid or "")) for r in rows]
+                     pools.get(r.pool_uuid or ""), public.get(r.uuid), forwards.get(r.uuid))
+            for r in rows]
 
 
 class VmService:
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
+        self.forwards = PortForwardService(ctx)
+        self.addresses = VmAddressService(ctx)
 
     async def create(self, req: VmCreate, user: RequestContext, scope: Scope) -> Accepted:
         """Record the VM, count it against its project's quota, and start its create flow."""
@@ -120,13 +139,17 @@ class VmService:
                     f"({image.virtual_size / 1024**3:.1f} GiB)")
             pools, pool = await self._pools_for(session, req, scope)
             group = await self._group_for(session, req, user, scope)
+            mode = mode_for(pool.network_mode) if pool is not None else None
+            if mode is not None and pool is not None and mode.name == "sandbox-mono":
+                await address_pool_of(session, pool)  # refused at once when none is linked
             vm_uuid = str(uuidlib.uuid4())
             # Answer at once when no node can take the VM now (the placement in the
             # create's flow is the real check: this one only saves a doomed task).
             await self.ctx.placement.check(session, Request(
                 req.vcpus, req.memory_mb, req.disk_gb, pool_uuids=tuple(pools),
                 labels=MappingProxyType(dict(req.node_labels)),
-                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit}),
+                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit})
+                | (mode.capabilities if mode is not None else frozenset()),
                 group_uuid=group.uuid if group else None))
             await quotas.claim(session, await _project(session, user),
                                quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
@@ -150,7 +173,8 @@ class VmService:
             vm.task_uuid = flow.uuid
             await session.flush()
             accepted = Accepted(task=task_model(flow), resource=vm_model(
-                vm, tags=tags, pool=(pool.name, pool.qos_level) if pool else None,
+                vm, tags=tags,
+                pool=(pool.name, pool.qos_level, pool.network_mode) if pool else None,
             ).model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, vm.uuid)
         return accepted

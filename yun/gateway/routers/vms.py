@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Query, Response
+from fastapi import Path, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from yun.gateway.routers.common import (
@@ -19,7 +19,18 @@ from yun.gateway.routers.common import (
     make_router,
 )
 from yun.proto.errors import PeerError
-from yun.proto.resources import Accepted, Console, Page, Vm, VmCreate, VmQosUpdate, VmStop
+from yun.proto.resources import (
+    Accepted,
+    Console,
+    Page,
+    PortForward,
+    PortForwardCreate,
+    Vm,
+    VmAddress,
+    VmCreate,
+    VmQosUpdate,
+    VmStop,
+)
 
 router = make_router("vms")
 ALREADY: dict[int | str, dict[str, Any]] = {200: {"model": Accepted,
@@ -130,3 +141,53 @@ def _text(data: Any) -> str:
     if data is None:
         return ""
     raise PeerError("the control server answered a malformed console log")
+
+
+@router.get("/vms/{ref}/port-forwards", response_model=list[PortForward])
+async def list_port_forwards(ref: RefPath, ctx: Ctx, up: Up) -> Response:
+    """How the VM's ports are reached from outside: node NAT ports (sandbox-private) and
+    public ip:port mappings (sandbox-share)."""
+    return answer(await up.call(ctx, "GET", "/vms/{ref}/port-forwards", path={"ref": ref}),
+                  list[PortForward])
+
+
+@router.post("/vms/{ref}/port-forwards", response_model=PortForward, status_code=201)
+async def add_port_forward(ref: RefPath, body: PortForwardCreate, ctx: Ctx, up: Up,
+                           idempotency_key: IdempotencyKey = None) -> Response:
+    """Reach a port of the VM from outside. A sandbox-private VM gets a NAT port of its
+    node (answered with the node's address and port), a sandbox-share VM a public
+    ip:port of its pool's shared address pool. Refused (409) for sandbox-mono and direct
+    VMs (they need none) and for a port already forwarded."""
+    return answer(await up.call(ctx, "POST", "/vms/{ref}/port-forwards", path={"ref": ref},
+                                body=body, idempotency_key=idempotency_key), PortForward)
+
+
+@router.delete("/vms/{ref}/port-forwards/{protocol}/{port}", status_code=204)
+async def remove_port_forward(
+        ref: RefPath, protocol: Annotated[str, Path(pattern="^(tcp|udp)$", max_length=3)],
+        port: Annotated[int, Path(ge=1, le=65535)], ctx: Ctx, up: Up,
+        idempotency_key: IdempotencyKey = None) -> Response:
+    """Stop forwarding the VM's port (``tcp`` or ``udp``)."""
+    return answer(await up.call(ctx, "DELETE", "/vms/{ref}/port-forwards/{protocol}/{port}",
+                                path={"ref": ref, "protocol": protocol, "port": str(port)},
+                                idempotency_key=idempotency_key), None)
+
+
+@router.post("/vms/{ref}/addresses", response_model=VmAddress, status_code=201)
+async def add_vm_address(ref: RefPath, ctx: Ctx, up: Up,
+                         idempotency_key: IdempotencyKey = None) -> Response:
+    """Give a running sandbox VM one more address of its node's subnet, routed to its NIC
+    at once (the guest configures it itself). Refused (409) for a direct-mode VM."""
+    return answer(await up.call(ctx, "POST", "/vms/{ref}/addresses", path={"ref": ref},
+                                idempotency_key=idempotency_key), VmAddress)
+
+
+@router.delete("/vms/{ref}/addresses/{ip}", status_code=204)
+async def remove_vm_address(
+        ref: RefPath, ip: Annotated[str, Path(pattern=r"^[0-9.]{7,15}$", max_length=15)],
+        ctx: Ctx, up: Up,
+        idempotency_key: IdempotencyKey = None) -> Response:
+    """Take an extra address off the VM (its primary address stays)."""
+    return answer(await up.call(ctx, "DELETE", "/vms/{ref}/addresses/{ip}",
+                                path={"ref": ref, "ip": ip},
+                                idempotency_key=idempotency_key), None)

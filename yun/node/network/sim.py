@@ -174,7 +174,9 @@ class SimSandboxBackend(NetworkBackend):
         ports = self.ports.pop(vm_uuid, [])
         for p in ports:
             self.taps.discard(p.tap)
-        if ports or self.forwards.pop(vm_uuid, None) is not None:
+        # Popped first: with ports to drop, an `or` would never get to the forwards.
+        forwards = self.forwards.pop(vm_uuid, None)
+        if ports or forwards is not None:
             self._save()
 
     async def vm_ports(self) -> dict[str, list[str]]:
