@@ -27,7 +27,10 @@ VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]
       "pool_uuid": "pl1", "pool_name": "default", "group_uuid": None, "node_labels": {},
       "qos": {"cpu": "medium", "read_iops_sec": None, "write_iops_sec": None,
               "read_bytes_sec": None, "write_bytes_sec": None, "bandwidth_kbit": None},
-      "node_uuid": "n1", "node_name": "node-0", "ip": "10.77.0.5", "mac": "52:54:00:00:00:01",
+      "node_uuid": "n1", "node_name": "node-0", "ip": "10.64.0.10", "mac": "52:54:00:00:00:01",
+      "extra_ips": [], "network_mode": "sandbox-private", "public_ip": None,
+      "port_forwards": [{"protocol": "tcp", "vm_port": 80, "address": "10.0.0.5",
+                         "port": 40001}],
       "power_state": "running", "task_uuid": None, "error": None}
 TASK: dict[str, Any] = {
     "uuid": "t1", "kind": "vm.create", "resource_type": "vm", "resource_uuid": "3f1c",
@@ -108,15 +111,15 @@ def test_yaml_keeps_the_api_order(api: Api) -> None:
     api.routes[("GET", "/vms/web1")] = VM
     text = ok("vm", "show", "web1", "-o", "yaml").stdout
     assert yaml.safe_load(text) == VM
-    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] \
-        == list(VM)
+    top = [line for line in text.splitlines() if not line.startswith((" ", "- "))]
+    assert [line.split(":")[0] for line in top] == list(VM)
 
 
 def test_tables_show_values_literally(api: Api) -> None:
     api.routes[("GET", "/vms")] = {"items": [VM], "limit": 100, "total": 1}
     api.routes[("GET", "/vms/web1")] = VM
     out = ok("vm", "list").stdout
-    assert "web1" in out and "10.77.0.5" in out and "1 of 1" in out
+    assert "web1" in out and "10.64.0.10" in out and "1 of 1" in out
     assert "env=[bold]prod" in ok("vm", "show", "web1").stdout  # data, not Rich markup
 
 

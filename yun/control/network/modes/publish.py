@@ -14,6 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
+
+from yun.control.db.models import PublicIpRow
 from yun.control.network.changes import note_change
 
 if TYPE_CHECKING:
@@ -33,11 +36,19 @@ def _notifier() -> Callable[[Any], Awaitable[object]] | None:
     return notify if callable(notify) else None
 
 
-async def publish(control: ControlContext, vm_uuid: str) -> None:
-    """Record that the VM's mappings changed and tell the live routers (best effort)."""
+async def publish(control: ControlContext, vm_uuid: str) -> bool:
+    """Record that the VM's mappings changed and tell the live routers (best effort).
+
+    A VM without a public address or port (private, direct) changes nothing the routers
+    apply: no change is recorded then. Returns whether one was."""
     async with control.db.session() as session:
+        mapped = await session.scalar(select(PublicIpRow.uuid).where(
+            PublicIpRow.vm_uuid == vm_uuid).limit(1))
+        if mapped is None:
+            return False
         note_change(session, vm_uuid)
     await notify(control, vm_uuid)
+    return True
 
 
 async def notify(control: ControlContext, subject: str) -> None:
