@@ -158,7 +158,11 @@ async def test_private_port_forward_is_pushed_to_the_node(
         cluster: SimCluster, small_qcow2: Path) -> None:
     assert cluster.api is not None
     await upload(cluster, small_qcow2)
+    async with _db(cluster).session() as s:
+        before = await s.scalar(select(func.max(NetworkChangeRow.id))) or 0
     task, vm = await create_vm(cluster, "web1")  # the default pool is sandbox-private
+    async with _db(cluster).session() as s:  # nothing the routers apply changed
+        assert (await s.scalar(select(func.max(NetworkChangeRow.id))) or 0) == before
     assert task["state"] == "succeeded" and vm["network_mode"] == "sandbox-private"
     node = node_of(cluster, vm)
     resp = await cluster.api.post("/api/v1/vms/web1/port-forwards", json={"port": 80})

@@ -31,7 +31,6 @@ from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.network import public_ips
-from yun.control.network.changes import note_change
 from yun.control.network.modes import (
     NetworkMode,
     mode_for,
@@ -197,12 +196,12 @@ async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
     return True
 
 
-async def finish_delete(session: AsyncSession, vm: VmRow) -> None:
+async def finish_delete(session: AsyncSession, vm: VmRow) -> list[str]:
     """The VM's node holds nothing for it: give back everything and forget it (its
-    public addresses and ports too: the routers' rules change)."""
+    public addresses and ports too, recorded as a change of the routers' rules).
+    Returns the public addresses and ports released."""
     await release_placement(session, vm)
     released = await public_ips.release_vm(session, vm.uuid)
-    note_change(session, vm.uuid)
     if released:
         log.info("VM's public addresses released", extra={"vm": vm.uuid,
                                                            "released": released})
@@ -210,6 +209,7 @@ async def finish_delete(session: AsyncSession, vm: VmRow) -> None:
                          quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
     await drop_tags(session, vm.uuid)
     await session.delete(vm)
+    return released
 
 
 def effective_qos(row: VmRow, pool_level: str | None) -> QosSpec:
@@ -445,9 +445,10 @@ class ReleaseResources(Step):
                 vm.error = (f"node {node.name if node else vm.node_uuid} is down: the VM is "
                             "deleted when the node returns and confirms its removal")
                 return
-            await finish_delete(session, vm)
+            released = await finish_delete(session, vm)
         log.info("VM deleted", extra={"vm": ctx.resource_uuid})
-        await notify(_ctl(ctx), ctx.resource_uuid)
+        if released:  # the routers forward to it no more
+            await notify(_ctl(ctx), ctx.resource_uuid)
 
 
 async def _delete_failed(ctx: FlowContext) -> None:

@@ -185,8 +185,7 @@ async def add_vm_address(ref: RefPath, ctx: Ctx, up: Up,
 @router.delete("/vms/{ref}/addresses/{ip}", status_code=204)
 async def remove_vm_address(
         ref: RefPath, ip: Annotated[str, Path(pattern=r"^[0-9.]{7,15}$", max_length=15)],
-        ctx: Ctx, up: Up,
-        idempotency_key: IdempotencyKey = None) -> Response:
+        ctx: Ctx, up: Up, idempotency_key: IdempotencyKey = None) -> Response:
     """Take an extra address off the VM (its primary address stays)."""
     return answer(await up.call(ctx, "DELETE", "/vms/{ref}/addresses/{ip}",
                                 path={"ref": ref, "ip": ip},
