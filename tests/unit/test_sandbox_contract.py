@@ -132,7 +132,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     ns = f"yun-sbx-{uuid.uuid4().hex[:8]}"
     # dnsmasq drops root: its state directory must be reachable by "nobody".
     root = Path(tempfile.mkdtemp(prefix="yun-sbx-", dir="/tmp"))
-    root.chmod(0o755)
+    os.chmod(root, 0o755)
     run(["ip", "netns", "add", ns])
     try:
         run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
@@ -237,7 +237,7 @@ async def test_real_tap_routes_rules_and_cleanup(real: NetnsBackend) -> None:
     assert f'"{tap}" . 10.64.3.11' in table and "counter name \"vm_to_vm\" drop" in table
     assert "192.168.0.0/16" in table
     pid = int((real.state / "dnsmasq.pid").read_text())
-    assert b"--interface=ys*" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "--interface=ys*" in real.sh("cat", f"/proc/{pid}/cmdline")
     assert "from 10.64.3.0/24 lookup 7077" in real.sh("ip", "rule")
     await real.set_forwards(VM_A, [NodeForward(node_port=40001, vm_ip="10.64.3.10",
                                                vm_port=80)])
