@@ -264,3 +264,66 @@ async def test_real_tap_routes_rules_and_cleanup(real: NetnsBackend) -> None:
     table = real.sh("nft", "list", "table", "inet", "yun_sandbox")
     assert tap not in table and "40001" not in table
     assert not (real.state / "hosts" / VM_A).exists()
+
+
+# A guest's DHCPDISCOVER, written into the tap from its guest side (the tap is opened
+# through /dev/net/tun as QEMU does); prints the first DHCP answer's yiaddr and type.
+_DHCP_CLIENT = r"""
+import fcntl, os, select, struct, sys, time
+tap, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", ""))
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", tap.encode(), 0x0002 | 0x1000))  # TAP, NO_PI
+xid = 0x5EED0003
+bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4),
+                    bytes(4), bytes(4), bytes(4), mac + bytes(10), b"", b"")
+bootp += bytes.fromhex("63825363") + bytes([53, 1, 1, 255])
+udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, bytes(4),
+                 b"\xff" * 4)
+s = sum(struct.unpack("!10H", ip)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+ip = ip[:10] + struct.pack("!H", ~s & 0xFFFF) + ip[12:]
+frame = b"\xff" * 6 + mac + b"\x08\x00" + ip + udp
+deadline = time.monotonic() + 20
+sent = 0.0
+while time.monotonic() < deadline:
+    if time.monotonic() - sent > 2:  # dnsmasq may still be binding the new tap
+        os.write(fd, frame)
+        sent = time.monotonic()
+    if not select.select([fd], [], [], 0.5)[0]:
+        continue
+    got = os.read(fd, 2048)
+    if got[12:14] != b"\x08\x00" or got[23] != 17:
+        continue
+    ihl = (got[14] & 0x0F) * 4
+    udp_at = 14 + ihl
+    if struct.unpack("!H", got[udp_at:udp_at + 2])[0] != 67:
+        continue
+    b = got[udp_at + 8:]
+    if struct.unpack("!I", b[4:8])[0] != xid:
+        continue
+    opts, msg_type, i = b[240:], None, 0
+    while i < len(opts) and opts[i] != 255:
+        if opts[i] == 0:
+            i += 1
+            continue
+        if opts[i] == 53:
+            msg_type = opts[i + 2]
+        i += 2 + opts[i + 1]
+    print(".".join(str(x) for x in b[16:20]), msg_type)
+    sys.exit(0)
+print("none")
+"""
+
+
+async def test_real_guest_side_discover_gets_an_offer(real: NetnsBackend) -> None:
+    """dnsmasq (one daemon for every ys* tap) answers a DISCOVER that enters the tap
+    from the guest side with an OFFER of the VM's static lease, through the table's
+    guard and input chains."""
+    await real.ensure_port(VM_A, nic())
+    out = real.sh(sys.executable, "-c", _DHCP_CLIENT, tap_name(NIC_A), "52:54:00:00:03:0a")
+    assert out.split() == ["10.64.3.10", "2"], out  # yiaddr, DHCPOFFER
+    # An unknown MAC gets nothing: the leases are static.
+    out = real.sh(sys.executable, "-c", _DHCP_CLIENT.replace("deadline = time.monotonic() + 20",
+                                                             "deadline = time.monotonic() + 6"),
+                  tap_name(NIC_A), "52:54:00:00:03:ff")
+    assert out.strip() == "none", out
