@@ -10,7 +10,7 @@ The nodes' state is what each sim node persists in ``<state dir>/sim-host.json``
 
     {"domains": {"<vm uuid>": {"state": "running", "disk_ids": [...], "macs": [...]}},
      "disks":   {"<disk id>": {"vm_uuid": "...", "size_gb": 1}},
-     "ports":   {"<mac>": {"vm_uuid": "...", "ip": "10.77.0.5"}}}
+     "ports":   {"<mac>": {"vm_uuid": "...", "ip": "10.64.0.5"}}}
 """
 
 from __future__ import annotations
