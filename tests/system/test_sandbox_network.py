@@ -294,3 +294,28 @@ def test_node_forward_reaches_only_the_forwarded_port(sandbox: Sandbox) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, timeout=5)
 
+
+
+def test_bandwidth_limit_on_a_routed_tap(sandbox: Sandbox) -> None:
+    """The NIC limit (tc on the tap, ingress redirected to an ifb) works on the
+    persistent routed tap: the guest still answers through the filter, and lifting the
+    limit leaves no qdisc or ifb behind."""
+    api, b, node = sandbox.dc.api, sandbox.b, sandbox.node
+    assert api is not None
+    tap = sandbox.tap_of(b)
+    resp = api.post(f"/api/v1/vms/{b['uuid']}/qos", json={"bandwidth_kbit": 2000})
+    assert resp.status_code == 202, resp.text
+    assert sandbox.dc.wait_task(resp.json()["task"]["uuid"])["state"] == "succeeded"
+    qdiscs = node.run(["tc", "qdisc", "show", "dev", tap]).stdout
+    assert "tbf" in qdiscs and "rate 2Mbit" in qdiscs and "ingress" in qdiscs, qdiscs
+    ifb = "yi" + tap[2:]
+    assert "rate 2Mbit" in node.run(["tc", "qdisc", "show", "dev", ifb]).stdout
+    # What B sends comes back from the ifb as received on its tap: the table still
+    # lets its answers to the node through, and still knows where it came from.
+    assert sandbox.dc.guest_http(b)["hostname"] == "b"
+    resp = api.post(f"/api/v1/vms/{b['uuid']}/qos", json={"clear": ["bandwidth_kbit"]})
+    assert sandbox.dc.wait_task(resp.json()["task"]["uuid"])["state"] == "succeeded"
+    qdiscs = node.run(["tc", "qdisc", "show", "dev", tap]).stdout
+    assert "tbf" not in qdiscs and "ingress" not in qdiscs, qdiscs
+    assert node.run(["ip", "link", "show", ifb], check=False).returncode != 0
+    assert sandbox.dc.guest_http(b)["hostname"] == "b"
