@@ -5,19 +5,14 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import re
-import secrets
 import stat
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.system.test_nat_network import _WHOAMI
-from yun.node.network.nft import table_name
+from yun.node.network.nft import FAMILY, TABLE
 from yun.testing.datacenter import DataCenter
 from yun.testing.netns import Host
 from yun.testing.nodehost import NodeHost
@@ -25,27 +20,69 @@ from yun.util.run import run
 
 pytestmark = pytest.mark.system
 
-BRIDGE = "yunbr0"  # the node's default NAT bridge
-WHOAMI_PORT = 8080
 
 
-def masquerade_rules(node: Host) -> list[dict[str, Any]]:
-    """The node's masquerade rules, as nft lists them (JSON)."""
-    ruleset = json.loads(node.run(["nft", "-j", "list", "ruleset"]).stdout)["nftables"]
-    return [item["rule"] for item in ruleset
-            if "rule" in item and item["rule"]["table"] == table_name(BRIDGE)
-            and any("masquerade" in e for e in item["rule"]["expr"])]
+def sandbox_dir(dc: DataCenter, node_name: str) -> Path:
+    """The node agent's sandbox network state (settings, hosts, leases)."""
+    return dc.node_hosts[node_name].root / "yun" / "node" / "network"
 
 
-def masqueraded_source(rule: dict[str, Any]) -> ipaddress.IPv4Network | None:
-    """The source prefix a masquerade rule matches (``ip saddr S``), if any."""
-    for expr in rule["expr"]:
-        match = expr.get("match", {})
-        if match.get("left") == {"payload": {"protocol": "ip", "field": "saddr"}} \
-                and match.get("op") == "==" and "prefix" in match.get("right", {}):
-            prefix = match["right"]["prefix"]
-            return ipaddress.IPv4Network(f"{prefix['addr']}/{prefix['len']}")
-    return None
+def sandbox_table(node: Host) -> dict[str, Any] | None:
+    """The node's ``inet yun_sandbox`` table as nft lists it (JSON), None without it."""
+    done = node.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def set_elements(table: dict[str, Any]) -> list[str]:
+    """Every element of every set of the table, flattened to text."""
+    return [json.dumps(item["set"].get("elem", [])) for item in table["nftables"]
+            if "set" in item]
+
+
+def assert_guest_on_the_sandbox(dc: DataCenter, vm: dict[str, Any]) -> None:
+    """The VM's address is in its node's sandbox subnet, dnsmasq leased it to the VM's
+    MAC, the tap holding it is a routed ``ys*`` tap with a /32 route, and the table
+    yun_sandbox allows the tap to send from that address."""
+    node = dc.node_of(vm)
+    state = sandbox_dir(dc, node.name)
+    settings = json.loads((state / "settings.json").read_text())
+    subnet = ipaddress.IPv4Network(settings["subnet"])
+    assert ipaddress.IPv4Address(vm["ip"]) in subnet, (vm["ip"], settings)
+    assert str(subnet).startswith("10.") and subnet.subnet_of(
+        ipaddress.IPv4Network("10.64.0.0/10")), settings
+    leases = (state / "dnsmasq.leases").read_text()
+    assert any(line.split()[2] == vm["ip"] for line in leases.splitlines()), leases
+    route = node.run(["ip", "-j", "-4", "route", "show", f"{vm['ip']}/32"]).stdout
+    devs = [r["dev"] for r in json.loads(route or "[]")]
+    assert len(devs) == 1 and devs[0].startswith("ys"), route
+    table = sandbox_table(node)
+    assert table is not None
+    assert any(vm["ip"] in e and devs[0] in e for e in set_elements(table)), table
+
+
+def node_network_leftovers(dc: DataCenter, vm: dict[str, Any]) -> list[str]:
+    """What of the VM's sandbox port is still on its node: tap, lease, route, element."""
+    node = dc.node_of(vm)
+    state = sandbox_dir(dc, node.name)
+    found = []
+    links = node.run(["ip", "-o", "link"]).stdout
+    taps = [line.split(": ")[1].split("@")[0] for line in links.splitlines()
+            if line.split(": ")[1].startswith("ys")]
+    if taps:
+        found.append(f"taps {taps}")
+    lease_file = state / "dnsmasq.leases"
+    if lease_file.exists() and vm["ip"] in lease_file.read_text():
+        found.append("lease")
+    if vm["ip"] in node.run(["ip", "-4", "route", "show", "table", "all"]).stdout:
+        found.append("route")
+    table = sandbox_table(node)
+    if table is not None and any(vm["ip"] in e for e in set_elements(table)):
+        found.append("set element")
+    if any(vm["uuid"] in p.name for p in state.rglob("*")):
+        found.append("files")
+    return found
 
 
 @contextlib.contextmanager
@@ -65,69 +102,6 @@ def serial_console(node_host: NodeHost, vm_uuid: str) -> Iterator[Callable[[str]
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
         conn.close()
-
-
-def seen_as_from_guest(dc: DataCenter, vm: dict[str, Any], server: Host,
-                       timeout: float = 90) -> str | None:
-    """Make the guest ask the whoami server on ``server`` (a LAN host outside the node)
-    which address it comes from: the address the server saw, "" when no answer came
-    back (the guest did ask), None when the guest never ran the command.
-
-    The guest prints the answer on its serial console after a fresh tag, which is read
-    back through the API's console log; the echo of the typed command never matches
-    (``$(`` follows the tag there). busybox nc sends an HTTP/0.9 request, so the answer
-    is the body alone; its wget crashes on this guest."""
-    assert dc.api is not None
-    tag = secrets.token_hex(4)
-    # At the start of a line, the whole line: what the guest printed, not what was typed.
-    pattern = re.compile(rf"(?:^|\n)YUN-NAT-{tag}=([0-9.]*)\r?\n")
-    # Short: the console is 80 columns wide and the shell's line editing wraps it.
-    command = f"echo YUN-NAT-{tag}=$(echo GET /|nc -w5 {server.ip} {WHOAMI_PORT})"
-    deadline = time.monotonic() + timeout
-    with serial_console(dc.node_hosts[vm["node_name"]], vm["uuid"]) as type_line:
-        time.sleep(2)  # until QEMU polls the pty again and sees it open
-        while time.monotonic() < deadline:
-            type_line(command)
-            # nc gives up after 5 s; the slow TCG guest may take a while to read the line.
-            until = min(deadline, time.monotonic() + 20)
-            while time.monotonic() < until:
-                log = dc.api.get(f"/api/v1/vms/{vm['uuid']}/console-log").text
-                found = pattern.search(log)
-                if found:
-                    print(f"guest asked {server.ip}, which saw: {found.group(1)!r}")
-                    return found.group(1)
-                time.sleep(1)
-    return None
-
-
-def console_tail(dc: DataCenter, vm: dict[str, Any]) -> str:
-    assert dc.api is not None
-    return dc.api.get(f"/api/v1/vms/{vm['uuid']}/console-log").text[-1500:]
-
-
-def assert_guest_traffic_is_masqueraded(dc: DataCenter, vm: dict[str, Any]) -> None:
-    """The node has one masquerade rule for the subnet the VM's address is in, and the
-    guest's own connection to a host outside the node really leaves as the node."""
-    node = dc.node_of(vm)
-    rules = masquerade_rules(node)
-    assert len(rules) == 1 and rules[0]["chain"] == "postrouting", rules
-    subnet = masqueraded_source(rules[0])
-    assert subnet is not None and ipaddress.IPv4Address(vm["ip"]) in subnet, rules
-
-    ext = dc.topo.hosts.get("ext") or dc.topo.add_host("ext")
-    server = ext.popen([sys.executable, "-c", _WHOAMI, ext.ip, str(WHOAMI_PORT)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # The LAN host has no route to the VMs' subnet: only the node's NAT brings the
-        # answer back, and it shows the node's LAN address, never the guest's.
-        seen = seen_as_from_guest(dc, vm, ext)
-        assert seen == node.ip, console_tail(dc, vm)
-        # Without the NAT table the same request gets no answer: the check can fail.
-        node.run(["nft", "delete", "table", "inet", table_name(BRIDGE)])
-        assert seen_as_from_guest(dc, vm, ext) == "", console_tail(dc, vm)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def assert_disks_private(dc: DataCenter, vm: dict[str, Any]) -> None:
@@ -157,7 +131,7 @@ def node_leftovers(dc: DataCenter, vm: dict) -> list[str]:
     if any(vm["uuid"] in str(p) for p in state.rglob("*")):
         found.append(f"files: {[str(p) for p in state.rglob('*') if vm['uuid'] in str(p)]}")
     links = node.run(["ip", "-o", "link"]).stdout
-    if any(line.split(": ")[1].startswith("yv") for line in links.splitlines()):
+    if any(line.split(": ")[1].startswith("ys") for line in links.splitlines()):
         found.append("tap device")
     return found
 
@@ -197,12 +171,11 @@ def test_full_lifecycle_on_a_real_guest(datacenter_factory) -> None:  # type: ig
     dc.wait_console(vm["uuid"], "YUN-GUEST-READY", count=3)
     page = dc.guest_http(vm)
     assert page["boots"] == "3" and page["token"] == token
-    assert_guest_traffic_is_masqueraded(dc, vm)
+    assert_guest_on_the_sandbox(dc, vm)
 
     resp = dc.api.delete(f"/api/v1/vms/{vm['uuid']}")
     assert dc.wait_task(resp.json()["task"]["uuid"])["state"] == "succeeded"
     assert dc.api.get(f"/api/v1/vms/{vm['uuid']}").status_code == 404
     assert node_leftovers(dc, vm) == []
-    node = dc.node_of(vm)
-    hosts_dir = dc.node_hosts[node.name].root / "yun" / "node" / "network"
-    assert not any(vm["uuid"] in p.name for p in hosts_dir.rglob("*"))
+    assert node_network_leftovers(dc, vm) == []
+    assert sandbox_table(dc.node_of(vm)) is not None  # the node's network stays

@@ -1,8 +1,5 @@
-"""dnsmasq command line and hosts files; port validation; the simulated NAT backend.
-
-The validation is shared by the real and the simulated backend, so it is tested here
-once, through both entry points.
-"""
+"""The sandbox dnsmasq: its command line, hosts files and lease database (files only;
+the port validation of both backends is in test_sandbox_contract.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from yun.node.network.base import NetworkError
 from yun.node.network.dnsmasq import (
     Dnsmasq,
     DnsmasqConfig,
@@ -21,18 +17,9 @@ from yun.node.network.dnsmasq import (
     parse_hosts_file,
     render_hosts_file,
 )
-from yun.node.network.nat import (
-    NatNetwork,
-    NatNetworkBackend,
-    hostname_for,
-    parse_network,
-    plan_port,
-    tap_name,
-    validate_port,
-)
+from yun.node.network.sim import tap_name
 from yun.proto.messages import NicSpec
 
-NET = NatNetwork(bridge="yunbr0", subnet="10.77.0.0/24", gateway="10.77.0.1")
 VM = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 NIC_ID = "9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"
 
@@ -42,18 +29,19 @@ def nic(ip: str = "10.77.0.10", mac: str = "52:54:00:00:00:01", nic_id: str = NI
 
 
 def cfg(tmp_path: Path) -> DnsmasqConfig:
-    return DnsmasqConfig(bridge="yunbr0", subnet=ipaddress.IPv4Network("10.77.0.0/24"),
-                         state_dir=tmp_path / "net")
+    return DnsmasqConfig(interface="ys*", subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+                         gateway="10.77.0.1", state_dir=tmp_path / "net")
 
 
 # --------------------------------------------------------------------------- argv
 
 
-def test_argv_binds_to_the_bridge_only_and_serves_static_leases(tmp_path: Path) -> None:
+def test_argv_serves_the_sandbox_taps_only_and_static_leases(tmp_path: Path) -> None:
     c = cfg(tmp_path)
     argv = dnsmasq_argv(c)
     assert argv[0] == "dnsmasq"
-    for opt in ("--interface=yunbr0", "--bind-interfaces", "--except-interface=lo",
+    for opt in ("--interface=ys*", "--bind-dynamic", "--except-interface=lo",
+                "--dhcp-option=option:router,10.77.0.1",
                 "--port=0", "--conf-file=/dev/null",
                 "--dhcp-range=10.77.0.0,static,255.255.255.0,1h",
                 f"--dhcp-hostsdir={c.state_dir / 'hosts'}",
@@ -66,8 +54,8 @@ def test_argv_binds_to_the_bridge_only_and_serves_static_leases(tmp_path: Path) 
 
 
 def test_argv_follows_the_subnet(tmp_path: Path) -> None:
-    c = DnsmasqConfig(bridge="br9", subnet=ipaddress.IPv4Network("10.8.0.0/16"),
-                      state_dir=tmp_path)
+    c = DnsmasqConfig(interface="ys*", subnet=ipaddress.IPv4Network("10.8.0.0/16"),
+                      gateway="10.8.0.1", state_dir=tmp_path)
     assert "--dhcp-range=10.8.0.0,static,255.255.0.0,1h" in dnsmasq_argv(c)
 
 
@@ -75,8 +63,9 @@ def test_argv_follows_the_subnet(tmp_path: Path) -> None:
 
 
 def test_hosts_file_round_trip() -> None:
-    recs = [PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-abc", "yv0000000001"),
-            PortRecord("n2", "52:54:00:00:00:02", "10.77.0.11", "vm-abc", "yv0000000002")]
+    recs = [PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-abc", "ys0000000001"),
+            PortRecord("n2", "52:54:00:00:00:02", "10.77.0.11", "vm-abc", "ys0000000002",
+                       "mono", ("10.77.0.12", "10.77.0.13"))]
     text = render_hosts_file("vm-uuid", recs)
     assert "52:54:00:00:00:01,10.77.0.10,vm-abc\n" in text
     # Only comments and MAC,IP,hostname lines: the format dnsmasq reads.
@@ -128,7 +117,8 @@ def test_prepare_refuses_a_state_dir_nobody_cannot_reach(tmp_path: Path) -> None
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o700)
     locked.chmod(0o700)
-    d = Dnsmasq(DnsmasqConfig(bridge="yunbr0", subnet=ipaddress.IPv4Network("10.77.0.0/24"),
+    d = Dnsmasq(DnsmasqConfig(interface="ys*", gateway="10.77.0.1",
+                              subnet=ipaddress.IPv4Network("10.77.0.0/24"),
                               state_dir=locked / "net"))
     with pytest.raises(DnsmasqError, match="cannot enter"):
         d.prepare()
@@ -144,80 +134,10 @@ def test_no_pid_file_means_not_running(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def test_parse_network() -> None:
-    assert parse_network("yunbr0", "10.77.0.0/24") == NET
-    with pytest.raises(NetworkError, match="bad NAT subnet"):
-        parse_network("yunbr0", "10.77.0.1/24")  # host bits set
-    with pytest.raises(NetworkError, match="bad NAT subnet"):
-        parse_network("yunbr0", "nonsense")
-    with pytest.raises(NetworkError, match="/29"):
-        parse_network("yunbr0", "10.77.0.0/31")
-    with pytest.raises(NetworkError, match="bad bridge name"):
-        parse_network("a-bridge-name-too-long", "10.77.0.0/24")
-    with pytest.raises(NetworkError, match="bad bridge name"):
-        parse_network("br 0", "10.77.0.0/24")
-
-
-@pytest.mark.parametrize(("ip", "why"), [
-    ("10.78.0.5", "outside the NAT subnet 10.77.0.0/24"),
-    ("10.77.0.1", "is the gateway"),
-    ("10.77.0.0", "network address"),
-    ("10.77.0.255", "broadcast address"),
-    ("10.77.0.300", "not an IPv4 address"),
-    ("fe80::1", "not an IPv4 address"),
-])
-def test_bad_addresses_are_refused_with_the_reason(ip: str, why: str) -> None:
-    with pytest.raises(NetworkError, match=why) as err:
-        validate_port(NET, VM, nic(ip=ip))
-    assert NIC_ID in str(err.value) and VM in str(err.value)
-
-
-def test_multicast_mac_and_path_like_vm_uuid_are_refused() -> None:
-    with pytest.raises(NetworkError, match="multicast"):
-        validate_port(NET, VM, nic(mac="01:00:5e:00:00:01"))
-    for bad in ("../etc", ".hidden", "a/b", ""):
-        with pytest.raises(NetworkError, match="bad VM uuid"):
-            validate_port(NET, bad, nic())
-
-
-def test_good_port_record() -> None:
-    rec = validate_port(NET, VM, nic(mac="52:54:00:AB:CD:EF"))
-    assert rec == PortRecord(NIC_ID, "52:54:00:ab:cd:ef", "10.77.0.10", hostname_for(VM),
-                             tap_name(NIC_ID))
-
-
 def test_tap_names_are_short_deterministic_and_distinct() -> None:
-    assert tap_name(NIC_ID) == "yv9a8b7c6d5e"
+    assert tap_name(NIC_ID) == "ys9a8b7c6d5e"
     assert tap_name(NIC_ID) == tap_name(NIC_ID)
     for odd in ("nic0", "eth-0", "x" * 200):
         name = tap_name(odd)
-        assert len(name) <= 15 and name.startswith("yv") and name.isalnum()
+        assert len(name) <= 15 and name.startswith("ys") and name.isalnum()
     assert tap_name("nic0") != tap_name("nic1")
-
-
-def test_plan_port_refuses_an_address_or_mac_already_taken() -> None:
-    other = validate_port(NET, "other-vm", nic(nic_id="other-nic", mac="52:54:00:00:00:09"))
-    ports = {"other-vm": [other]}
-    with pytest.raises(NetworkError, match="already leased to NIC other-nic of VM other-vm"):
-        plan_port(NET, ports, VM, nic(ip=other.ip))
-    with pytest.raises(NetworkError, match="MAC 52:54:00:00:00:09 is already used"):
-        plan_port(NET, ports, VM, nic(ip="10.77.0.20", mac="52:54:00:00:00:09"))
-    # The same NIC again, with a new address: replaced, not duplicated.
-    rec, mine = plan_port(NET, {VM: [validate_port(NET, VM, nic())]}, VM, nic(ip="10.77.0.30"))
-    assert mine == [rec] and rec.ip == "10.77.0.30"
-
-
-def test_real_backend_refuses_a_bad_network_at_construction(tmp_path: Path) -> None:
-    with pytest.raises(NetworkError, match="bad NAT subnet"):
-        NatNetworkBackend(tmp_path, "yunbr0", "10.77.0.0/33")
-
-
-async def test_real_backend_ports_without_touching_the_host(tmp_path: Path) -> None:
-    """Ports are files only: no root, no bridge needed to reserve and list them."""
-    b = NatNetworkBackend(tmp_path / "net", "yunbr0", "10.77.0.0/24")
-    resolved = await b.ensure_port(VM, nic())
-    assert resolved.tap == tap_name(NIC_ID) and resolved.bridge == "yunbr0"
-    assert await b.ensure_port(VM, nic()) == resolved
-    assert await b.vm_ports() == {VM: ["52:54:00:00:00:01"]}
-    with pytest.raises(NetworkError, match="already leased"):
-        await b.ensure_port("another", nic(nic_id="n2", mac="52:54:00:00:00:02"))

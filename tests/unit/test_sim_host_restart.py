@@ -68,7 +68,7 @@ async def test_restart_keeps_everything_and_shuts_domains_off(tmp_path: Path) ->
     assert disks.downloads == 0 and len(disks.images) == 2
     # The address is still leased: another VM cannot take it.
     from yun.node.network.base import NetworkError
-    with pytest.raises(NetworkError, match="already leased"):
+    with pytest.raises(NetworkError, match="already held"):
         await net.ensure_port(str(uuid.uuid4()), NicSpec(nic_id="n0", mac="52:54:00:00:00:0c",
                                                           ip="10.77.0.10"))
     await driver.start(a)

@@ -355,11 +355,10 @@ def down(purge: Annotated[bool, typer.Option(
         import shutil
 
         from yun.config import NodeSettings, load_settings
-        from yun.node.network.nat import NatNetworkBackend
+        from yun.node.network.sandbox import SandboxNetworkBackend
 
         settings = load_settings(NodeSettings, "node", config)
-        asyncio.run(NatNetworkBackend(settings.state_dir / "node" / "network", settings.bridge,
-                                      settings.nat_subnet).teardown())
+        asyncio.run(SandboxNetworkBackend(settings.state_dir / "node" / "network").teardown())
         shutil.rmtree(STATE_DIR, ignore_errors=True)
         config.unlink(missing_ok=True)
         ADMIN_PASSWORD.unlink(missing_ok=True)

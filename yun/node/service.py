@@ -40,15 +40,15 @@ def build_backends(settings: NodeSettings, name: str
             SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file),
             {NicNetwork.SANDBOX: SimSandboxBackend(state_file=state_file)},
         )
-    from yun.node.network.nat import NatNetworkBackend
+    from yun.node.network.sandbox import SandboxNetworkBackend
     from yun.node.storage.local import LocalDiskBackend
 
     return (
         load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
                     state_dir=node_dir, vnc_listen=settings.vnc_listen or settings.listen_host),
         LocalDiskBackend(node_dir / "disks"),
-        {NicNetwork.SANDBOX: NatNetworkBackend(node_dir / "network", "yunbr0",
-                                               "10.77.0.0/24")},
+        # Its subnet and routers come from the control server (SandboxSettings).
+        {NicNetwork.SANDBOX: SandboxNetworkBackend(node_dir / "network")},
     )
 
 

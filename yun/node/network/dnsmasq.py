@@ -1,4 +1,9 @@
-"""dnsmasq for the node-local NAT network: one daemon per bridge, static leases only.
+"""dnsmasq for the node's sandbox network: one daemon for every sandbox tap, static leases.
+
+It listens on every tap of the wildcard interface name (``ys*``) with ``--bind-dynamic``,
+so taps made after it started are served without a restart; each tap holds the node's
+gateway address with the subnet's netmask (and no prefix route), which is how dnsmasq
+finds the ``dhcp-range`` of a tap.
 
 Files under the network's state directory::
 
@@ -39,7 +44,8 @@ DNSMASQ = "dnsmasq"
 _STOP_WAIT = 5.0  # seconds between SIGTERM and SIGKILL
 _START_WAIT = 5.0  # seconds for the pid file to appear
 _POLL = 0.05
-_COMMENT_RE = re.compile(r"^#\s*nic=(?P<nic>\S+)\s+tap=(?P<tap>\S+)\s*$")
+_COMMENT_RE = re.compile(r"^#\s*nic=(?P<nic>\S+)\s+tap=(?P<tap>\S+)"
+                         r"(?:\s+exposure=(?P<exposure>\S+))?(?:\s+extra=(?P<extra>\S*))?\s*$")
 
 
 # --------------------------------------------------------------------------- hosts files
@@ -54,6 +60,10 @@ class PortRecord:
     ip: str
     hostname: str
     tap: str
+    #: what reaches the VM from outside (sandbox exposure: private, mono, share)
+    exposure: str = "private"
+    #: more addresses routed to the tap (not served by DHCP)
+    extra_ips: tuple[str, ...] = ()
 
     def line(self) -> str:
         return f"{self.mac},{self.ip},{self.hostname}"
@@ -63,7 +73,8 @@ def render_hosts_file(vm_uuid: str, records: list[PortRecord]) -> str:
     """The hosts file of one VM (``--dhcp-hostsdir`` format plus Yun's comments)."""
     out = [f"# yun vm={vm_uuid}"]
     for rec in records:
-        out.append(f"# nic={rec.nic_id} tap={rec.tap}")
+        out.append(f"# nic={rec.nic_id} tap={rec.tap} exposure={rec.exposure} "
+                   f"extra={','.join(rec.extra_ips)}")
         out.append(rec.line())
     return "\n".join(out) + "\n"
 
@@ -76,6 +87,7 @@ def parse_hosts_file(text: str) -> list[PortRecord]:
     """
     records: list[PortRecord] = []
     nic = tap = ""
+    exposure, extra = "private", ""
     for raw in text.splitlines():
         line = raw.strip()
         if not line:
@@ -84,12 +96,16 @@ def parse_hosts_file(text: str) -> list[PortRecord]:
             m = _COMMENT_RE.match(line)
             if m:
                 nic, tap = m.group("nic"), m.group("tap")
+                exposure = m.group("exposure") or "private"
+                extra = m.group("extra") or ""
             continue
         fields = [f.strip() for f in line.split(",")]
         if len(fields) >= 2:
             hostname = fields[2] if len(fields) > 2 else ""
-            records.append(PortRecord(nic, fields[0].lower(), fields[1], hostname, tap))
+            records.append(PortRecord(nic, fields[0].lower(), fields[1], hostname, tap,
+                                      exposure, tuple(x for x in extra.split(",") if x)))
         nic = tap = ""
+        exposure, extra = "private", ""
     return records
 
 
@@ -98,10 +114,12 @@ def parse_hosts_file(text: str) -> list[PortRecord]:
 
 @dataclass(frozen=True)
 class DnsmasqConfig:
-    """Everything that decides how the dnsmasq of one NAT network runs."""
+    """Everything that decides how the node's sandbox dnsmasq runs."""
 
-    bridge: str
+    #: the interfaces it serves: a name or a wildcard (``ys*``)
+    interface: str
     subnet: ipaddress.IPv4Network
+    gateway: str
     state_dir: Path
     lease_time: str = "1h"
     #: dnsmasq drops root for this user once its sockets are open.
@@ -125,22 +143,25 @@ class DnsmasqConfig:
 
 
 def dnsmasq_argv(cfg: DnsmasqConfig, binary: str = DNSMASQ) -> list[str]:
-    """The command line of the network's dnsmasq (DHCP only, on the bridge only)."""
+    """The command line of the sandbox dnsmasq (DHCP only, on the sandbox taps only)."""
     return [
         binary,
         "--conf-file=/dev/null",  # never pick up a system-wide /etc/dnsmasq.conf
         f"--pid-file={cfg.pid_file}",
         f"--user={cfg.user}",
-        f"--interface={cfg.bridge}",
-        "--bind-interfaces",
+        f"--interface={cfg.interface}",
+        # bind-dynamic: taps that appear later are served at once (a wildcard with
+        # --bind-interfaces would only see the taps present at start).
+        "--bind-dynamic",
         "--except-interface=lo",
         "--port=0",  # no DNS
         # "static": only MACs listed in hosts/ get an address, never one from a pool.
         f"--dhcp-range={cfg.subnet.network_address},static,{cfg.subnet.netmask},"
         f"{cfg.lease_time}",
+        f"--dhcp-option=option:router,{cfg.gateway}",
         f"--dhcp-hostsdir={cfg.hosts_dir}",
         f"--dhcp-leasefile={cfg.lease_file}",
-        # The only DHCP server on this bridge: answer a rebooted VM's stale lease at once.
+        # The only DHCP server on these taps: answer a rebooted VM's stale lease at once.
         "--dhcp-authoritative",
         f"--log-facility={cfg.log_file}",
         "--log-dhcp",
@@ -180,7 +201,7 @@ class DnsmasqError(RuntimeError):
 
 
 class Dnsmasq:
-    """The dnsmasq of one NAT network: started once, kept, restarted only when needed."""
+    """The sandbox dnsmasq of a node: started once, kept, restarted only when needed."""
 
     def __init__(self, cfg: DnsmasqConfig, binary: str = DNSMASQ) -> None:
         self.cfg = cfg
@@ -245,10 +266,10 @@ class Dnsmasq:
         deadline = time.monotonic() + _START_WAIT
         while self.pid() is None:  # bounded by the deadline
             if time.monotonic() > deadline:
-                raise DnsmasqError(f"dnsmasq for {self.cfg.bridge} did not write "
+                raise DnsmasqError(f"dnsmasq for {self.cfg.interface} did not write "
                                    f"{self.cfg.pid_file}; see {self.cfg.log_file}")
             time.sleep(_POLL)
-        log.info("dnsmasq started", extra={"bridge": self.cfg.bridge, "pid": self.pid()})
+        log.info("dnsmasq started", extra={"interface": self.cfg.interface, "pid": self.pid()})
         return True
 
     def stop(self) -> None:
@@ -266,7 +287,7 @@ class Dnsmasq:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.cfg.pid_file.unlink(missing_ok=True)
-        log.info("dnsmasq stopped", extra={"bridge": self.cfg.bridge, "pid": pid})
+        log.info("dnsmasq stopped", extra={"interface": self.cfg.interface, "pid": pid})
 
     def reload(self) -> None:
         """SIGHUP: forget removed or changed host records (new ones need no signal)."""
@@ -347,7 +368,7 @@ class Dnsmasq:
         """Strike the leases of ``records`` out of the database; True when any was there.
 
         dnsmasq keeps its leases in memory and offers no way to drop one that works
-        from the host (a DHCPRELEASE sent locally arrives on ``lo``, not the bridge),
+        from the host (a DHCPRELEASE sent locally arrives on ``lo``, not the tap),
         so the daemon is stopped, the file edited, and the daemon started again — only
         when one of these ports really holds a lease. VMs renewing meanwhile retry.
         """
@@ -365,7 +386,7 @@ class Dnsmasq:
         tmp.replace(self.cfg.lease_file)
         if was_running:
             self.ensure_running()
-        log.info("leases released", extra={"bridge": self.cfg.bridge,
+        log.info("leases released", extra={"interface": self.cfg.interface,
                                            "macs": ",".join(sorted(macs))})
         return True
 

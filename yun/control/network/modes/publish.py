@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
+
+from yun.control.db.models import PublicIpRow
 from yun.control.network.changes import note_change
 from yun.control.network.router_sync import notify_routers
 
@@ -21,11 +24,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("yun.control.network.publish")
 
 
-async def publish(control: ControlContext, vm_uuid: str) -> None:
-    """Record that the VM's mappings changed and tell the live routers (best effort)."""
+async def publish(control: ControlContext, vm_uuid: str) -> bool:
+    """Record that the VM's mappings changed and tell the live routers (best effort).
+
+    A VM without a public address or port (private, direct) changes nothing the routers
+    apply: no change is recorded then. Returns whether one was."""
     async with control.db.session() as session:
+        mapped = await session.scalar(select(PublicIpRow.uuid).where(
+            PublicIpRow.vm_uuid == vm_uuid).limit(1))
+        if mapped is None:
+            return False
         note_change(session, vm_uuid)
     await notify(control, vm_uuid)
+    return True
 
 
 async def notify(control: ControlContext, subject: str) -> None:

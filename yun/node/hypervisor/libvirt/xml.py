@@ -284,12 +284,22 @@ def build_domain_xml(
         _sub(el, "target", dev=dev, bus=bus)
         _iotune(el, spec.qos)
     for nic in nics:
-        # type='bridge': libvirt creates the tap itself (named by <target>); the
-        # bandwidth limit is put on it by the driver (see .shaping), not by <bandwidth>.
-        el = _sub(devices, "interface", type="bridge")
-        _sub(el, "source", bridge=nic.bridge)
-        _sub(el, "mac", address=nic.mac)
-        _sub(el, "target", dev=nic.tap)
+        # The bandwidth limit is put on the tap by the driver (see .shaping), not by
+        # <bandwidth>.
+        if nic.bridge is not None:
+            # type='bridge' (direct mode): libvirt creates the tap (named by <target>)
+            # and joins it to the bridge.
+            el = _sub(devices, "interface", type="bridge")
+            _sub(el, "source", bridge=nic.bridge)
+            _sub(el, "mac", address=nic.mac)
+            _sub(el, "target", dev=nic.tap)
+        else:
+            # type='ethernet' (sandbox mode): the routed tap was made by the network
+            # backend; libvirt only opens it (managed='no') and leaves it when the
+            # domain stops.
+            el = _sub(devices, "interface", type="ethernet")
+            _sub(el, "mac", address=nic.mac)
+            _sub(el, "target", dev=nic.tap, managed="no")
         _sub(el, "model", type="virtio")
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=str(console_log), append="on")
