@@ -52,7 +52,8 @@ def _ref_for(path: str, ids: dict[str, str]) -> dict[str, str]:
             "users": ids["bob"], "departments": ids["d2"], "tasks": ids["task-bob"],
             "keys": ids["key-bob"], "role-assignments": ids["grant-bob"],
             "nodes": ids["node"], "auth": ids["token-bob"], "vm-groups": ids["group-bob"],
-            "zones": ids["zone"], "pools": ids["pool"]}
+            "zones": ids["zone"], "pools": ids["pool"], "address-pools": ids["address-pool"],
+            "eips": ids["eip-bob"]}
     values: dict[str, str] = {}
     for name in re.findall(r"{(\w+)}", path):
         values[name] = PLAIN_PARAMS.get(name, refs[first])
@@ -71,6 +72,9 @@ BODIES: dict[str, Any] = {
     "ZoneUpdate": {"description": "x"},
     "PoolUpdate": {"description": "x"},
     "PortForwardCreate": {"port": 80},
+    "AddressRangeCreate": {"first_ip": "198.51.100.50", "last_ip": "198.51.100.60"},
+    "AddressPoolUpdate": {"description": "x"},
+    "ElasticIpBind": {"vm": "x"},
 }
 # Path parameters that name no resource: a valid value of each.
 PLAIN_PARAMS = {"protocol": "tcp", "port": "80", "ip": "10.64.0.20"}
@@ -105,6 +109,13 @@ async def test_no_route_crosses_projects(cloud: Tenants) -> None:
     cloud.ids["group-bob"] = group["uuid"]
     cloud.ids["zone"] = (await ok(admin.get("/api/v1/zones/default")))["uuid"]
     cloud.ids["pool"] = (await ok(admin.get("/api/v1/pools/default")))["uuid"]
+    address_pool = await ok(admin.post("/api/v1/address-pools", json={
+        "name": "public", "kind": "exclusive",
+        "ranges": [{"first_ip": "198.51.100.10", "last_ip": "198.51.100.20"}]}), 201)
+    cloud.ids["address-pool"] = address_pool["uuid"]
+    eip = await ok(bob.post("/api/v1/eips", json={"address_pool": "public",
+                                                  "name": "eip-of-bob"}), 201)
+    cloud.ids["eip-bob"] = eip["uuid"]
 
     alice = cloud["alice"]
     spec = (await alice.get("/openapi.json")).json()
@@ -120,7 +131,7 @@ async def test_no_route_crosses_projects(cloud: Tenants) -> None:
             expected = {404} if not path.startswith("/api/v1/nodes") else {403}
             if path.startswith("/api/v1/departments") and method != "get":
                 expected = {403, 404}  # only super admins change departments
-            if path.startswith(("/api/v1/zones", "/api/v1/pools")):
+            if path.startswith(("/api/v1/zones", "/api/v1/pools", "/api/v1/address-pools")):
                 # Platform resources: every user sees them, only super admins change them.
                 expected = {200} if method == "get" else {403}
             assert resp.status_code in expected, (method, url, resp.status_code, resp.text)
