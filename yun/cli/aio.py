@@ -194,7 +194,32 @@ def start_components(config: Path) -> None:
         out.print(f"  {component:<8} pid {pid:<7} {state}")
 
 
+def host_address() -> str | None:
+    """This host's own address towards the outside (the source of its default route):
+    a node NAT port answers on it (not on loopback, which the kernel does not forward)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # no packet is sent: only a route lookup
+            return str(sock.getsockname()[0])
+        except OSError:
+            return None
+
+
+def demo_forward(client: Client, vm: Vm) -> tuple[str, int] | None:
+    """The node NAT port reaching port 80 of the demo VM (F-SB-PRIVATE), made once."""
+    forwards = [f for f in client.vms.port_forwards(vm.uuid)
+                if f.vm_port == 80 and f.protocol == "tcp"]
+    forward = forwards[0] if forwards else client.vms.add_port_forward(vm.uuid, 80)
+    address = forward.address
+    if address.startswith("127."):
+        address = host_address() or address
+    return address, forward.port
+
+
 def guest_page(ip: str, timeout: float) -> str | None:
+    """The page the guest serves at ``ip`` (``host`` or ``host:port``), once it answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -292,12 +317,21 @@ def _ensure_vm(client: Client, image: Image) -> Vm:
 
 def _report(client: Client, url: str, vm: Vm) -> None:
     console = client.vms.console(vm.uuid)
-    page = guest_page(vm.ip, 60) if vm.ip else None
+    # The default pool is sandbox-private: the guest is reached through a NAT port of its
+    # node; this host (its node) also reaches its sandbox address directly.
+    forward = demo_forward(client, vm)
+    reach = f"{forward[0]}:{forward[1]}" if forward else vm.ip
+    page = guest_page(reach, 60) if reach else None
+    if page is None and vm.ip and reach != vm.ip:
+        reach, page = vm.ip, guest_page(vm.ip, 10)
     out.print()
     out.print(f"[bold green]VM {vm.name} is {vm.state}[/bold green] on node {vm.node_name}")
     out.print(f"  uuid       {vm.uuid}")
-    out.print(f"  IP         {vm.ip}")
-    out.print(f"  HTTP       curl http://{vm.ip}/")
+    out.print(f"  IP         {vm.ip} (sandbox-private: reached through its node's NAT port)")
+    out.print(f"  HTTP       curl http://{reach}/")
+    if forward:
+        out.print(f"  port 80    {forward[0]}:{forward[1]}   (yun vm port-forward list "
+                  f"{vm.name})")
     if page:
         for line in page.strip().splitlines():
             out.print(f"               {line}")
