@@ -124,6 +124,18 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         await b.ensure_network(SETTINGS)
         yield b
         return
+    async for nb in _real_backend():
+        yield nb
+
+
+@pytest.fixture
+async def real() -> AsyncIterator[Any]:
+    """The real backend alone, for what only a real host shows (taps, routes, DHCP)."""
+    async for nb in _real_backend():
+        yield nb
+
+
+async def _real_backend() -> AsyncIterator[Any]:
     if os.geteuid() != 0:
         pytest.skip("the real backend needs root")
     for tool in ("nft", "dnsmasq", "ip"):
@@ -212,13 +224,6 @@ async def test_release_one_port_keeps_the_others(backend: Any) -> None:
 
 
 # --------------------------------------------------------------------------- real only
-
-
-@pytest.fixture
-async def real(backend: Any) -> Any:
-    if not isinstance(backend, NetnsBackend):
-        pytest.skip("real backend only")
-    return backend
 
 
 async def test_real_tap_routes_rules_and_cleanup(real: NetnsBackend) -> None:
