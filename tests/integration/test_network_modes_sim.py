@@ -288,7 +288,7 @@ async def test_extra_address_hot_plugged_on_a_running_vm(
     extra = resp.json()["ip"]
     assert extra != vm["ip"] and extra.rsplit(".", 1)[0] == vm["ip"].rsplit(".", 1)[0]
     [port] = node.agent.network.ports[vm["uuid"]]
-    assert port.ip == vm["ip"] and port.extra_ips == [extra]
+    assert port.ip == vm["ip"] and port.extra_ips == (extra,)
     shown = (await cluster.api.get("/api/v1/vms/hp1")).json()
     assert shown["extra_ips"] == [extra] and shown["state"] == "running"
     assert (await node.agent.driver.get_domain(vm["uuid"])).state == "running"
@@ -301,7 +301,7 @@ async def test_extra_address_hot_plugged_on_a_running_vm(
     resp = await cluster.api.delete(f"/api/v1/vms/hp1/addresses/{extra}")
     assert resp.status_code == 204, resp.text
     [port] = node.agent.network.ports[vm["uuid"]]
-    assert port.extra_ips == []
+    assert port.extra_ips == ()
     resp = await cluster.api.delete(f"/api/v1/vms/hp1/addresses/{extra}")
     assert resp.status_code == 404 and "no extra address" in resp.text
     async with _db(cluster).session() as s:  # only the primary address is held

@@ -17,7 +17,7 @@ from yun.node.network.dnsmasq import (
     parse_hosts_file,
     render_hosts_file,
 )
-from yun.node.network.sim import tap_name
+from yun.node.network.ports import tap_name
 from yun.proto.messages import NicSpec
 
 VM = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"

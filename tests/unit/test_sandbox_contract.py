@@ -22,7 +22,8 @@ import pytest
 
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network.base import NetworkError
-from yun.node.network.sim import SimSandboxBackend, tap_name
+from yun.node.network.ports import tap_name
+from yun.node.network.sim import SimSandboxBackend
 from yun.proto.messages import NicSpec
 from yun.proto.network import Exposure, NodeForward, SandboxSettings
 from yun.util.run import run
@@ -178,6 +179,8 @@ async def test_port_is_a_routed_tap_and_idempotent(backend: Any) -> None:
     ("10.64.3.1", "not a VM address"),  # the gateway
     ("10.64.3.0", "not a VM address"),
     ("10.64.3.255", "not a VM address"),
+    # The sim used to raise a bare ValueError here (an answer 500, not a clear error).
+    ("10.64.3.300", "'10.64.3.300' is not an IPv4 address"),
 ])
 async def test_bad_addresses_are_refused(backend: Any, ip: str, why: str) -> None:
     with pytest.raises(NetworkError, match=why) as err:

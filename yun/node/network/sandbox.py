@@ -42,7 +42,7 @@ from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network import nft
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.dnsmasq import Dnsmasq, DnsmasqConfig, DnsmasqError, PortRecord
-from yun.node.network.sim import TAP_PREFIX, check_vm_uuid, tap_name
+from yun.node.network.ports import TAP_PREFIX, check_forwards, check_vm_uuid, plan_port
 from yun.proto.messages import NicSpec
 from yun.proto.network import Exposure, NicNetwork, NodeForward, SandboxSettings
 from yun.util.run import CommandError, run
@@ -53,54 +53,6 @@ IFA_F_NOPREFIXROUTE = 0x200
 ROUTE_TABLE = 7077
 RULE_PRIORITY = 7077
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-
-
-def hostname_for(vm_uuid: str) -> str:
-    """The hostname dnsmasq offers a VM without one: ``vm-`` + the start of its uuid."""
-    return "vm-" + "".join(c for c in vm_uuid.lower() if c.isalnum())[:12]
-
-
-def plan_port(settings: SandboxSettings, ports: dict[str, list[PortRecord]], vm_uuid: str,
-              nic: NicSpec) -> tuple[PortRecord, list[PortRecord]]:
-    """Validate ``nic`` against the settings and every port of the node.
-
-    Returns its record and the VM's records with it added or replaced (same NIC id);
-    the error names what is wrong (the same wording as the simulated backend)."""
-    check_vm_uuid(vm_uuid)
-    if nic.network != NicNetwork.SANDBOX:
-        raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid} is in the {nic.network} "
-                           f"network, not the sandbox")
-    if not nic.ip:
-        raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: a sandbox NIC needs an address")
-    subnet = ipaddress.IPv4Network(settings.subnet)
-    for ip in (nic.ip, *nic.extra_ips):
-        try:
-            address = ipaddress.IPv4Address(ip)
-        except ValueError as exc:
-            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: {ip!r} is not an IPv4 "
-                               f"address") from exc
-        if (address not in subnet or address in (subnet.network_address,
-                                                 subnet.broadcast_address)
-                or ip == settings.gateway):
-            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: {ip} is not a VM address "
-                               f"of the node's sandbox subnet {subnet}")
-    rec = PortRecord(nic_id=nic.nic_id, mac=nic.mac, ip=nic.ip,
-                     hostname=nic.hostname or hostname_for(vm_uuid), tap=tap_name(nic.nic_id),
-                     exposure=str(nic.exposure), extra_ips=tuple(nic.extra_ips))
-    for other_vm, records in ports.items():
-        for other in records:
-            if other_vm == vm_uuid and other.nic_id == rec.nic_id:
-                continue
-            if other.mac == rec.mac:
-                raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: MAC {nic.mac} is "
-                                   f"already used by NIC {other.nic_id} of VM {other_vm}")
-            taken = {other.ip, *other.extra_ips} & {rec.ip, *rec.extra_ips}
-            if taken:
-                raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: address "
-                                   f"{sorted(taken)[0]} is already held by NIC "
-                                   f"{other.nic_id} of VM {other_vm}")
-    mine = [r for r in ports.get(vm_uuid, []) if r.nic_id != rec.nic_id]
-    return rec, [*mine, rec]
 
 
 def elements_of(rec: PortRecord) -> nft.PortElements:
@@ -501,24 +453,8 @@ class SandboxNetworkBackend(NetworkBackend):
         """Replace the VM's node forwards (kept in ``forwards/<vm>.json``)."""
         check_vm_uuid(vm_uuid)
         with self._lock:
-            mine = {ip for r in self._all_hosts().get(vm_uuid, [])
-                    for ip in (r.ip, *r.extra_ips)}
-            others = self._all_forwards()
-            others.pop(vm_uuid, None)
-            seen: set[tuple[str, int]] = set()
-            for f in forwards:
-                if f.vm_ip not in mine:
-                    raise NetworkError(f"forward of port {f.node_port} to {f.vm_ip}:{f.vm_port}"
-                                       f": {f.vm_ip} is not an address of VM {vm_uuid} here")
-                key = (f.protocol, f.node_port)
-                for other_vm, fs in others.items():
-                    if any((o.protocol, o.node_port) == key for o in fs):
-                        raise NetworkError(f"node port {f.protocol}/{f.node_port} already "
-                                           f"forwards to VM {other_vm}")
-                if key in seen:
-                    raise NetworkError(f"node port {f.protocol}/{f.node_port} given twice "
-                                       f"for VM {vm_uuid}")
-                seen.add(key)
+            check_forwards(vm_uuid, forwards, self._all_hosts().get(vm_uuid, []),
+                           self._all_forwards())
             try:
                 self._write_forwards(vm_uuid, list(forwards))
                 nft.apply(nft.replace_forwards(self._forward_elements()))

@@ -12,47 +12,20 @@ process, as dnsmasq's hosts files do on a real node; without one they live in me
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.hypervisor.sim.hostfile import SimHostFile
 from yun.node.network.base import NetworkBackend, NetworkError
+from yun.node.network.dnsmasq import PortRecord
+from yun.node.network.ports import check_forwards, check_vm_uuid, plan_port
 from yun.proto.messages import NicSpec
 from yun.proto.network import NicNetwork, NodeForward, SandboxSettings
 
 _METHODS = ("ensure_network", "ensure_port", "release_port", "release_ports", "vm_ports",
             "set_forwards", "teardown")
-_VM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-TAP_PREFIX = "ys"
-
-
-def check_vm_uuid(vm_uuid: str) -> None:
-    """A VM uuid names files and rules on the node: refuse anything path-like."""
-    if not _VM_RE.match(vm_uuid):
-        raise NetworkError(f"bad VM uuid {vm_uuid!r}: letters, digits, '-' and '_' only")
-
-
-def tap_name(nic_id: str, prefix: str = TAP_PREFIX) -> str:
-    """The tap of a NIC: deterministic, ≤ 15 characters, the same on every retry."""
-    digits = re.sub(r"[^0-9a-f]", "", nic_id.lower())
-    if len(digits) < 10 or len(digits) != len(nic_id.replace("-", "")):
-        digits = hashlib.sha256(nic_id.encode()).hexdigest()
-    return prefix + digits[:10]
-
-
-@dataclass
-class SimPort:
-    nic_id: str
-    mac: str
-    ip: str
-    tap: str
-    exposure: str
-    extra_ips: list[str] = field(default_factory=list)
 
 
 class SimSandboxBackend(NetworkBackend):
@@ -62,7 +35,7 @@ class SimSandboxBackend(NetworkBackend):
 
     def __init__(self, state_file: Path | None = None) -> None:
         self.settings: SandboxSettings | None = None
-        self.ports: dict[str, list[SimPort]] = {}
+        self.ports: dict[str, list[PortRecord]] = {}
         self.forwards: dict[str, list[NodeForward]] = {}
         #: taps that "exist" on the node; the hypervisor simulator may add to it.
         self.taps: set[str] = set()
@@ -71,8 +44,11 @@ class SimSandboxBackend(NetworkBackend):
         if self._file is not None:
             # "ports" is keyed by MAC, as the invariant checker reads it.
             for mac, data in self._file.section("ports").items():
-                fields = {k: v for k, v in data.items() if k not in ("vm_uuid", "mac")}
-                self.ports.setdefault(data["vm_uuid"], []).append(SimPort(mac=mac, **fields))
+                self.ports.setdefault(data["vm_uuid"], []).append(PortRecord(
+                    nic_id=data["nic_id"], mac=mac, ip=data["ip"],
+                    hostname=data.get("hostname", ""), tap=data["tap"],
+                    exposure=data.get("exposure", "private"),
+                    extra_ips=tuple(data.get("extra_ips", ()))))
             for vm, fwds in self._file.section("forwards").items():
                 self.forwards[vm] = [NodeForward.model_validate(f) for f in fwds]
 
@@ -116,38 +92,8 @@ class SimSandboxBackend(NetworkBackend):
 
     async def ensure_port(self, vm_uuid: str, nic: NicSpec) -> ResolvedNic:
         self._maybe_fail("ensure_port")
-        check_vm_uuid(vm_uuid)
-        if nic.network != NicNetwork.SANDBOX:
-            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid} is in the {nic.network} "
-                               f"network, not the sandbox")
-        if not nic.ip:
-            raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: a sandbox NIC needs an "
-                               f"address")
-        if self.settings is not None:
-            subnet = ipaddress.IPv4Network(self.settings.subnet)
-            for ip in (nic.ip, *nic.extra_ips):
-                address = ipaddress.IPv4Address(ip)
-                if (address not in subnet or address in (subnet.network_address,
-                                                         subnet.broadcast_address)
-                        or ip == self.settings.gateway):
-                    raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: {ip} is not a "
-                                       f"VM address of the node's sandbox subnet {subnet}")
-        for other_vm, ports in self.ports.items():
-            for other in ports:
-                if other_vm == vm_uuid and other.nic_id == nic.nic_id:
-                    continue
-                if other.mac == nic.mac:
-                    raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: MAC {nic.mac} is "
-                                       f"already used by NIC {other.nic_id} of VM {other_vm}")
-                taken = {other.ip, *other.extra_ips} & {nic.ip, *nic.extra_ips}
-                if taken:
-                    raise NetworkError(
-                        f"NIC {nic.nic_id} of VM {vm_uuid}: address {sorted(taken)[0]} is "
-                        f"already held by NIC {other.nic_id} of VM {other_vm}")
-        port = SimPort(nic_id=nic.nic_id, mac=nic.mac, ip=nic.ip, tap=tap_name(nic.nic_id),
-                       exposure=str(nic.exposure), extra_ips=list(nic.extra_ips))
-        mine = [p for p in self.ports.get(vm_uuid, []) if p.nic_id != nic.nic_id]
-        self.ports[vm_uuid] = [*mine, port]
+        port, records = plan_port(self.settings, self.ports, vm_uuid, nic)
+        self.ports[vm_uuid] = records
         self.taps.add(port.tap)
         self._save()
         return ResolvedNic(nic_id=nic.nic_id, mac=nic.mac, bridge=None, tap=port.tap)
@@ -186,16 +132,7 @@ class SimSandboxBackend(NetworkBackend):
     async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward]) -> None:
         self._maybe_fail("set_forwards")
         check_vm_uuid(vm_uuid)
-        mine = {p.ip for p in self.ports.get(vm_uuid, [])}
-        for f in forwards:
-            if f.vm_ip not in mine:
-                raise NetworkError(f"forward of port {f.node_port} to {f.vm_ip}:{f.vm_port}: "
-                                   f"{f.vm_ip} is not an address of VM {vm_uuid} here")
-            for other_vm, others in self.forwards.items():
-                if other_vm != vm_uuid and any(
-                        (o.protocol, o.node_port) == (f.protocol, f.node_port) for o in others):
-                    raise NetworkError(f"node port {f.protocol}/{f.node_port} already "
-                                       f"forwards to VM {other_vm}")
+        check_forwards(vm_uuid, forwards, self.ports.get(vm_uuid, []), self.forwards)
         if forwards:
             self.forwards[vm_uuid] = list(forwards)
         else:
