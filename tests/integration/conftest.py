@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from yun.cli.main import app
 from yun.testing.cluster import SimCluster
+
+#: ``await cli("vm", "list")`` -> (exit code, what it printed, stderr mixed in).
+Cli = Callable[..., Awaitable[tuple[int, str]]]
 
 
 @pytest.fixture
@@ -38,3 +45,32 @@ async def upload(cluster: SimCluster, path: Path, name: str = "img",
                                   headers={"Content-Type": "application/octet-stream"})
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+@pytest.fixture
+def cli(cluster: SimCluster, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """The `yun` CLI logged in to the test module's cluster as its admin, with no
+    profile or output default of the machine it runs on."""
+    assert cluster.gateway is not None
+    monkeypatch.setenv("YUN_API_URL", cluster.gateway.url)
+    monkeypatch.setenv("YUN_API_TOKEN", cluster.token)
+    monkeypatch.setenv("COLUMNS", "200")
+    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    runner = CliRunner()
+
+    async def invoke(*args: str) -> tuple[int, str]:
+        # The CLI is synchronous; the services run on this loop, so call it from a thread.
+        result = await asyncio.to_thread(runner.invoke, app, list(args))
+        return result.exit_code, result.output
+
+    return invoke
+
+
+async def shown(cli: Cli, *args: str) -> Any:
+    """The JSON document a command prints (it must succeed)."""
+    code, out = await cli(*args, "-o", "json")
+    assert code == 0, out
+    # Notes go to stderr, which CliRunner mixes in: the document starts at the first
+    # brace and may be followed by a note.
+    return json.JSONDecoder().raw_decode(out, out.index("{"))[0]

@@ -6,45 +6,20 @@ bad input refused with nothing changed, and elastic IPs kept inside their projec
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from tests.integration.conftest import upload
-from yun.cli.main import app
+from tests.integration.conftest import shown, upload
 from yun.testing.cluster import SimCluster
 
 PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
-@pytest.fixture
-def cli(cluster: SimCluster, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    assert cluster.gateway is not None
-    monkeypatch.setenv("YUN_API_URL", cluster.gateway.url)
-    monkeypatch.setenv("YUN_API_TOKEN", cluster.token)
-    monkeypatch.setenv("COLUMNS", "200")
-    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    runner = CliRunner()
 
-    async def invoke(*args: str) -> tuple[int, str]:
-        result = await asyncio.to_thread(runner.invoke, app, list(args))
-        return result.exit_code, result.output
-
-    return invoke
-
-
-async def shown(cli, *args: str) -> Any:  # type: ignore[no-untyped-def]
-    code, out = await cli(*args, "-o", "json")
-    assert code == 0, out
-    # Notes go to stderr, which CliRunner mixes in: the document starts at the first
-    # brace and may be followed by a note.
-    return json.JSONDecoder().raw_decode(out, out.index("{"))[0]
 
 
 def api(cluster: SimCluster) -> httpx.AsyncClient:

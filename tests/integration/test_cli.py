@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-
-import pytest
-from typer.testing import CliRunner
-
-from yun.cli.main import app
-from yun.testing.cluster import SimCluster
-
-
-@pytest.fixture
-def cli(cluster: SimCluster, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    assert cluster.gateway is not None
-    monkeypatch.setenv("YUN_API_URL", cluster.gateway.url)
-    monkeypatch.setenv("YUN_API_TOKEN", cluster.token)
-    monkeypatch.setenv("COLUMNS", "200")
-    runner = CliRunner()
-
-    async def invoke(*args: str) -> tuple[int, str]:
-        # The CLI is synchronous; the services run on this loop, so call it from a thread.
-        result = await asyncio.to_thread(runner.invoke, app, list(args))
-        return result.exit_code, result.output
-
-    return invoke
 
 
 async def test_cli_vm_lifecycle(cli, small_qcow2: Path) -> None:  # type: ignore[no-untyped-def]

@@ -3,44 +3,12 @@ a real gateway and control server over sim nodes (F-POOL, F-1PN, F-PUB, T-SCHED,
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
-from typing import Any
 
-import pytest
-from typer.testing import CliRunner
-
-from yun.cli.main import app
+from tests.integration.conftest import shown
 from yun.client import AsyncClient, TokenAuth
 from yun.proto.resources import GroupPolicy, PoolCreate, VmGroupCreate, ZoneCreate
 from yun.testing.cluster import SimCluster
-
-
-@pytest.fixture
-def cli(cluster: SimCluster, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    assert cluster.gateway is not None
-    monkeypatch.setenv("YUN_API_URL", cluster.gateway.url)
-    monkeypatch.setenv("YUN_API_TOKEN", cluster.token)
-    monkeypatch.setenv("COLUMNS", "200")
-    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    runner = CliRunner()
-
-    async def invoke(*args: str) -> tuple[int, str]:
-        # The CLI is synchronous; the services run on this loop, so call it from a thread.
-        result = await asyncio.to_thread(runner.invoke, app, list(args))
-        return result.exit_code, result.output
-
-    return invoke
-
-
-async def shown(cli, *args: str) -> Any:  # type: ignore[no-untyped-def]
-    """The JSON a command prints (it must succeed)."""
-    code, out = await cli(*args, "-o", "json")
-    assert code == 0, out
-    # Notes go to stderr, which CliRunner mixes in: the document starts at the first brace.
-    return json.loads(out[out.index("{"):])
 
 
 async def into_pool(cli, node: str, pool: str) -> None:  # type: ignore[no-untyped-def]
