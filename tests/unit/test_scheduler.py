@@ -153,7 +153,7 @@ def test_batch_filters_agree_with_host_passes_on_random_hosts() -> None:
              for i in range(300)]
     specs = [RequestSpec(rng.randint(0, 4), rng.choice([0, 256, 4096]), rng.randint(0, 20),
                          labels={"ssd": "true"} if rng.random() > 0.5 else {},
-                         capabilities={"qos"} if rng.random() > 0.5 else set(),
+                         capabilities=frozenset({"qos"} if rng.random() > 0.5 else ()),
                          group=rng.choice([None, anti("h1", "h2"), affine("h3")]))
              for _ in range(30)]
     pool = PoolPolicy(uuid="p", name="p", cpu_ratio=2.5, memory_ratio=1.5, disk_ratio=3.0)
@@ -230,17 +230,25 @@ def test_weigher_values_are_normalised_so_scale_does_not_dominate() -> None:
 
 # --- groups, labels, status --------------------------------------------------------------
 
-def test_anti_affinity_spreads_a_group_and_refuses_when_it_cannot() -> None:
-    hosts = [host(f"n{i}", cores=16, memory_mb=65536) for i in range(4)]
-    scheduler = Scheduler(POOL)
-    group = anti()
+def place_group(scheduler: Scheduler, hosts: list[HostState], group: GroupSpec,
+                count: int) -> tuple[list[str], list[HostState], GroupSpec]:
+    """Place ``count`` small VMs of ``group`` one after the other, as placement does:
+    each claims its host and joins the group's nodes. Returns where they went, the hosts
+    and the group after."""
     placed = []
-    for _ in range(4):
+    for _ in range(count):
         chosen = scheduler.select(hosts, small(group=group))[0]
         placed.append(chosen.name)
         hosts = [chosen.claimed(small()) if h.uuid == chosen.uuid else h for h in hosts]
         group = GroupSpec(group.uuid, group.name, group.policy,
                           group.node_uuids | {chosen.uuid})
+    return placed, hosts, group
+
+
+def test_anti_affinity_spreads_a_group_and_refuses_when_it_cannot() -> None:
+    hosts = [host(f"n{i}", cores=16, memory_mb=65536) for i in range(4)]
+    scheduler = Scheduler(POOL)
+    placed, hosts, group = place_group(scheduler, hosts, anti(), 4)
     assert sorted(placed) == ["n0", "n1", "n2", "n3"]
     with pytest.raises(NoValidHost) as refused:
         scheduler.select(hosts, small(group=group))
@@ -251,14 +259,7 @@ def test_anti_affinity_spreads_a_group_and_refuses_when_it_cannot() -> None:
 def test_affinity_packs_a_group_onto_one_host() -> None:
     hosts = [host(f"n{i}", cores=16, memory_mb=65536) for i in range(4)]
     scheduler = Scheduler(POOL)
-    group = affine()
-    placed = []
-    for _ in range(6):
-        chosen = scheduler.select(hosts, small(group=group))[0]
-        placed.append(chosen.name)
-        hosts = [chosen.claimed(small()) if h.uuid == chosen.uuid else h for h in hosts]
-        group = GroupSpec(group.uuid, group.name, group.policy,
-                          group.node_uuids | {chosen.uuid})
+    placed, hosts, _ = place_group(scheduler, hosts, affine(), 6)
     assert len(set(placed)) == 1, placed  # the weighers alone would have spread them
     # Without the group the same hosts are spread: the packing is the filter's doing.
     free = scheduler.select(hosts, small())[0]
