@@ -19,6 +19,7 @@ also when a test fails: the node host and the topology are context managers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -297,6 +298,26 @@ def tc_state(dep: Deployment, tap: str) -> str:
 # ------------------------------------------------------------------------------------ CPU
 
 CPU_WINDOW = 15.0  # seconds of contention measured
+async def assert_in_force(driver: LibvirtDriver, guest: Guest, **limits: object) -> None:
+    """The driver reads ``limits`` back from the guest's live definition."""
+    info = await driver.get_domain(guest.uuid)
+    assert info is not None and info.qos is not None
+    assert {k: getattr(info.qos, k) for k in limits} == limits
+
+
+@contextlib.asynccontextmanager
+async def limits_changed(driver: LibvirtDriver, guest: Guest,
+                         **limits: object) -> AsyncIterator[None]:
+    """The guest's QoS changed on the running domain (and in force), its own restored
+    after, whatever happens inside."""
+    try:
+        await driver.set_qos(guest.uuid, guest.qos.model_copy(update=limits))
+        await assert_in_force(driver, guest, **limits)
+        yield
+    finally:
+        await driver.set_qos(guest.uuid, guest.qos)
+
+
 RATIO_TOLERANCE = 0.15  # relative, on high/low and medium/low
 CAP_TOLERANCE = 0.03  # absolute, over the 30% cap of a low guest
 
@@ -307,9 +328,7 @@ async def test_cpu_levels_share_one_core_4_2_1_and_cap_a_lone_low_guest(
     dep = deployment
     names = ("cpu-high", "cpu-medium", "cpu-low")
     for name in names:
-        info = await driver.get_domain(dep.guests[name].uuid)
-        assert info is not None and info.qos is not None
-        assert info.qos.cpu == dep.guests[name].qos.cpu  # read back from the live XML
+        await assert_in_force(driver, dep.guests[name], cpu=dep.guests[name].qos.cpu)
     core = pin_to_one_core(dep, *names)
     try:
         resume(dep, *names)
@@ -334,15 +353,12 @@ async def test_cpu_levels_share_one_core_4_2_1_and_cap_a_lone_low_guest(
         assert alone[0] >= 0.20, "the low guest is not busy: the cap was not measured"
 
         # Raised to high on the running VM, the same guest takes what the core offers.
-        await driver.set_qos(dep.guests["cpu-low"].uuid, QosSpec(cpu=CpuQos.HIGH))
-        info = await driver.get_domain(dep.guests["cpu-low"].uuid)
-        assert info is not None and info.qos is not None and info.qos.cpu is CpuQos.HIGH
-        raised = (await measure_cpu(dep, 8.0, "cpu-low"))["cpu-low"]
-        print(f"  cpu-low set to high while running: {raised[1]:.3f} of the core")
-        assert raised[0] >= 0.30 + 2 * CAP_TOLERANCE
+        async with limits_changed(driver, dep.guests["cpu-low"], cpu=CpuQos.HIGH):
+            raised = (await measure_cpu(dep, 8.0, "cpu-low"))["cpu-low"]
+            print(f"  cpu-low set to high while running: {raised[1]:.3f} of the core")
+            assert raised[0] >= 0.30 + 2 * CAP_TOLERANCE
     finally:
         pause(dep, *names)
-        await driver.set_qos(dep.guests["cpu-low"].uuid, dep.guests["cpu-low"].qos)
 
 
 # ----------------------------------------------------------------------------------- disk
@@ -354,25 +370,18 @@ async def test_write_iops_limit_holds_and_changes_on_the_running_vm(
     deployment: Deployment, driver: LibvirtDriver
 ) -> None:
     dep = deployment
-    vm = dep.guests["io"].uuid
-    info = await driver.get_domain(vm)
-    assert info is not None and info.qos is not None and info.qos.write_iops_sec == 50
+    guest = dep.guests["io"]
+    await assert_in_force(driver, guest, write_iops_sec=50)
     await asyncio.sleep(2.0)
     iops = await measure_iops(dep, IO_WINDOW)
     print(f"\nO_DIRECT 4 KiB writes under a 50 IOPS limit: {iops:.1f} IOPS")
     assert iops == pytest.approx(50, rel=0.10)
 
-    raised = dep.guests["io"].qos.model_copy(update={"write_iops_sec": 200})
-    try:
-        await driver.set_qos(vm, raised)
-        info = await driver.get_domain(vm)
-        assert info is not None and info.qos is not None and info.qos.write_iops_sec == 200
+    async with limits_changed(driver, guest, write_iops_sec=200):
         await asyncio.sleep(1.0)
         iops = await measure_iops(dep, IO_WINDOW)
         print(f"  limit raised to 200 on the running VM: {iops:.1f} IOPS")
         assert iops == pytest.approx(200, rel=0.10)
-    finally:
-        await driver.set_qos(vm, dep.guests["io"].qos)
     # The persistent definition holds the limit too (the next boot keeps it).
     (dom,) = _domains(dep, ("io",))
     assert "<write_iops_sec>50</write_iops_sec>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -387,24 +396,17 @@ async def test_bandwidth_limit_holds_and_changes_on_the_running_vm(
     deployment: Deployment, driver: LibvirtDriver
 ) -> None:
     dep = deployment
-    vm = dep.guests["io"].uuid
-    tap = f"yq{vm[:8]}"
-    info = await driver.get_domain(vm)
-    assert info is not None and info.qos is not None and info.qos.bandwidth_kbit == 10_000
+    guest = dep.guests["io"]
+    tap = f"yq{guest.uuid[:8]}"
+    await assert_in_force(driver, guest, bandwidth_kbit=10_000)
     await asyncio.sleep(3.0)  # TCP past its start, the policer's bucket spent
     kbit = await measure_kbit(dep, NET_WINDOW)
     print(f"\nguest -> node under a 10 Mbit/s limit: {kbit / 1000:.2f} Mbit/s")
     print(tc_state(dep, tap))
     assert kbit == pytest.approx(10_000, rel=0.10)
 
-    lowered = dep.guests["io"].qos.model_copy(update={"bandwidth_kbit": 5_000})
-    try:
-        await driver.set_qos(vm, lowered)
-        info = await driver.get_domain(vm)
-        assert info is not None and info.qos is not None and info.qos.bandwidth_kbit == 5_000
+    async with limits_changed(driver, guest, bandwidth_kbit=5_000):
         await asyncio.sleep(3.0)
         kbit = await measure_kbit(dep, NET_WINDOW)
         print(f"  limit set to 5 Mbit/s on the running VM: {kbit / 1000:.2f} Mbit/s")
         assert kbit == pytest.approx(5_000, rel=0.10)
-    finally:
-        await driver.set_qos(vm, dep.guests["io"].qos)
