@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -38,22 +37,12 @@ def topology() -> Iterator[Topology]:
 @pytest.fixture
 def datacenter_factory(topology: Topology, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Builds a :class:`DataCenter` in the test's topology; everything is removed after."""
-    from yun.testing.datacenter import DataCenter
+    from yun.testing.datacenter import DataCenter, deployed
 
-    made: list[DataCenter] = []
+    with contextlib.ExitStack() as stack:
 
-    def make(nodes: int = 1, discover: bool = False) -> DataCenter:
-        workdir = Path(tempfile.mkdtemp(prefix="yun-dc-"))
-        dc = DataCenter(topology, workdir, nodes=nodes, discover=discover)
-        made.append(dc)
-        try:
-            dc.start()
-        except BaseException:
-            print(dc.logs())
-            raise
-        return dc
+        def make(nodes: int = 1, discover: bool = False) -> DataCenter:
+            return stack.enter_context(deployed(topology, nodes=nodes, discover=discover,
+                                                image=None))
 
-    yield make
-    for dc in made:
-        dc.close()
-        shutil.rmtree(dc.workdir, ignore_errors=True)
+        yield make

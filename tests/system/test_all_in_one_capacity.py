@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from yun.testing.datacenter import DataCenter
+from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Topology
 
 pytestmark = pytest.mark.system
@@ -58,20 +58,9 @@ def meminfo_total_mb() -> int:
 def aio() -> Iterator[DataCenter]:
     """The all-in-one-like deployment, with the guest image uploaded; removed after."""
     _need_root()
-    workdir = Path(tempfile.mkdtemp(prefix="yun-aio-"))
-    with Topology() as topo:
-        dc = DataCenter(topo, workdir, nodes=1,
-                        node_options={"memory_reserve_mb": RESERVE_MB})
-        try:
-            dc.start()
-            dc.upload_guest_image()
-            yield dc
-        except BaseException:
-            print(dc.logs())
-            raise
-        finally:
-            dc.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+    with Topology() as topo, deployed(topo, node_options={"memory_reserve_mb": RESERVE_MB},
+                                      prefix="yun-aio-") as dc:
+        yield dc
 
 
 def the_node(dc: DataCenter) -> dict[str, Any]:

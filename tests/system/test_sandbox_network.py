@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import httpx
 import pytest
 
 from tests.system.test_vm_lifecycle import serial_console
-from yun.testing.datacenter import DataCenter
+from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology, http_get_in
 
 pytestmark = pytest.mark.system
@@ -80,26 +79,15 @@ def _need_root() -> None:
 def sandbox() -> Iterator[Sandbox]:
     """One node, two guests on it booted in parallel; all of it removed after."""
     _need_root()
-    workdir = Path(tempfile.mkdtemp(prefix="yun-dc-"))
-    with Topology() as topo:
-        dc = DataCenter(topo, workdir, nodes=1)
-        try:
-            dc.start()
-            dc.upload_guest_image()
-            started = time.monotonic()
-            with ThreadPoolExecutor(2) as pool:
-                a, b = pool.map(dc.create_vm, ("a", "b"))
-                list(pool.map(lambda vm: dc.wait_console(vm["uuid"], "YUN-GUEST-READY",
-                                                         timeout=300), (a, b)))
-            print(f"\n2 guests booted in parallel under TCG in "
-                  f"{time.monotonic() - started:.0f} s")
-            yield Sandbox(dc, a, b)
-        except BaseException:
-            print(dc.logs())
-            raise
-        finally:
-            dc.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+    with Topology() as topo, deployed(topo) as dc:
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            a, b = pool.map(dc.create_vm, ("a", "b"))
+            list(pool.map(lambda vm: dc.wait_console(vm["uuid"], "YUN-GUEST-READY",
+                                                     timeout=300), (a, b)))
+        print(f"\n2 guests booted in parallel under TCG in "
+              f"{time.monotonic() - started:.0f} s")
+        yield Sandbox(dc, a, b)
 
 
 def guest_sh(sb: Sandbox, vm: dict[str, Any], *setup: str, last: str,

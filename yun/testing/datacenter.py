@@ -8,11 +8,15 @@ through ``ip netns exec`` into their node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,3 +290,25 @@ class DataCenter:
         for node_host in self.node_hosts.values():
             node_host.stop()
 
+
+
+@contextlib.contextmanager
+def deployed(topo: Topology, *, nodes: int = 1, discover: bool = False,
+             node_options: dict[str, Any] | None = None, image: str | None = "guest",
+             prefix: str = "yun-dc-") -> Iterator[DataCenter]:
+    """A started :class:`DataCenter` in ``topo`` (with the test guest image uploaded as
+    ``image`` unless None), its processes' logs printed if anything fails while it is
+    up, and everything stopped and removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    dc = DataCenter(topo, workdir, nodes=nodes, discover=discover, node_options=node_options)
+    try:
+        dc.start()
+        if image is not None:
+            dc.upload_guest_image(image)
+        yield dc
+    except BaseException:
+        print(dc.logs())
+        raise
+    finally:
+        dc.close()
+        shutil.rmtree(workdir, ignore_errors=True)
