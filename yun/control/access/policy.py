@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.db.models import ProjectRow
 from yun.proto.context import RequestContext
-from yun.proto.errors import Forbidden
+from yun.proto.errors import Forbidden, Unprocessable
 from yun.proto.identity import Role
 
 
@@ -105,6 +105,18 @@ def require(ctx: RequestContext, need: Permission, what: str = "") -> None:
     where = f"project {ctx.project_name}" if ctx.project_name else "no project"
     raise Forbidden(f"user {ctx.user_name} ({roles} in {where}) may not "
                     f"{what or _VERBS[need]}: that needs the role {NEEDED_ROLE[need]}")
+
+
+def require_project_write(ctx: RequestContext, what: str) -> str:
+    """Refuse unless the caller may write in its project and its token names one (a
+    resource made in "no project" would belong to nobody); the project's uuid.
+
+    ``what`` says what is being done, e.g. ``"create VMs"``."""
+    require(ctx, Permission.WRITE, what)
+    if ctx.project_uuid is None:
+        raise Unprocessable(f"this token is not scoped to a project; log in to a project "
+                            f"to {what} in it")
+    return ctx.project_uuid
 
 
 def require_in_project(ctx: RequestContext, need: Permission, project_uuid: str | None,

@@ -27,7 +27,13 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.access.policy import (
+    Permission,
+    Scope,
+    require,
+    require_in_project,
+    require_project_write,
+)
 from yun.control.access.visibility import visible
 from yun.control.context import ControlContext
 from yun.control.db.models import (
@@ -42,7 +48,7 @@ from yun.control.db.tags import drop_tags, tags_of, update_tags
 from yun.control.network import public_ips
 from yun.control.network.changes import note_change
 from yun.control.services.common import find
-from yun.proto.errors import BadRequest, Conflict, NotFound, Unprocessable
+from yun.proto.errors import BadRequest, Conflict, NotFound
 from yun.proto.resources import (
     AddressPool,
     AddressPoolCreate,
@@ -432,10 +438,7 @@ class AddressService:
     async def allocate_eip(self, req: ElasticIpAllocate, scope: Scope) -> ElasticIp:
         """A whole address of an exclusive pool for the token's project (its quota)."""
         user = scope.context
-        require(user, Permission.WRITE, "allocate elastic IPs")
-        if user.project_uuid is None:
-            raise Unprocessable("this token is not scoped to a project; log in to a project "
-                                "to allocate elastic IPs in it")
+        project_uuid = require_project_write(user, "allocate elastic IPs")
         async with self.ctx.db.session() as session:
             pool = await find(session, AddressPoolRow, req.address_pool, "address pool",
                               scope)
@@ -443,12 +446,12 @@ class AddressService:
                 raise BadRequest(f"address pool {pool.name} is shared: elastic IPs are "
                                  "whole addresses, taken from an exclusive pool")
             if req.name is not None and (await session.scalars(select(PublicIpRow.uuid).where(
-                    PublicIpRow.project_uuid == user.project_uuid, eip_clause(),
+                    PublicIpRow.project_uuid == project_uuid, eip_clause(),
                     PublicIpRow.name == req.name))).first():
                 raise Conflict(f"project {user.project_name} already has an elastic IP "
                                f"named {req.name}")
             row = await public_ips.allocate_address(
-                session, pool, user.project_uuid, kind=public_ips.KIND_EIP,
+                session, pool, project_uuid, kind=public_ips.KIND_EIP,
                 name=req.name or "eip", description=req.description)
             if req.name is None:
                 row.name = f"eip-{row.ip}"

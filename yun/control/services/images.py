@@ -12,7 +12,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.access.policy import (
+    Permission,
+    Scope,
+    require_in_project,
+    require_project_write,
+)
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
 from yun.control.db.models import ImageRow, ProjectRow, VmRow, utcnow
@@ -64,10 +69,7 @@ class ImageService:
 
         A keyed upload that already stored its image answers that image (``existing``), so
         a client retrying after a lost answer does not make a second one."""
-        require(user, Permission.WRITE, "upload images")
-        if user.project_uuid is None:
-            raise Unprocessable("this token is not scoped to a project; log in to a project "
-                                "to upload images to it")
+        require_project_write(user, "upload images")
         if req.visibility is ImageVisibility.PUBLIC and not user.is_super_admin:
             raise Forbidden("only a super admin may make an image public")
         key = upload_key(user, idempotency_key) if idempotency_key else None

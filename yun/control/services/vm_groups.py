@@ -8,12 +8,17 @@ import uuid as uuidlib
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.access.policy import (
+    Permission,
+    Scope,
+    require_in_project,
+    require_project_write,
+)
 from yun.control.context import ControlContext
 from yun.control.db.models import VmGroupRow, VmRow
 from yun.control.db.tags import drop_tags, tags_of, update_tags
 from yun.control.services.common import find
-from yun.proto.errors import Conflict, Unprocessable
+from yun.proto.errors import Conflict
 from yun.proto.resources import GroupPolicy, VmGroup, VmGroupCreate
 
 log = logging.getLogger("yun.control.vm_groups")
@@ -42,10 +47,7 @@ class VmGroupService:
 
     async def create(self, req: VmGroupCreate, scope: Scope) -> VmGroup:
         user = scope.context
-        require(user, Permission.WRITE, "create VM groups")
-        if user.project_uuid is None:
-            raise Unprocessable("this token is not scoped to a project; log in to a project "
-                                "to create VM groups in it")
+        require_project_write(user, "create VM groups")
         async with self.ctx.db.session() as session:
             taken = (await session.scalars(select(VmGroupRow.uuid).where(
                 VmGroupRow.project_uuid == user.project_uuid,

@@ -10,7 +10,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yun.control.access.policy import Permission, Scope, require, require_in_project
+from yun.control.access.policy import (
+    Permission,
+    Scope,
+    require_in_project,
+    require_project_write,
+)
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
 from yun.control.db.idempotency import current_key
@@ -114,10 +119,7 @@ class VmService:
 
     async def create(self, req: VmCreate, user: RequestContext, scope: Scope) -> Accepted:
         """Record the VM, count it against its project's quota, and start its create flow."""
-        require(user, Permission.WRITE, "create VMs")
-        if user.project_uuid is None:
-            raise Unprocessable("this token is not scoped to a project; log in to a project "
-                                "to create VMs in it")
+        require_project_write(user, "create VMs")
         key = current_key.get()
         async with self.ctx.db.session() as session:
             if key is not None:
