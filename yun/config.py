@@ -201,6 +201,23 @@ class NodeSettings(ComponentSettings):
         default=1000, ge=0, le=10_000_000,
         description="the uplink's capacity in Mbit/s, to turn its traffic into a load "
                     "fraction; 0: network load is not measured")
+    forward_address: str | None = Field(
+        default=None, description="the IPv4 address where this node's NAT ports "
+                                  "(F-SB-PRIVATE) answer, as the API shows them; default: "
+                                  "listen_host, or the source of the default route when "
+                                  "listen_host is loopback or a wildcard")
+
+    @model_validator(mode="after")
+    def _forward_address(self) -> NodeSettings:
+        import ipaddress
+
+        if self.forward_address is not None:
+            try:
+                self.forward_address = str(ipaddress.IPv4Address(self.forward_address))
+            except ValueError:
+                raise ConfigError(f"forward_address: not an IPv4 address: "
+                                  f"{self.forward_address!r}") from None
+        return self
 
 
 class StorageSettings(ComponentSettings):

@@ -208,6 +208,28 @@ async def test_private_port_forward_is_pushed_to_the_node(
     assert await consistent(cluster) == []
 
 
+async def test_port_forward_shows_the_address_the_node_reports(
+        cluster: SimCluster, small_qcow2: Path) -> None:
+    """A node whose agent listens on loopback (an all-in-one) reports where its NAT
+    ports really answer; the API shows that address, not the agent's."""
+    assert cluster.api is not None
+    await upload(cluster, small_qcow2)
+    _, vm = await create_vm(cluster, "fa1")
+    node = node_of(cluster, vm)
+    node.agent.forward_address = "192.0.2.77"
+    await node.agent.report()
+    resp = await cluster.api.post("/api/v1/vms/fa1/port-forwards", json={"port": 80})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["address"] == "192.0.2.77"
+    listed = (await cluster.api.get("/api/v1/vms/fa1/port-forwards")).json()
+    assert [(f["address"], f["vm_port"]) for f in listed] == [("192.0.2.77", 80)]
+    node.agent.forward_address = None
+    await node.agent.report()
+    listed = (await cluster.api.get("/api/v1/vms/fa1/port-forwards")).json()
+    assert [f["address"] for f in listed] == ["127.0.0.1"]
+    await delete_vm(cluster, "fa1")
+
+
 async def test_share_port_forward_gets_a_public_ip_and_port(
         cluster: SimCluster, small_qcow2: Path) -> None:
     assert cluster.api is not None

@@ -194,28 +194,12 @@ def start_components(config: Path) -> None:
         out.print(f"  {component:<8} pid {pid:<7} {state}")
 
 
-def host_address() -> str | None:
-    """This host's own address towards the outside (the source of its default route):
-    a node NAT port answers on it (not on loopback, which the kernel does not forward)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(("192.0.2.1", 9))  # no packet is sent: only a route lookup
-            return str(sock.getsockname()[0])
-        except OSError:
-            return None
-
-
 def demo_forward(client: Client, vm: Vm) -> tuple[str, int] | None:
     """The node NAT port reaching port 80 of the demo VM (F-SB-PRIVATE), made once."""
     forwards = [f for f in client.vms.port_forwards(vm.uuid)
                 if f.vm_port == 80 and f.protocol == "tcp"]
     forward = forwards[0] if forwards else client.vms.add_port_forward(vm.uuid, 80)
-    address = forward.address
-    if address.startswith("127."):
-        address = host_address() or address
-    return address, forward.port
+    return forward.address, forward.port
 
 
 def guest_page(ip: str, timeout: float) -> str | None:

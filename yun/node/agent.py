@@ -54,10 +54,14 @@ class NodeAgent:
     def __init__(self, membership: Membership, driver: HypervisorDriver, disks: DiskBackend,
                  networks: Mapping[NicNetwork, NetworkBackend], report_interval: float, *,
                  reserve: HostReserve | None = None, pool: str | None = None,
-                 uplink: UplinkMeter | None = None) -> None:
+                 uplink: UplinkMeter | None = None,
+                 forward_address: str | None = None) -> None:
         """``pool`` is the pool the configuration names (used when the node first
-        registers); ``uplink`` measures the network load (None: reported as 0)."""
+        registers); ``uplink`` measures the network load (None: reported as 0);
+        ``forward_address`` is where the node's NAT ports answer (None: the host of the
+        agent's URL)."""
         self.membership = membership
+        self.forward_address = forward_address
         self.reserve = reserve or HostReserve()
         self.pool = pool
         self.uplink = uplink
@@ -230,6 +234,7 @@ class NodeAgent:
             capabilities=sorted({*node_capabilities(self.driver.caps, host.accel),
                                  *self._network_capabilities()}),
             pool=self.pool,
+            forward_address=self.forward_address,
         )
 
     def _network_capabilities(self) -> list[NodeCapability]:

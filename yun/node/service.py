@@ -15,6 +15,7 @@ from yun.node.storage.base import DiskBackend
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
 from yun.proto.network import NicNetwork
+from yun.util.net import reachable_address
 from yun.util.serve import AppServer, service_url
 
 log = logging.getLogger("yun.node")
@@ -60,11 +61,16 @@ def build_agent(settings: NodeSettings, name: str) -> NodeAgent:
     # A simulated host has no uplink of its own: its network load is 0.
     uplink = (UplinkMeter(settings.uplink, settings.net_capacity_mbit)
               if settings.hypervisor != "sim" else None)
+    # A real node's NAT ports answer on its own address, which is not loopback even
+    # when the agent listens there (an all-in-one): the kernel does not DNAT loopback.
+    forward_address = settings.forward_address
+    if forward_address is None and settings.hypervisor != "sim":
+        forward_address = reachable_address(settings.listen_host)
     return NodeAgent(membership, driver, disks, networks, settings.report_interval,
                      reserve=HostReserve(memory_mb=settings.memory_reserve_mb,
                                          vcpus=settings.vcpus_reserve,
                                          disk_gb=settings.disk_reserve_gb),
-                     pool=settings.pool, uplink=uplink)
+                     pool=settings.pool, uplink=uplink, forward_address=forward_address)
 
 
 class NodeService:

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from yun.proto.base import MAC_RE, Message
 from yun.proto.components import ComponentType
-from yun.proto.network import Exposure, LearnedAddress, NicNetwork, SandboxSettings
+from yun.proto.network import Exposure, IPv4, LearnedAddress, NicNetwork, SandboxSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
@@ -172,6 +172,9 @@ class HostInfo(Message):
     pool: str | None = Field(
         default=None, max_length=63,
         description="the pool the node's configuration names; used when it first registers")
+    forward_address: IPv4 | None = Field(
+        default=None, description="the address where the node's NAT ports answer "
+                                  "(F-SB-PRIVATE); none: the host of the agent's URL")
 
 
 class CpuQos(StrEnum):

@@ -121,6 +121,8 @@ class NodeRow(Stamped, Base):
     # The node's sandbox subnet, given by the control server when the node registers
     # (unique: routers route each node's subnet to it).
     sandbox_subnet: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: where the node's NAT ports answer (F-SB-PRIVATE); None: the host of ``url``
+    forward_address: Mapped[str | None] = mapped_column(String(64))
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 

@@ -274,10 +274,11 @@ class NodeRegistry:
             if node is None:
                 node = await self._register(session, report)
             identity = (report.name, report.url, host.hypervisor, host.accel,
-                        sorted(str(c) for c in host.capabilities))
+                        sorted(str(c) for c in host.capabilities), host.forward_address)
             if (node.name, node.url, node.hypervisor, node.accel,
-                    node.capabilities) != identity:
-                (node.name, node.url, node.hypervisor, node.accel, node.capabilities) = identity
+                    node.capabilities, node.forward_address) != identity:
+                (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
+                 node.forward_address) = identity
             if not node.sandbox_subnet:
                 settings = self.ctx.settings
                 await assign_sandbox_subnet(session, node, settings.sandbox_supernet,
@@ -322,7 +323,7 @@ class NodeRegistry:
                        admin_state="active", pool_uuid=pool_uuid, labels={},
                        capabilities=sorted(str(c) for c in host.capabilities),
                        hypervisor=host.hypervisor, accel=host.accel,
-                       last_report_at=utcnow())
+                       forward_address=host.forward_address, last_report_at=utcnow())
         session.add(node)
         await session.flush()
         log.info("node registered", extra={

@@ -43,8 +43,9 @@ _ATTEMPTS = 8
 
 
 def node_address(node: NodeRow) -> str:
-    """The node's LAN address: the host of its agent's URL."""
-    return urlsplit(node.url).hostname or node.url
+    """Where the node's NAT ports answer: the address it reports for them, else the
+    host of its agent's URL."""
+    return node.forward_address or urlsplit(node.url).hostname or node.url
 
 
 async def forwards_of(session: AsyncSession, vm_uuids: list[str]
@@ -54,11 +55,11 @@ async def forwards_of(session: AsyncSession, vm_uuids: list[str]
     if not vm_uuids:
         return found
     rows = (await session.execute(
-        select(NodeForwardRow, NodeRow.url).join(NodeRow, NodeRow.uuid == NodeForwardRow.node_uuid)
+        select(NodeForwardRow, NodeRow).join(NodeRow, NodeRow.uuid == NodeForwardRow.node_uuid)
         .where(NodeForwardRow.vm_uuid.in_(vm_uuids)))).all()
-    for fwd, url in rows:
+    for fwd, node in rows:
         found[fwd.vm_uuid].append(PortForward(
-            protocol=fwd.protocol, vm_port=fwd.vm_port, address=urlsplit(url).hostname or url,
+            protocol=fwd.protocol, vm_port=fwd.vm_port, address=node_address(node),
             port=fwd.node_port))
     public = (await session.scalars(select(PublicIpRow).where(
         PublicIpRow.vm_uuid.in_(vm_uuids), PublicIpRow.port > 0))).all()
