@@ -262,6 +262,12 @@ async def test_direct_pool_needs_a_node_with_a_direct_bridge(
                                                        "memory_mb": 64, "disk_gb": 1})
     assert resp.status_code in (409, 503), resp.text
     assert "net_direct" in resp.text
+    # Naming only the zone asks the same of the nodes of each of its pools.
+    resp = await cluster.api.post("/api/v1/vms", json={"name": "d2", "image": "img",
+                                                       "zone": "default",
+                                                       "memory_mb": 64, "disk_gb": 1})
+    assert resp.status_code in (409, 503), resp.text
+    assert "net_direct" in resp.text
 
 
 async def test_direct_vm_address_is_learned_from_its_node(

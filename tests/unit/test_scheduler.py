@@ -374,6 +374,19 @@ def test_explanation_of_an_empty_pool_and_missing_capabilities() -> None:
         "pool p1: 1 node; 1 missing capabilities live_migration, qos")
 
 
+def test_a_pools_needs_hold_for_every_request_even_without_the_filter() -> None:
+    """A direct pool's VMs need a node with a direct bridge, whether the request names
+    the pool or only its zone, and whatever filters the operator chose."""
+    pool = PoolPolicy(uuid="pool-d", name="d", filters=("status", "vcpu"),
+                      needs=frozenset({"net_direct"}))
+    assert "capabilities" in pool.filters
+    hosts = [host("plain"), host("bridged", capabilities={"net_direct"})]
+    assert names(Scheduler(pool).select(hosts, small(), alternates=3)) == ["bridged"]
+    with pytest.raises(NoValidHost) as refused:
+        Scheduler(pool).select(hosts[:1], small())
+    assert refused.value.explanation == "pool d: 1 node; 1 missing capabilities net_direct"
+
+
 def test_refusals_of_several_pools_merge_one_line_each() -> None:
     errors = []
     for pool in (POOL, PoolPolicy(uuid="pool-2", name="p2")):

@@ -8,7 +8,7 @@ from yun.config import ControlSettings
 from yun.control.access.identity import IdentityService
 from yun.control.db.session import Database
 from yun.control.flows.engine import FlowEngine
-from yun.control.network.modes import on_placed
+from yun.control.network.modes import mode_for, on_placed
 from yun.control.scheduler.loads import LiveLoads
 from yun.control.scheduler.placement import Placement
 from yun.proto.membership import Membership
@@ -27,6 +27,6 @@ class ControlContext:
     identity: IdentityService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.placement = Placement(self.db, on_placed=on_placed,
-                                   loads=self.loads)
+        self.placement = Placement(self.db, on_placed=on_placed, loads=self.loads,
+                                   pool_needs=lambda mode: mode_for(mode).capabilities)
         self.identity = IdentityService(self.db)

@@ -32,9 +32,7 @@ from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.network import public_ips
 from yun.control.network.modes import (
-    NetworkMode,
     mode_for,
-    pool_mode,
     release_all,
     release_node_scoped,
 )
@@ -101,16 +99,14 @@ async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
         return vm, node
 
 
-def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = (),
-                      mode: NetworkMode | None = None) -> Request:
+def placement_request(vm: VmRow, ctx: FlowContext, tried: Iterable[str] = ()) -> Request:
     """What the VM asks of the scheduler: its pool (or its zone's pools), its group, the
-    node labels it wants and the node capabilities its QoS and its pool's network ``mode``
-    need, avoiding the nodes already ``tried``."""
+    node labels it wants and the node capabilities its QoS needs, avoiding the nodes
+    already ``tried`` (what each pool's network mode needs is the pool's own policy)."""
     pools = tuple(ctx.data.get(POOLS) or ([vm.pool_uuid] if vm.pool_uuid else []))
-    needs = qos_needs(vm.qos or {}) | (mode.capabilities if mode is not None else frozenset())
     return Request(vm.vcpus, vm.memory_mb, vm.disk_gb, pool_uuids=pools,
                    labels=MappingProxyType(dict(vm.node_labels or {})),
-                   capabilities=needs,
+                   capabilities=qos_needs(vm.qos or {}),
                    group_uuid=vm.group_uuid, exclude=frozenset(tried))
 
 
@@ -143,7 +139,7 @@ class Schedule(Step):
         control = _ctl(ctx)
         async with control.db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
-            req = placement_request(vm, ctx, mode=await pool_mode(session, vm.pool_uuid))
+            req = placement_request(vm, ctx)
         placed = await control.placement.place(ctx.resource_uuid, req)
         ctx.data[TRIED] = [placed.node_uuid]
         log.info("VM placed", extra={"vm": ctx.resource_uuid, "node": placed.node_uuid,
@@ -313,7 +309,7 @@ async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError
         # Its sandbox address was of the failed node's subnet: the placement's hook takes
         # one of the new node's (a public address stays: it is not node-scoped).
         await release_placement(session, vm)
-        req = placement_request(vm, ctx, tried, mode=await pool_mode(session, vm.pool_uuid))
+        req = placement_request(vm, ctx, tried)
     try:
         placed = await control.placement.place(ctx.resource_uuid, req)
     except YunError:

@@ -193,6 +193,9 @@ class PoolPolicy:
     disk_ratio: float = 1.0
     filters: tuple[str, ...] = DEFAULT_FILTERS
     weights: Mapping[str, float] = field(default=DEFAULT_WEIGHTS)
+    #: node capabilities every VM of the pool needs (its network mode's, e.g. net_direct),
+    #: whether the VM named the pool or only its zone
+    needs: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in ("cpu_ratio", "memory_ratio", "disk_ratio"):
@@ -204,6 +207,11 @@ class PoolPolicy:
                     f"{MAX_RATIO:g}, got {value!r}")
         if not isinstance(self.filters, tuple):
             object.__setattr__(self, "filters", tuple(self.filters))
+        if not isinstance(self.needs, frozenset):
+            object.__setattr__(self, "needs", frozenset(self.needs))
+        if self.needs and "capabilities" not in self.filters:
+            # What the pool's VMs need is not a preference an operator may switch off.
+            object.__setattr__(self, "filters", (*self.filters, "capabilities"))
         _frozen(self, "weights")
         # Imported here: the registry imports this module for its types.
         from yun.control.scheduler.base import check_filter_names, check_weights

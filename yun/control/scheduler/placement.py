@@ -88,10 +88,18 @@ OnPlaced = Callable[[AsyncSession, VmRow, str, str, str],
                     Awaitable[Callable[[], Awaitable[None]] | None]]
 
 
-def pool_policy(row: PoolRow) -> PoolPolicy:
+#: The node capabilities every VM of a pool needs, from the pool's network mode (the
+#: network modes live above the scheduler, so the control server hands this in).
+PoolNeeds = Callable[[str | None], frozenset[str]]
+
+
+def pool_policy(row: PoolRow, needs: PoolNeeds | None = None) -> PoolPolicy:
+    """What the scheduler needs of the pool ``row``; ``needs`` gives what its network
+    mode asks of a node."""
     return PoolPolicy(uuid=row.uuid, name=row.name, cpu_ratio=row.cpu_ratio,
                       memory_ratio=row.memory_ratio, disk_ratio=row.disk_ratio,
-                      filters=tuple(row.filters), weights=MappingProxyType(dict(row.weights)))
+                      filters=tuple(row.filters), weights=MappingProxyType(dict(row.weights)),
+                      needs=needs(row.network_mode) if needs is not None else frozenset())
 
 
 def ratios(policy: PoolPolicy) -> dict[str, float]:
@@ -117,8 +125,9 @@ class Placement:
 
     def __init__(self, db: Database, batch_size: int = 200,
                  on_placed: OnPlaced | None = None, loads: LiveLoads | None = None,
-                 host_refresh: float = 5.0) -> None:
+                 host_refresh: float = 5.0, pool_needs: PoolNeeds | None = None) -> None:
         self.db = db
+        self.pool_needs = pool_needs
         self.batch_size = batch_size
         # Work that must commit with the placement (the VM's address on that node).
         self.on_placed = on_placed
@@ -156,7 +165,7 @@ class Placement:
     async def check(self, session: AsyncSession, req: Request) -> None:
         """Raise :class:`InsufficientCapacity`, saying why, when no node could take ``req``
         now; reserves nothing (the create's own placement is the real claim)."""
-        policies = {row.uuid: pool_policy(row) for row in (await session.scalars(
+        policies = {row.uuid: pool_policy(row, self.pool_needs) for row in (await session.scalars(
             select(PoolRow).where(PoolRow.uuid.in_(req.pool_uuids)))).all()}
         group = await self._group(session, req.group_uuid, {})
         spec = _spec(req, group)
@@ -200,7 +209,7 @@ class Placement:
         self, session: AsyncSession, batch: list[tuple[str, Request, asyncio.Future[Placed]]]
     ) -> list[Placed | Exception]:
         wanted = {p for _, req, _ in batch for p in req.pool_uuids}
-        policies = {row.uuid: pool_policy(row) for row in (await session.scalars(
+        policies = {row.uuid: pool_policy(row, self.pool_needs) for row in (await session.scalars(
             select(PoolRow).where(PoolRow.uuid.in_(wanted)))).all()} if wanted else {}
         groups: dict[str, GroupSpec] = {}
         results: list[Placed | Exception] = []

@@ -150,8 +150,7 @@ class VmService:
             await self.ctx.placement.check(session, Request(
                 req.vcpus, req.memory_mb, req.disk_gb, pool_uuids=tuple(pools),
                 labels=MappingProxyType(dict(req.node_labels)),
-                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit})
-                | (mode.capabilities if mode is not None else frozenset()),
+                capabilities=qos_needs({"bandwidth_kbit": req.bandwidth_kbit}),
                 group_uuid=group.uuid if group else None))
             await quotas.claim(session, await _project(session, user),
                                quotas.vm_amounts(req.vcpus, req.memory_mb, req.disk_gb))
