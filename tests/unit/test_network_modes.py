@@ -7,10 +7,11 @@ import uuid
 
 import pytest
 
-from yun.control.db.models import VmNicRow, VmRow
+from yun.control.db.models import PoolRow, VmNicRow, VmRow
 from yun.control.flows.engine import FlowContext
 from yun.control.flows.vm import placement_request
 from yun.control.network.modes import mode_for
+from yun.control.scheduler.placement import pool_policy
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.network import Exposure, NicNetwork
 
@@ -51,10 +52,17 @@ def test_direct_nic_has_no_address_and_needs_a_direct_node() -> None:
     assert (nic.network, nic.ip, nic.extra_ips) == (NicNetwork.DIRECT, None, [])
     ctx = FlowContext(flow_uuid="f", kind="vm.create", resource_uuid="v", data={},
                       services=None)
-    req = placement_request(vm(qos={"bandwidth_kbit": 1000}), ctx, mode=mode_for("direct"))
-    assert req.capabilities == frozenset({"net_direct", "qos_net"})
-    assert placement_request(vm(), ctx, mode=mode_for("sandbox-mono")).capabilities == (
-        frozenset())
+    req = placement_request(vm(qos={"bandwidth_kbit": 1000}), ctx)
+    assert req.capabilities == frozenset({"qos_net"})  # the VM's own needs
+    # What the network mode needs is its pool's policy, whichever way the VM got there.
+    def needs(mode: str | None) -> frozenset[str]:
+        return mode_for(mode).capabilities
+
+    pool = PoolRow(uuid="p", name="lan", cpu_ratio=4.0, memory_ratio=1.0, disk_ratio=1.0,
+                   filters=["status"], weights={}, network_mode="direct")
+    assert pool_policy(pool, needs).needs == frozenset({"net_direct"})
+    pool.network_mode = "sandbox-mono"
+    assert pool_policy(pool, needs).needs == frozenset()
 
 
 def test_how_a_port_is_reached_depends_on_the_mode() -> None:
