@@ -95,7 +95,10 @@ def _parse(frame: bytes) -> DhcpAck | None:
     sport, dport = struct.unpack_from("!HH", frame, udp_at)
     if (sport, dport) != (67, 68):
         return None
-    bootp = frame[udp_at + 8:]
+    (udp_len,) = struct.unpack_from("!H", frame, udp_at + 4)
+    if udp_len < 8 or udp_at + udp_len > len(frame):  # cut short (Ethernet may pad)
+        return None
+    bootp = frame[udp_at + 8:udp_at + udp_len]
     if len(bootp) < _BOOTP_FIXED + 4 or bootp[0] != 2:  # BOOTREPLY
         return None
     hlen = bootp[2]
