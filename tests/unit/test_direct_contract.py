@@ -162,6 +162,7 @@ async def _real_backend() -> AsyncIterator[RealDirect]:
         _ns(ns, "ip", "addr", "add", f"{NODE_IP}/24", "dev", "up0")
         _ns(ns, "ip", "link", "set", "up0", "up")
         _ns(ns, "ip", "route", "add", "default", "via", LAN_HOST)
+        _ns(ns, "ip", "route", "add", "198.51.100.0/24", "dev", "up0")  # static, on-link
         _ns(lan_ns, "ip", "addr", "add", f"{LAN_HOST}/24", "dev", "lan0")
         _ns(lan_ns, "ip", "link", "set", "lan0", "up")
         nb = RealDirect(ns, lan_ns, root / "direct")
@@ -239,7 +240,9 @@ async def test_real_bridge_takes_the_uplink_and_keeps_the_node_connected(
     assert links["yunbr0"]["address"] == links["up0"]["address"]
     assert f"{NODE_IP}/24" in real.sh("ip", "-4", "addr", "show", "dev", "yunbr0")
     assert "inet " not in real.sh("ip", "-4", "addr", "show", "dev", "up0")
-    assert f"default via {LAN_HOST} dev yunbr0" in real.sh("ip", "-4", "route")
+    routes = real.sh("ip", "-4", "route")
+    assert f"default via {LAN_HOST} dev yunbr0" in routes
+    assert "198.51.100.0/24 dev yunbr0" in routes and "dev up0" not in routes
     real.sh("ping", "-c", "1", "-W", "5", LAN_HOST)  # the node still reaches its LAN
     # Again: nothing changes, the table (and its counters) stay.
     table = real.sh("nft", "-a", "list", "table", "bridge", "yun_direct")

@@ -48,6 +48,7 @@ log = logging.getLogger("yun.node.network.direct")
 
 #: Direct taps: "yd" + 10 hex digits = 12 characters (Linux allows 15).
 TAP_PREFIX = "yd"
+RTPROT_KERNEL = 2
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,16 @@ def ensure_bridge(bridge: str, uplink: str) -> list[str]:
             if (address, prefixlen) not in br_addrs:
                 ipr.addr("add", index=br_index, address=address, prefixlen=prefixlen)
                 changed.append(f"address {address}/{prefixlen} on the bridge")
+        # Every route the kernel did not make itself (the prefix routes come back with
+        # the addresses): the default route and any static one, gateway or on-link.
         routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=254)
-                  if r.get_attr("RTA_OIF") == up_index and r.get_attr("RTA_GATEWAY")]
+                  if r.get_attr("RTA_OIF") == up_index and r["proto"] != RTPROT_KERNEL]
         for r in routes:
             dst = r.get_attr("RTA_DST") or "0.0.0.0"
-            ipr.route("replace", dst=dst, dst_len=r["dst_len"], gateway=r.get_attr(
-                "RTA_GATEWAY"), oif=br_index, priority=r.get_attr("RTA_PRIORITY") or 0)
+            extra = {"gateway": r.get_attr("RTA_GATEWAY")} if r.get_attr("RTA_GATEWAY") else {}
+            ipr.route("replace", dst=dst, dst_len=r["dst_len"], oif=br_index,
+                      priority=r.get_attr("RTA_PRIORITY") or 0, proto=r["proto"],
+                      scope=r["scope"], **extra)
             changed.append(f"route {dst}/{r['dst_len']} through the bridge")
         if up_link.get_attr("IFLA_MASTER") != br_index:
             ipr.link("set", index=up_index, master=br_index)
