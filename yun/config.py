@@ -219,6 +219,49 @@ class NodeSettings(ComponentSettings):
                                   f"{self.forward_address!r}") from None
         return self
 
+    # Direct mode (F-NET-DIRECT): set direct_uplink and the node offers direct networks.
+    direct_uplink: str | None = Field(
+        default=None, description="the LAN interface the direct-mode bridge enslaves (its "
+                                  "IPv4 addresses and routes move onto the bridge); unset: "
+                                  "this node has no direct network")
+    direct_bridge: str = Field(
+        default="yunbr0", description="the Linux bridge of direct mode (made when missing)")
+    direct_blocked: list[str] = Field(
+        default_factory=list,
+        description="IPv4 networks no direct-mode VM may reach besides the node's own "
+                    "addresses and the control server's blocked networks (which are used "
+                    "minus the LAN itself): the management hosts on the LAN, e.g. "
+                    "[\"192.168.1.10/32\"]")
+    sim_direct: bool = Field(
+        default=False, description="sim nodes only: offer a simulated direct network whose "
+                                   "LAN DHCP server hands out addresses of sim_direct_lan")
+    sim_direct_lan: str = Field(
+        default="192.168.77.0/24", description="the simulated LAN of sim_direct")
+
+    @model_validator(mode="after")
+    def _direct(self) -> NodeSettings:
+        import ipaddress
+        import re
+
+        ifname = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+        for key in ("direct_uplink", "direct_bridge"):
+            value = getattr(self, key)
+            if value is not None and not ifname.match(value):
+                raise ConfigError(f"[node] {key}: {value!r} is not an interface name "
+                                  f"(1-15 letters, digits, '.', '_' or '-')")
+        if self.direct_uplink is not None and self.direct_uplink == self.direct_bridge:
+            raise ConfigError(f"[node] direct_bridge: {self.direct_bridge!r} is the uplink "
+                              f"itself; name a bridge to create")
+        for key in ("direct_blocked", "sim_direct_lan"):
+            values = getattr(self, key)
+            for value in values if isinstance(values, list) else [values]:
+                try:
+                    ipaddress.IPv4Network(value, strict=False)
+                except ValueError as exc:
+                    raise ConfigError(f"[node] {key}: {value!r} is not an IPv4 network "
+                                      f"({exc})") from None
+        return self
+
 
 class StorageSettings(ComponentSettings):
     listen_port: int = 7730

@@ -79,13 +79,14 @@ except NetworkError as exc:
 
 
 class NetnsBackend:
-    """The real backend, one process per call, in network namespace ``ns``."""
+    """The real backend, one process per call, in network namespace ``ns``; ``step`` is
+    the script running one call (the direct backend's contract suite gives its own)."""
 
-    def __init__(self, ns: str, state: Path) -> None:
-        self.ns, self.state = ns, state
+    def __init__(self, ns: str, state: Path, step: str = _STEP) -> None:
+        self.ns, self.state, self.step = ns, state, step
 
     def _call(self, op: str, arg: Any = None) -> Any:
-        res = run(["ip", "netns", "exec", self.ns, sys.executable, "-c", _STEP,
+        res = run(["ip", "netns", "exec", self.ns, sys.executable, "-c", self.step,
                    str(self.state), op, json.dumps(arg)], timeout=60,
                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
         out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -137,7 +137,9 @@ class NodeAgent:
                 await self.disks.ensure_image(image, self.image_access())
             disks = [await self.disks.ensure_disk(vm_uuid, d) for d in req.spec.disks]
             if req.sandbox is not None:
-                await self.network.ensure_network(req.sandbox)
+                # Every backend: the direct one takes its blocked networks from it too.
+                for backend in self.networks.values():
+                    await backend.ensure_network(req.sandbox)
             nics = [await self.network_of(n).ensure_port(vm_uuid, n) for n in req.spec.nics]
             await self.driver.ensure_defined(req.spec, disks, nics)
             if req.start:
@@ -255,7 +257,8 @@ class NodeAgent:
                 if answer is not None:
                     settings = NodeReportAnswer.model_validate(answer).sandbox
                     if settings is not None:
-                        await self.network.ensure_network(settings)
+                        for backend in self.networks.values():
+                            await backend.ensure_network(settings)
             except YunError as exc:
                 log.warning("report to control server failed: %s", exc,
                             extra={"node": self.node_id, "control": peer.component_id})

@@ -35,21 +35,38 @@ def build_backends(settings: NodeSettings, name: str
         # many nodes of `yun serve sim-nodes` share settings, so each gets its own dir.
         state_file = (settings.state_dir / FILE_NAME if name == settings.name
                       else settings.state_dir / "sim-hosts" / name / FILE_NAME)
+        sim_networks: dict[NicNetwork, NetworkBackend] = {
+            NicNetwork.SANDBOX: SimSandboxBackend(state_file=state_file)}
+        if settings.sim_direct:
+            from yun.node.network.sim_direct import SimDirectBackend
+
+            # Opt-in: a sim node with a direct network reports NET_DIRECT, and the
+            # scheduler's tests count on sim nodes that do not.
+            sim_networks[NicNetwork.DIRECT] = SimDirectBackend(settings.sim_direct_lan,
+                                                               state_file=state_file)
         return (
             load_driver("sim", hostname=name, vcpus=settings.sim_vcpus,
                         memory_mb=settings.sim_memory_mb, state_file=state_file),
             SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file),
-            {NicNetwork.SANDBOX: SimSandboxBackend(state_file=state_file)},
+            sim_networks,
         )
     from yun.node.network.sandbox import SandboxNetworkBackend
     from yun.node.storage.local import LocalDiskBackend
 
+    # Its subnet and routers come from the control server (SandboxSettings).
+    networks: dict[NicNetwork, NetworkBackend] = {
+        NicNetwork.SANDBOX: SandboxNetworkBackend(node_dir / "network")}
+    if settings.direct_uplink is not None:
+        from yun.node.network.direct import DirectNetworkBackend
+
+        networks[NicNetwork.DIRECT] = DirectNetworkBackend(
+            node_dir / "direct", settings.direct_uplink, settings.direct_bridge,
+            blocked=settings.direct_blocked)
     return (
         load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
                     state_dir=node_dir, vnc_listen=settings.vnc_listen or settings.listen_host),
         LocalDiskBackend(node_dir / "disks"),
-        # Its subnet and routers come from the control server (SandboxSettings).
-        {NicNetwork.SANDBOX: SandboxNetworkBackend(node_dir / "network")},
+        networks,
     )
 
 

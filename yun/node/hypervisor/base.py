@@ -88,9 +88,9 @@ class ResolvedDisk:
 class ResolvedNic:
     """A NIC of the spec, made real by the network backend.
 
-    ``bridge`` set: the hypervisor creates the tap and joins it to that bridge (direct
-    mode); None: the tap was made by the network backend, routed, and the hypervisor
-    only opens it (sandbox mode)."""
+    ``bridge`` set: the hypervisor creates the tap and joins it to that bridge; None:
+    the tap was made by the network backend (routed in sandbox mode, joined to the
+    node's bridge in direct mode) and the hypervisor only opens it."""
 
     nic_id: str
     mac: str
