@@ -55,6 +55,24 @@ def test_rule_set_maps_bound_addresses_and_ports_of_addressed_vms() -> None:
                 NodeRoute(node_uuid="n2", subnet="10.64.1.0/24", via="172.31.0.12")])
 
 
+def test_an_eip_bound_to_a_mono_vm_stands_in_for_its_own_address() -> None:
+    """A mono VM keeps its own public address when an EIP is bound to it; the routers
+    translate its address to ONE public address (the EIP), or the outbound map would get
+    two entries for one key and nft would refuse the whole table."""
+    rows = [pub("203.0.113.10", "vm-a"), pub("203.0.113.15", "vm-a", kind="eip"),
+            pub("203.0.113.14", "vm-a", kind="eip"), pub("203.0.113.11", "vm-b")]
+    ips = {"vm-a": "10.64.0.10", "vm-b": "10.64.0.11"}
+    got = rule_set(3, rows, ips, [])
+    assert got.mono == [
+        MonoMapping(public_ip="203.0.113.11", vm_ip="10.64.0.11", vm_uuid="vm-b"),
+        MonoMapping(public_ip="203.0.113.14", vm_ip="10.64.0.10", vm_uuid="vm-a")]
+    snat = sorted(elements(got)["mono_snat"])
+    assert len({vm_ip for vm_ip, _ in snat}) == len(snat) == 2
+    # Unbound again, the VM's own address is translated again.
+    got = rule_set(4, [rows[0], rows[3]], ips, [])
+    assert [m.public_ip for m in got.mono] == ["203.0.113.10", "203.0.113.11"]
+
+
 def test_rule_set_is_the_same_for_rows_in_any_order() -> None:
     rows = [pub(f"203.0.113.{i}", f"vm-{i}") for i in range(1, 40)]
     ips = {f"vm-{i}": f"10.64.0.{i}" for i in range(1, 40)}

@@ -29,7 +29,8 @@ from yun.testing.procs import toml_value as _toml
 from yun.util.procs import stop_pid
 
 CONTROL_PLANE = ("domain", "control", "storage", "gateway")
-PORTS = {"domain": 7700, "control": 7710, "storage": 7730, "gateway": 8080, "node": 7720}
+PORTS = {"domain": 7700, "control": 7710, "storage": 7730, "gateway": 8080, "node": 7720,
+         "router": 7740}
 
 
 @dataclass
@@ -68,8 +69,11 @@ class Process:
 
 class DataCenter:
     def __init__(self, topo: Topology, workdir: Path, nodes: int = 1,
-                 discover: bool = False, node_options: dict[str, Any] | None = None) -> None:
+                 discover: bool = False, node_options: dict[str, Any] | None = None,
+                 control_options: dict[str, Any] | None = None) -> None:
         self.topo = topo
+        # Extra settings of the control server's [control] table (e.g. router_timeout).
+        self.control_options = dict(control_options or {})
         # Extra settings of every node's [node] table (e.g. the all-in-one's host reserve).
         self.node_options = dict(node_options or {})
         # discover: the domain server announces itself by mDNS and the nodes are given
@@ -81,6 +85,8 @@ class DataCenter:
         self.admin_password = secrets.token_urlsafe(16)
         self.token = ""
         self.procs: dict[str, Process] = {}
+        # The section each process serves (node, router, ...), by process name.
+        self.sections: dict[str, str] = {}
         self.node_hosts: dict[str, NodeHost] = {}
         self.ctl: Host | None = None
         self.api: httpx.Client | None = None
@@ -108,7 +114,12 @@ class DataCenter:
                                     "--config", str(config)],
                        self.workdir / "logs" / f"{name}.log")
         self.procs[name] = proc
+        self.sections[name] = section
         return proc
+
+    def port_of(self, name: str) -> int:
+        """The port process ``name`` serves on."""
+        return PORTS[self.sections.get(name, name)]
 
     def start(self) -> DataCenter:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -117,7 +128,8 @@ class DataCenter:
         extras: dict[str, dict[str, Any]] = {
             "domain": {"listen_port": PORTS["domain"], "ttl": 4.0, "mdns": self.discover},
             "control": {"listen_port": PORTS["control"],
-                        "admin_password_file": str(self._admin_password_file())},
+                        "admin_password_file": str(self._admin_password_file()),
+                        **self.control_options},
             "storage": {"listen_port": PORTS["storage"]},
             "gateway": {"listen_port": PORTS["gateway"], "rate_limit": 0},
         }
@@ -168,6 +180,25 @@ class DataCenter:
         self._wait_up(host, PORTS["node"], name)
         return node_host
 
+    def add_router(self, name: str, host: Host, **options: Any) -> Process:
+        """Start ``yun serve router`` named ``name`` in ``host`` (joined to the domain
+        like every component; ``lan_address``: the host's LAN address); ``options``: more
+        settings of its [router] table (e.g. ``sync_interval``)."""
+        state = self.workdir / "state" / name
+        config = self._config(name, host, "router", {
+            "listen_port": PORTS["router"], "lan_address": host.ip, **options}, state)
+        proc = self._process(name, host, "router", config)
+        proc.start()
+        self._wait_up(host, PORTS["router"], name)
+        return proc
+
+    def start_again(self, name: str) -> None:
+        """Start process ``name`` again after it stopped or was killed; wait until it
+        serves."""
+        proc = self.procs[name]
+        proc.start()
+        self._wait_up(proc.host, self.port_of(name), name)
+
     @staticmethod
     def _serving(host: Host, port: int) -> bool:
         """The gateway answers its plain-HTTP health check; an internal port serves TLS
@@ -195,8 +226,7 @@ class DataCenter:
         proc = self.procs[name]
         proc.stop()
         proc.start(env if env is not None else {})
-        port = PORTS["node"] if name.startswith("node") else PORTS[name]
-        self._wait_up(proc.host, port, name)
+        self._wait_up(proc.host, self.port_of(name), name)
 
     # -- using ------------------------------------------------------------------------------
 
@@ -295,12 +325,14 @@ class DataCenter:
 @contextlib.contextmanager
 def deployed(topo: Topology, *, nodes: int = 1, discover: bool = False,
              node_options: dict[str, Any] | None = None, image: str | None = "guest",
-             prefix: str = "yun-dc-") -> Iterator[DataCenter]:
+             prefix: str = "yun-dc-", control_options: dict[str, Any] | None = None
+             ) -> Iterator[DataCenter]:
     """A started :class:`DataCenter` in ``topo`` (with the test guest image uploaded as
     ``image`` unless None), its processes' logs printed if anything fails while it is
     up, and everything stopped and removed after."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    dc = DataCenter(topo, workdir, nodes=nodes, discover=discover, node_options=node_options)
+    dc = DataCenter(topo, workdir, nodes=nodes, discover=discover, node_options=node_options,
+                    control_options=control_options)
     try:
         dc.start()
         if image is not None:

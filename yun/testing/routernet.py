@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from yun.testing.netns import Host, Namespace, Topology
+from yun.testing.netns import Host, Namespace, Topology, http_get_in
 from yun.testing.procs import ServiceProcess, write_config
 
 log = logging.getLogger("yun.testing.routernet")
@@ -58,6 +58,73 @@ srv.serve_forever()
 
 
 @dataclass
+class Wan:
+    """The routers' public side in a :class:`~yun.testing.netns.Topology`: a WAN switch
+    (namespace ``wan``, bridge ``br0``) and the "internet" client (namespace ``client``,
+    ``wan0`` at :data:`CLIENT_IP`); :meth:`attach` cables a router host to it."""
+
+    topo: Topology
+    switch: Namespace | None = None
+    client: Namespace | None = None
+    ips: dict[str, str] = field(default_factory=dict)
+    servers: list[Any] = field(default_factory=list)
+    _ports: int = 0
+
+    def build(self) -> Wan:
+        """Make the switch and the client (their namespaces belong to the topology)."""
+        self.switch = self.topo.add_namespace("wan")
+        self.switch.run(["ip", "link", "add", "br0", "type", "bridge"])
+        self.switch.run(["ip", "link", "set", "br0", "up"])
+        self.client = self.topo.add_namespace("client")
+        self.link(self.client, CLIENT_IP)
+        return self
+
+    def link(self, ns: Namespace, address: str) -> None:
+        """A cable from the switch to ``ns``: ``wan0`` there, at ``address``/24."""
+        assert self.switch is not None
+        self._ports += 1
+        port = f"w{self._ports}"
+        self.switch.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "wan0",
+                         "netns", ns.name])
+        self.switch.run(["ip", "link", "set", port, "master", "br0"])
+        self.switch.run(["ip", "link", "set", port, "up"])
+        ns.run(["ip", "addr", "add", f"{address}/24", "dev", "wan0"])
+        ns.run(["ip", "link", "set", "wan0", "up"])
+
+    def attach(self, host: Host) -> str:
+        """Give router host ``host`` its ``wan0`` (the next WAN address); that address."""
+        address = f"{WAN_PREFIX}.{len(self.ips) + 1}"
+        self.link(host.ns, address)
+        self.ips[host.name] = address
+        return address
+
+    def route_client_via(self, router: str) -> None:
+        """The client reaches the public addresses through router host ``router``."""
+        assert self.client is not None
+        self.client.run(["ip", "route", "replace", PUBLIC_NET, "via", self.ips[router]])
+
+    def serve_echo(self, port: int = 8000, label: str = "client") -> None:
+        """The client's echo HTTP server on ``port`` (answers ``label <peer address>``)."""
+        assert self.client is not None
+        self.servers.append(self.client.popen(
+            [sys.executable, "-c", ECHO_SERVER, CLIENT_IP, str(port), label]))
+
+    def get(self, url: str, timeout: float = 3.0) -> str:
+        """The body of GET ``url`` from the client ('' when there is no 2xx answer)."""
+        assert self.client is not None
+        res = http_get_in(self.client.name, url, timeout=timeout)
+        return res.body if res.ok else ""
+
+    def close(self) -> None:
+        """Stop the echo servers (the namespaces go with the topology)."""
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.kill()
+                server.wait(5)
+        self.servers.clear()
+
+
+@dataclass
 class RouterProcess(ServiceProcess):
     """``yun serve router`` inside a router host's namespace."""
 
@@ -83,7 +150,7 @@ class RouterLab:
     processes: dict[str, RouterProcess] = field(default_factory=dict)
     servers: list[Any] = field(default_factory=list)
     vm_ips: list[str] = field(default_factory=list)
-    _wan_ports: int = 0
+    wan_net: Wan | None = None
 
     def __enter__(self) -> RouterLab:
         self.topo.__enter__()
@@ -118,11 +185,8 @@ class RouterLab:
         return self.topo.root_ip
 
     def _build(self) -> None:
-        self.wan = self.topo.add_namespace("wan")
-        self.wan.run(["ip", "link", "add", "br0", "type", "bridge"])
-        self.wan.run(["ip", "link", "set", "br0", "up"])
-        self.client = self.topo.add_namespace("client")
-        self._wan_link(self.client, CLIENT_IP)
+        self.wan_net = Wan(self.topo).build()
+        self.wan, self.client = self.wan_net.switch, self.wan_net.client
         self.node = self.topo.add_host("node")
         self.vm = self.topo.add_namespace("vm")
         node, vm = self.node.ns, self.vm
@@ -135,17 +199,6 @@ class RouterLab:
         vm.run(["ip", "route", "add", SANDBOX_GATEWAY, "dev", "eth0"])
         vm.run(["ip", "route", "add", "default", "via", SANDBOX_GATEWAY])
 
-    def _wan_link(self, ns: Namespace, address: str) -> None:
-        assert self.wan is not None
-        self._wan_ports += 1
-        port = f"w{self._wan_ports}"
-        self.wan.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "wan0",
-                      "netns", ns.name])
-        self.wan.run(["ip", "link", "set", port, "master", "br0"])
-        self.wan.run(["ip", "link", "set", port, "up"])
-        ns.run(["ip", "addr", "add", f"{address}/24", "dev", "wan0"])
-        ns.run(["ip", "link", "set", "wan0", "up"])
-
     def add_vm_address(self, ip: str) -> None:
         """Give the VM namespace one more sandbox address, routed to it by the node."""
         assert self.vm is not None and self.node is not None
@@ -155,11 +208,10 @@ class RouterLab:
 
     def add_router(self, name: str) -> Host:
         """A router host: on the LAN (``eth0``) and on the WAN (``wan0``)."""
+        assert self.wan_net is not None
         host = self.topo.add_host(name)
-        wan_ip = f"{WAN_PREFIX}.{len(self.routers) + 1}"
-        self._wan_link(host.ns, wan_ip)
+        self.wan_ips[name] = self.wan_net.attach(host)
         self.routers[name] = host
-        self.wan_ips[name] = wan_ip
         return host
 
     def serve_http(self, ns: Namespace, address: str, port: int, label: str) -> None:
@@ -192,8 +244,8 @@ class RouterLab:
 
     def route_client_via(self, router: str) -> None:
         """The internet client reaches the public addresses through ``router``."""
-        assert self.client is not None
-        self.client.run(["ip", "route", "replace", PUBLIC_NET, "via", self.wan_ips[router]])
+        assert self.wan_net is not None
+        self.wan_net.route_client_via(router)
 
     def route_vm_out_via(self, router: str) -> None:
         """The node sends the VMs' outbound traffic to ``router``."""

@@ -40,12 +40,19 @@ def rule_set(generation: int, public_rows: Iterable[PublicIpRow],
     """What every router applies at ``generation``.
 
     - mono: each whole address (port 0) bound to a VM (kind ``vm`` or ``eip``) whose VM
-      has a sandbox address (``vm_ips[vm_uuid]``);
+      has a sandbox address (``vm_ips[vm_uuid]``), ONE per VM address: a translation is
+      1:1 both ways (the VM's outbound packets take that one public address), so an
+      elastic IP bound to a mono VM stands in for the VM's own public address while it
+      is bound (the own address stays the VM's, translated again once the EIP goes); of
+      several EIPs bound to one VM, the lowest address;
     - ports: each public port (port > 0) bound to a VM port of a VM with an address;
     - routes: each node with a sandbox subnet and an IPv4 LAN address (its URL's host).
 
     The lists are sorted so that equal states give equal rule sets."""
-    mono: list[MonoMapping] = []
+    # vm_ip -> (rank, public address, vm_uuid): the one whole address each VM address
+    # is translated to (two would be two outbound translations for one key, which nft
+    # refuses, failing the whole table).
+    whole: dict[str, tuple[tuple[int, ipaddress.IPv4Address], str, str]] = {}
     ports: list[PortMapping] = []
     for row in public_rows:
         if row.vm_uuid is None or row.kind not in ("vm", "eip"):
@@ -54,7 +61,9 @@ def rule_set(generation: int, public_rows: Iterable[PublicIpRow],
         if not vm_ip:
             continue  # not addressed yet (or gone): nothing to translate to
         if row.port == 0:
-            mono.append(MonoMapping(public_ip=row.ip, vm_ip=vm_ip, vm_uuid=row.vm_uuid))
+            rank = (0 if row.kind == "eip" else 1, ipaddress.IPv4Address(row.ip))
+            if vm_ip not in whole or rank < whole[vm_ip][0]:
+                whole[vm_ip] = (rank, row.ip, row.vm_uuid)
         elif row.port > 0:
             protocol = row.protocol or "tcp"
             if protocol not in ("tcp", "udp"):
@@ -62,6 +71,8 @@ def rule_set(generation: int, public_rows: Iterable[PublicIpRow],
             ports.append(PortMapping(protocol=protocol, public_ip=row.ip,  # type: ignore[arg-type]
                                      public_port=row.port, vm_ip=vm_ip,
                                      vm_port=row.vm_port or row.port, vm_uuid=row.vm_uuid))
+    mono = [MonoMapping(public_ip=ip, vm_ip=vm_ip, vm_uuid=vm_uuid)
+            for vm_ip, (_, ip, vm_uuid) in whole.items()]
     routes: list[NodeRoute] = []
     for node in nodes:
         if not node.sandbox_subnet:
