@@ -81,3 +81,21 @@ def test_network_messages_refuse_bad_addresses_with_the_reason() -> None:
         NodeForward(node_port=70000, vm_ip="10.64.5.10", vm_port=80)
     with pytest.raises(ValidationError, match="Input should be 'sandbox' or 'direct'"):
         NicSpec(nic_id="n", mac="52:54:00:00:00:01", network="nat")
+
+
+async def test_a_router_is_known_by_the_name_it_gives_at_its_first_pull(
+        db: Database) -> None:
+    """A router that just joined may not be among the control server's peers yet: its
+    hello names it, and the name and notice URL it gives are kept."""
+    from yun.control.network.router_sync import record_hello
+    from yun.proto.network import RouterHello
+
+    hello = RouterHello(lan_address="172.31.0.5", name="edge1",
+                        url="https://172.31.0.5:7740")
+    async with db.session() as session:
+        await record_hello(session, "router-uuid-1", hello.name, hello.url, hello)
+    async with db.session() as session:
+        row = await session.get(RouterRow, "router-uuid-1")
+        assert row is not None
+        assert (row.name, row.url, row.lan_address) == (
+            "edge1", "https://172.31.0.5:7740", "172.31.0.5")

@@ -145,6 +145,10 @@ class RouterHello(Message):
                                          "for the VMs' outbound traffic")
     applied_generation: int = Field(default=0, ge=0,
                                     description="the generation its table holds now")
+    name: str = Field(default="", max_length=63,
+                      description="its name (the control server may not know it yet)")
+    url: str = Field(default="", max_length=2048,
+                     description="where it takes change notices")
 
 
 class RouterNotice(Message):

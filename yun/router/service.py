@@ -69,7 +69,8 @@ class RouterService:
     async def pull(self) -> RouterRuleSet:
         """The whole rule set from the first control server that answers."""
         hello = RouterHello(lan_address=self.settings.lan_address or "0.0.0.0",
-                            applied_generation=self.applied.generation if self.applied else 0)
+                            applied_generation=self.applied.generation if self.applied else 0,
+                            name=self.membership.name, url=self.membership.url)
         controls = self.membership.peers_of(ComponentType.CONTROL)
         if not controls:
             raise Unavailable("no control server is known yet")

@@ -21,11 +21,13 @@ def router_sync_router(api: ApiBundle) -> APIRouter:
     @r.post("/router/rules", response_model=RouterRuleSet)
     async def pull_rules(hello: RouterHello, caller: Identity = router_caller
                          ) -> RouterRuleSet:
+        # The router's own word first: a router that just joined may not be among this
+        # control server's peers yet.
         peer = api.ctx.membership.peers.get(caller.component_id)
         async with api.ctx.db.session() as session:
-            return await record_hello(session, caller.component_id,
-                                      peer.name if peer else "", peer.url if peer else "",
-                                      hello)
+            return await record_hello(
+                session, caller.component_id, hello.name or (peer.name if peer else ""),
+                hello.url or (peer.url if peer else ""), hello)
 
     return r
 
