@@ -171,7 +171,8 @@ class Vms(TaggedCollection[R, Vm]):
     def remove_nic(self, ref: str, nic: str, *,
                    idempotency_key: str | None = None) -> Call[None]:
         """Unplug a NIC of the VM, named by its index, uuid or MAC (not the primary one)."""
-        return Call("DELETE", path("/vms/{}/nics/{}", ref, nic), nothing,
+        # A MAC travels in the path with '-' for ':' (colons are not accepted there).
+        return Call("DELETE", path("/vms/{}/nics/{}", ref, nic.replace(":", "-")), nothing,
                     headers=idempotency(idempotency_key))
 
     @endpoint

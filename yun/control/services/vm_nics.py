@@ -53,6 +53,7 @@ NODE_TIMEOUT = 120.0
 _CHANGEABLE = (VmState.RUNNING, VmState.STOPPED)
 _MAC_TRIES = 16
 _INDEX = re.compile(r"^[0-9]{1,3}$")
+_DASHED_MAC = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 
 
 class VmNicService:
@@ -216,7 +217,10 @@ async def _free_mac(session: AsyncSession) -> str:
 async def _find_nic(session: AsyncSession, vm: VmRow, ref: str) -> VmNicRow:
     """The plugged NIC of ``vm`` named by its index, uuid or MAC; Conflict for the
     primary NIC, NotFound naming the VM otherwise."""
+    # A MAC may come with '-' for ':' (colons cannot travel in a path through the gateway).
     text = ref.strip().lower()
+    if _DASHED_MAC.match(text):
+        text = text.replace("-", ":")
     if text == "0" or (vm.mac and text == vm.mac.lower()):
         raise Conflict(f"NIC 0 ({vm.mac}) is the primary NIC of VM {vm.name}: it cannot be "
                        f"removed (delete the VM instead)")

@@ -222,8 +222,9 @@ async def add_vm_nic(ref: RefPath, ctx: Ctx, up: Up, body: VmNicCreate | None = 
 @router.delete("/vms/{ref}/nics/{nic}", status_code=204)
 async def remove_vm_nic(
         ref: RefPath,
-        nic: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z:.-]+$",
-                                 description="the NIC's index, uuid or MAC")],
+        nic: Annotated[str, Path(min_length=1, max_length=36, pattern=r"^[0-9A-Za-z-]+$",
+                                 description="the NIC's index, uuid or MAC (written with "
+                                             "'-' for ':' in a path: 52-54-00-12-34-56)")],
         ctx: Ctx, up: Up, idempotency_key: IdempotencyKey = None) -> Response:
     """Unplug a NIC of the VM and give its MAC and address back. The primary NIC
     (index 0) cannot be removed (409)."""
