@@ -327,8 +327,8 @@ def test_nic_hot_plugged_into_a_running_guest_and_unplugged(sandbox: Sandbox) ->
     match = re.fullmatch(r"/sys/class/net/(\w+)/address", found)
     assert match is not None and match.group(1) != "eth0", found
     ifname = match.group(1)
-    ip = guest_sh(sandbox, b, f"w(){{ for i in $(seq 60);do [ -s /run/yun-guest/ip.$1 ]"
-                              f"&&break;sleep 1;done;}}",
+    ip = guest_sh(sandbox, b, "w(){ for i in $(seq 60);do [ -s /run/yun-guest/ip.$1 ]"
+                              "&&break;sleep 1;done;}",
                   last=f"w {ifname};cat /run/yun-guest/ip.{ifname}")
     assert ip == nic["ip"], ip
     leases = (sandbox.state / "dnsmasq.leases").read_text()
