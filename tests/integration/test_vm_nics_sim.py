@@ -65,6 +65,9 @@ async def test_nic_hot_plugged_into_a_running_vm_and_unplugged(
     ports = {p.mac: p for p in node.agent.network.ports[vm["uuid"]]}
     assert ports[nic["mac"]].ip == nic["ip"] and ports[vm["mac"]].ip == vm["ip"]
     assert ports[nic["mac"]].tap != ports[vm["mac"]].tap
+    # DHCP offers the VM's own hostname on it too: a guest taking the hostname of any
+    # lease (as the test guest does) keeps its name when a NIC is plugged in.
+    assert ports[nic["mac"]].hostname == ports[vm["mac"]].hostname == "n1"
     assert await domain_macs(cluster, vm) == [vm["mac"], nic["mac"]]
     assert (await node.agent.driver.get_domain(vm["uuid"])).state == "running"
     listed = (await api(cluster).get("/api/v1/vms/n1/nics")).json()

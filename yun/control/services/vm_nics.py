@@ -33,6 +33,7 @@ from yun.control.allocators.addresses import AddressAllocator, mac_for, node_sco
 from yun.control.context import ControlContext
 from yun.control.db.models import AddressRow, FlowRow, NodeRow, PoolRow, VmNicRow, VmRow
 from yun.control.flows.engine import UNFINISHED
+from yun.control.flows.vm import hostname_for
 from yun.control.network.modes import NetworkMode, mode_for
 from yun.control.network.modes.sandbox import nic_id_for
 from yun.control.network.subnets import sandbox_settings
@@ -104,7 +105,7 @@ class VmNicService:
                     raise Conflict(f"VM {vm.name}: the NIC's index, MAC or address was taken "
                                    f"meanwhile; try again") from exc
                 nic = _model(vm, mode, row)
-                spec = mode.nic_specs(vm, [row])[-1]
+                spec = mode.nic_specs(vm, [row], hostname=hostname_for(vm.name))[-1]
                 settings = None
                 if spec.network is NicNetwork.SANDBOX:
                     settings = await sandbox_settings(session, node, self.ctx.settings)
