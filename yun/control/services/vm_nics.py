@@ -20,6 +20,7 @@ with another change of the VM's NICs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid as uuidlib
@@ -117,6 +118,12 @@ class VmNicService:
                                         request_id=f"{vm_uuid}:nic:{row.uuid}:attach",
                                         timeout=NODE_TIMEOUT)
             except Exception as exc:
+                # The node may have plugged it after all (an answer lost to a timeout):
+                # unplug, best effort, so nothing is left there with no row naming it.
+                with contextlib.suppress(Exception):
+                    await client.detach_nic(vm_uuid, spec.nic_id,
+                                            request_id=f"{vm_uuid}:nic:{row.uuid}:undo",
+                                            timeout=NODE_TIMEOUT)
                 await self._forget(vm_uuid, row.uuid)
                 log.warning("NIC not plugged: the node failed; its MAC and address given "
                             "back", extra={"vm": vm_uuid, "nic": row.uuid, "mac": row.mac,
