@@ -24,6 +24,8 @@ from yun.node.hypervisor.base import (
     DomainNotRunning,
     HypervisorDriver,
     HypervisorError,
+    NotSupported,
+    ResolvedNic,
 )
 from yun.proto.messages import DomainSpec, DomainState
 
@@ -261,3 +263,69 @@ async def test_qos_is_kept_in_the_definition_and_read_back(driver: HypervisorDri
     assert info is not None and info.qos == QosSpec()
     with pytest.raises(DomainNotFound):
         await driver.set_qos(str(uuidlib.uuid4()), wanted)
+
+
+# --- NIC hot-plug (U-HOTPLUG) ----------------------------------------------------------------
+
+
+def resolved_nic(n: int) -> ResolvedNic:
+    """A sandbox-style NIC (a tap made by the network backend) numbered ``n``."""
+    return ResolvedNic(nic_id=f"nic{n}", mac=f"52:54:00:c0:00:{n:02x}", bridge=None,
+                       tap=f"ysct{n}")
+
+
+async def macs(driver: HypervisorDriver, vm: str) -> list[str]:
+    info = await driver.get_domain(vm)
+    assert info is not None
+    return list(info.nics)
+
+
+async def test_nic_plugged_into_a_stopped_domain_is_there_at_boot(
+        driver: HypervisorDriver) -> None:
+    assert driver.caps.hotplug_nic
+    spec = new_spec(driver)
+    first, second = resolved_nic(0), resolved_nic(1)
+    await driver.ensure_defined(spec, [], [first])
+    await driver.attach_nic(spec.uuid, second)
+    await driver.attach_nic(spec.uuid, second)  # again: still one such NIC
+    assert await macs(driver, spec.uuid) == [first.mac, second.mac]
+    assert await state(driver, spec.uuid) is DomainState.SHUTOFF  # plugging never boots
+    await driver.start(spec.uuid)
+    assert await macs(driver, spec.uuid) == [first.mac, second.mac]
+    await driver.destroy(spec.uuid)
+    await driver.detach_nic(spec.uuid, second.nic_id)
+    await driver.detach_nic(spec.uuid, second.nic_id)  # gone already: fine
+    await driver.detach_nic(spec.uuid, "never-plugged")
+    assert await macs(driver, spec.uuid) == [first.mac]
+    await driver.start(spec.uuid)
+    assert await macs(driver, spec.uuid) == [first.mac]
+    for call in (driver.attach_nic(str(uuidlib.uuid4()), second),
+                 driver.detach_nic(str(uuidlib.uuid4()), second.nic_id)):
+        with pytest.raises(DomainNotFound):
+            await call
+
+
+async def test_nic_hot_plugged_into_a_running_domain_stays_after_a_restart(
+        driver: HypervisorDriver) -> None:
+    spec = new_spec(driver)
+    first, second = resolved_nic(2), resolved_nic(3)
+    await driver.ensure_defined(spec, [], [first])
+    await driver.start(spec.uuid)
+    try:
+        await driver.attach_nic(spec.uuid, second)
+    except NotSupported:
+        if driver.name != "libvirt":
+            raise
+        pytest.skip("libvirt's test:/// hypervisor cannot attach devices to a running "
+                    "domain; tests/system/test_sandbox_network.py plugs a NIC into a real "
+                    "QEMU guest")
+    assert await macs(driver, spec.uuid) == [first.mac, second.mac]
+    assert await state(driver, spec.uuid) is DomainState.RUNNING
+    await driver.destroy(spec.uuid)  # live and in the definition: the next boot has it
+    await driver.start(spec.uuid)
+    assert await macs(driver, spec.uuid) == [first.mac, second.mac]
+    await driver.detach_nic(spec.uuid, second.nic_id)
+    assert await macs(driver, spec.uuid) == [first.mac]
+    await driver.destroy(spec.uuid)
+    await driver.start(spec.uuid)
+    assert await macs(driver, spec.uuid) == [first.mac]

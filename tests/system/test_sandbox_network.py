@@ -307,3 +307,41 @@ def test_bandwidth_limit_on_a_routed_tap(sandbox: Sandbox) -> None:
     assert "tbf" not in qdiscs and "ingress" not in qdiscs, qdiscs
     assert node.run(["ip", "link", "show", ifb], check=False).returncode != 0
     assert sandbox.dc.guest_http(b)["hostname"] == "b"
+
+
+def test_nic_hot_plugged_into_a_running_guest_and_unplugged(sandbox: Sandbox) -> None:
+    """U-HOTPLUG: a NIC added to the running guest appears in it as a new interface,
+    which takes its address from the node's dnsmasq; removed, the interface is gone
+    from the guest and its tap, route and lease from the node."""
+    api, b, node = sandbox.dc.api, sandbox.b, sandbox.node
+    assert api is not None
+    resp = api.post(f"/api/v1/vms/{b['uuid']}/nics")
+    assert resp.status_code == 201, resp.text
+    nic = resp.json()
+    assert nic["index"] == 1 and nic["ip"] != b["ip"]
+    tap = sandbox.tap_of({"ip": nic["ip"]})  # its own routed tap, its own /32 route
+    assert tap != sandbox.tap_of(b)
+    # The guest finds the new interface by its MAC; its DHCP client (started for every
+    # NIC that appears) gets the NIC's address from the node's dnsmasq.
+    found = guest_sh(sandbox, b, last=f"grep -l {nic['mac']} /sys/class/net/*/address")
+    match = re.fullmatch(r"/sys/class/net/(\w+)/address", found)
+    assert match is not None and match.group(1) != "eth0", found
+    ifname = match.group(1)
+    ip = guest_sh(sandbox, b, "w(){ for i in $(seq 60);do [ -s /run/yun-guest/ip.$1 ]"
+                              "&&break;sleep 1;done;}",
+                  last=f"w {ifname};cat /run/yun-guest/ip.{ifname}")
+    assert ip == nic["ip"], ip
+    leases = (sandbox.state / "dnsmasq.leases").read_text()
+    assert any(line.split()[1:3] == [nic["mac"], nic["ip"]] for line in leases.splitlines())
+    listed = api.get(f"/api/v1/vms/{b['uuid']}/nics").json()
+    assert [n["mac"] for n in listed] == [b["mac"], nic["mac"]]
+
+    resp = api.delete(f"/api/v1/vms/{b['uuid']}/nics/1")
+    assert resp.status_code == 204, resp.text
+    ifaces = guest_sh(sandbox, b, last="ls /sys/class/net").split()
+    assert ifname not in ifaces and "eth0" in ifaces, ifaces
+    assert node.run(["ip", "link", "show", tap], check=False).returncode != 0
+    assert node.run(["ip", "-4", "route", "show", f"{nic['ip']}/32"]).stdout.strip() == ""
+    assert nic["mac"] not in (sandbox.state / "dnsmasq.leases").read_text()
+    # The guest still answers on its primary NIC.
+    assert sandbox.dc.guest_http(b)["hostname"] == "b"

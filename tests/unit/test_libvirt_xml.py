@@ -26,10 +26,15 @@ from yun.node.hypervisor.libvirt.xml import (
     cpu_level,
     disk_targets,
     domain_name,
+    has_nic,
+    interface_xml,
     iotune_params,
+    nic_mac,
     parse_domain_xml,
     scheduler_params,
     target_dev,
+    with_nic,
+    without_nic,
 )
 from yun.proto.messages import CpuQos, DomainSpec, DomainState, QosSpec
 
@@ -368,3 +373,23 @@ async def test_set_qos_on_a_stopped_domain_of_the_test_hypervisor(tmp_path: Path
         await driver.undefine(vm)
     finally:
         await driver.close()
+
+
+def test_nic_plugged_into_and_out_of_a_definition() -> None:
+    """A plugged NIC is the same <interface> the definition would have had, and Yun's
+    metadata names it, so the driver finds its MAC by NIC id to unplug it."""
+    plugged = ResolvedNic("n2", "52:54:00:ab:cd:ef", None, "ys-plugged")
+    xml = ET.tostring(build(), encoding="unicode")
+    assert not has_nic(xml, plugged.mac) and nic_mac(xml, "n2") is None
+    added = with_nic(xml, plugged)
+    assert with_nic(added, plugged).count("52:54:00:ab:cd:ef") == 2  # interface + metadata
+    assert has_nic(added, plugged.mac.upper()) and nic_mac(added, "n2") == plugged.mac
+    parsed = parse_domain_xml(added)
+    assert parsed is not None
+    assert parsed.nic_macs == (NICS[0].mac, plugged.mac)
+    assert parsed.nic_taps == (NICS[0].tap, "ys-plugged")
+    device = ET.fromstring(interface_xml(plugged))
+    assert (device.get("type"), device.find("target").get("managed")) == ("ethernet", "no")  # type: ignore[union-attr]
+    removed = without_nic(added, "n2", plugged.mac)
+    assert not has_nic(removed, plugged.mac) and nic_mac(removed, "n2") is None
+    assert has_nic(removed, NICS[0].mac) and nic_mac(removed, "n1") == NICS[0].mac

@@ -48,6 +48,8 @@ from yun.proto.resources import (
     Vm,
     VmAddress,
     VmCreate,
+    VmNic,
+    VmNicCreate,
     VmQosUpdate,
     VmStop,
 )
@@ -149,6 +151,28 @@ class Vms(TaggedCollection[R, Vm]):
                        idempotency_key: str | None = None) -> Call[None]:
         """Take an extra address off a VM."""
         return Call("DELETE", path("/vms/{}/addresses/{}", ref, ip), nothing,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def nics(self, ref: str) -> Call[list[VmNic]]:
+        """The VM's NICs, the primary one (index 0) first (U-HOTPLUG)."""
+        return Call("GET", self._item(ref, "/nics"), model(list[VmNic]))
+
+    @endpoint
+    def add_nic(self, ref: str, *, network: str | None = None,
+                idempotency_key: str | None = None) -> Call[VmNic]:
+        """Plug one more NIC into the VM (live when it runs, else at its next start); the
+        platform picks its MAC and, in sandbox mode, its address."""
+        body = VmNicCreate.model_validate({"network": network})
+        return Call("POST", self._item(ref, "/nics"), model(VmNic), body=body,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def remove_nic(self, ref: str, nic: str, *,
+                   idempotency_key: str | None = None) -> Call[None]:
+        """Unplug a NIC of the VM, named by its index, uuid or MAC (not the primary one)."""
+        # A MAC travels in the path with '-' for ':' (colons are not accepted there).
+        return Call("DELETE", path("/vms/{}/nics/{}", ref, nic.replace(":", "-")), nothing,
                     headers=idempotency(idempotency_key))
 
     @endpoint

@@ -19,6 +19,7 @@ from yun.proto.messages import (
     ConsoleLog,
     DomainConsole,
     DomainInfo,
+    NicAttach,
     ProvisionRequest,
     QosSpec,
     StopRequest,
@@ -73,6 +74,19 @@ class NodeClient:
                       timeout: float | None = None) -> DomainInfo:
         """Apply QoS limits to the domain (running or not); the limits now in force."""
         return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/qos", DomainInfo, body=qos,
+                                    request_id=request_id, timeout=timeout)
+
+    async def attach_nic(self, vm_uuid: str, req: NicAttach, request_id: str | None = None,
+                         timeout: float | None = None) -> DomainInfo:
+        """Plug one NIC into the VM (live if it runs, and into its definition)."""
+        return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/nics/{req.nic.nic_id}",
+                                    DomainInfo, body=req, request_id=request_id,
+                                    timeout=timeout)
+
+    async def detach_nic(self, vm_uuid: str, nic_id: str, request_id: str | None = None,
+                         timeout: float | None = None) -> DomainInfo:
+        """Unplug one NIC of the VM (nothing to do if it is not there)."""
+        return await self.peer.call("DELETE", f"{BASE}/{vm_uuid}/nics/{nic_id}", DomainInfo,
                                     request_id=request_id, timeout=timeout)
 
     async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward],

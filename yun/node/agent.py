@@ -25,6 +25,7 @@ from yun.proto.membership import Membership
 from yun.proto.messages import (
     DomainInfo,
     HostInfo,
+    NicAttach,
     NicSpec,
     NodeCapability,
     NodeReport,
@@ -147,6 +148,45 @@ class NodeAgent:
             log.info("VM provisioned", extra={"vm": vm_uuid, "node": self.node_id,
                                               "started": req.start})
             return await self._info(vm_uuid)
+
+    async def attach_nic(self, vm_uuid: str, req: NicAttach) -> DomainInfo:
+        """One more NIC in the VM (U-HOTPLUG): its port (tap, lease, rules), then the
+        hypervisor plugs it, live if the domain runs and into its definition. When the
+        hypervisor fails, the port is released again: nothing is half made."""
+        async with self.queues.hold(vm_uuid):
+            await self._require(vm_uuid)
+            backend = self.network_of(req.nic)
+            if req.sandbox is not None and backend is self.network:
+                await backend.ensure_network(req.sandbox)
+            nic = await backend.ensure_port(vm_uuid, req.nic)
+            try:
+                await self.driver.attach_nic(vm_uuid, nic)
+            except Exception as exc:
+                await backend.release_port(vm_uuid, req.nic.nic_id)
+                log.warning("NIC not plugged; its port released", extra={
+                    "vm": vm_uuid, "node": self.node_id, "nic": req.nic.nic_id,
+                    "error": str(exc)})
+                raise
+            info = await self._info(vm_uuid)
+        log.info("NIC plugged into VM", extra={"vm": vm_uuid, "node": self.node_id,
+                                               "nic": req.nic.nic_id, "mac": req.nic.mac,
+                                               "ip": req.nic.ip, "state": str(info.state)})
+        self._report_now.set()
+        return info
+
+    async def detach_nic(self, vm_uuid: str, nic_id: str) -> DomainInfo:
+        """Unplug a NIC of the VM: the hypervisor first (the guest lets it go), then its
+        port in every network backend. No error if it is not there."""
+        async with self.queues.hold(vm_uuid):
+            await self._require(vm_uuid)
+            await self.driver.detach_nic(vm_uuid, nic_id)
+            for backend in self.networks.values():
+                await backend.release_port(vm_uuid, nic_id)
+            info = await self._info(vm_uuid)
+        log.info("NIC unplugged from VM", extra={"vm": vm_uuid, "node": self.node_id,
+                                                 "nic": nic_id})
+        self._report_now.set()
+        return info
 
     async def remove(self, vm_uuid: str) -> None:
         """Domain, disks and leases of the VM gone; nothing to do if already gone."""

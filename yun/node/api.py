@@ -17,12 +17,13 @@ from yun.node.hypervisor.base import (
 from yun.node.network.base import NetworkError
 from yun.node.storage.base import DiskError
 from yun.proto.components import ComponentType as CT
-from yun.proto.errors import Conflict, NotFound, Problem
+from yun.proto.errors import BadRequest, Conflict, NotFound, Problem
 from yun.proto.messages import (
     ConsoleLog,
     DomainConsole,
     DomainInfo,
     HostInfo,
+    NicAttach,
     ProvisionRequest,
     QosSpec,
     StopRequest,
@@ -109,6 +110,20 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
     async def set_qos(vm_uuid: str, qos: QosSpec) -> DomainInfo:
         """New QoS limits, live and persistent; 404 when the node has no such domain."""
         return await agent.set_qos(vm_uuid, qos)
+
+    @app.put(f"{base}/domains/{{vm_uuid}}/nics/{{nic_id}}", response_model=DomainInfo,
+             dependencies=[caller])
+    async def attach_nic(vm_uuid: str, nic_id: str, req: NicAttach) -> DomainInfo:
+        """Plug a NIC into the VM (live if it runs, and into its definition)."""
+        if req.nic.nic_id != nic_id:
+            raise BadRequest(f"NIC id {req.nic.nic_id} does not match the URL ({nic_id})")
+        return await agent.attach_nic(vm_uuid, req)
+
+    @app.delete(f"{base}/domains/{{vm_uuid}}/nics/{{nic_id}}", response_model=DomainInfo,
+                dependencies=[caller])
+    async def detach_nic(vm_uuid: str, nic_id: str) -> DomainInfo:
+        """Unplug a NIC of the VM; nothing to do if it is not there."""
+        return await agent.detach_nic(vm_uuid, nic_id)
 
     @app.put(f"{base}/vms/{{vm_uuid}}/forwards", status_code=204, response_model=None,
              dependencies=[caller])

@@ -266,6 +266,9 @@ class DomainInfo(Message):
     vnc_port: int | None = None
     console_log: str | None = None
     qos: QosSpec | None = Field(default=None, description="the limits in force on the domain")
+    nics: list[str] = Field(default_factory=list,
+                            description="MACs of the domain's NICs in force (the running "
+                                        "guest's when it runs, its definition's otherwise)")
 
 
 class NodeReport(Message):
@@ -339,6 +342,15 @@ class ImageLocation(Message):
     sha256: str
     size: int
     format: str
+
+
+class NicAttach(Message):
+    """Plug one more NIC into a VM already on the node (U-HOTPLUG): its port is made and
+    the hypervisor attaches it, live when the domain runs and in its definition."""
+
+    nic: NicSpec
+    sandbox: SandboxSettings | None = Field(
+        default=None, description="the node's sandbox network, when the NIC is in it")
 
 
 class ProvisionRequest(Message):

@@ -557,6 +557,33 @@ class VmAddress(BaseModel):
     ip: str
 
 
+class VmNicCreate(Input):
+    """A NIC to plug into a VM (U-HOTPLUG). Both fields default to the VM's pool: a
+    hot-plugged NIC is on the VM's network, and in sandbox mode it is private (it gets
+    an address of the node's sandbox subnet and no public address or port)."""
+
+    network: Literal["sandbox", "direct"] | None = Field(
+        default=None, description="the VM's network (the only one allowed); default: it")
+    exposure: Literal["private"] | None = Field(
+        default=None, description="sandbox: a hot-plugged NIC is always private")
+
+
+class VmNic(BaseModel):
+    """A NIC of a VM: the primary one (``index`` 0, made with the VM) or one plugged in
+    later."""
+
+    index: int = Field(description="0: the primary NIC; 1, 2, ...: NICs plugged in later")
+    uuid: str | None = Field(default=None, description="the plugged NIC's id (None for the "
+                                                       "primary one)")
+    vm_uuid: str
+    mac: str | None
+    network: str = Field(description="sandbox or direct")
+    exposure: str | None = Field(default=None, description="sandbox: private, mono or share")
+    ip: str | None = Field(default=None, description="sandbox: its address in the node's "
+                           "subnet; direct: None (the LAN's DHCP server gives one)")
+    primary: bool = False
+
+
 class Vm(Resource):
     state: VmState
     vcpus: int

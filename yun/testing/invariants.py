@@ -44,6 +44,7 @@ from yun.control.db.models import (
     PublicIpRow,
     QuotaRow,
     VmGroupRow,
+    VmNicRow,
     VmRow,
 )
 from yun.control.db.session import sync_url
@@ -193,9 +194,14 @@ def check(url_or_engine: str | Engine, nodes: Mapping[str, Path] | None = None, 
             problems += _key_answers(keys, vms)
         if nodes is not None:
             by_name = {n.name: n for n in db_nodes}
+            # NICs plugged in later (U-HOTPLUG) have ports with addresses of their own.
+            nic_ips: dict[str, set[str]] = defaultdict(set)
+            for nic in session.scalars(select(VmNicRow)):
+                if nic.ip:
+                    nic_ips[nic.vm_uuid].add(nic.ip)
             for name, state_dir in sorted(nodes.items()):
                 problems += _node_holdings(name, Path(state_dir), by_name.get(name), vms,
-                                           forwards)
+                                           forwards, nic_ips)
         if expect_no_vms:
             problems += [f"VM left: {vm.uuid} ({vm.name}) is {vm.state}"
                          for vm in vms.values()]
@@ -411,7 +417,8 @@ def _key_answers(keys: Mapping[str, KeyAnswer], vms: Mapping[str, VmRow]) -> lis
 
 
 def _node_holdings(name: str, state_dir: Path, node: NodeRow | None,
-                   vms: Mapping[str, VmRow], forwards: list[NodeForwardRow]) -> list[str]:
+                   vms: Mapping[str, VmRow], forwards: list[NodeForwardRow],
+                   nic_ips: Mapping[str, set[str]] | None = None) -> list[str]:
     if node is None:
         return [f"node unknown: {name} has a state directory but no record"]
     try:
@@ -445,7 +452,8 @@ def _node_holdings(name: str, state_dir: Path, node: NodeRow | None,
             problems.append(f"port orphaned: node {name} holds port {mac} "
                             f"({port.get('ip')}) of VM {port['vm_uuid']}, "
                             f"{_elsewhere(vms, port['vm_uuid'])}")
-        elif port.get("ip") and vm.ip and port["ip"] != vm.ip:
+        elif (port.get("ip") and vm.ip
+              and port["ip"] not in {vm.ip, *(nic_ips or {}).get(vm.uuid, ())}):
             problems.append(f"port address mismatch: node {name} gives VM {vm.uuid} "
                             f"{port['ip']}, the database {vm.ip}")
     wanted = {(f.vm_uuid, f.protocol, f.node_port, f.vm_port) for f in forwards

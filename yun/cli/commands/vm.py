@@ -333,4 +333,40 @@ def address_remove(vm: VmArg, ip: Annotated[str, typer.Argument(help="the extra 
     typer.echo(f"address {ip} removed from {vm}")
 
 
+nics_app = typer.Typer(help="NICs of a VM, plugged in and out while it runs (or while it "
+                            "is stopped: it has them at its next start).",
+                       no_args_is_help=True)
+app.add_typer(nics_app, name="nic")
+NIC_COLUMNS = ("index", "mac", "network", "exposure", "ip", "uuid")
+
+
+@nics_app.command("add")
+def nic_add(vm: VmArg, network: Annotated[str | None, typer.Option(
+        help="sandbox or direct: the VM's own network (the default; no other is allowed)")]
+            = None,
+            idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
+    """Plug one more NIC into the VM; prints its index, MAC and address."""
+    made = client().vms.add_nic(vm, network=network, idempotency_key=idempotency_key)
+    if output_format(output) is OutputFormat.TABLE:
+        typer.echo(f"NIC {made.index} of {vm}: {made.mac}"
+                   + (f" {made.ip}" if made.ip else ""))
+    else:
+        emit(made, output)
+
+
+@nics_app.command("list")
+def nic_list(vm: VmArg, output: Output = None) -> None:
+    """The VM's NICs, the primary one (index 0) first."""
+    emit(client().vms.nics(vm), output, columns=NIC_COLUMNS)
+
+
+@nics_app.command("remove")
+def nic_remove(vm: VmArg, nic: Annotated[str, typer.Argument(
+        help="the NIC's index, uuid or MAC (not 0: the primary NIC stays)")],
+               idempotency_key: IdempotencyKey = None) -> None:
+    """Unplug a NIC of the VM and give its MAC and address back."""
+    client().vms.remove_nic(vm, nic, idempotency_key=idempotency_key)
+    typer.echo(f"NIC {nic} removed from {vm}")
+
+
 add_tag_commands(app, "VM", lambda c: c.vms.tags)

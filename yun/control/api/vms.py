@@ -22,6 +22,8 @@ from yun.proto.resources import (
     Vm,
     VmAddress,
     VmCreate,
+    VmNic,
+    VmNicCreate,
     VmQosUpdate,
     VmStop,
 )
@@ -110,5 +112,21 @@ def vm_router(api: ApiBundle) -> APIRouter:
               name="vm.address.remove")
     async def remove_address(ref: str, ip: str, sc: Scope = scope) -> None:
         await api.vms.addresses.remove(ref, ip, sc)
+
+    @r.get("/vms/{ref}/nics", response_model=list[VmNic], name="vm.nic.list")
+    async def list_nics(ref: str, sc: Scope = scope) -> list[VmNic]:
+        return await api.vms.nics.list(ref, sc)
+
+    @r.post("/vms/{ref}/nics", response_model=VmNic, status_code=201, name="vm.nic.add")
+    async def add_nic(ref: str, request: Request, sc: Scope = scope,
+                      req: VmNicCreate | None = None) -> VmNic:
+        nic = await api.vms.nics.add(ref, req or VmNicCreate(), sc)
+        audit_resource(request, "vm", nic.vm_uuid)
+        return nic
+
+    @r.delete("/vms/{ref}/nics/{nic}", status_code=204, response_model=None,
+              name="vm.nic.remove")
+    async def remove_nic(ref: str, nic: str, request: Request, sc: Scope = scope) -> None:
+        audit_resource(request, "vm", await api.vms.nics.remove(ref, nic, sc))
 
     return r

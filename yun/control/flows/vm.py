@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
@@ -174,6 +174,9 @@ async def release_placement(session: AsyncSession, vm: VmRow) -> bool:
     Returns whether this call released it.
     """
     await release_node_scoped(session, vm.uuid)
+    # NICs plugged in later hold addresses of the node's subnet, given back just above:
+    # they go with the placement (their MACs with their rows).
+    await session.execute(delete(VmNicRow).where(VmNicRow.vm_uuid == vm.uuid))
     node_uuid = vm.node_uuid
     vm.ip = None
     if vm.extra_ips:

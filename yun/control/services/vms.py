@@ -45,6 +45,7 @@ from yun.control.services.port_forwards import (
 )
 from yun.control.services.tasks import task_model
 from yun.control.services.vm_addresses import VmAddressService
+from yun.control.services.vm_nics import VmNicService
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import QosSpec, StopRequest
@@ -116,6 +117,7 @@ class VmService:
         self.ctx = ctx
         self.forwards = PortForwardService(ctx)
         self.addresses = VmAddressService(ctx)
+        self.nics = VmNicService(ctx)
 
     async def create(self, req: VmCreate, user: RequestContext, scope: Scope) -> Accepted:
         """Record the VM, count it against its project's quota, and start its create flow."""

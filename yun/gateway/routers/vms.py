@@ -28,6 +28,8 @@ from yun.proto.resources import (
     Vm,
     VmAddress,
     VmCreate,
+    VmNic,
+    VmNicCreate,
     VmQosUpdate,
     VmStop,
 )
@@ -190,3 +192,42 @@ async def remove_vm_address(
     return answer(await up.call(ctx, "DELETE", "/vms/{ref}/addresses/{ip}",
                                 path={"ref": ref, "ip": ip},
                                 idempotency_key=idempotency_key), None)
+
+
+# Plugging waits for the node, and unplugging for the guest to let the NIC go (slow
+# under TCG): longer than an ordinary forwarded request.
+NIC_TIMEOUT = 180.0
+
+
+@router.get("/vms/{ref}/nics", response_model=list[VmNic])
+async def list_vm_nics(ref: RefPath, ctx: Ctx, up: Up) -> Response:
+    """The VM's NICs: the primary one (index 0) and those plugged in later, with their
+    MACs and (sandbox) addresses."""
+    return answer(await up.call(ctx, "GET", "/vms/{ref}/nics", path={"ref": ref}),
+                  list[VmNic])
+
+
+@router.post("/vms/{ref}/nics", response_model=VmNic, status_code=201)
+async def add_vm_nic(ref: RefPath, ctx: Ctx, up: Up, body: VmNicCreate | None = None,
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    """Plug one more NIC into a running VM (the guest sees it at once) or a stopped one
+    (it has it at its next start). The platform picks its MAC and, in sandbox mode, an
+    address of the node's subnet (always private, whatever the pool's exposure). At
+    most 8 NICs per VM (409 beyond)."""
+    return answer(await up.call(ctx, "POST", "/vms/{ref}/nics", path={"ref": ref},
+                                body=body or VmNicCreate(), idempotency_key=idempotency_key,
+                                timeout=NIC_TIMEOUT), VmNic)
+
+
+@router.delete("/vms/{ref}/nics/{nic}", status_code=204)
+async def remove_vm_nic(
+        ref: RefPath,
+        nic: Annotated[str, Path(min_length=1, max_length=36, pattern=r"^[0-9A-Za-z-]+$",
+                                 description="the NIC's index, uuid or MAC (written with "
+                                             "'-' for ':' in a path: 52-54-00-12-34-56)")],
+        ctx: Ctx, up: Up, idempotency_key: IdempotencyKey = None) -> Response:
+    """Unplug a NIC of the VM and give its MAC and address back. The primary NIC
+    (index 0) cannot be removed (409)."""
+    return answer(await up.call(ctx, "DELETE", "/vms/{ref}/nics/{nic}",
+                                path={"ref": ref, "nic": nic},
+                                idempotency_key=idempotency_key, timeout=NIC_TIMEOUT), None)

@@ -71,8 +71,12 @@ class SandboxMode(NetworkMode):
                          ip=vm.ip, exposure=self.exposure, extra_ips=list(vm.extra_ips or []),
                          hostname=hostname)]
         for nic in sorted(nics, key=lambda n: n.idx):
+            # A NIC plugged in later is private whatever the pool: its address is only of
+            # the node's subnet (no public address or port maps to it). DHCP offers the
+            # VM's hostname on it too, so a guest taking it from any lease keeps its name.
             specs.append(NicSpec(nic_id=nic_id_for(vm.uuid, nic.idx), mac=nic.mac,
-                                 network=self.network, ip=nic.ip, exposure=self.exposure))
+                                 network=self.network, ip=nic.ip, exposure=Exposure.PRIVATE,
+                                 hostname=hostname))
         return specs
 
     def forward_kind(self) -> ForwardKind:

@@ -39,6 +39,7 @@ from yun.node.hypervisor.base import (
     HostCapacity,
     HypervisorDriver,
     HypervisorError,
+    NotSupported,
     ResolvedDisk,
     ResolvedNic,
 )
@@ -57,9 +58,14 @@ from yun.node.hypervisor.libvirt.xml import (
     apply_qos,
     build_domain_xml,
     domain_name,
+    has_nic,
+    interface_xml,
     iotune_params,
+    nic_mac,
     parse_domain_xml,
     scheduler_params,
+    with_nic,
+    without_nic,
 )
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 from yun.util.ids import canonical_uuid as canonical_uuid_or_none
@@ -73,6 +79,10 @@ EVENT_QUEUE_SIZE = 10_000  # beyond this, the oldest events are dropped (resync 
 SHUTDOWN_POLL = 0.25  # seconds between state checks while a guest powers off
 KEEPALIVE_INTERVAL = 5  # seconds; libvirt closes the connection after 3 missed
 KEEPALIVE_COUNT = 3
+# How long a running guest gets to release a NIC being unplugged (PCI hot-unplug is
+# asked of the guest, which may take a while under TCG, or never come: no driver).
+DETACH_TIMEOUT = 40.0
+DETACH_POLL = 0.25
 
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -165,7 +175,8 @@ class LibvirtDriver(HypervisorDriver):
     # QoS: <cputune> needs libvirt's cgroup CPU controller (v1 or v2), <iotune> QEMU's
     # block throttling, the NIC limit tc on the taps (see .shaping); all are standard on
     # a QEMU host.
-    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
+    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True,
+                        hotplug_nic=True)
 
     def __init__(
         self,
@@ -573,6 +584,120 @@ class LibvirtDriver(HypervisorDriver):
         log.info("NIC bandwidth %s", f"limited to {kbit} kbit/s" if kbit else "unlimited",
                  extra={"vm": uuid, "taps": list(taps), "bandwidth_kbit": kbit})
 
+    # ------------------------------------------------------------------ NIC hot-plug
+
+    async def attach_nic(self, uuid: str, nic: ResolvedNic) -> None:
+        """Plug ``nic`` into domain ``uuid``: into the running guest (VIR_DOMAIN_AFFECT_LIVE)
+        when it runs, and into its definition, so the next boot keeps it. Idempotent: a
+        NIC already there (by MAC) is left alone."""
+        uuid = canonical_uuid(uuid)
+
+        def attach(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            live = False
+            try:
+                if dom.isActive() and not has_nic(dom.XMLDesc(0), nic.mac):
+                    try:
+                        dom.attachDeviceFlags(interface_xml(nic), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                        live = True
+                    except libvirt.libvirtError as exc:
+                        if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                            raise NotSupported(
+                                f"{self.uri} cannot plug a NIC into running domain {uuid}: "
+                                f"{exc.get_error_message()}") from exc
+                        if not (_code(exc) == libvirt.VIR_ERR_OPERATION_INVALID
+                                and not dom.isActive()):
+                            raise  # else stopped meanwhile: the definition is enough
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                if not has_nic(inactive, nic.mac) or nic_mac(inactive, nic.nic_id) is None:
+                    try:
+                        conn.defineXML(with_nic(inactive, nic))
+                    except libvirt.libvirtError:
+                        if live:  # not half plugged: out of the guest again
+                            with contextlib.suppress(libvirt.libvirtError):
+                                dom.detachDeviceFlags(interface_xml(nic),
+                                                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                        raise
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, f"plug NIC {nic.nic_id} into", uuid) from exc
+            except ValueError as exc:
+                raise HypervisorError(f"domain {uuid}: {exc}") from exc
+            return live
+
+        live = await self._call(attach)
+        if live:
+            await self._shape(uuid)  # the NIC limit on the new tap too
+        log.info("NIC plugged", extra={"vm": uuid, "nic": nic.nic_id, "mac": nic.mac,
+                                       "tap": nic.tap, "live": live})
+
+    async def detach_nic(self, uuid: str, nic_id: str) -> None:
+        """Unplug NIC ``nic_id`` from domain ``uuid``: from the running guest first (it is
+        asked to release the device; HypervisorError if it has not within
+        ``DETACH_TIMEOUT``), then from its definition. No error if it is not there."""
+        uuid = canonical_uuid(uuid)
+
+        def request(conn: libvirt.virConnect) -> tuple[str | None, str | None]:
+            dom = self._lookup(conn, uuid)
+            try:
+                live_xml = dom.XMLDesc(0) if dom.isActive() else None
+                mac = nic_mac(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), nic_id)
+                if mac is None and live_xml is not None:
+                    mac = nic_mac(live_xml, nic_id)
+                if mac is None or live_xml is None:
+                    return mac, None
+                for iface in ET.fromstring(live_xml).findall("devices/interface"):
+                    el = iface.find("mac")
+                    if el is not None and el.get("address", "").lower() == mac:
+                        target = iface.find("target")
+                        dom.detachDeviceFlags(ET.tostring(iface, encoding="unicode"),
+                                              libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                        return mac, target.get("dev") if target is not None else ""
+                return mac, None
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                    raise NotSupported(f"{self.uri} cannot unplug a NIC from running "
+                                       f"domain {uuid}: {exc.get_error_message()}") from exc
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return nic_mac(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), nic_id), None
+                raise self._error(exc, f"unplug NIC {nic_id} from", uuid) from exc
+
+        def plugged_live(conn: libvirt.virConnect, mac: str) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                return bool(dom.isActive()) and has_nic(dom.XMLDesc(0), mac)
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # stopped meanwhile: the NIC went with QEMU
+                raise self._error(exc, "inspect", uuid) from exc
+
+        def forget(conn: libvirt.virConnect, mac: str) -> None:
+            dom = self._lookup(conn, uuid)
+            try:
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                if has_nic(inactive, mac) or nic_mac(inactive, nic_id) is not None:
+                    conn.defineXML(without_nic(inactive, nic_id, mac))
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, f"unplug NIC {nic_id} from", uuid) from exc
+
+        mac, tap = await self._call(request)
+        if mac is None:
+            return
+        if tap is not None:
+            deadline = time.monotonic() + DETACH_TIMEOUT
+            while await self._call(lambda conn: plugged_live(conn, mac)):
+                if time.monotonic() > deadline:
+                    raise HypervisorError(
+                        f"the guest of domain {uuid} did not release NIC {nic_id} ({mac}) "
+                        f"within {DETACH_TIMEOUT:.0f} s (does its kernel do PCI hot-unplug?)")
+                await asyncio.sleep(DETACH_POLL)
+            if tap:  # the ifb device shaping the tap outlives it
+                await asyncio.to_thread(run, in_netns(self.netns, ["ip", "link", "del",
+                                                                   ifb_name(tap)]),
+                                        check=False, timeout=30)
+        await self._call(lambda conn: forget(conn, mac))
+        log.info("NIC unplugged", extra={"vm": uuid, "nic": nic_id, "mac": mac,
+                                         "live": tap is not None})
+
     # ------------------------------------------------------------------ power
 
     async def start(self, uuid: str) -> None:
@@ -754,4 +879,5 @@ def _domain_info(parsed: ParsedDomain, state: DomainState) -> DomainInfo:
         vnc_port=parsed.vnc_port if state in (DomainState.RUNNING, DomainState.PAUSED) else None,
         console_log=str(parsed.console_log) if parsed.console_log else None,
         qos=parsed.qos,
+        nics=list(parsed.nic_macs),
     )

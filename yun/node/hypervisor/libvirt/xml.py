@@ -215,6 +215,84 @@ def parse_qos(dom: ET.Element) -> QosSpec:
     return QosSpec.model_validate(fields)
 
 
+def _interface(devices: ET.Element, nic: ResolvedNic) -> ET.Element:
+    """The ``<interface>`` of ``nic`` under ``devices``."""
+    # The bandwidth limit is put on the tap by the driver (see .shaping), not by
+    # <bandwidth>.
+    if nic.bridge is not None:
+        # type='bridge' (direct mode): libvirt creates the tap (named by <target>) and
+        # joins it to the bridge.
+        el = _sub(devices, "interface", type="bridge")
+        _sub(el, "source", bridge=nic.bridge)
+        _sub(el, "mac", address=nic.mac)
+        _sub(el, "target", dev=nic.tap)
+    else:
+        # type='ethernet' (sandbox mode): the routed tap was made by the network
+        # backend; libvirt only opens it (managed='no') and leaves it when the domain
+        # stops.
+        el = _sub(devices, "interface", type="ethernet")
+        _sub(el, "mac", address=nic.mac)
+        _sub(el, "target", dev=nic.tap, managed="no")
+    _sub(el, "model", type="virtio")
+    return el
+
+
+def interface_xml(nic: ResolvedNic) -> str:
+    """The ``<interface>`` device of ``nic`` alone, as libvirt attaches it to a running
+    domain (the same element the domain's definition holds)."""
+    holder = ET.Element("devices")
+    return ET.tostring(_interface(holder, nic), encoding="unicode")
+
+
+def _mac_of(interface: ET.Element) -> str:
+    mac = interface.find("mac")
+    return (mac.get("address", "") if mac is not None else "").lower()
+
+
+def has_nic(xml: str, mac: str) -> bool:
+    """Whether the domain ``xml`` has an interface with MAC ``mac``."""
+    return any(_mac_of(i) == mac.lower() for i in ET.fromstring(xml).findall("devices/interface"))
+
+
+def with_nic(xml: str, nic: ResolvedNic) -> str:
+    """The domain definition ``xml`` with ``nic`` plugged in (interface and Yun metadata);
+    unchanged if it has it already."""
+    dom = ET.fromstring(xml)
+    inst = dom.find(f"metadata/{_Y}instance")
+    devices = dom.find("devices")
+    if inst is None or devices is None:
+        raise ValueError("not a Yun domain: no Yun metadata or devices")
+    if not any(_mac_of(i) == nic.mac.lower() for i in devices.findall("interface")):
+        _interface(devices, nic)
+    if not any(n.get("id") == nic.nic_id for n in inst.findall(f"{_Y}nic")):
+        _sub(inst, f"{_Y}nic", id=nic.nic_id, mac=nic.mac)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def without_nic(xml: str, nic_id: str, mac: str) -> str:
+    """The domain definition ``xml`` with the NIC ``nic_id`` (MAC ``mac``) taken out."""
+    dom = ET.fromstring(xml)
+    devices = dom.find("devices")
+    for iface in devices.findall("interface") if devices is not None else []:
+        if _mac_of(iface) == mac.lower() and devices is not None:
+            devices.remove(iface)
+    inst = dom.find(f"metadata/{_Y}instance")
+    for el in inst.findall(f"{_Y}nic") if inst is not None else []:
+        if el.get("id") == nic_id and inst is not None:
+            inst.remove(el)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def nic_mac(xml: str, nic_id: str) -> str | None:
+    """The MAC of NIC ``nic_id`` as Yun's metadata in ``xml`` records it (None: none)."""
+    for el in ET.fromstring(xml).findall(f"metadata/{_Y}instance/{_Y}nic"):
+        if el.get("id") == nic_id:
+            return el.get("mac", "").lower() or None
+    return None
+
+
 def build_domain_xml(
     spec: DomainSpec,
     disks: Sequence[ResolvedDisk],
@@ -284,23 +362,7 @@ def build_domain_xml(
         _sub(el, "target", dev=dev, bus=bus)
         _iotune(el, spec.qos)
     for nic in nics:
-        # The bandwidth limit is put on the tap by the driver (see .shaping), not by
-        # <bandwidth>.
-        if nic.bridge is not None:
-            # type='bridge' (direct mode): libvirt creates the tap (named by <target>)
-            # and joins it to the bridge.
-            el = _sub(devices, "interface", type="bridge")
-            _sub(el, "source", bridge=nic.bridge)
-            _sub(el, "mac", address=nic.mac)
-            _sub(el, "target", dev=nic.tap)
-        else:
-            # type='ethernet' (sandbox mode): the routed tap was made by the network
-            # backend; libvirt only opens it (managed='no') and leaves it when the
-            # domain stops.
-            el = _sub(devices, "interface", type="ethernet")
-            _sub(el, "mac", address=nic.mac)
-            _sub(el, "target", dev=nic.tap, managed="no")
-        _sub(el, "model", type="virtio")
+        _interface(devices, nic)
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=str(console_log), append="on")
     _sub(serial, "target", port="0")
@@ -331,6 +393,7 @@ class ParsedDomain:
     qos: QosSpec = field(default_factory=QosSpec)
     disk_targets: tuple[str, ...] = ()  # target dev of every disk (device='disk')
     nic_taps: tuple[str, ...] = ()  # host-side device (tap) of every interface
+    nic_macs: tuple[str, ...] = ()  # MAC of every interface
 
 
 def _memory_mb(el: ET.Element | None) -> int:
@@ -375,4 +438,5 @@ def parse_domain_xml(xml: str) -> ParsedDomain | None:
         disk_targets=tuple(
             t.get("dev", "") for t in root.findall("devices/disk[@device='disk']/target")),
         nic_taps=tuple(t.get("dev", "") for t in root.findall("devices/interface/target")),
+        nic_macs=tuple(_mac_of(i) for i in root.findall("devices/interface")),
     )

@@ -54,7 +54,7 @@ class SimDomain:
         return {
             "state": self.state.value,
             "disk_ids": [d.disk_id for d in self.spec.disks],
-            "macs": [n.mac for n in self.spec.nics],
+            "macs": [n.mac for n in self.nics],
             "spec": self.spec.model_dump(mode="json"),
             "disks": [{"disk_id": d.disk_id, "path": str(d.path), "format": d.format,
                        "bus": d.bus} for d in self.disks],
@@ -81,7 +81,8 @@ class SimDriver(HypervisorDriver):
     """Simulated domains of one simulated host."""
 
     name = "sim"
-    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True)
+    caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True,
+                        hotplug_nic=True)
 
     def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
                  latency: float = 0.0, state_file: Path | None = None) -> None:
@@ -156,7 +157,7 @@ class SimDriver(HypervisorDriver):
     def _info(self, dom: SimDomain) -> DomainInfo:
         return DomainInfo(uuid=dom.spec.uuid, name=dom.spec.name, state=dom.state,
                           vcpus=dom.spec.vcpus, memory_mb=dom.spec.memory_mb,
-                          qos=dom.spec.qos)
+                          qos=dom.spec.qos, nics=[n.mac for n in dom.nics])
 
     async def list_domains(self) -> list[DomainInfo]:
         await self._enter("list_domains")
@@ -214,6 +215,28 @@ class SimDriver(HypervisorDriver):
         dom = self._get(uuid)
         dom.spec = dom.spec.model_copy(update={"qos": qos})
         dom.log(f"qos set: {qos.model_dump(mode='json', exclude_none=True)}")
+        self._save()
+
+    async def attach_nic(self, uuid: str, nic: ResolvedNic) -> None:
+        """Plug ``nic`` in (running or not, as libvirt plugs it live and into the
+        definition); a NIC already there (by MAC) is left alone."""
+        await self._enter("attach_nic")
+        dom = self._get(uuid)
+        if any(n.mac == nic.mac for n in dom.nics):
+            return
+        dom.nics = [*dom.nics, nic]
+        dom.log(f"NIC {nic.nic_id} ({nic.mac}) plugged")
+        self._save()
+
+    async def detach_nic(self, uuid: str, nic_id: str) -> None:
+        """Unplug NIC ``nic_id``; no error if it is not there."""
+        await self._enter("detach_nic")
+        dom = self._get(uuid)
+        kept = [n for n in dom.nics if n.nic_id != nic_id]
+        if len(kept) == len(dom.nics):
+            return
+        dom.nics = kept
+        dom.log(f"NIC {nic_id} unplugged")
         self._save()
 
     async def undefine(self, uuid: str) -> None:
