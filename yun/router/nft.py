@@ -24,9 +24,11 @@ VM and outbound packets of mapped VMs, nothing else.
 
 :func:`table_document` builds the whole table as one ``nft -j`` document (applied in
 one transaction: the table is created, deleted and made again, so it is replaced
-atomically), :func:`diff_document` the element additions and deletions between two rule
-sets (one transaction too), and :func:`live_state` / :func:`desired_state` the
-comparable form used to find drift. Those four are pure; :class:`NftTable` runs nft.
+atomically), :func:`element_changes` / :func:`changes_document` (and
+:func:`diff_document` over two rule sets) the element additions and deletions between two
+rule sets (one transaction too), and :func:`live_state` / :func:`desired_state` the
+comparable form used to find drift. Those are pure; :class:`NftTable` applies them,
+through libnftables in the process (or the ``nft`` command when the library is missing).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from yun.proto.network import RouterRuleSet
+from yun.router.libnft import Libnftables, LibnftablesError
 
 log = logging.getLogger("yun.router.nft")
 
@@ -160,10 +163,13 @@ CHAINS: dict[str, tuple[str, int, str]] = {  # name -> hook, priority, policy
 def table_document(rules: RouterRuleSet, wan: Sequence[str] = ()) -> Json:
     """The whole table for ``rules`` as one ``nft -j`` document that replaces it atomically
     (add, delete and add again the table: the delete never fails for a missing table)."""
+    return _table_document(elements(rules), wan)
+
+
+def _table_document(content: Elements, wan: Sequence[str]) -> Json:
     table = {"family": FAMILY, "name": TABLE}
     cmds: list[Json] = [{"add": {"table": table}}, {"delete": {"table": table}},
                         {"add": {"table": table}}]
-    content = elements(rules)
     for name, (key_type, data_type) in MAP_TYPES.items():
         body: Json = {"family": FAMILY, "table": TABLE, "name": name, "type": key_type}
         if data_type is not None:
@@ -183,16 +189,32 @@ def table_document(rules: RouterRuleSet, wan: Sequence[str] = ()) -> Json:
     return {"nftables": cmds}
 
 
-def diff_document(old: RouterRuleSet, new: RouterRuleSet) -> Json | None:
-    """The element deletions then additions that turn the table of ``old`` into that of
-    ``new`` (one transaction), or None when nothing changes. A key whose data changes is
-    deleted and added again in the same transaction."""
-    before, after = elements(old), elements(new)
+#: Per set/map name: the elements to delete and the elements to add.
+Changes = dict[str, tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]]
+
+
+def element_changes(before: Elements, after: Elements) -> Changes:
+    """Which elements of each set and map go and which come to turn the content
+    ``before`` into ``after`` (only the names with a change). A map key whose data
+    changes is one element gone (old data) and one come (new data)."""
+    out: Changes = {}
+    for name in MAP_TYPES:
+        old, new = before.get(name, set()), after.get(name, set())
+        if old == new:  # the common case of a small change: most maps are untouched
+            continue
+        gone, came = old - new, new - old
+        if gone or came:
+            out[name] = (gone, came)
+    return out
+
+
+def changes_document(changes: Changes) -> Json | None:
+    """The ``nft -j`` document applying ``changes`` in one transaction: every deletion
+    first (a key whose data changes is deleted before it is added again), or None when
+    there is nothing to do."""
     deletes: list[Json] = []
     adds: list[Json] = []
-    for name in MAP_TYPES:
-        gone = before[name] - after[name]
-        came = after[name] - before[name]
+    for name, (gone, came) in changes.items():
         if gone:
             deletes.append({"delete": {"element": {
                 "family": FAMILY, "table": TABLE, "name": name,
@@ -204,6 +226,13 @@ def diff_document(old: RouterRuleSet, new: RouterRuleSet) -> Json | None:
     if not deletes and not adds:
         return None
     return {"nftables": deletes + adds}
+
+
+def diff_document(old: RouterRuleSet, new: RouterRuleSet) -> Json | None:
+    """The element deletions then additions that turn the table of ``old`` into that of
+    ``new`` (one transaction), or None when nothing changes. A key whose data changes is
+    deleted and added again in the same transaction."""
+    return changes_document(element_changes(elements(old), elements(new)))
 
 
 @dataclass(frozen=True)
@@ -265,11 +294,34 @@ class NftError(RuntimeError):
 
 @dataclass
 class NftTable:
-    """Runs ``nft`` (in the process's network namespace) for the router's table."""
+    """Applies documents to the router's table, in the process's network namespace.
+
+    Through libnftables in the process (:mod:`yun.router.libnft`) when ``library`` is
+    true and the library loads: no process start per change, one netlink socket for the
+    router's life. Otherwise (or ``library=False``) by running the ``nft`` command, with
+    ``timeout``. It remembers the elements of what it last applied, so that an update
+    computes the elements of the new rule set only."""
 
     nft: str = "nft"
     timeout: float = 30.0
     wan: tuple[str, ...] = ()
+    library: bool = True
+    _lib: Libnftables | None = field(default=None, init=False, repr=False)
+    _applied: tuple[RouterRuleSet, Elements] | None = field(default=None, init=False,
+                                                              repr=False)
+
+    def __post_init__(self) -> None:
+        if self.library:
+            try:
+                self._lib = Libnftables()
+            except LibnftablesError as exc:
+                log.warning("libnftables unavailable, running the nft command instead: %s",
+                            exc, extra={"nft": self.nft})
+
+    @property
+    def backend(self) -> str:
+        """``libnftables`` or ``nft`` (the command)."""
+        return "libnftables" if self._lib is not None else "nft"
 
     async def _run(self, *args: str, stdin: bytes | None = None) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -286,27 +338,51 @@ class NftTable:
                            f"{err.decode(errors='replace').strip()[:2000]}")
         return out.decode()
 
+    async def _lib_run(self, lib: Libnftables, what: str, command: str) -> str:
+        # In a thread: a 10,000-element transaction or listing takes a few hundred ms,
+        # and the router keeps answering notices meanwhile (ctypes releases the GIL).
+        try:
+            return await asyncio.to_thread(lib.run, command)
+        except LibnftablesError as exc:
+            raise NftError(f"libnftables {what} failed: {exc}") from None
+
     async def apply(self, document: Json) -> None:
         """Apply one ``nft -j`` document in one transaction (all or nothing)."""
-        await self._run("-j", "-f", "-", stdin=json.dumps(document).encode())
+        self._applied = None  # unknown until the caller says what the table holds
+        text = json.dumps(document)
+        if self._lib is not None:
+            await self._lib_run(self._lib, "apply", text)
+        else:
+            await self._run("-j", "-f", "-", stdin=text.encode())
 
     async def replace(self, rules: RouterRuleSet) -> None:
         """Replace the whole table with the one of ``rules`` (atomic)."""
-        await self.apply(table_document(rules, self.wan))
+        content = elements(rules)
+        await self.apply(_table_document(content, self.wan))
+        self._applied = (rules, content)
 
     async def update(self, old: RouterRuleSet, new: RouterRuleSet) -> bool:
         """Apply the difference between ``old`` (what the table holds) and ``new``;
         whether anything changed."""
-        doc = diff_document(old, new)
+        before = (self._applied[1] if self._applied is not None and self._applied[0] is old
+                  else elements(old))
+        after = elements(new)
+        doc = changes_document(element_changes(before, after))
         if doc is None:
+            self._applied = (new, after)
             return False
         await self.apply(doc)
+        self._applied = (new, after)
         return True
 
     async def state(self) -> TableState | None:
         """The live table's comparable content, or None when the table does not exist."""
         try:
-            out = await self._run("-j", "list", "table", FAMILY, TABLE)
+            if self._lib is not None:
+                out = await self._lib_run(self._lib, "list", json.dumps(
+                    {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}))
+            else:
+                out = await self._run("-j", "list", "table", FAMILY, TABLE)
         except NftError as exc:
             if "No such file" in str(exc) or "does not exist" in str(exc):
                 return None
@@ -318,3 +394,9 @@ class NftTable:
         table = {"family": FAMILY, "name": TABLE}
         await self.apply({"nftables": [{"add": {"table": table}},
                                        {"delete": {"table": table}}]})
+
+    def close(self) -> None:
+        """Free the libnftables context (the table stays)."""
+        if self._lib is not None:
+            self._lib.close()
+            self._lib = None
