@@ -12,7 +12,6 @@ callers run them in a thread; one context must not be used by two threads at onc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 LIBRARY = "libnftables.so.1"
@@ -28,10 +27,7 @@ def _load(name: str) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(name)
     except OSError as exc:
-        found = ctypes.util.find_library("nftables")
-        if found is None:
-            raise LibnftablesError(f"cannot load {name} (install libnftables1): {exc}") from exc
-        lib = ctypes.CDLL(found)
+        raise LibnftablesError(f"cannot load {name} (install libnftables1): {exc}") from exc
     lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
     lib.nft_ctx_new.restype = ctypes.c_void_p
     lib.nft_ctx_free.argtypes = [ctypes.c_void_p]

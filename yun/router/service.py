@@ -138,7 +138,8 @@ class RouterService:
             if previous != rules.generation or how != "incremental":
                 log.info("rule set applied", extra={"how": how, "generation": rules.generation,
                                                     "previous": previous,
-                                                    "seconds": round(elapsed, 4)})
+                                                    "seconds": round(elapsed, 4),
+                                                    "backend": self.nft.backend})
             return rules
 
     async def _loop(self) -> None:
