@@ -4,6 +4,7 @@ document applying them, and the pulled rule set validated only where it changed.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from pydantic import ValidationError
@@ -12,11 +13,13 @@ from yun.proto.network import MonoMapping, NodeRoute, PortMapping, RouterRuleSet
 from yun.router.decode import RuleSetDecoder
 from yun.router.libnft import Libnftables, LibnftablesError
 from yun.router.nft import (
+    ElementCounts,
     NftTable,
     changes_document,
     diff_document,
     element_changes,
     elements,
+    mappings,
 )
 
 OLD = RouterRuleSet(
@@ -113,3 +116,42 @@ def test_libnftables_missing_is_a_clear_error_and_the_table_falls_back_to_nft() 
     with pytest.raises(LibnftablesError, match=r"libnope\.so\.9.*libnftables1"):
         Libnftables("libnope.so.9")
     assert NftTable(library=False).backend == "nft"
+
+
+def random_rules(rnd: random.Random, generation: int) -> RouterRuleSet:
+    """Small address and port spaces, so that mappings share public addresses and VMs."""
+    mono = {f"203.0.113.{rnd.randint(1, 12)}": f"10.64.0.{rnd.randint(1, 8)}"
+            for _ in range(rnd.randint(0, 8))}
+    ports = {(rnd.choice(["tcp", "udp"]), f"203.0.113.{rnd.randint(10, 14)}",
+              rnd.randint(10000, 10006)): (f"10.64.0.{rnd.randint(1, 8)}",
+                                           rnd.choice([22, 80, 443]))
+             for _ in range(rnd.randint(0, 10))}
+    return RouterRuleSet(
+        generation=generation,
+        mono=[MonoMapping(public_ip=p, vm_ip=v, vm_uuid=v) for p, v in mono.items()],
+        ports=[PortMapping(protocol=proto, public_ip=p, public_port=pp, vm_ip=v, vm_port=vp,
+                           vm_uuid=v) for (proto, p, pp), (v, vp) in ports.items()])
+
+
+def test_counted_changes_equal_the_full_diff_over_a_chain_of_random_rule_sets() -> None:
+    rnd = random.Random(8)
+    old = random_rules(rnd, 0)
+    counts = ElementCounts(mappings(old))
+    assert counts.elements() == elements(old)
+    for generation in range(1, 300):
+        new = random_rules(rnd, generation) if generation % 3 else old.model_copy(
+            update={"mono": old.mono[1:]})  # a small change as well as big ones
+        expected = element_changes(elements(old), elements(new))
+        assert counts.change_to(mappings(new)) == expected, generation
+        assert counts.elements() == elements(new)
+        old = new
+
+
+def test_an_element_two_mappings_share_stays_when_one_of_them_moves() -> None:
+    counts = ElementCounts(mappings(OLD))
+    # 203.0.113.20:10081 moves from VM d to VM c: c now carries both ports, d none.
+    new = OLD.model_copy(update={"ports": [OLD.ports[0], OLD.ports[1].model_copy(
+        update={"vm_ip": "10.64.0.12"})]})
+    got = counts.change_to(mappings(new))
+    assert got["vm_addrs"] == ({("10.64.0.13",)}, set())  # c's address was there already
+    assert "public_addrs" not in got

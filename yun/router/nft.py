@@ -53,6 +53,8 @@ PROTOCOLS = ("tcp", "udp")
 
 Json = dict[str, Any]
 Elements = dict[str, set[tuple[Any, ...]]]
+#: Per set/map name: the elements to delete and the elements to add.
+Changes = dict[str, tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]]
 
 
 def _share_maps(proto: str) -> list[str]:
@@ -73,23 +75,89 @@ for _p in PROTOCOLS:
     MAP_TYPES[f"share_{_p}_saddr"] = (["ipv4_addr", "inet_service"], "ipv4_addr")
 
 
+#: One mapping as far as the table is concerned: ``("mono", public, vm)`` or
+#: ``("port", protocol, public, public_port, vm, vm_port)`` (the VM's uuid plays no part).
+Mapping = tuple[Any, ...]
+
+
+def mappings(rules: RouterRuleSet) -> set[Mapping]:
+    """The mappings of ``rules`` in the form :func:`mapping_elements` takes."""
+    out: set[Mapping] = {("mono", m.public_ip, m.vm_ip) for m in rules.mono}
+    out.update(("port", p.protocol, p.public_ip, p.public_port, p.vm_ip, p.vm_port)
+               for p in rules.ports)
+    return out
+
+
+def mapping_elements(mapping: Mapping) -> list[tuple[str, tuple[Any, ...]]]:
+    """The (set or map name, element) pairs one mapping puts in the table. Several
+    mappings may put the same element (a public address carrying several ports, a VM
+    with several mappings): the table holds it while one of them is there."""
+    if mapping[0] == "mono":
+        _, public, vm = mapping
+        return [("public_addrs", (public,)), ("vm_addrs", (vm,)),
+                ("mono_dnat", (public, vm)), ("mono_snat", (vm, public))]
+    _, proto, public, public_port, vm, vm_port = mapping
+    pre = f"share_{proto}_"
+    return [("public_addrs", (public,)), ("vm_addrs", (vm,)),
+            (pre + "daddr", (public, public_port, vm)),
+            (pre + "dport", (vm, public_port, vm_port)),
+            (pre + "sport", (vm, vm_port, public_port)),
+            (pre + "saddr", (vm, public_port, public))]
+
+
 def elements(rules: RouterRuleSet) -> Elements:
     """The content of every set and map for ``rules``: tuples (key..., data)."""
     out: Elements = {name: set() for name in MAP_TYPES}
-    for m in rules.mono:
-        out["public_addrs"].add((m.public_ip,))
-        out["vm_addrs"].add((m.vm_ip,))
-        out["mono_dnat"].add((m.public_ip, m.vm_ip))
-        out["mono_snat"].add((m.vm_ip, m.public_ip))
-    for p in rules.ports:
-        out["public_addrs"].add((p.public_ip,))
-        out["vm_addrs"].add((p.vm_ip,))
-        pre = f"share_{p.protocol}_"
-        out[pre + "daddr"].add((p.public_ip, p.public_port, p.vm_ip))
-        out[pre + "dport"].add((p.vm_ip, p.public_port, p.vm_port))
-        out[pre + "sport"].add((p.vm_ip, p.vm_port, p.public_port))
-        out[pre + "saddr"].add((p.vm_ip, p.public_port, p.public_ip))
+    for m in mappings(rules):
+        for name, item in mapping_elements(m):
+            out[name].add(item)
     return out
+
+
+class ElementCounts:
+    """The table's content as reference counts (how many mappings put each element),
+    so that a change is worked out from the mappings that went and came alone, without
+    the elements of the 10,000 that stayed."""
+
+    def __init__(self, maps: set[Mapping]) -> None:
+        self.mappings = set(maps)
+        self.counts: dict[tuple[str, tuple[Any, ...]], int] = {}
+        for m in self.mappings:
+            for key in mapping_elements(m):
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def elements(self) -> Elements:
+        """The content, as :func:`elements` gives it."""
+        out: Elements = {name: set() for name in MAP_TYPES}
+        for name, item in self.counts:
+            out[name].add(item)
+        return out
+
+    def change_to(self, new: set[Mapping]) -> Changes:
+        """Become the content of ``new``; the element changes that takes (the same as
+        :func:`element_changes` between the two contents)."""
+        gone: dict[str, set[tuple[Any, ...]]] = {}
+        came: dict[str, set[tuple[Any, ...]]] = {}
+        for m in self.mappings - new:
+            for key in mapping_elements(m):
+                left = self.counts[key] - 1
+                if left:
+                    self.counts[key] = left
+                else:
+                    del self.counts[key]
+                    gone.setdefault(key[0], set()).add(key[1])
+        for m in new - self.mappings:
+            for key in mapping_elements(m):
+                had = self.counts.get(key, 0)
+                self.counts[key] = had + 1
+                if not had:
+                    if key[1] in gone.get(key[0], ()):  # went with one mapping, came back
+                        gone[key[0]].discard(key[1])
+                    else:
+                        came.setdefault(key[0], set()).add(key[1])
+        self.mappings = set(new)
+        return {name: (gone.get(name, set()), came.get(name, set())) for name in MAP_TYPES
+                if gone.get(name) or came.get(name)}
 
 
 def _elem_json(name: str, item: tuple[Any, ...]) -> Any:
@@ -187,10 +255,6 @@ def _table_document(content: Elements, wan: Sequence[str]) -> Json:
             cmds.append({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain,
                                           "expr": expr, "comment": f"yun:{chain}:{n}"}}})
     return {"nftables": cmds}
-
-
-#: Per set/map name: the elements to delete and the elements to add.
-Changes = dict[str, tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]]
 
 
 def element_changes(before: Elements, after: Elements) -> Changes:
@@ -307,8 +371,8 @@ class NftTable:
     wan: tuple[str, ...] = ()
     library: bool = True
     _lib: Libnftables | None = field(default=None, init=False, repr=False)
-    _applied: tuple[RouterRuleSet, Elements] | None = field(default=None, init=False,
-                                                              repr=False)
+    _applied: tuple[RouterRuleSet, ElementCounts] | None = field(default=None, init=False,
+                                                                   repr=False)
 
     def __post_init__(self) -> None:
         if self.library:
@@ -357,23 +421,22 @@ class NftTable:
 
     async def replace(self, rules: RouterRuleSet) -> None:
         """Replace the whole table with the one of ``rules`` (atomic)."""
-        content = elements(rules)
-        await self.apply(_table_document(content, self.wan))
-        self._applied = (rules, content)
+        counts = ElementCounts(mappings(rules))
+        await self.apply(_table_document(counts.elements(), self.wan))
+        self._applied = (rules, counts)
 
     async def update(self, old: RouterRuleSet, new: RouterRuleSet) -> bool:
         """Apply the difference between ``old`` (what the table holds) and ``new``;
-        whether anything changed."""
-        before = (self._applied[1] if self._applied is not None and self._applied[0] is old
-                  else elements(old))
-        after = elements(new)
-        doc = changes_document(element_changes(before, after))
-        if doc is None:
-            self._applied = (new, after)
-            return False
-        await self.apply(doc)
-        self._applied = (new, after)
-        return True
+        whether anything changed. When ``old`` is what this table last applied, only the
+        mappings that went or came are looked at."""
+        counts = (self._applied[1] if self._applied is not None and self._applied[0] is old
+                  else ElementCounts(mappings(old)))
+        self._applied = None  # counts changes below: valid again once applied
+        doc = changes_document(counts.change_to(mappings(new)))
+        if doc is not None:
+            await self.apply(doc)
+        self._applied = (new, counts)
+        return doc is not None
 
     async def state(self) -> TableState | None:
         """The live table's comparable content, or None when the table does not exist."""
