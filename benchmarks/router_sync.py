@@ -116,7 +116,8 @@ async def _inner(count: int, repeat: int) -> dict[str, Any]:
                 assert router.last_sync["how"] == "incremental", router.last_sync
                 # The same change alone, as the nft table applies it (libnftables)...
                 t0 = time.perf_counter()
-                assert await router.nft.update(moved, rules)
+                assert router.applied is not None
+                assert await router.nft.update(router.applied, rules)
                 out["change_nft"].append(time.perf_counter() - t0)
                 # ...and by running the nft command (the path before libnftables).
                 cmd = NftTable(library=False)

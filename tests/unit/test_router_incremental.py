@@ -155,3 +155,18 @@ def test_an_element_two_mappings_share_stays_when_one_of_them_moves() -> None:
     got = counts.change_to(mappings(new))
     assert got["vm_addrs"] == ({("10.64.0.13",)}, set())  # c's address was there already
     assert "public_addrs" not in got
+
+
+def test_decoder_reuses_objects_that_moved_in_the_list() -> None:
+    dec = RuleSetDecoder()
+    dec.decode(raw(OLD))
+    shifted = raw(OLD)
+    first = {"public_ip": "203.0.113.9", "vm_ip": "10.64.0.9", "vm_uuid": "z"}
+    shifted["mono"] = [first, *shifted["mono"]]  # type: ignore[misc]
+    got = dec.decode(shifted)
+    assert got == RouterRuleSet.model_validate(shifted)
+    assert (dec.validated, dec.reused) == (1, 4)
+    dropped = raw(OLD)
+    dropped["mono"] = dropped["mono"][1:]  # type: ignore[index]
+    assert dec.decode(dropped) == RouterRuleSet.model_validate(dropped)
+    assert dec.validated == 0

@@ -33,6 +33,10 @@ class RuleSetDecoder:
     at the previous pull. Holds only the objects of the last pull (no growth)."""
 
     def __init__(self) -> None:
+        # Per list: the raw objects of the last pull, their models in the same order, and
+        # the models by raw content (for objects that moved in the list).
+        self._raw: dict[str, list[Any]] = {k: [] for k in _ITEM_MODELS}
+        self._models: dict[str, list[BaseModel]] = {k: [] for k in _ITEM_MODELS}
         self._seen: dict[str, dict[tuple[Any, ...], BaseModel]] = {k: {} for k in _ITEM_MODELS}
         self.reused = 0
         self.validated = 0
@@ -43,33 +47,41 @@ class RuleSetDecoder:
         if not isinstance(data, dict):
             return RouterRuleSet.model_validate(data)
         prepared = dict(data)
-        fresh: dict[str, dict[tuple[Any, ...], BaseModel]] = {}
+        fresh: dict[str, tuple[list[Any], list[BaseModel]]] = {}
         reused = validated = 0
-        for field, model in _ITEM_MODELS.items():
-            items = data.get(field)
+        for name, model in _ITEM_MODELS.items():
+            items = data.get(name)
             if not isinstance(items, list):
                 continue  # absent or malformed: the model below says what is wrong
-            seen, now = self._seen[field], {}
-            out: list[Any] = []
-            for item in items:
+            raw, models, seen = self._raw[name], self._models[name], self._seen[name]
+            out: list[BaseModel] = []
+            for n, item in enumerate(items):
+                # The lists come sorted, so a small change leaves most objects where they
+                # were: comparing with the same position (dict equality, in C) is cheapest.
+                if n < len(raw) and type(item) is dict and raw[n] == item:
+                    out.append(models[n])
+                    reused += 1
+                    continue
                 key = _raw_key(item)
+                if not seen and raw:
+                    # Every object kept passed its model: a dict of scalars, hashable.
+                    seen.update((tuple(r.items()), m) for r, m in zip(raw, models, strict=True))
                 try:
                     done = seen.get(key) if key is not None else None
                 except TypeError:  # a nested list or object inside: not hashable
-                    key = done = None
+                    done = None
                 if done is None:
                     done = model.model_validate(item)
                     validated += 1
                 else:
                     reused += 1
-                if key is not None:
-                    now[key] = done
                 out.append(done)
-            prepared[field] = out
-            fresh[field] = now
+            prepared[name] = out
+            fresh[name] = (items, out)
         # Validated instances pass the model's check as they are (no revalidation).
         rules = RouterRuleSet.model_validate(prepared)
-        for field, now in fresh.items():
-            self._seen[field] = now
+        for name, (items, out) in fresh.items():
+            # The by-content index is rebuilt only when a later pull needs it.
+            self._raw[name], self._models[name], self._seen[name] = items, out, {}
         self.reused, self.validated = reused, validated
         return rules

@@ -160,13 +160,16 @@ class ElementCounts:
                 if gone.get(name) or came.get(name)}
 
 
-def _elem_json(name: str, item: tuple[Any, ...]) -> Any:
+def _elems_json(name: str, items: Any) -> list[Any]:
+    """The ``nft -j`` form of ``items`` of set or map ``name``, in sorted order (one
+    comprehension per kind: this runs for 50,000 elements at a full sync)."""
     key_type, data_type = MAP_TYPES[name]
+    ordered = sorted(items)
     if data_type is None:
-        return item[0]
+        return [i[0] for i in ordered]
     if isinstance(key_type, list):
-        return [{"concat": list(item[:-1])}, item[-1]]
-    return [item[0], item[1]]
+        return [[{"concat": list(i[:-1])}, i[-1]] for i in ordered]
+    return [list(i) for i in ordered]
 
 
 def _payload(proto: str, fld: str) -> Json:
@@ -242,9 +245,8 @@ def _table_document(content: Elements, wan: Sequence[str]) -> Json:
         body: Json = {"family": FAMILY, "table": TABLE, "name": name, "type": key_type}
         if data_type is not None:
             body["map"] = data_type
-        items = sorted(content[name], key=str)
-        if items:
-            body["elem"] = [_elem_json(name, item) for item in items]
+        if content[name]:
+            body["elem"] = _elems_json(name, content[name])
         cmds.append({"add": {"map" if data_type else "set": body}})
     for chain, (hook, prio, policy) in CHAINS.items():
         cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain,
@@ -282,11 +284,11 @@ def changes_document(changes: Changes) -> Json | None:
         if gone:
             deletes.append({"delete": {"element": {
                 "family": FAMILY, "table": TABLE, "name": name,
-                "elem": [_elem_json(name, i) for i in sorted(gone, key=str)]}}})
+                "elem": _elems_json(name, gone)}}})
         if came:
             adds.append({"add": {"element": {
                 "family": FAMILY, "table": TABLE, "name": name,
-                "elem": [_elem_json(name, i) for i in sorted(came, key=str)]}}})
+                "elem": _elems_json(name, came)}}})
     if not deletes and not adds:
         return None
     return {"nftables": deletes + adds}
