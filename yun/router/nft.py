@@ -180,6 +180,10 @@ def _mark(value: int) -> Json:
     return {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": value}}
 
 
+def _mark_not(value: int) -> Json:
+    return {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": value}}
+
+
 def _set_by_map(target: Json, key: Json, name: str) -> Json:
     return {"mangle": {"key": target, "value": {"map": {"key": key, "data": f"@{name}"}}}}
 
@@ -195,26 +199,32 @@ def _rules(wan: Sequence[str] = ()) -> dict[str, list[list[Json]]]:
     daddr, saddr = _payload("ip", "daddr"), _payload("ip", "saddr")
     only_wan: list[Json] = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
                                        "right": {"set": sorted(wan)}}}] if wan else []
+    # Every packet through the router runs these chains, so the rules are ordered to stop
+    # as early as possible (fewer rules in the hot path): a packet not marked for a chain's
+    # direction leaves it at once ("mark != X accept"), and a translation that is the
+    # last one for its packet ends the chain ("... accept"; its rule breaks off before
+    # the accept when the map has no entry, and the next rule is tried). The verdicts are
+    # those of the earlier form: every rule skipped needed the mark or the map entry.
     pre: list[list[Json]] = [
         [*only_wan, {"match": {"op": "==", "left": daddr, "right": "@public_addrs"}},
          {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_IN}}],
         [{"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
          {"notrack": None}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": MARK_OUT}}],
-        [_mark(MARK_IN), _set_by_map(daddr, daddr, "mono_dnat")],
+        [_mark_not(MARK_IN), {"accept": None}],
+        [_set_by_map(daddr, daddr, "mono_dnat"), {"accept": None}],
     ]
-    post: list[list[Json]] = [[_mark(MARK_OUT), _set_by_map(saddr, saddr, "mono_snat")]]
+    post: list[list[Json]] = [[_mark_not(MARK_OUT), {"accept": None}],
+                              [_set_by_map(saddr, saddr, "mono_snat"), {"accept": None}]]
     for proto in PROTOCOLS:
         dport, sport = _payload(proto, "dport"), _payload(proto, "sport")
         l4 = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}}
-        pre.append([_mark(MARK_IN), l4,
-                    _set_by_map(daddr, _concat(daddr, dport), f"share_{proto}_daddr")])
-        pre.append([_mark(MARK_IN), l4,
-                    _set_by_map(dport, _concat(daddr, dport), f"share_{proto}_dport")])
-        post.append([_mark(MARK_OUT), l4,
-                     _set_by_map(sport, _concat(saddr, sport), f"share_{proto}_sport")])
-        post.append([_mark(MARK_OUT), l4,
-                     _set_by_map(saddr, _concat(saddr, sport), f"share_{proto}_saddr")])
-    post.append([_mark(MARK_OUT), {"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
+        pre.append([l4, _set_by_map(daddr, _concat(daddr, dport), f"share_{proto}_daddr")])
+        pre.append([l4, _set_by_map(dport, _concat(daddr, dport), f"share_{proto}_dport"),
+                    {"accept": None}])
+        post.append([l4, _set_by_map(sport, _concat(saddr, sport), f"share_{proto}_sport")])
+        post.append([l4, _set_by_map(saddr, _concat(saddr, sport), f"share_{proto}_saddr"),
+                     {"accept": None}])
+    post.append([{"match": {"op": "==", "left": saddr, "right": "@vm_addrs"}},
                  {"drop": None}])
     forward: list[list[Json]] = [
         [_mark(MARK_IN), {"match": {"op": "==", "left": daddr, "right": "@vm_addrs"}},
