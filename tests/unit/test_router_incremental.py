@@ -13,6 +13,8 @@ from yun.proto.network import MonoMapping, NodeRoute, PortMapping, RouterRuleSet
 from yun.router.decode import RuleSetDecoder
 from yun.router.libnft import Libnftables, LibnftablesError
 from yun.router.nft import (
+    MARK_IN,
+    MARK_OUT,
     ElementCounts,
     NftTable,
     changes_document,
@@ -20,6 +22,7 @@ from yun.router.nft import (
     element_changes,
     elements,
     mappings,
+    table_document,
 )
 
 OLD = RouterRuleSet(
@@ -170,3 +173,25 @@ def test_decoder_reuses_objects_that_moved_in_the_list() -> None:
     dropped["mono"] = dropped["mono"][1:]  # type: ignore[index]
     assert dec.decode(dropped) == RouterRuleSet.model_validate(dropped)
     assert dec.validated == 0
+
+
+def test_packets_leave_the_chains_early() -> None:
+    # The hot path: a packet not marked for a chain's direction leaves it at the third
+    # rule of prerouting (after the two that mark) and the first of postrouting, and the
+    # last translation of a packet ends its chain.
+    cmds = table_document(OLD)["nftables"]
+    rules: dict[str, list[list[dict[str, object]]]] = {}
+    for c in cmds:
+        if "rule" in c.get("add", {}):
+            rules.setdefault(c["add"]["rule"]["chain"], []).append(c["add"]["rule"]["expr"])
+    not_in = {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": MARK_IN}}
+    not_out = {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": MARK_OUT}}
+    assert rules["prerouting"][2] == [not_in, {"accept": None}]
+    assert rules["postrouting"][0] == [not_out, {"accept": None}]
+    ends = [r for chain in ("prerouting", "postrouting") for r in rules[chain]
+            if r[-1] == {"accept": None} and any("mangle" in e for e in r)]
+    targets = sorted(e["mangle"]["value"]["map"]["data"] for r in ends  # type: ignore[index]
+                     for e in r if "mangle" in e)
+    assert targets == ["@mono_dnat", "@mono_snat", "@share_tcp_dport", "@share_tcp_saddr",
+                       "@share_udp_dport", "@share_udp_saddr"]
+    assert rules["postrouting"][-1][-1] == {"drop": None}  # untranslated VM source
