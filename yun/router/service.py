@@ -120,7 +120,11 @@ class RouterService:
                                     exc, extra={"generation": rules.generation})
                         await self.nft.replace(rules)
                         how = "repair"
-            await apply_routes(rules.routes)
+            if full or how != "incremental" or self.applied is None \
+                    or rules.routes != self.applied.routes:
+                # (a notice's pull with the same routes leaves them: a thread hop and a
+                # netlink dump saved; the periodic full sync still repairs them)
+                await apply_routes(rules.routes)
             previous = self.applied.generation if self.applied else None
             self.applied = rules
             if not self.forwarding:
