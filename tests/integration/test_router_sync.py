@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from yun.control.network.router_sync import notify_routers
 from yun.testing.cluster import SimCluster
-from yun.testing.netns import http_get_in
+from yun.testing.netns import Topology, http_get_in
 from yun.testing.routernet import CLIENT_IP, NetworkRows, RouterLab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
@@ -283,3 +284,59 @@ async def test_incremental_change_moves_packets_and_element_drift_is_repaired(
     await until("the element back", lambda: "203.0.113.10 : 10.64.0.11"
                 in lab_.nft_table("router1"), deadline=10)
     assert await asyncio.to_thread(get, lab_, "http://203.0.113.10/") == f"b {CLIENT_IP}"
+
+
+TABLE_SCRIPT = r"""
+import asyncio, json, subprocess
+from yun.proto.network import MonoMapping, RouterRuleSet
+from yun.router.nft import NftError, NftTable, desired_state
+
+def rules(gen, vm):
+    return RouterRuleSet(generation=gen, mono=[
+        MonoMapping(public_ip="203.0.113.10", vm_ip=vm, vm_uuid="a"),
+        MonoMapping(public_ip="203.0.113.11", vm_ip="10.64.0.11", vm_uuid="b")])
+
+async def main():
+    out = {}
+    table = NftTable()
+    out["backend"] = table.backend
+    one, two = rules(1, "10.64.0.10"), rules(2, "10.64.0.20")
+    await table.replace(one)
+    out["changed"] = await table.update(one, two)
+    out["after_update"] = await table.state() == desired_state(two)
+    # A hand edit the router does not know of: the element its next change deletes.
+    subprocess.run(["nft", "delete", "element", "ip", "yun_router", "mono_dnat",
+                    "{ 203.0.113.10 }"], check=True)
+    three = rules(3, "10.64.0.30")
+    try:
+        await table.update(two, three)
+        out["refused"] = False
+    except NftError as exc:
+        out["refused"] = str(exc)
+    # All or nothing: nothing of the refused change is in the table.
+    live = await table.state()
+    out["untouched"] = (live is not None
+        and ("203.0.113.10", "10.64.0.30") not in live.elements["mono_dnat"]
+        and ("10.64.0.20",) in live.elements["vm_addrs"])
+    await table.replace(three)  # what the router does then
+    out["repaired"] = await table.state() == desired_state(three)
+    # The next change is incremental again, from the replaced table.
+    out["next"] = await table.update(three, rules(4, "10.64.0.40"))
+    out["after_next"] = await table.state() == desired_state(rules(4, "10.64.0.40"))
+    table.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_table_update_through_libnftables_is_atomic_and_a_refused_one_is_replaced() -> None:
+    with Topology(prefix="yr", root_link=False) as topo:
+        ns = topo.add_namespace("table")
+        res = ns.run([sys.executable, "-c", TABLE_SCRIPT], timeout=60)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "libnftables"
+    assert out["changed"] and out["after_update"]
+    assert "libnftables apply failed" in out["refused"], out
+    assert out["untouched"] and out["repaired"], out
+    assert out["next"] and out["after_next"], out
