@@ -22,6 +22,12 @@ share VM's own connections and unmapped ports never leave with a private source.
 The forward chain (policy drop) lets through inbound packets now addressed to a mapped
 VM and outbound packets of mapped VMs, nothing else.
 
+Every forwarded packet runs these chains, so they stop early: a packet not marked for a
+chain's direction leaves it at once, and the last translation of a packet ends its chain.
+
+A change is applied as element deletions and additions worked out from the mappings that
+went or came (:class:`ElementCounts`), through libnftables in the router process.
+
 :func:`table_document` builds the whole table as one ``nft -j`` document (applied in
 one transaction: the table is created, deleted and made again, so it is replaced
 atomically), :func:`element_changes` / :func:`changes_document` (and
