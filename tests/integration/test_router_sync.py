@@ -6,8 +6,11 @@ between an internet client and a "VM" namespace through two and then three route
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ import pytest
 
 from yun.control.network.router_sync import notify_routers
 from yun.testing.cluster import SimCluster
-from yun.testing.netns import http_get_in
+from yun.testing.netns import Topology, http_get_in
 from yun.testing.routernet import CLIENT_IP, NetworkRows, RouterLab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
@@ -219,3 +222,121 @@ async def test_real_packets_through_two_then_three_routers(
         body = await until(f"{url} via router3", lambda u=url: get(lab_, u),  # type: ignore[misc]
                            deadline=60)
         assert body == f"vm {CLIENT_IP}", (url, body)
+
+
+def applied_logs(lab: RouterLab, router: str) -> list[dict[str, Any]]:
+    """The router's structured "rule set applied" and drift log lines."""
+    out = []
+    for line in lab.processes[router].log_file.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and ("rule set applied" in str(entry.get("msg", ""))
+                                            or "drifted" in str(entry.get("msg", ""))):
+                out.append(entry)
+    return out
+
+
+async def test_incremental_change_moves_packets_and_element_drift_is_repaired(
+        lab: tuple[RouterLab, LabCluster]) -> None:
+    lab_, cluster = lab
+    assert cluster.control is not None and lab_.node is not None and lab_.vm is not None
+    ctx = cluster.control.ctx
+    rows = NetworkRows(ctx.db)
+    await rows.node("node-a", lab_.node.ip)
+    # Two "VMs" told apart by their answer: one echo server per address.
+    for ip, label in (("10.64.0.10", "a"), ("10.64.0.11", "b")):
+        await asyncio.to_thread(lab_.add_vm_address, ip)
+        await asyncio.to_thread(lab_.serve_http, lab_.vm, ip, 80, label)
+    vm_a = await rows.vm("a", "10.64.0.10")
+    vm_b = await rows.vm("b", "10.64.0.11")
+    public = await rows.map_public(vm_a, "203.0.113.10")
+    await asyncio.to_thread(lab_.add_router, "router1")
+    start(lab_, cluster, "router1")
+    await until("router1 synced", lambda: lab_.forwarding("router1"))
+    await asyncio.to_thread(lab_.route_client_via, "router1")
+    await asyncio.to_thread(lab_.route_vm_out_via, "router1")
+    body = await until("a at the public address", lambda: get(lab_, "http://203.0.113.10/"),
+                       deadline=20)
+    assert body == f"a {CLIENT_IP}", body
+
+    # The public address moves to VM b: the router applies only the difference (in the
+    # process, through libnftables) and the next connection reaches b.
+    await rows.unmap(public)
+    await rows.map_public(vm_b, "203.0.113.10")
+    await notify_routers(ctx)
+    await until("b at the public address",
+                lambda: get(lab_, "http://203.0.113.10/") == f"b {CLIENT_IP}", deadline=20)
+    applied = [e for e in applied_logs(lab_, "router1") if e.get("msg") == "rule set applied"]
+    assert applied[0]["how"] == "full", applied
+    assert any(e["how"] == "incremental" and e["backend"] == "libnftables"
+               for e in applied[1:]), applied
+
+    # Drift inside a map: the element deleted by hand is found by the periodic full check
+    # (sync_interval 2 s) and the table replaced; b answers again.
+    drifts = sum("drifted" in str(e.get("msg")) for e in applied_logs(lab_, "router1"))
+    r1 = lab_.routers["router1"]
+    await asyncio.to_thread(r1.ns.run, ["nft", "delete", "element", "ip", "yun_router",
+                                        "mono_dnat", "{ 203.0.113.10 }"])
+    assert "203.0.113.10 : 10.64.0.11" not in await asyncio.to_thread(lab_.nft_table, "router1")
+    await until("the drift repaired", lambda: sum(
+        "drifted" in str(e.get("msg")) for e in applied_logs(lab_, "router1")) > drifts,
+        deadline=30)
+    await until("the element back", lambda: "203.0.113.10 : 10.64.0.11"
+                in lab_.nft_table("router1"), deadline=10)
+    assert await asyncio.to_thread(get, lab_, "http://203.0.113.10/") == f"b {CLIENT_IP}"
+
+
+TABLE_SCRIPT = r"""
+import asyncio, json, subprocess
+from yun.proto.network import MonoMapping, RouterRuleSet
+from yun.router.nft import NftError, NftTable, desired_state
+
+def rules(gen, vm):
+    return RouterRuleSet(generation=gen, mono=[
+        MonoMapping(public_ip="203.0.113.10", vm_ip=vm, vm_uuid="a"),
+        MonoMapping(public_ip="203.0.113.11", vm_ip="10.64.0.11", vm_uuid="b")])
+
+async def main():
+    out = {}
+    table = NftTable()
+    out["backend"] = table.backend
+    one, two = rules(1, "10.64.0.10"), rules(2, "10.64.0.20")
+    await table.replace(one)
+    out["changed"] = await table.update(one, two)
+    out["after_update"] = await table.state() == desired_state(two)
+    # A hand edit the router does not know of: the element its next change deletes.
+    subprocess.run(["nft", "delete", "element", "ip", "yun_router", "mono_dnat",
+                    "{ 203.0.113.10 }"], check=True)
+    three = rules(3, "10.64.0.30")
+    try:
+        await table.update(two, three)
+        out["refused"] = False
+    except NftError as exc:
+        out["refused"] = str(exc)
+    # All or nothing: nothing of the refused change is in the table.
+    live = await table.state()
+    out["untouched"] = (live is not None
+        and ("203.0.113.10", "10.64.0.30") not in live.elements["mono_dnat"]
+        and ("10.64.0.20",) in live.elements["vm_addrs"])
+    await table.replace(three)  # what the router does then
+    out["repaired"] = await table.state() == desired_state(three)
+    # The next change is incremental again, from the replaced table.
+    out["next"] = await table.update(three, rules(4, "10.64.0.40"))
+    out["after_next"] = await table.state() == desired_state(rules(4, "10.64.0.40"))
+    table.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_table_update_through_libnftables_is_atomic_and_a_refused_one_is_replaced() -> None:
+    with Topology(prefix="yr", root_link=False) as topo:
+        ns = topo.add_namespace("table")
+        res = ns.run([sys.executable, "-c", TABLE_SCRIPT], timeout=60)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "libnftables"
+    assert out["changed"] and out["after_update"]
+    assert "libnftables apply failed" in out["refused"], out
+    assert out["untouched"] and out["repaired"], out
+    assert out["next"] and out["after_next"], out

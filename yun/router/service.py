@@ -23,6 +23,7 @@ from yun.proto.errors import Unavailable, YunError
 from yun.proto.membership import Membership
 from yun.proto.network import RouterHello, RouterNotice, RouterRuleSet
 from yun.router.api import create_router_app
+from yun.router.decode import RuleSetDecoder
 from yun.router.nft import NftError, NftTable, desired_state
 from yun.router.routes import apply_routes, set_forwarding
 from yun.util.serve import AppServer, service_url
@@ -40,6 +41,7 @@ class RouterService:
         self.membership = Membership(settings, ComponentType.ROUTER, url="")
         self.nft = NftTable(nft=settings.nft_command, wan=tuple(settings.wan_interfaces))
         self.applied: RouterRuleSet | None = None
+        self.decoder = RuleSetDecoder()  # validates only the mappings new since last pull
         self.forwarding = False
         self.last_sync: dict[str, Any] = {}
         self._wake = asyncio.Event()
@@ -79,7 +81,7 @@ class RouterService:
             try:
                 data = await self.membership.client(peer).request(
                     "POST", "/internal/v1/router/rules", body=hello, timeout=30)
-                return RouterRuleSet.model_validate(data)
+                return self.decoder.decode(data)
             except YunError as exc:
                 errors.append(f"{peer.name}: {exc}")
         raise Unavailable("no control server gave the rule set: " + "; ".join(errors))
@@ -93,6 +95,7 @@ class RouterService:
         async with self._lock:
             started = time.perf_counter()
             rules = await self.pull()
+            pulled = time.perf_counter()
             how = "incremental"
             if self.applied is None:
                 await self.nft.replace(rules)
@@ -118,7 +121,11 @@ class RouterService:
                                     exc, extra={"generation": rules.generation})
                         await self.nft.replace(rules)
                         how = "repair"
-            await apply_routes(rules.routes)
+            if full or how != "incremental" or self.applied is None \
+                    or rules.routes != self.applied.routes:
+                # (a notice's pull with the same routes leaves them: a thread hop and a
+                # netlink dump saved; the periodic full sync still repairs them)
+                await apply_routes(rules.routes)
             previous = self.applied.generation if self.applied else None
             self.applied = rules
             if not self.forwarding:
@@ -130,11 +137,14 @@ class RouterService:
                                 "ports": len(rules.ports), "routes": len(rules.routes)})
             elapsed = time.perf_counter() - started
             self.last_sync = {"how": how, "seconds": round(elapsed, 4),
+                              "pull_seconds": round(pulled - started, 4),
+                              "backend": self.nft.backend,
                               "generation": rules.generation, "at": time.time()}
             if previous != rules.generation or how != "incremental":
                 log.info("rule set applied", extra={"how": how, "generation": rules.generation,
                                                     "previous": previous,
-                                                    "seconds": round(elapsed, 4)})
+                                                    "seconds": round(elapsed, 4),
+                                                    "backend": self.nft.backend})
             return rules
 
     async def _loop(self) -> None:
@@ -179,3 +189,4 @@ class RouterService:
                 await self._task
         await self.server.stop()
         await self.membership.stop()
+        self.nft.close()
