@@ -45,6 +45,7 @@ from typing import Any
 
 import pytest
 
+from tests.system.test_sandbox_network import sandbox_counters
 from tests.system.test_vm_lifecycle import (
     node_leftovers,
     node_network_leftovers,
@@ -250,6 +251,21 @@ def test_share_guest_port_through_each_router(paths: Paths) -> None:
                                                  "hostname=web-share")
         # A port of the shared address not handed out leads nowhere.
         assert paths.wan.get(f"http://{ip}:{port + 1}/", timeout=2) == ""
+
+
+def test_guest_cannot_reach_a_guest_on_another_node(paths: Paths) -> None:
+    """Sandbox isolation across nodes: the mono guest's packets to the share guest's
+    sandbox address (on the other node) are dropped by its own node, counted as sent to
+    a blocked network (the sandbox supernet is one), and get no answer."""
+    mono, share = paths.mono, paths.share
+    # The share guest is up and listening: its node gets its page.
+    assert paths.dc.guest_http(share)["hostname"] == "web-share"
+    node = paths.dc.node_of(mono)
+    before = sandbox_counters(node)["blocked"]
+    answer = guest_run(paths.dc, mono, f"echo GET /|nc -w3 {share['ip']} 80")
+    assert "hostname=" not in answer, answer
+    assert until("the blocked counter of the mono guest's node",
+                 lambda: sandbox_counters(node)["blocked"] > before, deadline=10)
 
 
 def reboot(host: Host) -> None:

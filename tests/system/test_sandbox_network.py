@@ -59,10 +59,14 @@ class Sandbox:
 
     def counters(self) -> dict[str, int]:
         """Packets counted by each named counter of the node's sandbox table."""
-        out = self.node.run(["nft", "-j", "list", "counters", "table", "inet",
-                             "yun_sandbox"]).stdout
-        return {item["counter"]["name"]: int(item["counter"]["packets"])
-                for item in json.loads(out)["nftables"] if "counter" in item}
+        return sandbox_counters(self.node)
+
+
+def sandbox_counters(node: Host) -> dict[str, int]:
+    """Packets counted by each named counter of the node's table ``inet yun_sandbox``."""
+    out = node.run(["nft", "-j", "list", "counters", "table", "inet", "yun_sandbox"]).stdout
+    return {item["counter"]["name"]: int(item["counter"]["packets"])
+            for item in json.loads(out)["nftables"] if "counter" in item}
 
 
 def _need_root() -> None:
