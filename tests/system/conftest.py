@@ -12,11 +12,13 @@ import pytest
 from yun.testing.netns import Topology, cleanup_stale
 
 
-def _need_root() -> None:
+def need_root(*tools: str) -> None:
+    """Skip (a failure under YUN_TEST_STRICT) unless root with ``ip`` and ``tools``."""
     if os.geteuid() != 0:
         pytest.skip("system tests need root")
-    if shutil.which("ip") is None:
-        pytest.skip("system tests need iproute2")
+    for tool in ("ip", *tools):
+        if shutil.which(tool) is None:
+            pytest.skip(f"system tests need {tool}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,7 +31,7 @@ def _stale_test_namespaces() -> None:
 @pytest.fixture
 def topology() -> Iterator[Topology]:
     """A fresh test data centre (LAN switch + root link), deleted after the test."""
-    _need_root()
+    need_root()
     with Topology() as topo:
         yield topo
 

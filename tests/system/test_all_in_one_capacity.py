@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.system.conftest import need_root
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Topology
 
@@ -39,11 +39,6 @@ RESERVE_MB = 2048  # what `yun aio` writes as memory_reserve_mb in [node]
 CREATE_BANDWIDTH_KBIT = 4000  # given at create to one guest
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("system tests need root")
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("system tests need iproute2 (ip, tc)")
 
 
 def meminfo_total_mb() -> int:
@@ -57,7 +52,7 @@ def meminfo_total_mb() -> int:
 @pytest.fixture(scope="module")
 def aio() -> Iterator[DataCenter]:
     """The all-in-one-like deployment, with the guest image uploaded; removed after."""
-    _need_root()
+    need_root("tc")
     with Topology() as topo, deployed(topo, node_options={"memory_reserve_mb": RESERVE_MB},
                                       prefix="yun-aio-") as dc:
         yield dc

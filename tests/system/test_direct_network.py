@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.test_sandbox_network import AGENT_PORT, Sandbox, _need_root, guest_sh
+from tests.system.conftest import need_root
+from tests.system.test_sandbox_network import AGENT_PORT, Sandbox, guest_sh
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology, http_get_in
 
@@ -67,7 +68,7 @@ def _dnsmasq(host: Host, workdir: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture(scope="module")
 def direct() -> Iterator[Direct]:
     """A direct pool, its node bridging its uplink, one guest booted; all removed after."""
-    _need_root()
+    need_root("nft", "dnsmasq")
     workdir = Path(tempfile.mkdtemp(prefix="yun-direct-lan-"))
     with Topology() as topo:
         dhcp_host = topo.add_host("landhcp")

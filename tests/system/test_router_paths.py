@@ -34,7 +34,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 import pytest
 
+from tests.system.conftest import need_root
 from tests.system.test_sandbox_network import sandbox_counters
 from tests.system.test_vm_lifecycle import (
     node_leftovers,
@@ -126,19 +126,13 @@ def until(what: str, check: Callable[[], Any], deadline: float = 60) -> Any:
         time.sleep(0.5)
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("system tests need root")
-    for tool in ("ip", "nft", "dnsmasq"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"system tests need {tool}")
 
 
 @pytest.fixture(scope="module")
 def paths() -> Iterator[Paths]:
     """The deployment, two routers, both pools set up through the CLI, one mono guest on
     node0 and one share guest on node1 booted in parallel; everything removed after."""
-    _need_root()
+    need_root("nft", "dnsmasq")
     started = time.monotonic()
     # A router that stops pulling stops being a next hop of the VMs after 6 s.
     with Topology() as topo, deployed(topo, nodes=2,

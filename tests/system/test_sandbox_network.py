@@ -12,7 +12,6 @@ import ipaddress
 import json
 import re
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.system.conftest import need_root
 from tests.system.test_vm_lifecycle import serial_console
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology, http_get_in
@@ -69,20 +69,12 @@ def sandbox_counters(node: Host) -> dict[str, int]:
             for item in json.loads(out)["nftables"] if "counter" in item}
 
 
-def _need_root() -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("system tests need root")
-    for tool in ("ip", "nft", "dnsmasq"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"system tests need {tool}")
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[Sandbox]:
     """One node, two guests on it booted in parallel; all of it removed after."""
-    _need_root()
+    need_root("nft", "dnsmasq")
     with Topology() as topo, deployed(topo) as dc:
         started = time.monotonic()
         with ThreadPoolExecutor(2) as pool:

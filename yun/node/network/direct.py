@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
@@ -39,6 +38,7 @@ from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network import direct_nft
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.direct_dhcp import DhcpAck, DhcpSnooper
+from yun.node.network.links import delete_links, iproute, netlink_error, taps_named
 from yun.node.network.ports import check_vm_uuid, tap_name
 from yun.proto.messages import NicSpec
 from yun.proto.network import LearnedAddress, NicNetwork, SandboxSettings
@@ -104,17 +104,6 @@ def tap_mac(vm_mac: str) -> str:
 # --------------------------------------------------------------------------- netlink
 
 
-def _netlink_error() -> type[Exception]:
-    from pyroute2 import NetlinkError
-
-    return NetlinkError  # type: ignore[no-any-return,unused-ignore]
-
-
-def _iproute() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
-
 
 def _index(ipr: Any, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
@@ -128,7 +117,7 @@ def ensure_bridge(bridge: str, uplink: str) -> list[str]:
     Order matters for the node's own connectivity: the addresses are added to the
     bridge and the routes re-made through it before they leave the uplink."""
     changed: list[str] = []
-    with _iproute() as ipr:
+    with iproute() as ipr:
         up_index = _index(ipr, uplink)
         if up_index is None:
             raise NetworkError(f"direct uplink {uplink!r} does not exist on this node "
@@ -178,7 +167,7 @@ def ensure_bridge(bridge: str, uplink: str) -> list[str]:
             ipr.link("set", index=up_index, state="up")
             changed.append("uplink up")
         for address, prefixlen in up_addrs:
-            with contextlib.suppress(_netlink_error()):
+            with contextlib.suppress(netlink_error()):
                 ipr.addr("del", index=up_index, address=address, prefixlen=prefixlen)
                 changed.append(f"address {address}/{prefixlen} off the uplink")
     return changed
@@ -186,7 +175,7 @@ def ensure_bridge(bridge: str, uplink: str) -> list[str]:
 
 def bridge_networks(bridge: str) -> tuple[list[str], list[str]]:
     """The bridge's IPv4 addresses and the networks they sit in (the LAN)."""
-    with _iproute() as ipr:
+    with iproute() as ipr:
         index = _index(ipr, bridge)
         if index is None:
             return [], []
@@ -198,7 +187,7 @@ def bridge_networks(bridge: str) -> tuple[list[str], list[str]]:
 
 def node_addresses() -> list[str]:
     """Every IPv4 address of the node outside loopback (a VM reaches none)."""
-    with _iproute() as ipr:
+    with iproute() as ipr:
         return sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
                        if not ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")).is_loopback})
 
@@ -206,7 +195,7 @@ def node_addresses() -> list[str]:
 def ensure_tap(tap: str, mac: str, bridge: str) -> bool:
     """The tap exists with ``mac``, in the bridge, up. True when anything changed."""
     changed = False
-    with _iproute() as ipr:
+    with iproute() as ipr:
         br_index = _index(ipr, bridge)
         if br_index is None:
             raise NetworkError(f"direct bridge {bridge!r} does not exist")
@@ -227,29 +216,6 @@ def ensure_tap(tap: str, mac: str, bridge: str) -> bool:
             ipr.link("set", index=index, state="up")
             changed = True
     return changed
-
-
-def delete_links(names: Sequence[str]) -> list[str]:
-    """Delete the links that exist among ``names``."""
-    deleted = []
-    with _iproute() as ipr:
-        for name in names:
-            for index in ipr.link_lookup(ifname=name):
-                try:
-                    ipr.link("del", index=index)
-                except _netlink_error() as exc:
-                    if getattr(exc, "code", None) == errno.ENODEV:
-                        continue
-                    raise NetworkError(f"deleting link {name}: netlink: {exc}") from exc
-                deleted.append(name)
-    return deleted
-
-
-def direct_taps() -> list[str]:
-    """Every link of this namespace named like a direct tap."""
-    with _iproute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return [n for n in names if n and n.startswith(TAP_PREFIX) and len(n) == 12]
 
 
 # --------------------------------------------------------------------------- the backend
@@ -358,7 +324,7 @@ class DirectNetworkBackend(NetworkBackend):
                     self._snooper.start()
             except (CommandError, OSError) as exc:
                 raise NetworkError(f"direct network on {self.uplink}: {exc}") from exc
-            except _netlink_error() as exc:
+            except netlink_error() as exc:
                 raise NetworkError(f"direct network on {self.uplink}: netlink: {exc}") from exc
         if changed or rules_changed:
             log.info("direct network ready", extra={"bridge": self.bridge,
@@ -394,7 +360,7 @@ class DirectNetworkBackend(NetworkBackend):
                 self._snooper.stop()
             try:
                 direct_nft.apply(direct_nft.delete_text())
-                delete_links(direct_taps())
+                delete_links(taps_named(TAP_PREFIX))
             except (CommandError, OSError) as exc:
                 raise NetworkError(f"direct network teardown: {exc}") from exc
             for path in (self._learned_file, self._blocked_file, self._fingerprint_file):
@@ -427,7 +393,7 @@ class DirectNetworkBackend(NetworkBackend):
                         [direct_nft.PortElement(port.tap, port.mac)]))
             except (CommandError, OSError) as exc:
                 raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: {exc}") from exc
-            except _netlink_error() as exc:
+            except netlink_error() as exc:
                 raise NetworkError(f"NIC {nic.nic_id} of VM {vm_uuid}: netlink: {exc}"
                                    ) from exc
         log.info("direct port ready", extra={"vm": vm_uuid, "nic": port.nic_id,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import json
 import logging
@@ -36,12 +35,12 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network import nft
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.dnsmasq import Dnsmasq, DnsmasqConfig, DnsmasqError, PortRecord
+from yun.node.network.links import delete_links, iproute, netlink_error, taps_named
 from yun.node.network.ports import TAP_PREFIX, check_forwards, check_vm_uuid, plan_port
 from yun.proto.messages import NicSpec
 from yun.proto.network import Exposure, NicNetwork, NodeForward, SandboxSettings
@@ -64,24 +63,13 @@ def elements_of(rec: PortRecord) -> nft.PortElements:
 # --------------------------------------------------------------------------- netlink
 
 
-def _netlink_error() -> type[Exception]:
-    from pyroute2 import NetlinkError
-
-    return NetlinkError  # type: ignore[no-any-return,unused-ignore]
-
-
-def _iproute() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
-
 
 def ensure_tap(tap: str, gateway: str, prefixlen: int, ips: list[str]) -> bool:
     """The tap exists, is up, holds the gateway (noprefixroute), routes exactly ``ips``
     (/32 each) and answers ARP for the rest of the subnet. True when anything changed."""
     changed = False
     try:
-        with _iproute() as ipr:
+        with iproute() as ipr:
             found = ipr.link_lookup(ifname=tap)
             if not found:
                 ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
@@ -105,10 +93,10 @@ def ensure_tap(tap: str, gateway: str, prefixlen: int, ips: list[str]) -> bool:
                     ipr.route("replace", dst=ip, dst_len=32, oif=index)
                     changed = True
             for stale in routed - set(ips) - {None}:
-                with contextlib.suppress(_netlink_error()):
+                with contextlib.suppress(netlink_error()):
                     ipr.route("del", dst=stale, dst_len=32, oif=index)
                     changed = True
-    except _netlink_error() as exc:
+    except netlink_error() as exc:
         raise NetworkError(f"tap {tap}: netlink: {exc}") from exc
     proxy = Path(f"/proc/sys/net/ipv4/conf/{tap}/proxy_arp")
     if proxy.read_text().strip() != "1":
@@ -117,32 +105,9 @@ def ensure_tap(tap: str, gateway: str, prefixlen: int, ips: list[str]) -> bool:
     return changed
 
 
-def delete_links(names: list[str]) -> list[str]:
-    """Delete the links that exist among ``names`` (their routes go with them)."""
-    deleted = []
-    with _iproute() as ipr:
-        for name in names:
-            for index in ipr.link_lookup(ifname=name):
-                try:
-                    ipr.link("del", index=index)
-                except _netlink_error() as exc:
-                    if getattr(exc, "code", None) == errno.ENODEV:
-                        continue
-                    raise NetworkError(f"deleting link {name}: netlink: {exc}") from exc
-                deleted.append(name)
-    return deleted
-
-
-def sandbox_taps() -> list[str]:
-    """Every link of this namespace named like a sandbox tap."""
-    with _iproute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return [n for n in names if n and n.startswith(TAP_PREFIX) and len(n) == 12]
-
-
 def node_addresses() -> list[str]:
     """The node's own IPv4 addresses outside the sandbox taps (VMs may reach none)."""
-    with _iproute() as ipr:
+    with iproute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         return sorted({a.get_attr("IFA_ADDRESS")
                        for a in ipr.get_addr(family=socket.AF_INET)
@@ -337,7 +302,7 @@ class SandboxNetworkBackend(NetworkBackend):
                     dnsmasq.stop()
                     dnsmasq.remove_files()
                 nft.delete_table()
-                delete_links(sandbox_taps())
+                delete_links(taps_named(TAP_PREFIX))
                 remove_policy_routes()
             except (CommandError, OSError) as exc:
                 raise NetworkError(f"sandbox network teardown: {exc}") from exc
