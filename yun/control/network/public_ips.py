@@ -129,9 +129,10 @@ async def allocate_port(session: AsyncSession, pool: AddressPoolRow, project_uui
     await lock_pool(session, pool.uuid)
     ranges = await _ranges(session, pool)
     for _ in range(_ATTEMPTS):
-        held = set((await session.execute(select(PublicIpRow.ip, PublicIpRow.port).where(
-            PublicIpRow.address_pool_uuid == pool.uuid,
-            PublicIpRow.protocol == protocol))).tuples().all())
+        held = {(ip, port) for ip, port in (await session.execute(
+            select(PublicIpRow.ip, PublicIpRow.port).where(
+                PublicIpRow.address_pool_uuid == pool.uuid,
+                PublicIpRow.protocol == protocol))).all()}
         free = next((p for p in _ports(ranges) if p not in held), None)
         if free is None:
             raise InsufficientCapacity(
