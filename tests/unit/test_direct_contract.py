@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_direct_dhcp import dhcp_frame
-from tests.unit.test_sandbox_contract import NetnsBackend
+from tests.unit.test_sandbox_contract import NetnsBackend, step_script
 from yun.node.hypervisor.base import ResolvedNic
 from yun.node.network.base import NetworkError
 from yun.node.network.direct import TAP_PREFIX, tap_mac
@@ -49,30 +49,7 @@ def nic(nic_id: str = NIC_A, mac: str = MAC_A, **kw: Any) -> NicSpec:
     return NicSpec(nic_id=nic_id, mac=mac, network=NicNetwork.DIRECT, **kw)
 
 
-_STEP = r"""
-import asyncio, json, subprocess, sys, time
-from pathlib import Path
-from yun.node.network.base import NetworkError
-from yun.node.network.direct import DirectNetworkBackend
-from yun.proto.messages import NicSpec
-from yun.proto.network import SandboxSettings
-
-state, op, arg = sys.argv[1:4]
-arg = json.loads(arg)
-b = DirectNetworkBackend(Path(state), "up0", "yunbr0", blocked=["MGMT"])
-
-async def main():
-    if op == "ensure_network":
-        return await b.ensure_network(SandboxSettings(**arg) if arg else None)
-    if op == "ensure_port":
-        r = await b.ensure_port(arg[0], NicSpec(**arg[1]))
-        return {"nic_id": r.nic_id, "mac": r.mac, "bridge": r.bridge, "tap": r.tap}
-    if op == "release_port":
-        return await b.release_port(*arg)
-    if op == "release_ports":
-        return await b.release_ports(arg)
-    if op == "vm_ports":
-        return await b.vm_ports()
+_STEP = step_script('DirectNetworkBackend(Path(state), "up0", "yunbr0", blocked=["MGMT"])', """\
     if op == "learned":
         return [a.model_dump() for a in await b.learned()]
     if op == "snoop":
@@ -87,15 +64,7 @@ async def main():
         while time.monotonic() < deadline and not await b.learned():
             time.sleep(0.2)
         return [a.model_dump() for a in await b.learned()]
-    if op == "teardown":
-        return await b.teardown()
-    raise SystemExit(f"unknown op {op}")
-
-try:
-    print(json.dumps({"ok": asyncio.run(main())}))
-except NetworkError as exc:
-    print(json.dumps({"error": str(exc)}))
-""".replace("MGMT", MGMT)
+""").replace("MGMT", MGMT)
 
 
 class RealDirect(NetnsBackend):

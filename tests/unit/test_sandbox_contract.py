@@ -42,16 +42,21 @@ def nic(nic_id: str = NIC_A, mac: str = "52:54:00:00:03:0a", ip: str = "10.64.3.
 
 
 _STEP = r"""
-import asyncio, json, sys
+import asyncio, json, subprocess, sys, time
 from pathlib import Path
 from yun.node.network.base import NetworkError
+from yun.node.network.direct import DirectNetworkBackend
 from yun.node.network.sandbox import SandboxNetworkBackend
 from yun.proto.messages import NicSpec
 from yun.proto.network import NodeForward, SandboxSettings
 
 state, op, arg = sys.argv[1:4]
 arg = json.loads(arg)
-b = SandboxNetworkBackend(Path(state))
+b = BACKEND
+
+async def extra():
+EXTRA
+    raise SystemExit(f"unknown op {op}")
 
 async def main():
     if op == "ensure_network":
@@ -65,11 +70,9 @@ async def main():
         return await b.release_ports(arg)
     if op == "vm_ports":
         return await b.vm_ports()
-    if op == "set_forwards":
-        return await b.set_forwards(arg[0], [NodeForward(**f) for f in arg[1]])
     if op == "teardown":
         return await b.teardown()
-    raise SystemExit(f"unknown op {op}")
+    return await extra()
 
 try:
     print(json.dumps({"ok": asyncio.run(main())}))
@@ -78,11 +81,24 @@ except NetworkError as exc:
 """
 
 
+def step_script(backend: str, extra_ops: str) -> str:
+    """The script that runs one call of the contract against a real backend in its own
+    process: ``backend`` is the expression making it (from ``state``), ``extra_ops`` the
+    body (indented 4) of the calls only that backend has (``op``, ``arg``, ``b``)."""
+    return _STEP.replace("BACKEND", backend).replace("EXTRA", extra_ops)
+
+
+_SANDBOX_STEP = step_script("SandboxNetworkBackend(Path(state))", """\
+    if op == "set_forwards":
+        return await b.set_forwards(arg[0], [NodeForward(**f) for f in arg[1]])
+""")
+
+
 class NetnsBackend:
     """The real backend, one process per call, in network namespace ``ns``; ``step`` is
     the script running one call (the direct backend's contract suite gives its own)."""
 
-    def __init__(self, ns: str, state: Path, step: str = _STEP) -> None:
+    def __init__(self, ns: str, state: Path, step: str = _SANDBOX_STEP) -> None:
         self.ns, self.state, self.step = ns, state, step
 
     def _call(self, op: str, arg: Any = None) -> Any:

@@ -39,7 +39,7 @@ from yun.node.network import direct_nft
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.direct_dhcp import DhcpAck, DhcpSnooper
 from yun.node.network.links import delete_links, iproute, netlink_error, taps_named
-from yun.node.network.ports import check_vm_uuid, tap_name
+from yun.node.network.ports import check_vm_uuid, other_ports, tap_name
 from yun.proto.messages import NicSpec
 from yun.proto.network import LearnedAddress, NicNetwork, SandboxSettings
 from yun.util.run import CommandError
@@ -74,16 +74,10 @@ def plan_direct_port(ports: Mapping[str, Sequence[DirectPort]], vm_uuid: str,
         raise NetworkError(f"{where}: a direct NIC takes its address from the LAN's DHCP "
                            f"server; the platform gives it none")
     port = DirectPort(nic_id=nic.nic_id, mac=nic.mac, tap=tap_name(nic.nic_id, TAP_PREFIX))
-    for other_vm, records in ports.items():
-        for other in records:
-            if other_vm == vm_uuid and other.nic_id == port.nic_id:
-                continue
-            if other.mac == port.mac:
-                raise NetworkError(f"{where}: MAC {nic.mac} is already used by NIC "
-                                   f"{other.nic_id} of VM {other_vm}")
-            if other.tap == port.tap:
-                raise NetworkError(f"{where}: its tap {port.tap} is already NIC "
-                                   f"{other.nic_id} of VM {other_vm}")
+    for other_vm, other in other_ports(ports, vm_uuid, port, where):
+        if other.tap == port.tap:
+            raise NetworkError(f"{where}: its tap {port.tap} is already NIC "
+                               f"{other.nic_id} of VM {other_vm}")
     mine = [p for p in ports.get(vm_uuid, []) if p.nic_id != port.nic_id]
     return port, [*mine, port]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from yun.node.network.base import NetworkError
 from yun.node.network.dnsmasq import PortRecord
@@ -71,19 +72,38 @@ def plan_port(settings: SandboxSettings | None, ports: Mapping[str, Sequence[Por
     rec = PortRecord(nic_id=nic.nic_id, mac=nic.mac, ip=nic.ip,
                      hostname=nic.hostname or hostname_for(vm_uuid), tap=tap_name(nic.nic_id),
                      exposure=str(nic.exposure), extra_ips=tuple(nic.extra_ips))
-    for other_vm, records in ports.items():
-        for other in records:
-            if other_vm == vm_uuid and other.nic_id == rec.nic_id:
-                continue
-            if other.mac == rec.mac:
-                raise NetworkError(f"{where}: MAC {nic.mac} is already used by NIC "
-                                   f"{other.nic_id} of VM {other_vm}")
-            taken = {other.ip, *other.extra_ips} & {rec.ip, *rec.extra_ips}
-            if taken:
-                raise NetworkError(f"{where}: address {sorted(taken)[0]} is already held by "
-                                   f"NIC {other.nic_id} of VM {other_vm}")
+    for other_vm, other in other_ports(ports, vm_uuid, rec, where):
+        taken = {other.ip, *other.extra_ips} & {rec.ip, *rec.extra_ips}
+        if taken:
+            raise NetworkError(f"{where}: address {sorted(taken)[0]} is already held by "
+                               f"NIC {other.nic_id} of VM {other_vm}")
     mine = [r for r in ports.get(vm_uuid, []) if r.nic_id != rec.nic_id]
     return rec, [*mine, rec]
+
+
+class _Port(Protocol):
+    @property
+    def nic_id(self) -> str: ...
+
+    @property
+    def mac(self) -> str: ...
+
+
+P = TypeVar("P", bound=_Port)
+
+
+def other_ports(ports: Mapping[str, Sequence[P]], vm_uuid: str, port: _Port, where: str
+                ) -> Iterator[tuple[str, P]]:
+    """Every port of the node but ``port`` itself (the same NIC of the same VM), with its
+    VM; refuses (NetworkError naming ``where``) when one holds ``port``'s MAC."""
+    for other_vm, records in ports.items():
+        for other in records:
+            if other_vm == vm_uuid and other.nic_id == port.nic_id:
+                continue
+            if other.mac == port.mac:
+                raise NetworkError(f"{where}: MAC {port.mac} is already used by NIC "
+                                   f"{other.nic_id} of VM {other_vm}")
+            yield other_vm, other
 
 
 def check_forwards(vm_uuid: str, forwards: Sequence[NodeForward],
