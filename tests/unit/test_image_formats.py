@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from yun.node.storage import qemu_img
 from yun.storage.formats import ImageFormatError, detect_format, normalize_format
+from yun.util import qemu_img
 from yun.util.run import run
 
 MIB = 1024 * 1024

@@ -19,7 +19,6 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from yun.node.storage import qemu_img
 from yun.node.storage.base import DiskError, ImageAccess
 from yun.node.storage.local import LocalDiskBackend
 from yun.proto.auth import Signer, Verifier, issue_credential
@@ -28,6 +27,7 @@ from yun.proto.components import ComponentType
 from yun.proto.messages import DiskSpec, ImageLocation
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
+from yun.util import qemu_img
 from yun.util.run import run
 
 CA_KEY = Ed25519PrivateKey.generate()

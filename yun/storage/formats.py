@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from yun.node.storage import qemu_img
+from yun.util import qemu_img
 
 log = logging.getLogger("yun.storage.formats")
 

@@ -34,10 +34,10 @@ from typing import BinaryIO, Literal
 import httpx
 
 from yun.node.hypervisor.base import ResolvedDisk
-from yun.node.storage import qemu_img
 from yun.node.storage.base import DiskBackend, DiskError, ImageAccess
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
 from yun.proto.messages import DiskSpec, ImageLocation
+from yun.util import qemu_img
 from yun.util.ids import uuid_problem
 
 log = logging.getLogger("yun.node.storage.local")

@@ -19,7 +19,7 @@ from typing import Any
 
 from yun.util.run import CommandError, run_async
 
-log = logging.getLogger("yun.node.storage.qemu_img")
+log = logging.getLogger("yun.util.qemu_img")
 
 QEMU_IMG = "qemu-img"
 
