@@ -202,7 +202,12 @@ class QosSpec(Message):
 
 
 class DiskSpec(Message):
-    """A VM disk: a qcow2 overlay of a cached image, or a blank volume."""
+    """A VM disk: a qcow2 overlay of a cached image, or a blank volume.
+
+    ``volume_id`` set: the disk is that volume of the node's disk backend (keyed by
+    volume, not by VM: it outlives the VM and, in shared mode, moves between nodes);
+    None: an older control server's disk, kept under the VM (see
+    :func:`legacy_volume_id`)."""
 
     disk_id: str
     size_gb: int = Field(ge=1, le=65536)
@@ -210,6 +215,38 @@ class DiskSpec(Message):
     image_sha256: str | None = None
     image_format: str | None = None
     bus: Literal["virtio", "sata", "ide"] = "virtio"
+    volume_id: str | None = Field(default=None, description="the volume's uuid")
+    thin: bool = Field(default=True, description="thin (grows with use) or preallocated")
+    create: bool = Field(
+        default=True, description="make the volume when it is missing (a root disk); False: "
+                                  "it must exist already (a data volume: a missing one is data "
+                                  "lost, never replaced by a blank)")
+    storage: Literal["local", "shared"] = "local"
+
+
+def legacy_volume_id(vm_uuid: str, disk_id: str) -> str:
+    """The volume id given to a disk made before volumes were keyed by volume (kept
+    under ``vms/<vm>/<disk>.qcow2`` on its node): the same on the control server (its
+    migration) and on the node (which adopts the file under this id)."""
+    import uuid as _uuid
+    return str(_uuid.uuid5(_uuid.NAMESPACE_URL, f"yun:volume:{vm_uuid}/{disk_id}"))
+
+
+class CdromSpec(Message):
+    """The VM's CD drive: an ISO image from the node's image cache, or empty."""
+
+    image_id: str | None = Field(default=None, description="None: an empty drive")
+    image_sha256: str | None = None
+
+
+class CloudInitSpec(Message):
+    """What the node writes on the VM's NoCloud seed (a read-only ``cidata`` disk)."""
+
+    instance_id: str = Field(description="the VM's uuid")
+    hostname: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    ssh_keys: list[str] = Field(default_factory=list, max_length=32)
+    user_data: str | None = Field(default=None, max_length=65536,
+                                  description="cloud-config or a script, as given")
 
 
 HOSTNAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -255,6 +292,9 @@ class DomainSpec(Message):
     nics: list[NicSpec] = Field(default_factory=list)
     vnc: bool = True
     qos: QosSpec = Field(default_factory=QosSpec)
+    cdrom: CdromSpec | None = Field(default=None, description="None: no CD drive")
+    boot: Literal["disk", "cdrom"] = "disk"
+    cloud_init: CloudInitSpec | None = None
 
 
 class DomainInfo(Message):
@@ -269,6 +309,25 @@ class DomainInfo(Message):
     nics: list[str] = Field(default_factory=list,
                             description="MACs of the domain's NICs in force (the running "
                                         "guest's when it runs, its definition's otherwise)")
+    disks: list[str] = Field(default_factory=list,
+                             description="ids of the domain's disks in force (device disk)")
+    cdrom_image: str | None = Field(default=None,
+                                    description="the image id of the ISO in its CD drive")
+
+
+class StorageDirReport(Message):
+    """One storage directory of a node (each stands for a disk, F-STO-LOCAL) or the
+    shared mount (F-STO-SHARED), as its file system reports it."""
+
+    path: str = Field(max_length=4096)
+    shared: bool = False
+    total_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0, description="used on the file system (anyone's files)")
+    volumes: int = Field(default=0, ge=0, description="Yun volumes in it")
+    allocated_bytes: int = Field(default=0, ge=0,
+                                 description="what those volumes take on disk (physical)")
+    over_threshold: bool = Field(default=False,
+                                 description="used/total passed the node's alarm threshold")
 
 
 class NodeReport(Message):
@@ -306,6 +365,11 @@ class NodeReport(Message):
     learned: list[LearnedAddress] = Field(
         default_factory=list, max_length=100_000,
         description="addresses direct-mode VMs took from the LAN's DHCP server")
+    storage: list[StorageDirReport] | None = Field(
+        default=None, max_length=256,
+        description="the node's storage directories and their use; None: not reported")
+    volumes: list[str] | None = Field(
+        default=None, description="ids of every volume on the node; None: not reported")
 
 
 class NodeReportAnswer(Message):
@@ -367,6 +431,51 @@ class UploadAborted(Message):
     """The storage server tells the control server an upload's stream broke."""
 
     reason: str = Field(min_length=1, max_length=500)
+
+
+class VolumeSnapshotInfo(Message):
+    name: str
+    created_at: datetime | None = None
+    vm_state_size: int = 0
+
+
+class VolumeInfo(Message):
+    """A volume as its node holds it."""
+
+    volume_id: str
+    path: str = Field(description="the file the hypervisor opens")
+    format: str
+    size_gb: int = Field(ge=0, description="virtual size")
+    allocated_bytes: int = Field(ge=0, description="taken on disk")
+    thin: bool = True
+    directory: str = Field(description="the storage directory it lives in")
+    backing_image_id: str | None = None
+    snapshots: list[VolumeSnapshotInfo] = Field(default_factory=list)
+
+
+class VolumeEnsure(Message):
+    """Make a volume on a node (idempotent): a blank one, or an overlay/copy of an image
+    (fetched into the node's cache first)."""
+
+    disk: DiskSpec
+    image: ImageLocation | None = None
+
+
+class VolumeResize(Message):
+    size_gb: int = Field(ge=1, le=65536)
+
+
+class DiskAttach(Message):
+    """Plug a volume into a VM on the node (U-HOTPLUG): live when it runs, and into its
+    definition. The volume must exist on the node (or its shared mount)."""
+
+    disk: DiskSpec
+
+
+class CdromChange(Message):
+    """Insert an ISO into the VM's CD drive (cached first), or eject it (``image`` None)."""
+
+    image: ImageLocation | None = None
 
 
 class StorageImageReport(Message):

@@ -81,6 +81,8 @@ class PoolRow(Stamped, Base):
     network_mode: Mapped[str] = mapped_column(String(32))
     storage_mode: Mapped[str] = mapped_column(String(16))
     thin: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Shared mode: VMs are qcow2 overlays on one read-only base per image (F-BACKING).
+    backing: Mapped[bool] = mapped_column(Boolean, default=False)
     ha: Mapped[bool] = mapped_column(Boolean, default=False)
     # The address pool mono and share VMs take their public addresses or ports from.
     address_pool_uuid: Mapped[str | None] = mapped_column(
@@ -123,6 +125,8 @@ class NodeRow(Stamped, Base):
     sandbox_subnet: Mapped[str | None] = mapped_column(String(64), unique=True)
     #: where the node's NAT ports answer (F-SB-PRIVATE); None: the host of ``url``
     forward_address: Mapped[str | None] = mapped_column(String(64))
+    #: the storage directories as last reported (StorageDirReport dumps)
+    storage: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -187,6 +191,12 @@ class ImageRow(Stamped, Base):
     storage_uuid: Mapped[str | None] = mapped_column(String(64))
     storage_url: Mapped[str | None] = mapped_column(String(2048))
     error: Mapped[str | None] = mapped_column(Text)
+    # A protected image cannot be deleted until it is unprotected.
+    protected: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The sha256 the uploader announced: the upload is refused when the bytes differ.
+    expected_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The format the bytes came in, when the store converted them (vmdk -> qcow2).
+    source_format: Mapped[str | None] = mapped_column(String(16))
 
 
 class VmRow(Stamped, Base):
@@ -203,7 +213,9 @@ class VmRow(Stamped, Base):
     vcpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_gb: Mapped[int] = mapped_column(Integer)
-    image_uuid: Mapped[str] = mapped_column(ForeignKey("images.uuid", ondelete="RESTRICT"))
+    # None: a blank VM (installed from an ISO, F-ISO).
+    image_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("images.uuid", ondelete="RESTRICT"))
     node_uuid: Mapped[str | None] = mapped_column(String(64))
     pool_uuid: Mapped[str | None] = mapped_column(
         ForeignKey("pools.uuid", ondelete="RESTRICT"), index=True)
@@ -227,6 +239,90 @@ class VmRow(Stamped, Base):
     # orphan, and its address and reservation are released once a report of the node
     # shows nothing left for it (see yun.control.services.nodes).
     node_cleanup: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The ISO in its CD drive (F-ISO), and what it boots from.
+    cdrom_image_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("images.uuid", ondelete="RESTRICT"), index=True)
+    boot: Mapped[str] = mapped_column(String(8), default="disk")
+    # Guest customisation (cloud-init NoCloud): the public keys and user data given at
+    # create, as they were then (a key deleted later stays in the guest).
+    ssh_keys: Mapped[list[str]] = mapped_column(JSON, default=list)
+    user_data: Mapped[str | None] = mapped_column(Text)
+
+
+class VolumeRow(Stamped, Base):
+    """A volume (C-STO): a VM's root disk or a data volume, kept by volume so it can
+    outlive its VM and, in shared mode, move between the nodes of its pool."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("vm_uuid", "disk_id", name="uq_volumes_vm_disk"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    project_uuid: Mapped[str] = mapped_column(ForeignKey("projects.uuid", ondelete="RESTRICT"),
+                                              index=True)
+    pool_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("pools.uuid", ondelete="RESTRICT"), index=True)
+    # Local mode: the node that holds the file; shared mode: the node that last used it.
+    node_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
+    vm_uuid: Mapped[str | None] = mapped_column(String(36), index=True)
+    disk_id: Mapped[str | None] = mapped_column(String(64))  # its id inside the VM
+    kind: Mapped[str] = mapped_column(String(8))  # root | data
+    size_gb: Mapped[int] = mapped_column(Integer)
+    thin: Mapped[bool] = mapped_column(Boolean, default=True)
+    storage_mode: Mapped[str] = mapped_column(String(16))
+    image_uuid: Mapped[str | None] = mapped_column(
+        ForeignKey("images.uuid", ondelete="RESTRICT"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    delete_with_vm: Mapped[bool] = mapped_column(Boolean, default=True)
+    task_uuid: Mapped[str | None] = mapped_column(String(36))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class VolumeSnapshotRow(Base):
+    __tablename__ = "volume_snapshots"
+    __table_args__ = (UniqueConstraint("volume_uuid", "name",
+                                       name="uq_volume_snapshots_volume_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    volume_uuid: Mapped[str] = mapped_column(
+        ForeignKey("volumes.uuid", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    size_gb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SshKeyRow(Stamped, Base):
+    """A user's SSH public key, put into the guests they create (cloud-init)."""
+
+    __tablename__ = "ssh_keys"
+    __table_args__ = (UniqueConstraint("user_uuid", "name", name="uq_ssh_keys_user_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    user_uuid: Mapped[str] = mapped_column(ForeignKey("users.uuid", ondelete="CASCADE"),
+                                           index=True)
+    project_uuid: Mapped[str] = mapped_column(
+        ForeignKey("projects.uuid", ondelete="CASCADE"), index=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(128))
+
+
+class EventRow(Base):
+    """Something operators are told about: an alarm raised or cleared (a storage
+    directory past its threshold, F-THIN), listed by the API."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # raised | cleared | info
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class AddressRow(Base):

@@ -79,9 +79,13 @@ class ResolvedDisk:
     """A disk of the spec, made real by the disk backend: a file the hypervisor opens."""
 
     disk_id: str
-    path: Path
+    path: Path | None  # None: an empty CD drive
     format: str  # "qcow2" or "raw"
     bus: str = "virtio"
+    device: str = "disk"  # "disk" or "cdrom" (an ISO, or the cloud-init seed)
+    read_only: bool = False
+    #: the shared mount holds it: QEMU's image locking keeps other nodes off it
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,21 @@ class HypervisorDriver(abc.ABC):
 
     async def detach_disk(self, uuid: str, disk_id: str) -> None:
         raise NotSupported(f"{self.name} cannot hot-unplug disks")
+
+    async def resize_disk(self, uuid: str, disk_id: str, size_bytes: int) -> None:
+        """Grow disk ``disk_id`` of a running domain to ``size_bytes`` (the guest sees the
+        new size at once). Only growing: a smaller size is refused."""
+        raise NotSupported(f"{self.name} cannot resize disks online")
+
+    async def change_media(self, uuid: str, disk_id: str, path: Path | None) -> None:
+        """Insert the ISO at ``path`` into CD drive ``disk_id`` (None: eject), live when
+        the domain runs and in its definition, like a CD changed by hand."""
+        raise NotSupported(f"{self.name} cannot change CD media")
+
+    async def backup_disk(self, uuid: str, disk_id: str, target: Path) -> None:
+        """Write a consistent copy of disk ``disk_id`` of a running domain, as it was when
+        the call began, to ``target`` (qcow2) while the guest goes on writing (F-IMAGE)."""
+        raise NotSupported(f"{self.name} cannot copy the disk of a running domain")
 
     async def attach_nic(self, uuid: str, nic: ResolvedNic) -> None:
         raise NotSupported(f"{self.name} cannot hot-plug NICs")

@@ -5,15 +5,34 @@ from __future__ import annotations
 import abc
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
 from yun.node.hypervisor.base import ResolvedDisk
-from yun.proto.messages import DiskSpec, ImageLocation
+from yun.proto.messages import (
+    CloudInitSpec,
+    DiskSpec,
+    ImageLocation,
+    StorageDirReport,
+    VolumeInfo,
+)
 
 
 class DiskError(RuntimeError):
     """A disk or image could not be made ready."""
+
+
+class VolumeNotFound(DiskError):
+    """No volume with that id on this node (or its shared mount)."""
+
+
+class VolumeInUse(DiskError):
+    """The volume is open by a domain (here, or on another node of a shared mount)."""
+
+
+class NoSpace(DiskError):
+    """No storage directory has room for the volume."""
 
 
 @dataclass(frozen=True)
@@ -27,27 +46,86 @@ class ImageAccess:
 
 
 class DiskBackend(abc.ABC):
-    """Makes the disks of a VM real on this node, and removes them."""
+    """Images cached on this node and volumes made from them, keyed by volume (not by
+    VM): a volume outlives its VM and, on a shared mount, moves between nodes.
+
+    Two modes honour this one contract, each with a sim twin under the contract suite
+    (tests/unit/test_disk_contract.py): local (several storage directories, one per
+    disk of the host, new volumes in the one with the most free space) and shared (one
+    mount present on every node of a pool)."""
+
+    # -- images -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> None:
-        """Have ``image`` in the node's cache, fetched from the storage server and verified.
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> Path:
+        """Have ``image`` in the node's cache, fetched from the storage server and verified;
+        return its path. Interrupted downloads resume; a cached image whose checksum
+        matches is not fetched again (its last use is recorded for the bounded cache)."""
 
-        Interrupted downloads resume; a cached image whose checksum matches is not fetched again.
-        """
-
-    @abc.abstractmethod
-    async def ensure_disk(self, vm_uuid: str, disk: DiskSpec) -> ResolvedDisk:
-        """The volume of ``disk`` (a qcow2 overlay of its cached image, or blank); idempotent."""
+    # -- volumes ------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def delete_disks(self, vm_uuid: str) -> None:
-        """Remove every volume of the VM; no error if there is none."""
+    async def ensure_volume(self, disk: DiskSpec) -> ResolvedDisk:
+        """The volume ``disk.volume_id``: made when missing and ``disk.create`` (an overlay
+        or copy of its cached image, or blank; thin or preallocated), in the directory
+        with the most free space; :class:`VolumeNotFound` when missing and not
+        ``create``; :class:`NoSpace` when no directory has room. Idempotent."""
+
+    @abc.abstractmethod
+    async def volume_info(self, volume_id: str) -> VolumeInfo:
+        """The volume as it is on disk; :class:`VolumeNotFound` when absent."""
+
+    @abc.abstractmethod
+    async def delete_volume(self, volume_id: str) -> None:
+        """Remove the volume and its snapshots; no error if there is none."""
+
+    @abc.abstractmethod
+    async def resize_volume(self, volume_id: str, size_gb: int) -> VolumeInfo:
+        """Grow the (closed) volume's virtual size; shrinking is refused with DiskError.
+        A volume open by a running domain is grown by the hypervisor instead."""
+
+    @abc.abstractmethod
+    async def create_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        """An internal snapshot ``name`` of the closed volume; idempotent."""
+
+    @abc.abstractmethod
+    async def revert_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        """The closed volume's content as it was at snapshot ``name``."""
+
+    @abc.abstractmethod
+    async def delete_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        """Drop snapshot ``name``; no error if there is none."""
+
+    @abc.abstractmethod
+    async def volume_ids(self) -> list[str]:
+        """Every volume on this node (local) or on the shared mount (shared)."""
+
+    # -- per VM: older disks and the cloud-init seed ------------------------------------
+
+    @abc.abstractmethod
+    async def ensure_seed(self, vm_uuid: str, spec: CloudInitSpec) -> ResolvedDisk:
+        """The VM's NoCloud seed (an ISO9660 ``cidata`` volume, read-only CD), rewritten
+        when ``spec`` changed."""
+
+    @abc.abstractmethod
+    async def delete_vm_files(self, vm_uuid: str) -> None:
+        """Remove what the node keeps under the VM (its seed, disks of older versions);
+        its volumes are deleted one by one with :meth:`delete_volume`."""
 
     @abc.abstractmethod
     async def vm_disk_ids(self) -> dict[str, list[str]]:
-        """Every VM that has volumes on this node, with its disk ids (for reconciliation)."""
+        """Every VM that has files under it on this node (seed, older disks), for
+        reconciliation."""
+
+    # -- capacity -----------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def storage_report(self) -> list[StorageDirReport]:
+        """Each storage directory (re-read: one added while the node runs is listed at
+        once) with its use and whether it is past the alarm threshold."""
+
     async def capacity_gb(self) -> tuple[int, int]:
-        """(total, used) space of the volume store, in GiB."""
+        """(total, used) space of all storage directories, in GiB."""
+        dirs = await self.storage_report()
+        gib = 1024**3
+        return (sum(d.total_bytes for d in dirs) // gib, sum(d.used_bytes for d in dirs) // gib)
