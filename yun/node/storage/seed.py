@@ -18,6 +18,7 @@ or wrapped, so keys given together with user data still reach the guest.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -73,6 +74,19 @@ def render_user_data(spec: CloudInitSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _install(tmp: Path, path: Path, owner: tuple[int, int] | None) -> None:
+    """Give the built ISO its mode and owner, flush it, and rename it over ``path``."""
+    os.chmod(tmp, SEED_MODE)
+    if owner is not None:
+        os.chown(tmp, *owner)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 async def write_seed(path: Path, spec: CloudInitSpec, *,
                      owner: tuple[int, int] | None = None) -> None:
     """Write the NoCloud seed ISO of ``spec`` at ``path`` atomically (built beside it,
@@ -99,12 +113,7 @@ async def write_seed(path: Path, spec: CloudInitSpec, *,
         except CommandError as exc:
             raise SeedError(f"cannot write the cloud-init seed of VM {spec.instance_id}: "
                             f"genisoimage failed: {exc.stderr.strip() or exc}") from exc
-        os.chmod(tmp, SEED_MODE)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        await asyncio.to_thread(_install, tmp, path, owner)
     log.info("cloud-init seed written", extra={
         "vm": spec.instance_id, "path": str(path), "ssh_keys": len(spec.ssh_keys),
         "user_data": spec.user_data is not None})
