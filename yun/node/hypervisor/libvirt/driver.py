@@ -792,18 +792,21 @@ class LibvirtDriver(HypervisorDriver):
             dom = self._lookup(conn, uuid)
             try:
                 live_xml = dom.XMLDesc(0) if dom.isActive() else None
-                target = disk_target(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), disk_id)
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                target = disk_target(inactive, disk_id)
                 if target is None and live_xml is not None:
                     target = disk_target(live_xml, disk_id)
-                if target is None or live_xml is None:
-                    return target, False
-                device = disk_device_xml(live_xml, target)
+                if target is None:
+                    return None, False
+                for xml in (inactive, live_xml):
+                    found = disk_device_xml(xml, target) if xml is not None else None
+                    if found is not None and ET.fromstring(found).get("device") == "cdrom":
+                        raise HypervisorError(
+                            f"disk {disk_id!r} of domain {uuid} is a CD drive: eject its "
+                            "medium instead of unplugging it")
+                device = disk_device_xml(live_xml, target) if live_xml is not None else None
                 if device is None:
                     return target, False
-                if ET.fromstring(device).get("device") != "disk":
-                    raise HypervisorError(
-                        f"disk {disk_id!r} of domain {uuid} is a CD drive: eject its "
-                        "medium instead of unplugging it")
                 dom.detachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 return target, True
             except libvirt.libvirtError as exc:
