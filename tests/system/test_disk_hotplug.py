@@ -1,4 +1,5 @@
-"""Disk hot-plug, online resize, a CD changed by hand and a live disk copy, on a real
+"""Disk hot-plug, online resize, a CD changed by hand, a live disk copy and the cloud-init
+seed, on a real
 libvirtd + QEMU (TCG) guest driven through the libvirt driver directly (no control
 server): what the driver does, the guest sees.
 
@@ -25,9 +26,10 @@ import pytest
 from tests.system.conftest import need_root
 from tests.system.test_libvirt_driver import force_remove, overlay, wait_console
 from yun.node.hypervisor import load_driver
-from yun.node.hypervisor.base import ResolvedDisk
+from yun.node.hypervisor.base import SEED_DISK_ID, ResolvedDisk
 from yun.node.hypervisor.libvirt.driver import LibvirtDriver
-from yun.proto.messages import DomainSpec
+from yun.node.storage.seed import write_seed
+from yun.proto.messages import CloudInitSpec, DomainSpec
 from yun.testing.guest import READY_MARKER
 from yun.testing.netns import Topology
 from yun.testing.nodehost import NodeHost
@@ -143,11 +145,18 @@ async def test_disk_hotplug_resize_cd_and_live_copy(nodehost: NodeHost, driver: 
     iso = marker_iso(nodehost.disk_dir, image_id, token)
     copy = nodehost.disk_dir / f"{vm}-copy.qcow2"
     files += [data, iso, copy]
+    seed = nodehost.disk_dir / f"{vm}-seed.iso"
+    files.append(seed)
+    hostname = f"seeded-{token[:6]}"
     spec = DomainSpec(uuid=vm, name="hotplug", vcpus=1, memory_mb=256)
     disks = [ResolvedDisk("root", files[0], "qcow2"),
-             ResolvedDisk("cdrom", None, "raw", device="cdrom", read_only=True)]
+             ResolvedDisk("cdrom", None, "raw", device="cdrom", read_only=True),
+             ResolvedDisk(SEED_DISK_ID, seed, "raw", device="cdrom", read_only=True)]
     started = time.monotonic()
     try:
+        # The NoCloud seed as the node writes it: the guest (no NIC, so no DHCP name)
+        # takes its hostname and instance id from it.
+        await write_seed(seed, CloudInitSpec(instance_id=vm, hostname=hostname))
         await driver.ensure_defined(spec, disks, [])
         await driver.start(vm)
         await wait_console(driver, vm, READY_MARKER)
@@ -155,6 +164,8 @@ async def test_disk_hotplug_resize_cd_and_live_copy(nodehost: NodeHost, driver: 
         assert info is not None and info.disks == ["root"] and info.cdrom_image is None
 
         with serial(nodehost, vm) as stream:
+            assert await guest_sh(driver, stream, vm, "hostname") == hostname
+            assert await guest_sh(driver, stream, vm, "cat /run/yun-guest/instance-id") == vm
             # Hot-plug: a new block device, written by the guest.
             assert await guest_sh(driver, stream, vm, "ls /sys/block | grep -c vd") == "1"
             await driver.attach_disk(vm, ResolvedDisk("vol-1", data, "qcow2"))
