@@ -417,8 +417,12 @@ class ImageStore:
                 limit: int | None = content_range.end + 1
             else:
                 limit = state.total
-            size, digest = await self._append(image_id, partial, offset, chunks, limit,
-                                              max_bytes)
+            try:
+                size, digest = await self._append(image_id, partial, offset, chunks, limit,
+                                                  max_bytes)
+            except PayloadTooLarge:
+                self._discard_partial(image_id)  # it can never complete
+                raise
             if state.total is not None and size < state.total:
                 log.info("upload chunk stored", extra={"image": image_id, "offset": size,
                                                        "total": state.total})

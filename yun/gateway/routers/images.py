@@ -66,7 +66,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "the image's byt
 # busy) or a storage server error keep both, for a resume.
 REFUSED = frozenset({400, 413, 422})
 Sha256 = Annotated[str | None, Query(
-    pattern=r"^[0-9a-fA-F]{64}$",
+    min_length=64, max_length=64, pattern=r"^[0-9a-fA-F]{64}$",
     description="sha256 of the whole upload; the image is refused if the bytes differ")]
 
 
@@ -93,7 +93,7 @@ async def upload_image(
         description="'public' images are seen by every project")] = ImageVisibility.PROJECT,
     sha256: Sha256 = None,
     size: Annotated[int | None, Query(
-        ge=1, description="the number of bytes of the image: a body that ends early "
+        ge=1, le=1 << 50, description="the number of bytes of the image: a body that ends early "
                           "leaves a resumable upload")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
