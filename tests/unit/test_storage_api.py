@@ -65,7 +65,8 @@ class Harness:
         )
 
     def leftovers(self) -> list[str]:
-        return sorted(p.name for d in ("tmp", "images", "uploads") for p in (self.root / d).iterdir())
+        return sorted(p.name for d in ("tmp", "images", "uploads")
+                      for p in (self.root / d).iterdir())
 
 
 @pytest.fixture

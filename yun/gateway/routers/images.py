@@ -158,7 +158,7 @@ async def upload_status(ref: RefPath, ctx: Ctx, up: Up) -> Response:
 async def resume_upload(
     request: Request, ref: RefPath, ctx: Ctx, up: Up,
     content_range: Annotated[str, Header(
-        alias="Content-Range", pattern=r"^bytes +(\d+-\d+|\*)/\d+$",
+        alias="Content-Range", max_length=80, pattern=r"^bytes +(\d+-\d+|\*)/\d+$",
         description="`bytes START-END/SIZE`: START must be the `offset` of "
                     "`GET /images/{ref}/upload` (else 409 naming it); "
                     "`bytes */SIZE` with no body completes an upload whose bytes "
