@@ -474,6 +474,7 @@ class ImageStore:
         pending: list[bytes] = []
         pending_len = 0
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+        writing = False
         with os.fdopen(fd, "ab") as f:
             try:
                 async for chunk in chunks:
@@ -491,14 +492,25 @@ class ImageStore:
                     # Batch small network chunks so each thread hop writes and hashes
                     # CHUNK bytes (hashlib releases the GIL on large buffers).
                     if pending_len >= CHUNK:
+                        writing = True
                         await asyncio.to_thread(_write_hash, f, digest, b"".join(pending))
+                        writing = False
                         pending, pending_len = [], 0
                 if pending:
+                    writing = True
                     await asyncio.to_thread(_write_hash, f, digest, b"".join(pending))
+                    writing = False
             except BaseException:
-                # What reached the file stays, a valid prefix to resume from; its hash is
-                # recomputed then (the state here may be mid-update).
-                self._digests.pop(image_id, None)
+                # What was received stays, a valid prefix to resume from. A batch whose
+                # write was cut (cancelled mid-thread) is not trusted: the bytes on disk
+                # are hashed again on resume.
+                if writing:
+                    self._digests.pop(image_id, None)
+                else:
+                    if pending:
+                        _write_hash(f, digest, b"".join(pending))  # at most CHUNK bytes
+                    f.flush()
+                    self._digests[image_id] = (size, digest)
                 log.info("upload interrupted; bytes kept for resuming",
                          extra={"image": image_id, "offset": _size_or_zero(partial)})
                 raise
