@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import cpu_model, memory_gib  # noqa: E402
-from yun.testing.procs import ProcCloud  # noqa: E402
+from benchmarks.machine import cpu_model, memory_gib
+from yun.testing.procs import ProcCloud
 
 MIB = 1 << 20
 CHUNK = MIB
@@ -85,8 +85,7 @@ def time_cp(src: Path, dst: Path) -> float:
     return elapsed
 
 
-async def time_upload(cloud: ProcCloud, src: Path, name: str) -> float:
-    size = src.stat().st_size
+async def time_upload(cloud: ProcCloud, src: Path, size: int, name: str) -> float:
     drop_cache(src)
     async with cloud.api(timeout=3600) as api:
         start = time.perf_counter()
@@ -128,10 +127,10 @@ async def main() -> None:
         write_file(src, args.size_mib)
         await cloud.start()
         cp_times, up_times = [], []
+        size = src.stat().st_size
         for i in range(args.rounds):
             cp_times.append(time_cp(src, root / "copy.raw"))
-            up_times.append(await time_upload(cloud, src, f"bench-{i}"))
-        size = src.stat().st_size
+            up_times.append(await time_upload(cloud, src, size, f"bench-{i}"))
         cp_rate = size / min(cp_times) / 1e6
         up_rate = size / min(up_times) / 1e6
         print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib():.1f} GiB, "
