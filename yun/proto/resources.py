@@ -414,6 +414,9 @@ class ImageVisibility(StrEnum):
     PUBLIC = "public"
 
 
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+
+
 class ImageCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
@@ -422,16 +425,48 @@ class ImageCreate(TaggedInput):
     visibility: ImageVisibility = Field(
         default=ImageVisibility.PROJECT,
         description="'public' images are seen by every project (set by administrators)")
+    sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN,
+        description="sha256 of the bytes to be uploaded (64 hex digits); the upload is "
+                    "refused if the bytes received differ")
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower_sha256(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+
+class ImageUpdate(Input):
+    """What can change on an image after its upload."""
+
+    description: Description | None = None
+    protected: bool | None = Field(
+        default=None, description="a protected image cannot be deleted until unprotected")
 
 
 class Image(Resource):
     status: ImageStatus
     visibility: ImageVisibility = ImageVisibility.PROJECT
-    format: str | None = None
+    format: str | None = Field(default=None, description="the format it is stored in")
+    source_format: str | None = Field(
+        default=None, description="the format it was uploaded in, when it was converted "
+                                  "(vmdk, vdi, vhdx, vpc are stored as qcow2)")
     size: int | None = None
     virtual_size: int | None = None
-    sha256: str | None = None
+    sha256: str | None = Field(default=None, description="sha256 of the stored file")
+    expected_sha256: str | None = Field(
+        default=None, description="the sha256 the uploader announced for its bytes")
+    protected: bool = False
     error: str | None = None
+
+
+class ImageUploadStatus(BaseModel):
+    """How far an upload has come: resume it by sending bytes from ``offset``."""
+
+    image_id: str
+    offset: int = Field(description="bytes the storage server holds; the next byte to send")
+    total: int | None = Field(default=None, description="the declared size of the upload")
+    complete: bool = Field(default=False, description="the image is stored")
 
 
 class ImageUploadTicket(BaseModel):
