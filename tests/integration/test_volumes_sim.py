@@ -182,7 +182,7 @@ async def test_vm_delete_takes_its_volumes_unless_kept(one: SimCluster,
         ("kept", "available", None)]
 
     # keep_volumes keeps even a volume marked to go with its VM.
-    _, v2 = await create_vm(c, "k2")
+    await create_vm(c, "k2")
     resp = await api(c).post("/api/v1/volumes/kept/attach",
                              json={"vm": "k2", "delete_with_vm": True})
     assert resp.status_code == 200 and resp.json()["delete_with_vm"] is True, resp.text
