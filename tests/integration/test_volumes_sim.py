@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.integration.conftest import upload
+from tests.integration.conftest import Cli, shown, upload
 from tests.integration.test_network_modes_sim import _db, create_vm, delete_vm, node_of
 from yun.control.db.models import VolumeRow
 from yun.testing.cluster import SimCluster
@@ -265,3 +265,36 @@ async def test_storage_threshold_alarm_raised_and_cleared(
     assert resp.json()["total"] == 2
     resp = await api(c).get("/api/v1/events", params={"kind": "other"})
     assert resp.json()["items"] == []
+
+
+async def test_cli_volumes_snapshots_events_and_node_storage(
+        cluster: SimCluster, small_qcow2: Path, cli: Cli) -> None:
+    c = cluster
+    await upload(c, small_qcow2)
+    _, vm = await create_vm(c, "c1")
+    made = await shown(cli, "volume", "create", "cd", "--size", "1", "--vm", "c1", "--thick")
+    assert (made["status"], made["vm_name"], made["thin"]) == ("in-use", "c1", False)
+    code, out = await cli("volume", "list")
+    assert code == 0 and "cd" in out and "c1-root" in out, out
+    code, out = await cli("volume", "snapshot", "create", "cd", "s1")
+    assert code != 0 and "stop the VM" in out, out
+    await power(c, "c1", "stop")
+    assert (await shown(cli, "volume", "snapshot", "create", "cd", "s1"))["name"] == "s1"
+    code, out = await cli("volume", "snapshot", "list", "cd")
+    assert code == 0 and "s1" in out, out
+    assert (await shown(cli, "volume", "snapshot", "revert", "cd", "s1"))["name"] == "cd"
+    code, out = await cli("volume", "snapshot", "delete", "cd", "s1")
+    assert code == 0 and "snapshot s1 of volume cd deleted" in out, out
+    assert (await shown(cli, "volume", "resize", "cd", "--size", "2"))["size_gb"] == 2
+    code, out = await cli("volume", "delete", "cd")
+    assert code != 0 and "attached to VM c1" in out, out
+    code, out = await cli("vm", "delete", "c1", "--keep-volumes")
+    assert code == 0, out
+    assert (await shown(cli, "volume", "show", "cd"))["status"] == "available"
+    code, out = await cli("volume", "delete", "cd")
+    assert code == 0 and "volume cd deleted" in out, out
+
+    code, out = await cli("node", "show", vm["node_uuid"])
+    assert code == 0 and "Storage directories" in out and "GiB" in out and "%" in out, out
+    code, out = await cli("event", "list", "--kind", "storage.threshold")
+    assert code == 0, out
