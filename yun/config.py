@@ -238,6 +238,34 @@ class NodeSettings(ComponentSettings):
     sim_direct_lan: str = Field(
         default="192.168.77.0/24", description="the simulated LAN of sim_direct")
 
+    # Storage (F-STO-LOCAL, F-STO-SHARED, F-THIN): see docs/OPERATIONS.md "Node storage".
+    storage_dirs: list[str] = Field(
+        default_factory=list,
+        description="the node's storage directories, one per disk of the host; new volumes "
+                    "go to the one with the most free space. An entry may be a glob "
+                    "(/srv/yun/disk*): it is expanded again on every report and volume "
+                    "creation, so a directory made under it while the node runs is used at "
+                    "once. Empty: the single directory <state_dir>/node/disks")
+    shared_storage: Path | None = Field(
+        default=None, description="a mount point present on every node of a shared-mode "
+                                  "pool (NFS, CephFS): shared volumes and their base images "
+                                  "live there")
+    image_cache_dir: Path | None = Field(
+        default=None, description="the node's image cache; default: images/ in the first "
+                                  "storage directory")
+    image_cache_gb: float = Field(
+        default=100.0, gt=0, le=1 << 20,
+        description="GiB the image cache may take; past it, least-recently-used images no "
+                    "volume is based on are evicted")
+    storage_alarm_percent: float = Field(
+        default=85.0, gt=0, le=100,
+        description="a storage directory whose use passes this share of its size raises an "
+                    "alarm (a warning in the log, over_threshold in the node's report)")
+
+    def storage_patterns(self) -> list[str]:
+        """The configured storage directories (or globs), or the single default one."""
+        return list(self.storage_dirs) or [str(self.state_dir / "node" / "disks")]
+
     @model_validator(mode="after")
     def _direct(self) -> NodeSettings:
         import ipaddress

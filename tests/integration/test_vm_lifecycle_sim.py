@@ -19,10 +19,12 @@ def assert_node_built_what_was_asked(agent: Any, vm: dict, image: dict) -> None:
     assert (disk.size_gb, disk.image_id, disk.image_sha256) == (3, image["uuid"],
                                                                 image["sha256"])
     assert agent.disks.images[image["uuid"]].sha256 == image["sha256"]
-    volume = agent.disks.volumes[vm["uuid"]][disk.disk_id]
+    # The disk is the VM's root volume, kept by the volume's id (C-STO).
+    assert disk.volume_id is not None and disk.create
+    volume = agent.disks.volumes[disk.volume_id]
     assert (volume.size_gb, volume.image_id) == (3, image["uuid"])
-    assert [(d.disk_id, d.path.parent.name) for d in domain.disks] == [(disk.disk_id,
-                                                                          vm["uuid"])]
+    assert [(d.disk_id, d.path.stem) for d in domain.disks] == [(disk.disk_id,
+                                                                   disk.volume_id)]
     [port] = agent.network.ports[vm["uuid"]]
     assert (port.mac, port.ip, port.exposure) == (vm["mac"], vm["ip"], "private")
     [nic] = domain.spec.nics

@@ -28,6 +28,7 @@ from yun.client.identity import (
 )
 from yun.client.pools import Pools, VmGroups, Zones
 from yun.client.routers import Routers
+from yun.client.volumes import Events, Volumes
 from yun.proto.identity import IssuedToken
 
 API_PREFIX = "/api/v1"
@@ -47,6 +48,8 @@ class _Namespaces(Generic[R]):
     def __init__(self, runner: R) -> None:
         self._runner = runner
         self.vms = Vms(runner)
+        self.volumes = Volumes(runner)
+        self.events = Events(runner)
         self.images = Images(runner)
         self.nodes = Nodes(runner)
         self.zones = Zones(runner)

@@ -83,10 +83,12 @@ class Vms(TaggedCollection[R, Vm]):
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint
-    def delete(self, ref: str, *, wait: Wait = False,
+    def delete(self, ref: str, *, wait: Wait = False, keep_volumes: bool = False,
                idempotency_key: str | None = None) -> Op[Accepted | Task]:
-        """Delete a VM with its disks, address and network port."""
+        """Delete a VM with its root volume, address and network port, and its data
+        volumes marked ``delete_with_vm`` unless ``keep_volumes`` (then kept, detached)."""
         return accepted(Call("DELETE", self._item(ref), ACCEPTED,
+                             params={"keep_volumes": "true"} if keep_volumes else {},
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint

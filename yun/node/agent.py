@@ -13,17 +13,25 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from yun.node.hypervisor.base import HypervisorDriver, node_capabilities
+from yun.node.hypervisor.base import HypervisorDriver, ResolvedDisk, node_capabilities
 from yun.node.netload import UplinkMeter
 from yun.node.network.base import NetworkBackend
-from yun.node.storage.base import DiskBackend, ImageAccess
+from yun.node.storage.base import DiskBackend, DiskError, ImageAccess, VolumeInUse
 from yun.proto.client import SigningAuth
 from yun.proto.components import ComponentType
 from yun.proto.errors import BadRequest, NotFound, YunError
 from yun.proto.membership import Membership
 from yun.proto.messages import (
+    CdromChange,
+    DiskAttach,
+    DiskSpec,
     DomainInfo,
+    DomainSpec,
+    DomainState,
+    ImageLocation,
     HostInfo,
     NicAttach,
     NicSpec,
@@ -33,11 +41,18 @@ from yun.proto.messages import (
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    VolumeEnsure,
+    VolumeInfo,
+    legacy_volume_id,
 )
 from yun.proto.network import LearnedAddress, NicNetwork, NodeForward
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.node")
+
+GIB = 1024**3
+# The disk id of the VM's CD drive in the hypervisor (the seed is "cidata").
+CDROM_DISK_ID = "cdrom"
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,9 @@ class NodeAgent:
         self.networks = dict(networks)
         self.report_interval = report_interval
         self.queues = KeyedQueues()
+        # Volume operations outside any VM (ensure, resize, snapshots) queue per volume,
+        # apart from the VM queues whose keys the report lists as busy VMs.
+        self.volume_queues = KeyedQueues()
         self._tasks: list[asyncio.Task[None]] = []
         self._report_now = asyncio.Event()
         # Reports are numbered per boot; each control server is told the last report it
@@ -107,6 +125,10 @@ class NodeAgent:
         log.info("node agent found its domains", extra={
             "node": self.node_id, "domains": len(domains),
             "running": sum(1 for d in domains if d.state == "running")})
+        attached = await self.disks.attachments()
+        for dom in domains:
+            if dom.state == DomainState.RUNNING and dom.uuid in attached:
+                await self.disks.note_open(list(attached[dom.uuid].values()), True)
         self._tasks = [asyncio.create_task(self._report_loop()),
                        asyncio.create_task(self._event_loop())]
         self.membership.on_peers_changed(lambda added, removed: self._report_now.set())
@@ -130,24 +152,81 @@ class NodeAgent:
                            self.membership.client_tls)
 
     async def provision(self, vm_uuid: str, req: ProvisionRequest) -> DomainInfo:
-        """Images cached, disks made, NICs leased, domain defined (and started)."""
+        """Images cached, volumes made (or found), the CD drive and the cloud-init seed,
+        NICs leased, domain defined (and started)."""
         if req.spec.uuid != vm_uuid:
             raise BadRequest(f"spec uuid {req.spec.uuid} does not match the URL ({vm_uuid})")
         async with self.queues.hold(vm_uuid):
-            for image in req.images:
-                await self.disks.ensure_image(image, self.image_access())
-            disks = [await self.disks.ensure_disk(vm_uuid, d) for d in req.spec.disks]
+            spec = req.spec
+            specs = [self.volume_spec(vm_uuid, d) for d in spec.disks]
+            cached = await self._ensure_images(req.images, specs)
+            disks = [await self.disks.ensure_volume(d) for d in specs]
+            current = await self.driver.get_domain(vm_uuid)
+            running = current is not None and current.state == DomainState.RUNNING
+            if not running:
+                await self._check_free(specs)
+            extra = await self._extra_disks(vm_uuid, spec, cached)
             if req.sandbox is not None:
                 # Every backend: the direct one takes its blocked networks from it too.
                 for backend in self.networks.values():
                     await backend.ensure_network(req.sandbox)
-            nics = [await self.network_of(n).ensure_port(vm_uuid, n) for n in req.spec.nics]
-            await self.driver.ensure_defined(req.spec, disks, nics)
+            nics = [await self.network_of(n).ensure_port(vm_uuid, n) for n in spec.nics]
+            await self.disks.set_attachments(
+                vm_uuid, {d.disk_id: str(d.volume_id) for d in specs})
+            await self.driver.ensure_defined(spec, disks + extra, nics)
             if req.start:
                 await self.driver.start(vm_uuid)
+                await self.disks.note_open([str(d.volume_id) for d in specs], True)
             log.info("VM provisioned", extra={"vm": vm_uuid, "node": self.node_id,
-                                              "started": req.start})
+                                              "started": req.start,
+                                              "volumes": [d.volume_id for d in specs]})
             return await self._info(vm_uuid)
+
+    @staticmethod
+    def volume_spec(vm_uuid: str, disk: DiskSpec) -> DiskSpec:
+        """``disk`` with its volume id: an older control server sends none, and its disk
+        is the volume the node adopted under :func:`legacy_volume_id`."""
+        if disk.volume_id is not None:
+            return disk
+        return disk.model_copy(update={"volume_id": legacy_volume_id(vm_uuid, disk.disk_id)})
+
+    async def _ensure_images(self, images: list[ImageLocation], specs: list[DiskSpec]
+                             ) -> dict[str, Path]:
+        """Each image in the node's cache, and on the shared mount when a shared volume
+        is made of it; image id -> the cached file (the node's own copy first)."""
+        shared = {d.image_id for d in specs if d.storage == "shared" and d.image_id}
+        local = {d.image_id for d in specs if d.storage == "local" and d.image_id}
+        found: dict[str, Path] = {}
+        for image in images:
+            if image.image_id in shared:
+                found[image.image_id] = await self.disks.ensure_image(
+                    image, self.image_access(), shared=True)
+            if image.image_id in local or image.image_id not in shared:
+                found[image.image_id] = await self.disks.ensure_image(
+                    image, self.image_access())
+        return found
+
+    async def _check_free(self, specs: list[DiskSpec]) -> None:
+        """Refuse (VolumeInUse) when another node has one of the shared volumes open."""
+        for d in specs:
+            if d.storage == "shared" and d.volume_id is not None:
+                await self.disks.check_free(d.volume_id)
+
+    async def _extra_disks(self, vm_uuid: str, spec: DomainSpec,
+                           cached: dict[str, Path]) -> list[ResolvedDisk]:
+        """The CD drive (with its ISO, or empty) and the cloud-init seed of the spec."""
+        extra: list[ResolvedDisk] = []
+        if spec.cdrom is not None:
+            path = None
+            if spec.cdrom.image_id is not None:
+                path = cached.get(spec.cdrom.image_id)
+                if path is None:
+                    raise BadRequest(f"CD image {spec.cdrom.image_id} is not among the "
+                                     "request's images")
+            extra.append(cdrom_disk(path))
+        if spec.cloud_init is not None:
+            extra.append(await self.disks.ensure_seed(vm_uuid, spec.cloud_init))
+        return extra
 
     async def attach_nic(self, vm_uuid: str, req: NicAttach) -> DomainInfo:
         """One more NIC in the VM (U-HOTPLUG): its port (tap, lease, rules), then the
@@ -188,20 +267,36 @@ class NodeAgent:
         self._report_now.set()
         return info
 
-    async def remove(self, vm_uuid: str) -> None:
-        """Domain, disks and leases of the VM gone; nothing to do if already gone."""
+    async def remove(self, vm_uuid: str, delete_volumes: list[str] | None = None) -> None:
+        """Domain, leases and VM files (seed, older disks) gone, and the listed volumes;
+        other volumes are kept (Z-CASCADE: a volume may outlive its VM). Nothing to do
+        if already gone."""
         async with self.queues.hold(vm_uuid):
             await self.driver.undefine(vm_uuid)
+            attached = (await self.disks.attachments()).get(vm_uuid, {})
+            await self.disks.note_open(list(attached.values()), False)
             for backend in self.networks.values():
                 await backend.release_ports(vm_uuid)
-            await self.disks.delete_disks(vm_uuid)
-            log.info("VM removed", extra={"vm": vm_uuid, "node": self.node_id})
+            for volume_id in delete_volumes or []:
+                await self.disks.delete_volume(volume_id)
+            await self.disks.set_attachments(vm_uuid, {})
+            await self.disks.delete_vm_files(vm_uuid)
+            log.info("VM removed", extra={"vm": vm_uuid, "node": self.node_id,
+                                          "volumes_deleted": delete_volumes or [],
+                                          "volumes_kept": sorted(
+                                              set(attached.values())
+                                              - set(delete_volumes or []))})
         self._report_now.set()
 
     async def start_vm(self, vm_uuid: str) -> DomainInfo:
         async with self.queues.hold(vm_uuid):
-            await self._require(vm_uuid)
+            info = await self._require(vm_uuid)
+            volumes = (await self.disks.attachments()).get(vm_uuid, {})
+            if info.state != DomainState.RUNNING:
+                for volume_id in volumes.values():
+                    await self.disks.check_free(volume_id)
             await self.driver.start(vm_uuid)
+            await self.disks.note_open(list(volumes.values()), True)
             return await self._info(vm_uuid)
 
     async def stop_vm(self, vm_uuid: str, req: StopRequest) -> DomainInfo:
@@ -211,7 +306,15 @@ class NodeAgent:
                 await self.driver.destroy(vm_uuid)
             else:
                 await self.driver.shutdown(vm_uuid, req.timeout)
-            return await self._info(vm_uuid)
+            info = await self._info(vm_uuid)
+            if info.state != DomainState.RUNNING:
+                await self._closed(vm_uuid)
+            return info
+
+    async def _closed(self, vm_uuid: str) -> None:
+        """The VM's domain no longer runs: its volumes are closed."""
+        volumes = (await self.disks.attachments()).get(vm_uuid, {})
+        await self.disks.note_open(list(volumes.values()), False)
 
     async def reboot_vm(self, vm_uuid: str) -> DomainInfo:
         async with self.queues.hold(vm_uuid):
@@ -239,6 +342,149 @@ class NodeAgent:
             "vm": vm_uuid, "node": self.node_id,
             "forwards": [f"{f.protocol}/{f.node_port}->{f.vm_ip}:{f.vm_port}"
                          for f in forwards]})
+
+    # -- volumes (U-HOTPLUG, snapshots, resize) ----------------------------------------------
+
+    async def _holder(self, volume_id: str) -> tuple[str, str, DomainInfo] | None:
+        """(vm, disk id, domain) of the domain on this node that has the volume attached,
+        or None."""
+        for vm, volumes in (await self.disks.attachments()).items():
+            for disk_id, vid in volumes.items():
+                if vid == volume_id:
+                    info = await self.driver.get_domain(vm)
+                    if info is not None:
+                        return vm, disk_id, info
+        return None
+
+    async def _require_closed(self, volume_id: str, what: str) -> None:
+        holder = await self._holder(volume_id)
+        if holder is not None and holder[2].state == DomainState.RUNNING:
+            raise VolumeInUse(f"volume {volume_id} is open by running VM {holder[0]} (disk "
+                              f"{holder[1]}) on node {self.membership.name}: stop it to {what}")
+
+    async def ensure_volume(self, volume_id: str, req: VolumeEnsure) -> VolumeInfo:
+        """The volume made (idempotent), its image fetched first; its state on disk."""
+        if req.disk.volume_id not in (None, volume_id):
+            raise BadRequest(f"volume id {req.disk.volume_id} does not match the URL "
+                             f"({volume_id})")
+        disk = req.disk.model_copy(update={"volume_id": volume_id})
+        async with self.volume_queues.hold(volume_id):
+            if req.image is not None:
+                await self.disks.ensure_image(req.image, self.image_access(),
+                                              shared=disk.storage == "shared")
+            await self.disks.ensure_volume(disk)
+            info = await self.disks.volume_info(volume_id)
+        self._report_now.set()
+        return info
+
+    async def volume_info(self, volume_id: str) -> VolumeInfo:
+        return await self.disks.volume_info(volume_id)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """The volume gone (no error when absent); 409 while a domain here has it."""
+        async with self.volume_queues.hold(volume_id):
+            holder = await self._holder(volume_id)
+            if holder is not None:
+                raise VolumeInUse(f"volume {volume_id} is attached to VM {holder[0]} (disk "
+                                  f"{holder[1]}) on node {self.membership.name}: detach it "
+                                  "first")
+            await self.disks.delete_volume(volume_id)
+        log.info("volume deleted", extra={"volume": volume_id, "node": self.node_id})
+        self._report_now.set()
+
+    async def resize_volume(self, volume_id: str, size_gb: int) -> VolumeInfo:
+        """Grow the volume: through the hypervisor when a running domain has it (the
+        guest sees the new size at once), offline with qemu-img otherwise."""
+        async with self.volume_queues.hold(volume_id):
+            holder = await self._holder(volume_id)
+            if holder is not None and holder[2].state == DomainState.RUNNING:
+                current = await self.disks.volume_info(volume_id)
+                if size_gb < current.size_gb:
+                    raise DiskError(f"volume {volume_id}: cannot shrink from "
+                                    f"{current.size_gb} GiB to {size_gb} GiB")
+                if size_gb > current.size_gb:
+                    await self.driver.resize_disk(holder[0], holder[1], size_gb * GIB)
+                info = await self.disks.resize_volume(volume_id, size_gb, online=True)
+            else:
+                info = await self.disks.resize_volume(volume_id, size_gb)
+        log.info("volume resized", extra={"volume": volume_id, "node": self.node_id,
+                                          "size_gb": size_gb,
+                                          "online": holder is not None})
+        return info
+
+    async def snapshot_volume(self, volume_id: str, name: str,
+                              action: Literal["create", "revert", "delete"]) -> VolumeInfo:
+        """An internal snapshot made, reverted to or dropped; the volume must be closed."""
+        async with self.volume_queues.hold(volume_id):
+            await self._require_closed(volume_id, f"{action} snapshot {name}")
+            if action == "create":
+                info = await self.disks.create_snapshot(volume_id, name)
+            elif action == "revert":
+                info = await self.disks.revert_snapshot(volume_id, name)
+            else:
+                info = await self.disks.delete_snapshot(volume_id, name)
+        log.info("volume snapshot changed", extra={"volume": volume_id, "node": self.node_id,
+                                                   "snapshot": name, "action": action})
+        return info
+
+    async def attach_disk(self, vm_uuid: str, req: DiskAttach) -> DomainInfo:
+        """Plug an existing volume into the VM (live when it runs, and into its
+        definition); a volume attached to another VM here is refused."""
+        disk = self.volume_spec(vm_uuid, req.disk).model_copy(update={"create": False})
+        volume_id = str(disk.volume_id)
+        async with self.queues.hold(vm_uuid):
+            info = await self._require(vm_uuid)
+            holder = await self._holder(volume_id)
+            if holder is not None and (holder[0], holder[1]) != (vm_uuid, disk.disk_id):
+                raise VolumeInUse(f"volume {volume_id} is already attached to VM {holder[0]} "
+                                  f"(disk {holder[1]}) on node {self.membership.name}")
+            resolved = await self.disks.ensure_volume(disk)
+            running = info.state == DomainState.RUNNING
+            if running and holder is None and disk.storage == "shared":
+                await self.disks.check_free(volume_id)
+            if holder is None:
+                await self.driver.attach_disk(vm_uuid, resolved)
+            volumes = (await self.disks.attachments()).get(vm_uuid, {})
+            await self.disks.set_attachments(vm_uuid, {**volumes, disk.disk_id: volume_id})
+            if running:
+                await self.disks.note_open([volume_id], True)
+            info = await self._info(vm_uuid)
+        log.info("volume attached to VM", extra={"vm": vm_uuid, "node": self.node_id,
+                                                 "disk": disk.disk_id, "volume": volume_id})
+        self._report_now.set()
+        return info
+
+    async def detach_disk(self, vm_uuid: str, disk_id: str) -> DomainInfo:
+        """Unplug disk ``disk_id`` of the VM; its volume stays. No error if absent."""
+        async with self.queues.hold(vm_uuid):
+            await self._require(vm_uuid)
+            await self.driver.detach_disk(vm_uuid, disk_id)
+            volumes = dict((await self.disks.attachments()).get(vm_uuid, {}))
+            volume_id = volumes.pop(disk_id, None)
+            await self.disks.set_attachments(vm_uuid, volumes)
+            if volume_id is not None:
+                await self.disks.note_open([volume_id], False)
+            info = await self._info(vm_uuid)
+        log.info("volume detached from VM", extra={"vm": vm_uuid, "node": self.node_id,
+                                                   "disk": disk_id, "volume": volume_id})
+        self._report_now.set()
+        return info
+
+    async def change_cdrom(self, vm_uuid: str, req: CdromChange) -> DomainInfo:
+        """Insert an ISO into the VM's CD drive (cached first), or eject it."""
+        async with self.queues.hold(vm_uuid):
+            await self._require(vm_uuid)
+            path = None
+            if req.image is not None:
+                if req.image.format != "iso":
+                    raise DiskError(f"image {req.image.image_id} is a {req.image.format} disk "
+                                    "image, not an ISO: only an ISO goes into the CD drive")
+                path = await self.disks.ensure_image(req.image, self.image_access())
+            await self.driver.change_media(vm_uuid, CDROM_DISK_ID, path)
+            info = await self._info(vm_uuid)
+        log.info("VM CD changed", extra={"vm": vm_uuid, "node": self.node_id,
+                                         "image": req.image.image_id if req.image else None})
+        return info
 
     async def _require(self, vm_uuid: str) -> DomainInfo:
         info = await self.driver.get_domain(vm_uuid)
@@ -320,13 +566,18 @@ class NodeAgent:
             for vm, macs in (await backend.vm_ports()).items():
                 ports.setdefault(vm, []).extend(macs)
             learned.extend(await backend.learned())
+        # A VM is named while anything of it is here: its files (seed) or volumes
+        # recorded as attached to its domain.
         disks = await self.disks.vm_disk_ids()
+        storage = await self.disks.storage_report()
+        volumes = await self.disks.volume_ids()
         busy = sorted(set(busy) | set(self.queues.keys()))
         return NodeReport(node_id=self.node_id, name=self.membership.name,
                           url=self.membership.url, host=await self.host_info(),
                           domains=domains, ports=ports, disks=disks, busy=busy,
                           boot_id=self.boot_id, seq=self._seq,
-                          report_interval=self.report_interval, learned=learned)
+                          report_interval=self.report_interval, learned=learned,
+                          storage=storage, volumes=volumes)
 
     async def _report_loop(self) -> None:
         while True:
@@ -344,6 +595,15 @@ class NodeAgent:
         async for event in self.driver.events():
             log.info("domain event", extra={"vm": event.uuid, "state": str(event.state),
                                             "reason": event.reason, "node": self.node_id})
+            if event.state != DomainState.RUNNING:
+                await self._closed(event.uuid)
             self._report_now.set()
 
 
+
+
+def cdrom_disk(path: Path | None) -> ResolvedDisk:
+    """The VM's CD drive with the ISO at ``path`` (None: empty): read-only, on a SATA
+    bus so it takes no virtio disk name from the volumes."""
+    return ResolvedDisk(disk_id=CDROM_DISK_ID, path=path, format="raw", bus="sata",
+                        device="cdrom", read_only=True)

@@ -15,11 +15,13 @@ from yun.node.hypervisor.base import (
     NotSupported,
 )
 from yun.node.network.base import NetworkError
-from yun.node.storage.base import DiskError
+from yun.node.storage.base import DiskError, NoSpace, VolumeInUse, VolumeNotFound
 from yun.proto.components import ComponentType as CT
 from yun.proto.errors import BadRequest, Conflict, NotFound, Problem
 from yun.proto.messages import (
+    CdromChange,
     ConsoleLog,
+    DiskAttach,
     DomainConsole,
     DomainInfo,
     HostInfo,
@@ -27,6 +29,9 @@ from yun.proto.messages import (
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    VolumeEnsure,
+    VolumeInfo,
+    VolumeResize,
 )
 from yun.proto.network import NodeForwards
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
@@ -52,14 +57,18 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
         return problem_response(Problem(title="Not supported", status=501, detail=str(exc),
                                         instance=request.url.path))
 
-    for kind, error in (("hypervisor", HypervisorError), ("disk", DiskError),
-                        ("network", NetworkError)):
-        def _register(kind: str = kind, error: type[Exception] = error) -> None:
+    # Storage errors the caller can act on: the most specific class's handler wins.
+    for kind, error, status in (
+            ("hypervisor", HypervisorError, 500), ("disk", DiskError, 422),
+            ("network", NetworkError, 500), ("volume not found", VolumeNotFound, 404),
+            ("volume in use", VolumeInUse, 409), ("no space", NoSpace, 507)):
+        def _register(kind: str = kind, error: type[Exception] = error,
+                      status: int = status) -> None:
             @app.exception_handler(error)
             async def _failed(request: Request, exc: Exception) -> JSONResponse:
                 return problem_response(Problem(
-                    title=f"{kind.capitalize()} error", status=500,
-                    detail=f"{kind} on node {agent.membership.name}: {exc}",
+                    title=f"{kind.capitalize()}" + (" error" if status in (422, 500) else ""),
+                    status=status, detail=f"{kind} on node {agent.membership.name}: {exc}",
                     instance=request.url.path))
         _register()
 
@@ -87,8 +96,68 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
         return await agent.provision(vm_uuid, req)
 
     @app.delete(f"{base}/domains/{{vm_uuid}}", status_code=204, dependencies=[caller])
-    async def remove(vm_uuid: str) -> None:
-        await agent.remove(vm_uuid)
+    async def remove(vm_uuid: str,
+                     delete_volume: Annotated[list[str] | None, Query()] = None) -> None:
+        """Domain, ports and VM files gone, and the volumes listed in
+        ``delete_volume``; the VM's other volumes are kept."""
+        await agent.remove(vm_uuid, delete_volume or [])
+
+    @app.put(f"{base}/domains/{{vm_uuid}}/disks/{{disk_id}}", response_model=DomainInfo,
+             dependencies=[caller])
+    async def attach_disk(vm_uuid: str, disk_id: str, req: DiskAttach) -> DomainInfo:
+        """Plug an existing volume into the VM (live if it runs, and its definition)."""
+        if req.disk.disk_id != disk_id:
+            raise BadRequest(f"disk id {req.disk.disk_id} does not match the URL ({disk_id})")
+        return await agent.attach_disk(vm_uuid, req)
+
+    @app.delete(f"{base}/domains/{{vm_uuid}}/disks/{{disk_id}}", response_model=DomainInfo,
+                dependencies=[caller])
+    async def detach_disk(vm_uuid: str, disk_id: str) -> DomainInfo:
+        """Unplug a disk of the VM; its volume stays."""
+        return await agent.detach_disk(vm_uuid, disk_id)
+
+    @app.put(f"{base}/domains/{{vm_uuid}}/cdrom", response_model=DomainInfo,
+             dependencies=[caller])
+    async def change_cdrom(vm_uuid: str, req: CdromChange) -> DomainInfo:
+        """Insert an ISO into the VM's CD drive, or eject it (no image)."""
+        return await agent.change_cdrom(vm_uuid, req)
+
+    @app.put(f"{base}/volumes/{{volume_id}}", response_model=VolumeInfo,
+             dependencies=[caller])
+    async def ensure_volume(volume_id: str, req: VolumeEnsure) -> VolumeInfo:
+        """Make the volume (idempotent), fetching its image first."""
+        return await agent.ensure_volume(volume_id, req)
+
+    @app.get(f"{base}/volumes/{{volume_id}}", response_model=VolumeInfo,
+             dependencies=[caller])
+    async def volume_info(volume_id: str) -> VolumeInfo:
+        return await agent.volume_info(volume_id)
+
+    @app.delete(f"{base}/volumes/{{volume_id}}", status_code=204, dependencies=[caller])
+    async def delete_volume(volume_id: str) -> None:
+        """The volume gone; 409 while a domain on this node has it attached."""
+        await agent.delete_volume(volume_id)
+
+    @app.post(f"{base}/volumes/{{volume_id}}/resize", response_model=VolumeInfo,
+              dependencies=[caller])
+    async def resize_volume(volume_id: str, req: VolumeResize) -> VolumeInfo:
+        """Grow the volume (online through the hypervisor when a running VM has it)."""
+        return await agent.resize_volume(volume_id, req.size_gb)
+
+    @app.put(f"{base}/volumes/{{volume_id}}/snapshots/{{name}}", response_model=VolumeInfo,
+             dependencies=[caller])
+    async def create_snapshot(volume_id: str, name: str) -> VolumeInfo:
+        return await agent.snapshot_volume(volume_id, name, "create")
+
+    @app.post(f"{base}/volumes/{{volume_id}}/snapshots/{{name}}/revert",
+              response_model=VolumeInfo, dependencies=[caller])
+    async def revert_snapshot(volume_id: str, name: str) -> VolumeInfo:
+        return await agent.snapshot_volume(volume_id, name, "revert")
+
+    @app.delete(f"{base}/volumes/{{volume_id}}/snapshots/{{name}}", response_model=VolumeInfo,
+                dependencies=[caller])
+    async def delete_snapshot(volume_id: str, name: str) -> VolumeInfo:
+        return await agent.snapshot_volume(volume_id, name, "delete")
 
     @app.post(f"{base}/domains/{{vm_uuid}}/start", response_model=DomainInfo,
               dependencies=[caller])

@@ -47,7 +47,8 @@ def build_backends(settings: NodeSettings, name: str
         return (
             load_driver("sim", hostname=name, vcpus=settings.sim_vcpus,
                         memory_mb=settings.sim_memory_mb, state_file=state_file),
-            SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file),
+            SimDiskBackend(total_gb=settings.sim_disk_gb, state_file=state_file, node=name,
+                           alarm_percent=settings.storage_alarm_percent),
             sim_networks,
         )
     from yun.node.network.sandbox import SandboxNetworkBackend

@@ -156,6 +156,19 @@ class NodeLoad(BaseModel):
     reported_at: datetime | None = None
 
 
+class StorageDir(BaseModel):
+    """One storage directory of a node (or its shared mount) and its use."""
+
+    path: str
+    shared: bool = False
+    total_bytes: int
+    used_bytes: int
+    used_percent: float = Field(description="used / total, in percent")
+    volumes: int = 0
+    allocated_bytes: int = Field(default=0, description="what Yun volumes take on disk")
+    over_threshold: bool = False
+
+
 class Node(Named):
     url: str
     status: NodeStatus
@@ -181,6 +194,10 @@ class Node(Named):
                                        description="the node's sandbox subnet (F-NET-SANDBOX)")
     last_report_at: datetime | None = None
     vm_count: int = 0
+    storage: list[StorageDir] = Field(default_factory=list,
+                                      description="the node's storage directories as last "
+                                                  "reported (F-STO-LOCAL, F-THIN)")
+
 
 
 NodeLabelKey = Annotated[str, Field(min_length=1, max_length=63,
@@ -236,6 +253,9 @@ class PoolTemplate(Input):
     network_mode: NetworkMode | None = None
     storage_mode: StorageMode | None = None
     thin: bool | None = Field(default=None, description="thin-provisioned disks")
+    backing: bool | None = Field(
+        default=None, description="shared mode: VMs are overlays on one read-only base "
+                                  "image (F-BACKING); refused in local mode")
     ha: bool | None = Field(default=None, description="restart VMs elsewhere when a node fails")
     address_pool: Ref | None = Field(
         default=None, description="the linked address pool (a reference until networks land)")
@@ -271,6 +291,7 @@ class Pool(Named):
     network_mode: NetworkMode
     storage_mode: StorageMode
     thin: bool
+    backing: bool = False
     ha: bool
     address_pool: str | None = None
     qos_level: CpuQos
@@ -644,6 +665,105 @@ class Vm(Resource):
     power_state: str | None = None
     task_uuid: str | None = None
     error: str | None = None
+
+
+# --- volumes (C-STO) and events ----------------------------------------------------------
+
+
+class VolumeKind(StrEnum):
+    ROOT = "root"
+    DATA = "data"
+
+
+class VolumeStatus(StrEnum):
+    """``available``: attached to no VM; ``in-use``: attached to one."""
+
+    AVAILABLE = "available"
+    IN_USE = "in-use"
+    ERROR = "error"
+
+
+class VolumeCreate(TaggedInput):
+    """A data volume. It is made on a node when first attached (in local mode on the node
+    of that VM); ``vm`` attaches it at once."""
+
+    name: ResourceName
+    description: Description = ""
+    size_gb: int = Field(ge=1, le=65536)
+    pool: Ref | None = Field(default=None, description="compute pool whose storage it uses; "
+                             "default: the pool of `vm`, else 'default'")
+    thin: bool | None = Field(default=None, description="thin (grows with use) or thick "
+                              "(preallocated); default: the pool's setting")
+    vm: Ref | None = Field(default=None, description="attach it to this VM at once")
+    delete_with_vm: bool = Field(default=False,
+                                 description="deleted with the VM it is attached to")
+
+
+class VolumeAttach(Input):
+    vm: Ref = Field(description="the VM to attach the volume to")
+    delete_with_vm: bool | None = Field(default=None, description="deleted with that VM; "
+                                        "default: as it was")
+
+
+class VolumeResize(Input):
+    size_gb: int = Field(ge=1, le=65536, description="the new size: larger than the current")
+
+
+class VolumeSnapshotCreate(Input):
+    name: ResourceName
+
+
+class VolumeSnapshot(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    volume_uuid: str
+    name: str
+    size_gb: int = Field(description="the volume's size when it was taken")
+    created_at: datetime
+
+
+class Volume(Resource):
+    kind: VolumeKind
+    size_gb: int
+    thin: bool
+    storage_mode: StorageMode
+    status: VolumeStatus
+    pool_uuid: str | None = None
+    pool_name: str | None = None
+    node_uuid: str | None = Field(default=None, description="the node holding it (local "
+                                  "mode) or that last used it; None: not made yet")
+    node_name: str | None = None
+    vm_uuid: str | None = None
+    vm_name: str | None = None
+    disk_id: str | None = Field(default=None, description="its disk id inside the VM")
+    image_uuid: str | None = None
+    delete_with_vm: bool = True
+    snapshot_count: int = 0
+    error: str | None = None
+
+
+class EventState(StrEnum):
+    RAISED = "raised"
+    CLEARED = "cleared"
+    INFO = "info"
+
+
+class Event(BaseModel):
+    """An alarm raised or cleared, or a notice (e.g. a storage directory past its
+    threshold, F-THIN)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    kind: str
+    severity: str
+    state: EventState
+    resource_type: str
+    resource_uuid: str | None = None
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class Accepted(BaseModel):

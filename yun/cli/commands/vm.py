@@ -247,9 +247,13 @@ def reboot(vm: VmArg, wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_
 
 @app.command("delete")
 def delete(vm: VmArg, wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_WAIT,
+           keep_volumes: Annotated[bool, typer.Option(
+               "--keep-volumes", help="keep every data volume (detached, available)")] = False,
            idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
-    """Delete a VM with its disks, address and network port."""
-    answer = accepted(client().vms.delete(vm, idempotency_key=idempotency_key))
+    """Delete a VM with its root volume, address and network port, and the data volumes
+    marked to go with it (unless --keep-volumes)."""
+    answer = accepted(client().vms.delete(vm, keep_volumes=keep_volumes,
+                                          idempotency_key=idempotency_key))
     finish(answer, f"delete {vm}", wait, wait_timeout, output)
 
 

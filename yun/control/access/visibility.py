@@ -12,6 +12,7 @@ from yun.control.db.models import (
     ApiKeyRow,
     AuditRow,
     DepartmentRow,
+    EventRow,
     FlowRow,
     ImageRow,
     NodeRow,
@@ -23,6 +24,7 @@ from yun.control.db.models import (
     UserRow,
     VmGroupRow,
     VmRow,
+    VolumeRow,
     ZoneRow,
 )
 from yun.proto.identity import Role
@@ -35,14 +37,14 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
         return true()
     if model in (ZoneRow, PoolRow, AddressPoolRow):
         return true()  # every user chooses where VMs go; only administrators change them
-    if model in (VmRow, FlowRow, VmGroupRow, PublicIpRow):
+    if model in (VmRow, FlowRow, VmGroupRow, PublicIpRow, VolumeRow):
         return scope.clause(model.project_uuid)  # type: ignore[return-value]
     if model is ImageRow:
         return or_(ImageRow.visibility == "public",
                    scope.clause(ImageRow.project_uuid))  # type: ignore[arg-type]
     if model is ProjectRow:
         return scope.clause(ProjectRow.uuid)  # type: ignore[return-value]
-    if model is NodeRow:
+    if model in (NodeRow, EventRow):  # administrators only (scope.everything)
         return false()
     if model is DepartmentRow:
         own = {d for d in (ctx.department_uuid, ctx.project_department_uuid) if d}

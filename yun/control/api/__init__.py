@@ -20,6 +20,7 @@ from yun.control.api.tasks import task_router
 from yun.control.api.tenancy import tenancy_router
 from yun.control.api.vm_groups import vm_group_router
 from yun.control.api.vms import vm_router
+from yun.control.api.volumes import volume_router
 from yun.control.context import ControlContext
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.server import install_problem_handlers
@@ -38,6 +39,6 @@ def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
     for router in (component_router, auth_router, tenancy_router, account_router,
                    audit_router, node_router, image_router, vm_router, task_router,
                    tag_router, pool_router, vm_group_router, address_router,
-                   router_router, router_sync_router):
+                   router_router, router_sync_router, volume_router):
         app.include_router(router(api))
     return app

@@ -53,8 +53,9 @@ def vm_router(api: ApiBundle) -> APIRouter:
         return await api.vms.get(ref, sc)
 
     @r.delete("/vms/{ref}", response_model=Accepted, status_code=202, name="vm.delete")
-    async def delete_vm(ref: str, request: Request, sc: Scope = scope) -> Accepted:
-        return _accepted(request, await api.vms.delete(ref, sc))
+    async def delete_vm(ref: str, request: Request, sc: Scope = scope,
+                        keep_volumes: bool = False) -> Accepted:
+        return _accepted(request, await api.vms.delete(ref, sc, keep_volumes))
 
     def power(action: str) -> None:
         @r.post(f"/vms/{{ref}}/{action}", response_model=Accepted, status_code=202,

@@ -30,6 +30,7 @@ from yun.control.allocators import quotas
 from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
+from yun.control.flows.volumes import disk_specs, release_volumes, volumes_going_with
 from yun.control.network import public_ips
 from yun.control.network.modes import (
     mode_for,
@@ -45,7 +46,6 @@ from yun.proto.components import ComponentType
 from yun.proto.errors import Conflict, NotFound, Unavailable, YunError
 from yun.proto.messages import (
     CpuQos,
-    DiskSpec,
     DomainSpec,
     DomainState,
     ImageLocation,
@@ -206,6 +206,7 @@ async def finish_delete(session: AsyncSession, vm: VmRow) -> list[str]:
                                                            "released": released})
     await quotas.release(session, vm.project_uuid,
                          quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
+    await release_volumes(session, vm.uuid)
     await drop_tags(session, vm.uuid)
     await session.delete(vm)
     return released
@@ -236,8 +237,7 @@ async def provision_request(control: ControlContext, session: AsyncSession, vm: 
     spec = DomainSpec(
         uuid=vm.uuid, name=vm.name, vcpus=vm.vcpus, memory_mb=vm.memory_mb,
         qos=effective_qos(vm, pool.qos_level if pool is not None else None),
-        disks=[DiskSpec(disk_id=ROOT_DISK, size_gb=vm.disk_gb, image_id=image.uuid,
-                        image_sha256=image.sha256, image_format=image.format)],
+        disks=await disk_specs(session, vm, node, image, pool),
         nics=mode.nic_specs(vm, nics, hostname=hostname_for(vm.name)),
     )
     sandbox = None
@@ -327,9 +327,13 @@ async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError
 
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
                            why: str) -> None:
-    """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
+    """Have the node remove the VM's domain, leases and the volumes that go with it (its
+    root volume, and data volumes marked ``delete_with_vm``; idempotent on the node)."""
+    async with control.db.session() as session:
+        volumes = await volumes_going_with(session, ctx.resource_uuid)
     await node_client(control, node).remove(
-        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
+        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180,
+        delete_volumes=volumes)
 
 
 class Address(Step):

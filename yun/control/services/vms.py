@@ -32,6 +32,7 @@ from yun.control.db.models import (
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import POOLS, effective_qos, qos_needs
+from yun.control.flows.volumes import root_volume
 from yun.control.network.modes import mode_for
 from yun.control.network.modes.base import address_pool_of
 from yun.control.nodeclient import node_client
@@ -46,6 +47,7 @@ from yun.control.services.port_forwards import (
 from yun.control.services.tasks import task_model
 from yun.control.services.vm_addresses import VmAddressService
 from yun.control.services.vm_nics import VmNicService
+from yun.control.services.volumes import keep_data_volumes
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import QosSpec, StopRequest
@@ -168,6 +170,7 @@ class VmService:
                 idempotency_key=key,
             )
             session.add(vm)
+            session.add(root_volume(vm, pool))  # C-STO: every disk is a volume
             tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
             flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid,
                                                   {POOLS: pools} if pool is None else {},
@@ -257,8 +260,12 @@ class VmService:
         return await self._launch(ref, f"vm.{action}", ACTIONS_ALLOWED[action],
                                   TRANSIENT[action], data, scope, ALREADY.get(action))
 
-    async def delete(self, ref: str, scope: Scope) -> Accepted:
-        """Delete the VM with its domain, disks, address, reservation and quota."""
+    async def delete(self, ref: str, scope: Scope, keep_volumes: bool = False) -> Accepted:
+        """Delete the VM with its domain, root volume, address, reservation and quota, and
+        the data volumes marked ``delete_with_vm`` unless ``keep_volumes`` (then every
+        data volume is kept, detached; Z-CASCADE)."""
+        if keep_volumes:
+            await keep_data_volumes(self.ctx, ref, scope)
         return await self._launch(ref, "vm.delete", None, VmState.DELETING, {}, scope)
 
     async def _launch(self, ref: str, kind: str, allowed: set[VmState] | None,

@@ -22,6 +22,7 @@ from yun.gateway.routers import (
     users,
     vm_groups,
     vms,
+    volumes,
     zones,
 )
 
@@ -30,5 +31,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
     addresses.router,
-    routers.router,
+    routers.router, volumes.router, volumes.events_router,
 )

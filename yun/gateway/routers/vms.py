@@ -65,9 +65,14 @@ async def show_vm(ref: RefPath, ctx: Ctx, up: Up) -> Response:
 
 @router.delete("/vms/{ref}", response_model=Accepted, status_code=202)
 async def delete_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                    keep_volumes: Annotated[bool, Query(
+                        description="keep every data volume (detached)")] = False,
                     idempotency_key: IdempotencyKey = None) -> Response:
-    """Delete a virtual machine and its disks; its resources are released."""
+    """Delete a virtual machine, its root volume and the data volumes marked
+    `delete_with_vm` (unless `keep_volumes`: then they are detached and kept); its
+    resources are released."""
     reply = await up.call(ctx, "DELETE", "/vms/{ref}", path={"ref": ref},
+                          params={"keep_volumes": True} if keep_volumes else None,
                           idempotency_key=idempotency_key)
     return await accepted(up, ctx, reply, wait)
 

@@ -57,9 +57,11 @@ class DiskBackend(abc.ABC):
     # -- images -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> Path:
-        """Have ``image`` in the node's cache, fetched from the storage server and verified;
-        return its path. Interrupted downloads resume; a cached image whose checksum
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None, *,
+                           shared: bool = False) -> Path:
+        """Have ``image`` in the node's cache (``shared``: in the shared mount's
+        ``images/``, fetched once by whichever node needs it first, under a lock file),
+        fetched from the storage server and verified; return its path. Interrupted downloads resume; a cached image whose checksum
         matches is not fetched again (its last use is recorded for the bounded cache)."""
 
     # -- volumes ------------------------------------------------------------------------
@@ -80,9 +82,11 @@ class DiskBackend(abc.ABC):
         """Remove the volume and its snapshots; no error if there is none."""
 
     @abc.abstractmethod
-    async def resize_volume(self, volume_id: str, size_gb: int) -> VolumeInfo:
+    async def resize_volume(self, volume_id: str, size_gb: int, *,
+                            online: bool = False) -> VolumeInfo:
         """Grow the (closed) volume's virtual size; shrinking is refused with DiskError.
-        A volume open by a running domain is grown by the hypervisor instead."""
+        A volume open by a running domain is grown by the hypervisor instead, then this
+        is called with ``online`` True: the backend only takes note of the new size."""
 
     @abc.abstractmethod
     async def create_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
@@ -116,6 +120,28 @@ class DiskBackend(abc.ABC):
     async def vm_disk_ids(self) -> dict[str, list[str]]:
         """Every VM that has files under it on this node (seed, older disks), for
         reconciliation."""
+
+    # -- which VM each volume is attached to (extension of the lead's contract) ----------
+
+    @abc.abstractmethod
+    async def set_attachments(self, vm_uuid: str, volumes: dict[str, str]) -> None:
+        """Record the volumes plugged into VM ``vm_uuid`` (disk id -> volume id), kept
+        across restarts of the agent; an empty mapping forgets the VM. The agent uses it
+        to report which VM holds which volume and to find the domain of a volume."""
+
+    @abc.abstractmethod
+    async def attachments(self) -> dict[str, dict[str, str]]:
+        """Every VM with volumes recorded: vm uuid -> (disk id -> volume id)."""
+
+    async def check_free(self, volume_id: str) -> None:
+        """Raise :class:`VolumeInUse` when a process elsewhere (another node of a shared
+        mount) has the volume open. Call before defining or starting a domain on it when
+        no domain on this node runs it. Local volumes: nothing to check."""
+
+    async def note_open(self, volume_ids: list[str], is_open: bool) -> None:
+        """A domain on this node opened (started) or closed (stopped, removed) these
+        volumes. Real QEMU holds its own image lock, so the local backend ignores it;
+        the sim backend keeps its lock registry with it."""
 
     # -- capacity -----------------------------------------------------------------------
 
