@@ -17,6 +17,7 @@ from yun.gateway.routers import (
     quotas,
     roles,
     routers,
+    ssh_keys,
     tags,
     tasks,
     users,
@@ -30,5 +31,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
     addresses.router,
-    routers.router,
+    routers.router, ssh_keys.router,
 )
