@@ -24,7 +24,8 @@ NOW = "2026-01-01T00:00:00Z"
 VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]prod"},
       "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z", "project_uuid": "p1",
       "state": "running", "vcpus": 2, "memory_mb": 512, "disk_gb": 4, "image_uuid": "i1",
-      "pool_uuid": "pl1", "pool_name": "default", "group_uuid": None, "node_labels": {},
+      "cdrom_image_uuid": None, "boot": "disk", "ssh_key_fingerprints": [],
+      "user_data_size": None, "user_data_sha256": None, "pool_uuid": "pl1", "pool_name": "default", "group_uuid": None, "node_labels": {},
       "qos": {"cpu": "medium", "read_iops_sec": None, "write_iops_sec": None,
               "read_bytes_sec": None, "write_bytes_sec": None, "bandwidth_kbit": None},
       "node_uuid": "n1", "node_name": "node-0", "ip": "10.64.0.10", "mac": "52:54:00:00:00:01",
@@ -297,8 +298,11 @@ def test_key_create_shows_the_secret_once_with_a_warning(api: Api) -> None:
         "uuid": "k1", "name": "ci", "access_key": "AKCI00000001", "user_uuid": "u",
         "project_uuid": "p", "enabled": True, "created_at": NOW, "updated_at": NOW,
         "secret": "the-secret"})
-    result = ok("key", "create", "ci")
+    result = ok("api-key", "create", "ci")
     assert "the-secret" in result.stdout and "shown only this once" in result.stderr
+    # The old place still works, and says where the command moved.
+    result = ok("key", "create", "ci")
+    assert "the-secret" in result.stdout and "yun api-key create" in result.stderr
 
 
 def test_quota_set_sends_only_the_given_limits(api: Api) -> None:
