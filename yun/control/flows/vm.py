@@ -243,10 +243,13 @@ async def guest_media(control: ControlContext, session: AsyncSession, vm: VmRow,
     """Put into ``request`` what the VM's guest gets beside its disks: its CD drive (the
     ISO in it, fetched into the node's cache like a disk image), what it boots from, and
     its cloud-init NoCloud seed (every VM has one: instance id, hostname, SSH keys, user
-    data)."""
+    data).
+
+    Every VM has a CD drive, empty when no ISO is in it: a CD drive cannot be plugged
+    into a running guest, so the drive is there for an ISO inserted later."""
     spec = request.spec
     spec.boot = "cdrom" if vm.boot == "cdrom" else "disk"
-    spec.cdrom = None
+    spec.cdrom = CdromSpec()
     if vm.cdrom_image_uuid:
         iso = await session.get(ImageRow, vm.cdrom_image_uuid)
         if iso is None:
@@ -255,9 +258,6 @@ async def guest_media(control: ControlContext, session: AsyncSession, vm: VmRow,
         spec.cdrom = CdromSpec(image_id=iso.uuid, image_sha256=iso.sha256)
         if all(i.image_id != iso.uuid for i in request.images):
             request.images.append(location)
-    elif spec.boot == "cdrom":
-        # A blank VM whose ISO was ejected: an empty drive stays, its boot goes to disk.
-        spec.cdrom = CdromSpec()
     spec.cloud_init = CloudInitSpec(
         instance_id=vm.uuid, hostname=hostname_for(vm.name) or f"vm-{vm.uuid[:8]}",
         ssh_keys=list(vm.ssh_keys or []), user_data=vm.user_data)
