@@ -24,6 +24,7 @@ from yun.client.identity import (
     Keys,
     Projects,
     Roles,
+    SshKeys,
     Users,
 )
 from yun.client.pools import Pools, VmGroups, Zones
@@ -64,6 +65,7 @@ class _Namespaces(Generic[R]):
         self.users = Users(runner)
         self.roles = Roles(runner)
         self.keys = Keys(runner)
+        self.ssh_keys = SshKeys(runner)
         self.quota = CurrentQuota(runner)
         self.audit = Audit(runner)
         self.auth = Auth(runner)

@@ -34,6 +34,7 @@ from yun.client._core import (
 )
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     Image,
     ImageCreate,
@@ -78,7 +79,7 @@ class Vms(TaggedCollection[R, Vm]):
     @endpoint
     def create(self, spec: VmCreate, *, wait: Wait = False,
                idempotency_key: str | None = None) -> Op[Accepted | Task]:
-        """Create a VM from an image and boot it."""
+        """Create a VM from an image (or blank, from an ISO) and boot it."""
         return accepted(Call("POST", "/vms", ACCEPTED, body=spec,
                              headers=idempotency(idempotency_key)), wait)
 
@@ -117,6 +118,23 @@ class Vms(TaggedCollection[R, Vm]):
         out keep their value, ``spec.clear`` lifts limits. A running VM gets them at once
         (``Accepted.task`` is None when nothing changes)."""
         return accepted(Call("POST", self._item(ref, "/qos"), ACCEPTED, body=spec,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def insert_cdrom(self, ref: str, image: str, *, wait: Wait = False,
+                     idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Put the ISO ``image`` into the VM's CD drive (a running guest sees it at once);
+        ``Accepted.task`` is None when it is already in."""
+        body = CdromInsert.model_validate({"image": image})
+        return accepted(Call("PUT", self._item(ref, "/cdrom"), ACCEPTED, body=body,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def eject_cdrom(self, ref: str, *, wait: Wait = False,
+                    idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Empty the VM's CD drive; a VM booting from it boots from its disk from then on
+        (``Accepted.task`` is None when the drive is empty already)."""
+        return accepted(Call("DELETE", self._item(ref, "/cdrom"), ACCEPTED,
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint

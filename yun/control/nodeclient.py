@@ -16,6 +16,7 @@ from yun.proto.client import PeerClient
 from yun.proto.errors import Unavailable
 from yun.proto.membership import Membership
 from yun.proto.messages import (
+    CdromChange,
     ConsoleLog,
     DiskAttach,
     DomainConsole,
@@ -147,6 +148,14 @@ class NodeClient:
             path += "/revert"
         return await self.peer.call(method, path, VolumeInfo, request_id=request_id,
                                     timeout=timeout)
+
+    async def change_cdrom(self, vm_uuid: str, req: CdromChange,
+                           request_id: str | None = None,
+                           timeout: float | None = None) -> DomainInfo:
+        """Insert an ISO into the VM's CD drive (cached on the node first) or eject it
+        (``req.image`` None): live when it runs, and in its definition."""
+        return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/cdrom", DomainInfo, body=req,
+                                    request_id=request_id, timeout=timeout)
 
     async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward],
                            request_id: str | None = None) -> None:

@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from yun.proto.messages import NAME_PATTERN, CpuQos, NodeCapability, QosSpec
+from yun.proto.ssh_keys import parse_public_key
 
 T = TypeVar("T")
 
@@ -550,10 +551,33 @@ class VmState(StrEnum):
     UNKNOWN = "unknown"
 
 
+#: the most user data a VM may be given (the NoCloud seed's ``user-data``), in bytes
+MAX_USER_DATA = 65536
+#: the most SSH keys a VM may be given at create
+MAX_VM_SSH_KEYS = 32
+ImageRef = Annotated[str, Field(min_length=1, max_length=63, description="image uuid or name")]
+SshKeyEntry = Annotated[str, Field(
+    min_length=1, max_length=8192,
+    description="the name of one of your SSH keys (`/ssh-keys`) or a public key line")]
+
+
 class VmCreate(TaggedInput):
+    """A VM to make: from a disk ``image``, or blank from an ``iso`` (F-ISO), or both (it
+    boots from its disk with the ISO in its CD drive). ``ssh_keys`` and ``user_data``
+    reach the guest through cloud-init (a NoCloud seed every VM gets)."""
+
     name: ResourceName
     description: Description = ""
-    image: str = Field(min_length=1, max_length=63, description="image uuid or name")
+    image: ImageRef | None = Field(
+        default=None, description="disk image uuid or name; none: a blank disk of disk_gb "
+                                  "(then give an iso to install from)")
+    iso: ImageRef | None = Field(
+        default=None, description="ISO image uuid or name for its CD drive; without an "
+                                  "image the VM boots from it")
+    ssh_keys: list[SshKeyEntry] = Field(default_factory=list, max_length=MAX_VM_SSH_KEYS)
+    user_data: str | None = Field(
+        default=None, description=f"cloud-init user data (cloud-config or a script), at most "
+                                  f"{MAX_USER_DATA} bytes; never shown again")
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_gb: int = Field(default=1, ge=1, le=16384)
@@ -565,6 +589,27 @@ class VmCreate(TaggedInput):
         default_factory=dict, description="only nodes carrying all these labels")
     bandwidth_kbit: int | None = Field(
         default=None, ge=8, le=100_000_000, description="NIC bandwidth limit, kbit/s each way")
+
+    @field_validator("user_data")
+    @classmethod
+    def _user_data_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_USER_DATA:
+            raise ValueError(f"user_data is {len(value.encode())} bytes; at most "
+                             f"{MAX_USER_DATA} (64 KiB) are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _boot_source(self) -> VmCreate:
+        if self.image is None and self.iso is None:
+            raise ValueError("give an image to boot from, or an iso to install from (a "
+                             "blank VM), or both")
+        return self
+
+
+class CdromInsert(Input):
+    """The ISO to put into a VM's CD drive (its uuid or name)."""
+
+    image: ImageRef
 
 
 class VmQosUpdate(Input):
@@ -645,7 +690,16 @@ class Vm(Resource):
     vcpus: int
     memory_mb: int
     disk_gb: int
-    image_uuid: str
+    image_uuid: str | None = Field(default=None, description="None: a blank VM (from an ISO)")
+    cdrom_image_uuid: str | None = Field(default=None,
+                                         description="the ISO in its CD drive, if any")
+    boot: Literal["disk", "cdrom"] = "disk"
+    ssh_key_fingerprints: list[str] = Field(
+        default_factory=list, description="the SSH keys given to the guest (SHA256)")
+    user_data_size: int | None = Field(
+        default=None, description="bytes of user data given at create (None: none); the "
+                                  "data itself is never shown: it may hold secrets")
+    user_data_sha256: str | None = None
     pool_uuid: str | None = None
     pool_name: str | None = None
     group_uuid: str | None = None
@@ -783,3 +837,35 @@ class Console(BaseModel):
     vnc_host: str | None
     vnc_port: int | None
     serial_log: str | None
+
+
+# --- SSH keys -------------------------------------------------------------------------
+
+
+class SshKeyCreate(Input):
+    """One of your SSH public keys, for the guests you create (``ssh_keys`` of a VM)."""
+
+    name: ResourceName
+    public_key: str = Field(min_length=1, max_length=8192,
+                            description="one line of a .pub file: type, base64 data, "
+                                        "comment (ssh-ed25519, ssh-rsa, ecdsa-sha2-*)")
+
+    @field_validator("public_key")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        return parse_public_key(value).line
+
+
+class SshKey(BaseModel):
+    """A stored SSH public key."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    name: str
+    public_key: str
+    fingerprint: str = Field(description="SHA256:…, as ssh-keygen -l shows it")
+    user_uuid: str
+    project_uuid: str
+    created_at: datetime
+    updated_at: datetime

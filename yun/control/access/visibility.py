@@ -20,6 +20,7 @@ from yun.control.db.models import (
     ProjectRow,
     PublicIpRow,
     RoleAssignmentRow,
+    SshKeyRow,
     TokenRow,
     UserRow,
     VmGroupRow,
@@ -66,7 +67,7 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
         if ctx.project_uuid and Role.PROJECT_ADMIN in ctx.roles:
             seen.append(RoleAssignmentRow.project_uuid == ctx.project_uuid)
         return or_(*seen)
-    if model in (ApiKeyRow, TokenRow):
+    if model in (ApiKeyRow, TokenRow, SshKeyRow):
         return model.user_uuid == ctx.user_uuid  # type: ignore[no-any-return]
     if model is AuditRow:
         admin_projects = set()

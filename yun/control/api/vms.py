@@ -15,6 +15,7 @@ from yun.control.services.vms import vm_models
 from yun.proto.context import RequestContext
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     Page,
     PortForward,
@@ -76,6 +77,24 @@ def vm_router(api: ApiBundle) -> APIRouter:
     async def set_qos(ref: str, req: VmQosUpdate, request: Request,
                       sc: Scope = scope) -> Accepted:
         return _accepted(request, await api.vms.set_qos(ref, req, sc))
+
+    def _maybe_nothing(accepted: Accepted) -> Any:
+        """200 with no task when nothing had to be done, else the 202 answer."""
+        if accepted.task is None:
+            from fastapi.responses import JSONResponse
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=200)
+        return accepted
+
+    @r.put("/vms/{ref}/cdrom", response_model=Accepted, status_code=202,
+           name="vm.cdrom.insert")
+    async def insert_cdrom(ref: str, req: CdromInsert, request: Request,
+                           sc: Scope = scope) -> Any:
+        return _maybe_nothing(_accepted(request, await api.vms.insert_cdrom(ref, req, sc)))
+
+    @r.delete("/vms/{ref}/cdrom", response_model=Accepted, status_code=202,
+              name="vm.cdrom.eject")
+    async def eject_cdrom(ref: str, request: Request, sc: Scope = scope) -> Any:
+        return _maybe_nothing(_accepted(request, await api.vms.eject_cdrom(ref, sc)))
 
     @r.get("/vms/{ref}/console-log", name="vm.console_log")
     async def console_log(ref: str, sc: Scope = scope,

@@ -25,6 +25,7 @@ from yun.control.db.models import (
     ProjectRow,
     PublicIpRow,
     RoleAssignmentRow,
+    SshKeyRow,
     TokenRow,
     UserRow,
     VmGroupRow,
@@ -147,6 +148,13 @@ QUERYABLES: dict[str, Queryable] = {
         "project_uuid": Field(ApiKeyRow.project_uuid),
         "last_used_at": Field(ApiKeyRow.last_used_at, "datetime"),
     }, ApiKeyRow.uuid, NEWEST_FIRST),
+    "ssh_key": Queryable(SshKeyRow, {
+        "uuid": Field(SshKeyRow.uuid), "name": Field(SshKeyRow.name),
+        "fingerprint": Field(SshKeyRow.fingerprint), "user_uuid": Field(SshKeyRow.user_uuid),
+        "project_uuid": Field(SshKeyRow.project_uuid),
+        "created_at": Field(SshKeyRow.created_at, "datetime"),
+        "updated_at": Field(SshKeyRow.updated_at, "datetime"),
+    }, SshKeyRow.uuid, NEWEST_FIRST),
     "token": Queryable(TokenRow, {
         "uuid": Field(TokenRow.uuid), "project_uuid": Field(TokenRow.project_uuid),
         "created_at": Field(TokenRow.created_at, "datetime"),

@@ -17,6 +17,7 @@ from yun.gateway.routers import (
     quotas,
     roles,
     routers,
+    ssh_keys,
     tags,
     tasks,
     users,
@@ -32,4 +33,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
     addresses.router,
     routers.router, volumes.router, volumes.events_router,
+    ssh_keys.router,
 )
