@@ -23,8 +23,11 @@ def assert_node_built_what_was_asked(agent: Any, vm: dict, image: dict) -> None:
     assert disk.volume_id is not None and disk.create
     volume = agent.disks.volumes[disk.volume_id]
     assert (volume.size_gb, volume.image_id) == (3, image["uuid"])
-    assert [(d.disk_id, d.path.stem) for d in domain.disks] == [(disk.disk_id,
-                                                                   disk.volume_id)]
+    # Besides its disks, every VM has a CD drive (empty) and its cloud-init seed.
+    assert [(d.disk_id, d.path.stem) for d in domain.disks
+            if d.device == "disk" and d.path is not None] == [(disk.disk_id, disk.volume_id)]
+    assert sorted(d.disk_id for d in domain.disks if d.device == "cdrom") == ["cdrom",
+                                                                              "cidata"]
     [port] = agent.network.ports[vm["uuid"]]
     assert (port.mac, port.ip, port.exposure) == (vm["mac"], vm["ip"], "private")
     [nic] = domain.spec.nics
