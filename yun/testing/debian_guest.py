@@ -327,8 +327,12 @@ def _configure(root: Path) -> str:
     (root / "etc/machine-id").write_text("")
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     _write(root, "etc/resolv.conf", "")
+    # A server has no graphical target to reach.
+    run(["systemctl", f"--root={root}", "set-default", "multi-user.target"], timeout=60)
+    # debootstrap's first stage unpacks the base packages without dpkg, so the
+    # excludes did not apply to them: remove what they brought.
     for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "var/log",
-                 "usr/share/doc", "usr/share/man", "usr/share/info"):
+                 "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"):
         for path in (root / junk).glob("*"):
             # Keep the copyright files (the dpkg excludes kept them too).
             if junk == "usr/share/doc" and (path / "copyright").is_file():
@@ -338,7 +342,7 @@ def _configure(root: Path) -> str:
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.name != "lock":
+            elif path.name not in ("lock", "locale.alias"):
                 path.unlink()
     return newest_kernel(root / "boot")
 
@@ -369,8 +373,10 @@ def build_image(mirror: str, workdir: Path, qcow2: Path) -> str:
     (boot / "extlinux.conf").write_text(render_extlinux_conf(
         (FILES_DIR / "extlinux.conf").read_text(), f"/boot/vmlinuz-{kernel}",
         f"/boot/initrd.img-{kernel}", KERNEL_ARGS))
+    # Compressed: the cache holds a third of the bytes; QEMU inflates clusters on the
+    # host side (not emulated), and every boot writes to an overlay anyway.
     write_boot_disk(root, workdir, qcow2, size_mib=DISK_SIZE_MIB, label=ROOT_LABEL,
-                    disk_id_seed=f"debian-{kernel}")
+                    disk_id_seed=f"debian-{kernel}", compress=True)
     return kernel
 
 

@@ -419,6 +419,7 @@ def write_boot_disk(
     label: str,
     disk_id_seed: str,
     mbr: Path = MBR_BIN,
+    compress: bool = False,
 ) -> None:
     """Make a BIOS-bootable qcow2 at ``qcow2`` from the staged tree ``root``.
 
@@ -426,7 +427,8 @@ def write_boot_disk(
     disk gets an MBR with one bootable partition at 1 MiB spanning the disk, an ext4
     file system labelled ``label`` filled from ``root``, and extlinux installed on
     it. ``disk_id_seed`` makes the MBR disk id reproducible. Needs root (a loop
-    mount for extlinux); the raw image is ``workdir/disk.raw``.
+    mount for extlinux); the raw image is ``workdir/disk.raw``. ``compress`` makes a
+    zlib-compressed qcow2 (smaller, slower to write; reads stay fast).
     """
     raw = workdir / "disk.raw"
     total = size_mib << 20
@@ -448,7 +450,8 @@ def write_boot_disk(
         # "hidden sectors" (partition start) itself.
         run(["extlinux", "--install", str(mnt / "boot/extlinux")], timeout=60)
     tmp = workdir / "image.qcow2"  # moved into place whole: readers never see half
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)], timeout=600)
+    run(["qemu-img", "convert", *(["-c"] if compress else []), "-f", "raw", "-O", "qcow2",
+         str(raw), str(tmp)], timeout=600)
     tmp.chmod(0o644)  # libvirt's qemu user reads it as a backing file
     os.replace(tmp, qcow2)
     raw.unlink()
