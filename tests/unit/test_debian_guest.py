@@ -114,3 +114,11 @@ def test_prune_builds_touches_only_its_own_prefix(tmp_path: Path) -> None:
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["debian-12-ccc.json", "debian-12-ccc.qcow2",
                     "yun-guest-zzz.json", "yun-guest-zzz.qcow2"]
+
+
+def test_debootstrap_log_tail_names_the_last_lines(tmp_path: Path) -> None:
+    log_file = tmp_path / "debootstrap.log"
+    log_file.write_text("".join(f"line {i}\n" for i in range(40)))
+    tail = debian_guest.debootstrap_log_tail(log_file, lines=3)
+    assert tail == "line 37\nline 38\nline 39"
+    assert "no " in debian_guest.debootstrap_log_tail(tmp_path / "absent.log")

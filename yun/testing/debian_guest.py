@@ -57,7 +57,7 @@ from yun.testing.guest import (
     version_key,
     write_boot_disk,
 )
-from yun.util.run import run
+from yun.util.run import CommandError, run
 
 log = logging.getLogger("yun.testing.debian_guest")
 
@@ -282,6 +282,16 @@ def newest_kernel(boot_dir: Path) -> str:
     return max(versions, key=version_key)
 
 
+def debootstrap_log_tail(log_file: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of debootstrap's own log (it names the failing
+    package there, not on stderr), or a note that there is none."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return f"(no {log_file})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 # --------------------------------------------------------------------------- build steps
 
 
@@ -366,8 +376,16 @@ def build_image(mirror: str, workdir: Path, qcow2: Path) -> str:
             "--components=main"]
     if KEYRING.is_file():
         argv.append(f"--keyring={KEYRING}")
-    run([*argv, SUITE, str(root), mirror], timeout=3600)
-    kernel = _configure(root)
+    try:
+        run([*argv, SUITE, str(root), mirror], timeout=3600)
+    except CommandError as exc:
+        raise GuestBuildError(
+            f"debootstrap of Debian {SUITE} from {mirror} failed ({exc}); its log: "
+            f"{debootstrap_log_tail(root / 'debootstrap/debootstrap.log')}") from exc
+    try:
+        kernel = _configure(root)
+    except CommandError as exc:
+        raise GuestBuildError(f"configuring the Debian guest failed: {exc}") from exc
     boot = root / "boot/extlinux"
     boot.mkdir(parents=True, exist_ok=True)
     (boot / "extlinux.conf").write_text(render_extlinux_conf(
