@@ -24,7 +24,8 @@ PACKAGES=(
   e2fsprogs util-linux
 )
 if [ "$WITH_TEST" = 1 ]; then
-  PACKAGES+=(postgresql)
+  # debootstrap builds the Debian cloud guest of the system tests; ssh logs into it.
+  PACKAGES+=(postgresql debootstrap debian-archive-keyring openssh-client)
 fi
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -63,6 +64,12 @@ ln -sf "$ROOT/.venv/bin/yun" /usr/local/bin/yun
 
 # --- test guest image --------------------------------------------------------------------
 log "test guest image: $(.venv/bin/python -m yun.testing.guest build)"
+# A real Debian 12 cloud image (cloud-init, sshd) for the system tests: debootstrapped
+# once from this machine's apt mirror and cached beside the test guest (about 90 s the
+# first time, nothing after); the tests never download it themselves.
+if [ "$WITH_TEST" = 1 ]; then
+  log "Debian guest image: $(.venv/bin/python -m yun.testing.debian_guest)"
+fi
 
 # --- PostgreSQL for the tests ------------------------------------------------------------
 if [ "$WITH_TEST" = 1 ]; then

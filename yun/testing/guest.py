@@ -367,8 +367,8 @@ def _initramfs(root: Path, inputs: BuildInputs) -> bytes:
 
 
 @contextlib.contextmanager
-def _loop_mount(image: Path, offset: int, size: int, mountpoint: Path) -> Iterator[Path]:
-    """Mount the file system at ``offset`` in ``image``; always unmount and detach."""
+def loop_mount(image: Path, offset: int, size: int, mountpoint: Path) -> Iterator[Path]:
+    """Mount the ext4 file system at ``offset`` in ``image``; always unmount and detach."""
     device = run(["losetup", "--find", "--show", "--offset", str(offset),
                   "--sizelimit", str(size), str(image)], timeout=30).stdout.strip()
     try:
@@ -384,17 +384,20 @@ def _loop_mount(image: Path, offset: int, size: int, mountpoint: Path) -> Iterat
         run(["losetup", "--detach", device], timeout=30, check=False)
 
 
-def _remove_stale_builds(cache_dir: Path) -> None:
+def remove_stale_builds(cache_dir: Path, pattern: str = ".build-*") -> None:
     """Undo what a killed build left: mounts, loop devices, work directories.
 
-    Called with the build lock held, so no ``.build-*`` directory belongs to a
-    live build.
+    Called with the build lock of ``pattern``'s builds held, so no directory
+    matching it belongs to a live build. Each image kind has its own pattern (and
+    lock): the test guest's ``.build-*`` never matches another builder's work.
     """
-    for stale in cache_dir.glob(".build-*"):
+    for stale in cache_dir.glob(pattern):
         prefix = str(stale) + "/"
         with contextlib.suppress(OSError):
-            for line in Path("/proc/mounts").read_text().splitlines():
-                mountpoint = line.split()[1]
+            # Deepest first: a build may leave mounts inside mounts (chroot /proc).
+            mounts = [line.split()[1] for line in
+                      Path("/proc/mounts").read_text().splitlines()]
+            for mountpoint in sorted(mounts, key=len, reverse=True):
                 if mountpoint.startswith(prefix):
                     run(["umount", "--lazy", mountpoint], timeout=60, check=False)
         raw = stale / "disk.raw"
@@ -405,6 +408,53 @@ def _remove_stale_builds(cache_dir: Path) -> None:
                 if device.startswith("/dev/loop"):
                     run(["losetup", "--detach", device], timeout=30, check=False)
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_boot_disk(
+    root: Path,
+    workdir: Path,
+    qcow2: Path,
+    *,
+    size_mib: int,
+    label: str,
+    disk_id_seed: str,
+    mbr: Path = MBR_BIN,
+    compress: bool = False,
+) -> None:
+    """Make a BIOS-bootable qcow2 at ``qcow2`` from the staged tree ``root``.
+
+    ``root`` must hold ``boot/extlinux/extlinux.conf`` and whatever it names. The
+    disk gets an MBR with one bootable partition at 1 MiB spanning the disk, an ext4
+    file system labelled ``label`` filled from ``root``, and extlinux installed on
+    it. ``disk_id_seed`` makes the MBR disk id reproducible. Needs root (a loop
+    mount for extlinux); the raw image is ``workdir/disk.raw``. ``compress`` makes a
+    zlib-compressed qcow2 (smaller, slower to write; reads stay fast).
+    """
+    raw = workdir / "disk.raw"
+    total = size_mib << 20
+    offset = PART_START_SECTOR * SECTOR
+    part_size = total - offset
+    with raw.open("wb") as f:
+        f.truncate(total)
+        seed = hashlib.sha256(disk_id_seed.encode()).digest()
+        disk_id = int.from_bytes(seed[:4], "little")
+        f.write(mbr_sector(mbr.read_bytes()[:440], PART_START_SECTOR,
+                           part_size // SECTOR, disk_id))
+    # mke2fs writes straight into the partition (-E offset) and fills it from the
+    # staged tree (-d): no mount, no copy. nodiscard: never punch the MBR's file.
+    run(["mkfs.ext4", "-F", "-q", "-L", label, "-b", "4096", "-m", "1",
+         "-E", f"offset={offset},nodiscard", "-d", str(root), str(raw),
+         f"{part_size // 1024}k"], timeout=600)
+    with loop_mount(raw, offset, part_size, workdir / "mnt") as mnt:
+        # extlinux reads the loop device's offset to fill in the boot sector's
+        # "hidden sectors" (partition start) itself.
+        run(["extlinux", "--install", str(mnt / "boot/extlinux")], timeout=60)
+    tmp = workdir / "image.qcow2"  # moved into place whole: readers never see half
+    run(["qemu-img", "convert", *(["-c"] if compress else []), "-f", "raw", "-O", "qcow2",
+         str(raw), str(tmp)], timeout=600)
+    tmp.chmod(0o644)  # libvirt's qemu user reads it as a backing file
+    os.replace(tmp, qcow2)
+    raw.unlink()
 
 
 def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | None = None) -> None:
@@ -427,30 +477,9 @@ def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | Non
         render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img", kernel_args())
     )
 
-    raw = workdir / "disk.raw"
-    total = DISK_SIZE_MIB << 20
-    offset = PART_START_SECTOR * SECTOR
-    part_size = total - offset
-    with raw.open("wb") as f:
-        f.truncate(total)
-        # A fixed disk id per kernel: reproducible, and nothing here relies on it.
-        seed = hashlib.sha256(inputs.kernel_version.encode()).digest()
-        disk_id = int.from_bytes(seed[:4], "little")
-        f.write(mbr_sector(inputs.mbr.read_bytes()[:440], PART_START_SECTOR,
-                           part_size // SECTOR, disk_id))
-    # mke2fs writes straight into the partition (-E offset) and fills it from the
-    # staged tree (-d): no mount, no copy. nodiscard: never punch the MBR's file.
-    run(["mkfs.ext4", "-F", "-q", "-L", ROOT_LABEL, "-b", "4096", "-m", "1",
-         "-E", f"offset={offset},nodiscard", "-d", str(root), str(raw),
-         f"{part_size // 1024}k"], timeout=60)
-    with _loop_mount(raw, offset, part_size, workdir / "mnt") as mnt:
-        # extlinux reads the loop device's offset to fill in the boot sector's
-        # "hidden sectors" (partition start) itself.
-        run(["extlinux", "--install", str(mnt / "boot/extlinux")], timeout=60)
-    tmp = workdir / "image.qcow2"  # moved into place whole: readers never see half
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)], timeout=120)
-    tmp.chmod(0o644)  # libvirt's qemu user reads it as a backing file
-    os.replace(tmp, qcow2)
+    # A fixed disk id per kernel: reproducible, and nothing here relies on it.
+    write_boot_disk(root, workdir, qcow2, size_mib=DISK_SIZE_MIB, label=ROOT_LABEL,
+                    disk_id_seed=inputs.kernel_version, mbr=inputs.mbr)
     if iso is not None:
         build_iso(root / "boot/vmlinuz", root / "boot/initrd.img", workdir / "iso", iso, template)
 
@@ -480,9 +509,9 @@ def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: st
 
 
 @contextlib.contextmanager
-def _locked(cache_dir: Path) -> Iterator[None]:
+def locked(cache_dir: Path, name: str = ".lock") -> Iterator[None]:
     """Serialise builds: parallel test workers wait for one build instead of racing."""
-    with (cache_dir / ".lock").open("a") as lock:
+    with (cache_dir / name).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -490,20 +519,41 @@ def _locked(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _prune(cache_dir: Path, keep: int, min_age: float = PRUNE_AFTER_S) -> None:
-    """Delete builds beyond the ``keep`` newest that are older than ``min_age`` seconds.
+def prune_builds(
+    cache_dir: Path,
+    prefix: str,
+    keep: int,
+    min_age: float = PRUNE_AFTER_S,
+    suffixes: Sequence[str] = (".qcow2", ".iso", ".json"),
+) -> None:
+    """Delete the builds named ``<prefix><key>`` beyond the ``keep`` newest that are
+    older than ``min_age`` seconds (a build is its ``.json`` manifest plus its files).
 
     The age guard matters: VMs of a test run (libvirt domains too) use the cached
     qcow2 as their backing file, and a day-old build is one nobody boots any more.
     """
-    manifests = sorted(cache_dir.glob("yun-guest-*.json"), key=lambda p: p.stat().st_mtime)
+    manifests = sorted(cache_dir.glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
     now = time.time()
     for manifest in manifests[:-keep] if keep else manifests:
         if now - manifest.stat().st_mtime < min_age:
             continue
         stem = manifest.name.removesuffix(".json")
-        for suffix in (".qcow2", ".iso", ".json"):
+        for suffix in suffixes:
             (cache_dir / (stem + suffix)).unlink(missing_ok=True)
+
+
+def _prune(cache_dir: Path, keep: int, min_age: float = PRUNE_AFTER_S) -> None:
+    """Prune the test guest's own builds (``yun-guest-<key>``)."""
+    prune_builds(cache_dir, "yun-guest-", keep, min_age)
+
+
+def update_link(cache_dir: Path, name: str, target: str) -> None:
+    """Point the stable symlink ``cache_dir/name`` at ``target`` atomically."""
+    link = cache_dir / name
+    tmp_link = cache_dir / f".{name}.link"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(target)
+    os.replace(tmp_link, link)
 
 
 def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
@@ -523,9 +573,9 @@ def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
 
     if ready():
         return qcow2, iso if want_iso else None
-    with _locked(cache_dir):
+    with locked(cache_dir):
         if not ready():  # another process may have built it while we waited
-            _remove_stale_builds(cache_dir)
+            remove_stale_builds(cache_dir)
             started = time.monotonic()
             log.info("building test guest", extra={"key": key, "kernel": inputs.kernel_version})
             with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as tmp:
@@ -542,11 +592,7 @@ def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
             }
             manifest.write_text(json.dumps(info, indent=2) + "\n")
             # A stable name for people and scripts; tests should use the keyed path.
-            link = cache_dir / "yun-guest.qcow2"
-            tmp_link = cache_dir / ".yun-guest.qcow2.link"
-            tmp_link.unlink(missing_ok=True)
-            tmp_link.symlink_to(qcow2.name)
-            os.replace(tmp_link, link)
+            update_link(cache_dir, "yun-guest.qcow2", qcow2.name)
             _prune(cache_dir, KEEP_BUILDS)
     return qcow2, iso if want_iso else None
 

@@ -54,15 +54,19 @@ def qemu_argv(
     cpus: int = 1,
     cpu_model: str = "max",
     dhcp_hostname: str | None = None,
+    ssh_port: int | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line of a test guest (pure: builds the list, starts nothing).
 
     ``-nodefaults`` keeps out the default VGA, floppy, CD-ROM and NIC so that the
     machine holds only what is listed here. ``dhcp_hostname`` makes QEMU's DHCP
-    server hand out that host name (option 12).
+    server hand out that host name (option 12). ``ssh_port`` also forwards
+    ``127.0.0.1:<ssh_port>`` to the guest's port 22.
     """
     netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{http_port}-:80"
+    if ssh_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
     if dhcp_hostname is not None:
         netdev += f",hostname={dhcp_hostname}"
     argv = [
@@ -109,12 +113,14 @@ class QemuGuest:
         qmp_socket: Path,
         http_port: int,
         remove_workdir: bool,
+        ssh_port: int | None = None,
     ) -> None:
         self.process = process
         self.workdir = workdir
         self.serial_log = serial_log
         self.qmp_socket = qmp_socket
         self.http_port = http_port
+        self.ssh_port = ssh_port  # host port forwarded to the guest's 22, if asked
         # The finalizer holds the Popen, not self: it runs on collection and at
         # interpreter exit, so no QEMU (nor our temporary directory) outlives the run.
         self._finalizer = weakref.finalize(
@@ -262,6 +268,7 @@ def boot_guest(
     cpus: int = 1,
     cpu_model: str = "max",
     dhcp_hostname: str | None = None,
+    forward_ssh: bool = False,
     marker: str | None = READY_MARKER,
     timeout: float = 120.0,
     extra_args: Sequence[str] = (),
@@ -271,7 +278,9 @@ def boot_guest(
     ``writable=False`` (the default) boots a throw-away overlay of ``disk`` made in
     the work directory; ``writable=True`` boots ``disk`` itself (make your own
     overlay when state must survive a second boot). ``cdrom`` adds an IDE CD-ROM (a
-    NoCloud seed, or the guest ISO with ``boot_cdrom=True``). ``marker=None``
+    NoCloud seed, or the guest ISO with ``boot_cdrom=True``). ``forward_ssh`` also
+    forwards a free host port to the guest's port 22 (:attr:`QemuGuest.ssh_port`).
+    ``marker=None``
     returns at once. ``workdir`` (serial log, QMP socket, overlay) defaults to a
     new temporary directory removed by :meth:`QemuGuest.stop`. QEMU is killed if
     the marker does not come.
@@ -296,17 +305,19 @@ def boot_guest(
         for attempt in range(3):
             qmp_socket.unlink(missing_ok=True)
             port = free_port()
+            ssh_port = free_port() if forward_ssh else None
             argv = qemu_argv(disk=disk, serial_log=serial_log, qmp_socket=qmp_socket,
                              http_port=port, disk_format=disk_format, cdrom=cdrom,
                              boot_cdrom=boot_cdrom, memory_mb=memory_mb, cpus=cpus,
                              cpu_model=cpu_model, dhcp_hostname=dhcp_hostname,
-                             extra_args=extra_args)
+                             ssh_port=ssh_port, extra_args=extra_args)
             # Popen, not yun.util.run.run: QEMU lives on while the caller works with
             # the guest. Its own session so that the kill reaches any child too.
             with (workdir / "qemu.log").open("wb") as out:
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=subprocess.STDOUT, start_new_session=True)
-            guest = QemuGuest(process, workdir, serial_log, qmp_socket, port, remove_workdir)
+            guest = QemuGuest(process, workdir, serial_log, qmp_socket, port, remove_workdir,
+                              ssh_port=ssh_port)
             # QMP answers once QEMU's main loop runs: its devices (and the port
             # forwarding) are set up, or it has exited with an error.
             with contextlib.suppress(GuestError, OSError):
