@@ -180,9 +180,9 @@ class SimDiskBackend(DiskBackend):
             raise ValueError(f"unknown operation {op!r}; one of {', '.join(sorted(OPERATIONS))}")
         self._faults.setdefault(op, []).append(error or DiskError(f"injected failure of {op}"))
 
-    def add_dir(self, path: str, total_gb: int) -> None:
+    def add_dir(self, path: str, total_gb: float) -> None:
         """A storage directory added while the node runs (a new disk mounted)."""
-        self.dirs.setdefault(path, _SimDir(total_gb * GIB))
+        self.dirs.setdefault(path, _SimDir(int(total_gb * GIB)))
 
     def fill(self, path: str, other_bytes: int) -> None:
         """Simulate ``other_bytes`` of files that are not volumes in directory ``path``."""
