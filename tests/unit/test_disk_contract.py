@@ -45,6 +45,10 @@ def _mount_tmpfs(path: Path, size_mb: int) -> None:
                     str(path)], check=True)
 
 
+async def _run(argv: list[str]) -> None:
+    await asyncio.to_thread(subprocess.run, argv, check=True, capture_output=True)
+
+
 class Harness:
     """A backend under test and the hands that play the host and the guests."""
 
@@ -145,10 +149,8 @@ class LocalHarness(Harness):
         spec = None
         for shared in (False, True):
             path = self.local.image_path(image_id, "qcow2", shared=shared)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"],
-                           check=True)
-            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", str(path)],
-                           check=True, capture_output=True)
+            await _run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"])
+            await _run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", str(path)])
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             path.with_name(path.name + ".sha256").write_text(sha + "\n")
             spec = DiskSpec(disk_id="root", size_gb=1, image_id=image_id, image_sha256=sha,
@@ -213,7 +215,7 @@ class LocalHarness(Harness):
         await self.local.aclose()
         await self.other.aclose()
         for path in reversed(self.mounts):
-            subprocess.run(["umount", "-l", str(path)], check=False)
+            await asyncio.to_thread(subprocess.run, ["umount", "-l", str(path)], check=False)
 
 
 def _local_possible() -> str | None:
@@ -316,7 +318,7 @@ async def test_an_iso_or_an_uncached_image_is_never_a_disk(h: Harness) -> None:
     with pytest.raises(DiskError, match="is an ISO, which is never a disk"):
         await h.backend.ensure_volume(iso)
     uncached = vol(image_id=str(uuid.uuid4()), image_format="qcow2")
-    with pytest.raises(DiskError, match="not cached on this node.*ensure_image first"):
+    with pytest.raises(DiskError, match=r"not cached on this node.*ensure_image first"):
         await h.backend.ensure_volume(uncached)
     assert await h.backend.volume_ids() == []
 

@@ -246,7 +246,8 @@ class LocalDiskBackend(DiskBackend):
     def _tighten_modes(self) -> None:
         """Make what an older version left world-readable (0644 files, 0755
         directories) private, and give it to QEMU's user."""
-        for path in (*self.images_dir.iterdir(), *self.vms_dir.glob("*/*.qcow2")):
+        volumes = [p for d in self.storage_dirs() for p in (d / "volumes").glob("*.qcow2")]
+        for path in (*self.images_dir.iterdir(), *self.vms_dir.glob("*/*.qcow2"), *volumes):
             if path.is_file() and not path.name.endswith((".sha256", ".part", ".tmp")):
                 _private(path, self.owner)
         for vm_dir in self.vms_dir.iterdir():
