@@ -603,7 +603,7 @@ class NodeAgent:
 
 
 def cdrom_disk(path: Path | None) -> ResolvedDisk:
-    """The VM's CD drive with the ISO at ``path`` (None: empty): read-only, on a SATA
+    """The VM's CD drive with the ISO at ``path`` (None: empty): read-only, on the IDE
     bus so it takes no virtio disk name from the volumes."""
-    return ResolvedDisk(disk_id=CDROM_DISK_ID, path=path, format="raw", bus="sata",
+    return ResolvedDisk(disk_id=CDROM_DISK_ID, path=path, format="raw", bus="ide",
                         device="cdrom", read_only=True)

@@ -721,7 +721,7 @@ class LocalDiskBackend(DiskBackend):
             _write_json(record, wanted)
             log.info("cloud-init seed written", extra={"vm": vm_uuid, "node": self.node,
                                                        "hostname": spec.hostname})
-        return ResolvedDisk(disk_id="cidata", path=path, format="raw", bus="sata",
+        return ResolvedDisk(disk_id="cidata", path=path, format="raw", bus="ide",
                             device="cdrom", read_only=True)
 
     async def delete_vm_files(self, vm_uuid: str) -> None:

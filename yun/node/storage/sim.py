@@ -466,7 +466,7 @@ class SimDiskBackend(DiskBackend):
             self.seeds[vm_uuid] = data
             self._save()
         return ResolvedDisk(disk_id="cidata", path=self.root / "vms" / vm_uuid / "cidata.iso",
-                            format="raw", bus="sata", device="cdrom", read_only=True)
+                            format="raw", bus="ide", device="cdrom", read_only=True)
 
     async def delete_vm_files(self, vm_uuid: str) -> None:
         await self._enter("delete_vm_files")
