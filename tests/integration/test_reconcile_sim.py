@@ -250,10 +250,10 @@ async def test_orphan_cleanup_is_one_background_job_per_node(cluster: SimCluster
     calls: list[str] = []
     remove = agent.remove
 
-    async def slow_remove(vm_uuid: str) -> None:
+    async def slow_remove(vm_uuid: str, delete_volumes: list[str] | None = None) -> None:
         calls.append(vm_uuid)
         await asyncio.sleep(4)
-        await remove(vm_uuid)
+        await remove(vm_uuid, delete_volumes)
     agent.remove = slow_remove  # type: ignore[method-assign]
 
     registry = cluster.control.nodes
