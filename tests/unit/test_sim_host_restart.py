@@ -110,3 +110,22 @@ def test_a_damaged_state_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SimHostFileError, match=str(path)):
         SimDriver(state_file=path)
     assert SimHostFile(tmp_path / "absent.json").read() == {}
+
+
+async def test_disks_of_the_per_vm_layout_are_adopted_as_volumes(tmp_path: Path) -> None:
+    """A sim host file of the older per-VM layout: its disks become volumes under their
+    legacy ids, attached to their VM, as the local backend adopts vms/<vm>/<disk>.qcow2."""
+    path = tmp_path / FILE_NAME
+    vm, image_id = str(uuid.uuid4()), str(uuid.uuid4())
+    path.write_text(json.dumps({"disks": {f"{vm}/root": {
+        "vm_uuid": vm, "disk_id": "root", "size_gb": 3, "image_id": image_id,
+        "bus": "virtio"}}}))
+    disks = SimDiskBackend(total_gb=100, state_file=path)
+    volume_id = legacy_volume_id(vm, "root")
+    assert await disks.volume_ids() == [volume_id]
+    assert (await disks.volume_info(volume_id)).backing_image_id == image_id
+    assert await disks.attachments() == {vm: {"root": volume_id}}
+    assert json.loads(path.read_text())["disks"] == {}
+    # Restarted again: the same, nothing adopted twice.
+    again = SimDiskBackend(total_gb=100, state_file=path)
+    assert await again.volume_ids() == [volume_id]

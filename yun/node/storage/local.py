@@ -41,6 +41,7 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import ssl
 import time
 import uuid
@@ -56,6 +57,7 @@ from yun.node.storage.base import (
     DiskBackend,
     DiskError,
     ImageAccess,
+    NoSpace,
     VolumeInUse,
     VolumeNotFound,
 )
@@ -82,6 +84,7 @@ from yun.proto.messages import (
     legacy_volume_id,
 )
 from yun.util import qemu_img
+from yun.util.ids import uuid_problem
 
 log = logging.getLogger("yun.node.storage.local")
 
@@ -636,7 +639,6 @@ class LocalDiskBackend(DiskBackend):
         extra = (size_gb - current.size_gb) * GIB
         _total, _used, free = await asyncio.to_thread(self.space, path.parent)
         if extra > free:
-            from yun.node.storage.base import NoSpace
             raise NoSpace(f"volume {volume_id}: growing by {extra / GIB:.1f} GiB does not fit "
                           f"in {path.parent.parent} ({free / GIB:.1f} GiB free)")
         await _img(volume_id, qemu_img.resize(
@@ -728,8 +730,6 @@ class LocalDiskBackend(DiskBackend):
         vm_dir = self._vm_dir(vm_uuid)
         if not vm_dir.exists():
             return
-        import shutil
-
         await asyncio.to_thread(shutil.rmtree, vm_dir)
         log.info("VM files deleted", extra={"vm": vm_uuid, "node": self.node})
 
@@ -912,8 +912,6 @@ async def _write_body(
 
 def uuid_ok(value: str) -> str | None:
     """``value`` when it is a canonical UUID, else None."""
-    from yun.util.ids import uuid_problem
-
     return value if uuid_problem(value, "id") is None else None
 
 

@@ -58,6 +58,7 @@ from yun.proto.messages import (
     StorageDirReport,
     VolumeInfo,
     VolumeSnapshotInfo,
+    legacy_volume_id,
 )
 
 log = logging.getLogger("yun.node.storage.sim")
@@ -156,6 +157,20 @@ class SimDiskBackend(DiskBackend):
                 self.seeds[vm] = data["seed"]
             if data.get("attached"):
                 self._attached[vm] = dict(data["attached"])
+        # Disks of the older per-VM layout are adopted as volumes under their legacy id,
+        # as the local backend adopts vms/<vm>/<disk>.qcow2.
+        legacy = file.section("disks")
+        for data in legacy.values():
+            vm, disk_id = data["vm_uuid"], data["disk_id"]
+            volume_id = legacy_volume_id(vm, disk_id)
+            self.volumes.setdefault(volume_id, _SimVolume(
+                volume_id=volume_id, directory=next(iter(self.dirs)), size_gb=data["size_gb"],
+                thin=True, image_id=data.get("image_id"), allocated=QCOW2_HEADER_BYTES))
+            self._attached.setdefault(vm, {}).setdefault(disk_id, volume_id)
+        if legacy:
+            self._save()
+            log.info("sim disks of the per-VM layout adopted as volumes",
+                     extra={"node": self.node, "volumes": len(legacy)})
 
     def _save(self) -> None:
         """Write volumes, cached images and VM files to the state file (when it has one)."""
@@ -163,6 +178,7 @@ class SimDiskBackend(DiskBackend):
             return
         vms = set(self.seeds) | set(self._attached)
         self._file.write({
+            "disks": {},  # the per-VM layout's section, adopted into "volumes"
             "volumes": {v: asdict(vol) for v, vol in self.volumes.items()},
             "images": {i: asdict(img) for i, img in self.images.items()},
             "vm_files": {vm: {"seed": self.seeds.get(vm), "attached": self._attached.get(vm)}
