@@ -128,6 +128,12 @@ async def test_volumes_snapshots_hotplug_cd_and_removal(node: tuple[Any, PeerCli
     with pytest.raises(Conflict, match=f"already attached to VM {vm}"):
         await client.request("PUT", f"{BASE}/domains/{other}/disks/x", body=DiskAttach(
             disk=extra.model_copy(update={"disk_id": "x"})))
+    third = str(uuidlib.uuid4())
+    with pytest.raises(Conflict, match=f"already attached to VM {vm}"):
+        await client.request("PUT", f"{BASE}/domains/{third}", body=ProvisionRequest(
+            spec=DomainSpec(uuid=third, name="third", vcpus=1, memory_mb=64,
+                            disks=[extra.model_copy(update={"create": False})])))
+    assert await service.agent.driver.get_domain(third) is None
     await client.call("DELETE", f"{BASE}/domains/{vm}/disks/extra", DomainInfo)
     assert "extra" not in (await service.agent.snapshot()).disks[vm]
     await client.call("PUT", f"{BASE}/domains/{other}/disks/x", DomainInfo,
