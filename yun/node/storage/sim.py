@@ -159,7 +159,8 @@ class SimDiskBackend(DiskBackend):
                 self._attached[vm] = dict(data["attached"])
         # Disks of the older per-VM layout are adopted as volumes under their legacy id,
         # as the local backend adopts vms/<vm>/<disk>.qcow2.
-        legacy = file.section("disks")
+        # (Entries naming a volume_id are this backend's own view of its attachments.)
+        legacy = {k: d for k, d in file.section("disks").items() if "volume_id" not in d}
         for data in legacy.values():
             vm, disk_id = data["vm_uuid"], data["disk_id"]
             volume_id = legacy_volume_id(vm, disk_id)
@@ -177,8 +178,14 @@ class SimDiskBackend(DiskBackend):
         if self._file is None:
             return
         vms = set(self.seeds) | set(self._attached)
+        # "disks" keeps the documented per-VM view (the invariant checker reads it):
+        # each volume attached to a VM, under "<vm>/<disk id>".
+        disks = {f"{vm}/{disk_id}": {
+            "vm_uuid": vm, "disk_id": disk_id, "volume_id": vid,
+            "size_gb": self.volumes[vid].size_gb if vid in self.volumes else None}
+            for vm, attached in self._attached.items() for disk_id, vid in attached.items()}
         self._file.write({
-            "disks": {},  # the per-VM layout's section, adopted into "volumes"
+            "disks": disks,
             "volumes": {v: asdict(vol) for v, vol in self.volumes.items()},
             "images": {i: asdict(img) for i, img in self.images.items()},
             "vm_files": {vm: {"seed": self.seeds.get(vm), "attached": self._attached.get(vm)}
