@@ -19,12 +19,14 @@ import pytest
 
 from yun.node.hypervisor import load_driver
 from yun.node.hypervisor.base import (
+    SEED_DISK_ID,
     DomainEvent,
     DomainNotFound,
     DomainNotRunning,
     HypervisorDriver,
     HypervisorError,
     NotSupported,
+    ResolvedDisk,
     ResolvedNic,
 )
 from yun.proto.messages import DomainSpec, DomainState
@@ -330,3 +332,177 @@ async def test_nic_hot_plugged_into_a_running_domain_stays_after_a_restart(
     await driver.destroy(spec.uuid)
     await driver.start(spec.uuid)
     assert await macs(driver, spec.uuid) == [first.mac]
+
+
+# --- disks: hot-plug, online resize, CD drive, live copy (U-HOTPLUG, F-ISO, F-IMAGE) --------
+
+
+def disk_file(tmp_path: Path, name: str, size: int = 1 << 20) -> Path:
+    """A raw disk file of ``size`` bytes (no QEMU opens it: test:/// and sim only)."""
+    path = tmp_path / name
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def root_disk(tmp_path: Path) -> ResolvedDisk:
+    return ResolvedDisk("root", disk_file(tmp_path, "root.raw"), "raw")
+
+
+async def disk_ids(driver: HypervisorDriver, vm: str) -> list[str]:
+    info = await driver.get_domain(vm)
+    assert info is not None
+    return list(info.disks)
+
+
+async def test_disk_plugged_into_a_stopped_domain_is_there_at_boot(
+        driver: HypervisorDriver, tmp_path: Path) -> None:
+    assert driver.caps.hotplug_disk
+    spec = new_spec(driver)
+    data = ResolvedDisk("data-1", disk_file(tmp_path, "data.raw"), "raw")
+    await driver.ensure_defined(spec, [root_disk(tmp_path)], [])
+    assert await disk_ids(driver, spec.uuid) == ["root"]
+    await driver.attach_disk(spec.uuid, data)
+    await driver.attach_disk(spec.uuid, data)  # again: still one such disk
+    assert await disk_ids(driver, spec.uuid) == ["root", "data-1"]
+    assert await state(driver, spec.uuid) is DomainState.SHUTOFF  # plugging never boots
+    await driver.start(spec.uuid)
+    assert await disk_ids(driver, spec.uuid) == ["root", "data-1"]
+    await driver.destroy(spec.uuid)
+    await driver.detach_disk(spec.uuid, "data-1")
+    await driver.detach_disk(spec.uuid, "data-1")  # gone already: fine
+    await driver.detach_disk(spec.uuid, "never-plugged")
+    assert await disk_ids(driver, spec.uuid) == ["root"]
+    # A second disk takes the place the first one left, and a third the next one.
+    await driver.attach_disk(spec.uuid, data)
+    await driver.attach_disk(spec.uuid, ResolvedDisk("data-2", disk_file(tmp_path, "d2"), "raw"))
+    assert await disk_ids(driver, spec.uuid) == ["root", "data-1", "data-2"]
+    for call in (driver.attach_disk(str(uuidlib.uuid4()), data),
+                 driver.detach_disk(str(uuidlib.uuid4()), "data-1")):
+        with pytest.raises(DomainNotFound):
+            await call
+
+
+async def test_disk_hot_plugged_into_a_running_domain_stays_after_a_restart(
+        driver: HypervisorDriver, tmp_path: Path) -> None:
+    spec = new_spec(driver)
+    data = ResolvedDisk("data", disk_file(tmp_path, "data.raw"), "raw")
+    await driver.ensure_defined(spec, [root_disk(tmp_path)], [])
+    await driver.start(spec.uuid)
+    if driver.name == "libvirt":
+        # test:/// cannot attach devices to a running domain: NotSupported, nothing
+        # changed (a disk plugged into a real QEMU guest: tests/system/test_disk_hotplug.py).
+        with pytest.raises(NotSupported):
+            await driver.attach_disk(spec.uuid, data)
+        assert await disk_ids(driver, spec.uuid) == ["root"]
+        await driver.destroy(spec.uuid)
+        assert await disk_ids(driver, spec.uuid) == ["root"]  # not in the definition either
+        return
+    await driver.attach_disk(spec.uuid, data)
+    assert await disk_ids(driver, spec.uuid) == ["root", "data"]
+    await driver.destroy(spec.uuid)  # live and in the definition: the next boot has it
+    await driver.start(spec.uuid)
+    assert await disk_ids(driver, spec.uuid) == ["root", "data"]
+    await driver.detach_disk(spec.uuid, "data")
+    assert await disk_ids(driver, spec.uuid) == ["root"]
+    await driver.destroy(spec.uuid)
+    await driver.start(spec.uuid)
+    assert await disk_ids(driver, spec.uuid) == ["root"]
+
+
+async def test_online_resize_grows_only_a_running_domain_disk(
+        driver: HypervisorDriver, tmp_path: Path) -> None:
+    spec = new_spec(driver)
+    await driver.ensure_defined(spec, [root_disk(tmp_path)], [])
+    with pytest.raises(DomainNotRunning, match="not running"):
+        await driver.resize_disk(spec.uuid, "root", 4 << 20)
+    await driver.start(spec.uuid)
+    with pytest.raises(HypervisorError, match="no disk 'nope'"):
+        await driver.resize_disk(spec.uuid, "nope", 4 << 20)
+    # Smaller than the disk (1 MiB here, 1 TiB as test:/// reports every disk): refused.
+    with pytest.raises(HypervisorError, match="only growing"):
+        await driver.resize_disk(spec.uuid, "root", 512 << 10)
+    bigger = 4 << 40
+    if driver.name == "libvirt":
+        # test:/// cannot resize block devices: refused, never a silent success (the
+        # guest seeing the new size on real QEMU: tests/system/test_disk_hotplug.py).
+        with pytest.raises(NotSupported):
+            await driver.resize_disk(spec.uuid, "root", bigger)
+        return
+    await driver.resize_disk(spec.uuid, "root", bigger)
+    await driver.resize_disk(spec.uuid, "root", bigger)  # the same size: fine
+    with pytest.raises(HypervisorError, match="only growing"):
+        await driver.resize_disk(spec.uuid, "root", bigger - 1)
+    with pytest.raises(DomainNotFound):
+        await driver.resize_disk(str(uuidlib.uuid4()), "root", bigger)
+
+
+async def test_cd_drive_media_and_seed(driver: HypervisorDriver, tmp_path: Path) -> None:
+    """A CD drive with an ISO from the image cache (``<image id>.iso``) and the cloud-init
+    seed: neither is listed among the disks; the ISO's image id is reported; the medium
+    changes in the definition of a stopped domain."""
+    image_a, image_b = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    iso_a = disk_file(tmp_path, f"{image_a}.iso")
+    iso_b = disk_file(tmp_path, f"{image_b}.iso")
+    seed = ResolvedDisk(SEED_DISK_ID, disk_file(tmp_path, "seed.iso"), "raw",
+                        device="cdrom", read_only=True)
+    cdrom = ResolvedDisk("cdrom", iso_a, "raw", device="cdrom", read_only=True)
+    spec = new_spec(driver, boot="cdrom")
+    await driver.ensure_defined(spec, [root_disk(tmp_path), cdrom, seed], [])
+    info = await driver.get_domain(spec.uuid)
+    assert info is not None and info.disks == ["root"] and info.cdrom_image == image_a
+    await driver.change_media(spec.uuid, "cdrom", None)
+    await driver.change_media(spec.uuid, "cdrom", None)  # empty already: fine
+    info = await driver.get_domain(spec.uuid)
+    assert info is not None and info.cdrom_image is None
+    await driver.change_media(spec.uuid, "cdrom", iso_b)
+    info = await driver.get_domain(spec.uuid)
+    assert info is not None and info.cdrom_image == image_b and info.disks == ["root"]
+    with pytest.raises(HypervisorError, match="not a CD drive"):
+        await driver.change_media(spec.uuid, "root", iso_a)
+    with pytest.raises(HypervisorError, match="no CD drive 'cd9'"):
+        await driver.change_media(spec.uuid, "cd9", iso_a)
+    with pytest.raises(HypervisorError, match="CD drive"):
+        await driver.detach_disk(spec.uuid, "cdrom")
+    # Booted (from the CD), the drive keeps its medium; a live change is the guest's
+    # business on real QEMU (tests/system/test_disk_hotplug.py).
+    await driver.start(spec.uuid)
+    info = await driver.get_domain(spec.uuid)
+    assert info is not None and info.cdrom_image == image_b
+    if driver.name == "libvirt":
+        with pytest.raises(NotSupported):
+            await driver.change_media(spec.uuid, "cdrom", iso_a)
+    else:
+        await driver.change_media(spec.uuid, "cdrom", iso_a)
+        info = await driver.get_domain(spec.uuid)
+        assert info is not None and info.cdrom_image == image_a
+
+
+async def test_boot_from_cdrom_needs_a_cd_drive(driver: HypervisorDriver,
+                                                tmp_path: Path) -> None:
+    spec = new_spec(driver, boot="cdrom")
+    with pytest.raises(HypervisorError, match="CD drive"):
+        await driver.ensure_defined(spec, [root_disk(tmp_path)], [])
+    assert await driver.get_domain(spec.uuid) is None
+
+
+async def test_live_copy_of_a_disk(driver: HypervisorDriver, tmp_path: Path) -> None:
+    root = root_disk(tmp_path)
+    root.path.write_bytes(b"yun-root" * 1024)  # type: ignore[union-attr]
+    spec = new_spec(driver)
+    await driver.ensure_defined(spec, [root], [])
+    target = tmp_path / "copy.qcow2"
+    with pytest.raises(DomainNotRunning, match="not running"):
+        await driver.backup_disk(spec.uuid, "root", target)
+    await driver.start(spec.uuid)
+    with pytest.raises(HypervisorError, match="no disk 'nope'"):
+        await driver.backup_disk(spec.uuid, "nope", target)
+    if driver.name == "libvirt":
+        # test:/// has no backup jobs (the real one is exercised on QEMU in
+        # tests/system/test_disk_hotplug.py).
+        with pytest.raises(NotSupported):
+            await driver.backup_disk(spec.uuid, "root", target)
+        assert not target.exists()
+        return
+    await driver.backup_disk(spec.uuid, "root", target)
+    assert target.read_bytes() == root.path.read_bytes()  # type: ignore[union-attr]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import upload
-from yun.proto.messages import legacy_volume_id
 from yun.testing.cluster import SimCluster
 
 
@@ -20,11 +19,15 @@ def assert_node_built_what_was_asked(agent: Any, vm: dict, image: dict) -> None:
     assert (disk.size_gb, disk.image_id, disk.image_sha256) == (3, image["uuid"],
                                                                 image["sha256"])
     assert agent.disks.images[image["uuid"]].sha256 == image["sha256"]
-    volume_id = disk.volume_id or legacy_volume_id(vm["uuid"], disk.disk_id)
-    volume = agent.disks.volumes[volume_id]
+    # The disk is the VM's root volume, kept by the volume's id (C-STO).
+    assert disk.volume_id is not None and disk.create
+    volume = agent.disks.volumes[disk.volume_id]
     assert (volume.size_gb, volume.image_id) == (3, image["uuid"])
-    assert [(d.disk_id, d.path.name) for d in domain.disks] == [(disk.disk_id,
-                                                                   f"{volume_id}.qcow2")]
+    # Besides its disks, every VM has a CD drive (empty) and its cloud-init seed.
+    assert [(d.disk_id, d.path.stem) for d in domain.disks
+            if d.device == "disk" and d.path is not None] == [(disk.disk_id, disk.volume_id)]
+    assert sorted(d.disk_id for d in domain.disks if d.device == "cdrom") == ["cdrom",
+                                                                              "cidata"]
     [port] = agent.network.ports[vm["uuid"]]
     assert (port.mac, port.ip, port.exposure) == (vm["mac"], vm["ip"], "private")
     [nic] = domain.spec.nics

@@ -24,7 +24,9 @@ NOW = "2026-01-01T00:00:00Z"
 VM = {"uuid": "3f1c", "name": "web1", "description": "", "tags": {"env": "[bold]prod"},
       "created_at": NOW, "updated_at": "2026-01-01T00:00:01.500000Z", "project_uuid": "p1",
       "state": "running", "vcpus": 2, "memory_mb": 512, "disk_gb": 4, "image_uuid": "i1",
-      "pool_uuid": "pl1", "pool_name": "default", "group_uuid": None, "node_labels": {},
+      "cdrom_image_uuid": None, "boot": "disk", "ssh_key_fingerprints": [],
+      "user_data_size": None, "user_data_sha256": None, "pool_uuid": "pl1",
+      "pool_name": "default", "group_uuid": None, "node_labels": {},
       "qos": {"cpu": "medium", "read_iops_sec": None, "write_iops_sec": None,
               "read_bytes_sec": None, "write_bytes_sec": None, "bandwidth_kbit": None},
       "node_uuid": "n1", "node_name": "node-0", "ip": "10.64.0.10", "mac": "52:54:00:00:00:01",
@@ -297,8 +299,11 @@ def test_key_create_shows_the_secret_once_with_a_warning(api: Api) -> None:
         "uuid": "k1", "name": "ci", "access_key": "AKCI00000001", "user_uuid": "u",
         "project_uuid": "p", "enabled": True, "created_at": NOW, "updated_at": NOW,
         "secret": "the-secret"})
-    result = ok("key", "create", "ci")
+    result = ok("api-key", "create", "ci")
     assert "the-secret" in result.stdout and "shown only this once" in result.stderr
+    # The old place still works, and says where the command moved.
+    result = ok("key", "create", "ci")
+    assert "the-secret" in result.stdout and "yun api-key create" in result.stderr
 
 
 def test_quota_set_sends_only_the_given_limits(api: Api) -> None:
@@ -326,3 +331,86 @@ def test_role_commands(api: Api) -> None:
     assert json.loads(api.requests[-1].content) == {"user": "alice", "role": "member",
                                                     "project": "web", "department": None}
     assert yun("role", "grant", "alice", "emperor").exit_code == 2
+
+
+# --- ISO and cloud-init -----------------------------------------------------------------
+
+PUB = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMw3GzjzWbPx3oruo2tWGdasM+EE1RCB6mUpqEgskBQn "
+       "alice@laptop")
+SSH_KEY = {"uuid": "s1", "name": "laptop", "public_key": PUB,
+           "fingerprint": "SHA256:xeDqCt2+4M2aJb5P83XNWTNrs5NyFzi2I/9VwMpWp4s",
+           "user_uuid": "u", "project_uuid": "p", "created_at": NOW, "updated_at": NOW}
+
+
+def test_key_add_reads_a_pub_file_and_refuses_a_bad_one_before_any_request(
+        api: Api, tmp_path: Path) -> None:
+    api.routes[("POST", "/ssh-keys")] = httpx.Response(201, json=SSH_KEY)
+    pub = tmp_path / "id_ed25519.pub"
+    pub.write_text(PUB + "\n")
+    assert "SHA256:xeDq" in ok("key", "add", "laptop", str(pub)).stdout
+    assert json.loads(api.requests[0].content) == {"name": "laptop", "public_key": PUB}
+    ok("key", "add", "laptop", PUB)  # the key itself
+    assert json.loads(api.requests[1].content)["public_key"] == PUB
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nxx\n")
+    for bad, error in ((str(private), "private key"), (str(tmp_path / "nope.pub"),
+                                                       "no such file"),
+                       ("ssh-rsa AAA", "not valid base64")):
+        result = yun("key", "add", "laptop", bad)
+        assert result.exit_code == 2 and error in result.output, result.output
+    assert len(api.requests) == 2
+
+
+def test_key_list_and_delete_are_ssh_keys_and_api_keys_moved(api: Api) -> None:
+    api.routes[("GET", "/ssh-keys")] = {"items": [SSH_KEY], "limit": 100}
+    assert "SHA256:xeDq" in ok("key", "list").stdout
+    api.routes[("DELETE", "/ssh-keys/laptop")] = httpx.Response(204)
+    assert "SSH key laptop deleted" in ok("key", "delete", "laptop").stderr
+    api.routes[("GET", "/keys")] = {"items": [], "limit": 100}
+    ok("api-key", "list")
+    api.routes[("POST", "/keys/ci/rotate")] = {
+        "uuid": "k1", "name": "ci", "access_key": "AKCI00000001", "user_uuid": "u",
+        "project_uuid": "p", "enabled": True, "created_at": NOW, "updated_at": NOW,
+        "secret": "s2"}
+    assert "yun api-key rotate" in ok("key", "rotate", "ci").stderr
+    assert [(r.method, r.url.path) for r in api.requests] == [
+        ("GET", "/api/v1/ssh-keys"), ("DELETE", "/api/v1/ssh-keys/laptop"),
+        ("GET", "/api/v1/keys"), ("POST", "/api/v1/keys/ci/rotate")]
+
+
+def test_vm_create_from_an_iso_with_keys_and_user_data(api: Api, tmp_path: Path) -> None:
+    api.routes[("POST", "/vms")] = httpx.Response(202, json={"task": TASK, "resource": VM})
+    pub = tmp_path / "k.pub"
+    pub.write_text(PUB)
+    data = tmp_path / "user-data"
+    data.write_text("#cloud-config\nruncmd: [touch /done]\n")
+    ok("vm", "create", "web1", "--iso", "debian-iso", "--disk", "8", "--ssh-key", "laptop",
+       "--ssh-key", str(pub), "--user-data", str(data), "--no-wait")
+    assert json.loads(api.requests[0].content) == {
+        "name": "web1", "description": "", "iso": "debian-iso", "vcpus": 1,
+        "memory_mb": 256, "disk_gb": 8, "tags": {}, "ssh_keys": ["laptop", PUB],
+        "user_data": "#cloud-config\nruncmd: [touch /done]\n"}
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 65537)
+    for args, error in ((("--image", "deb", "--user-data", str(big)), "65537 bytes"),
+                        (("--image", "deb", "--user-data", str(tmp_path / "nope")),
+                         "No such file"),
+                        (("--image", "deb", "--ssh-key", "./missing.pub"), "no such file"),
+                        ((), "give --image to boot from a disk image, or --iso")):
+        result = yun("vm", "create", "web2", *args)
+        assert result.exit_code == 2 and error in result.output, (args, result.output)
+    assert len(api.requests) == 1
+
+
+def test_vm_cdrom_insert_and_eject(api: Api) -> None:
+    api.routes[("PUT", "/vms/web1/cdrom")] = httpx.Response(
+        202, json={"task": dict(TASK, kind="vm.cdrom"), "resource": VM})
+    api.routes[("DELETE", "/vms/web1/cdrom")] = httpx.Response(
+        202, json={"task": dict(TASK, kind="vm.cdrom"), "resource": VM})
+    api.routes[("GET", "/tasks/t1")] = dict(TASK, state="succeeded")
+    api.routes[("GET", "/vms/web1")] = VM
+    assert "cdrom insert web1: done" in ok("vm", "cdrom", "insert", "web1", "tools").stderr
+    assert json.loads(api.requests[0].content) == {"image": "tools"}
+    assert "cdrom eject web1: done" in ok("vm", "cdrom", "eject", "web1").stderr
+    assert ("DELETE", "/api/v1/vms/web1/cdrom") in [(r.method, r.url.path)
+                                                   for r in api.requests]

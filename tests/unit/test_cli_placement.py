@@ -29,7 +29,7 @@ from yun.proto.resources import Task, TaskState, VmQosUpdate
 POOL: dict[str, Any] = {
     "uuid": "pl1", "name": "gold", "description": "", "tags": {}, "created_at": NOW,
     "updated_at": NOW, "zone_uuid": "z1", "zone_name": "east", "network_mode": "direct",
-    "storage_mode": "local", "thin": True, "ha": False, "address_pool": None,
+    "storage_mode": "local", "thin": True, "backing": False, "ha": False, "address_pool": None,
     "qos_level": "high", "cpu_ratio": 4.0, "memory_ratio": 1.0, "disk_ratio": 1.0,
     "filters": ["pool", "capacity"], "weights": {"cpu": 1.0}, "node_count": 2, "vm_count": 3,
     "capacity": [{"resource_class": "vcpu", "usable": 16, "used": 3, "free": 13}],

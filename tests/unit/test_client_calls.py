@@ -268,7 +268,8 @@ def test_upload_streams_a_file_and_reports_progress(tmp_path: Path) -> None:
     assert got.size == image.stat().st_size == sent[-1]
     assert sent == sorted(sent) and len(sent) == 4
     assert dict(request.url.params) == {"name": "disk", "description": "d",
-                                        "visibility": "project"}
+                                        "visibility": "project",
+                                        "size": str(3 * 1024 * 1024 + 5)}
     assert request.headers["Idempotency-Key"] == "up-1"
     assert request.headers["Content-Type"] == "application/octet-stream"
     with pytest.raises(FileNotFoundError):

@@ -48,7 +48,7 @@ async def test_an_upload_streams_to_the_storage_server() -> None:
     create, show = gw.control.calls()
     assert create.headers["idempotency-key"] == "up-1"
     assert create.json() == {"name": "disk", "description": "", "format": "raw",
-                             "visibility": "project"}
+                             "visibility": "project", "sha256": None}
     assert (show.method, show.raw_path) == ("GET", f"/internal/v1/images/{image_uuid}")
     [put] = gw.storage.seen
     assert put.raw_path == f"/internal/v1/images/{image_uuid}/data"

@@ -65,7 +65,8 @@ class Harness:
         )
 
     def leftovers(self) -> list[str]:
-        return sorted(p.name for d in ("tmp", "images") for p in (self.root / d).iterdir())
+        return sorted(p.name for d in ("tmp", "images", "uploads")
+                      for p in (self.root / d).iterdir())
 
 
 @pytest.fixture
@@ -252,7 +253,7 @@ async def test_path_traversal_ids_are_refused(h: Harness, bad_id: str) -> None:
         )
         assert 400 <= resp.status_code < 500 and resp.status_code != 409, (method, url)
     assert h.leftovers() == []
-    assert sorted(p.name for p in h.root.iterdir()) == ["images", "tmp"]
+    assert sorted(p.name for p in h.root.iterdir()) == ["images", "tmp", "uploads"]
 
 
 # --- download -------------------------------------------------------------------

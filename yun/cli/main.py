@@ -22,6 +22,7 @@ from yun.cli.commands import (
     user,
     vm,
     vm_group,
+    volume,
     zone,
 )
 from yun.cli.context import YunGroup
@@ -59,6 +60,8 @@ app.add_typer(infra.node_app, name="node")
 app.add_typer(zone.app, name="zone")
 app.add_typer(pool.app, name="pool")
 app.add_typer(vm_group.app, name="vm-group")
+app.add_typer(volume.app, name="volume")
+app.add_typer(volume.event_app, name="event")
 app.add_typer(address_pool.app, name="address-pool")
 app.add_typer(eip.app, name="eip")
 app.add_typer(router.app, name="router")
@@ -69,6 +72,7 @@ app.add_typer(department.app, name="department")
 app.add_typer(user.app, name="user")
 app.add_typer(role.app, name="role")
 app.add_typer(key.app, name="key")
+app.add_typer(key.api_key_app, name="api-key")
 app.add_typer(key.audit_app, name="audit")
 app.add_typer(aio.app, name="aio")
 app.add_typer(serve.app, name="serve")

@@ -24,10 +24,12 @@ from yun.client.identity import (
     Keys,
     Projects,
     Roles,
+    SshKeys,
     Users,
 )
 from yun.client.pools import Pools, VmGroups, Zones
 from yun.client.routers import Routers
+from yun.client.volumes import Events, Volumes
 from yun.proto.identity import IssuedToken
 
 API_PREFIX = "/api/v1"
@@ -47,6 +49,8 @@ class _Namespaces(Generic[R]):
     def __init__(self, runner: R) -> None:
         self._runner = runner
         self.vms = Vms(runner)
+        self.volumes = Volumes(runner)
+        self.events = Events(runner)
         self.images = Images(runner)
         self.nodes = Nodes(runner)
         self.zones = Zones(runner)
@@ -61,6 +65,7 @@ class _Namespaces(Generic[R]):
         self.users = Users(runner)
         self.roles = Roles(runner)
         self.keys = Keys(runner)
+        self.ssh_keys = SshKeys(runner)
         self.quota = CurrentQuota(runner)
         self.audit = Audit(runner)
         self.auth = Auth(runner)

@@ -34,10 +34,13 @@ from yun.client._core import (
 )
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     Image,
     ImageCreate,
     ImageFormat,
+    ImageUpdate,
+    ImageUploadStatus,
     ImageVisibility,
     Node,
     NodeLabelsUpdate,
@@ -76,15 +79,17 @@ class Vms(TaggedCollection[R, Vm]):
     @endpoint
     def create(self, spec: VmCreate, *, wait: Wait = False,
                idempotency_key: str | None = None) -> Op[Accepted | Task]:
-        """Create a VM from an image and boot it."""
+        """Create a VM from an image (or blank, from an ISO) and boot it."""
         return accepted(Call("POST", "/vms", ACCEPTED, body=spec,
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint
-    def delete(self, ref: str, *, wait: Wait = False,
+    def delete(self, ref: str, *, wait: Wait = False, keep_volumes: bool = False,
                idempotency_key: str | None = None) -> Op[Accepted | Task]:
-        """Delete a VM with its disks, address and network port."""
+        """Delete a VM with its root volume, address and network port, and its data
+        volumes marked ``delete_with_vm`` unless ``keep_volumes`` (then kept, detached)."""
         return accepted(Call("DELETE", self._item(ref), ACCEPTED,
+                             params={"keep_volumes": "true"} if keep_volumes else {},
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint
@@ -113,6 +118,23 @@ class Vms(TaggedCollection[R, Vm]):
         out keep their value, ``spec.clear`` lifts limits. A running VM gets them at once
         (``Accepted.task`` is None when nothing changes)."""
         return accepted(Call("POST", self._item(ref, "/qos"), ACCEPTED, body=spec,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def insert_cdrom(self, ref: str, image: str, *, wait: Wait = False,
+                     idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Put the ISO ``image`` into the VM's CD drive (a running guest sees it at once);
+        ``Accepted.task`` is None when it is already in."""
+        body = CdromInsert.model_validate({"image": image})
+        return accepted(Call("PUT", self._item(ref, "/cdrom"), ACCEPTED, body=body,
+                             headers=idempotency(idempotency_key)), wait)
+
+    @endpoint
+    def eject_cdrom(self, ref: str, *, wait: Wait = False,
+                    idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Empty the VM's CD drive; a VM booting from it boots from its disk from then on
+        (``Accepted.task`` is None when the drive is empty already)."""
+        return accepted(Call("DELETE", self._item(ref, "/cdrom"), ACCEPTED,
                              headers=idempotency(idempotency_key)), wait)
 
     @endpoint
@@ -183,24 +205,29 @@ class Vms(TaggedCollection[R, Vm]):
                     nothing, headers=idempotency(idempotency_key))
 
 
-def _read(file: Path) -> Iterator[bytes]:
+def _read(file: Path, start: int = 0) -> Iterator[bytes]:
     with file.open("rb") as f:
+        f.seek(start)
         while chunk := f.read(CHUNK):
             yield chunk
 
 
-def _counted(chunks: Iterable[bytes], progress: Callable[[int], None]) -> Iterator[bytes]:
-    sent = 0
+def _counted(chunks: Iterable[bytes], progress: Callable[[int], None],
+             start: int = 0) -> Iterator[bytes]:
+    sent = start
     for chunk in chunks:
         yield chunk
         sent += len(chunk)  # httpx asks for the next chunk once this one is written
         progress(sent)
 
 
-def upload_content(source: ImageSource, progress: Callable[[int], None] | None) -> Content:
-    """The body of an upload: bytes (signed with their hash) or chunks (streamed)."""
+def upload_content(source: ImageSource, progress: Callable[[int], None] | None,
+                   start: int = 0) -> Content:
+    """The body of an upload from byte ``start`` of ``source``: bytes (signed with their
+    hash) or chunks (streamed). An iterable ``source`` must already begin at ``start``."""
     chunks: Iterable[bytes]
     if isinstance(source, bytes):
+        source = source[start:]
         if progress is None:
             return source
         chunks = (source[i:i + CHUNK] for i in range(0, len(source), CHUNK))
@@ -208,10 +235,16 @@ def upload_content(source: ImageSource, progress: Callable[[int], None] | None) 
         file = Path(source)
         if not file.is_file():  # say so now, not halfway through a request
             raise FileNotFoundError(f"no such file: {file}")
-        chunks = _read(file)
+        chunks = _read(file, start)
     else:
         chunks = source
-    return chunks if progress is None else _counted(chunks, progress)
+    return chunks if progress is None else _counted(chunks, progress, start)
+
+
+def _part_answer(response: httpx.Response) -> Image | ImageUploadStatus:
+    if response.status_code == 202:
+        return ImageUploadStatus.model_validate(response.json())
+    return Image.model_validate(response.json())
 
 
 class Images(TaggedCollection[R, Image]):
@@ -226,26 +259,72 @@ class Images(TaggedCollection[R, Image]):
                *, description: str = "",
                visibility: ImageVisibility | str = ImageVisibility.PROJECT,
                idempotency_key: str | None = None,
-               progress: Callable[[int], None] | None = None) -> Call[Image]:
+               progress: Callable[[int], None] | None = None,
+               sha256: str | None = None, size: int | None = None) -> Call[Image]:
         """Upload a disk image or ISO; its format is detected (declare ``raw`` ones).
 
         ``progress`` is called with the number of bytes sent so far. A path or an
         iterable is streamed (signed as ``UNSIGNED-PAYLOAD`` with a key pair); bytes are
-        sent at once, unless ``progress`` is given."""
+        sent at once, unless ``progress`` is given. ``sha256`` (of the whole file) makes
+        the server refuse other bytes; ``size`` (the file's length) makes a body that
+        ends early a resumable upload (see :meth:`upload_status`, :meth:`upload_part`)."""
         spec = ImageCreate.model_validate({"name": name, "description": description,
-                                           "format": format, "visibility": visibility})
+                                           "format": format, "visibility": visibility,
+                                           "sha256": sha256})
+        if size is None and isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+            size = Path(source).stat().st_size
+        elif size is None and isinstance(source, bytes):
+            size = len(source)
         params = {"name": spec.name, "description": spec.description or None,
                   "format": spec.format.value if spec.format else None,
-                  "visibility": spec.visibility.value}
+                  "visibility": spec.visibility.value, "sha256": spec.sha256,
+                  "size": size or None}
         return Call("POST", "/images", model(Image), params=params,
                     content=upload_content(source, progress), timeout=UPLOAD_TIMEOUT,
                     headers={"Content-Type": "application/octet-stream",
                              **idempotency(idempotency_key)})
 
     @endpoint
+    def upload_status(self, ref: str) -> Call[ImageUploadStatus]:
+        """How many bytes of the image's upload the storage server holds (``offset``):
+        where an interrupted upload resumes."""
+        return Call("GET", self._item(ref, "/upload"), model(ImageUploadStatus))
+
+    @endpoint
+    def upload_part(self, ref: str, source: ImageSource, offset: int, total: int,
+                    format: ImageFormat | str | None = None, *,
+                    progress: Callable[[int], None] | None = None,
+                    ) -> Call[Image | ImageUploadStatus]:
+        """Send the bytes of ``source`` from ``offset`` to its end (``total`` bytes in
+        all) to resume an interrupted upload; ``offset`` must be the one
+        :meth:`upload_status` answers (else 409 naming it). Returns the image once
+        complete, else the new upload status. ``progress`` gets the bytes held so far."""
+        fmt = ImageFormat(format).value if format else None
+        if offset >= total:
+            content_range = f"bytes */{total}"
+            content: Content = b""
+        else:
+            content_range = f"bytes {offset}-{total - 1}/{total}"
+            content = upload_content(source, progress, offset)
+        return Call("PUT", self._item(ref, "/data"), _part_answer, params={"format": fmt},
+                    content=content, timeout=UPLOAD_TIMEOUT,
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": content_range})
+
+    @endpoint
+    def update(self, ref: str, *, protected: bool | None = None,
+               description: str | None = None,
+               idempotency_key: str | None = None) -> Call[Image]:
+        """Change an image's protection or description; returns the image."""
+        return Call("PATCH", self._item(ref), model(Image),
+                    body=ImageUpdate(protected=protected, description=description),
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
     def delete(self, ref: str, *, cascade: bool = False, wait: Wait = False,
                idempotency_key: str | None = None) -> Op[Accepted | Task | None]:
-        """Delete an image. It is refused (409) while VMs use it, unless ``cascade``,
+        """Delete an image. It is refused (409) while it is protected or used by VMs
+        (made from it or with it in their CD drive) or volumes, unless ``cascade``,
         which starts a task deleting those VMs first (None: deleted at once)."""
         call = maybe_accepted_call("DELETE", self._item(ref),
                                    {"cascade": "true" if cascade else None}, idempotency_key)

@@ -50,7 +50,7 @@ from yun.proto.identity import (
     UserUpdate,
     WhoAmI,
 )
-from yun.proto.resources import Accepted, Page, Task
+from yun.proto.resources import Accepted, Page, SshKey, SshKeyCreate, Task
 
 
 def _cascade(cascade: bool) -> dict[str, str | None]:
@@ -216,6 +216,27 @@ class Keys(Collection[R, ApiKey]):
     @endpoint
     def delete(self, ref: str, *, idempotency_key: str | None = None) -> Call[None]:
         """Delete a key."""
+        return Call("DELETE", self._item(ref), nothing, headers=idempotency(idempotency_key))
+
+
+class SshKeys(Collection[R, SshKey]):
+    """``client.ssh_keys``: the caller's SSH public keys, for the guests they create."""
+
+    _path = "/ssh-keys"
+    _model = SshKey
+    _page = Page[SshKey]
+
+    @endpoint
+    def create(self, name: str, public_key: str, *,
+               idempotency_key: str | None = None) -> Call[SshKey]:
+        """Store a public key (one line of a ``.pub`` file) under ``name``."""
+        body = SshKeyCreate.model_validate({"name": name, "public_key": public_key})
+        return Call("POST", self._path, model(SshKey), body=body,
+                    headers=idempotency(idempotency_key))
+
+    @endpoint
+    def delete(self, ref: str, *, idempotency_key: str | None = None) -> Call[None]:
+        """Delete a key (guests already given it keep it)."""
         return Call("DELETE", self._item(ref), nothing, headers=idempotency(idempotency_key))
 
 

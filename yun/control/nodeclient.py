@@ -16,13 +16,18 @@ from yun.proto.client import PeerClient
 from yun.proto.errors import Unavailable
 from yun.proto.membership import Membership
 from yun.proto.messages import (
+    CdromChange,
     ConsoleLog,
+    DiskAttach,
     DomainConsole,
     DomainInfo,
     NicAttach,
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    VolumeEnsure,
+    VolumeInfo,
+    VolumeResize,
 )
 from yun.proto.network import NodeForward, NodeForwards
 
@@ -30,6 +35,7 @@ PowerAction = Literal["start", "stop", "reboot"]
 POWER_ACTIONS: tuple[str, ...] = get_args(PowerAction)
 BASE = "/internal/v1/domains"
 NODE_BASE = "/internal/v1"
+VOLUMES = "/internal/v1/volumes"
 
 
 class HasMembership(Protocol):
@@ -49,10 +55,13 @@ class NodeClient:
                                     request_id=request_id, timeout=timeout)
 
     async def remove(self, vm_uuid: str, request_id: str | None = None,
-                     timeout: float | None = None) -> None:
-        """Remove the VM's domain, disks and leases; nothing to do if already gone."""
-        await self.peer.request("DELETE", f"{BASE}/{vm_uuid}", request_id=request_id,
-                                timeout=timeout)
+                     timeout: float | None = None,
+                     delete_volumes: list[str] | None = None) -> None:
+        """Remove the VM's domain, ports and files, and the volumes named in
+        ``delete_volumes`` (its other volumes stay); nothing to do if already gone."""
+        params = {"delete_volume": list(delete_volumes)} if delete_volumes else None
+        await self.peer.request("DELETE", f"{BASE}/{vm_uuid}", params=params,
+                                request_id=request_id, timeout=timeout)
 
     async def get_domain(self, vm_uuid: str, timeout: float | None = None) -> DomainInfo:
         """The domain as the hypervisor sees it; NotFound if the node has none."""
@@ -87,6 +96,65 @@ class NodeClient:
                          timeout: float | None = None) -> DomainInfo:
         """Unplug one NIC of the VM (nothing to do if it is not there)."""
         return await self.peer.call("DELETE", f"{BASE}/{vm_uuid}/nics/{nic_id}", DomainInfo,
+                                    request_id=request_id, timeout=timeout)
+
+    async def attach_disk(self, vm_uuid: str, req: DiskAttach, request_id: str | None = None,
+                          timeout: float | None = None) -> DomainInfo:
+        """Plug a volume (already on the node) into the VM: live if it runs, and into
+        its definition (U-HOTPLUG)."""
+        return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/disks/{req.disk.disk_id}",
+                                    DomainInfo, body=req, request_id=request_id,
+                                    timeout=timeout)
+
+    async def detach_disk(self, vm_uuid: str, disk_id: str, request_id: str | None = None,
+                          timeout: float | None = None) -> DomainInfo:
+        """Unplug one disk of the VM; its volume stays on the node."""
+        return await self.peer.call("DELETE", f"{BASE}/{vm_uuid}/disks/{disk_id}",
+                                    DomainInfo, request_id=request_id, timeout=timeout)
+
+    async def ensure_volume(self, req: VolumeEnsure, request_id: str | None = None,
+                            timeout: float | None = None) -> VolumeInfo:
+        """Make the volume ``req.disk.volume_id`` if missing (idempotent); 507 when the
+        node has no room for it."""
+        return await self.peer.call("PUT", f"{VOLUMES}/{req.disk.volume_id}", VolumeInfo,
+                                    body=req, request_id=request_id, timeout=timeout)
+
+    async def get_volume(self, volume_id: str, timeout: float | None = None) -> VolumeInfo:
+        """The volume as the node holds it; NotFound if it has none."""
+        return await self.peer.call("GET", f"{VOLUMES}/{volume_id}", VolumeInfo,
+                                    timeout=timeout)
+
+    async def delete_volume(self, volume_id: str, request_id: str | None = None,
+                            timeout: float | None = None) -> None:
+        """Delete the volume's file (409 while a domain of the node has it attached)."""
+        await self.peer.request("DELETE", f"{VOLUMES}/{volume_id}", request_id=request_id,
+                                timeout=timeout)
+
+    async def resize_volume(self, volume_id: str, size_gb: int, request_id: str | None = None,
+                            timeout: float | None = None) -> VolumeInfo:
+        """Grow the volume (through the hypervisor when a running domain has it)."""
+        return await self.peer.call("POST", f"{VOLUMES}/{volume_id}/resize", VolumeInfo,
+                                    body=VolumeResize(size_gb=size_gb),
+                                    request_id=request_id, timeout=timeout)
+
+    async def snapshot_volume(self, volume_id: str, name: str,
+                              action: Literal["create", "revert", "delete"],
+                              request_id: str | None = None,
+                              timeout: float | None = None) -> VolumeInfo:
+        """Create, revert to or delete the internal snapshot ``name`` of a closed volume."""
+        path = f"{VOLUMES}/{volume_id}/snapshots/{name}"
+        method = {"create": "PUT", "revert": "POST", "delete": "DELETE"}[action]
+        if action == "revert":
+            path += "/revert"
+        return await self.peer.call(method, path, VolumeInfo, request_id=request_id,
+                                    timeout=timeout)
+
+    async def change_cdrom(self, vm_uuid: str, req: CdromChange,
+                           request_id: str | None = None,
+                           timeout: float | None = None) -> DomainInfo:
+        """Insert an ISO into the VM's CD drive (cached on the node first) or eject it
+        (``req.image`` None): live when it runs, and in its definition."""
+        return await self.peer.call("PUT", f"{BASE}/{vm_uuid}/cdrom", DomainInfo, body=req,
                                     request_id=request_id, timeout=timeout)
 
     async def set_forwards(self, vm_uuid: str, forwards: list[NodeForward],

@@ -7,6 +7,7 @@ the body of an image upload through a queue instead of letting it stream.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from yun.proto.server import problem_response
 API_PREFIX = "/api/v1"
 # Routes whose body is streamed through, unbuffered and without the JSON size limit.
 STREAMED_ROUTES = frozenset({("POST", f"{API_PREFIX}/images")})
+# ... and the parts of resumed uploads (PUT /images/{ref}/data).
+_STREAMED_PARTS = re.compile(rf"^{re.escape(API_PREFIX)}/images/[^/]+/data$")
 LOGIN_ROUTE = ("POST", f"{API_PREFIX}/auth/tokens")
 # Password guessing gets a bucket of its own per address, far tighter than the API's.
 LOGIN_RATE = 5.0
@@ -30,7 +33,8 @@ MAX_BUCKETS = 100_000
 
 def is_streamed(method: str, path: str) -> bool:
     """Whether the route ``method path`` streams its request body (image uploads)."""
-    return (method.upper(), path) in STREAMED_ROUTES
+    return (method.upper(), path) in STREAMED_ROUTES or (
+        method.upper() == "PUT" and _STREAMED_PARTS.match(path) is not None)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, title: str,

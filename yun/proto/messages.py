@@ -486,3 +486,5 @@ class StorageImageReport(Message):
     sha256: str
     format: str
     virtual_size: int
+    # The format the bytes were uploaded in when the store converted them (vmdk -> qcow2).
+    source_format: str | None = None

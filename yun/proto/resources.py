@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from yun.proto.messages import NAME_PATTERN, CpuQos, NodeCapability, QosSpec
+from yun.proto.ssh_keys import parse_public_key
 
 T = TypeVar("T")
 
@@ -156,6 +157,19 @@ class NodeLoad(BaseModel):
     reported_at: datetime | None = None
 
 
+class StorageDir(BaseModel):
+    """One storage directory of a node (or its shared mount) and its use."""
+
+    path: str
+    shared: bool = False
+    total_bytes: int
+    used_bytes: int
+    used_percent: float = Field(description="used / total, in percent")
+    volumes: int = 0
+    allocated_bytes: int = Field(default=0, description="what Yun volumes take on disk")
+    over_threshold: bool = False
+
+
 class Node(Named):
     url: str
     status: NodeStatus
@@ -181,6 +195,10 @@ class Node(Named):
                                        description="the node's sandbox subnet (F-NET-SANDBOX)")
     last_report_at: datetime | None = None
     vm_count: int = 0
+    storage: list[StorageDir] = Field(default_factory=list,
+                                      description="the node's storage directories as last "
+                                                  "reported (F-STO-LOCAL, F-THIN)")
+
 
 
 NodeLabelKey = Annotated[str, Field(min_length=1, max_length=63,
@@ -236,6 +254,9 @@ class PoolTemplate(Input):
     network_mode: NetworkMode | None = None
     storage_mode: StorageMode | None = None
     thin: bool | None = Field(default=None, description="thin-provisioned disks")
+    backing: bool | None = Field(
+        default=None, description="shared mode: VMs are overlays on one read-only base "
+                                  "image (F-BACKING); refused in local mode")
     ha: bool | None = Field(default=None, description="restart VMs elsewhere when a node fails")
     address_pool: Ref | None = Field(
         default=None, description="the linked address pool (a reference until networks land)")
@@ -271,6 +292,7 @@ class Pool(Named):
     network_mode: NetworkMode
     storage_mode: StorageMode
     thin: bool
+    backing: bool = False
     ha: bool
     address_pool: str | None = None
     qos_level: CpuQos
@@ -414,6 +436,9 @@ class ImageVisibility(StrEnum):
     PUBLIC = "public"
 
 
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+
+
 class ImageCreate(TaggedInput):
     name: ResourceName
     description: Description = ""
@@ -422,16 +447,48 @@ class ImageCreate(TaggedInput):
     visibility: ImageVisibility = Field(
         default=ImageVisibility.PROJECT,
         description="'public' images are seen by every project (set by administrators)")
+    sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN,
+        description="sha256 of the bytes to be uploaded (64 hex digits); the upload is "
+                    "refused if the bytes received differ")
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower_sha256(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+
+class ImageUpdate(Input):
+    """What can change on an image after its upload."""
+
+    description: Description | None = None
+    protected: bool | None = Field(
+        default=None, description="a protected image cannot be deleted until unprotected")
 
 
 class Image(Resource):
     status: ImageStatus
     visibility: ImageVisibility = ImageVisibility.PROJECT
-    format: str | None = None
+    format: str | None = Field(default=None, description="the format it is stored in")
+    source_format: str | None = Field(
+        default=None, description="the format it was uploaded in, when it was converted "
+                                  "(vmdk, vdi, vhdx, vpc are stored as qcow2)")
     size: int | None = None
     virtual_size: int | None = None
-    sha256: str | None = None
+    sha256: str | None = Field(default=None, description="sha256 of the stored file")
+    expected_sha256: str | None = Field(
+        default=None, description="the sha256 the uploader announced for its bytes")
+    protected: bool = False
     error: str | None = None
+
+
+class ImageUploadStatus(BaseModel):
+    """How far an upload has come: resume it by sending bytes from ``offset``."""
+
+    image_id: str
+    offset: int = Field(description="bytes the storage server holds; the next byte to send")
+    total: int | None = Field(default=None, description="the declared size of the upload")
+    complete: bool = Field(default=False, description="the image is stored")
 
 
 class ImageUploadTicket(BaseModel):
@@ -494,10 +551,33 @@ class VmState(StrEnum):
     UNKNOWN = "unknown"
 
 
+#: the most user data a VM may be given (the NoCloud seed's ``user-data``), in bytes
+MAX_USER_DATA = 65536
+#: the most SSH keys a VM may be given at create
+MAX_VM_SSH_KEYS = 32
+ImageRef = Annotated[str, Field(min_length=1, max_length=63, description="image uuid or name")]
+SshKeyEntry = Annotated[str, Field(
+    min_length=1, max_length=8192,
+    description="the name of one of your SSH keys (`/ssh-keys`) or a public key line")]
+
+
 class VmCreate(TaggedInput):
+    """A VM to make: from a disk ``image``, or blank from an ``iso`` (F-ISO), or both (it
+    boots from its disk with the ISO in its CD drive). ``ssh_keys`` and ``user_data``
+    reach the guest through cloud-init (a NoCloud seed every VM gets)."""
+
     name: ResourceName
     description: Description = ""
-    image: str = Field(min_length=1, max_length=63, description="image uuid or name")
+    image: ImageRef | None = Field(
+        default=None, description="disk image uuid or name; none: a blank disk of disk_gb "
+                                  "(then give an iso to install from)")
+    iso: ImageRef | None = Field(
+        default=None, description="ISO image uuid or name for its CD drive; without an "
+                                  "image the VM boots from it")
+    ssh_keys: list[SshKeyEntry] = Field(default_factory=list, max_length=MAX_VM_SSH_KEYS)
+    user_data: str | None = Field(
+        default=None, description=f"cloud-init user data (cloud-config or a script), at most "
+                                  f"{MAX_USER_DATA} bytes; never shown again")
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_gb: int = Field(default=1, ge=1, le=16384)
@@ -509,6 +589,27 @@ class VmCreate(TaggedInput):
         default_factory=dict, description="only nodes carrying all these labels")
     bandwidth_kbit: int | None = Field(
         default=None, ge=8, le=100_000_000, description="NIC bandwidth limit, kbit/s each way")
+
+    @field_validator("user_data")
+    @classmethod
+    def _user_data_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_USER_DATA:
+            raise ValueError(f"user_data is {len(value.encode())} bytes; at most "
+                             f"{MAX_USER_DATA} (64 KiB) are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _boot_source(self) -> VmCreate:
+        if self.image is None and self.iso is None:
+            raise ValueError("give an image to boot from, or an iso to install from (a "
+                             "blank VM), or both")
+        return self
+
+
+class CdromInsert(Input):
+    """The ISO to put into a VM's CD drive (its uuid or name)."""
+
+    image: ImageRef
 
 
 class VmQosUpdate(Input):
@@ -589,7 +690,16 @@ class Vm(Resource):
     vcpus: int
     memory_mb: int
     disk_gb: int
-    image_uuid: str
+    image_uuid: str | None = Field(default=None, description="None: a blank VM (from an ISO)")
+    cdrom_image_uuid: str | None = Field(default=None,
+                                         description="the ISO in its CD drive, if any")
+    boot: Literal["disk", "cdrom"] = "disk"
+    ssh_key_fingerprints: list[str] = Field(
+        default_factory=list, description="the SSH keys given to the guest (SHA256)")
+    user_data_size: int | None = Field(
+        default=None, description="bytes of user data given at create (None: none); the "
+                                  "data itself is never shown: it may hold secrets")
+    user_data_sha256: str | None = None
     pool_uuid: str | None = None
     pool_name: str | None = None
     group_uuid: str | None = None
@@ -611,6 +721,105 @@ class Vm(Resource):
     error: str | None = None
 
 
+# --- volumes (C-STO) and events ----------------------------------------------------------
+
+
+class VolumeKind(StrEnum):
+    ROOT = "root"
+    DATA = "data"
+
+
+class VolumeStatus(StrEnum):
+    """``available``: attached to no VM; ``in-use``: attached to one."""
+
+    AVAILABLE = "available"
+    IN_USE = "in-use"
+    ERROR = "error"
+
+
+class VolumeCreate(TaggedInput):
+    """A data volume. It is made on a node when first attached (in local mode on the node
+    of that VM); ``vm`` attaches it at once."""
+
+    name: ResourceName
+    description: Description = ""
+    size_gb: int = Field(ge=1, le=65536)
+    pool: Ref | None = Field(default=None, description="compute pool whose storage it uses; "
+                             "default: the pool of `vm`, else 'default'")
+    thin: bool | None = Field(default=None, description="thin (grows with use) or thick "
+                              "(preallocated); default: the pool's setting")
+    vm: Ref | None = Field(default=None, description="attach it to this VM at once")
+    delete_with_vm: bool = Field(default=False,
+                                 description="deleted with the VM it is attached to")
+
+
+class VolumeAttach(Input):
+    vm: Ref = Field(description="the VM to attach the volume to")
+    delete_with_vm: bool | None = Field(default=None, description="deleted with that VM; "
+                                        "default: as it was")
+
+
+class VolumeResize(Input):
+    size_gb: int = Field(ge=1, le=65536, description="the new size: larger than the current")
+
+
+class VolumeSnapshotCreate(Input):
+    name: ResourceName
+
+
+class VolumeSnapshot(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    volume_uuid: str
+    name: str
+    size_gb: int = Field(description="the volume's size when it was taken")
+    created_at: datetime
+
+
+class Volume(Resource):
+    kind: VolumeKind
+    size_gb: int
+    thin: bool
+    storage_mode: StorageMode
+    status: VolumeStatus
+    pool_uuid: str | None = None
+    pool_name: str | None = None
+    node_uuid: str | None = Field(default=None, description="the node holding it (local "
+                                  "mode) or that last used it; None: not made yet")
+    node_name: str | None = None
+    vm_uuid: str | None = None
+    vm_name: str | None = None
+    disk_id: str | None = Field(default=None, description="its disk id inside the VM")
+    image_uuid: str | None = None
+    delete_with_vm: bool = True
+    snapshot_count: int = 0
+    error: str | None = None
+
+
+class EventState(StrEnum):
+    RAISED = "raised"
+    CLEARED = "cleared"
+    INFO = "info"
+
+
+class Event(BaseModel):
+    """An alarm raised or cleared, or a notice (e.g. a storage directory past its
+    threshold, F-THIN)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    kind: str
+    severity: str
+    state: EventState
+    resource_type: str
+    resource_uuid: str | None = None
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class Accepted(BaseModel):
     """The answer to a long operation: the resource as it is now and the task to watch.
 
@@ -628,3 +837,35 @@ class Console(BaseModel):
     vnc_host: str | None
     vnc_port: int | None
     serial_log: str | None
+
+
+# --- SSH keys -------------------------------------------------------------------------
+
+
+class SshKeyCreate(Input):
+    """One of your SSH public keys, for the guests you create (``ssh_keys`` of a VM)."""
+
+    name: ResourceName
+    public_key: str = Field(min_length=1, max_length=8192,
+                            description="one line of a .pub file: type, base64 data, "
+                                        "comment (ssh-ed25519, ssh-rsa, ecdsa-sha2-*)")
+
+    @field_validator("public_key")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        return parse_public_key(value).line
+
+
+class SshKey(BaseModel):
+    """A stored SSH public key."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    uuid: str
+    name: str
+    public_key: str
+    fingerprint: str = Field(description="SHA256:…, as ssh-keygen -l shows it")
+    user_uuid: str
+    project_uuid: str
+    created_at: datetime
+    updated_at: datetime

@@ -6,12 +6,20 @@ the component types that need it:
 
 ===========================================  ====================================
 ``PUT /internal/v1/images/{id}/data``         gateway (a user's upload streams through)
+``GET /internal/v1/images/{id}/upload``       gateway (where an upload resumes)
 ``GET /internal/v1/images/{id}/data``         node (caches an image for a VM)
 ``GET /internal/v1/images``, ``.../{id}``     control (checks what is stored)
 ``DELETE /internal/v1/images/{id}``           control (image deletion)
 ===========================================  ====================================
 
 So a node can read images but never write or delete one.
+
+Resumable uploads: ``PUT .../data`` without ``Content-Range`` sends a whole image; with
+``Content-Range: bytes START-END/TOTAL`` it sends part of an upload of TOTAL bytes, START
+being the offset ``GET .../upload`` answers (else 409 naming that offset). A part that
+does not complete the upload answers 202 with the new offset; the last part completes
+it (201, or 200 when it was already stored). ``bytes */TOTAL`` with no body completes an
+upload whose bytes have all arrived. A transfer that breaks off keeps its bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from yun.proto.auth import Verifier
 from yun.proto.components import ComponentType as CT
 from yun.proto.messages import StorageImageReport
+from yun.proto.resources import ImageUploadStatus
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 from yun.storage.store import (
     ImageRecord,
@@ -34,12 +43,12 @@ from yun.storage.store import (
     PayloadTooLarge,
     RangeNotSatisfiable,
     check_image_id,
+    parse_content_range,
 )
 
 log = logging.getLogger("yun.storage.api")
 
 OnStored = Callable[[StorageImageReport], Awaitable[None]]
-OnAborted = Callable[[str, str], Awaitable[None]]
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -76,7 +85,6 @@ def create_storage_app(
     verifier: Verifier,
     on_stored: OnStored | None = None,
     max_upload_bytes: int = 64 * 1024**3,
-    on_aborted: OnAborted | None = None,
 ) -> FastAPI:
     """The Storage Server's FastAPI application.
 
@@ -84,8 +92,9 @@ def create_storage_app(
     repeat. If it raises, the error is answered (e.g. 503) although the bytes stay
     stored: the uploader retries, the repeat answers 200 and announces the image
     again, so an image is never stored but unknown to the control plane.
-    ``on_aborted(image_id, reason)`` is awaited when an upload's stream breaks off (its
-    gateway died or its client went away), so the image does not stay ``uploading``.
+    An upload whose stream breaks off keeps its bytes and stays ``uploading`` on the
+    control server, to be resumed; the control server removes it (through ``DELETE``)
+    when it gives up on it.
     """
     app = FastAPI(title="Yun storage server", version="1")
     install_problem_handlers(app)
@@ -103,16 +112,20 @@ def create_storage_app(
         response_model=StorageImageReport,
         status_code=201,
         dependencies=uploader,
-        responses={200: {"model": StorageImageReport, "description": "already stored"}},
+        responses={200: {"model": StorageImageReport, "description": "already stored"},
+                   202: {"model": ImageUploadStatus, "description": "part stored"}},
     )
     async def upload(
         image_id: str,
         request: Request,
         fmt: str = Query("", alias="format", description="declared format; required for raw"),
         name: str = Query("", max_length=255),
+        sha256: str = Query("", max_length=64, description="sha256 of the whole upload"),
     ) -> JSONResponse:
-        """Store the request body as image ``image_id``."""
+        """Store the request body as (part of) image ``image_id``."""
         check_image_id(image_id)
+        header = request.headers.get("content-range")
+        content_range = parse_content_range(header) if header else None
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes:
             # Refuse before reading a byte rather than after max_upload_bytes of them.
@@ -120,24 +133,25 @@ def create_storage_app(
                 f"upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes"
             )
         try:
-            record, created = await store.put(
+            result = await store.put(
                 image_id,
                 request.stream(),
                 name=name,
                 declared_format=fmt or None,
                 max_bytes=max_upload_bytes,
+                content_range=content_range,
+                expected_sha256=sha256 or None,
             )
         except ClientDisconnect:
-            log.warning("upload broke off; partial bytes dropped", extra={"image": image_id})
-            if on_aborted is not None:
-                try:
-                    await on_aborted(image_id, "the uploading gateway disconnected before "
-                                               "the image was complete")
-                except Exception as exc:  # the control server's upload timeout still applies
-                    log.warning("aborted upload not announced: %s", exc,
-                                extra={"image": image_id})
+            log.warning("upload broke off; bytes received kept for resuming",
+                        extra={"image": image_id,
+                               "offset": store.upload_status(image_id).offset})
             raise
-        report = record.report()
+        if result.record is None:
+            status = ImageUploadStatus(image_id=image_id, offset=result.offset,
+                                       total=result.total)
+            return JSONResponse(status.model_dump(mode="json"), status_code=202)
+        report = result.record.report()
         if on_stored is not None:
             try:
                 await on_stored(report)
@@ -145,7 +159,15 @@ def create_storage_app(
                 log.warning("stored image not announced; the uploader must retry",
                             extra={"image": image_id, "sha256": report.sha256}, exc_info=True)
                 raise
-        return JSONResponse(report.model_dump(mode="json"), status_code=201 if created else 200)
+        return JSONResponse(report.model_dump(mode="json"),
+                            status_code=201 if result.created else 200)
+
+    @router.get("/images/{image_id}/upload", response_model=ImageUploadStatus,
+                dependencies=uploader)
+    async def upload_status(image_id: str) -> ImageUploadStatus:
+        """How many bytes of the upload of ``image_id`` are stored (where to resume)."""
+        check_image_id(image_id)
+        return store.upload_status(image_id)
 
     @router.get("/images/{image_id}/data", response_class=StreamingResponse,
                 dependencies=reader)

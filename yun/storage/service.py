@@ -8,7 +8,7 @@ from yun.config import StorageSettings
 from yun.proto.components import ComponentType
 from yun.proto.errors import Unavailable, YunError
 from yun.proto.membership import Membership
-from yun.proto.messages import StorageImageReport, UploadAborted
+from yun.proto.messages import StorageImageReport
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.serve import AppServer, service_url
@@ -22,7 +22,7 @@ class StorageService:
         self.store = ImageStore(settings.state_dir / "storage")
         self.membership = Membership(settings, ComponentType.STORAGE, url="")
         app = create_storage_app(self.store, self.membership.verifier, self._report_stored,
-                                 settings.max_upload_bytes, self._report_aborted)
+                                 settings.max_upload_bytes)
         self.server = AppServer(app, settings.listen_host, settings.listen_port)
         self.url = self.membership.url = service_url(settings, self.server.port)
 
@@ -38,19 +38,6 @@ class StorageService:
                 log.warning("control server did not take the image report: %s", exc,
                             extra={"image": report.image_id, "control": peer.component_id})
         raise Unavailable(f"no control server recorded image {report.image_id}")
-
-    async def _report_aborted(self, image_id: str, reason: str) -> None:
-        """Tell a control server an upload broke off, so its image is marked failed now."""
-        for peer in self.membership.peers_of(ComponentType.CONTROL):
-            try:
-                await self.membership.client(peer).request(
-                    "POST", f"/internal/v1/images/{image_id}/aborted",
-                    body=UploadAborted(reason=reason), timeout=10)
-                return
-            except YunError as exc:
-                log.warning("control server did not take the aborted upload: %s", exc,
-                            extra={"image": image_id, "control": peer.component_id})
-        raise Unavailable(f"no control server recorded the aborted upload of {image_id}")
 
     async def start(self) -> None:
         await self.membership.start()

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 import httpx
 
 from yun.testing.cluster import login, wait_nodes_up
+from yun.testing.ports import free_port
 
 log = logging.getLogger("yun.testing.procs")
 
@@ -58,14 +58,6 @@ def write_config(path: Path, section: str, common: dict[str, Any],
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the kernel's pick), kept for a restartable
-    service: a restarted component must come back where its clients look for it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from yun.testing.guest import READY_MARKER, parse_guest_info, parse_serial_ip
+from yun.testing.ports import free_port
 from yun.util.run import run
 
 QEMU = "qemu-system-x86_64"
@@ -38,13 +39,6 @@ QEMU = "qemu-system-x86_64"
 
 class GuestError(RuntimeError):
     """The guest did not do what was awaited in time, or QEMU died."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (QEMU binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def qemu_argv(

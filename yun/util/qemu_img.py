@@ -9,6 +9,7 @@ cost a refused upload, not the host.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ class CheckResult:
     check_errors: int = 0
 
 
-def _limited(argv: list[str]) -> list[str]:
+def _limited(argv: list[str], cpu_seconds: int = _UNTRUSTED_CPU_SECONDS) -> list[str]:
     """``argv`` under prlimit when it is available (it is part of util-linux)."""
     prlimit = shutil.which("prlimit")
     if prlimit is None:
@@ -83,7 +84,7 @@ def _limited(argv: list[str]) -> list[str]:
     return [
         prlimit,
         f"--as={_UNTRUSTED_AS_BYTES}",
-        f"--cpu={_UNTRUSTED_CPU_SECONDS}",
+        f"--cpu={cpu_seconds}",
         "--",
         *argv,
     ]
@@ -291,6 +292,35 @@ def is_lock_error(exc: BaseException) -> bool:
         texts.append(exc.__cause__.stderr)
     return any(("Failed to get" in t and "lock" in t) or "Is another process using" in t
                for t in texts)
+
+
+async def convert(
+    src: Path,
+    dst: Path,
+    *,
+    src_fmt: str,
+    dst_fmt: str = "qcow2",
+    cpu_seconds: int = 3600,
+    time_limit: float = 7200.0,
+) -> None:
+    """Convert the (untrusted, already vetted) image ``src`` of format ``src_fmt`` into a
+    new standalone ``dst_fmt`` image at ``dst``.
+
+    The source format is always given (never probed) and the run is under the same
+    address-space cap as :func:`info`; its CPU cap is larger because converting copies
+    every data cluster (``cpu_seconds``, about a minute per GiB on a slow host is ample).
+    ``dst`` must not exist; a failed conversion leaves no ``dst`` behind.
+    """
+    if src_fmt not in IMAGE_FORMATS:
+        raise QemuImgError(f"cannot convert from {src_fmt!r}: not an image format")
+    argv = [QEMU_IMG, "convert", "-q", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)]
+    try:
+        await run_async(_limited(argv, cpu_seconds), timeout=time_limit)
+    except CommandError as exc:
+        await asyncio.to_thread(Path(dst).unlink, missing_ok=True)
+        raise QemuImgError(f"qemu-img convert {src_fmt} -> {dst_fmt} failed: {exc}") from exc
+    log.debug("image converted", extra={"src": str(src), "dst": str(dst),
+                                        "src_format": src_fmt, "format": dst_fmt})
 
 
 def _absolute(path: Path) -> Path:

@@ -15,7 +15,6 @@ from yun.cli.common import (
     Output,
     Query,
     Sort,
-    add_list_and_show,
     show_list,
 )
 from yun.cli.context import client
@@ -33,8 +32,38 @@ TASK_COLUMNS = ["uuid", "kind", "resource_type", "resource_uuid", "state", "curr
                 "created_at"]
 
 
-add_list_and_show(node_app, "node", "Nodes", NODE_COLUMNS, lambda c: c.nodes,
-                  "List compute nodes with their capacity and reservations.")
+@node_app.command("list", help="List compute nodes with their capacity and reservations.")
+def node_list(q: Query = None, sort: Sort = None, limit: Limit = 100, cursor: Cursor = None,
+              every: All = False, output: Output = None) -> None:
+    show_list(client().nodes, q, sort, limit, cursor, every, output, NODE_COLUMNS, "Nodes")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.1f} GiB"
+
+
+@node_app.command("show")
+def node_show(node: Annotated[str, typer.Argument(help="node name or uuid")],
+              output: Output = None) -> None:
+    """Show one node, with its storage directories: used / total, percent, volumes and
+    whether the directory is past its alarm threshold."""
+    found = client().nodes.get(node)
+
+    def tables() -> Table:
+        data = found.model_dump(mode="json", exclude={"storage"})
+        outer = Table.grid()
+        outer.add_row(fields_table(data, f"Node {found.name}"))
+        dirs = [{"path": d.path, "shared": d.shared,
+                 "used": f"{_gib(d.used_bytes)} / {_gib(d.total_bytes)}",
+                 "used %": f"{d.used_percent:g}%", "volumes": d.volumes,
+                 "volumes take": _gib(d.allocated_bytes),
+                 "alarm": "OVER THRESHOLD" if d.over_threshold else "ok"}
+                for d in found.storage]
+        outer.add_row(rows_table(dirs, None, "Storage directories") if dirs
+                      else "no storage directories reported")
+        return outer
+
+    emit(found, output, table=tables)
 
 
 def label_changes(changes: list[str]) -> tuple[dict[str, str], set[str]]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from yun.cli.commands.key import ssh_key_entry
 from yun.cli.common import (
     All,
     Cursor,
@@ -37,7 +39,14 @@ from yun.cli.parsing import (
 )
 from yun.client import DEFAULT_WAIT
 from yun.proto.messages import CpuQos, QosSpec
-from yun.proto.resources import Accepted, PortForward, Vm, VmCreate, VmQosUpdate
+from yun.proto.resources import (
+    MAX_USER_DATA,
+    Accepted,
+    PortForward,
+    Vm,
+    VmCreate,
+    VmQosUpdate,
+)
 
 app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 
@@ -96,7 +105,18 @@ def _after(answer: Accepted | None, ref: str, what: str, wait: bool, timeout: fl
 @app.command("create")
 def create(
     name: str,
-    image: Annotated[str, typer.Option(help="image name or uuid")],
+    image: Annotated[str | None, typer.Option(
+        help="disk image name or uuid to boot from")] = None,
+    iso: Annotated[str | None, typer.Option(
+        help="ISO image for its CD drive; without --image the VM gets a blank disk of "
+             "--disk GiB and boots from the ISO to be installed")] = None,
+    ssh_key: Annotated[list[str] | None, typer.Option(
+        "--ssh-key", metavar="NAME_OR_FILE",
+        help="an SSH key for the guest (cloud-init): the name of one of your keys "
+             "(`yun key add`), a .pub file, or the key itself; repeatable")] = None,
+    user_data: Annotated[Path | None, typer.Option(
+        "--user-data", metavar="FILE", help="cloud-init user data (cloud-config or a "
+                                            "script), at most 64 KiB")] = None,
     vcpus: Annotated[int, typer.Option(min=1, help="virtual CPUs")] = 1,
     memory: Annotated[int, typer.Option("--memory", "--memory-mb", help="MiB")] = 256,
     disk: Annotated[int, typer.Option("--disk", "--disk-gb", help="GiB")] = 1,
@@ -117,20 +137,43 @@ def create(
     idempotency_key: IdempotencyKey = None,
     output: Output = None,
 ) -> None:
-    """Create a VM from an image and boot it, in a pool (or a zone); everything but its
-    size, image and bandwidth comes from the pool's template."""
+    """Create a VM from an image (or blank, to install from --iso) and boot it, in a pool
+    (or a zone); everything but its size, images, keys and bandwidth comes from the
+    pool's template."""
     if pool is not None and zone is not None:
         raise typer.BadParameter("give --pool or --zone, not both (a pool has one zone)")
+    if image is None and iso is None:
+        raise typer.BadParameter("give --image to boot from a disk image, or --iso to "
+                                 "install from an ISO onto a blank disk (or both)")
+    guest = {"iso": iso, "ssh_keys": [ssh_key_entry(k) for k in ssh_key or []] or None,
+             "user_data": read_user_data(user_data) if user_data is not None else None}
     # Only what was given is sent: the API's defaults stay the API's.
     placement = {"pool": pool, "zone": zone, "group": group,
                  "node_labels": labels_of(node_label) or None, "bandwidth_kbit": bandwidth}
     spec = VmCreate.model_validate({
-        "name": name, "image": image, "vcpus": vcpus, "memory_mb": memory, "disk_gb": disk,
+        "name": name, "vcpus": vcpus, "memory_mb": memory, "disk_gb": disk,
         "description": description, "tags": parse_tags(tag or []),
-        **{key: value for key, value in placement.items() if value is not None}})
+        **{key: value for key, value in {"image": image, **guest, **placement}.items()
+           if value is not None}})
     answer = accepted(client().vms.create(spec, idempotency_key=idempotency_key))
     ref = str(answer.resource.get("uuid", name)) if answer else name
     _after(answer, ref, f"create {name}", wait, wait_timeout, output)
+
+
+def read_user_data(path: Path) -> str:
+    """The user data file's text; refused before any request when it is missing, not
+    UTF-8 or larger than the API takes."""
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"--user-data {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_USER_DATA:
+        raise typer.BadParameter(f"--user-data {path} is {len(data)} bytes; at most "
+                                 f"{MAX_USER_DATA} (64 KiB) are allowed")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"--user-data {path} is not UTF-8 text") from None
 
 
 @app.command("list")
@@ -247,9 +290,13 @@ def reboot(vm: VmArg, wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_
 
 @app.command("delete")
 def delete(vm: VmArg, wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_WAIT,
+           keep_volumes: Annotated[bool, typer.Option(
+               "--keep-volumes", help="keep every data volume (detached, available)")] = False,
            idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
-    """Delete a VM with its disks, address and network port."""
-    answer = accepted(client().vms.delete(vm, idempotency_key=idempotency_key))
+    """Delete a VM with its root volume, address and network port, and the data volumes
+    marked to go with it (unless --keep-volumes)."""
+    answer = accepted(client().vms.delete(vm, keep_volumes=keep_volumes,
+                                          idempotency_key=idempotency_key))
     finish(answer, f"delete {vm}", wait, wait_timeout, output)
 
 
@@ -367,6 +414,28 @@ def nic_remove(vm: VmArg, nic: Annotated[str, typer.Argument(
     """Unplug a NIC of the VM and give its MAC and address back."""
     client().vms.remove_nic(vm, nic, idempotency_key=idempotency_key)
     typer.echo(f"NIC {nic} removed from {vm}")
+
+
+cdrom_app = typer.Typer(help="The VM's CD drive: insert and eject ISO images, like a CD.",
+                        no_args_is_help=True)
+app.add_typer(cdrom_app, name="cdrom")
+
+
+@cdrom_app.command("insert")
+def cdrom_insert(vm: VmArg, iso: Annotated[str, typer.Argument(help="ISO image name or uuid")],
+                 wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_WAIT,
+                 idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
+    """Put an ISO into the VM's CD drive (a running guest sees it at once)."""
+    answer = accepted(client().vms.insert_cdrom(vm, iso, idempotency_key=idempotency_key))
+    _after(answer, vm, f"cdrom insert {vm}", wait, wait_timeout, output)
+
+
+@cdrom_app.command("eject")
+def cdrom_eject(vm: VmArg, wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_WAIT,
+                idempotency_key: IdempotencyKey = None, output: Output = None) -> None:
+    """Eject the ISO. A VM installed from it boots from its disk from then on."""
+    answer = accepted(client().vms.eject_cdrom(vm, idempotency_key=idempotency_key))
+    _after(answer, vm, f"cdrom eject {vm}", wait, wait_timeout, output)
 
 
 add_tag_commands(app, "VM", lambda c: c.vms.tags)

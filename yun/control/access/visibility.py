@@ -12,6 +12,7 @@ from yun.control.db.models import (
     ApiKeyRow,
     AuditRow,
     DepartmentRow,
+    EventRow,
     FlowRow,
     ImageRow,
     NodeRow,
@@ -19,10 +20,12 @@ from yun.control.db.models import (
     ProjectRow,
     PublicIpRow,
     RoleAssignmentRow,
+    SshKeyRow,
     TokenRow,
     UserRow,
     VmGroupRow,
     VmRow,
+    VolumeRow,
     ZoneRow,
 )
 from yun.proto.identity import Role
@@ -35,14 +38,14 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
         return true()
     if model in (ZoneRow, PoolRow, AddressPoolRow):
         return true()  # every user chooses where VMs go; only administrators change them
-    if model in (VmRow, FlowRow, VmGroupRow, PublicIpRow):
+    if model in (VmRow, FlowRow, VmGroupRow, PublicIpRow, VolumeRow):
         return scope.clause(model.project_uuid)  # type: ignore[return-value]
     if model is ImageRow:
         return or_(ImageRow.visibility == "public",
                    scope.clause(ImageRow.project_uuid))  # type: ignore[arg-type]
     if model is ProjectRow:
         return scope.clause(ProjectRow.uuid)  # type: ignore[return-value]
-    if model is NodeRow:
+    if model in (NodeRow, EventRow):  # administrators only (scope.everything)
         return false()
     if model is DepartmentRow:
         own = {d for d in (ctx.department_uuid, ctx.project_department_uuid) if d}
@@ -64,7 +67,7 @@ def visible(model: Any, scope: Scope) -> ColumnElement[bool]:
         if ctx.project_uuid and Role.PROJECT_ADMIN in ctx.roles:
             seen.append(RoleAssignmentRow.project_uuid == ctx.project_uuid)
         return or_(*seen)
-    if model in (ApiKeyRow, TokenRow):
+    if model in (ApiKeyRow, TokenRow, SshKeyRow):
         return model.user_uuid == ctx.user_uuid  # type: ignore[no-any-return]
     if model is AuditRow:
         admin_projects = set()

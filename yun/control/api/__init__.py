@@ -15,11 +15,13 @@ from yun.control.api.images import image_router
 from yun.control.api.nodes import component_router, node_router
 from yun.control.api.pools import pool_router
 from yun.control.api.routers import router_router, router_sync_router
+from yun.control.api.ssh_keys import ssh_key_router
 from yun.control.api.tags import tag_router
 from yun.control.api.tasks import task_router
 from yun.control.api.tenancy import tenancy_router
 from yun.control.api.vm_groups import vm_group_router
 from yun.control.api.vms import vm_router
+from yun.control.api.volumes import volume_router
 from yun.control.context import ControlContext
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.server import install_problem_handlers
@@ -38,6 +40,7 @@ def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
     for router in (component_router, auth_router, tenancy_router, account_router,
                    audit_router, node_router, image_router, vm_router, task_router,
                    tag_router, pool_router, vm_group_router, address_router,
-                   router_router, router_sync_router):
+                   router_router, router_sync_router, volume_router,
+                   ssh_key_router):
         app.include_router(router(api))
     return app

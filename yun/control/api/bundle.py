@@ -16,6 +16,7 @@ from yun.control.services.images import ImageService
 from yun.control.services.nodes import NodeRegistry
 from yun.control.services.pools import PoolService
 from yun.control.services.projects import ProjectService
+from yun.control.services.ssh_keys import SshKeyService
 from yun.control.services.users import UserService
 from yun.control.services.vm_groups import VmGroupService
 from yun.control.services.vms import VmService
@@ -37,6 +38,7 @@ class ApiBundle:
     pools: PoolService = field(init=False)
     vm_groups: VmGroupService = field(init=False)
     addresses: AddressService = field(init=False)
+    ssh_keys: SshKeyService = field(init=False)
 
     def __post_init__(self) -> None:
         self.deps = make_deps(self.ctx)
@@ -45,6 +47,7 @@ class ApiBundle:
         self.projects, self.accounts = ProjectService(self.ctx), UserService(self.ctx)
         self.pools, self.vm_groups = PoolService(self.ctx), VmGroupService(self.ctx)
         self.addresses = AddressService(self.ctx)
+        self.ssh_keys = SshKeyService(self.ctx)
 
     def router(self, tag: str) -> APIRouter:
         """A router of user routes: each mutation is idempotent and audited."""

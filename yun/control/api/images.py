@@ -14,7 +14,14 @@ from yun.control.api.routing import IDEMPOTENCY_HEADER, audit_resource
 from yun.control.services.images import image_models
 from yun.control.services.listing import listed
 from yun.proto.context import RequestContext
-from yun.proto.resources import Accepted, Image, ImageCreate, ImageUploadTicket, Page
+from yun.proto.resources import (
+    Accepted,
+    Image,
+    ImageCreate,
+    ImageUpdate,
+    ImageUploadTicket,
+    Page,
+)
 
 
 def image_router(api: ApiBundle) -> APIRouter:
@@ -35,6 +42,21 @@ def image_router(api: ApiBundle) -> APIRouter:
     @r.get("/images/{ref}", response_model=Image, name="image.show")
     async def show_image(ref: str, sc: Scope = scope) -> Image:
         return await api.images.get(ref, sc)
+
+    @r.patch("/images/{ref}", response_model=Image, name="image.update")
+    async def update_image(ref: str, req: ImageUpdate, request: Request,
+                           sc: Scope = scope) -> Image:
+        changed = await api.images.update(ref, req, sc)
+        audit_resource(request, "image", changed.uuid, changed.project_uuid)
+        return changed
+
+    @r.post("/images/{ref}/upload", response_model=ImageUploadTicket, name="image.resume")
+    async def resume_upload(ref: str, request: Request, sc: Scope = scope
+                            ) -> ImageUploadTicket:
+        """Where the rest of an interrupted upload goes (the gateway sends it there)."""
+        ticket = await api.images.resume(ref, sc)
+        audit_resource(request, "image", ticket.image.uuid, ticket.image.project_uuid)
+        return ticket
 
     @r.delete("/images/{ref}", status_code=204, response_model=None, name="image.delete",
               responses={202: {"model": Accepted}})

@@ -15,6 +15,7 @@ from yun.control.services.vms import vm_models
 from yun.proto.context import RequestContext
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     Page,
     PortForward,
@@ -53,8 +54,9 @@ def vm_router(api: ApiBundle) -> APIRouter:
         return await api.vms.get(ref, sc)
 
     @r.delete("/vms/{ref}", response_model=Accepted, status_code=202, name="vm.delete")
-    async def delete_vm(ref: str, request: Request, sc: Scope = scope) -> Accepted:
-        return _accepted(request, await api.vms.delete(ref, sc))
+    async def delete_vm(ref: str, request: Request, sc: Scope = scope,
+                        keep_volumes: bool = False) -> Accepted:
+        return _accepted(request, await api.vms.delete(ref, sc, keep_volumes))
 
     def power(action: str) -> None:
         @r.post(f"/vms/{{ref}}/{action}", response_model=Accepted, status_code=202,
@@ -75,6 +77,24 @@ def vm_router(api: ApiBundle) -> APIRouter:
     async def set_qos(ref: str, req: VmQosUpdate, request: Request,
                       sc: Scope = scope) -> Accepted:
         return _accepted(request, await api.vms.set_qos(ref, req, sc))
+
+    def _maybe_nothing(accepted: Accepted) -> Any:
+        """200 with no task when nothing had to be done, else the 202 answer."""
+        if accepted.task is None:
+            from fastapi.responses import JSONResponse
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=200)
+        return accepted
+
+    @r.put("/vms/{ref}/cdrom", response_model=Accepted, status_code=202,
+           name="vm.cdrom.insert")
+    async def insert_cdrom(ref: str, req: CdromInsert, request: Request,
+                           sc: Scope = scope) -> Any:
+        return _maybe_nothing(_accepted(request, await api.vms.insert_cdrom(ref, req, sc)))
+
+    @r.delete("/vms/{ref}/cdrom", response_model=Accepted, status_code=202,
+              name="vm.cdrom.eject")
+    async def eject_cdrom(ref: str, request: Request, sc: Scope = scope) -> Any:
+        return _maybe_nothing(_accepted(request, await api.vms.eject_cdrom(ref, sc)))
 
     @r.get("/vms/{ref}/console-log", name="vm.console_log")
     async def console_log(ref: str, sc: Scope = scope,

@@ -30,6 +30,7 @@ from yun.control.allocators import quotas
 from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
+from yun.control.flows.volumes import disk_specs, release_volumes, volumes_going_with
 from yun.control.network import public_ips
 from yun.control.network.modes import (
     mode_for,
@@ -44,8 +45,10 @@ from yun.control.scheduler.placement import Request
 from yun.proto.components import ComponentType
 from yun.proto.errors import Conflict, NotFound, Unavailable, YunError
 from yun.proto.messages import (
+    CdromChange,
+    CdromSpec,
+    CloudInitSpec,
     CpuQos,
-    DiskSpec,
     DomainSpec,
     DomainState,
     ImageLocation,
@@ -206,6 +209,7 @@ async def finish_delete(session: AsyncSession, vm: VmRow) -> list[str]:
                                                            "released": released})
     await quotas.release(session, vm.project_uuid,
                          quotas.vm_amounts(vm.vcpus, vm.memory_mb, vm.disk_gb))
+    await release_volumes(session, vm.uuid)
     await drop_tags(session, vm.uuid)
     await session.delete(vm)
     return released
@@ -218,11 +222,9 @@ def effective_qos(row: VmRow, pool_level: str | None) -> QosSpec:
     return QosSpec.model_validate(qos)
 
 
-async def provision_request(control: ControlContext, session: AsyncSession, vm: VmRow,
-                            node: NodeRow, image: ImageRow,
-                            pool: PoolRow | None = None) -> ProvisionRequest:
-    """What the node is asked to build: the domain, its NICs as the pool's network mode
-    makes them and, for sandbox NICs, the node's sandbox settings."""
+def image_location(control: ControlContext, image: ImageRow) -> ImageLocation:
+    """Where a node fetches ``image`` from (its storage server now); Conflict when the
+    image is not active and stored."""
     storage_url = image.storage_url or ""
     peer = control.membership.peers.get(image.storage_uuid or "")
     if peer is not None and peer.type == ComponentType.STORAGE:
@@ -231,13 +233,50 @@ async def provision_request(control: ControlContext, session: AsyncSession, vm: 
         raise Conflict(f"image {image.name} is {image.status}, not active")
     if not storage_url or not image.sha256 or not image.format:
         raise Conflict(f"image {image.name} is not ready")
+    return ImageLocation(
+        image_id=image.uuid, url=f"{storage_url.rstrip('/')}/internal/v1/images/{image.uuid}/data",
+        sha256=image.sha256, size=image.size or 0, format=image.format,
+    )
+
+
+async def guest_media(control: ControlContext, session: AsyncSession, vm: VmRow,
+                      request: ProvisionRequest) -> None:
+    """Put into ``request`` what the VM's guest gets beside its disks: its CD drive (the
+    ISO in it, fetched into the node's cache like a disk image), what it boots from, and
+    its cloud-init NoCloud seed (every VM has one: instance id, hostname, SSH keys, user
+    data).
+
+    Every VM has a CD drive, empty when no ISO is in it: a CD drive cannot be plugged
+    into a running guest, so the drive is there for an ISO inserted later."""
+    spec = request.spec
+    spec.boot = "cdrom" if vm.boot == "cdrom" else "disk"
+    spec.cdrom = CdromSpec()
+    if vm.cdrom_image_uuid:
+        iso = await session.get(ImageRow, vm.cdrom_image_uuid)
+        if iso is None:
+            raise NotFound(f"VM {vm.name}: the ISO in its CD drive vanished")
+        location = image_location(control, iso)
+        spec.cdrom = CdromSpec(image_id=iso.uuid, image_sha256=iso.sha256)
+        if all(i.image_id != iso.uuid for i in request.images):
+            request.images.append(location)
+    spec.cloud_init = CloudInitSpec(
+        instance_id=vm.uuid, hostname=hostname_for(vm.name) or f"vm-{vm.uuid[:8]}",
+        ssh_keys=list(vm.ssh_keys or []), user_data=vm.user_data)
+
+
+async def provision_request(control: ControlContext, session: AsyncSession, vm: VmRow,
+                            node: NodeRow, image: ImageRow | None,
+                            pool: PoolRow | None = None) -> ProvisionRequest:
+    """What the node is asked to build: the domain (a blank root disk when ``image`` is
+    None), its NICs as the pool's network mode makes them and, for sandbox NICs, the
+    node's sandbox settings; its CD drive and cloud-init seed (:func:`guest_media`)."""
+    images = [image_location(control, image)] if image is not None else []
     mode = mode_for(pool.network_mode if pool is not None else None)
     nics = (await session.scalars(select(VmNicRow).where(VmNicRow.vm_uuid == vm.uuid))).all()
     spec = DomainSpec(
         uuid=vm.uuid, name=vm.name, vcpus=vm.vcpus, memory_mb=vm.memory_mb,
         qos=effective_qos(vm, pool.qos_level if pool is not None else None),
-        disks=[DiskSpec(disk_id=ROOT_DISK, size_gb=vm.disk_gb, image_id=image.uuid,
-                        image_sha256=image.sha256, image_format=image.format)],
+        disks=await disk_specs(session, vm, node, image, pool),
         nics=mode.nic_specs(vm, nics, hostname=hostname_for(vm.name)),
     )
     sandbox = None
@@ -245,11 +284,9 @@ async def provision_request(control: ControlContext, session: AsyncSession, vm: 
         sandbox = await sandbox_settings(session, node, control.settings)
         if sandbox is None:
             raise Conflict(f"node {node.name} has no sandbox subnet yet")
-    location = ImageLocation(
-        image_id=image.uuid, url=f"{storage_url.rstrip('/')}/internal/v1/images/{image.uuid}/data",
-        sha256=image.sha256, size=image.size or 0, format=image.format,
-    )
-    return ProvisionRequest(spec=spec, images=[location], start=True, sandbox=sandbox)
+    request = ProvisionRequest(spec=spec, images=images, start=True, sandbox=sandbox)
+    await guest_media(control, session, vm, request)
+    return request
 
 
 class Provision(Step):
@@ -264,8 +301,8 @@ class Provision(Step):
             async with control.db.session() as session:
                 vm = await _vm(session, ctx.resource_uuid)
                 node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
-                image = await session.get(ImageRow, vm.image_uuid)
-                if node is None or image is None:
+                image = await session.get(ImageRow, vm.image_uuid) if vm.image_uuid else None
+                if node is None or (vm.image_uuid and image is None):
                     raise NotFound("the VM's node or image vanished")
                 pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
                 request = await provision_request(control, session, vm, node, image, pool)
@@ -327,9 +364,13 @@ async def _move(ctx: FlowContext, node: NodeRow, tried: list[str], exc: YunError
 
 async def remove_from_node(control: ControlContext, node: NodeRow, ctx: FlowContext,
                            why: str) -> None:
-    """Have the node remove the VM's domain, disks and leases (idempotent on the node)."""
+    """Have the node remove the VM's domain, leases and the volumes that go with it (its
+    root volume, and data volumes marked ``delete_with_vm``; idempotent on the node)."""
+    async with control.db.session() as session:
+        volumes = await volumes_going_with(session, ctx.resource_uuid)
     await node_client(control, node).remove(
-        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180)
+        ctx.resource_uuid, request_id=f"{ctx.flow_uuid}:{why}", timeout=180,
+        delete_volumes=volumes)
 
 
 class Address(Step):
@@ -519,6 +560,89 @@ async def _qos_failed(ctx: FlowContext) -> None:
             vm.error = f"set_qos failed: {ctx.error}"
 
 
+# --- CD drive (F-ISO) ---------------------------------------------------------------------
+
+#: flow data: the ISO to insert (its uuid), None to eject
+CDROM_IMAGE = "cdrom_image"
+# An ISO is fetched into the node's cache before it is inserted: allow for the copy.
+CDROM_TIMEOUT = 600.0
+
+
+class ChangeCdrom(Step):
+    """Insert the ISO into the VM's CD drive on its node, or eject it (live when the VM
+    runs, and in its definition), then record it. An eject of the CD a VM boots from
+    switches its boot to its disk: an operator who installed from the ISO and ejected it
+    expects the next boot from the installed disk."""
+
+    name = "cdrom"
+    retry_deadline = CDROM_TIMEOUT
+
+    async def run(self, ctx: FlowContext) -> None:
+        control = _ctl(ctx)
+        image_uuid = ctx.data.get(CDROM_IMAGE)
+        async with control.db.session() as session:
+            vm = await _vm(session, ctx.resource_uuid)
+            node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
+            if node is None:
+                raise Unavailable(f"VM {vm.name} has no node")
+            location = None
+            if image_uuid is not None:
+                iso = await session.get(ImageRow, image_uuid)
+                if iso is None:
+                    raise NotFound(f"image {image_uuid} no longer exists")
+                location = image_location(control, iso)
+            client = node_client(control, node)
+        await client.change_cdrom(vm.uuid, CdromChange(image=location),
+                                  request_id=f"{ctx.flow_uuid}:cdrom", timeout=CDROM_TIMEOUT)
+        async with control.db.session() as session:
+            vm = await _vm(session, ctx.resource_uuid)
+            vm.cdrom_image_uuid = image_uuid
+            if image_uuid is None and vm.boot == "cdrom":
+                vm.boot = "disk"
+                log.info("ISO ejected from the CD the VM booted from: it boots from its disk "
+                         "from now on", extra={"vm": vm.uuid})
+        log.info("VM's CD drive changed", extra={"vm": ctx.resource_uuid, "node": node.uuid,
+                                                 "image": image_uuid})
+
+
+class Redefine(Step):
+    """After an eject, define the VM again on its node from its record (no power change),
+    so its boot order follows ``vms.boot`` at its next start; the running guest goes on."""
+
+    name = "redefine"
+
+    async def run(self, ctx: FlowContext) -> None:
+        if ctx.data.get(CDROM_IMAGE) is not None:
+            return  # an insert leaves the boot order as it was
+        control = _ctl(ctx)
+        async with control.db.session() as session:
+            vm = await _vm(session, ctx.resource_uuid)
+            node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
+            image = await session.get(ImageRow, vm.image_uuid) if vm.image_uuid else None
+            if node is None or (vm.image_uuid and image is None):
+                raise NotFound(f"VM {vm.name}: its node or image vanished")
+            pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+            request = await provision_request(control, session, vm, node, image, pool)
+            client = node_client(control, node)
+        request.start = False
+        await client.provision(request, request_id=f"{ctx.flow_uuid}:redefine",
+                               timeout=control.settings.create_timeout)
+
+
+async def _cdrom_changed(ctx: FlowContext) -> None:
+    async with _ctl(ctx).db.session() as session:
+        vm = await session.get(VmRow, ctx.resource_uuid)
+        if vm is not None:
+            vm.error = None
+
+
+async def _cdrom_failed(ctx: FlowContext) -> None:
+    async with _ctl(ctx).db.session() as session:
+        vm = await session.get(VmRow, ctx.resource_uuid)
+        if vm is not None:
+            vm.error = f"cdrom change failed: {ctx.error}"
+
+
 def vm_flows() -> list[FlowDefinition]:
     return [
         FlowDefinition("vm.create", "vm",
@@ -537,4 +661,6 @@ def vm_flows() -> list[FlowDefinition]:
                        on_failure=_power_failed),
         FlowDefinition("vm.set_qos", "vm", [SetQos()], on_success=_qos_set,
                        on_failure=_qos_failed),
+        FlowDefinition("vm.cdrom", "vm", [ChangeCdrom(), Redefine()],
+                       on_success=_cdrom_changed, on_failure=_cdrom_failed),
     ]

@@ -8,7 +8,7 @@ import logging
 import uuid as uuidlib
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,14 +20,14 @@ from yun.control.access.policy import (
 )
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, ProjectRow, VmRow, utcnow
+from yun.control.db.models import ImageRow, ProjectRow, VmRow, VolumeRow, utcnow
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.cascade import remove_image
 from yun.control.services.common import find
 from yun.control.services.tasks import task_model
 from yun.proto.components import ComponentType
 from yun.proto.context import RequestContext
-from yun.proto.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable
+from yun.proto.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable, YunError
 from yun.proto.identity import QuotaResource
 from yun.proto.messages import StorageImageReport
 from yun.proto.resources import (
@@ -35,6 +35,7 @@ from yun.proto.resources import (
     Image,
     ImageCreate,
     ImageStatus,
+    ImageUpdate,
     ImageUploadTicket,
     ImageVisibility,
 )
@@ -94,6 +95,7 @@ class ImageService:
                     project_uuid=project.uuid, visibility=req.visibility.value,
                     upload_key=key, status=ImageStatus.UPLOADING,
                     declared_format=req.format.value if req.format else None,
+                    expected_sha256=req.sha256, protected=False,
                     storage_uuid=storage.component_id, storage_url=storage.url,
                 )
                 session.add(row)
@@ -138,9 +140,11 @@ class ImageService:
             row.status = ImageStatus.ACTIVE
             row.size, row.sha256 = report.size, report.sha256
             row.format, row.virtual_size = report.format, report.virtual_size
+            row.source_format = report.source_format
             row.error = None
             image = (await image_models(session, [row]))[0]
         log.info("image active", extra={"image": image.uuid, "format": report.format,
+                                        "source_format": report.source_format,
                                         "size": report.size, "sha256": report.sha256})
         return image
 
@@ -148,30 +152,83 @@ class ImageService:
         """The storage server saw the upload of ``image_uuid`` break off."""
         await upload_aborted(self.ctx, image_uuid, reason)
 
+    async def resume(self, ref: str, scope: Scope) -> ImageUploadTicket:
+        """Where to send the rest of an interrupted upload of ``ref`` (still ``uploading``).
+
+        Resuming counts as activity: the upload's expiry (``upload_timeout``) starts again.
+        """
+        async with self.ctx.db.session() as session:
+            row = await find(session, ImageRow, ref, "image", scope)
+            require_in_project(scope.context, Permission.WRITE, row.project_uuid,
+                               what=f"upload image {row.name}")
+            if row.status == ImageStatus.ERROR:
+                raise Conflict(f"the upload of image {row.name} failed ({row.error}); delete "
+                               "the image and upload it again")
+            if row.status == ImageStatus.DELETING:
+                raise Conflict(f"image {row.name} is being deleted")
+            if row.status == ImageStatus.UPLOADING:
+                row.updated_at = utcnow()
+            image = (await image_models(session, [row]))[0]
+            return ImageUploadTicket(image=image, storage_url=row.storage_url or "",
+                                     existing=row.status == ImageStatus.ACTIVE)
+
+    async def update(self, ref: str, req: ImageUpdate, scope: Scope) -> Image:
+        """Change an image's description or protection."""
+        async with self.ctx.db.session() as session:
+            row = await find(session, ImageRow, ref, "image", scope)
+            require_in_project(scope.context, Permission.WRITE, row.project_uuid,
+                               what=f"change image {row.name}")
+            if req.description is not None:
+                row.description = req.description
+            if req.protected is not None and req.protected != row.protected:
+                row.protected = req.protected
+                log.info("image protected" if req.protected else "image unprotected",
+                         extra={"image": row.uuid, "image_name": row.name})
+            row.updated_at = utcnow()
+            return (await image_models(session, [row]))[0]
+
     async def get(self, ref: str, scope: Scope) -> Image:
         async with self.ctx.db.session() as session:
             row = await find(session, ImageRow, ref, "image", scope)
             return (await image_models(session, [row]))[0]
 
     async def users_of(self, ref: str, scope: Scope) -> tuple[ImageRow, list[VmRow]]:
-        """The image and the VMs made from it (any project's: an image in use stays)."""
+        """The image and the VMs made from it or with it in their CD drive (any
+        project's: an image in use stays). Refuses a protected image."""
         async with self.ctx.db.session() as session:
             row = await find(session, ImageRow, ref, "image", scope)
             require_in_project(scope.context, Permission.WRITE, row.project_uuid,
                                what=f"delete image {row.name}")
-            vms = list((await session.scalars(
-                select(VmRow).where(VmRow.image_uuid == row.uuid))).all())
+            _refuse_protected(row)
+            vms = list((await session.scalars(select(VmRow).where(or_(
+                VmRow.image_uuid == row.uuid, VmRow.cdrom_image_uuid == row.uuid)))).all())
             return row, vms
 
+    async def volumes_of(self, image_uuid: str) -> list[VolumeRow]:
+        """The volumes made from the image (any project's)."""
+        async with self.ctx.db.session() as session:
+            return list((await session.scalars(select(VolumeRow).where(
+                VolumeRow.image_uuid == image_uuid).limit(51))).all())
+
     async def delete(self, ref: str, scope: Scope) -> None:
-        """Remove an image nobody uses, from the storage server and the records."""
+        """Remove an image nobody uses, from the storage server and the records.
+
+        Refused (409) while it is protected, while a VM was made from it or has it in
+        its CD drive, and while a volume was made from it."""
         row, users = await self.users_of(ref, scope)
         if users:
             names = [v.name for v in users]
             shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
-            raise Conflict(f"image {row.name} is used by VM(s) {shown}; delete them first or "
-                           "delete with cascade", errors=[{"vm": v.uuid, "name": v.name}
-                                                          for v in users[:50]])
+            raise Conflict(f"image {row.name} is used by VM(s) {shown} (as their image or in "
+                           "their CD drive); delete them (or eject it) first or delete with "
+                           "cascade", errors=[{"vm": v.uuid, "name": v.name}
+                                              for v in users[:50]])
+        volumes = await self.volumes_of(row.uuid)
+        if volumes:
+            names = [v.name for v in volumes]
+            shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+            raise Conflict(f"image {row.name} is used by volume(s) {shown}; delete them first",
+                           errors=[{"volume": v.uuid, "name": v.name} for v in volumes[:50]])
         await self.remove(row.uuid)
 
     async def remove(self, image_uuid: str) -> None:
@@ -179,8 +236,18 @@ class ImageService:
         await remove_image(self.ctx, image_uuid)
 
     async def delete_cascade(self, ref: str, scope: Scope) -> Accepted:
-        """Delete the image after the VMs made from it, each through its own flow."""
-        row, _ = await self.users_of(ref, scope)
+        """Delete the image after the VMs made from it, each through its own flow.
+
+        Refused while it is protected or while a volume not belonging to one of those
+        VMs was made from it (volumes are deleted on their own)."""
+        row, users = await self.users_of(ref, scope)
+        ours = {v.uuid for v in users}
+        volumes = [v for v in await self.volumes_of(row.uuid) if v.vm_uuid not in ours]
+        if volumes:
+            names = ", ".join(v.name for v in volumes[:5])
+            raise Conflict(f"image {row.name} is used by volume(s) {names}, which a cascade "
+                           "does not delete; delete them first",
+                           errors=[{"volume": v.uuid, "name": v.name} for v in volumes[:50]])
         async with self.ctx.db.session() as session:
             flow = self.ctx.engine.new_flow(session, "image.delete", row.uuid, {},
                                             project_uuid=row.project_uuid)
@@ -191,14 +258,22 @@ class ImageService:
         return accepted
 
 
-async def expire_uploads(ctx: ControlContext, older_than: float) -> list[str]:
-    """Uploads still unfinished ``older_than`` seconds after they began become ``error``.
+def _refuse_protected(row: ImageRow) -> None:
+    if row.protected:
+        raise Conflict(f"image {row.name} is protected; unprotect it first "
+                       f"(yun image unprotect {row.name}, or PATCH "
+                       "/api/v1/images/{ref} with protected=false)")
 
-    The gateway streams an upload and, if it fails, removes the record itself; a gateway
-    killed mid-upload cannot, and its image would stay ``uploading`` for ever (the
-    storage server drops the partial bytes when the stream breaks). The image keeps
-    counting against its project's quota until it is deleted; its Idempotency-Key is
-    freed so a client can upload again with it. Returns the expired image uuids.
+
+async def expire_uploads(ctx: ControlContext, older_than: float) -> list[str]:
+    """Uploads left unfinished for ``older_than`` seconds become ``error``, and the bytes
+    their storage server keeps for resuming them are removed.
+
+    An interrupted upload stays ``uploading`` so that it can be resumed (each resume
+    restarts the clock); one nobody resumes would keep its partial bytes for ever. The
+    image keeps counting against its project's quota until it is deleted; its
+    Idempotency-Key is freed so a client can upload again with it. Returns the expired
+    image uuids.
     """
     limit = utcnow() - timedelta(seconds=older_than)
     async with ctx.db.session() as session:
@@ -208,13 +283,30 @@ async def expire_uploads(ctx: ControlContext, older_than: float) -> list[str]:
         if not stale:
             return []
         stale = await _fail_uploads(
-            session, stale, f"upload abandoned: not finished within {older_than:.0f} s (its "
-                            "gateway or storage server stopped); delete the image and upload it "
-                            "again")
+            session, stale, f"upload abandoned: not finished or resumed within "
+                            f"{older_than:.0f} s; delete the image and upload it again")
+        rows = (await session.execute(select(ImageRow.uuid, ImageRow.storage_uuid).where(
+            ImageRow.uuid.in_(stale)))).all() if stale else []
+        where = {uuid: storage for uuid, storage in rows}
     for image_uuid in stale:
         log.warning("image upload abandoned; marked error", extra={
             "image": image_uuid, "timeout": older_than})
+        await _drop_partial(ctx, image_uuid, where.get(image_uuid))
     return stale
+
+
+async def _drop_partial(ctx: ControlContext, image_uuid: str, storage_uuid: str | None) -> None:
+    """Ask the storage server to remove what it holds of an abandoned upload (best effort:
+    deleting the image later removes it too)."""
+    peer = ctx.membership.peers.get(storage_uuid or "")
+    if peer is None:
+        return
+    try:
+        await ctx.membership.client(peer).request(
+            "DELETE", f"/internal/v1/images/{image_uuid}", timeout=30)
+    except YunError as exc:
+        log.warning("partial bytes of an abandoned upload not removed: %s", exc,
+                    extra={"image": image_uuid, "storage": storage_uuid})
 
 
 async def upload_aborted(ctx: ControlContext, image_uuid: str, reason: str) -> bool:

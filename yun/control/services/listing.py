@@ -17,6 +17,7 @@ from yun.control.db.models import (
     ApiKeyRow,
     AuditRow,
     DepartmentRow,
+    EventRow,
     FlowRow,
     ImageRow,
     NodeRow,
@@ -24,10 +25,12 @@ from yun.control.db.models import (
     ProjectRow,
     PublicIpRow,
     RoleAssignmentRow,
+    SshKeyRow,
     TokenRow,
     UserRow,
     VmGroupRow,
     VmRow,
+    VolumeRow,
     ZoneRow,
 )
 from yun.control.db.query import Field, PageResult, Queryable, fetch_page
@@ -45,6 +48,8 @@ from yun.proto.resources import (
     StorageMode,
     TaskState,
     VmState,
+    VolumeKind,
+    VolumeStatus,
 )
 
 T = TypeVar("T")
@@ -143,12 +148,36 @@ QUERYABLES: dict[str, Queryable] = {
         "project_uuid": Field(ApiKeyRow.project_uuid),
         "last_used_at": Field(ApiKeyRow.last_used_at, "datetime"),
     }, ApiKeyRow.uuid, NEWEST_FIRST),
+    "ssh_key": Queryable(SshKeyRow, {
+        "uuid": Field(SshKeyRow.uuid), "name": Field(SshKeyRow.name),
+        "fingerprint": Field(SshKeyRow.fingerprint), "user_uuid": Field(SshKeyRow.user_uuid),
+        "project_uuid": Field(SshKeyRow.project_uuid),
+        "created_at": Field(SshKeyRow.created_at, "datetime"),
+        "updated_at": Field(SshKeyRow.updated_at, "datetime"),
+    }, SshKeyRow.uuid, NEWEST_FIRST),
     "token": Queryable(TokenRow, {
         "uuid": Field(TokenRow.uuid), "project_uuid": Field(TokenRow.project_uuid),
         "created_at": Field(TokenRow.created_at, "datetime"),
         "expires_at": Field(TokenRow.expires_at, "datetime"),
         "revoked_at": Field(TokenRow.revoked_at, "datetime"),
     }, TokenRow.uuid, NEWEST_FIRST),
+    "volume": Queryable(VolumeRow, {
+        **_common(VolumeRow), "status": _enum(VolumeRow.status, VolumeStatus),
+        "kind": _enum(VolumeRow.kind, VolumeKind), "size_gb": Field(VolumeRow.size_gb, "int"),
+        "thin": Field(VolumeRow.thin, "bool"),
+        "storage_mode": _enum(VolumeRow.storage_mode, StorageMode),
+        "pool_uuid": Field(VolumeRow.pool_uuid), "node_uuid": Field(VolumeRow.node_uuid),
+        "vm_uuid": Field(VolumeRow.vm_uuid), "image_uuid": Field(VolumeRow.image_uuid),
+        "project_uuid": Field(VolumeRow.project_uuid),
+        "delete_with_vm": Field(VolumeRow.delete_with_vm, "bool"),
+    }, VolumeRow.uuid, NEWEST_FIRST, VolumeRow.uuid, "volume"),
+    "event": Queryable(EventRow, {
+        "id": Field(EventRow.id, "int"), "at": Field(EventRow.at, "datetime"),
+        "kind": Field(EventRow.kind), "severity": Field(EventRow.severity),
+        "state": Field(EventRow.state), "resource_type": Field(EventRow.resource_type),
+        "resource_uuid": Field(EventRow.resource_uuid),
+        "message": Field(EventRow.message, sortable=False),
+    }, EventRow.id, (SortKey("id", True),)),
     "audit": Queryable(AuditRow, {
         "id": Field(AuditRow.id, "int"), "at": Field(AuditRow.at, "datetime"),
         "request_id": Field(AuditRow.request_id), "user_uuid": Field(AuditRow.user_uuid),

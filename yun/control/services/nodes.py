@@ -42,6 +42,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,6 +52,7 @@ from yun.control.db.models import FlowRow, NodeRow, PoolRow, VmRow, utcnow
 from yun.control.db.tags import tags_of
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import finish_delete, release_placement
+from yun.control.flows.volumes import volumes_going_with
 from yun.control.network.subnets import assign_sandbox_subnet, sandbox_settings
 from yun.control.nodeclient import node_client_at
 from yun.control.scheduler.inventory import (
@@ -63,9 +65,17 @@ from yun.control.scheduler.inventory import (
     sync_inventory,
 )
 from yun.control.scheduler.loads import LiveLoads, Load
+from yun.control.services.events import STORAGE_THRESHOLD, record_event
 from yun.proto.errors import NotFound, YunError
-from yun.proto.messages import DomainState, NodeCapability, NodeReport, NodeReportAnswer
+from yun.proto.messages import (
+    DomainState,
+    NodeCapability,
+    NodeReport,
+    NodeReportAnswer,
+    StorageDirReport,
+)
 from yun.proto.resources import (
+    EventState,
     Inventory,
     NetworkMode,
     Node,
@@ -73,6 +83,7 @@ from yun.proto.resources import (
     NodeLoad,
     NodeStatus,
     ResourceClass,
+    StorageDir,
     VmState,
 )
 
@@ -94,6 +105,9 @@ DOWN_AFTER_MIN = 6.0
 DEFAULT_REPORT_INTERVAL = 2.0
 CLEANUP_PARALLEL = 8
 LOAD_PERSIST_CHUNK = 500
+# A storage directory's use is written again when it moved by this share of its size
+# (or its volumes, mount or alarm changed): not on every report.
+STORAGE_WRITE_STEP = 0.01
 CLEANUP_TIMEOUT = 120.0
 
 
@@ -104,6 +118,52 @@ class _Answered:
     boot_id: str
     seq: int
     done_at: datetime
+
+
+def used_percent(total: int, used: int) -> float:
+    """``used`` as a percentage of ``total`` (0 for an empty file system)."""
+    return round(100.0 * used / total, 1) if total > 0 else 0.0
+
+
+def storage_dirs(stored: list[dict[str, Any]] | None) -> list[StorageDir]:
+    """The API view of a node's storage directories as last persisted."""
+    dirs = []
+    for raw in stored or []:
+        d = StorageDirReport.model_validate(raw)
+        dirs.append(StorageDir(path=d.path, shared=d.shared, total_bytes=d.total_bytes,
+                               used_bytes=d.used_bytes,
+                               used_percent=used_percent(d.total_bytes, d.used_bytes),
+                               volumes=d.volumes, allocated_bytes=d.allocated_bytes,
+                               over_threshold=d.over_threshold))
+    return dirs
+
+
+def storage_changed(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> bool:
+    """Whether a node's storage report is worth writing: a directory came or went, its
+    mount, volume count or alarm changed, or its use moved by ``STORAGE_WRITE_STEP`` of
+    its size (smaller moves wait: the figures shown may lag by that much)."""
+    before = {d.get("path"): d for d in old or []}
+    if set(before) != {d["path"] for d in new}:
+        return True
+    for d in new:
+        was = before[d["path"]]
+        if any(was.get(k) != d[k] for k in ("shared", "volumes", "over_threshold",
+                                             "total_bytes")):
+            return True
+        step = max(1, int(d["total_bytes"] * STORAGE_WRITE_STEP))
+        if any(abs(int(was.get(k) or 0) - d[k]) >= step
+               for k in ("used_bytes", "allocated_bytes")):
+            return True
+    return False
+
+
+def threshold_flips(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]
+                    ) -> list[tuple[dict[str, Any], bool]]:
+    """The directories whose alarm changed: (directory, now over the threshold). A
+    directory seen for the first time raises its alarm if it is over already."""
+    before = {d.get("path"): bool(d.get("over_threshold")) for d in old or []}
+    return [(d, bool(d["over_threshold"])) for d in new
+            if before.get(d["path"], False) != bool(d["over_threshold"])]
 
 
 async def get_node(session: AsyncSession, node_uuid: str) -> NodeRow:
@@ -162,7 +222,8 @@ async def node_models(session: AsyncSession, rows: list[NodeRow],
             disk_reserved_gb=classes.get(DISK_GB, (0, 0, 0))[2],
             inventory=inventory, load=load, cpu_load=load.cpu,
             memory_used_mb=load.memory_used_mb, sandbox_subnet=row.sandbox_subnet,
-            last_report_at=load.reported_at, vm_count=counts.get(row.uuid, 0)))
+            last_report_at=load.reported_at, vm_count=counts.get(row.uuid, 0),
+            storage=storage_dirs(row.storage)))
     return models
 
 
@@ -279,6 +340,8 @@ class NodeRegistry:
                     node.capabilities, node.forward_address) != identity:
                 (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
                  node.forward_address) = identity
+            if report.storage is not None:
+                self._record_storage(session, node, report.storage)
             if not node.sandbox_subnet:
                 settings = self.ctx.settings
                 await assign_sandbox_subnet(session, node, settings.sandbox_supernet,
@@ -303,6 +366,31 @@ class NodeRegistry:
             await self._mark_up(report.node_id)
         self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
         return answer
+
+    @staticmethod
+    def _record_storage(session: AsyncSession, node: NodeRow,
+                        reported: list[StorageDirReport]) -> None:
+        """Keep the node's storage directories (written only when they changed enough,
+        see :func:`storage_changed`), and raise or clear the threshold alarm of each
+        directory whose ``over_threshold`` flipped (F-THIN): an event and a log line."""
+        new = [d.model_dump(mode="json") for d in reported]
+        if not storage_changed(node.storage, new):
+            return
+        for d, over in threshold_flips(node.storage, new):
+            percent = used_percent(d["total_bytes"], d["used_bytes"])
+            state = EventState.RAISED if over else EventState.CLEARED
+            message = (f"node {node.name}: storage directory {d['path']} is {percent:g}% "
+                       f"used, {'over' if over else 'back under'} its alarm threshold")
+            record_event(session, STORAGE_THRESHOLD, state, "node", node.uuid, message,
+                         {"node_name": node.name, "path": d["path"], "used_percent": percent,
+                          "used_bytes": d["used_bytes"], "total_bytes": d["total_bytes"]})
+            extra = {"node": node.uuid, "node_name": node.name, "directory": d["path"],
+                     "used_percent": percent}
+            if over:
+                log.warning("storage directory over its alarm threshold", extra=extra)
+            else:
+                log.info("storage directory back under its alarm threshold", extra=extra)
+        node.storage = new
 
     async def _register(self, session: AsyncSession, report: NodeReport) -> NodeRow:
         """A node's first report: record it (down until it shows no orphan), in the pool
@@ -438,7 +526,13 @@ class NodeRegistry:
                 log.warning("removing what no VM owns from its node",
                             extra={"vm": vm_uuid, "node": node_uuid})
                 try:
-                    await client.remove(vm_uuid, timeout=CLEANUP_TIMEOUT)
+                    # A VM deleted while its node was down: its root volume and those
+                    # marked to go with it go now (a VM with no record keeps its volumes:
+                    # nothing says they may go).
+                    async with self.ctx.db.session() as session:
+                        volumes = await volumes_going_with(session, vm_uuid)
+                    await client.remove(vm_uuid, timeout=CLEANUP_TIMEOUT,
+                                        delete_volumes=volumes)
                 except YunError as exc:
                     log.warning("could not remove an orphan from its node: %s", exc,
                                 extra={"vm": vm_uuid, "node": node_uuid})

@@ -70,13 +70,22 @@ def check_scheduler(filters: list[str] | None, weights: dict[str, float] | None)
         raise Unprocessable("a scheduler filter is named twice")
 
 
+def check_storage(storage_mode: str, backing: bool) -> None:
+    """Backing images need shared storage (F-BACKING): in local mode each node copies
+    its image anyway, and a base on one node's disk cannot be shared (422)."""
+    if backing and storage_mode != StorageMode.SHARED:
+        raise Unprocessable(f"backing=true needs storage_mode shared: a {storage_mode} pool "
+                            "keeps each VM's disk on its own node")
+
+
 def pool_warnings(row: PoolRow) -> list[str]:
     """What an operator should know about a pool's template."""
     warnings = []
-    if row.storage_mode == StorageMode.SHARED and row.thin:
-        warnings.append("thin overlays on one shared base image: every VM's reads of "
-                        "unchanged blocks hit the base (its IOPS are shared by all of them), "
-                        "and a damaged base breaks every VM built on it")
+    if row.storage_mode == StorageMode.SHARED and row.backing:
+        warnings.append("backing images: every VM is an overlay on one read-only base per "
+                        "image, so all their reads of unchanged blocks hit that base (its "
+                        "IOPS are shared by all of them), and a broken or lost base breaks "
+                        "every VM built on it")
     if row.memory_ratio > 1.0:
         warnings.append(f"memory is overcommitted {row.memory_ratio:g}x: guests can be "
                         "killed by the host when they all use their memory")
@@ -138,6 +147,7 @@ class PoolService:
         async with self.ctx.db.session() as session:
             await _unique(session, PoolRow, req.name, "pool")
             zone = await find(session, ZoneRow, req.zone or DEFAULT_ZONE, "zone", scope)
+            check_storage(req.storage_mode or StorageMode.LOCAL, bool(req.backing))
             mode = req.network_mode or NetworkMode.SANDBOX_PRIVATE
             address_pool_uuid = await resolve_link(session, scope, mode, req.address_pool)
             row = PoolRow(
@@ -145,7 +155,7 @@ class PoolService:
                 zone_uuid=zone.uuid,
                 network_mode=mode,
                 storage_mode=req.storage_mode or StorageMode.LOCAL,
-                thin=True if req.thin is None else req.thin,
+                thin=True if req.thin is None else req.thin, backing=bool(req.backing),
                 ha=bool(req.ha), address_pool_uuid=address_pool_uuid,
                 qos_level=req.qos_level or CpuQos.MEDIUM,
                 cpu_ratio=req.cpu_ratio or 4.0, memory_ratio=req.memory_ratio or 1.0,
@@ -170,11 +180,16 @@ class PoolService:
             row = await find(session, PoolRow, ref, "pool", scope)
             await session.refresh(row, with_for_update=True)
             changes = req.model_dump(exclude_unset=True, exclude_none=True)
-            if "storage_mode" in changes and changes["storage_mode"] != row.storage_mode:
+            check_storage(changes.get("storage_mode", row.storage_mode),
+                          changes.get("backing", row.backing))
+            storage = [k for k in ("storage_mode", "backing")
+                       if k in changes and changes[k] != getattr(row, k)]
+            if storage:
                 vms = await _count(session, VmRow.pool_uuid == row.uuid)
                 if vms:
-                    raise Conflict(f"pool {row.name} has {vms} VM(s): its storage mode "
-                                   "changes only while it has none")
+                    raise Conflict(f"pool {row.name} has {vms} VM(s): its "
+                                   f"{' and '.join(storage)} change only while it has none "
+                                   "(its VMs' disks were made by them, F-STO-MODEL)")
             if "network_mode" in changes or "address_pool" in changes:
                 await self._relink(session, row, changes, scope)
             if "zone" in changes:
@@ -328,6 +343,7 @@ async def _count(session: AsyncSession, where: Any) -> int:
 
 def _template(row: PoolRow) -> dict[str, Any]:
     return {"network_mode": row.network_mode, "storage_mode": row.storage_mode,
+            "backing": row.backing,
             "cpu_ratio": row.cpu_ratio, "memory_ratio": row.memory_ratio,
             "disk_ratio": row.disk_ratio}
 
@@ -382,7 +398,8 @@ async def pool_models(session: AsyncSession, rows: list[PoolRow]) -> list[Pool]:
             tags=tags.get(row.uuid, {}), created_at=row.created_at, updated_at=row.updated_at,
             zone_uuid=row.zone_uuid, zone_name=zones.get(row.zone_uuid),
             network_mode=NetworkMode(row.network_mode),
-            storage_mode=StorageMode(row.storage_mode), thin=row.thin, ha=row.ha,
+            storage_mode=StorageMode(row.storage_mode), thin=row.thin, backing=row.backing,
+            ha=row.ha,
             address_pool=address_pools.get(row.address_pool_uuid or ""),
             qos_level=CpuQos(row.qos_level),
             cpu_ratio=row.cpu_ratio, memory_ratio=row.memory_ratio, disk_ratio=row.disk_ratio,

@@ -115,8 +115,8 @@ class VmAddressService:
             if vm is None:
                 raise NotFound(f"VM {vm_uuid} no longer exists")
             node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
-            image = await session.get(ImageRow, vm.image_uuid)
-            if node is None or image is None:
+            image = await session.get(ImageRow, vm.image_uuid) if vm.image_uuid else None
+            if node is None or (vm.image_uuid and image is None):
                 raise Conflict(f"VM {vm.name}: its node or image vanished")
             pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
             request = await provision_request(self.ctx, session, vm, node, image, pool)

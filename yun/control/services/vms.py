@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid as uuidlib
 from types import MappingProxyType
@@ -31,7 +32,8 @@ from yun.control.db.models import (
 )
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
-from yun.control.flows.vm import POOLS, effective_qos, qos_needs
+from yun.control.flows.vm import CDROM_IMAGE, POOLS, effective_qos, qos_needs
+from yun.control.flows.volumes import root_volume
 from yun.control.network.modes import mode_for
 from yun.control.network.modes.base import address_pool_of
 from yun.control.nodeclient import node_client
@@ -43,14 +45,17 @@ from yun.control.services.port_forwards import (
     forwards_of,
     public_addresses_of,
 )
+from yun.control.services.ssh_keys import resolve_keys
 from yun.control.services.tasks import task_model
 from yun.control.services.vm_addresses import VmAddressService
 from yun.control.services.vm_nics import VmNicService
+from yun.control.services.volumes import keep_data_volumes
 from yun.proto.context import RequestContext
 from yun.proto.errors import Conflict, Unprocessable
 from yun.proto.messages import QosSpec, StopRequest
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     ImageStatus,
     PortForward,
@@ -60,6 +65,7 @@ from yun.proto.resources import (
     VmState,
     VmStop,
 )
+from yun.proto.ssh_keys import SshKeyError, parse_public_key
 
 log = logging.getLogger("yun.control.vms")
 
@@ -73,6 +79,8 @@ TRANSIENT = {"start": VmState.STARTING, "stop": VmState.STOPPING, "reboot": VmSt
 ALREADY = {"start": VmState.RUNNING, "stop": VmState.STOPPED}
 # QoS is changed on a VM whose domain exists (live when it runs, in its definition when not).
 QOS_ALLOWED = {VmState.RUNNING, VmState.STOPPED}
+# The CD drive is changed on a VM whose domain exists (live when it runs).
+CDROM_ALLOWED = {VmState.RUNNING, VmState.STOPPED}
 
 
 def vm_model(row: VmRow, node_name: str | None = None,
@@ -80,6 +88,10 @@ def vm_model(row: VmRow, node_name: str | None = None,
              public_ip: str | None = None, forwards: list[PortForward] | None = None) -> Vm:
     """The API view of a VM; ``pool`` is its pool's (name, QoS level, network mode)."""
     vm = Vm.model_validate(row)
+    vm.ssh_key_fingerprints = _fingerprints(row.ssh_keys or [])
+    if row.user_data is not None:
+        data = row.user_data.encode()
+        vm.user_data_size, vm.user_data_sha256 = len(data), hashlib.sha256(data).hexdigest()
     vm.node_name = node_name
     vm.tags = tags or {}
     vm.pool_name = pool[0] if pool else None
@@ -88,6 +100,17 @@ def vm_model(row: VmRow, node_name: str | None = None,
     vm.public_ip = public_ip
     vm.port_forwards = forwards or []
     return vm
+
+
+def _fingerprints(lines: list[str]) -> list[str]:
+    """The SHA256 fingerprints of the public key lines a VM was given."""
+    out = []
+    for line in lines:
+        try:
+            out.append(parse_public_key(line).fingerprint)
+        except SshKeyError:  # stored checked; never expected, but a view must not fail
+            out.append("unparsable")
+    return out
 
 
 async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
@@ -128,19 +151,21 @@ class VmService:
                 made = await self._made_under_key(session, key)
                 if made is not None:
                     return made
-            image = await find(session, ImageRow, req.image, "image", scope)
-            # Read it again under a share lock (PostgreSQL; SQLite serialises writers
-            # anyway): an image delete that marks the record `deleting` waits for this VM to
-            # be committed and then sees it, or this create sees the mark.
-            await session.refresh(image, with_for_update={"read": True})
-            if image.status != ImageStatus.ACTIVE:
-                raise Conflict(f"image {image.name} is {image.status}, not active")
-            if image.format == "iso":
-                raise Unprocessable(f"image {image.name} is an ISO; a VM boots from a disk image")
-            if image.virtual_size and image.virtual_size > req.disk_gb * 1024**3:
-                raise Unprocessable(
-                    f"disk_gb={req.disk_gb} is smaller than image {image.name} "
-                    f"({image.virtual_size / 1024**3:.1f} GiB)")
+            image = iso = None
+            if req.image is not None:
+                image = await _usable_image(session, req.image, scope)
+                if image.format == "iso":
+                    raise Unprocessable(
+                        f"image {image.name} is an ISO; a VM boots from a disk image. To "
+                        f"install from it, give it as the VM's iso (`--iso {image.name}`), "
+                        "with no image for a blank disk")
+                if image.virtual_size and image.virtual_size > req.disk_gb * 1024**3:
+                    raise Unprocessable(
+                        f"disk_gb={req.disk_gb} is smaller than image {image.name} "
+                        f"({image.virtual_size / 1024**3:.1f} GiB)")
+            if req.iso is not None:
+                iso = await _iso(session, req.iso, scope)
+            keys = await resolve_keys(session, req.ssh_keys, user)
             pools, pool = await self._pools_for(session, req, scope)
             group = await self._group_for(session, req, user, scope)
             mode = mode_for(pool.network_mode) if pool is not None else None
@@ -160,7 +185,13 @@ class VmService:
             vm = VmRow(
                 uuid=vm_uuid, name=req.name, description=req.description,
                 project_uuid=user.project_uuid, state=VmState.BUILDING, vcpus=req.vcpus,
-                memory_mb=req.memory_mb, disk_gb=req.disk_gb, image_uuid=image.uuid,
+                memory_mb=req.memory_mb, disk_gb=req.disk_gb,
+                image_uuid=image.uuid if image is not None else None,
+                # A blank VM boots from its ISO to be installed; one with a disk image
+                # boots from it, the ISO only inserted.
+                cdrom_image_uuid=iso.uuid if iso is not None else None,
+                boot="cdrom" if image is None else "disk",
+                ssh_keys=keys, user_data=req.user_data,
                 pool_uuid=pool.uuid if pool else None, group_uuid=group.uuid if group else None,
                 node_labels=dict(req.node_labels), qos=qos,
                 # In the transaction that makes the VM and its flow: a create carried out
@@ -168,6 +199,7 @@ class VmService:
                 idempotency_key=key,
             )
             session.add(vm)
+            session.add(root_volume(vm, pool))  # C-STO: every disk is a volume
             tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
             flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid,
                                                   {POOLS: pools} if pool is None else {},
@@ -214,6 +246,31 @@ class VmService:
             raise Unprocessable(f"VM group {group.name} belongs to another project")
         return group
 
+    async def insert_cdrom(self, ref: str, req: CdromInsert, scope: Scope) -> Accepted:
+        """Put an ISO into the VM's CD drive (a running guest sees the new medium at once);
+        an ISO already in it is replaced. Nothing to do when it is already there."""
+        async with self.ctx.db.session() as session:
+            vm = await find(session, VmRow, ref, "VM", scope)
+            iso = await _iso(session, req.image, scope)
+            if vm.cdrom_image_uuid == iso.uuid:
+                return Accepted(task=None, resource=vm_model(vm).model_dump(mode="json"),
+                                message=f"ISO {iso.name} is already in the CD drive of VM "
+                                        f"{vm.name}; nothing to do")
+        return await self._launch(ref, "vm.cdrom", CDROM_ALLOWED, None,
+                                  {CDROM_IMAGE: iso.uuid}, scope)
+
+    async def eject_cdrom(self, ref: str, scope: Scope) -> Accepted:
+        """Empty the VM's CD drive. A VM booting from it boots from its disk from now on
+        (the installed system), at its next start."""
+        async with self.ctx.db.session() as session:
+            vm = await find(session, VmRow, ref, "VM", scope)
+            if vm.cdrom_image_uuid is None:
+                return Accepted(task=None, resource=vm_model(vm).model_dump(mode="json"),
+                                message=f"VM {vm.name} has no ISO in its CD drive; nothing "
+                                        "to do")
+        return await self._launch(ref, "vm.cdrom", CDROM_ALLOWED, None, {CDROM_IMAGE: None},
+                                  scope)
+
     async def set_qos(self, ref: str, req: VmQosUpdate, scope: Scope) -> Accepted:
         """Change a VM's QoS limits; applied at once to its running domain."""
         async with self.ctx.db.session() as session:
@@ -257,8 +314,12 @@ class VmService:
         return await self._launch(ref, f"vm.{action}", ACTIONS_ALLOWED[action],
                                   TRANSIENT[action], data, scope, ALREADY.get(action))
 
-    async def delete(self, ref: str, scope: Scope) -> Accepted:
-        """Delete the VM with its domain, disks, address, reservation and quota."""
+    async def delete(self, ref: str, scope: Scope, keep_volumes: bool = False) -> Accepted:
+        """Delete the VM with its domain, root volume, address, reservation and quota, and
+        the data volumes marked ``delete_with_vm`` unless ``keep_volumes`` (then every
+        data volume is kept, detached; Z-CASCADE)."""
+        if keep_volumes:
+            await keep_data_volumes(self.ctx, ref, scope)
         return await self._launch(ref, "vm.delete", None, VmState.DELETING, {}, scope)
 
     async def _launch(self, ref: str, kind: str, allowed: set[VmState] | None,
@@ -323,6 +384,28 @@ class VmService:
         return (await session.scalars(
             select(FlowRow).where(FlowRow.resource_uuid == vm_uuid)
             .where(FlowRow.state.in_(UNFINISHED)).limit(1))).first()
+
+
+async def _usable_image(session: AsyncSession, ref: str, scope: Scope) -> ImageRow:
+    """The active image ``ref`` names, read again under a share lock (PostgreSQL; SQLite
+    serialises writers anyway): an image delete that marks the record `deleting` waits
+    for this VM to be committed and then sees it, or this request sees the mark."""
+    image = await find(session, ImageRow, ref, "image", scope)
+    await session.refresh(image, with_for_update={"read": True})
+    if image.status != ImageStatus.ACTIVE:
+        raise Conflict(f"image {image.name} is {image.status}, not active")
+    return image
+
+
+async def _iso(session: AsyncSession, ref: str, scope: Scope) -> ImageRow:
+    """The active ISO image ``ref`` names; a disk image is refused, saying how it is
+    used instead."""
+    iso = await _usable_image(session, ref, scope)
+    if iso.format != "iso":
+        raise Unprocessable(
+            f"image {iso.name} is a {iso.format} disk image, not an ISO: a CD drive takes "
+            f"ISO images only (boot a VM from it with `--image {iso.name}`)")
+    return iso
 
 
 async def _project(session: AsyncSession, user: RequestContext) -> ProjectRow:

@@ -17,11 +17,13 @@ from yun.gateway.routers import (
     quotas,
     roles,
     routers,
+    ssh_keys,
     tags,
     tasks,
     users,
     vm_groups,
     vms,
+    volumes,
     zones,
 )
 
@@ -30,5 +32,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     roles.router, keys.router, audit.router, nodes.router, images.router, vms.router,
     tasks.router, tags.router, zones.router, pools.router, vm_groups.router,
     addresses.router,
-    routers.router,
+    routers.router, volumes.router, volumes.events_router,
+    ssh_keys.router,
 )

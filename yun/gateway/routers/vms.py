@@ -21,6 +21,7 @@ from yun.gateway.routers.common import (
 from yun.proto.errors import PeerError
 from yun.proto.resources import (
     Accepted,
+    CdromInsert,
     Console,
     Page,
     PortForward,
@@ -65,9 +66,14 @@ async def show_vm(ref: RefPath, ctx: Ctx, up: Up) -> Response:
 
 @router.delete("/vms/{ref}", response_model=Accepted, status_code=202)
 async def delete_vm(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                    keep_volumes: Annotated[bool, Query(
+                        description="keep every data volume (detached)")] = False,
                     idempotency_key: IdempotencyKey = None) -> Response:
-    """Delete a virtual machine and its disks; its resources are released."""
+    """Delete a virtual machine, its root volume and the data volumes marked
+    `delete_with_vm` (unless `keep_volumes`: then they are detached and kept); its
+    resources are released."""
     reply = await up.call(ctx, "DELETE", "/vms/{ref}", path={"ref": ref},
+                          params={"keep_volumes": True} if keep_volumes else None,
                           idempotency_key=idempotency_key)
     return await accepted(up, ctx, reply, wait)
 
@@ -108,6 +114,28 @@ async def set_vm_qos(ref: RefPath, body: VmQosUpdate, ctx: Ctx, up: Up, wait: Wa
     Fields left out keep their value; `clear` lifts limits. A running VM gets the new
     limits at once (200 with no task if nothing changes)."""
     reply = await up.call(ctx, "POST", "/vms/{ref}/qos", path={"ref": ref}, body=body,
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.put("/vms/{ref}/cdrom", response_model=Accepted, status_code=202, responses=ALREADY)
+async def insert_vm_cdrom(ref: RefPath, body: CdromInsert, ctx: Ctx, up: Up, wait: Wait = 0,
+                          idempotency_key: IdempotencyKey = None) -> Response:
+    """Put an ISO image into the VM's CD drive, replacing any there: a running guest sees
+    the new medium at once (200 with no task if it is already in). A disk image is
+    refused (422)."""
+    reply = await up.call(ctx, "PUT", "/vms/{ref}/cdrom", path={"ref": ref}, body=body,
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
+
+
+@router.delete("/vms/{ref}/cdrom", response_model=Accepted, status_code=202,
+               responses=ALREADY)
+async def eject_vm_cdrom(ref: RefPath, ctx: Ctx, up: Up, wait: Wait = 0,
+                         idempotency_key: IdempotencyKey = None) -> Response:
+    """Eject the ISO from the VM's CD drive (200 with no task if it is empty). A VM that
+    booted from the CD (a blank VM being installed) boots from its disk from then on."""
+    reply = await up.call(ctx, "DELETE", "/vms/{ref}/cdrom", path={"ref": ref},
                           idempotency_key=idempotency_key)
     return await accepted(up, ctx, reply, wait)
 

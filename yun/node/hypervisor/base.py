@@ -74,6 +74,11 @@ class HostCapacity:
     memory_used_mb: int = 0
 
 
+#: The disk id of a VM's cloud-init NoCloud seed (a read-only CD drive); every other CD
+#: drive holds an installation ISO (or nothing).
+SEED_DISK_ID = "cidata"
+
+
 @dataclass(frozen=True)
 class ResolvedDisk:
     """A disk of the spec, made real by the disk backend: a file the hypervisor opens."""

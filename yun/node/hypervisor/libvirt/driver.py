@@ -56,15 +56,28 @@ from yun.node.hypervisor.libvirt.xml import (
     YUN_NS,
     ParsedDomain,
     apply_qos,
+    attached_disks,
+    backup_xml,
     build_domain_xml,
+    cdrom_image,
+    disk_device_xml,
+    disk_target,
     domain_name,
     has_nic,
+    instance_metadata,
     interface_xml,
     iotune_params,
+    media_xml,
+    new_disk_xml,
+    next_disk_target,
     nic_mac,
     parse_domain_xml,
+    parse_qos,
     scheduler_params,
+    with_disk,
+    with_media,
     with_nic,
+    without_disk,
     without_nic,
 )
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
@@ -83,6 +96,8 @@ KEEPALIVE_COUNT = 3
 # asked of the guest, which may take a while under TCG, or never come: no driver).
 DETACH_TIMEOUT = 40.0
 DETACH_POLL = 0.25
+BACKUP_TIMEOUT = 3600.0  # seconds a live disk copy may take (F-IMAGE: GBs of data)
+BACKUP_POLL = 0.5
 
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -139,6 +154,11 @@ def supports_direct_io(path: Path) -> bool:
     return True
 
 
+def _cache_mode(path: Path | None) -> str:
+    """"none" (O_DIRECT) where the file's file system allows it, else "writeback"."""
+    return "none" if path is None or supports_direct_io(path) else "writeback"
+
+
 def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
@@ -176,7 +196,7 @@ class LibvirtDriver(HypervisorDriver):
     # block throttling, the NIC limit tc on the taps (see .shaping); all are standard on
     # a QEMU host.
     caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True,
-                        hotplug_nic=True)
+                        hotplug_nic=True, hotplug_disk=True)
 
     def __init__(
         self,
@@ -436,9 +456,7 @@ class LibvirtDriver(HypervisorDriver):
         if uuid != spec.uuid:
             spec = spec.model_copy(update={"uuid": uuid})
         console_log = self.console_log_path(uuid)
-        cache_modes = {
-            d.disk_id: "none" if supports_direct_io(d.path) else "writeback" for d in disks
-        }
+        cache_modes = {d.disk_id: _cache_mode(d.path) for d in disks}
         try:
             xml = build_domain_xml(
                 spec, disks, nics, accel=self.accel or "tcg", console_log=console_log,
@@ -698,6 +716,304 @@ class LibvirtDriver(HypervisorDriver):
         log.info("NIC unplugged", extra={"vm": uuid, "nic": nic_id, "mac": mac,
                                          "live": tap is not None})
 
+    # ------------------------------------------------------------------ disks (U-HOTPLUG)
+
+    async def attach_disk(self, uuid: str, disk: ResolvedDisk) -> None:
+        """Plug disk ``disk`` into domain ``uuid`` on the next free virtio target (vdb,
+        vdc …): into the running guest when it runs, and into its definition, Yun's
+        metadata recording which disk id the target holds. Idempotent by disk id."""
+        uuid = canonical_uuid(uuid)
+        if disk.device != "disk":
+            raise HypervisorError(
+                f"disk {disk.disk_id!r} of domain {uuid} is a CD drive: CD drives are "
+                "defined with the domain and change their medium with change_media")
+        cache = await asyncio.to_thread(_cache_mode, disk.path)
+
+        def attach(conn: libvirt.virConnect) -> tuple[str, bool]:
+            dom = self._lookup(conn, uuid)
+            live = False
+            try:
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                live_xml = dom.XMLDesc(0) if dom.isActive() else None
+                target = disk_target(inactive, disk.disk_id)
+                if target is None and live_xml is not None:
+                    target = disk_target(live_xml, disk.disk_id)
+                if target is None:
+                    target = next_disk_target([inactive, *([live_xml] if live_xml else [])])
+                if live_xml is not None and disk_device_xml(live_xml, target) is None:
+                    device = new_disk_xml(disk, target, cache=cache,
+                                          qos=parse_qos(ET.fromstring(live_xml)))
+                    try:
+                        dom.attachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                        live = True
+                    except libvirt.libvirtError as exc:
+                        if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                            raise NotSupported(
+                                f"{self.uri} cannot plug a disk into running domain {uuid}: "
+                                f"{exc.get_error_message()}") from exc
+                        if not (_code(exc) == libvirt.VIR_ERR_OPERATION_INVALID
+                                and not dom.isActive()):
+                            raise  # else stopped meanwhile: the definition is enough
+                        live_xml = None
+                try:
+                    if live_xml is not None:
+                        now = dom.XMLDesc(0)
+                        if disk_target(now, disk.disk_id) is None:
+                            # get_domain reads the live XML: it must name the new disk.
+                            dom.setMetadata(
+                                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                instance_metadata(with_disk(now, disk, target, cache=cache)),
+                                "yun", YUN_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    if (disk_target(inactive, disk.disk_id) is None
+                            or disk_device_xml(inactive, target) is None):
+                        conn.defineXML(with_disk(inactive, disk, target, cache=cache))
+                except libvirt.libvirtError:
+                    if live:  # not half plugged: out of the guest again
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.detachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    raise
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, f"plug disk {disk.disk_id} into", uuid) from exc
+            except ValueError as exc:
+                raise HypervisorError(f"domain {uuid}: {exc}") from exc
+            return target, live
+
+        target, live = await self._call(attach)
+        log.info("disk plugged", extra={"vm": uuid, "disk": disk.disk_id, "target": target,
+                                        "path": str(disk.path), "live": live})
+
+    async def detach_disk(self, uuid: str, disk_id: str) -> None:
+        """Unplug disk ``disk_id`` from domain ``uuid``: from the running guest first (it
+        is asked to release the device; HypervisorError if it has not within
+        ``DETACH_TIMEOUT``), then from its definition. No error if it is not there."""
+        uuid = canonical_uuid(uuid)
+
+        def request(conn: libvirt.virConnect) -> tuple[str | None, bool]:
+            dom = self._lookup(conn, uuid)
+            try:
+                live_xml = dom.XMLDesc(0) if dom.isActive() else None
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                target = disk_target(inactive, disk_id)
+                if target is None and live_xml is not None:
+                    target = disk_target(live_xml, disk_id)
+                if target is None:
+                    return None, False
+                for xml in (inactive, live_xml):
+                    found = disk_device_xml(xml, target) if xml is not None else None
+                    if found is not None and ET.fromstring(found).get("device") == "cdrom":
+                        raise HypervisorError(
+                            f"disk {disk_id!r} of domain {uuid} is a CD drive: eject its "
+                            "medium instead of unplugging it")
+                device = disk_device_xml(live_xml, target) if live_xml is not None else None
+                if device is None:
+                    return target, False
+                dom.detachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                return target, True
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                    raise NotSupported(f"{self.uri} cannot unplug a disk from running "
+                                       f"domain {uuid}: {exc.get_error_message()}") from exc
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return disk_target(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+                                       disk_id), False
+                raise self._error(exc, f"unplug disk {disk_id} from", uuid) from exc
+
+        def plugged_live(conn: libvirt.virConnect, target: str) -> bool:
+            dom = self._lookup(conn, uuid)
+            try:
+                return bool(dom.isActive()) and disk_device_xml(dom.XMLDesc(0),
+                                                                 target) is not None
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # stopped meanwhile: the disk went with QEMU
+                raise self._error(exc, "inspect", uuid) from exc
+
+        def forget(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, uuid)
+            try:
+                if dom.isActive():
+                    now = dom.XMLDesc(0)
+                    if disk_target(now, disk_id) is not None:
+                        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                        instance_metadata(without_disk(now, disk_id)),
+                                        "yun", YUN_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                if disk_target(inactive, disk_id) is not None:
+                    conn.defineXML(without_disk(inactive, disk_id))
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    return forget(conn)  # stopped meanwhile: only the definition is left
+                raise self._error(exc, f"unplug disk {disk_id} from", uuid) from exc
+
+        target, requested = await self._call(request)
+        if target is None:
+            return
+        if requested:
+            deadline = time.monotonic() + DETACH_TIMEOUT
+            while await self._call(lambda conn: plugged_live(conn, target)):
+                if time.monotonic() > deadline:
+                    raise HypervisorError(
+                        f"the guest of domain {uuid} did not release disk {disk_id} "
+                        f"({target}) within {DETACH_TIMEOUT:.0f} s (is it still mounted? "
+                        "does its kernel do PCI hot-unplug?)")
+                await asyncio.sleep(DETACH_POLL)
+        await self._call(forget)
+        log.info("disk unplugged", extra={"vm": uuid, "disk": disk_id, "target": target,
+                                          "live": requested})
+
+    async def resize_disk(self, uuid: str, disk_id: str, size_bytes: int) -> None:
+        """Grow disk ``disk_id`` of running domain ``uuid`` to ``size_bytes`` through
+        QEMU (virDomainBlockResize): the image file and the guest's view at once. A
+        smaller size is refused; the same size is left alone."""
+        uuid = canonical_uuid(uuid)
+        if size_bytes <= 0:
+            raise HypervisorError(f"disk {disk_id} of domain {uuid}: size must be > 0 bytes")
+
+        def resize(conn: libvirt.virConnect) -> int:
+            dom = self._lookup(conn, uuid)
+            try:
+                if not dom.isActive():
+                    raise DomainNotRunning(
+                        f"cannot resize disk {disk_id} of domain {uuid} online: it is not "
+                        "running (grow the volume offline instead)")
+                live = dom.XMLDesc(0)
+                target = disk_target(live, disk_id)
+                if target is None or disk_device_xml(live, target) is None:
+                    raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+                current = int(dom.blockInfo(target)[0])  # capacity: the virtual size
+                if size_bytes < current:
+                    raise HypervisorError(
+                        f"disk {disk_id} of domain {uuid} is {current} bytes: shrinking it "
+                        f"to {size_bytes} would cut the guest's data; only growing is "
+                        "allowed")
+                if size_bytes > current:
+                    dom.blockResize(target, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                return current
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                    raise NotSupported(f"{self.uri} cannot resize a disk of running domain "
+                                       f"{uuid}: {exc.get_error_message()}") from exc
+                if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    raise DomainNotRunning(
+                        f"cannot resize disk {disk_id} of domain {uuid} online: it stopped "
+                        "meanwhile") from exc
+                raise self._error(exc, f"resize disk {disk_id} of", uuid) from exc
+
+        before = await self._call(resize)
+        log.info("disk resized online", extra={"vm": uuid, "disk": disk_id,
+                                               "from_bytes": before, "to_bytes": size_bytes})
+
+    async def change_media(self, uuid: str, disk_id: str, path: Path | None) -> None:
+        """Put the ISO ``path`` into CD drive ``disk_id`` of domain ``uuid`` (None: eject),
+        in the running guest (forced: a guest holding the tray locked is overridden, as
+        a CD ejected by hand) and in the definition. Idempotent."""
+        uuid = canonical_uuid(uuid)
+        wanted = str(path) if path is not None else ""
+
+        def change(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, uuid)
+            live = False
+            try:
+                inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                if dom.isActive():
+                    live_xml = dom.XMLDesc(0)
+                    parsed = parse_domain_xml(live_xml)
+                    target = disk_target(live_xml, disk_id) or ""
+                    if parsed is None or parsed.sources.get(target) != wanted:
+                        try:
+                            dom.updateDeviceFlags(
+                                media_xml(live_xml, disk_id, path),
+                                libvirt.VIR_DOMAIN_AFFECT_LIVE
+                                | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)
+                            live = True
+                        except libvirt.libvirtError as exc:
+                            if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                                raise NotSupported(
+                                    f"{self.uri} cannot change the CD of running domain "
+                                    f"{uuid}: {exc.get_error_message()}") from exc
+                            if not (_code(exc) == libvirt.VIR_ERR_OPERATION_INVALID
+                                    and not dom.isActive()):
+                                raise
+                parsed = parse_domain_xml(inactive)
+                target = disk_target(inactive, disk_id) or ""
+                if parsed is None or parsed.sources.get(target) != wanted:
+                    conn.defineXML(with_media(inactive, disk_id, path))
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, f"change the CD in drive {disk_id} of", uuid) from exc
+            except ValueError as exc:
+                raise HypervisorError(f"domain {uuid}: {exc}") from exc
+            return live
+
+        live = await self._call(change)
+        log.info("CD %s", "inserted" if path is not None else "ejected", extra={
+            "vm": uuid, "disk": disk_id, "path": wanted or None, "live": live})
+
+    async def backup_disk(self, uuid: str, disk_id: str, target: Path,
+                          timeout: float = BACKUP_TIMEOUT) -> None:
+        """Copy disk ``disk_id`` of running domain ``uuid``, as it was when the call began,
+        to ``target`` (qcow2) with a push-mode backup job while the guest goes on
+        writing; wait for the job (at most ``timeout`` s: then it is aborted and the
+        partial copy removed). NotSupported when libvirt or QEMU offer no backup."""
+        uuid = canonical_uuid(uuid)
+        target = Path(target)
+
+        def begin(conn: libvirt.virConnect) -> str:
+            dom = self._lookup(conn, uuid)
+            try:
+                if not dom.isActive():
+                    raise DomainNotRunning(
+                        f"cannot copy disk {disk_id} of domain {uuid} live: it is not "
+                        "running (copy the stopped volume instead)")
+                live = dom.XMLDesc(0)
+                dev = disk_target(live, disk_id)
+                if dev is None or disk_device_xml(live, dev) is None:
+                    raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+                dom.backupBegin(backup_xml(live, dev, target), None, 0)
+                return dev
+            except libvirt.libvirtError as exc:
+                if _code(exc) in (libvirt.VIR_ERR_NO_SUPPORT,
+                                  libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+                                  libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                    raise NotSupported(f"{self.uri} cannot copy a disk of running domain "
+                                       f"{uuid}: {exc.get_error_message()}") from exc
+                raise self._error(exc, f"copy disk {disk_id} of", uuid) from exc
+
+        def job(conn: libvirt.virConnect, completed: bool) -> dict[str, Any]:
+            dom = self._lookup(conn, uuid)
+            flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+            try:
+                return dict(dom.jobStats(flags))
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, "follow the backup job of", uuid) from exc
+
+        def abort(conn: libvirt.virConnect) -> None:
+            with contextlib.suppress(libvirt.libvirtError, DomainNotFound):
+                self._lookup(conn, uuid).abortJob()
+
+        started = time.monotonic()
+        dev = await self._call(begin)
+        try:
+            while (await self._call(lambda conn: job(conn, False))).get(
+                    "type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() - started > timeout:
+                    raise HypervisorError(
+                        f"the copy of disk {disk_id} of domain {uuid} did not finish within "
+                        f"{timeout:.0f} s; aborted")
+                await asyncio.sleep(BACKUP_POLL)
+            done = await self._call(lambda conn: job(conn, True))
+            if done.get("type") in (libvirt.VIR_DOMAIN_JOB_FAILED,
+                                    libvirt.VIR_DOMAIN_JOB_CANCELLED):
+                raise HypervisorError(
+                    f"the copy of disk {disk_id} of domain {uuid} failed: "
+                    f"{done.get('errmsg') or 'libvirt gave no reason'}")
+        except BaseException:
+            await self._call(abort)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(target.unlink, missing_ok=True)
+            raise
+        log.info("disk copied live in %.1f s", time.monotonic() - started, extra={
+            "vm": uuid, "disk": disk_id, "target_dev": dev, "file": str(target)})
+
     # ------------------------------------------------------------------ power
 
     async def start(self, uuid: str) -> None:
@@ -845,16 +1161,10 @@ class LibvirtDriver(HypervisorDriver):
 
 def _instance_metadata(xml: str, qos: QosSpec) -> str:
     """Yun's metadata element of domain ``xml`` with the NIC limit of ``qos``."""
-    updated = ET.fromstring(apply_qos(xml, qos))
-    inst = updated.find(f"metadata/{{{YUN_NS}}}instance")
-    if inst is None:
-        raise HypervisorError("not a Yun domain: no Yun metadata")
-    # libvirt declares the "yun" prefix on the element itself and refuses an element that
-    # already declares it: hand it over in the default namespace instead. User text is
-    # escaped ("<" is "&lt;"), so every "<yun:" here is a tag.
-    text = ET.tostring(inst, encoding="unicode")
-    return (text.replace(f'xmlns:yun="{YUN_NS}"', f'xmlns="{YUN_NS}"')
-            .replace("<yun:", "<").replace("</yun:", "</"))
+    try:
+        return instance_metadata(apply_qos(xml, qos))
+    except ValueError as exc:
+        raise HypervisorError(str(exc)) from exc
 
 
 def _tail(path: Path, max_bytes: int) -> str:
@@ -880,4 +1190,6 @@ def _domain_info(parsed: ParsedDomain, state: DomainState) -> DomainInfo:
         console_log=str(parsed.console_log) if parsed.console_log else None,
         qos=parsed.qos,
         nics=list(parsed.nic_macs),
+        disks=attached_disks(parsed),
+        cdrom_image=cdrom_image(parsed),
     )

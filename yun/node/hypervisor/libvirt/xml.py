@@ -10,9 +10,15 @@ namespace; everything else on the host (an operator's own VMs) is left alone::
     <metadata>
       <yun:instance xmlns:yun="https://yun.dev/xmlns/1">
         <yun:uuid>…</yun:uuid><yun:name>web-1</yun:name>
-        <yun:disk id="root" target="vda"/><yun:nic id="n1" mac="52:54:00:…"/>
+        <yun:disk id="root" target="vda"/><yun:disk id="cdrom" target="hdc" device="cdrom"/>
+        <yun:nic id="n1" mac="52:54:00:…"/>
       </yun:instance>
     </metadata>
+
+Disks are virtio (``vda``, ``vdb`` …; data volumes plugged later take the next free
+letter); CD drives (an installation ISO, the cloud-init seed) are IDE, the bus the
+``pc`` machine type has built in (SATA would need an AHCI controller added), on the
+secondary channel first (``hdc``, ``hdd``) so that IDE disks keep ``hda``/``hdb``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yun.node.hypervisor.base import ResolvedDisk, ResolvedNic
+from yun.node.hypervisor.base import SEED_DISK_ID, ResolvedDisk, ResolvedNic
 from yun.proto.messages import CpuQos, DomainSpec, QosSpec
 
 YUN_NS = "https://yun.dev/xmlns/1"
@@ -64,18 +70,52 @@ def target_dev(prefix: str, index: int) -> str:
     return prefix + letters
 
 
+#: IDE targets for CD drives, in the order they are taken: the secondary channel first.
+_CDROM_TARGETS = ("hdc", "hdd", "hda", "hdb")
+DEVICES = ("disk", "cdrom")
+
+
 def disk_targets(disks: Sequence[ResolvedDisk]) -> list[tuple[str, str]]:
-    """(target dev, libvirt bus) of each disk, numbered per bus in the given order."""
+    """(target dev, libvirt bus) of each disk, numbered per bus in the given order; CD
+    drives on the IDE bus, on the IDE targets the disks left free (hdc first)."""
     counters: dict[str, int] = {}
-    out = []
+    out: list[tuple[str, str]] = []
     for disk in disks:
+        if disk.device not in DEVICES:
+            raise ValueError(f"disk {disk.disk_id!r}: unknown device {disk.device!r}")
+        if disk.device == "cdrom":
+            out.append(("", "ide"))  # numbered below, once the IDE disks are known
+            continue
         if disk.bus not in _BUS_TARGETS:
             raise ValueError(f"disk {disk.disk_id!r}: unknown bus {disk.bus!r}")
         prefix, bus = _BUS_TARGETS[disk.bus]
         index = counters.get(prefix, 0)
         counters[prefix] = index + 1
         out.append((target_dev(prefix, index), bus))
+    free = [t for t in _CDROM_TARGETS if t not in {dev for dev, _ in out}]
+    # The ISO drive before the seed: BIOS boots the first CD drive.
+    order = sorted((i for i, d in enumerate(disks) if d.device == "cdrom"),
+                   key=lambda i: disks[i].disk_id == SEED_DISK_ID)
+    if len(order) > len(free):
+        raise ValueError(f"{len(order)} CD drives and {4 - len(free)} IDE disks: the IDE "
+                         "bus has room for 4 devices")
+    for i, dev in zip(order, free, strict=False):
+        out[i] = (dev, "ide")
     return out
+
+
+def next_disk_target(xmls: Sequence[str], prefix: str = "vd") -> str:
+    """The first ``prefix`` target (``vdb`` after ``vda`` …) used by no disk of the
+    domain XMLs ``xmls`` (live and definition) nor recorded in their Yun metadata."""
+    used: set[str] = set()
+    for xml in xmls:
+        root = ET.fromstring(xml)
+        used.update(t.get("dev", "") for t in root.findall("devices/disk/target"))
+        used.update(d.get("target", "") for d in root.findall(f"metadata/{_Y}instance/{_Y}disk"))
+    index = 0
+    while target_dev(prefix, index) in used:
+        index += 1
+    return target_dev(prefix, index)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -293,6 +333,44 @@ def nic_mac(xml: str, nic_id: str) -> str | None:
     return None
 
 
+def _disk(devices: ET.Element, disk: ResolvedDisk, dev: str, bus: str, cache: str,
+          qos: QosSpec) -> ET.Element:
+    """The ``<disk>`` device of ``disk`` (target ``dev`` on ``bus``) under ``devices``.
+
+    A ``shared`` disk (on the shared mount) gets nothing special: QEMU's image locking,
+    on by default, is what keeps a second node from opening it while one has it open;
+    ``<shareable/>`` would lift that lock and is never written."""
+    if disk.device == "cdrom":
+        el = _sub(devices, "disk", type="file", device="cdrom")
+        # An ISO is a raw image; read-only, so any cache mode is safe.
+        _sub(el, "driver", name="qemu", type="raw", cache=cache)
+        if disk.path is not None:  # no <source>: an empty drive
+            _sub(el, "source", file=str(disk.path))
+        _sub(el, "target", dev=dev, bus=bus)
+        _sub(el, "readonly")
+        return el
+    if disk.format not in ("qcow2", "raw"):
+        raise ValueError(f"disk {disk.disk_id!r}: unknown format {disk.format!r}")
+    if disk.path is None:
+        raise ValueError(f"disk {disk.disk_id!r}: a disk needs a file (only a CD drive "
+                         "may be empty)")
+    el = _sub(devices, "disk", type="file", device="disk")
+    _sub(el, "driver", name="qemu", type=disk.format, cache=cache)
+    _sub(el, "source", file=str(disk.path))
+    _sub(el, "target", dev=dev, bus=bus)
+    if disk.read_only:
+        _sub(el, "readonly")
+    _iotune(el, qos)
+    return el
+
+
+def _meta_disk(inst: ET.Element, disk: ResolvedDisk, dev: str) -> None:
+    attrs = {"id": disk.disk_id, "target": dev}
+    if disk.device != "disk":
+        attrs["device"] = disk.device
+    _sub(inst, f"{_Y}disk", **attrs)
+
+
 def build_domain_xml(
     spec: DomainSpec,
     disks: Sequence[ResolvedDisk],
@@ -323,7 +401,7 @@ def build_domain_xml(
     _sub(inst, f"{_Y}name", spec.name)
     targets = disk_targets(disks)
     for disk, (dev, _bus) in zip(disks, targets, strict=True):
-        _sub(inst, f"{_Y}disk", id=disk.disk_id, target=dev)
+        _meta_disk(inst, disk, dev)
     for nic in nics:
         _sub(inst, f"{_Y}nic", id=nic.nic_id, mac=nic.mac)
     _net_qos(inst, spec.qos)
@@ -335,6 +413,11 @@ def build_domain_xml(
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    if spec.boot == "cdrom":
+        if not any(d.device == "cdrom" and d.disk_id != SEED_DISK_ID for d in disks):
+            raise ValueError("boot from cdrom needs a CD drive (spec.cdrom)")
+        # From the ISO; once it is ejected (an installed system) from the disk.
+        _sub(os_el, "boot", dev="cdrom")
     _sub(os_el, "boot", dev="hd")
     features = _sub(dom, "features")
     _sub(features, "acpi")  # the ACPI power button is how shutdown() asks the guest
@@ -352,15 +435,11 @@ def build_domain_xml(
     _sub(dom, "on_crash", "destroy")
 
     devices = _sub(dom, "devices")
-    for disk, (dev, bus) in zip(disks, targets, strict=True):
-        if disk.format not in ("qcow2", "raw"):
-            raise ValueError(f"disk {disk.disk_id!r}: unknown format {disk.format!r}")
-        el = _sub(devices, "disk", type="file", device="disk")
-        _sub(el, "driver", name="qemu", type=disk.format,
-             cache=cache_modes.get(disk.disk_id, "none"))
-        _sub(el, "source", file=str(disk.path))
-        _sub(el, "target", dev=dev, bus=bus)
-        _iotune(el, spec.qos)
+    # Disks first, then CD drives, each in the given order.
+    for disk, (dev, bus) in sorted(zip(disks, targets, strict=True),
+                                   key=lambda pair: (pair[0].device != "disk",
+                                                     pair[0].disk_id == SEED_DISK_ID)):
+        _disk(devices, disk, dev, bus, cache_modes.get(disk.disk_id, "none"), spec.qos)
     for nic in nics:
         _interface(devices, nic)
     serial = _sub(devices, "serial", type="pty")
@@ -392,6 +471,8 @@ class ParsedDomain:
     disks: dict[str, str] = field(default_factory=dict)  # disk id -> target dev
     qos: QosSpec = field(default_factory=QosSpec)
     disk_targets: tuple[str, ...] = ()  # target dev of every disk (device='disk')
+    cdrom_ids: frozenset[str] = frozenset()  # ids of the CD drives among ``disks``
+    sources: dict[str, str] = field(default_factory=dict)  # target dev -> file ("": none)
     nic_taps: tuple[str, ...] = ()  # host-side device (tap) of every interface
     nic_macs: tuple[str, ...] = ()  # MAC of every interface
 
@@ -437,6 +518,172 @@ def parse_domain_xml(xml: str) -> ParsedDomain | None:
         qos=parse_qos(root),
         disk_targets=tuple(
             t.get("dev", "") for t in root.findall("devices/disk[@device='disk']/target")),
+        cdrom_ids=frozenset(d.get("id", "") for d in inst.findall(f"{_Y}disk")
+                            if d.get("device") == "cdrom"),
+        sources={_target_of(d): _source_of(d) for d in root.findall("devices/disk")},
         nic_taps=tuple(t.get("dev", "") for t in root.findall("devices/interface/target")),
         nic_macs=tuple(_mac_of(i) for i in root.findall("devices/interface")),
     )
+
+
+def _target_of(disk: ET.Element) -> str:
+    target = disk.find("target")
+    return target.get("dev", "") if target is not None else ""
+
+
+def _source_of(disk: ET.Element) -> str:
+    source = disk.find("source")
+    return source.get("file", "") if source is not None else ""
+
+
+def attached_disks(parsed: ParsedDomain) -> list[str]:
+    """Ids of the domain's disks in force (device disk, present in this XML), in the
+    order Yun's metadata lists them."""
+    present = set(parsed.disk_targets)
+    return [disk_id for disk_id, dev in parsed.disks.items()
+            if disk_id not in parsed.cdrom_ids and dev in present]
+
+
+def cdrom_image(parsed: ParsedDomain) -> str | None:
+    """The image id of the ISO in the domain's CD drive (not the cloud-init seed): the
+    name of the cached file ``<image_id>.iso`` without its suffix; None when empty."""
+    for disk_id in sorted(parsed.cdrom_ids):
+        if disk_id == SEED_DISK_ID:
+            continue
+        source = parsed.sources.get(parsed.disks.get(disk_id, ""), "")
+        if source:
+            return Path(source).stem
+    return None
+
+
+# --------------------------------------------------------------------------- disk hot-plug
+
+
+def _instance(dom: ET.Element) -> tuple[ET.Element, ET.Element]:
+    inst = dom.find(f"metadata/{_Y}instance")
+    devices = dom.find("devices")
+    if inst is None or devices is None:
+        raise ValueError("not a Yun domain: no Yun metadata or devices")
+    return inst, devices
+
+
+def disk_target(xml: str, disk_id: str) -> str | None:
+    """The target dev Yun's metadata in ``xml`` records for disk ``disk_id`` (None: none)."""
+    for el in ET.fromstring(xml).findall(f"metadata/{_Y}instance/{_Y}disk"):
+        if el.get("id") == disk_id:
+            return el.get("target") or None
+    return None
+
+
+def disk_device_xml(xml: str, target: str) -> str | None:
+    """The ``<disk>`` device of ``xml`` on ``target``, as libvirt takes it to detach or
+    update it (None: no such device)."""
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        if _target_of(disk) == target:
+            return ET.tostring(disk, encoding="unicode")
+    return None
+
+
+def new_disk_xml(disk: ResolvedDisk, target: str, *, cache: str, qos: QosSpec) -> str:
+    """The ``<disk>`` device plugging ``disk`` in on virtio ``target``, with the domain's
+    disk limits ``qos``."""
+    if disk.device != "disk":
+        raise ValueError(f"disk {disk.disk_id!r}: only disks are plugged in, CD drives "
+                         "change their media")
+    holder = ET.Element("devices")
+    return ET.tostring(_disk(holder, disk, target, "virtio", cache, qos), encoding="unicode")
+
+
+def with_disk(xml: str, disk: ResolvedDisk, target: str, *, cache: str) -> str:
+    """The domain definition ``xml`` with ``disk`` plugged in on ``target`` (device and
+    Yun metadata, its disk limits those of the domain); what is there already is kept."""
+    dom = ET.fromstring(xml)
+    inst, devices = _instance(dom)
+    if not any(_target_of(d) == target for d in devices.findall("disk")):
+        # Disks stay together, before the other devices, as build_domain_xml writes them.
+        position = max((i + 1 for i, el in enumerate(devices) if el.tag == "disk"), default=0)
+        holder = ET.Element("devices")
+        el = _disk(holder, disk, target, "virtio", cache, parse_qos(dom))
+        devices.insert(position, el)
+    if not any(d.get("id") == disk.disk_id for d in inst.findall(f"{_Y}disk")):
+        _meta_disk(inst, disk, target)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def without_disk(xml: str, disk_id: str) -> str:
+    """The domain XML with disk ``disk_id`` (its device and its metadata) taken out."""
+    dom = ET.fromstring(xml)
+    inst, devices = _instance(dom)
+    for el in inst.findall(f"{_Y}disk"):
+        if el.get("id") == disk_id:
+            for disk in devices.findall("disk"):
+                if _target_of(disk) == el.get("target"):
+                    devices.remove(disk)
+            inst.remove(el)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def media_xml(xml: str, disk_id: str, path: Path | None) -> str:
+    """The ``<disk>`` of CD drive ``disk_id`` in ``xml`` holding ``path`` (None: empty),
+    as ``virDomainUpdateDeviceFlags`` takes it; ValueError if there is no such drive."""
+    target = disk_target(xml, disk_id)
+    device = disk_device_xml(xml, target) if target else None
+    if device is None:
+        raise ValueError(f"the domain has no CD drive {disk_id!r}")
+    el = ET.fromstring(device)
+    if el.get("device") != "cdrom":
+        raise ValueError(f"disk {disk_id!r} is not a CD drive: its medium cannot change")
+    for old in el.findall("source"):
+        el.remove(old)
+    if path is not None:
+        # <source> right after <driver>, where libvirt writes it.
+        driver = el.find("driver")
+        index = list(el).index(driver) + 1 if driver is not None else 0
+        el.insert(index, ET.Element("source", {"file": str(path)}))
+    return ET.tostring(el, encoding="unicode")
+
+
+def with_media(xml: str, disk_id: str, path: Path | None) -> str:
+    """The domain definition ``xml`` with ``path`` in CD drive ``disk_id`` (None: empty)."""
+    dom = ET.fromstring(xml)
+    _inst, devices = _instance(dom)
+    new = ET.fromstring(media_xml(xml, disk_id, path))
+    target = _target_of(new)
+    for i, disk in enumerate(list(devices)):
+        if disk.tag == "disk" and _target_of(disk) == target:
+            devices.remove(disk)
+            devices.insert(i, new)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def backup_xml(xml: str, target: str, file: Path) -> str:
+    """A push-mode ``<domainbackup>`` copying disk ``target`` of live domain ``xml`` to
+    ``file`` (qcow2); every other disk is left out of the backup."""
+    backup = ET.Element("domainbackup", {"mode": "push"})
+    disks = _sub(backup, "disks")
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        dev = _target_of(disk)
+        if dev == target:
+            el = _sub(disks, "disk", name=dev, backup="yes", type="file")
+            _sub(el, "driver", type="qcow2")
+            _sub(el, "target", file=str(file))
+        else:
+            _sub(disks, "disk", name=dev, backup="no")
+    return ET.tostring(backup, encoding="unicode")
+
+
+def instance_metadata(xml: str) -> str:
+    """Yun's metadata element of domain ``xml`` as ``virDomainSetMetadata`` takes it.
+
+    libvirt declares the "yun" prefix on the element itself and refuses an element that
+    already declares it: it is handed over in the default namespace instead. User text
+    is escaped ("<" is "&lt;"), so every "<yun:" here is a tag."""
+    inst = ET.fromstring(xml).find(f"metadata/{_Y}instance")
+    if inst is None:
+        raise ValueError("not a Yun domain: no Yun metadata")
+    text = ET.tostring(inst, encoding="unicode")
+    return (text.replace(f'xmlns:yun="{YUN_NS}"', f'xmlns="{YUN_NS}"')
+            .replace("<yun:", "<").replace("</yun:", "</"))

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import (
+    SEED_DISK_ID,
     Capabilities,
     ConsoleInfo,
     DomainEvent,
@@ -45,6 +48,8 @@ class SimDomain:
     nics: list[ResolvedNic]
     state: DomainState = DomainState.SHUTOFF
     console: list[str] = field(default_factory=list)
+    #: disk id -> virtual size in bytes the guest sees, once resize_disk set it
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def log(self, line: str) -> None:
         self.console.append(f"[{time.time():.3f}] {line}")
@@ -56,8 +61,11 @@ class SimDomain:
             "disk_ids": [d.disk_id for d in self.spec.disks],
             "macs": [n.mac for n in self.nics],
             "spec": self.spec.model_dump(mode="json"),
-            "disks": [{"disk_id": d.disk_id, "path": str(d.path), "format": d.format,
-                       "bus": d.bus} for d in self.disks],
+            "disks": [{"disk_id": d.disk_id,
+                       "path": str(d.path) if d.path is not None else None,
+                       "format": d.format, "bus": d.bus, "device": d.device,
+                       "read_only": d.read_only, "shared": d.shared} for d in self.disks],
+            "sizes": dict(self.sizes),
             "nics": [{"nic_id": n.nic_id, "mac": n.mac, "bridge": n.bridge, "tap": n.tap}
                      for n in self.nics],
         }
@@ -67,9 +75,14 @@ class SimDomain:
         """A domain read back from the state file after the host restarted: shut off."""
         dom = cls(
             spec=DomainSpec.model_validate(data["spec"]),
-            disks=[ResolvedDisk(disk_id=d["disk_id"], path=Path(d["path"]),
-                                format=d["format"], bus=d.get("bus", "virtio"))
+            disks=[ResolvedDisk(disk_id=d["disk_id"],
+                                path=Path(d["path"]) if d.get("path") else None,
+                                format=d["format"], bus=d.get("bus", "virtio"),
+                                device=d.get("device", "disk"),
+                                read_only=bool(d.get("read_only", False)),
+                                shared=bool(d.get("shared", False)))
                    for d in data.get("disks", [])],
+            sizes={k: int(v) for k, v in data.get("sizes", {}).items()},
             nics=[ResolvedNic(**n) for n in data.get("nics", [])],
             state=DomainState.SHUTOFF,
         )
@@ -82,7 +95,7 @@ class SimDriver(HypervisorDriver):
 
     name = "sim"
     caps = Capabilities(console=True, qos_cpu=True, qos_disk=True, qos_net=True,
-                        hotplug_nic=True)
+                        hotplug_nic=True, hotplug_disk=True)
 
     def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
                  latency: float = 0.0, state_file: Path | None = None) -> None:
@@ -157,7 +170,9 @@ class SimDriver(HypervisorDriver):
     def _info(self, dom: SimDomain) -> DomainInfo:
         return DomainInfo(uuid=dom.spec.uuid, name=dom.spec.name, state=dom.state,
                           vcpus=dom.spec.vcpus, memory_mb=dom.spec.memory_mb,
-                          qos=dom.spec.qos, nics=[n.mac for n in dom.nics])
+                          qos=dom.spec.qos, nics=[n.mac for n in dom.nics],
+                          disks=[d.disk_id for d in dom.disks if d.device == "disk"],
+                          cdrom_image=_cdrom_image(dom.disks))
 
     async def list_domains(self) -> list[DomainInfo]:
         await self._enter("list_domains")
@@ -171,6 +186,10 @@ class SimDriver(HypervisorDriver):
     async def ensure_defined(self, spec: DomainSpec, disks: list[ResolvedDisk],
                              nics: list[ResolvedNic]) -> None:
         await self._enter("ensure_defined")
+        if spec.boot == "cdrom" and not any(
+                d.device == "cdrom" and d.disk_id != SEED_DISK_ID for d in disks):
+            raise HypervisorError(f"domain {spec.uuid}: boot from cdrom needs a CD drive "
+                                  "(spec.cdrom)")
         dom = self.domains.get(spec.uuid)
         if dom is None:
             self.domains[spec.uuid] = SimDomain(spec, disks, nics)
@@ -239,6 +258,94 @@ class SimDriver(HypervisorDriver):
         dom.log(f"NIC {nic_id} unplugged")
         self._save()
 
+    # -- disks ----------------------------------------------------------------------------
+
+    async def attach_disk(self, uuid: str, disk: ResolvedDisk) -> None:
+        """Plug ``disk`` in (running or not, as libvirt plugs it live and into the
+        definition); a disk already there (by id) is left alone."""
+        await self._enter("attach_disk")
+        dom = self._get(uuid)
+        if disk.device != "disk":
+            raise HypervisorError(
+                f"disk {disk.disk_id!r} of domain {uuid} is a CD drive: CD drives are "
+                "defined with the domain and change their medium with change_media")
+        if any(d.disk_id == disk.disk_id for d in dom.disks):
+            return
+        dom.disks = [*dom.disks, disk]
+        dom.log(f"disk {disk.disk_id} ({disk.path}) plugged")
+        self._save()
+
+    async def detach_disk(self, uuid: str, disk_id: str) -> None:
+        """Unplug disk ``disk_id``; no error if it is not there."""
+        await self._enter("detach_disk")
+        dom = self._get(uuid)
+        found = [d for d in dom.disks if d.disk_id == disk_id]
+        if not found:
+            return
+        if found[0].device != "disk":
+            raise HypervisorError(f"disk {disk_id!r} of domain {uuid} is a CD drive: eject "
+                                  "its medium instead of unplugging it")
+        dom.disks = [d for d in dom.disks if d.disk_id != disk_id]
+        dom.sizes.pop(disk_id, None)
+        dom.log(f"disk {disk_id} unplugged")
+        self._save()
+
+    def _running_disk(self, uuid: str, disk_id: str, what: str) -> tuple[SimDomain, ResolvedDisk]:
+        dom = self._get(uuid)
+        if dom.state is not DomainState.RUNNING:
+            raise DomainNotRunning(f"cannot {what} disk {disk_id} of domain {uuid} live: it is "
+                                   f"{dom.state}, not running")
+        for disk in dom.disks:
+            if disk.disk_id == disk_id and disk.device == "disk":
+                return dom, disk
+        raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+
+    async def resize_disk(self, uuid: str, disk_id: str, size_bytes: int) -> None:
+        """Grow the disk the running guest sees (its file's size when nothing resized it
+        before); shrinking is refused, the same size left alone."""
+        await self._enter("resize_disk")
+        dom, disk = self._running_disk(uuid, disk_id, "resize")
+        current = dom.sizes.get(disk_id)
+        if current is None:
+            current = disk.path.stat().st_size if disk.path and disk.path.exists() else 0
+        if size_bytes < current:
+            raise HypervisorError(
+                f"disk {disk_id} of domain {uuid} is {current} bytes: shrinking it to "
+                f"{size_bytes} would cut the guest's data; only growing is allowed")
+        dom.sizes[disk_id] = size_bytes
+        dom.log(f"disk {disk_id} resized to {size_bytes} bytes")
+        self._save()
+
+    def disk_size(self, uuid: str, disk_id: str) -> int | None:
+        """The size resize_disk gave disk ``disk_id`` (None: never resized); for tests."""
+        return self._get(uuid).sizes.get(disk_id)
+
+    async def change_media(self, uuid: str, disk_id: str, path: Path | None) -> None:
+        """Put ``path`` into CD drive ``disk_id`` (None: eject), running or not."""
+        await self._enter("change_media")
+        dom = self._get(uuid)
+        for i, disk in enumerate(dom.disks):
+            if disk.disk_id == disk_id:
+                if disk.device != "cdrom":
+                    raise HypervisorError(f"domain {uuid}: disk {disk_id!r} is not a CD "
+                                          "drive: its medium cannot change")
+                if disk.path != path:
+                    dom.disks[i] = replace(disk, path=path)
+                    dom.log(f"CD drive {disk_id}: {path or 'ejected'}")
+                    self._save()
+                return
+        raise HypervisorError(f"domain {uuid}: the domain has no CD drive {disk_id!r}")
+
+    async def backup_disk(self, uuid: str, disk_id: str, target: Path) -> None:
+        """Copy the disk's file to ``target`` (the sim guest writes nothing meanwhile)."""
+        await self._enter("backup_disk")
+        _dom, disk = self._running_disk(uuid, disk_id, "copy")
+        if disk.path is None or not disk.path.exists():
+            raise HypervisorError(f"disk {disk_id} of domain {uuid}: its file "
+                                  f"{disk.path} does not exist")
+        source = disk.path
+        await asyncio.to_thread(_copy_file, source, Path(target))
+
     async def undefine(self, uuid: str) -> None:
         await self._enter("undefine")
         dom = self.domains.pop(uuid, None)
@@ -259,3 +366,22 @@ class SimDriver(HypervisorDriver):
     async def events(self) -> AsyncIterator[DomainEvent]:  # type: ignore[override]
         while True:
             yield await self._events.get()
+
+
+def _cdrom_image(disks: list[ResolvedDisk]) -> str | None:
+    """The image id of the ISO in the CD drive (the cached ``<image_id>.iso``'s stem)."""
+    for disk in disks:
+        if disk.device == "cdrom" and disk.disk_id != SEED_DISK_ID and disk.path is not None:
+            return disk.path.stem
+    return None
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically (a temporary file renamed over it)."""
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -5,7 +5,8 @@ restart of the node process or of the whole host. The sim backends keep theirs i
 file, ``<node state dir>/sim-host.json``, one top-level section per backend::
 
     {"domains": {"<vm uuid>": {"state": "<DomainState>", "disk_ids": [...], "macs": [...],
-                               "spec": {...}, "disks": [...], "nics": [...]}},
+                               "spec": {...}, "disks": [...], "nics": [...],
+                               "sizes": {"<disk id>": <bytes after resize_disk>}}},
      "disks":   {"<vm uuid>/<disk id>": {"vm_uuid": "...", "disk_id": "...",
                                          "size_gb": N, "image_id": ..., "bus": "..."}},
      "images":  {"<image id>": {"sha256": "...", "size": N, "format": "..."}},

@@ -160,6 +160,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    blank = op.get_bind().execute(sa.text(
+        "SELECT count(*) FROM vms WHERE image_uuid IS NULL")).scalar_one()
+    if blank:
+        # Before 0008 every VM had an image: there is nothing to put in the column.
+        raise RuntimeError(f"cannot downgrade below 0008: {blank} VM(s) have no image "
+                           "(installed from an ISO); delete them first")
     with op.batch_alter_table("pools") as batch:
         batch.drop_column("backing")
     with op.batch_alter_table("nodes") as batch:
