@@ -20,7 +20,7 @@ from yun.control.db.models import AddressRow, ImageRow, VmRow
 from yun.node.hypervisor.sim.hostfile import FILE_NAME
 from yun.node.service import NodeService
 from yun.proto.components import ComponentType
-from yun.proto.messages import DiskSpec, DomainSpec, NicSpec
+from yun.proto.messages import CloudInitSpec, DomainSpec, NicSpec
 from yun.testing.cluster import SimCluster
 
 
@@ -242,16 +242,18 @@ async def test_orphan_cleanup_is_one_background_job_per_node(cluster: SimCluster
     stray_ip = str(ipaddress.IPv4Network(agent.network.settings.subnet)[200])
     await agent.network.ensure_port(port_only, NicSpec(nic_id="n0", mac="52:54:00:aa:bb:cc",
                                                        ip=stray_ip))
-    await agent.disks.ensure_disk(disk_only, DiskSpec(disk_id="root", size_gb=1))
+    # A VM's files with no domain: its cloud-init seed.
+    await agent.disks.ensure_seed(disk_only, CloudInitSpec(instance_id=disk_only,
+                                                           hostname="stray"))
 
     # The node takes its time to remove (a slow host): count what it is asked to do.
     calls: list[str] = []
     remove = agent.remove
 
-    async def slow_remove(vm_uuid: str) -> None:
+    async def slow_remove(vm_uuid: str, delete_volumes: list[str] | None = None) -> None:
         calls.append(vm_uuid)
         await asyncio.sleep(4)
-        await remove(vm_uuid)
+        await remove(vm_uuid, delete_volumes)
     agent.remove = slow_remove  # type: ignore[method-assign]
 
     registry = cluster.control.nodes

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from yun.control.db.session import Database
 from yun.node.storage.local import LocalDiskBackend, qemu_owner
-from yun.proto.messages import DiskSpec
+from yun.proto.messages import DiskSpec, legacy_volume_id
 from yun.storage.store import ImageStore
 
 NOBODY = (65534, 65534)
@@ -71,8 +71,9 @@ async def test_a_store_left_world_readable_is_made_private(tmp_path: Path) -> No
 @needs_root
 async def test_node_disks_are_private_to_qemus_user(tmp_path: Path) -> None:
     backend = LocalDiskBackend(tmp_path / "node", owner=NOBODY)
-    vm = str(uuid.uuid4())
-    disk = await backend.ensure_disk(vm, DiskSpec(disk_id="data", size_gb=1))
+    disk = await backend.ensure_volume(DiskSpec(disk_id="data", size_gb=1,
+                                                volume_id=str(uuid.uuid4())))
+    assert disk.path is not None
     for path in (backend.root, backend.images_dir, backend.vms_dir, disk.path.parent):
         assert mode(path) == 0o700, path
         assert (path.stat().st_uid, path.stat().st_gid) == NOBODY, path
@@ -87,12 +88,15 @@ def test_a_node_tree_left_world_readable_is_made_private(tmp_path: Path) -> None
     cached = backend.image_path(image_id, "qcow2")
     cached.write_bytes(b"old")
     cached.chmod(0o644)
-    vm_dir = backend.vms_dir / str(uuid.uuid4())
+    vm = str(uuid.uuid4())
+    vm_dir = backend.vms_dir / vm
     vm_dir.mkdir(mode=0o755)
     (vm_dir / "root.qcow2").write_bytes(b"old")
     (vm_dir / "root.qcow2").chmod(0o644)
     LocalDiskBackend(tmp_path / "node", owner=NOBODY)
-    for path in (cached, vm_dir / "root.qcow2"):
+    # The disk of the per-VM layout is adopted as a volume, private as well.
+    adopted = backend.root / "volumes" / f"{legacy_volume_id(vm, 'root')}.qcow2"
+    for path in (cached, adopted):
         assert mode(path) == 0o600 and path.stat().st_uid == NOBODY[0], path
     assert mode(vm_dir) == 0o700 and vm_dir.stat().st_uid == NOBODY[0]
 

@@ -24,7 +24,7 @@ from yun.node.storage.local import LocalDiskBackend
 from yun.proto.auth import Signer, Verifier, issue_credential
 from yun.proto.client import SigningAuth
 from yun.proto.components import ComponentType
-from yun.proto.messages import DiskSpec, ImageLocation
+from yun.proto.messages import CloudInitSpec, DiskSpec, ImageLocation, legacy_volume_id
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util import qemu_img
@@ -290,17 +290,20 @@ def make_qcow2(tmp_path: Path, size: str) -> bytes:
     return path.read_bytes()
 
 
-async def test_overlay_disks_on_a_cached_image(env: Env) -> None:
+def spec(size_gb: int = 1, **kw: Any) -> DiskSpec:
+    return DiskSpec(disk_id=kw.pop("disk_id", "root"), size_gb=size_gb,
+                    volume_id=str(uuid.uuid4()), **kw)
+
+
+async def test_overlay_volumes_on_a_cached_image(env: Env) -> None:
     loc = await env.upload(make_qcow2(env.tmp_path, "2G"))
     await env.backend.ensure_image(loc, env.credential)
     base = env.backend.image_path(loc.image_id, "qcow2")
-    vm = str(uuid.uuid4())
 
-    small = DiskSpec(disk_id="root", size_gb=1, image_id=loc.image_id,
-                     image_sha256=loc.sha256, image_format="qcow2")
-    disk = await env.backend.ensure_disk(vm, small)
-    assert disk.path == env.backend.root / "vms" / vm / "root.qcow2"
-    assert (disk.format, disk.bus) == ("qcow2", "virtio")
+    small = spec(1, image_id=loc.image_id, image_sha256=loc.sha256, image_format="qcow2")
+    disk = await env.backend.ensure_volume(small)
+    assert disk.path == env.backend.root / "volumes" / f"{small.volume_id}.qcow2"
+    assert (disk.format, disk.bus, disk.shared) == ("qcow2", "virtio", False)
     info = await qemu_img.info(disk.path)
     assert info.backing_file == str(base)
     assert info.backing_format == "qcow2"
@@ -308,68 +311,155 @@ async def test_overlay_disks_on_a_cached_image(env: Env) -> None:
     assert mode(disk.path) == 0o600 and mode(disk.path.parent) == 0o700
     assert owned_by_qemu(disk.path) and owned_by_qemu(disk.path.parent)
 
-    big = DiskSpec(disk_id="data", size_gb=5, image_id=loc.image_id, image_format="qcow2",
-                   bus="sata")
-    disk2 = await env.backend.ensure_disk(vm, big)
+    big = spec(5, disk_id="data", image_id=loc.image_id, image_format="qcow2", bus="sata")
+    disk2 = await env.backend.ensure_volume(big)
+    assert disk2.path is not None
     assert (await qemu_img.info(disk2.path)).virtual_size == 5 * GIB
     assert disk2.bus == "sata"
+    # The second volume of the image did not fetch it again.
+    await env.backend.ensure_image(loc, env.credential)
+    assert len(env.recorder.ranges) == 1
 
     # Idempotent: the existing volume is returned untouched.
     before = disk.path.stat().st_mtime_ns
-    again = await env.backend.ensure_disk(vm, small)
+    again = await env.backend.ensure_volume(small)
     assert again == disk and disk.path.stat().st_mtime_ns == before
 
-    assert await env.backend.vm_disk_ids() == {vm: ["data", "root"]}
-    await env.backend.delete_disks(vm)
-    assert not (env.backend.root / "vms" / vm).exists()
-    await env.backend.delete_disks(vm)  # no error the second time
-    assert await env.backend.vm_disk_ids() == {}
+    await env.backend.delete_volume(str(small.volume_id))
+    assert not disk.path.exists()
+    await env.backend.delete_volume(str(small.volume_id))  # no error the second time
+    assert await env.backend.volume_ids() == [big.volume_id]
     assert base.exists(), "deleting volumes keeps the cached image"
 
 
 async def test_raw_image_overlay_records_raw_backing(env: Env) -> None:
     loc = await env.upload(os.urandom(MIB), "raw")
     await env.backend.ensure_image(loc, env.credential)
-    disk = await env.backend.ensure_disk(
-        str(uuid.uuid4()),
-        DiskSpec(disk_id="root", size_gb=1, image_id=loc.image_id, image_format="raw"),
-    )
+    disk = await env.backend.ensure_volume(
+        spec(1, image_id=loc.image_id, image_format="raw"))
+    assert disk.path is not None
     info = await qemu_img.info(disk.path)
     assert (info.backing_format, info.virtual_size) == ("raw", GIB)
 
 
-async def test_blank_and_iso_disks(tmp_path: Path) -> None:
-    backend = LocalDiskBackend(tmp_path / "node")
-    vm = str(uuid.uuid4())
-    blank = await backend.ensure_disk(vm, DiskSpec(disk_id="scratch", size_gb=3))
-    info = await qemu_img.info(blank.path)
-    assert (info.format, info.virtual_size, info.backing_file) == ("qcow2", 3 * GIB, None)
+async def test_a_thick_overlay_is_preallocated(env: Env) -> None:
+    loc = await env.upload(make_qcow2(env.tmp_path, "1G"))
+    await env.backend.ensure_image(loc, env.credential)
+    thick = spec(1, image_id=loc.image_id, image_format="qcow2", thin=False)
+    await env.backend.ensure_volume(thick)
+    info = await env.backend.volume_info(str(thick.volume_id))
+    assert not info.thin and info.allocated_bytes >= GIB
+    assert info.backing_image_id == loc.image_id
 
-    iso_id = str(uuid.uuid4())
-    iso = backend.image_path(iso_id, "iso")
-    iso.write_bytes(b"\0" * 65536)  # as if cached
-    disk = await backend.ensure_disk(
-        vm, DiskSpec(disk_id="install", size_gb=2, image_id=iso_id, image_format="iso")
-    )
-    info = await qemu_img.info(disk.path)
-    assert (info.virtual_size, info.backing_file) == (2 * GIB, None)
+
+async def test_the_image_cache_evicts_the_least_recently_used_unpinned_image(
+        tmp_path: Path, server: tuple[ThreadServer, Recorder]) -> None:
+    env = Env(tmp_path, *server)
+    # Room for two 1 MiB images, not three.
+    env.backend = LocalDiskBackend(tmp_path / "node", http_timeout=10, owner=None,
+                                   image_cache_gb=2.5 / 1024)
+    try:
+        a, b, c = [await env.upload(os.urandom(MIB), "raw") for _ in range(3)]
+        await env.backend.ensure_image(a, env.credential)
+        # A volume on image a pins it, however old its last use.
+        await env.backend.ensure_volume(spec(1, image_id=a.image_id, image_format="raw"))
+        await env.backend.ensure_image(b, env.credential)
+        old = time.time() - 3600
+        for loc in (a, b):
+            sidecar = env.backend.image_path(loc.image_id, "raw")
+            os.utime(sidecar.with_name(sidecar.name + ".sha256"), (old, old))
+        await env.backend.ensure_image(c, env.credential)
+        cached = {loc.image_id: env.backend.image_path(loc.image_id, "raw").exists()
+                  for loc in (a, b, c)}
+        assert cached == {a.image_id: True, b.image_id: False, c.image_id: True}
+        # Asked for again, b is fetched again (and now a is still pinned, c is older).
+        await env.backend.ensure_image(b, env.credential)
+        assert env.backend.image_path(b.image_id, "raw").exists()
+        assert env.backend.image_path(a.image_id, "raw").exists()
+    finally:
+        await env.backend.aclose()
+
+
+async def test_a_shared_image_is_fetched_once_for_all_nodes(
+        tmp_path: Path, server: tuple[ThreadServer, Recorder]) -> None:
+    env = Env(tmp_path, *server)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    nodes = [LocalDiskBackend(tmp_path / f"node{i}", http_timeout=10, owner=None,
+                              shared_storage=shared, node=f"node{i}") for i in range(2)]
+    try:
+        loc = await env.upload(make_qcow2(tmp_path, "1G"))
+        # Both nodes ask at once: the lock file lets one fetch, the other finds it there.
+        paths = await asyncio.gather(*(n.ensure_image(loc, env.credential, shared=True)
+                                       for n in nodes))
+        assert paths[0] == paths[1] == shared / "images" / f"{loc.image_id}.qcow2"
+        assert len(env.recorder.ranges) == 1
+        disk = await nodes[1].ensure_volume(spec(2, image_id=loc.image_id,
+                                                 image_format="qcow2", storage="shared"))
+        assert disk.shared and disk.path is not None and disk.path.parent == shared / "volumes"
+        assert (await qemu_img.info(disk.path)).backing_file == str(paths[0])
+    finally:
+        for n in nodes:
+            await n.aclose()
+        await env.backend.aclose()
+
+
+async def test_disks_of_the_per_vm_layout_are_adopted_as_volumes(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    vm = str(uuid.uuid4())
+    old = root / "vms" / vm
+    old.mkdir(parents=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(old / "root.qcow2"), "1G"])
+    inode = (old / "root.qcow2").stat().st_ino
+
+    backend = LocalDiskBackend(root, owner=None)
+    volume_id = legacy_volume_id(vm, "root")
+    adopted = root / "volumes" / f"{volume_id}.qcow2"
+    assert adopted.stat().st_ino == inode, "moved by a rename, not copied"
+    assert not (old / "root.qcow2").exists()
+    assert await backend.volume_ids() == [volume_id]
+    assert await backend.attachments() == {vm: {"root": volume_id}}
+    assert await backend.vm_disk_ids() == {vm: ["root"]}
+    # The control server's spec without a volume id names the same volume.
+    disk = await backend.ensure_volume(DiskSpec(disk_id="root", size_gb=1,
+                                                volume_id=volume_id, create=False))
+    assert disk.path == adopted
+    # A restart finds nothing more to adopt.
+    again = LocalDiskBackend(root, owner=None)
+    assert await again.volume_ids() == [volume_id]
+
+
+async def test_the_seed_is_a_cidata_iso(tmp_path: Path) -> None:
+    backend = LocalDiskBackend(tmp_path / "node", owner=None)
+    vm = str(uuid.uuid4())
+    seed = await backend.ensure_seed(vm, CloudInitSpec(
+        instance_id=vm, hostname="web1", ssh_keys=["ssh-ed25519 AAAAC3Nza test@x"]))
+    assert seed.path == backend.root / "vms" / vm / "cidata.iso"
+    label = run(["isoinfo", "-d", "-i", str(seed.path)]).stdout
+    assert "Volume id: cidata" in label
+    listing = run(["isoinfo", "-J", "-f", "-i", str(seed.path)]).stdout.split()
+    assert sorted(listing) == ["/meta-data", "/user-data"]
+    meta = run(["isoinfo", "-J", "-x", "/meta-data", "-i", str(seed.path)]).stdout
+    assert vm in meta and "web1" in meta
+    # A changed spec rewrites it.
+    before = seed.path.read_bytes()
+    await backend.ensure_seed(vm, CloudInitSpec(instance_id=vm, hostname="web2"))
+    assert seed.path.read_bytes() != before
 
 
 async def test_disk_errors(tmp_path: Path) -> None:
     backend = LocalDiskBackend(tmp_path / "node")
-    vm = str(uuid.uuid4())
     with pytest.raises(DiskError, match="not cached on this node"):
-        await backend.ensure_disk(
-            vm, DiskSpec(disk_id="root", size_gb=1, image_id=str(uuid.uuid4()),
-                         image_format="qcow2")
-        )
-    with pytest.raises(DiskError, match="invalid VM uuid"):
-        await backend.ensure_disk("../../etc", DiskSpec(disk_id="root", size_gb=1))
+        await backend.ensure_volume(spec(1, image_id=str(uuid.uuid4()), image_format="qcow2"))
+    with pytest.raises(DiskError, match="is an ISO"):
+        await backend.ensure_volume(spec(1, image_id=str(uuid.uuid4()), image_format="iso"))
+    with pytest.raises(DiskError, match="invalid volume id"):
+        await backend.ensure_volume(DiskSpec(disk_id="root", size_gb=1, volume_id="../../etc"))
     with pytest.raises(DiskError, match="invalid disk id"):
-        await backend.ensure_disk(vm, DiskSpec(disk_id="../x", size_gb=1))
-    with pytest.raises(DiskError, match="invalid VM uuid"):
-        await backend.delete_disks("..")
-    assert await backend.vm_disk_ids() == {}
+        await backend.ensure_volume(spec(1, disk_id="../x"))
+    with pytest.raises(DiskError, match="shared storage"):
+        await backend.ensure_volume(spec(1, storage="shared"))
+    assert await backend.volume_ids() == []
 
 
 async def test_capacity(tmp_path: Path) -> None:

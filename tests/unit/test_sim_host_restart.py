@@ -14,7 +14,14 @@ from yun.node.hypervisor.sim.driver import SimDriver
 from yun.node.hypervisor.sim.hostfile import FILE_NAME, SimHostFile, SimHostFileError
 from yun.node.network.sim import SimSandboxBackend
 from yun.node.storage.sim import SimDiskBackend
-from yun.proto.messages import DiskSpec, DomainSpec, DomainState, ImageLocation, NicSpec
+from yun.proto.messages import (
+    DiskSpec,
+    DomainSpec,
+    DomainState,
+    ImageLocation,
+    NicSpec,
+    legacy_volume_id,
+)
 
 
 def backends(path: Path | None) -> tuple[SimDriver, SimDiskBackend, SimSandboxBackend]:
@@ -28,10 +35,12 @@ async def provision(driver: SimDriver, disks: SimDiskBackend, net: SimSandboxBac
                           size=1, format="qcow2")
     spec = DomainSpec(uuid=vm, name="vm", vcpus=1, memory_mb=256,
                       disks=[DiskSpec(disk_id="root", size_gb=3, image_id=image.image_id,
-                                      image_sha256=image.sha256, image_format="qcow2")],
+                                      image_sha256=image.sha256, image_format="qcow2",
+                                      volume_id=legacy_volume_id(vm, "root"))],
                       nics=[NicSpec(nic_id="n0", mac=mac, ip=ip)])
     await disks.ensure_image(image, None)
-    resolved = [await disks.ensure_disk(vm, d) for d in spec.disks]
+    resolved = [await disks.ensure_volume(d) for d in spec.disks]
+    await disks.set_attachments(vm, {d.disk_id: str(d.volume_id) for d in spec.disks})
     nics = [await net.ensure_port(vm, n) for n in spec.nics]
     await driver.ensure_defined(spec, resolved, nics)
     await driver.start(vm)
@@ -51,9 +60,10 @@ async def test_restart_keeps_everything_and_shuts_domains_off(tmp_path: Path) ->
     assert data["domains"][b]["state"] == "shutoff"
     assert data["domains"][a]["disk_ids"] == ["root"]
     assert data["domains"][a]["macs"] == ["52:54:00:00:00:0a"]
-    assert data["disks"][f"{a}/root"] == {"vm_uuid": a, "disk_id": "root", "size_gb": 3,
-                                          "image_id": data["disks"][f"{a}/root"]["image_id"],
-                                          "bus": "virtio"}
+    volume = data["volumes"][legacy_volume_id(a, "root")]
+    assert (volume["size_gb"], volume["thin"], volume["image_id"]) == (3, True,
+                                                                      volume["image_id"])
+    assert data["vm_files"][a]["attached"] == {"root": legacy_volume_id(a, "root")}
     assert data["ports"]["52:54:00:00:00:0b"]["vm_uuid"] == b
     assert data["ports"]["52:54:00:00:00:0b"]["ip"] == "10.77.0.11"
 
@@ -77,10 +87,13 @@ async def test_restart_keeps_everything_and_shuts_domains_off(tmp_path: Path) ->
     # Removal is remembered as well.
     await driver.undefine(a)
     await net.release_ports(a)
-    await disks.delete_disks(a)
+    await disks.delete_volume(legacy_volume_id(a, "root"))
+    await disks.set_attachments(a, {})
+    await disks.delete_vm_files(a)
     driver, disks, net = backends(path)
     assert [d.uuid for d in await driver.list_domains()] == [b]
     assert a not in await disks.vm_disk_ids() and a not in await net.vm_ports()
+    assert await disks.volume_ids() == [legacy_volume_id(b, "root")]
 
 
 async def test_without_state_file_nothing_is_written(tmp_path: Path,
@@ -97,3 +110,25 @@ def test_a_damaged_state_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SimHostFileError, match=str(path)):
         SimDriver(state_file=path)
     assert SimHostFile(tmp_path / "absent.json").read() == {}
+
+
+async def test_disks_of_the_per_vm_layout_are_adopted_as_volumes(tmp_path: Path) -> None:
+    """A sim host file of the older per-VM layout: its disks become volumes under their
+    legacy ids, attached to their VM, as the local backend adopts vms/<vm>/<disk>.qcow2."""
+    path = tmp_path / FILE_NAME
+    vm, image_id = str(uuid.uuid4()), str(uuid.uuid4())
+    path.write_text(json.dumps({"disks": {f"{vm}/root": {
+        "vm_uuid": vm, "disk_id": "root", "size_gb": 3, "image_id": image_id,
+        "bus": "virtio"}}}))
+    disks = SimDiskBackend(total_gb=100, state_file=path)
+    volume_id = legacy_volume_id(vm, "root")
+    assert await disks.volume_ids() == [volume_id]
+    assert (await disks.volume_info(volume_id)).backing_image_id == image_id
+    assert await disks.attachments() == {vm: {"root": volume_id}}
+    # The per-VM view the invariant checker reads names the volume now.
+    assert json.loads(path.read_text())["disks"] == {f"{vm}/root": {
+        "vm_uuid": vm, "disk_id": "root", "volume_id": volume_id, "size_gb": 3}}
+    # Restarted again: the same, nothing adopted twice.
+    again = SimDiskBackend(total_gb=100, state_file=path)
+    assert await again.volume_ids() == [volume_id]
+    assert await again.attachments() == {vm: {"root": volume_id}}

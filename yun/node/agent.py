@@ -31,8 +31,8 @@ from yun.proto.messages import (
     DomainInfo,
     DomainSpec,
     DomainState,
-    ImageLocation,
     HostInfo,
+    ImageLocation,
     NicAttach,
     NicSpec,
     NodeCapability,
@@ -159,6 +159,7 @@ class NodeAgent:
         async with self.queues.hold(vm_uuid):
             spec = req.spec
             specs = [self.volume_spec(vm_uuid, d) for d in spec.disks]
+            await self._not_elsewhere(vm_uuid, specs)
             cached = await self._ensure_images(req.images, specs)
             disks = [await self.disks.ensure_volume(d) for d in specs]
             current = await self.driver.get_domain(vm_uuid)
@@ -205,6 +206,17 @@ class NodeAgent:
                 found[image.image_id] = await self.disks.ensure_image(
                     image, self.image_access())
         return found
+
+    async def _not_elsewhere(self, vm_uuid: str, specs: list[DiskSpec]) -> None:
+        """Refuse (VolumeInUse) a volume another VM of this node has attached: a volume
+        is attached to at most one VM."""
+        owners = {vid: vm for vm, volumes in (await self.disks.attachments()).items()
+                  if vm != vm_uuid for vid in volumes.values()}
+        for d in specs:
+            other = owners.get(str(d.volume_id))
+            if other is not None:
+                raise VolumeInUse(f"volume {d.volume_id} (disk {d.disk_id}) is already "
+                                  f"attached to VM {other} on node {self.membership.name}")
 
     async def _check_free(self, specs: list[DiskSpec]) -> None:
         """Refuse (VolumeInUse) when another node has one of the shared volumes open."""
@@ -603,7 +615,7 @@ class NodeAgent:
 
 
 def cdrom_disk(path: Path | None) -> ResolvedDisk:
-    """The VM's CD drive with the ISO at ``path`` (None: empty): read-only, on a SATA
+    """The VM's CD drive with the ISO at ``path`` (None: empty): read-only, on the IDE
     bus so it takes no virtio disk name from the volumes."""
-    return ResolvedDisk(disk_id=CDROM_DISK_ID, path=path, format="raw", bus="sata",
+    return ResolvedDisk(disk_id=CDROM_DISK_ID, path=path, format="raw", bus="ide",
                         device="cdrom", read_only=True)

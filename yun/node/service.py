@@ -66,7 +66,10 @@ def build_backends(settings: NodeSettings, name: str
     return (
         load_driver("libvirt", uri=settings.libvirt_uri, accel=settings.accel,
                     state_dir=node_dir, vnc_listen=settings.vnc_listen or settings.listen_host),
-        LocalDiskBackend(node_dir / "disks"),
+        LocalDiskBackend(settings.storage_patterns(), image_cache_dir=settings.image_cache_dir,
+                         image_cache_gb=settings.image_cache_gb,
+                         shared_storage=settings.shared_storage,
+                         alarm_percent=settings.storage_alarm_percent, node=name),
         networks,
     )
 

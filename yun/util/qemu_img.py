@@ -187,9 +187,11 @@ async def create_overlay(
     size_bytes: int | None = None,
     *,
     backing_format: str | None = None,
+    preallocation: str | None = None,
     time_limit: float = 120.0,
 ) -> None:
-    """Create a qcow2 at ``path`` backed by ``base`` (absolute path, explicit ``-F``).
+    """Create a qcow2 at ``path`` backed by ``base`` (absolute path, explicit ``-F``);
+    ``preallocation`` ("falloc" or "full") allocates its whole size on disk (thick).
 
     The backing format is always written into the overlay so QEMU never probes the
     base (a probed raw base could be mistaken for another format). ``size_bytes``
@@ -200,8 +202,14 @@ async def create_overlay(
         backing_format = (await info(base)).format
     argv = [
         QEMU_IMG, "create", "-q", "-f", "qcow2",
-        "-b", str(base), "-F", backing_format, str(path),
+        "-b", str(base), "-F", backing_format,
     ]
+    if preallocation is not None:
+        # qcow2 refuses preallocating an overlay unless its L2 entries track
+        # subclusters (extended_l2): only then can allocated-but-unwritten space fall
+        # through to the backing file.
+        argv += ["-o", f"preallocation={_prealloc(preallocation)},extended_l2=on"]
+    argv.append(str(path))
     if size_bytes is not None:
         argv.append(str(int(size_bytes)))
     try:
@@ -212,16 +220,78 @@ async def create_overlay(
 
 
 async def create_blank(
-    path: Path, size_bytes: int, fmt: str = "qcow2", *, time_limit: float = 120.0
+    path: Path, size_bytes: int, fmt: str = "qcow2", *, preallocation: str | None = None,
+    time_limit: float = 120.0,
 ) -> None:
-    """Create an empty image of ``size_bytes`` (thin for qcow2)."""
+    """Create an empty image of ``size_bytes`` (thin for qcow2 unless ``preallocation``,
+    "falloc" or "full", allocates it all on disk)."""
     if size_bytes <= 0:
         raise QemuImgError(f"cannot create {path}: size must be positive, not {size_bytes}")
-    argv = [QEMU_IMG, "create", "-q", "-f", fmt, str(path), str(int(size_bytes))]
+    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
+    if preallocation is not None:
+        argv += ["-o", f"preallocation={_prealloc(preallocation)}"]
+    argv += [str(path), str(int(size_bytes))]
     try:
         await run_async(argv, timeout=time_limit)
     except CommandError as exc:
         raise QemuImgError(f"cannot create {fmt} image {path}: {exc}") from exc
+
+
+def _prealloc(mode: str) -> str:
+    if mode not in ("falloc", "full"):
+        raise QemuImgError(f"unknown preallocation {mode!r}: falloc or full")
+    return mode
+
+
+async def resize(path: Path, size_bytes: int, *, fmt: str = "qcow2",
+                 preallocation: str | None = None, time_limit: float = 120.0) -> None:
+    """Grow the closed image at ``path`` to ``size_bytes`` (``preallocation`` allocates
+    the new part). Fails (a lock error) while a QEMU has it open."""
+    argv = [QEMU_IMG, "resize", "-q", "-f", fmt]
+    if preallocation is not None:
+        argv.append(f"--preallocation={_prealloc(preallocation)}")
+    argv += [str(path), str(int(size_bytes))]
+    try:
+        await run_async(argv, timeout=time_limit)
+    except CommandError as exc:
+        raise QemuImgError(f"cannot resize {path}: {exc}") from exc
+
+
+async def snapshot(path: Path, action: str, name: str, *, time_limit: float = 300.0) -> None:
+    """An internal snapshot of the closed qcow2 at ``path``: ``action`` "create",
+    "apply" (revert to it) or "delete". Fails (a lock error) while a QEMU has it open."""
+    flags = {"create": "-c", "apply": "-a", "delete": "-d"}
+    if action not in flags:
+        raise QemuImgError(f"unknown snapshot action {action!r}")
+    argv = [QEMU_IMG, "snapshot", "-q", flags[action], name, str(path)]
+    try:
+        await run_async(argv, timeout=time_limit)
+    except CommandError as exc:
+        raise QemuImgError(f"cannot {action} snapshot {name!r} of {path}: {exc}") from exc
+
+
+async def write_locked_by(path: Path, *, time_limit: float = 60.0) -> str | None:
+    """None when no process holds QEMU's write lock on the image at ``path``; else
+    qemu-img's message (``Failed to get shared "write" lock``). ``qemu-img info``
+    without ``--force-share`` takes the same locks a reader would: it fails exactly
+    while a QEMU elsewhere (another node of a shared mount) has the image open."""
+    argv = [QEMU_IMG, "info", "--output=json", str(path)]
+    result = await run_async(argv, timeout=time_limit, check=False)
+    if result.returncode == 0:
+        return None
+    message = result.stderr.strip()
+    if "lock" in message:
+        return message
+    raise QemuImgError(f"qemu-img info {path} failed: {_tail(message)}")
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """Whether qemu-img failed because another process holds the image's lock."""
+    texts = [str(exc)]
+    if isinstance(exc.__cause__, CommandError):
+        texts.append(exc.__cause__.stderr)
+    return any(("Failed to get" in t and "lock" in t) or "Is another process using" in t
+               for t in texts)
 
 
 async def convert(

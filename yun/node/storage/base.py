@@ -61,8 +61,9 @@ class DiskBackend(abc.ABC):
                            shared: bool = False) -> Path:
         """Have ``image`` in the node's cache (``shared``: in the shared mount's
         ``images/``, fetched once by whichever node needs it first, under a lock file),
-        fetched from the storage server and verified; return its path. Interrupted downloads resume; a cached image whose checksum
-        matches is not fetched again (its last use is recorded for the bounded cache)."""
+        fetched from the storage server and verified; return its path. Interrupted
+        downloads resume; a cached image whose checksum matches is not fetched
+        again (its last use is recorded for the bounded cache)."""
 
     # -- volumes ------------------------------------------------------------------------
 

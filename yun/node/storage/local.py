@@ -1,11 +1,24 @@
-"""Disks on the node's own file system: an image cache and per-VM qcow2 volumes.
+"""Disks on the node's own file systems: an image cache and qcow2 volumes keyed by volume.
 
-Layout under ``root``::
+The node has several storage directories (``[node] storage_dirs``, one per disk of the
+host; an entry may be a glob, expanded again on every report and volume creation, so a
+directory made while the node runs is used at once) and optionally a shared mount
+(``[node] shared_storage``, NFS or CephFS, present on every node of a shared pool)::
 
-    images/<image_id>.<format>         a cached image, verified against its sha256
-    images/<image_id>.<format>.sha256  the checksum it was verified against
-    images/<image_id>.<format>.part    a download in progress (resumed with Range)
-    vms/<vm_uuid>/<disk_id>.qcow2      a VM's volume (overlay of a cached image, or blank)
+    <dir>/volumes/<volume_id>.qcow2      a volume (overlay of a cached image, or blank)
+    <dir>/volumes/<volume_id>.json       what was asked of it (thin, image, backing file)
+    <first dir>/images/<image_id>.<fmt>  the node's image cache (or [node] image_cache_dir)
+    <first dir>/vms/<vm_uuid>/cidata.iso the VM's cloud-init seed
+    <first dir>/vms/<vm_uuid>/attached.json  which volumes the VM's domain has
+    <mount>/volumes/<volume_id>.qcow2    a shared volume
+    <mount>/images/<image_id>.<fmt>      a base image on the shared mount (fetched once,
+                                         under <image>.lock, by the first node needing it)
+
+A cached image has beside it ``.sha256`` (the checksum it was verified against; its
+mtime is the image's last use, for the bounded cache) and, while downloading, ``.part``
+(resumed with Range). Volumes of the older per-VM layout (``vms/<vm>/<disk>.qcow2``)
+are adopted at start under :func:`~yun.proto.messages.legacy_volume_id` (a rename in
+the same file system).
 
 VM disks and cached images are tenants' data: files are 0600 and directories 0700
 whatever the umask. QEMU runs as another user than the node agent (``libvirt-qemu`` on
@@ -19,81 +32,82 @@ so it cannot be relied on alone.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import glob
 import grp
 import hashlib
+import json
 import logging
 import os
 import pwd
 import re
 import shutil
 import ssl
+import time
 import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import httpx
 
 from yun.node.hypervisor.base import ResolvedDisk
-from yun.node.storage.base import DiskBackend, DiskError, ImageAccess
+from yun.node.storage.base import (
+    DiskBackend,
+    DiskError,
+    ImageAccess,
+    NoSpace,
+    VolumeInUse,
+    VolumeNotFound,
+)
+from yun.node.storage.common import (
+    CACHE_FORMATS,
+    DEFAULT_ALARM_PERCENT,
+    GIB,
+    DirSpace,
+    StorageAlarm,
+    check_image_location,
+    check_snapshot_name,
+    check_uuid,
+    check_volume_spec,
+    choose_dir,
+)
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
-from yun.proto.messages import DiskSpec, ImageLocation
+from yun.proto.messages import (
+    CloudInitSpec,
+    DiskSpec,
+    ImageLocation,
+    StorageDirReport,
+    VolumeInfo,
+    VolumeSnapshotInfo,
+    legacy_volume_id,
+)
 from yun.util import qemu_img
 from yun.util.ids import uuid_problem
 
 log = logging.getLogger("yun.node.storage.local")
 
-GIB = 1024**3
 CHUNK = 1024 * 1024
-# Every format a cached image may have: the disk formats plus ISO installation media.
-CACHE_FORMATS = frozenset(qemu_img.IMAGE_FORMATS | {"iso"})
-_DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # What Debian's libvirt runs QEMU as when qemu.conf names no user or group.
 _DEFAULT_QEMU_USER = "libvirt-qemu"
 _DEFAULT_QEMU_GROUP = "libvirt-qemu"
+_LEGACY_DISK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# (total, used, free for us) bytes of the file system holding a directory.
+SpaceFn = Callable[[Path], tuple[int, int, int]]
+
+__all__ = ["CACHE_FORMATS", "LocalDiskBackend", "check_image_location", "check_uuid",
+           "fs_space", "qemu_owner"]
 
 
-# --- validation shared with the simulated backend ------------------------------------
-
-
-def check_uuid(value: str, what: str) -> str:
-    """``value`` if it is a canonical UUID; ids become path components, so nothing else."""
-    problem = uuid_problem(value, what)
-    if problem is not None:
-        raise DiskError(problem)
-    return value
-
-
-def check_image_location(image: ImageLocation) -> None:
-    """Refuse an image location the node could not or must not fetch."""
-    check_uuid(image.image_id, "image id")
-    if image.format not in CACHE_FORMATS:
-        raise DiskError(f"image {image.image_id} has unsupported format {image.format!r}")
-    if not _SHA256_RE.match(image.sha256):
-        raise DiskError(f"image {image.image_id} has an invalid sha256 {image.sha256[:80]!r}")
-    if image.size <= 0:
-        raise DiskError(f"image {image.image_id} has an invalid size {image.size}")
-    if not image.url.startswith(("http://", "https://")):
-        raise DiskError(f"image {image.image_id} has a non-HTTP url {image.url[:200]!r}")
-
-
-def check_disk(vm_uuid: str, disk: DiskSpec) -> None:
-    """Refuse a disk spec that cannot name a volume safely."""
-    check_uuid(vm_uuid, "VM uuid")
-    if not _DISK_ID_RE.match(disk.disk_id):
-        raise DiskError(
-            f"invalid disk id {disk.disk_id[:80]!r}: letters, digits, '-' and '_' only"
-        )
-    if disk.image_id is not None:
-        check_uuid(disk.image_id, "image id")
-        if disk.image_format is None or disk.image_format not in CACHE_FORMATS:
-            raise DiskError(
-                f"disk {disk.disk_id}: image {disk.image_id} has unsupported format "
-                f"{disk.image_format!r}"
-            )
+def fs_space(path: Path) -> tuple[int, int, int]:
+    """(total, used, available) bytes of the file system holding ``path`` (statvfs)."""
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    return total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 # --- who QEMU runs as --------------------------------------------------------------------
@@ -142,23 +156,56 @@ def qemu_owner(conf: Path = QEMU_CONF) -> Owner | None:
 
 
 class LocalDiskBackend(DiskBackend):
-    """Images cached and volumes kept under ``root`` on this node.
+    """Images cached and volumes kept in this node's storage directories (and its
+    shared mount).
 
-    ``owner`` is the (uid, gid) given the directories, cached images and volumes: by
-    default the user QEMU runs as (:func:`qemu_owner`); None leaves them the agent's."""
+    ``storage`` is one directory or a list of directories or globs; ``owner`` is the
+    (uid, gid) given the directories, cached images and volumes: by default the user
+    QEMU runs as (:func:`qemu_owner`); None leaves them the agent's. ``space`` reads a
+    directory's (total, used, free) bytes: statvfs unless a test gives another."""
 
-    def __init__(self, root: Path, *, http_timeout: float = 300,
-                 owner: Owner | Literal["qemu"] | None = "qemu") -> None:
-        self.root = Path(root)
-        self.images_dir = self.root / "images"
-        self.vms_dir = self.root / "vms"
-        self.http_timeout = http_timeout
+    def __init__(self, storage: Path | str | Sequence[Path | str], *,
+                 image_cache_dir: Path | None = None, image_cache_gb: float | None = None,
+                 shared_storage: Path | None = None,
+                 alarm_percent: float = DEFAULT_ALARM_PERCENT, node: str = "node",
+                 http_timeout: float = 300,
+                 owner: Owner | Literal["qemu"] | None = "qemu",
+                 space: SpaceFn = fs_space) -> None:
+        raw = [storage] if isinstance(storage, (str, Path)) else list(storage)
+        if not raw:
+            raise ValueError("a node needs at least one storage directory")
+        self.patterns = [str(p) for p in raw]
         self.owner: Owner | None = qemu_owner() if owner == "qemu" else owner
-        for d in (self.root, self.images_dir, self.vms_dir):
+        self.node = node
+        self.space = space
+        self.http_timeout = http_timeout
+        self.image_cache_bytes = int(image_cache_gb * GIB) if image_cache_gb else None
+        self.alarm = StorageAlarm(node, alarm_percent)
+        # The fixed directories exist from the start; glob matches appear on their own.
+        for pattern in self.patterns:
+            if not glob.has_magic(pattern):
+                _mkdir(Path(pattern), self.owner)
+        dirs = self.storage_dirs()
+        if not dirs and image_cache_dir is None:
+            raise ValueError(f"no storage directory matches {self.patterns}: name one that "
+                             "exists, or an image_cache_dir")
+        self.root = dirs[0] if dirs else Path(self.patterns[0])
+        self.images_dir = Path(image_cache_dir) if image_cache_dir else self.root / "images"
+        self.vms_dir = self.root / "vms"
+        self.shared = Path(shared_storage) if shared_storage is not None else None
+        for d in (self.images_dir, self.vms_dir):
             _mkdir(d, self.owner)
+        if self.shared is not None:
+            if not self.shared.is_dir():
+                raise ValueError(f"shared storage {self.shared} is not a directory (is the "
+                                 "NFS or CephFS mount there?)")
+            for d in (self.shared / "volumes", self.shared / "images"):
+                _mkdir(d, self.owner)
         self._tighten_modes()
+        self._adopt_legacy()
         self._image_locks: dict[str, asyncio.Lock] = {}
-        self._disk_locks: dict[str, asyncio.Lock] = {}
+        self._volume_locks: dict[str, asyncio.Lock] = {}
+        self._where: dict[str, Path] = {}
         self._client: httpx.AsyncClient | None = None
         self._client_tls: ssl.SSLContext | None = None
         self._old_clients: list[httpx.AsyncClient] = []
@@ -170,15 +217,74 @@ class LocalDiskBackend(DiskBackend):
         self._client = None
         self._old_clients.clear()
 
+    # --- directories ---------------------------------------------------------------------
+
+    def storage_dirs(self) -> list[Path]:
+        """The storage directories now: fixed entries, and what each glob matches (read
+        again on every call, so a directory made while the node runs counts at once)."""
+        found: list[Path] = []
+        seen: set[str] = set()
+        for pattern in self.patterns:
+            matches = (sorted(Path(p) for p in glob.glob(pattern) if os.path.isdir(p))
+                       if glob.has_magic(pattern) else [Path(pattern)])
+            for path in matches:
+                key = os.path.realpath(path)
+                if key not in seen and path.is_dir():
+                    seen.add(key)
+                    found.append(path)
+        return found
+
+    def _volumes_dir(self, directory: Path) -> Path:
+        vdir = directory / "volumes"
+        if not vdir.is_dir():
+            _mkdir(vdir, self.owner)
+        return vdir
+
+    def _places(self) -> list[tuple[Path, bool]]:
+        places = [(d, False) for d in self.storage_dirs()]
+        if self.shared is not None:
+            places.append((self.shared, True))
+        return places
+
     def _tighten_modes(self) -> None:
         """Make what an older version left world-readable (0644 files, 0755
         directories) private, and give it to QEMU's user."""
-        for path in (*self.images_dir.iterdir(), *self.vms_dir.glob("*/*.qcow2")):
+        volumes = [p for d in self.storage_dirs() for p in (d / "volumes").glob("*.qcow2")]
+        for path in (*self.images_dir.iterdir(), *self.vms_dir.glob("*/*.qcow2"), *volumes):
             if path.is_file() and not path.name.endswith((".sha256", ".part", ".tmp")):
                 _private(path, self.owner)
         for vm_dir in self.vms_dir.iterdir():
             if vm_dir.is_dir():
                 _mkdir(vm_dir, self.owner)
+
+    def _adopt_legacy(self) -> None:
+        """Move disks of the older per-VM layout (``vms/<vm>/<disk>.qcow2``, in any
+        storage directory) to ``volumes/<legacy id>.qcow2`` of the same directory (one
+        rename: same file system), and record them as attached to their VM."""
+        for directory in self.storage_dirs():
+            vms = directory / "vms"
+            if not vms.is_dir():
+                continue
+            for disk in sorted(vms.glob("*/*.qcow2")):
+                vm, disk_id = disk.parent.name, disk.stem
+                if uuid_ok(vm) is None or not _LEGACY_DISK_RE.match(disk_id):
+                    continue
+                volume_id = legacy_volume_id(vm, disk_id)
+                target = self._volumes_dir(directory) / f"{volume_id}.qcow2"
+                if not target.exists():
+                    _write_json(target.with_suffix(".json"),
+                                {"thin": True, "legacy": f"{vm}/{disk_id}"})
+                    os.rename(disk, target)
+                else:
+                    log.warning("legacy disk not adopted: its volume exists already",
+                                extra={"vm": vm, "disk": disk_id, "volume": volume_id,
+                                       "path": str(disk)})
+                    continue
+                attached = self._read_attached(vm)
+                attached.setdefault(disk_id, volume_id)
+                self._write_attached(vm, attached)
+                log.info("legacy disk adopted as a volume", extra={
+                    "vm": vm, "disk": disk_id, "volume": volume_id, "path": str(target)})
 
     def _http(self, access: ImageAccess | None) -> httpx.AsyncClient:
         # Created lazily so the backend can be built outside an event loop, and again when
@@ -194,29 +300,89 @@ class LocalDiskBackend(DiskBackend):
             self._client_tls = tls
         return self._client
 
-    def image_path(self, image_id: str, fmt: str) -> Path:
-        """Where image ``image_id`` of format ``fmt`` is cached."""
+    def image_path(self, image_id: str, fmt: str, *, shared: bool = False) -> Path:
+        """Where image ``image_id`` of format ``fmt`` is cached (on the shared mount
+        when ``shared``)."""
         check_uuid(image_id, "image id")
         if fmt not in CACHE_FORMATS:
             raise DiskError(f"image {image_id} has unsupported format {fmt!r}")
+        if shared:
+            if self.shared is None:
+                raise DiskError(f"image {image_id}: node {self.node} has no shared storage "
+                                "([node] shared_storage)")
+            return self.shared / "images" / f"{image_id}.{fmt}"
         return self.images_dir / f"{image_id}.{fmt}"
-
-    def volume_path(self, vm_uuid: str, disk_id: str) -> Path:
-        """Where the volume ``disk_id`` of VM ``vm_uuid`` lives."""
-        return self.vms_dir / check_uuid(vm_uuid, "VM uuid") / f"{disk_id}.qcow2"
 
     # --- image cache -------------------------------------------------------------------
 
-    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None) -> None:
-        """Fetch ``image`` into the cache unless it is already there and verified."""
+    async def ensure_image(self, image: ImageLocation, access: ImageAccess | None, *,
+                           shared: bool = False) -> Path:
+        """Fetch ``image`` into the cache (or the shared mount) unless it is already
+        there and verified; its last use is recorded, and the node's cache trimmed."""
         check_image_location(image)
-        path = self.image_path(image.image_id, image.format)
+        path = self.image_path(image.image_id, image.format, shared=shared)
         # One download per image even when several VMs ask for it at once.
-        lock = self._image_locks.setdefault(image.image_id, asyncio.Lock())
+        lock = self._image_locks.setdefault(f"{shared}/{image.image_id}", asyncio.Lock())
         async with lock:
-            if await self._cached_ok(image, path):
-                return
-            await self._download(image, path, access)
+            if shared:
+                # Other nodes of the pool share the mount: a lock file keeps them from
+                # fetching the same image at once (flock works on NFSv4 and CephFS).
+                fd = os.open(path.with_name(path.name + ".lock"),
+                             os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, _FILE_MODE)
+                try:
+                    await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                    if not await self._cached_ok(image, path):
+                        await self._download(image, path, access)
+                finally:
+                    os.close(fd)  # closing drops the flock
+                return path
+            if not await self._cached_ok(image, path):
+                await self._download(image, path, access)
+                await asyncio.to_thread(self._evict, path)
+            _touch(_sha_path(path))
+        return path
+
+    def _evict(self, keep: Path) -> None:
+        """Past ``image_cache_gb``, remove least-recently-used cached images that no
+        volume has as its backing file (and never ``keep``, just asked for)."""
+        if self.image_cache_bytes is None:
+            return
+        images = [p for p in self.images_dir.iterdir()
+                  if p.is_file() and p.suffix.lstrip(".") in CACHE_FORMATS]
+        total = sum(p.stat().st_size for p in images)
+        if total <= self.image_cache_bytes:
+            return
+        pinned = self._pinned_bases() | {os.path.realpath(keep)}
+        for path in sorted(images, key=lambda p: _mtime(_sha_path(p))):
+            if total <= self.image_cache_bytes:
+                break
+            if os.path.realpath(path) in pinned:
+                continue
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            _sha_path(path).unlink(missing_ok=True)
+            total -= size
+            log.info("cached image evicted", extra={
+                "node": self.node, "image": path.stem, "size": size,
+                "cache_limit": self.image_cache_bytes})
+        if total > self.image_cache_bytes:
+            log.warning("image cache past its limit: the rest is in use by volumes", extra={
+                "node": self.node, "cache_bytes": total, "cache_limit": self.image_cache_bytes})
+
+    def _pinned_bases(self) -> set[str]:
+        """Real paths of every backing file a volume of this node records."""
+        pinned: set[str] = set()
+        for directory in self.storage_dirs():
+            for meta_path in (directory / "volumes").glob("*.json"):
+                backing = _read_json(meta_path).get("backing")
+                if backing:
+                    pinned.add(os.path.realpath(backing))
+                elif "backing" not in _read_json(meta_path):
+                    # An adopted legacy volume: read its header for the backing file.
+                    found = _qcow2_backing(meta_path.with_suffix(".qcow2"))
+                    if found:
+                        pinned.add(os.path.realpath(found))
+        return pinned
 
     async def _cached_ok(self, image: ImageLocation, path: Path) -> bool:
         if not await asyncio.to_thread(path.exists):
@@ -327,52 +493,97 @@ class LocalDiskBackend(DiskBackend):
 
     # --- volumes -------------------------------------------------------------------------
 
-    async def ensure_disk(self, vm_uuid: str, disk: DiskSpec) -> ResolvedDisk:
-        """The volume of ``disk``: an overlay of its cached image, or a blank qcow2."""
-        check_disk(vm_uuid, disk)
-        path = self.volume_path(vm_uuid, disk.disk_id)
-        resolved = ResolvedDisk(disk_id=disk.disk_id, path=path, format="qcow2", bus=disk.bus)
-        lock = self._disk_locks.setdefault(f"{vm_uuid}/{disk.disk_id}", asyncio.Lock())
-        async with lock:
+    def _locate(self, volume_id: str) -> Path | None:
+        """The volume's file in any storage directory or the shared mount, or None."""
+        known = self._where.get(volume_id)
+        if known is not None and known.exists():
+            return known
+        for directory, _shared in self._places():
+            path = directory / "volumes" / f"{volume_id}.qcow2"
             if path.exists():
-                return resolved
-            size = disk.size_gb * GIB
-            # ISO media are attached as a CD-ROM (a later issue), never used as a base.
-            base = None
-            if disk.image_id is not None and disk.image_format != "iso":
-                base = self._cached_base(disk)
-            _mkdir(path.parent, self.owner)
-            # Built under a temporary name and renamed: a crash never leaves a volume
-            # that looks finished but is not.
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                if base is None:
-                    await qemu_img.create_blank(tmp, size)
-                else:
-                    assert disk.image_format is not None  # checked by check_disk
-                    base_info = await qemu_img.info(base, fmt=disk.image_format)
-                    grow = size if size > base_info.virtual_size else None
-                    await qemu_img.create_overlay(
-                        base, tmp, grow, backing_format=disk.image_format
-                    )
-                _private(tmp, self.owner)
-                os.replace(tmp, path)
-            except qemu_img.QemuImgError as exc:
-                raise DiskError(f"VM {vm_uuid} disk {disk.disk_id}: {exc}") from exc
-            finally:
-                tmp.unlink(missing_ok=True)
-        log.info("volume created", extra={"vm": vm_uuid, "disk": disk.disk_id,
-                                          "image": disk.image_id, "size_gb": disk.size_gb})
-        return resolved
+                self._where[volume_id] = path
+                return path
+        self._where.pop(volume_id, None)
+        return None
 
-    def _cached_base(self, disk: DiskSpec) -> Path:
+    def _require(self, volume_id: str) -> Path:
+        check_uuid(volume_id, "volume id")
+        path = self._locate(volume_id)
+        if path is None:
+            raise VolumeNotFound(f"no volume {volume_id} on node {self.node}")
+        return path
+
+    def _is_shared(self, path: Path) -> bool:
+        return self.shared is not None and path.parent.parent == self.shared
+
+    async def ensure_volume(self, disk: DiskSpec) -> ResolvedDisk:
+        """The volume of ``disk``: found, or made (an overlay of its cached image, or
+        blank; thin, or preallocated) in the directory with the most free space."""
+        volume_id = check_volume_spec(disk)
+        shared = disk.storage == "shared"
+        if shared and self.shared is None:
+            raise DiskError(f"volume {volume_id}: node {self.node} has no shared storage "
+                            "([node] shared_storage)")
+        lock = self._volume_locks.setdefault(volume_id, asyncio.Lock())
+        async with lock:
+            path = self._locate(volume_id)
+            if path is None:
+                if not disk.create:
+                    raise VolumeNotFound(
+                        f"no volume {volume_id} on node {self.node} (disk {disk.disk_id} "
+                        "must exist: it is not made blank)")
+                path = await self._create(volume_id, disk, shared)
+        return ResolvedDisk(disk_id=disk.disk_id, path=path, format="qcow2", bus=disk.bus,
+                            shared=self._is_shared(path))
+
+    async def _create(self, volume_id: str, disk: DiskSpec, shared: bool) -> Path:
+        base = self._cached_base(disk, shared) if disk.image_id is not None else None
+        size = disk.size_gb * GIB
+        if base is not None:
+            assert disk.image_format is not None  # checked by check_volume_spec
+            base_info = await _img(volume_id, qemu_img.info(base, fmt=disk.image_format))
+            size = max(size, base_info.virtual_size)
+        places = [self.shared] if shared and self.shared is not None else self.storage_dirs()
+        spaces = []
+        for directory in places:
+            total, _used, free = await asyncio.to_thread(self.space, directory)
+            spaces.append(DirSpace(str(directory), total, free))
+        target = Path(choose_dir(spaces, size, volume_id).path)
+        path = self._volumes_dir(target) / f"{volume_id}.qcow2"
+        # Built under a temporary name and renamed: a crash never leaves a volume that
+        # looks finished but is not.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        prealloc = None if disk.thin else "falloc"
+        try:
+            if base is None:
+                await _img(volume_id, qemu_img.create_blank(tmp, size, preallocation=prealloc))
+            else:
+                await _img(volume_id, qemu_img.create_overlay(
+                    base, tmp, size, backing_format=disk.image_format,
+                    preallocation=prealloc))
+            _private(tmp, self.owner)
+            _write_json(path.with_suffix(".json"), {
+                "thin": disk.thin, "image_id": disk.image_id,
+                "backing": str(base) if base is not None else None})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if base is not None and not shared:
+            _touch(_sha_path(base))  # the image's last use, for the bounded cache
+        self._where[volume_id] = path
+        log.info("volume created", extra={"volume": volume_id, "node": self.node,
+                                          "directory": str(target), "image": disk.image_id,
+                                          "size_gb": disk.size_gb, "thin": disk.thin})
+        return path
+
+    def _cached_base(self, disk: DiskSpec, shared: bool) -> Path:
         assert disk.image_id is not None and disk.image_format is not None
-        base = self.image_path(disk.image_id, disk.image_format)
+        base = self.image_path(disk.image_id, disk.image_format, shared=shared)
         if not base.exists():
             raise DiskError(
-                f"disk {disk.disk_id}: image {disk.image_id} is not cached on this node "
-                "(ensure_image first)"
+                f"disk {disk.disk_id}: image {disk.image_id} is not cached "
+                f"{'on the shared mount' if shared else 'on this node'} (ensure_image first)"
             )
         if disk.image_sha256 is not None:
             recorded = _read_sidecar(_sha_path(base))
@@ -383,34 +594,199 @@ class LocalDiskBackend(DiskBackend):
                 )
         return base
 
-    async def delete_disks(self, vm_uuid: str) -> None:
-        """Remove the VM's volume directory; nothing to do if it is absent."""
-        check_uuid(vm_uuid, "VM uuid")
-        vm_dir = self.vms_dir / vm_uuid
+    async def volume_info(self, volume_id: str) -> VolumeInfo:
+        path = self._require(volume_id)
+        info = await _img(volume_id, qemu_img.info(path, fmt="qcow2"))
+        meta = _read_json(path.with_suffix(".json"))
+        image_id = meta.get("image_id")
+        if image_id is None and info.backing_file:
+            stem = Path(info.backing_file).name.split(".")[0]
+            image_id = stem if uuid_ok(stem) else None
+        snaps = [VolumeSnapshotInfo(
+            name=str(s.get("name")),
+            created_at=(datetime.fromtimestamp(int(s["date-sec"]), UTC)
+                        if "date-sec" in s else None),
+            vm_state_size=int(s.get("vm-state-size", 0)))
+            for s in info.raw.get("snapshots", []) if isinstance(s, dict)]
+        return VolumeInfo(volume_id=volume_id, path=str(path), format=info.format,
+                          size_gb=info.virtual_size // GIB, allocated_bytes=info.actual_size,
+                          thin=bool(meta.get("thin", True)), directory=str(path.parent.parent),
+                          backing_image_id=image_id, snapshots=snaps)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        check_uuid(volume_id, "volume id")
+        path = self._locate(volume_id)
+        if path is None:
+            return
+        if self._is_shared(path):
+            await self.check_free(volume_id)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        self._where.pop(volume_id, None)
+        self._volume_locks.pop(volume_id, None)
+        log.info("volume deleted", extra={"volume": volume_id, "node": self.node,
+                                          "path": str(path)})
+
+    async def resize_volume(self, volume_id: str, size_gb: int, *,
+                            online: bool = False) -> VolumeInfo:
+        path = self._require(volume_id)
+        current = await self.volume_info(volume_id)
+        if size_gb < current.size_gb:
+            raise DiskError(f"volume {volume_id}: cannot shrink from {current.size_gb} GiB "
+                            f"to {size_gb} GiB (only growing is allowed)")
+        if online or size_gb == current.size_gb:
+            return current
+        extra = (size_gb - current.size_gb) * GIB
+        _total, _used, free = await asyncio.to_thread(self.space, path.parent)
+        if extra > free:
+            raise NoSpace(f"volume {volume_id}: growing by {extra / GIB:.1f} GiB does not fit "
+                          f"in {path.parent.parent} ({free / GIB:.1f} GiB free)")
+        await _img(volume_id, qemu_img.resize(
+            path, size_gb * GIB, preallocation=None if current.thin else "falloc"),
+            what="resize it offline")
+        log.info("volume resized", extra={"volume": volume_id, "node": self.node,
+                                          "size_gb": size_gb})
+        return await self.volume_info(volume_id)
+
+    async def create_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        path = self._require(volume_id)
+        check_snapshot_name(volume_id, name)
+        if name not in {s.name for s in (await self.volume_info(volume_id)).snapshots}:
+            await _img(volume_id, qemu_img.snapshot(path, "create", name), what="snapshot it")
+            log.info("volume snapshot made", extra={"volume": volume_id, "snapshot": name,
+                                                    "node": self.node})
+        return await self.volume_info(volume_id)
+
+    async def revert_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        path = self._require(volume_id)
+        check_snapshot_name(volume_id, name)
+        if name not in {s.name for s in (await self.volume_info(volume_id)).snapshots}:
+            raise DiskError(f"volume {volume_id} has no snapshot {name!r}")
+        await _img(volume_id, qemu_img.snapshot(path, "apply", name), what="revert it")
+        log.info("volume reverted to snapshot", extra={"volume": volume_id, "snapshot": name,
+                                                        "node": self.node})
+        return await self.volume_info(volume_id)
+
+    async def delete_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
+        path = self._require(volume_id)
+        check_snapshot_name(volume_id, name)
+        if name in {s.name for s in (await self.volume_info(volume_id)).snapshots}:
+            await _img(volume_id, qemu_img.snapshot(path, "delete", name),
+                       what="delete a snapshot")
+        return await self.volume_info(volume_id)
+
+    async def volume_ids(self) -> list[str]:
+        ids: set[str] = set()
+        for directory, _shared in self._places():
+            for path in (directory / "volumes").glob("*.qcow2"):
+                if not path.name.startswith("."):
+                    ids.add(path.stem)
+        return sorted(ids)
+
+    async def check_free(self, volume_id: str) -> None:
+        """On the shared mount: VolumeInUse while a QEMU anywhere holds the volume's
+        image lock (probed with ``qemu-img info`` without ``--force-share``)."""
+        path = self._require(volume_id)
+        if not self._is_shared(path):
+            return
+        try:
+            message = await qemu_img.write_locked_by(path)
+        except qemu_img.QemuImgError as exc:
+            raise DiskError(f"volume {volume_id}: {exc}") from exc
+        if message is not None:
+            log.warning("shared volume refused: open elsewhere", extra={
+                "volume": volume_id, "node": self.node, "path": str(path)})
+            raise VolumeInUse(
+                f"volume {volume_id} on the shared storage is open by a QEMU process "
+                f"(another node of the pool runs it): {_last_line(message)}")
+
+    # --- per VM --------------------------------------------------------------------------
+
+    def _vm_dir(self, vm_uuid: str) -> Path:
+        return self.vms_dir / check_uuid(vm_uuid, "VM uuid")
+
+    async def ensure_seed(self, vm_uuid: str, spec: CloudInitSpec) -> ResolvedDisk:
+        """``vms/<vm>/cidata.iso``, written again only when ``spec`` changed."""
+        vm_dir = self._vm_dir(vm_uuid)
+        _mkdir(vm_dir, self.owner)
+        path = vm_dir / "cidata.iso"
+        record = vm_dir / "cidata.json"
+        wanted = spec.model_dump(mode="json")
+        if not path.exists() or _read_json(record) != wanted:
+            from yun.node.storage.seed import write_seed
+
+            try:
+                await write_seed(path, spec, owner=self.owner)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise DiskError(f"VM {vm_uuid}: cannot write its cloud-init seed: {exc}"
+                                ) from exc
+            _write_json(record, wanted)
+            log.info("cloud-init seed written", extra={"vm": vm_uuid, "node": self.node,
+                                                       "hostname": spec.hostname})
+        return ResolvedDisk(disk_id="cidata", path=path, format="raw", bus="ide",
+                            device="cdrom", read_only=True)
+
+    async def delete_vm_files(self, vm_uuid: str) -> None:
+        vm_dir = self._vm_dir(vm_uuid)
         if not vm_dir.exists():
             return
-        await asyncio.to_thread(shutil.rmtree, vm_dir, ignore_errors=False)
-        for key in [k for k in self._disk_locks if k.startswith(f"{vm_uuid}/")]:
-            self._disk_locks.pop(key, None)
-        log.info("volumes deleted", extra={"vm": vm_uuid})
+        await asyncio.to_thread(shutil.rmtree, vm_dir)
+        log.info("VM files deleted", extra={"vm": vm_uuid, "node": self.node})
 
     async def vm_disk_ids(self) -> dict[str, list[str]]:
-        """Every VM with a volume directory here, and its disk ids."""
+        """Every VM with files here: its recorded volumes' disk ids, and its seed."""
         found: dict[str, list[str]] = {}
         for vm_dir in sorted(self.vms_dir.iterdir()):
             if not vm_dir.is_dir():
                 continue
-            disks = sorted(p.stem for p in vm_dir.glob("*.qcow2") if not p.name.startswith("."))
-            if disks:
-                found[vm_dir.name] = disks
+            ids = set(self._read_attached(vm_dir.name))
+            if (vm_dir / "cidata.iso").exists():
+                ids.add("cidata")
+            if ids:
+                found[vm_dir.name] = sorted(ids)
         return found
 
-    async def capacity_gb(self) -> tuple[int, int]:
-        """(total, used) GiB of the file system holding ``root``."""
-        st = os.statvfs(self.root)
-        total = st.f_blocks * st.f_frsize
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        return total // GIB, used // GIB
+    def _read_attached(self, vm_uuid: str) -> dict[str, str]:
+        data = _read_json(self.vms_dir / vm_uuid / "attached.json")
+        return {str(k): str(v) for k, v in data.items()}
+
+    def _write_attached(self, vm_uuid: str, volumes: dict[str, str]) -> None:
+        vm_dir = self.vms_dir / vm_uuid
+        if volumes:
+            _mkdir(vm_dir, self.owner)
+            _write_json(vm_dir / "attached.json", volumes)
+        else:
+            (vm_dir / "attached.json").unlink(missing_ok=True)
+            if vm_dir.is_dir() and not any(vm_dir.iterdir()):
+                vm_dir.rmdir()
+
+    async def set_attachments(self, vm_uuid: str, volumes: dict[str, str]) -> None:
+        check_uuid(vm_uuid, "VM uuid")
+        self._write_attached(vm_uuid, volumes)
+
+    async def attachments(self) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        for vm_dir in self.vms_dir.iterdir():
+            attached = self._read_attached(vm_dir.name) if vm_dir.is_dir() else {}
+            if attached:
+                found[vm_dir.name] = attached
+        return found
+
+    # --- capacity ------------------------------------------------------------------------
+
+    async def storage_report(self) -> list[StorageDirReport]:
+        """Each storage directory (globs expanded now) and the shared mount."""
+        out: list[StorageDirReport] = []
+        for directory, shared in self._places():
+            total, used, _free = await asyncio.to_thread(self.space, directory)
+            files = [p for p in (directory / "volumes").glob("*.qcow2")
+                     if not p.name.startswith(".")]
+            allocated = sum(_allocated(p) for p in files)
+            out.append(StorageDirReport(
+                path=str(directory), shared=shared, total_bytes=total, used_bytes=used,
+                volumes=len(files), allocated_bytes=allocated,
+                over_threshold=self.alarm.check(str(directory), used, total)))
+        return out
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -532,3 +908,79 @@ async def _write_body(
             if pending:
                 await asyncio.to_thread(_append, f, digest, b"".join(pending))
     return have
+
+
+def uuid_ok(value: str) -> str | None:
+    """``value`` when it is a canonical UUID, else None."""
+    return value if uuid_problem(value, "id") is None else None
+
+
+async def _img(volume_id: str, call: Any, what: str = "") -> Any:
+    """Await a qemu-img wrapper; its failure becomes DiskError, or VolumeInUse when a
+    QEMU holds the image's lock."""
+    try:
+        return await call
+    except qemu_img.QemuImgError as exc:
+        if qemu_img.is_lock_error(exc):
+            raise VolumeInUse(f"volume {volume_id} is open by a running domain: stop it to "
+                              f"{what or 'change it'} ({_last_line(str(exc))})") from exc
+        raise DiskError(f"volume {volume_id}: {exc}") from exc
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else text
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _touch(path: Path) -> None:
+    now = time.time()
+    try:
+        os.utime(path, (now, now))
+    except FileNotFoundError:
+        pass
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _qcow2_backing(path: Path) -> str | None:
+    """The backing file named in a qcow2 header, read directly (no qemu-img per file)."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if not offset or not size or size > 4096:
+                return None
+            f.seek(offset)
+            return f.read(size).decode(errors="replace")
+    except OSError:
+        return None

@@ -58,6 +58,7 @@ from yun.proto.messages import (
     StorageDirReport,
     VolumeInfo,
     VolumeSnapshotInfo,
+    legacy_volume_id,
 )
 
 log = logging.getLogger("yun.node.storage.sim")
@@ -156,13 +157,35 @@ class SimDiskBackend(DiskBackend):
                 self.seeds[vm] = data["seed"]
             if data.get("attached"):
                 self._attached[vm] = dict(data["attached"])
+        # Disks of the older per-VM layout are adopted as volumes under their legacy id,
+        # as the local backend adopts vms/<vm>/<disk>.qcow2.
+        # (Entries naming a volume_id are this backend's own view of its attachments.)
+        legacy = {k: d for k, d in file.section("disks").items() if "volume_id" not in d}
+        for data in legacy.values():
+            vm, disk_id = data["vm_uuid"], data["disk_id"]
+            volume_id = legacy_volume_id(vm, disk_id)
+            self.volumes.setdefault(volume_id, _SimVolume(
+                volume_id=volume_id, directory=next(iter(self.dirs)), size_gb=data["size_gb"],
+                thin=True, image_id=data.get("image_id"), allocated=QCOW2_HEADER_BYTES))
+            self._attached.setdefault(vm, {}).setdefault(disk_id, volume_id)
+        if legacy:
+            self._save()
+            log.info("sim disks of the per-VM layout adopted as volumes",
+                     extra={"node": self.node, "volumes": len(legacy)})
 
     def _save(self) -> None:
         """Write volumes, cached images and VM files to the state file (when it has one)."""
         if self._file is None:
             return
         vms = set(self.seeds) | set(self._attached)
+        # "disks" keeps the documented per-VM view (the invariant checker reads it):
+        # each volume attached to a VM, under "<vm>/<disk id>".
+        disks = {f"{vm}/{disk_id}": {
+            "vm_uuid": vm, "disk_id": disk_id, "volume_id": vid,
+            "size_gb": self.volumes[vid].size_gb if vid in self.volumes else None}
+            for vm, attached in self._attached.items() for disk_id, vid in attached.items()}
         self._file.write({
+            "disks": disks,
             "volumes": {v: asdict(vol) for v, vol in self.volumes.items()},
             "images": {i: asdict(img) for i, img in self.images.items()},
             "vm_files": {vm: {"seed": self.seeds.get(vm), "attached": self._attached.get(vm)}
@@ -180,9 +203,9 @@ class SimDiskBackend(DiskBackend):
             raise ValueError(f"unknown operation {op!r}; one of {', '.join(sorted(OPERATIONS))}")
         self._faults.setdefault(op, []).append(error or DiskError(f"injected failure of {op}"))
 
-    def add_dir(self, path: str, total_gb: int) -> None:
+    def add_dir(self, path: str, total_gb: float) -> None:
         """A storage directory added while the node runs (a new disk mounted)."""
-        self.dirs.setdefault(path, _SimDir(total_gb * GIB))
+        self.dirs.setdefault(path, _SimDir(int(total_gb * GIB)))
 
     def fill(self, path: str, other_bytes: int) -> None:
         """Simulate ``other_bytes`` of files that are not volumes in directory ``path``."""
@@ -466,7 +489,7 @@ class SimDiskBackend(DiskBackend):
             self.seeds[vm_uuid] = data
             self._save()
         return ResolvedDisk(disk_id="cidata", path=self.root / "vms" / vm_uuid / "cidata.iso",
-                            format="raw", bus="sata", device="cdrom", read_only=True)
+                            format="raw", bus="ide", device="cdrom", read_only=True)
 
     async def delete_vm_files(self, vm_uuid: str) -> None:
         await self._enter("delete_vm_files")
