@@ -526,17 +526,14 @@ class NodeRegistry:
                 log.warning("removing what no VM owns from its node",
                             extra={"vm": vm_uuid, "node": node_uuid})
                 try:
-                    # A VM deleted while its node was down: its root volume and those
-                    # marked to go with it go now (a VM with no record keeps its volumes:
-                    # nothing says they may go).
-                    async with self.ctx.db.session() as session:
-                        volumes = await volumes_going_with(session, vm_uuid)
                     await client.remove(vm_uuid, timeout=CLEANUP_TIMEOUT,
-                                        delete_volumes=volumes)
+                                        delete_volumes=going[vm_uuid])
                 except YunError as exc:
                     log.warning("could not remove an orphan from its node: %s", exc,
                                 extra={"vm": vm_uuid, "node": node_uuid})
 
+        async with self.ctx.db.session() as session:
+            going = {u: await volumes_going_with(session, u) for u in orphans}
         try:
             await asyncio.gather(*(remove(u) for u in orphans))
         except Exception:
