@@ -87,7 +87,8 @@ async def test_sim_node_reports_totals_and_reserves_apart(tmp_path: Path) -> Non
     assert (host.vcpus_reserved, host.memory_reserved_mb, host.disk_reserved_gb) == (1, 2048, 20)
     assert host.pool == "p1"
     assert host.net_load == 0.0
-    assert host.capabilities == [NodeCapability.CONSOLE, NodeCapability.HOTPLUG_NIC,
+    assert host.capabilities == [NodeCapability.CONSOLE, NodeCapability.HOTPLUG_DISK,
+                                 NodeCapability.HOTPLUG_NIC,
                                  NodeCapability.QOS_CPU, NodeCapability.QOS_DISK,
                                  NodeCapability.QOS_NET]
 
