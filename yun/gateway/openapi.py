@@ -61,6 +61,8 @@ def problem_statuses(method: str, path: str, operation: dict[str, Any]) -> list[
         statuses.add(404)
     if method in MUTATIONS and (method, path) not in PUBLIC_OPERATIONS:
         statuses.add(409)
+    if has_path_params and "{ref}" in path:
+        statuses.add(409)  # a name more than one resource carries: use the uuid
     return sorted(statuses)
 
 

@@ -73,6 +73,13 @@ class Unprocessable(YunError):
     title = "Invalid request"
 
 
+class PayloadTooLarge(YunError):
+    """A body (an image upload) larger than the receiver's limit."""
+
+    status = 413
+    title = "Payload too large"
+
+
 class InsufficientCapacity(YunError):
     status = 409
     title = "Insufficient capacity"
@@ -103,6 +110,7 @@ _BY_STATUS: dict[int, type[YunError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    413: PayloadTooLarge,
     422: Unprocessable,
     503: Unavailable,
 }

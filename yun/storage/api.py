@@ -34,13 +34,13 @@ from starlette.requests import ClientDisconnect
 
 from yun.proto.auth import Verifier
 from yun.proto.components import ComponentType as CT
+from yun.proto.errors import PayloadTooLarge
 from yun.proto.messages import StorageImageReport
 from yun.proto.resources import ImageUploadStatus
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 from yun.storage.store import (
     ImageRecord,
     ImageStore,
-    PayloadTooLarge,
     RangeNotSatisfiable,
     check_image_id,
     parse_content_range,

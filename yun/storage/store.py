@@ -39,7 +39,14 @@ from typing import IO
 
 from pydantic import BaseModel, ValidationError
 
-from yun.proto.errors import BadRequest, Conflict, NotFound, Unprocessable, YunError
+from yun.proto.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    Unprocessable,
+    YunError,
+)
 from yun.proto.messages import StorageImageReport
 from yun.proto.resources import ImageUploadStatus
 from yun.storage.formats import ImageFormatError, detect_format, normalize_format
@@ -56,11 +63,6 @@ FILE_MODE = 0o600
 FOREIGN_FORMATS = frozenset({"vmdk", "vdi", "vhdx", "vpc"})
 STORED_FORMAT = "qcow2"
 _SHA256_HEX = frozenset("0123456789abcdef")
-
-
-class PayloadTooLarge(YunError):
-    status = 413
-    title = "Payload too large"
 
 
 class RangeNotSatisfiable(YunError):
