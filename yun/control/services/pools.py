@@ -187,9 +187,10 @@ class PoolService:
             if storage:
                 vms = await _count(session, VmRow.pool_uuid == row.uuid)
                 if vms:
-                    raise Conflict(f"pool {row.name} has {vms} VM(s): its "
-                                   f"{' and '.join(storage)} change only while it has none "
-                                   "(its VMs' disks were made by them, F-STO-MODEL)")
+                    named = " and ".join(k.replace("_", " ") for k in storage)
+                    raise Conflict(f"pool {row.name} has {vms} VM(s): its {named} can change "
+                                   "only while it has none (its VMs' disks were made "
+                                   "with them, F-STO-MODEL)")
             if "network_mode" in changes or "address_pool" in changes:
                 await self._relink(session, row, changes, scope)
             if "zone" in changes:
