@@ -25,7 +25,6 @@ import pytest
 
 from tests.system.conftest import need_root
 from tests.system.test_libvirt_driver import force_remove, overlay, wait_console
-from yun.node.hypervisor import load_driver
 from yun.node.hypervisor.base import SEED_DISK_ID, ResolvedDisk
 from yun.node.hypervisor.libvirt.driver import LibvirtDriver
 from yun.node.storage.seed import write_seed
@@ -51,13 +50,8 @@ def nodehost() -> Iterator[NodeHost]:
 
 @pytest.fixture
 async def driver(nodehost: NodeHost) -> AsyncIterator[LibvirtDriver]:
-    drv = load_driver("libvirt", **nodehost.driver_options())
-    assert isinstance(drv, LibvirtDriver)
-    await drv.open()
-    try:
+    async with nodehost.libvirt_driver() as drv:
         yield drv
-    finally:
-        await drv.close()
 
 
 @contextlib.contextmanager

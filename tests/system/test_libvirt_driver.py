@@ -19,7 +19,6 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from yun.node.hypervisor import load_driver
 from yun.node.hypervisor.base import DomainEvent, HypervisorError, ResolvedDisk, ResolvedNic
 from yun.node.hypervisor.libvirt.accel import (
     AccelError,
@@ -55,13 +54,8 @@ def nodehost() -> Iterator[NodeHost]:
 
 @pytest.fixture
 async def driver(nodehost: NodeHost) -> AsyncIterator[LibvirtDriver]:
-    drv = load_driver("libvirt", **nodehost.driver_options())
-    assert isinstance(drv, LibvirtDriver)
-    await drv.open()
-    try:
+    async with nodehost.libvirt_driver() as drv:
         yield drv
-    finally:
-        await drv.close()
 
 
 def overlay(nodehost: NodeHost, name: str) -> Path:

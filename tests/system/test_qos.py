@@ -200,13 +200,9 @@ async def _boot(nodehost: NodeHost, ns: Namespace) -> Deployment:
 
 @pytest.fixture
 async def driver(deployment: Deployment) -> AsyncIterator[LibvirtDriver]:
-    drv = LibvirtDriver(**deployment.nodehost.driver_options(  # type: ignore[arg-type]
-        accel="tcg", netns=deployment.ns.name))
-    await drv.open()
-    try:
+    async with deployment.nodehost.libvirt_driver(accel="tcg",
+                                                  netns=deployment.ns.name) as drv:
         yield drv
-    finally:
-        await drv.close()
 
 
 def _domains(dep: Deployment, names: tuple[str, ...]) -> Iterator[libvirt.virDomain]:

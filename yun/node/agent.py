@@ -64,6 +64,12 @@ class HostReserve:
     disk_gb: int = 0
 
 
+def same_id(what: str, in_body: str, in_url: str) -> None:
+    """Refuse a request whose body names another resource than its URL."""
+    if in_body != in_url:
+        raise BadRequest(f"{what} {in_body} does not match the URL ({in_url})")
+
+
 class NodeAgent:
     """One node client: a hypervisor driver with its disk and network backends."""
 
@@ -154,8 +160,7 @@ class NodeAgent:
     async def provision(self, vm_uuid: str, req: ProvisionRequest) -> DomainInfo:
         """Images cached, volumes made (or found), the CD drive and the cloud-init seed,
         NICs leased, domain defined (and started)."""
-        if req.spec.uuid != vm_uuid:
-            raise BadRequest(f"spec uuid {req.spec.uuid} does not match the URL ({vm_uuid})")
+        same_id("spec uuid", req.spec.uuid, vm_uuid)
         async with self.queues.hold(vm_uuid):
             spec = req.spec
             specs = [self.volume_spec(vm_uuid, d) for d in spec.disks]
@@ -376,9 +381,7 @@ class NodeAgent:
 
     async def ensure_volume(self, volume_id: str, req: VolumeEnsure) -> VolumeInfo:
         """The volume made (idempotent), its image fetched first; its state on disk."""
-        if req.disk.volume_id not in (None, volume_id):
-            raise BadRequest(f"volume id {req.disk.volume_id} does not match the URL "
-                             f"({volume_id})")
+        same_id("volume id", req.disk.volume_id or volume_id, volume_id)
         disk = req.disk.model_copy(update={"volume_id": volume_id})
         async with self.volume_queues.hold(volume_id):
             if req.image is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from yun.node.agent import NodeAgent
+from yun.node.agent import NodeAgent, same_id
 from yun.node.hypervisor.base import (
     DomainNotFound,
     DomainNotRunning,
@@ -17,7 +17,7 @@ from yun.node.hypervisor.base import (
 from yun.node.network.base import NetworkError
 from yun.node.storage.base import DiskError, NoSpace, VolumeInUse, VolumeNotFound
 from yun.proto.components import ComponentType as CT
-from yun.proto.errors import BadRequest, Conflict, NotFound, Problem
+from yun.proto.errors import Conflict, NotFound, Problem
 from yun.proto.messages import (
     CdromChange,
     ConsoleLog,
@@ -106,8 +106,7 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
              dependencies=[caller])
     async def attach_disk(vm_uuid: str, disk_id: str, req: DiskAttach) -> DomainInfo:
         """Plug an existing volume into the VM (live if it runs, and its definition)."""
-        if req.disk.disk_id != disk_id:
-            raise BadRequest(f"disk id {req.disk.disk_id} does not match the URL ({disk_id})")
+        same_id("disk id", req.disk.disk_id, disk_id)
         return await agent.attach_disk(vm_uuid, req)
 
     @app.delete(f"{base}/domains/{{vm_uuid}}/disks/{{disk_id}}", response_model=DomainInfo,
@@ -184,8 +183,7 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
              dependencies=[caller])
     async def attach_nic(vm_uuid: str, nic_id: str, req: NicAttach) -> DomainInfo:
         """Plug a NIC into the VM (live if it runs, and into its definition)."""
-        if req.nic.nic_id != nic_id:
-            raise BadRequest(f"NIC id {req.nic.nic_id} does not match the URL ({nic_id})")
+        same_id("NIC id", req.nic.nic_id, nic_id)
         return await agent.attach_nic(vm_uuid, req)
 
     @app.delete(f"{base}/domains/{{vm_uuid}}/nics/{{nic_id}}", response_model=DomainInfo,

@@ -40,11 +40,16 @@ import shutil
 import signal
 import time
 import uuid as uuidlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from yun.util.procs import pid_alive, start_time
 from yun.util.run import CommandError, run
+
+if TYPE_CHECKING:
+    from yun.node.hypervisor.libvirt.driver import LibvirtDriver
 
 log = logging.getLogger("yun.testing.nodehost")
 
@@ -152,6 +157,18 @@ class NodeHost:
         }
         options.update(overrides)
         return options
+
+    @contextlib.asynccontextmanager
+    async def libvirt_driver(self, **overrides: object) -> AsyncIterator[LibvirtDriver]:
+        """A libvirt driver connected to this host's libvirtd, closed on exit."""
+        from yun.node.hypervisor.libvirt.driver import LibvirtDriver
+
+        driver = LibvirtDriver(**self.driver_options(**overrides))  # type: ignore[arg-type]
+        await driver.open()
+        try:
+            yield driver
+        finally:
+            await driver.close()
 
     # -- lifecycle
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid as uuidlib
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from sqlalchemy import func, select, update
@@ -210,9 +211,7 @@ class VolumeService:
     async def delete(self, ref: str, scope: Scope) -> str:
         """Delete a detached data volume (its file on its node first); 409 while it is
         attached. Returns its uuid."""
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, "delete")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, "delete") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, "delete")
                 if row.kind == VolumeKind.ROOT:
@@ -248,9 +247,7 @@ class VolumeService:
     async def attach(self, ref: str, req: VolumeAttach, scope: Scope) -> Volume:
         """Attach a data volume to a running (hot-plug) or stopped VM, making it on the
         VM's node first if it was never made."""
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, "attach")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, "attach") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, "attach")
                 vm, node = await self._changeable_vm(session, req.vm, scope, "attach volumes to")
@@ -320,9 +317,7 @@ class VolumeService:
 
     async def detach(self, ref: str, scope: Scope) -> Volume:
         """Unplug a data volume from its VM (live when it runs); the volume is kept."""
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, "detach")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, "detach") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, "detach")
                 if row.kind == VolumeKind.ROOT:
@@ -345,9 +340,7 @@ class VolumeService:
 
     async def resize(self, ref: str, req: VolumeResize, scope: Scope) -> Volume:
         """Grow a data volume: online when its VM runs (the guest sees the new size)."""
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, "resize")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, "resize") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, "resize")
                 if row.kind == VolumeKind.ROOT:
@@ -377,9 +370,7 @@ class VolumeService:
     async def snapshot(self, ref: str, req: VolumeSnapshotCreate, scope: Scope
                        ) -> VolumeSnapshot:
         """Take a snapshot of a closed volume (detached, or its VM stopped)."""
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, "snapshot")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, "snapshot") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, "snapshot")
                 taken = (await session.scalars(select(VolumeSnapshotRow.uuid).where(
@@ -413,9 +404,7 @@ class VolumeService:
 
     async def _snapshot_op(self, ref: str, name: str, scope: Scope,
                            action: Literal["revert", "delete"]) -> str:
-        async with self.ctx.db.session() as session:
-            uuid = (await self._writable(session, ref, scope, f"{action} snapshots of")).uuid
-        async with self.ctx.queues.hold(f"volume:{uuid}"):
+        async with self._held(ref, scope, f"{action} snapshots of") as uuid:
             async with self.ctx.db.session() as session:
                 row = await self._writable(session, uuid, scope, f"{action} snapshots of")
                 snap = (await session.scalars(select(VolumeSnapshotRow).where(
@@ -461,6 +450,15 @@ class VolumeService:
         return node_client(self.ctx, node)
 
     # -- helpers --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _held(self, ref: str, scope: Scope, action: str) -> AsyncIterator[str]:
+        """The uuid of volume ``ref``, which the caller may ``action``, while this control
+        server holds the volume's queue (one change of a volume at a time)."""
+        async with self.ctx.db.session() as session:
+            uuid = (await self._writable(session, ref, scope, action)).uuid
+        async with self.ctx.queues.hold(f"volume:{uuid}"):
+            yield uuid
 
     async def _writable(self, session: AsyncSession, ref: str, scope: Scope,
                         what: str) -> VolumeRow:

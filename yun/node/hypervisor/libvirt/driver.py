@@ -341,6 +341,20 @@ class LibvirtDriver(HypervisorDriver):
 
     # ------------------------------------------------------------------ helpers
 
+    @staticmethod
+    def _running_disk(dom: libvirt.virDomain, uuid: str, disk_id: str,
+                      not_running: str) -> tuple[str, str]:
+        """(target dev, live XML) of disk ``disk_id`` of the running domain ``dom``;
+        DomainNotRunning with ``not_running`` when it is stopped, HypervisorError when it
+        has no such disk."""
+        if not dom.isActive():
+            raise DomainNotRunning(not_running)
+        live = dom.XMLDesc(0)
+        target = disk_target(live, disk_id)
+        if target is None or disk_device_xml(live, target) is None:
+            raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+        return target, live
+
     def _lookup(self, conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
         """The Yun domain ``uuid``; DomainNotFound if absent or not Yun's."""
         try:
@@ -872,14 +886,9 @@ class LibvirtDriver(HypervisorDriver):
         def resize(conn: libvirt.virConnect) -> int:
             dom = self._lookup(conn, uuid)
             try:
-                if not dom.isActive():
-                    raise DomainNotRunning(
-                        f"cannot resize disk {disk_id} of domain {uuid} online: it is not "
-                        "running (grow the volume offline instead)")
-                live = dom.XMLDesc(0)
-                target = disk_target(live, disk_id)
-                if target is None or disk_device_xml(live, target) is None:
-                    raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+                target, _ = self._running_disk(
+                    dom, uuid, disk_id, f"cannot resize disk {disk_id} of domain {uuid} "
+                    "online: it is not running (grow the volume offline instead)")
                 current = int(dom.blockInfo(target)[0])  # capacity: the virtual size
                 if size_bytes < current:
                     raise HypervisorError(
@@ -960,14 +969,9 @@ class LibvirtDriver(HypervisorDriver):
         def begin(conn: libvirt.virConnect) -> str:
             dom = self._lookup(conn, uuid)
             try:
-                if not dom.isActive():
-                    raise DomainNotRunning(
-                        f"cannot copy disk {disk_id} of domain {uuid} live: it is not "
-                        "running (copy the stopped volume instead)")
-                live = dom.XMLDesc(0)
-                dev = disk_target(live, disk_id)
-                if dev is None or disk_device_xml(live, dev) is None:
-                    raise HypervisorError(f"domain {uuid} has no disk {disk_id!r}")
+                dev, live = self._running_disk(
+                    dom, uuid, disk_id, f"cannot copy disk {disk_id} of domain {uuid} "
+                    "live: it is not running (copy the stopped volume instead)")
                 dom.backupBegin(backup_xml(live, dev, target), None, 0)
                 return dev
             except libvirt.libvirtError as exc:
