@@ -341,6 +341,22 @@ class LibvirtDriver(HypervisorDriver):
 
     # ------------------------------------------------------------------ helpers
 
+    def _plug_live(self, dom: libvirt.virDomain, uuid: str, device_xml: str,
+                   what: str) -> bool:
+        """Plug ``device_xml`` into the running guest; False when the domain stopped
+        meanwhile (its definition is then enough), NotSupported when the hypervisor
+        cannot hot-plug."""
+        try:
+            dom.attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
+                raise NotSupported(f"{self.uri} cannot plug {what} into running domain "
+                                   f"{uuid}: {exc.get_error_message()}") from exc
+            if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                return False
+            raise
+        return True
+
     @staticmethod
     def _running_disk(dom: libvirt.virDomain, uuid: str, disk_id: str,
                       not_running: str) -> tuple[str, str]:
@@ -629,17 +645,7 @@ class LibvirtDriver(HypervisorDriver):
             live = False
             try:
                 if dom.isActive() and not has_nic(dom.XMLDesc(0), nic.mac):
-                    try:
-                        dom.attachDeviceFlags(interface_xml(nic), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-                        live = True
-                    except libvirt.libvirtError as exc:
-                        if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
-                            raise NotSupported(
-                                f"{self.uri} cannot plug a NIC into running domain {uuid}: "
-                                f"{exc.get_error_message()}") from exc
-                        if not (_code(exc) == libvirt.VIR_ERR_OPERATION_INVALID
-                                and not dom.isActive()):
-                            raise  # else stopped meanwhile: the definition is enough
+                    live = self._plug_live(dom, uuid, interface_xml(nic), "a NIC")
                 inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
                 if not has_nic(inactive, nic.mac) or nic_mac(inactive, nic.nic_id) is None:
                     try:
@@ -757,17 +763,8 @@ class LibvirtDriver(HypervisorDriver):
                 if live_xml is not None and disk_device_xml(live_xml, target) is None:
                     device = new_disk_xml(disk, target, cache=cache,
                                           qos=parse_qos(ET.fromstring(live_xml)))
-                    try:
-                        dom.attachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-                        live = True
-                    except libvirt.libvirtError as exc:
-                        if _code(exc) == libvirt.VIR_ERR_NO_SUPPORT:
-                            raise NotSupported(
-                                f"{self.uri} cannot plug a disk into running domain {uuid}: "
-                                f"{exc.get_error_message()}") from exc
-                        if not (_code(exc) == libvirt.VIR_ERR_OPERATION_INVALID
-                                and not dom.isActive()):
-                            raise  # else stopped meanwhile: the definition is enough
+                    live = self._plug_live(dom, uuid, device, "a disk")
+                    if not live:
                         live_xml = None
                 try:
                     if live_xml is not None:
