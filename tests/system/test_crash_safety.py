@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.system.test_vm_lifecycle import node_leftovers
+from tests.system.test_vm_lifecycle import node_leftovers, volume_ids
 from yun.testing.datacenter import DataCenter
 from yun.util.run import run
 
@@ -46,7 +46,8 @@ def test_control_killed_mid_create_rolls_back(datacenter_factory) -> None:  # ty
         "schedule": "rolled_back", "address": "rolled_back", "provision": "rolled_back"}
     vm = dc.api.get(f"/api/v1/vms/{vm_uuid}").json()
     assert vm["state"] == "error" and vm["ip"] is None and vm["node_uuid"] is None
-    assert node_leftovers(dc, {**vm, "node_name": "node0", "ip": None}) == []
+    assert node_leftovers(dc, {**vm, "node_name": "node0", "ip": None},
+                          volume_ids(dc, vm)) == []
     node = dc.api.get("/api/v1/nodes").json()["items"][0]
     assert node["vcpus_reserved"] == 0 and node["memory_reserved_mb"] == 0
 

@@ -50,6 +50,7 @@ from tests.system.test_vm_lifecycle import (
     node_leftovers,
     node_network_leftovers,
     serial_console,
+    volume_ids,
 )
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology
@@ -317,6 +318,7 @@ def test_routers_restarted_changed_while_down_and_added_later(paths: Paths) -> N
 def test_deleted_guests_leave_nothing_on_routers_or_nodes(paths: Paths) -> None:
     dc = paths.dc
     mono_ip, (share_ip, share_port) = paths.mono["public_ip"], paths.share_addr
+    volumes = {vm["uuid"]: volume_ids(dc, vm) for vm in (paths.mono, paths.share)}
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda name: paths.yun("vm", "delete", name), ("web-mono", "web-share")))
     pools = {ap["name"]: ap for ap in paths.yun("address-pool", "list")["items"]}
@@ -330,7 +332,7 @@ def test_deleted_guests_leave_nothing_on_routers_or_nodes(paths: Paths) -> None:
     assert paths.wan.get(f"http://{mono_ip}/", timeout=2) == ""
     assert paths.wan.get(f"http://{share_ip}:{share_port}/", timeout=2) == ""
     for vm in (paths.mono, paths.share):
-        assert node_leftovers(dc, vm) == [], vm["name"]
+        assert node_leftovers(dc, vm, volumes[vm["uuid"]]) == [], vm["name"]
         assert node_network_leftovers(dc, vm) == [], vm["name"]
         node = dc.node_of(vm)
         rules = node.run(["ip", "-4", "rule", "show"]).stdout

@@ -104,20 +104,32 @@ def serial_console(node_host: NodeHost, vm_uuid: str) -> Iterator[Callable[[str]
         conn.close()
 
 
+def volume_ids(dc: DataCenter, vm: dict[str, Any]) -> list[str]:
+    """The ids of the VM's volumes, as the API lists them."""
+    assert dc.api is not None
+    page = dc.api.get("/api/v1/volumes", params={"q": f"vm_uuid={vm['uuid']}"}).json()
+    return [v["uuid"] for v in page["items"]]
+
+
 def assert_disks_private(dc: DataCenter, vm: dict[str, Any]) -> None:
-    """The VM's volume and the cached image under it: 0600, in 0700 directories, and
-    (as the guest booted) readable by QEMU through libvirt all the same."""
+    """The VM's root volume, its cloud-init seed and the cached image under the volume:
+    0600, in 0700 directories, and (as the guest booted) readable by QEMU through libvirt
+    all the same."""
     disks = dc.node_hosts[vm["node_name"]].root / "yun" / "node" / "disks"
-    files = [*disks.glob(f"vms/{vm['uuid']}/*.qcow2"), *disks.glob("images/*.qcow2")]
-    assert len(files) >= 2, files
+    [root] = volume_ids(dc, vm)
+    files = [disks / "volumes" / f"{root}.qcow2", disks / "vms" / vm["uuid"] / "cidata.iso",
+             *disks.glob("images/*.qcow2")]
+    assert len(files) >= 3 and all(path.is_file() for path in files), files
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    for directory in (disks, disks / "images", disks / "vms", disks / "vms" / vm["uuid"]):
+    for directory in (disks, disks / "images", disks / "volumes", disks / "vms",
+                      disks / "vms" / vm["uuid"]):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
-def node_leftovers(dc: DataCenter, vm: dict) -> list[str]:
-    """Whatever of ``vm`` is still on its node: domain, QEMU, disk, tap, DHCP entry, rule."""
+def node_leftovers(dc: DataCenter, vm: dict, volumes: list[str]) -> list[str]:
+    """Whatever of ``vm`` is still on its node: domain, QEMU, volumes, files, tap, DHCP
+    entry, rule."""
     node = dc.node_of(vm)
     node_host = dc.node_hosts[node.name]
     found = []
@@ -128,8 +140,10 @@ def node_leftovers(dc: DataCenter, vm: dict) -> list[str]:
     if vm["uuid"] in qemu:
         found.append("QEMU process")
     state = node_host.root / "yun" / "node"
-    if any(vm["uuid"] in str(p) for p in state.rglob("*")):
-        found.append(f"files: {[str(p) for p in state.rglob('*') if vm['uuid'] in str(p)]}")
+    names = [vm["uuid"], *volumes]
+    left = [str(p) for p in state.rglob("*") if any(name in str(p) for name in names)]
+    if left:
+        found.append(f"files: {left}")
     links = node.run(["ip", "-o", "link"]).stdout
     if any(line.split(": ")[1].startswith("ys") for line in links.splitlines()):
         found.append("tap device")
@@ -150,6 +164,7 @@ def test_full_lifecycle_on_a_real_guest(datacenter_factory) -> None:  # type: ig
     assert page["hostname"] == "life"  # the VM's name, offered by the node's DHCP
     token = page["token"]
     assert_disks_private(dc, vm)
+    volumes = volume_ids(dc, vm)
     console = dc.api.get(f"/api/v1/vms/{vm['uuid']}/console").json()
     assert console["vnc_port"] and console["vnc_port"] >= 5900
 
@@ -176,6 +191,6 @@ def test_full_lifecycle_on_a_real_guest(datacenter_factory) -> None:  # type: ig
     resp = dc.api.delete(f"/api/v1/vms/{vm['uuid']}")
     assert dc.wait_task(resp.json()["task"]["uuid"])["state"] == "succeeded"
     assert dc.api.get(f"/api/v1/vms/{vm['uuid']}").status_code == 404
-    assert node_leftovers(dc, vm) == []
+    assert node_leftovers(dc, vm, volumes) == []
     assert node_network_leftovers(dc, vm) == []
     assert sandbox_table(dc.node_of(vm)) is not None  # the node's network stays
