@@ -226,7 +226,10 @@ class SimCluster:
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.aclose()
-        for service in [self.gateway, *self.node_services, self.storage, self.control,
+        # The control server before the nodes: its pooled clients then close their idle
+        # TLS connections to the nodes, whose servers otherwise wait out the graceful
+        # shutdown timeout (5 s each) for a close_notify that never comes.
+        for service in [self.gateway, self.control, self.storage, *self.node_services,
                         self.domain]:
             if service is not None:
                 try:
