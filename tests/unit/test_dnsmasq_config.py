@@ -4,6 +4,8 @@ the port validation of both backends is in test_sandbox_contract.py)."""
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,30 @@ def test_forget_leases_edits_the_database(tmp_path: Path) -> None:
     assert d.forget_leases([rec]) is True  # no daemon runs: only the file changes
     assert d.leases() == [("52:54:00:00:00:02", "10.77.0.11")]
     assert d.forget_leases([rec]) is False
+
+
+def test_forget_leases_sees_a_lease_dnsmasq_is_rewriting(tmp_path: Path) -> None:
+    """CI found a lease left behind after a NIC unplug: the SIGHUP of the hosts change
+    made dnsmasq rewrite its database in place (truncate, then write) just as the
+    release read it, so it read an empty file and struck nothing."""
+    d = Dnsmasq(cfg(tmp_path))
+    d.cfg.state_dir.mkdir(parents=True)
+    content = ("1795324990 52:54:00:00:00:01 10.77.0.10 vm-x 01:52:54:00:00:00:01\n"
+               "1795324990 52:54:00:00:00:02 10.77.0.11 vm-y *\n")
+    d.cfg.lease_file.write_text("")  # truncated: dnsmasq's write is still to come
+
+    def rewrite() -> None:
+        time.sleep(0.02)
+        d.cfg.lease_file.write_text(content)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        rec = PortRecord("n1", "52:54:00:00:00:01", "10.77.0.10", "vm-x", "yv1")
+        assert d.forget_leases([rec]) is True
+    finally:
+        writer.join()
+    assert d.leases() == [("52:54:00:00:00:02", "10.77.0.11")]
 
 
 def test_prepare_refuses_a_state_dir_nobody_cannot_reach(tmp_path: Path) -> None:

@@ -364,6 +364,29 @@ class Dnsmasq:
                     out.append((fields[1].lower(), fields[2]))
         return out
 
+    def _settled_leases(self) -> list[tuple[str, str]]:
+        """The lease database once dnsmasq is not rewriting it.
+
+        dnsmasq rewrites the file in place (truncate, then write) on every lease
+        change and on every SIGHUP, which our own hosts changes send just before a
+        release: read in between, the file is empty or cut short. Read until the file
+        stays unchanged over a poll interval (bounded)."""
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = self.cfg.lease_file.stat()
+            except FileNotFoundError:
+                return None
+            return st.st_mtime_ns, st.st_size
+
+        leases = self.leases()
+        for _ in range(int(_STOP_WAIT / _POLL)):
+            before = stamp()
+            time.sleep(_POLL)
+            if stamp() == before:
+                break
+            leases = self.leases()
+        return leases
+
     def forget_leases(self, records: list[PortRecord]) -> bool:
         """Strike the leases of ``records`` out of the database; True when any was there.
 
@@ -374,11 +397,22 @@ class Dnsmasq:
         """
         macs = {r.mac.lower() for r in records}
         ips = {r.ip for r in records}
-        if not any(mac in macs or ip in ips for mac, ip in self.leases()):
+        leases = self._settled_leases()
+        if leases and not any(mac in macs or ip in ips for mac, ip in leases):
             return False
+        # An empty database read while the daemon runs proves nothing (see
+        # _settled_leases): the stopped daemon's file is read again below.
         was_running = self.pid() is not None
         self.stop()
-        lines = self.cfg.lease_file.read_text().splitlines()
+        try:
+            lines = self.cfg.lease_file.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not any(len(f := ln.split()) >= 3 and (f[1].lower() in macs or f[2] in ips)
+                   for ln in lines):
+            if was_running:
+                self.ensure_running()
+            return False
         kept = [ln for ln in lines
                 if not (len(f := ln.split()) >= 3 and (f[1].lower() in macs or f[2] in ips))]
         tmp = self.cfg.lease_file.with_name(".dnsmasq.leases.tmp")
