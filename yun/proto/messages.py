@@ -465,6 +465,24 @@ class VolumeResize(Message):
     size_gb: int = Field(ge=1, le=65536)
 
 
+class VolumeExport(Message):
+    """Copy a volume into a new image kept by a storage server (F-IMAGE, host images).
+
+    The node makes a self-contained qcow2 copy (no backing file): of the closed volume
+    with ``qemu-img convert``, or, when ``live`` and the VM ``vm_uuid`` runs it as disk
+    ``disk_id``, a consistent point-in-time copy through the hypervisor while the guest
+    goes on writing. It uploads the copy itself to ``storage_url`` (its node
+    credentials), which announces the image to the control server as for any upload,
+    and removes the copy in every case."""
+
+    image_id: str = Field(description="the new image, recorded as uploading")
+    storage_url: str = Field(description="the storage server keeping the image")
+    vm_uuid: str | None = Field(default=None, description="the VM the volume belongs to")
+    disk_id: str | None = Field(default=None, description="the volume's disk id in that VM")
+    live: bool = Field(default=False, description="the VM runs: copy it live")
+    name: str = Field(default="", max_length=255, description="the image's name (logs)")
+
+
 class DiskAttach(Message):
     """Plug a volume into a VM on the node (U-HOTPLUG): live when it runs, and into its
     definition. The volume must exist on the node (or its shared mount)."""

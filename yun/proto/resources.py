@@ -458,6 +458,23 @@ class ImageCreate(TaggedInput):
         return value.lower() if value else value
 
 
+class ImageFromVm(TaggedInput):
+    """A new image made of a VM's disk (F-IMAGE): its root volume unless ``disk`` names
+    another of its volumes (a disk id such as ``vol-1a2b3c4d``, or a volume's uuid or
+    name). The VM may run (a consistent live copy) or be stopped."""
+
+    vm: str = Field(min_length=1, max_length=255, description="the VM (name or uuid)")
+    name: ResourceName
+    description: Description = ""
+    visibility: ImageVisibility = Field(
+        default=ImageVisibility.PROJECT,
+        description="'public' images are seen by every project (set by administrators)")
+    disk: str | None = Field(
+        default=None, min_length=1, max_length=255,
+        description="the VM's disk to copy: a disk id, or a volume uuid or name "
+                    "(default: the root disk)")
+
+
 class ImageUpdate(Input):
     """What can change on an image after its upload."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,15 @@ from yun.proto.messages import (
     DiskSpec,
     ImageLocation,
     StorageDirReport,
+    StorageImageReport,
     VolumeInfo,
 )
+
+#: Writes a consistent copy of a running domain's disk to the path given (the
+#: hypervisor's live backup of that disk); the export then copies no file itself.
+LiveCopy = Callable[[Path], Awaitable[None]]
+#: Sends the finished copy at the path given to the storage server; its answer.
+Upload = Callable[[Path], Awaitable[StorageImageReport]]
 
 
 class DiskError(RuntimeError):
@@ -100,6 +108,17 @@ class DiskBackend(abc.ABC):
     @abc.abstractmethod
     async def delete_snapshot(self, volume_id: str, name: str) -> VolumeInfo:
         """Drop snapshot ``name``; no error if there is none."""
+
+    @abc.abstractmethod
+    async def export_volume(self, volume_id: str, image_id: str, upload: Upload, *,
+                            live: LiveCopy | None = None) -> StorageImageReport:
+        """Copy the volume into a new image ``image_id`` (F-IMAGE): a self-contained
+        qcow2 (its backing chain flattened) written to a temporary file next to the
+        volume, by ``live`` when a running domain has the volume open, else from the
+        closed volume; ``upload`` then sends that file to the storage server. The file
+        is removed in every case, so a retried export starts afresh. Returns the
+        storage server's report of the stored image. :class:`VolumeNotFound` when
+        there is no such volume."""
 
     @abc.abstractmethod
     async def volume_ids(self) -> list[str]:

@@ -11,7 +11,9 @@ node (the one suite tests/unit/test_disk_contract.py runs over both):
   their whole size; a volume whose size exceeds every directory's free space is
   refused with :class:`NoSpace`;
 - a volume's content is a marker string; internal snapshots record it and revert
-  restores it;
+  restores it; an export (a host image, F-IMAGE) uploads a real qcow2 carrying it, and
+  the exporting node keeps the image in its cache with that content, so a volume made
+  from the image there starts with it;
 - shared mode: a :class:`SimSharedMount` given to several sim nodes of one process
   holds their shared volumes and images, and a lock registry keyed by path stands for
   QEMU's image lock, so one node is refused a volume another node has open.
@@ -25,7 +27,9 @@ a real node do; without one they live in memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +41,8 @@ from yun.node.storage.base import (
     DiskBackend,
     DiskError,
     ImageAccess,
+    LiveCopy,
+    Upload,
     VolumeInUse,
     VolumeNotFound,
 )
@@ -56,18 +62,51 @@ from yun.proto.messages import (
     DiskSpec,
     ImageLocation,
     StorageDirReport,
+    StorageImageReport,
     VolumeInfo,
     VolumeSnapshotInfo,
     legacy_volume_id,
 )
+from yun.util import qemu_img
 
 log = logging.getLogger("yun.node.storage.sim")
+
+
+def _write_marker(path: Path, content: str) -> None:
+    data = EXPORT_MAGIC + json.dumps({"content": content}).encode() + b"\n"
+    if len(data) > EXPORT_BYTES:
+        raise DiskError(f"sim volume content of {len(data)} bytes is too long to export")
+    with path.open("wb") as f:
+        f.write(data)
+        f.truncate(EXPORT_BYTES)
+
+
+async def exported_content(path: Path, fmt: str = "qcow2") -> str | None:
+    """The content marker an exported sim volume carries in the image at ``path`` (read
+    back through ``qemu-img convert`` to raw), or None when it carries none."""
+    with tempfile.TemporaryDirectory(prefix="yun-sim-read-") as scratch:
+        raw = Path(scratch) / "image.raw"
+        await qemu_img.convert(path, raw, src_fmt=fmt, dst_fmt="raw")
+        head = await asyncio.to_thread(_head, raw, EXPORT_BYTES)
+    if not head.startswith(EXPORT_MAGIC):
+        return None
+    line = head[len(EXPORT_MAGIC):].split(b"\n", 1)[0]
+    return str(json.loads(line)["content"])
+
+
+def _head(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
 
 OPERATIONS = frozenset({
     "ensure_image", "ensure_volume", "volume_info", "delete_volume", "resize_volume",
     "create_snapshot", "revert_snapshot", "delete_snapshot", "volume_ids", "ensure_seed",
-    "delete_vm_files", "vm_disk_ids", "storage_report", "check_free",
+    "delete_vm_files", "vm_disk_ids", "storage_report", "check_free", "export_volume",
 })
+# An exported sim volume is a real qcow2 image (the storage server checks it as any
+# upload) whose first bytes carry the volume's content marker after this magic line.
+EXPORT_MAGIC = b"YUN-SIM-VOLUME\n"
+EXPORT_BYTES = 1 << 20
 # What a fresh qcow2 takes on disk (its header and first tables), as qemu-img makes it.
 QCOW2_HEADER_BYTES = 196_608
 
@@ -78,6 +117,7 @@ class _SimImage:
     size: int
     format: str
     last_used: float = 0.0
+    content: str = ""  # the content marker volumes made from it start with
 
 
 @dataclass
@@ -140,6 +180,7 @@ class SimDiskBackend(DiskBackend):
         self._attached: dict[str, dict[str, str]] = {}
         self._open_here: set[str] = set()
         self.downloads = 0  # how many images were "fetched" (cache misses)
+        self.exports: list[tuple[str, bool]] = []  # (volume id, live) of each export
         self._faults: dict[str, list[Exception]] = {}
         self._file = SimHostFile(state_file) if state_file is not None else None
         if self._file is not None:
@@ -342,6 +383,7 @@ class SimDiskBackend(DiskBackend):
                             bus=disk.bus, shared=vol.shared)
 
     def _create(self, volume_id: str, disk: DiskSpec, shared: bool) -> _SimVolume:
+        content = ""
         if disk.image_id is not None:
             cache = self.shared.images if shared and self.shared is not None else self.images
             cached = cache.get(disk.image_id)
@@ -354,6 +396,7 @@ class SimDiskBackend(DiskBackend):
                     f"disk {disk.disk_id}: cached image {disk.image_id} has sha256 "
                     f"{cached.sha256}, not {disk.image_sha256}")
             cached.last_used = time.time()
+            content = cached.content
         size = disk.size_gb * GIB
         if shared and self.shared is not None:
             mount = self.shared
@@ -368,7 +411,8 @@ class SimDiskBackend(DiskBackend):
             volumes = self.volumes
         vol = _SimVolume(volume_id=volume_id, directory=target.path, size_gb=disk.size_gb,
                          thin=disk.thin, image_id=disk.image_id,
-                         allocated=QCOW2_HEADER_BYTES if disk.thin else size, shared=shared)
+                         allocated=QCOW2_HEADER_BYTES if disk.thin else size, shared=shared,
+                         content=content)
         volumes[volume_id] = vol
         self._save()
         log.info("volume created", extra={"volume": volume_id, "node": self.node,
@@ -441,6 +485,33 @@ class SimDiskBackend(DiskBackend):
             vol.created.pop(name, None)
             self._save()
         return self._info(vol)
+
+    async def export_volume(self, volume_id: str, image_id: str, upload: Upload, *,
+                            live: LiveCopy | None = None) -> StorageImageReport:
+        """Upload a real qcow2 carrying the volume's content marker (written in a
+        temporary directory, removed after), then keep the image in this node's cache
+        with that content. ``live`` is not called: the sim guest writes nothing, and
+        the sim volume has no file for the driver to copy; :attr:`exports` records it."""
+        await self._enter("export_volume")
+        vol = self._volume(volume_id)
+        check_uuid(image_id, "image id")
+        content = vol.content
+        with tempfile.TemporaryDirectory(prefix="yun-sim-export-") as scratch:
+            raw, copy = Path(scratch) / "volume.raw", Path(scratch) / f"{image_id}.qcow2"
+            await asyncio.to_thread(_write_marker, raw, content)
+            try:
+                await qemu_img.convert(raw, copy, src_fmt="raw")
+            except qemu_img.QemuImgError as exc:
+                raise DiskError(f"volume {volume_id}: {exc}") from exc
+            report = await upload(copy)
+        self.exports.append((volume_id, live is not None))
+        self.images[image_id] = _SimImage(report.sha256, report.size, report.format,
+                                          time.time(), content=content)
+        self._save()
+        log.info("volume exported as an image", extra={
+            "volume": volume_id, "image": image_id, "node": self.node,
+            "live": live is not None, "size": report.size})
+        return report
 
     async def volume_ids(self) -> list[str]:
         await self._enter("volume_ids")
