@@ -114,7 +114,7 @@ async def test_routes_need_a_credential(h: Harness) -> None:
 
 @pytest.mark.parametrize(("component_type", "method", "path"), [
     ("node", "DELETE", "/internal/v1/images/{id}"),
-    ("node", "PUT", "/internal/v1/images/{id}/data"),
+    ("node", "GET", "/internal/v1/images/{id}/upload"),
     ("node", "GET", "/internal/v1/images"),
     ("gateway", "DELETE", "/internal/v1/images/{id}"),
     ("gateway", "GET", "/internal/v1/images/{id}/data"),
@@ -123,7 +123,8 @@ async def test_routes_need_a_credential(h: Harness) -> None:
 ])
 async def test_each_route_admits_only_its_component_types(
         h: Harness, component_type: str, method: str, path: str) -> None:
-    """A node can read images but never write or delete one; a gateway only uploads."""
+    """A node can read images and store an exported volume, but never delete one or
+    list them; a gateway only uploads."""
     url = path.format(id=uuid.uuid4())
     resp = await h.client.request(method, url, content=b"x" if method == "PUT" else None,
                                   auth=SigningAuth(signer(component_type)))
@@ -150,6 +151,16 @@ async def test_upload_qcow2_streams_and_reports(h: Harness, qcow2: bytes) -> Non
     assert meta["name"] == "debian-12" and meta["sha256"] == report.sha256
     listed = (await h.client.get("/internal/v1/images")).json()
     assert [m["id"] for m in listed] == [image_id]
+
+
+async def test_a_node_uploads_the_copy_of_a_volume(h: Harness, qcow2: bytes) -> None:
+    """A node stores the copy of a volume it exports as a host image (F-IMAGE)."""
+    image_id = str(uuid.uuid4())
+    resp = await h.client.put(data_url(image_id), params={"format": "qcow2"},
+                              content=qcow2, auth=SigningAuth(signer("node")))
+    assert resp.status_code == 201, resp.text
+    assert StorageImageReport.model_validate(resp.json()).format == "qcow2"
+    assert [r.image_id for r in h.stored] == [image_id]
 
 
 async def test_upload_is_idempotent_and_conflicts_on_other_content(

@@ -25,7 +25,9 @@ from yun.proto.messages import (
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    StorageImageReport,
     VolumeEnsure,
+    VolumeExport,
     VolumeInfo,
     VolumeResize,
 )
@@ -147,6 +149,15 @@ class NodeClient:
         if action == "revert":
             path += "/revert"
         return await self.peer.call(method, path, VolumeInfo, request_id=request_id,
+                                    timeout=timeout)
+
+    async def export_volume(self, volume_id: str, req: VolumeExport,
+                            request_id: str | None = None,
+                            timeout: float | None = None) -> StorageImageReport:
+        """Have the node copy the volume (live when its VM runs) into image
+        ``req.image_id`` and upload it to ``req.storage_url``; the stored image."""
+        return await self.peer.call("POST", f"{VOLUMES}/{volume_id}/export",
+                                    StorageImageReport, body=req, request_id=request_id,
                                     timeout=timeout)
 
     async def change_cdrom(self, vm_uuid: str, req: CdromChange,

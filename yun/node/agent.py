@@ -11,18 +11,21 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import httpx
+from pydantic import ValidationError
 
 from yun.node.hypervisor.base import HypervisorDriver, ResolvedDisk, node_capabilities
 from yun.node.netload import UplinkMeter
 from yun.node.network.base import NetworkBackend
 from yun.node.storage.base import DiskBackend, DiskError, ImageAccess, VolumeInUse
-from yun.proto.client import SigningAuth
+from yun.proto.client import SigningAuth, decode_response
 from yun.proto.components import ComponentType
-from yun.proto.errors import BadRequest, NotFound, YunError
+from yun.proto.errors import BadRequest, NotFound, PeerError, Unavailable, YunError
 from yun.proto.membership import Membership
 from yun.proto.messages import (
     CdromChange,
@@ -41,7 +44,9 @@ from yun.proto.messages import (
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    StorageImageReport,
     VolumeEnsure,
+    VolumeExport,
     VolumeInfo,
     legacy_volume_id,
 )
@@ -49,6 +54,8 @@ from yun.proto.network import LearnedAddress, NicNetwork, NodeForward
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.node")
+# Bytes read from an exported copy per chunk of its upload to the storage server.
+UPLOAD_CHUNK = 1 << 20
 
 GIB = 1024**3
 # The disk id of the VM's CD drive in the hypervisor (the seed is "cidata").
@@ -441,6 +448,69 @@ class NodeAgent:
         log.info("volume snapshot changed", extra={"volume": volume_id, "node": self.node_id,
                                                    "snapshot": name, "action": action})
         return info
+
+    async def export_volume(self, volume_id: str, req: VolumeExport) -> StorageImageReport:
+        """Copy the volume into the new image ``req.image_id`` and upload it to the
+        storage server (F-IMAGE). When a domain here runs it, the hypervisor copies it
+        live (a point-in-time copy, the guest goes on writing), else qemu-img copies the
+        closed volume; either way the copy is flattened qcow2. The storage server's
+        report of the stored image is answered; a storage server that cannot be reached
+        is a 503 (the caller retries: the upload of one image id is idempotent)."""
+        holder = await self._holder(volume_id)
+        hold_vm = self.queues.hold(holder[0]) if holder is not None \
+            else contextlib.nullcontext()
+        async with hold_vm, self.volume_queues.hold(volume_id):
+            holder = await self._holder(volume_id)
+            running = holder is not None and holder[2].state == DomainState.RUNNING
+            if req.vm_uuid is not None and holder is not None and holder[0] != req.vm_uuid:
+                raise VolumeInUse(f"volume {volume_id} is attached to VM {holder[0]} on node "
+                                  f"{self.membership.name}, not to VM {req.vm_uuid}")
+            live = None
+            if running and holder is not None:
+                vm, disk_id = holder[0], holder[1]
+
+                async def live_copy(target: Path) -> None:
+                    await self.driver.backup_disk(vm, disk_id, target)
+                live = live_copy
+
+            async def upload(path: Path) -> StorageImageReport:
+                return await self._upload_image(req, path)
+
+            report = await self.disks.export_volume(volume_id, req.image_id, upload,
+                                                    live=live)
+        log.info("volume exported to the storage server", extra={
+            "volume": volume_id, "image": req.image_id, "node": self.node_id,
+            "vm": holder[0] if holder else None, "live": live is not None,
+            "size": report.size, "sha256": report.sha256})
+        return report
+
+    async def _upload_image(self, req: VolumeExport, path: Path) -> StorageImageReport:
+        """Stream the file at ``path`` to the storage server as image ``req.image_id``,
+        signed with this node's credentials over the domain's TLS."""
+        storage = self.membership.client_for_url(req.storage_url)
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+
+        async def body() -> AsyncIterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
+                    yield chunk
+
+        headers = {**storage.headers(), "Content-Type": "application/octet-stream",
+                   "Content-Length": str(size)}
+        params = {"name": req.name, "format": "qcow2"}
+        try:
+            resp = await storage.http.put(
+                f"/internal/v1/images/{req.image_id}/data", content=body(), params=params,
+                headers=headers, timeout=httpx.Timeout(60.0, read=3600.0, write=3600.0))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"storage server {req.storage_url} unreachable while node "
+                              f"{self.membership.name} uploaded image {req.image_id}: "
+                              f"{exc.__class__.__name__}: {exc}") from exc
+        try:
+            return StorageImageReport.model_validate(decode_response(resp, req.storage_url))
+        except ValidationError as exc:
+            raise PeerError(f"storage server {req.storage_url} answered a malformed "
+                            "report of the stored image") from exc
 
     async def attach_disk(self, vm_uuid: str, req: DiskAttach) -> DomainInfo:
         """Plug an existing volume into the VM (live when it runs, and into its

@@ -29,7 +29,9 @@ from yun.proto.messages import (
     ProvisionRequest,
     QosSpec,
     StopRequest,
+    StorageImageReport,
     VolumeEnsure,
+    VolumeExport,
     VolumeInfo,
     VolumeResize,
 )
@@ -142,6 +144,13 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
     async def resize_volume(volume_id: str, req: VolumeResize) -> VolumeInfo:
         """Grow the volume (online through the hypervisor when a running VM has it)."""
         return await agent.resize_volume(volume_id, req.size_gb)
+
+    @app.post(f"{base}/volumes/{{volume_id}}/export", response_model=StorageImageReport,
+              dependencies=[caller])
+    async def export_volume(volume_id: str, req: VolumeExport) -> StorageImageReport:
+        """Copy the volume (live when a running VM has it) into image ``req.image_id``
+        and upload it to the storage server; its report of the stored image."""
+        return await agent.export_volume(volume_id, req)
 
     @app.put(f"{base}/volumes/{{volume_id}}/snapshots/{{name}}", response_model=VolumeInfo,
              dependencies=[caller])

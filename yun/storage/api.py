@@ -5,14 +5,16 @@ route except ``/healthz`` requires a signed request of a domain member, and admi
 the component types that need it:
 
 ===========================================  ====================================
-``PUT /internal/v1/images/{id}/data``         gateway (a user's upload streams through)
+``PUT /internal/v1/images/{id}/data``         gateway (a user's upload streams through),
+                                              node (a VM's disk made an image, F-IMAGE)
 ``GET /internal/v1/images/{id}/upload``       gateway (where an upload resumes)
 ``GET /internal/v1/images/{id}/data``         node (caches an image for a VM)
 ``GET /internal/v1/images``, ``.../{id}``     control (checks what is stored)
 ``DELETE /internal/v1/images/{id}``           control (image deletion)
 ===========================================  ====================================
 
-So a node can read images but never write or delete one.
+So a node can read images and store the copy of a volume it was asked to export, but
+never delete one.
 
 Resumable uploads: ``PUT .../data`` without ``Content-Range`` sends a whole image; with
 ``Content-Range: bytes START-END/TOTAL`` it sends part of an upload of TOTAL bytes, START
@@ -100,6 +102,8 @@ def create_storage_app(
     install_problem_handlers(app)
     router = APIRouter(prefix="/internal/v1")
     uploader = [Depends(peer_identity(verifier, {CT.GATEWAY}))]
+    # A node stores the copy of a volume it was asked to export (F-IMAGE).
+    writer = [Depends(peer_identity(verifier, {CT.GATEWAY, CT.NODE}))]
     reader = [Depends(peer_identity(verifier, {CT.NODE}))]
     manager = [Depends(peer_identity(verifier, {CT.CONTROL}))]
 
@@ -111,7 +115,7 @@ def create_storage_app(
         "/images/{image_id}/data",
         response_model=StorageImageReport,
         status_code=201,
-        dependencies=uploader,
+        dependencies=writer,
         responses={200: {"model": StorageImageReport, "description": "already stored"},
                    202: {"model": ImageUploadStatus, "description": "part stored"}},
     )
