@@ -13,6 +13,7 @@ from yun.control.db.idempotency import purge_expired
 from yun.control.db.session import Database
 from yun.control.flows.cascade import cascade_flows
 from yun.control.flows.engine import FlowEngine
+from yun.control.flows.image_capture import image_capture_flows
 from yun.control.flows.vm import vm_flows
 from yun.control.services.images import expire_uploads_loop
 from yun.control.services.nodes import NodeRegistry
@@ -45,7 +46,7 @@ class ControlService:
         await self.ctx.membership.start()
         owner = self.ctx.membership.component_id or "control"
         self.ctx.engine = FlowEngine(self.db, self.ctx.queues, self.ctx, owner)
-        for definition in [*vm_flows(), *cascade_flows()]:
+        for definition in [*vm_flows(), *cascade_flows(), *image_capture_flows()]:
             self.ctx.engine.register(definition)
         await self.server.start(self.ctx.membership.serving_tls())
         self.nodes.start()

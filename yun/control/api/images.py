@@ -18,6 +18,7 @@ from yun.proto.resources import (
     Accepted,
     Image,
     ImageCreate,
+    ImageFromVm,
     ImageUpdate,
     ImageUploadTicket,
     Page,
@@ -34,6 +35,17 @@ def image_router(api: ApiBundle) -> APIRouter:
         ticket = await api.images.create(req, ctx, request.headers.get(IDEMPOTENCY_HEADER))
         audit_resource(request, "image", ticket.image.uuid, ticket.image.project_uuid)
         return ticket
+
+    @r.post("/images/from-vm", response_model=Accepted, status_code=202,
+            name="image.from_vm")
+    async def image_from_vm(req: ImageFromVm, request: Request, ctx: RequestContext = user,
+                            sc: Scope = scope) -> Accepted:
+        """Make a new image of a VM's disk (its root disk unless ``disk`` names another),
+        running or stopped: answers the image (``uploading``) and the capture task."""
+        accepted = await api.images.from_vm(req, ctx, sc)
+        audit_resource(request, "image", accepted.resource.get("uuid"),
+                       accepted.resource.get("project_uuid"))
+        return accepted
 
     @r.get("/images", response_model=Page[Image], name="image.list")
     async def list_images(params: Listing, sc: Scope = scope) -> Page[Image]:

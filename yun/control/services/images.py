@@ -20,9 +20,20 @@ from yun.control.access.policy import (
 )
 from yun.control.allocators import quotas
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, ProjectRow, VmRow, VolumeRow, utcnow
+from yun.control.db.models import (
+    FlowRow,
+    ImageRow,
+    NodeRow,
+    ProjectRow,
+    VmRow,
+    VolumeRow,
+    utcnow,
+)
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.cascade import remove_image
+from yun.control.flows.engine import UNFINISHED
+from yun.control.flows.image_capture import CAPTURABLE, DISK_ID, IMAGE, KIND, VOLUME
+from yun.control.flows.volumes import vm_volumes
 from yun.control.services.common import find
 from yun.control.services.tasks import task_model
 from yun.proto.components import ComponentType
@@ -34,10 +45,12 @@ from yun.proto.resources import (
     Accepted,
     Image,
     ImageCreate,
+    ImageFromVm,
     ImageStatus,
     ImageUpdate,
     ImageUploadTicket,
     ImageVisibility,
+    VolumeKind,
 )
 
 log = logging.getLogger("yun.control.images")
@@ -113,6 +126,65 @@ class ImageService:
                                                  "project": image.project_uuid,
                                                  "storage": storage.component_id})
         return ImageUploadTicket(image=image, storage_url=storage.url)
+
+    async def from_vm(self, req: ImageFromVm, user: RequestContext, scope: Scope) -> Accepted:
+        """Start making image ``req.name`` of a VM's disk (F-IMAGE): the image is recorded
+        ``uploading`` in the user's project (its quota claimed) and the VM's capture
+        task started; the image becomes ``active`` when the storage server has the copy.
+
+        The VM must be running (a live copy) or stopped, with no other task under way
+        (409 naming its state or task); the user needs write access to the project and
+        read access to the VM (another project's VM is a 404)."""
+        require_project_write(user, "make images")
+        if req.visibility is ImageVisibility.PUBLIC and not user.is_super_admin:
+            raise Forbidden("only a super admin may make an image public")
+        storages = self.ctx.membership.peers_of(ComponentType.STORAGE)
+        if not storages:
+            raise Unavailable("no storage server has joined the domain: the image has "
+                              "nowhere to go")
+        storage = storages[0]
+        async with self.ctx.db.session() as session:
+            vm = await find(session, VmRow, req.vm, "VM", scope)
+            require_in_project(scope.context, Permission.READ, vm.project_uuid,
+                               what=f"copy the disks of VM {vm.name}")
+            busy = (await session.scalars(select(FlowRow).where(
+                FlowRow.resource_uuid == vm.uuid, FlowRow.state.in_(UNFINISHED))
+                .limit(1))).first()
+            if busy is not None:
+                raise Conflict(f"VM {vm.name} is busy with task {busy.uuid} ({busy.kind}); "
+                               "make the image when it has finished")
+            if vm.state not in CAPTURABLE:
+                raise Conflict(f"VM {vm.name} is {vm.state}: an image is made of a running "
+                               "or stopped VM only")
+            volume = await _capture_volume(session, vm, req.disk)
+            if volume.node_uuid is None or await session.get(NodeRow, volume.node_uuid) \
+                    is None:
+                raise Conflict(f"disk {volume.disk_id} of VM {vm.name} is on no node yet")
+            project = await session.get(ProjectRow, user.project_uuid)
+            if project is None:
+                raise Unprocessable(f"project {user.project_name} no longer exists")
+            await quotas.claim(session, project, IMAGE_QUOTA)
+            description = req.description or f"made of disk {volume.disk_id} of VM {vm.name}"
+            row = ImageRow(
+                uuid=str(uuidlib.uuid4()), name=req.name, description=description,
+                project_uuid=project.uuid, visibility=req.visibility.value,
+                status=ImageStatus.UPLOADING, declared_format="qcow2", protected=False,
+                storage_uuid=storage.component_id, storage_url=storage.url,
+            )
+            session.add(row)
+            tags = await update_tags(session, "image", row.uuid, req.tags) if req.tags else {}
+            flow = await self.ctx.engine.add_flow(
+                session, KIND, vm.uuid,
+                {IMAGE: row.uuid, VOLUME: volume.uuid, DISK_ID: volume.disk_id},
+                project_uuid=project.uuid, what=f"VM {vm.name}")
+            image = image_model(row, tags)
+            accepted = Accepted(task=task_model(flow), resource=image.model_dump(mode="json"))
+        self.ctx.engine.launch(flow.uuid, vm.uuid)
+        log.info("image capture started", extra={
+            "image": image.uuid, "image_name": req.name, "vm": vm.uuid, "volume": volume.uuid,
+            "state": vm.state, "project": image.project_uuid, "storage": storage.component_id,
+            "task": flow.uuid})
+        return accepted
 
     async def _keyed(self, key: str) -> ImageUploadTicket | None:
         async with self.ctx.db.session() as session:
@@ -256,6 +328,22 @@ class ImageService:
                 session, [row]))[0].model_dump(mode="json"))
         self.ctx.engine.launch(flow.uuid, row.uuid)
         return accepted
+
+
+async def _capture_volume(session: AsyncSession, vm: VmRow, disk: str | None) -> VolumeRow:
+    """The volume of ``vm`` an image is made of: its root one, or the one ``disk``
+    names (a disk id, a volume uuid or a volume name); 404 naming the VM's disks."""
+    volumes = await vm_volumes(session, vm.uuid)
+    if disk is None:
+        found = next((v for v in volumes if v.kind == VolumeKind.ROOT), None)
+        if found is None:
+            raise Conflict(f"VM {vm.name} has no root volume")
+        return found
+    for volume in volumes:
+        if disk in (volume.disk_id, volume.uuid, volume.name):
+            return volume
+    names = ", ".join(f"{v.disk_id} ({v.name})" for v in volumes) or "none"
+    raise NotFound(f"VM {vm.name} has no disk '{disk}'; its disks: {names}")
 
 
 def _refuse_protected(row: ImageRow) -> None:

@@ -45,6 +45,7 @@ from yun.proto.resources import (
     Image,
     ImageCreate,
     ImageFormat,
+    ImageFromVm,
     ImageStatus,
     ImageUpdate,
     ImageUploadStatus,
@@ -127,6 +128,19 @@ async def upload_image(
             errors=[{"image": image_uuid, "offset": held.offset, "total": size}])
     final = await up.call(ctx, "GET", "/images/{image_uuid}", path={"image_uuid": image_uuid})
     return answer(Reply(201, final.data, reply.replayed), Image)
+
+
+@router.post("/images/from-vm", response_model=Accepted, status_code=202)
+async def image_from_vm(body: ImageFromVm, ctx: Ctx, up: Up, wait: Wait = 0,
+                        idempotency_key: IdempotencyKey = None) -> Response:
+    """Make a new image of a VM's disk (its root disk unless `disk` names another), kept
+    by a storage server: a consistent live copy of a running VM (the guest goes on
+    writing), or a copy of a stopped one; flattened qcow2, checksummed like uploads. The
+    VM must be running or stopped (409 otherwise). Answers the image (`uploading`) and
+    the task; the image is `active` when the task has succeeded."""
+    reply = await up.call(ctx, "POST", "/images/from-vm", body=body,
+                          idempotency_key=idempotency_key)
+    return await accepted(up, ctx, reply, wait)
 
 
 @router.get("/images/{ref}/upload", response_model=ImageUploadStatus)
