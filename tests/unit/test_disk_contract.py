@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -32,8 +33,8 @@ from yun.node.storage.base import (
     VolumeNotFound,
 )
 from yun.node.storage.local import LocalDiskBackend
-from yun.node.storage.sim import SimDiskBackend, SimSharedMount
-from yun.proto.messages import CloudInitSpec, DiskSpec, ImageLocation
+from yun.node.storage.sim import SimDiskBackend, SimSharedMount, exported_content
+from yun.proto.messages import CloudInitSpec, DiskSpec, ImageLocation, StorageImageReport
 
 GIB = 1024**3
 MIB = 1024**2
@@ -77,6 +78,10 @@ class Harness:
         """The volume open by a domain of the *peer* node for the block's duration."""
         raise NotImplementedError
 
+    async def copy_holds(self, path: Path, pattern: int) -> bool:
+        """Whether the exported image at ``path`` carries what :meth:`write` wrote."""
+        raise NotImplementedError
+
     async def cleanup(self) -> None:
         pass
 
@@ -114,6 +119,9 @@ class SimHarness(Harness):
 
     async def holds(self, volume_id: str, pattern: int) -> bool:
         return self.sim.read(volume_id) == f"pattern {pattern}"
+
+    async def copy_holds(self, path: Path, pattern: int) -> bool:
+        return await exported_content(path) == f"pattern {pattern}"
 
     @contextlib.asynccontextmanager
     async def hold_open(self, volume_id: str) -> AsyncIterator[None]:
@@ -184,6 +192,12 @@ class LocalHarness(Harness):
         done = await asyncio.to_thread(subprocess.run, [
             "qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} 0 64k",
             await self._path(volume_id)], capture_output=True, text=True)
+        return done.returncode == 0 and "Pattern verification failed" not in done.stdout
+
+    async def copy_holds(self, path: Path, pattern: int) -> bool:
+        done = await asyncio.to_thread(subprocess.run, [
+            "qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} 0 64k", str(path)],
+            capture_output=True, text=True)
         return done.returncode == 0 and "Pattern verification failed" not in done.stdout
 
     @contextlib.asynccontextmanager
@@ -367,6 +381,82 @@ async def test_a_snapshot_reverts_the_content(h: Harness) -> None:
         await h.backend.create_snapshot(vid, "a b/c")
     assert (await h.backend.delete_snapshot(vid, "before")).snapshots == []
     await h.backend.delete_snapshot(vid, "before")  # already gone: no error
+
+
+async def test_an_export_is_a_flattened_qcow2_copy_removed_after_its_upload(
+        h: Harness) -> None:
+    """F-IMAGE: a volume (an overlay of a cached image) copied into a new image: what
+    the upload is handed is a standalone qcow2 holding the volume's content; the copy
+    is gone afterwards, also when the upload fails."""
+    image = await h.cache_image()
+    spec = image.model_copy(update={"volume_id": str(uuid.uuid4())})
+    await h.backend.ensure_volume(spec)
+    vid = str(spec.volume_id)
+    await h.write(vid, 0x5A)
+    new_image = str(uuid.uuid4())
+    seen: list[Path] = []
+
+    async def upload(path: Path) -> StorageImageReport:
+        seen.append(path)
+        done = await asyncio.to_thread(subprocess.run, [
+            "qemu-img", "info", "--output=json", str(path)],
+            capture_output=True, text=True, check=True)
+        info = json.loads(done.stdout)
+        assert info["format"] == "qcow2" and "backing-filename" not in info, info
+        assert await h.copy_holds(path, 0x5A)
+        data = path.read_bytes()
+        return StorageImageReport(image_id=new_image, size=len(data),
+                                  sha256=hashlib.sha256(data).hexdigest(), format="qcow2",
+                                  virtual_size=info["virtual-size"])
+
+    report = await h.backend.export_volume(vid, new_image, upload)
+    assert report.image_id == new_image and len(seen) == 1
+    assert not seen[0].exists()
+    assert await h.holds(vid, 0x5A)  # the volume itself is untouched
+
+    async def broken(path: Path) -> StorageImageReport:
+        seen.append(path)
+        raise ConnectionError("storage server gone")
+
+    with pytest.raises(ConnectionError):
+        await h.backend.export_volume(vid, str(uuid.uuid4()), broken)
+    assert not seen[-1].exists()
+    with pytest.raises(VolumeNotFound):
+        await h.backend.export_volume(str(uuid.uuid4()), new_image, upload)
+    with pytest.raises(DiskError, match="image id"):
+        await h.backend.export_volume(vid, "../x", upload)
+    assert await h.backend.volume_ids() == [vid]  # no copy taken for a volume
+
+
+async def test_a_live_export_takes_the_hypervisor_copy(h: Harness) -> None:
+    """The volume open by a running domain: its copy is the hypervisor's (``live``),
+    written where the backend says, uploaded and removed (the sim volume has no file
+    for a driver to copy: the sim twin writes its own and records the live export)."""
+    spec = vol(1)
+    await h.backend.ensure_volume(spec)
+    vid = str(spec.volume_id)
+    await h.write(vid, 0x33)
+    targets: list[Path] = []
+
+    async def live(target: Path) -> None:
+        targets.append(target)
+        source = (await h.backend.volume_info(vid)).path
+        await _run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", source,
+                    str(target)])
+
+    async def upload(path: Path) -> StorageImageReport:
+        assert await h.copy_holds(path, 0x33)
+        return StorageImageReport(image_id=image_id, size=1, sha256="0" * 64,
+                                  format="qcow2", virtual_size=GIB)
+
+    image_id = str(uuid.uuid4())
+    await h.backend.export_volume(vid, image_id, upload, live=live)
+    if isinstance(h.backend, SimDiskBackend):
+        assert h.backend.exports == [(vid, True)] and targets == []
+    else:
+        [target] = targets
+        assert target.parent == Path((await h.backend.volume_info(vid)).path).parent
+        assert not target.exists()
 
 
 # -- directories ----------------------------------------------------------------------------
