@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import upload
+from tests.integration.conftest import Cli, shown, upload
 from tests.integration.test_network_modes_sim import create_vm, node_of
 from yun.control.flows.image_capture import ExportVolume
 from yun.node.storage.sim import exported_content
@@ -207,3 +207,19 @@ async def test_bad_requests_and_a_storage_server_lost_mid_export(
     resp = await api(c).post("/api/v1/images/from-vm", json={"vm": "db1", "name": "y"})
     assert resp.status_code == 503 and "storage server" in resp.text, resp.text
     assert await images_used(c) == used + 1
+
+
+async def test_cli_image_from_vm(cli: Cli, small_qcow2: Path) -> None:
+    """`yun image from-vm` waits for the capture and prints the active image."""
+    code, out = await cli("image", "upload", str(small_qcow2), "--name", "base")
+    assert code == 0, out
+    code, out = await cli("vm", "create", "web1", "--image", "base", "--memory", "64")
+    assert code == 0, out
+    image = await shown(cli, "image", "from-vm", "web1", "--name", "web-golden",
+                        "--description", "golden")
+    assert (image["name"], image["status"], image["format"], image["description"]) == (
+        "web-golden", "active", "qcow2", "golden")
+    code, out = await cli("image", "from-vm", "nope", "--name", "x")
+    assert code == 1 and "no VM 'nope'" in out, out
+    code, out = await cli("image", "from-vm", "web1", "--name", "y", "--no-wait")
+    assert code == 0 and "task" in out, out

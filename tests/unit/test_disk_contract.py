@@ -404,7 +404,7 @@ async def test_an_export_is_a_flattened_qcow2_copy_removed_after_its_upload(
         info = json.loads(done.stdout)
         assert info["format"] == "qcow2" and "backing-filename" not in info, info
         assert await h.copy_holds(path, 0x5A)
-        data = path.read_bytes()
+        data = await asyncio.to_thread(path.read_bytes)
         return StorageImageReport(image_id=new_image, size=len(data),
                                   sha256=hashlib.sha256(data).hexdigest(), format="qcow2",
                                   virtual_size=info["virtual-size"])

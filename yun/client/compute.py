@@ -39,6 +39,7 @@ from yun.proto.resources import (
     Image,
     ImageCreate,
     ImageFormat,
+    ImageFromVm,
     ImageUpdate,
     ImageUploadStatus,
     ImageVisibility,
@@ -283,6 +284,15 @@ class Images(TaggedCollection[R, Image]):
                     content=upload_content(source, progress), timeout=UPLOAD_TIMEOUT,
                     headers={"Content-Type": "application/octet-stream",
                              **idempotency(idempotency_key)})
+
+    @endpoint
+    def from_vm(self, spec: ImageFromVm, *, wait: Wait = False,
+                idempotency_key: str | None = None) -> Op[Accepted | Task]:
+        """Make a new image of a VM's disk (its root disk unless ``spec.disk`` names
+        another), running or stopped; the image is ``active`` when the task succeeds
+        (F-IMAGE)."""
+        return accepted(Call("POST", "/images/from-vm", ACCEPTED, body=spec,
+                             headers=idempotency(idempotency_key)), wait)
 
     @endpoint
     def upload_status(self, ref: str) -> Call[ImageUploadStatus]:

@@ -28,7 +28,13 @@ from yun.cli.common import (
 from yun.cli.context import client
 from yun.cli.output import OutputFormat, emit, note, output_format
 from yun.client import DEFAULT_WAIT, ApiError
-from yun.proto.resources import Image, ImageFormat, ImageStatus, ImageVisibility
+from yun.proto.resources import (
+    Image,
+    ImageFormat,
+    ImageFromVm,
+    ImageStatus,
+    ImageVisibility,
+)
 
 app = typer.Typer(help="Disk and ISO images.", no_args_is_help=True)
 
@@ -173,6 +179,31 @@ def _exists(image: Image) -> bool:
             return False
         raise
     return True
+
+
+@app.command("from-vm")
+def from_vm(
+    vm: Annotated[str, typer.Argument(help="VM name or uuid (running or stopped)")],
+    name: Annotated[str, typer.Option(help="the new image's name")],
+    description: str = "",
+    visibility: Annotated[ImageVisibility, typer.Option(
+        help="public images are seen by every project (administrators)")]
+    = ImageVisibility.PROJECT,
+    disk: Annotated[str | None, typer.Option(
+        help="the VM's disk to copy: disk id, volume uuid or name (default: root disk)")]
+    = None,
+    wait: WaitOpt = True, wait_timeout: WaitTimeout = DEFAULT_WAIT,
+    idempotency_key: IdempotencyKey = None, output: Output = None,
+) -> None:
+    """Make a new image of a VM's disk, kept by the storage server: a consistent live
+    copy of a running VM (the guest goes on writing) or a copy of a stopped one. New VMs
+    made from the image start with the same content."""
+    spec = ImageFromVm(vm=vm, name=name, description=description, visibility=visibility,
+                       disk=disk)
+    answer = accepted(client().images.from_vm(spec, idempotency_key=idempotency_key))
+    image_uuid = str(answer.resource["uuid"]) if answer is not None else name
+    finish(answer, f"image from-vm {vm}", wait, wait_timeout, output,
+           show=lambda: client().images.get(image_uuid))
 
 
 add_list_and_show(app, "image", "Images", COLUMNS, lambda c: c.images,
