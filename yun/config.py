@@ -292,8 +292,28 @@ class NodeSettings(ComponentSettings):
 
 
 class StorageSettings(ComponentSettings):
+    """A storage server (C-STO): ``yun serve storage``."""
+
     listen_port: int = 7730
     max_upload_bytes: int = 64 * 1024**3
+    mode: Literal["local", "shared"] = Field(
+        default="local", description="the storage mode of the pools it serves (F-STO-MODEL): "
+                                     "local, nodes fetch images over HTTP and cache them; "
+                                     "shared, images are kept on the shared mount and the "
+                                     "nodes of shared pools use them there, never copied "
+                                     "over the network")
+    shared_storage: Path | None = Field(
+        default=None, description="shared mode: the mount point the nodes of shared pools "
+                                  "have as their [node] shared_storage")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> StorageSettings:
+        if self.mode == "shared" and self.shared_storage is None:
+            raise ConfigError("[storage] mode = \"shared\" needs shared_storage: the mount "
+                              "point every node of the shared pools has")
+        if self.mode == "local" and self.shared_storage is not None:
+            raise ConfigError("[storage] shared_storage is only used with mode = \"shared\"")
+        return self
 
 
 class RouterSettings(ComponentSettings):

@@ -18,7 +18,10 @@ from sqlalchemy import select
 
 from tests.integration.conftest import Cli, shown, upload
 from tests.integration.test_network_modes_sim import _db, create_vm, delete_vm, node_of
+from yun.config import StorageSettings
 from yun.control.db.models import VolumeRow
+from yun.control.services.pools import PoolService
+from yun.storage.service import StorageService
 from yun.testing.cluster import SimCluster
 
 PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
@@ -196,10 +199,19 @@ async def test_vm_delete_takes_its_volumes_unless_kept(one: SimCluster,
         assert len((await s.scalars(select(VolumeRow))).all()) == 1
 
 
-async def test_pool_storage_rules(one: SimCluster, small_qcow2: Path) -> None:
+async def test_pool_storage_rules(one: SimCluster, small_qcow2: Path,
+                                  tmp_path: Path) -> None:
     c = one
     resp = await api(c).post("/api/v1/pools", json={"name": "lb", "backing": True})
     assert resp.status_code == 422 and "storage_mode shared" in resp.text, resp.text
+    # A storage server's mode must match the pool it serves (F-STO-MODEL): this
+    # domain's only storage server is in local mode.
+    resp = await api(c).post("/api/v1/pools", json={"name": "sh", "storage_mode": "shared",
+                                                    "backing": True})
+    assert resp.status_code == 409, resp.text
+    assert "storage mode shared needs a storage server in shared mode, and the domain " \
+           "has storage (local)" in resp.text
+    await use_shared_storage_server(c, tmp_path / "mount")
     resp = await api(c).post("/api/v1/pools", json={"name": "sh", "storage_mode": "shared",
                                                     "backing": True})
     assert resp.status_code == 201, resp.text
@@ -212,10 +224,26 @@ async def test_pool_storage_rules(one: SimCluster, small_qcow2: Path) -> None:
     assert resp.status_code == 409 and "1 VM(s)" in resp.text, resp.text
     resp = await api(c).patch("/api/v1/pools/default", json={"backing": True})
     assert resp.status_code == 422, resp.text
-    # An empty pool changes freely.
-    resp = await api(c).patch("/api/v1/pools/sh", json={"storage_mode": "local",
-                                                        "backing": False})
-    assert resp.status_code == 200 and resp.json()["storage_mode"] == "local", resp.text
+    # An empty pool changes freely, within the modes the storage servers serve.
+    resp = await api(c).patch("/api/v1/pools/sh", json={"backing": False})
+    assert resp.status_code == 200 and resp.json()["backing"] is False, resp.text
+    resp = await api(c).patch("/api/v1/pools/sh", json={"storage_mode": "local"})
+    assert resp.status_code == 409 and "has storage-shared (shared)" in resp.text, resp.text
+
+
+async def use_shared_storage_server(c: SimCluster, mount: Path) -> None:
+    """Replace the cluster's storage server with one in shared mode on ``mount``; return
+    once the control server sees it."""
+    assert c.storage is not None and c.control is not None
+    await c.storage.stop()
+    c.storage = StorageService(StorageSettings(**c.common("storage-shared"), mode="shared",
+                                               shared_storage=mount))
+    await c.storage.start()
+    pools = PoolService(c.control.ctx)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await pools.storage_server_modes()) != {"storage-shared": "shared"}:
+        assert asyncio.get_running_loop().time() < deadline, "no shared storage server"
+        await asyncio.sleep(0.2)
 
 
 async def wait_events(c: SimCluster, state: str, timeout: float = 30) -> list[dict[str, Any]]:

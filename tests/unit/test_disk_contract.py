@@ -327,6 +327,17 @@ async def test_an_overlay_of_a_cached_image_grows_to_its_size(h: Harness) -> Non
     assert (await h.backend.volume_info(str(other.volume_id))).size_gb == 1
 
 
+async def test_a_full_copy_of_a_cached_image_has_no_base(h: Harness) -> None:
+    image = await h.cache_image()
+    spec = image.model_copy(update={"volume_id": str(uuid.uuid4()), "size_gb": 2,
+                                    "backing": False})
+    await h.backend.ensure_volume(spec)
+    info = await h.backend.volume_info(str(spec.volume_id))
+    assert (info.size_gb, info.backing_image_id) == (2, None)
+    await h.write(str(spec.volume_id), 7)
+    assert await h.holds(str(spec.volume_id), 7)
+
+
 async def test_an_iso_or_an_uncached_image_is_never_a_disk(h: Harness) -> None:
     iso = vol(image_id=str(uuid.uuid4()), image_format="iso")
     with pytest.raises(DiskError, match="is an ISO, which is never a disk"):

@@ -342,6 +342,25 @@ async def test_raw_image_overlay_records_raw_backing(env: Env) -> None:
     assert (info.backing_format, info.virtual_size) == ("raw", GIB)
 
 
+async def test_a_full_copy_carries_the_image_and_stands_alone(env: Env) -> None:
+    """F-BACKING off: the volume is the image copied whole, with no backing file, so
+    the cached image may go (or break) and the volume still holds its data."""
+    data = os.urandom(MIB)
+    loc = await env.upload(data, "raw")
+    await env.backend.ensure_image(loc, env.credential)
+    copy = spec(2, image_id=loc.image_id, image_format="raw", backing=False)
+    disk = await env.backend.ensure_volume(copy)
+    assert disk.path is not None
+    info = await qemu_img.info(disk.path)
+    assert (info.backing_file, info.virtual_size) == (None, 2 * GIB)
+    assert info.actual_size >= MIB  # the image's data is in the volume itself
+    assert (await env.backend.volume_info(str(copy.volume_id))).backing_image_id is None
+    env.backend.image_path(loc.image_id, "raw").unlink()
+    raw = env.tmp_path / "back.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk.path), str(raw)])
+    assert raw.read_bytes()[:MIB] == data
+
+
 async def test_a_thick_overlay_is_preallocated(env: Env) -> None:
     loc = await env.upload(make_qcow2(env.tmp_path, "1G"))
     await env.backend.ensure_image(loc, env.credential)

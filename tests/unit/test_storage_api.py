@@ -12,11 +12,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from yun.node.storage.local import LocalDiskBackend
 from yun.proto import PROTOCOL_VERSION, VERSION_HEADER
 from yun.proto.auth import Signer, Verifier, issue_credential
 from yun.proto.client import SigningAuth
 from yun.proto.errors import BadRequest, Unavailable
-from yun.proto.messages import StorageImageReport
+from yun.proto.messages import ImageLocation, StorageImageReport
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.run import run
@@ -46,9 +47,10 @@ class ByRoute(httpx.Auth):
 
 
 class Harness:
-    def __init__(self, root: Path, max_upload_bytes: int = 64 * MIB) -> None:
+    def __init__(self, root: Path, max_upload_bytes: int = 64 * MIB,
+                 publish_dir: Path | None = None) -> None:
         self.root = root
-        self.store = ImageStore(root)
+        self.store = ImageStore(root, publish_dir=publish_dir)
         self.stored: list[StorageImageReport] = []
         self.fail_announce = False
 
@@ -58,7 +60,8 @@ class Harness:
             self.stored.append(report)
 
         verifier = Verifier(lambda: ["storage"], CA_KEY.public_key())
-        self.app = create_storage_app(self.store, verifier, on_stored, max_upload_bytes)
+        self.app = create_storage_app(self.store, verifier, on_stored, max_upload_bytes,
+                                      mode="shared" if publish_dir else "local")
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app), base_url="http://storage",
             headers={VERSION_HEADER: str(PROTOCOL_VERSION)}, auth=ByRoute(),
@@ -345,3 +348,52 @@ def test_store_refuses_ids_that_are_not_uuids(tmp_path: Path, bad_id: str) -> No
         store.get(bad_id)
     with pytest.raises(BadRequest):
         store.open_range(bad_id)
+
+
+# --- shared mode (F-STO-MODEL) -----------------------------------------------------
+
+
+async def test_shared_mode_keeps_images_where_shared_pools_nodes_use_them(
+        tmp_path: Path, qcow2: bytes) -> None:
+    """A storage server in shared mode keeps its store on the shared mount and links
+    each image into the mount's images/ with its checksum: a node of a shared pool finds
+    it there, verified, and fetches nothing (its storage server URL is unreachable)."""
+    mount = tmp_path / "shared"
+    h = Harness(mount / "storage-server", publish_dir=mount / "images")
+    try:
+        assert (await h.client.get("/internal/v1/info")).json() == {"mode": "shared"}
+        image_id = str(uuid.uuid4())
+        resp = await h.client.put(data_url(image_id), content=qcow2)
+        assert resp.status_code == 201, resp.text
+        report = StorageImageReport.model_validate(resp.json())
+        published = mount / "images" / f"{image_id}.qcow2"
+        assert published.stat().st_ino == h.store.data_path(image_id).stat().st_ino
+        node = LocalDiskBackend(tmp_path / "node", shared_storage=mount, owner=None)
+        try:
+            where = ImageLocation(image_id=image_id, url="https://127.0.0.1:9/nowhere",
+                                  sha256=report.sha256, size=report.size, format="qcow2")
+            assert await node.ensure_image(where, None, shared=True) == published
+        finally:
+            await node.aclose()
+        # Deleted from the store, it is gone from the mount too.
+        assert (await h.client.delete(f"/internal/v1/images/{image_id}")).status_code == 204
+        assert [p.name for p in (mount / "images").iterdir()
+                if not p.name.endswith(".lock")] == []
+    finally:
+        await h.client.aclose()
+
+
+async def test_an_image_stored_before_the_mode_was_shared_is_published_at_start(
+        tmp_path: Path, qcow2: bytes) -> None:
+    mount = tmp_path / "shared"
+    h = Harness(mount / "storage-server")
+    image_id = str(uuid.uuid4())
+    try:
+        assert (await h.client.get("/internal/v1/info")).json() == {"mode": "local"}
+        assert (await h.client.put(data_url(image_id), content=qcow2)).status_code == 201
+    finally:
+        await h.client.aclose()
+    ImageStore(mount / "storage-server", publish_dir=mount / "images")
+    assert (mount / "images" / f"{image_id}.qcow2").read_bytes() == qcow2
+    assert (mount / "images" / f"{image_id}.qcow2.sha256").read_text().strip() == \
+        hashlib.sha256(qcow2).hexdigest()

@@ -83,3 +83,21 @@ def test_a_root_disk_is_made_and_a_data_disk_must_exist() -> None:
     spec = disk_spec(data)
     assert (spec.disk_id, spec.create, spec.storage, spec.image_id) == (
         "vol-v", False, "local", None)
+
+
+def test_a_shared_root_disk_overlays_the_base_only_in_a_backing_pool() -> None:
+    """F-BACKING: overlays on one read-only base in a shared pool with backing images;
+    a full copy in a shared pool without; an overlay on the node's cached image in
+    local storage (the cache keeps an image while a volume stands on it)."""
+    def root(mode: str) -> VolumeRow:
+        return VolumeRow(uuid="r", disk_id="root", kind="root", size_gb=5, thin=True,
+                         storage_mode=mode)
+
+    def pool(mode: str, backing: bool) -> PoolRow:
+        return PoolRow(storage_mode=mode, backing=backing, thin=True, memory_ratio=1.0,
+                       ha=False)
+
+    assert disk_spec(root("shared"), None, pool("shared", True)).backing is True
+    assert disk_spec(root("shared"), None, pool("shared", False)).backing is False
+    assert disk_spec(root("local"), None, pool("local", False)).backing is True
+    assert disk_spec(root("local")).backing is True

@@ -222,6 +222,11 @@ class DiskSpec(Message):
                                   "it must exist already (a data volume: a missing one is data "
                                   "lost, never replaced by a blank)")
     storage: Literal["local", "shared"] = "local"
+    backing: bool = Field(
+        default=True, description="a volume made from an image: an overlay on the cached "
+                                  "image, which stays its read-only base (True), or a full, "
+                                  "independent copy of it (False: a pool without backing "
+                                  "images in shared mode, F-BACKING)")
 
 
 def legacy_volume_id(vm_uuid: str, disk_id: str) -> str:
@@ -494,6 +499,13 @@ class CdromChange(Message):
     """Insert an ISO into the VM's CD drive (cached first), or eject it (``image`` None)."""
 
     image: ImageLocation | None = None
+
+
+class StorageServerInfo(Message):
+    """What a storage server tells the control server about itself."""
+
+    mode: Literal["local", "shared"] = Field(
+        description="the storage mode of the pools it can serve (F-STO-MODEL)")
 
 
 class StorageImageReport(Message):

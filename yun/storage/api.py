@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from yun.proto.auth import Verifier
 from yun.proto.components import ComponentType as CT
 from yun.proto.errors import PayloadTooLarge
-from yun.proto.messages import StorageImageReport
+from yun.proto.messages import StorageImageReport, StorageServerInfo
 from yun.proto.resources import ImageUploadStatus
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
 from yun.storage.store import (
@@ -87,6 +88,8 @@ def create_storage_app(
     verifier: Verifier,
     on_stored: OnStored | None = None,
     max_upload_bytes: int = 64 * 1024**3,
+    *,
+    mode: Literal["local", "shared"] = "local",
 ) -> FastAPI:
     """The Storage Server's FastAPI application.
 
@@ -200,6 +203,11 @@ def create_storage_app(
         return StreamingResponse(
             body, status_code=status, headers=headers, media_type="application/octet-stream"
         )
+
+    @router.get("/info", response_model=StorageServerInfo, dependencies=manager)
+    async def info() -> StorageServerInfo:
+        """The storage mode this server serves (the control server matches pools to it)."""
+        return StorageServerInfo(mode=mode)
 
     @router.get("/images", response_model=list[ImageRecord], dependencies=manager)
     async def list_images() -> list[ImageRecord]:

@@ -19,10 +19,17 @@ log = logging.getLogger("yun.storage")
 class StorageService:
     def __init__(self, settings: StorageSettings) -> None:
         self.settings = settings
-        self.store = ImageStore(settings.state_dir / "storage")
+        if settings.mode == "shared":
+            # On the shared mount itself, so that publishing an image for the nodes is a
+            # hard link, not a copy (F-STO-MODEL: copies stay inside shared storage).
+            assert settings.shared_storage is not None  # checked by StorageSettings
+            self.store = ImageStore(settings.shared_storage / "storage-server",
+                                    publish_dir=settings.shared_storage / "images")
+        else:
+            self.store = ImageStore(settings.state_dir / "storage")
         self.membership = Membership(settings, ComponentType.STORAGE, url="")
         app = create_storage_app(self.store, self.membership.verifier, self._report_stored,
-                                 settings.max_upload_bytes)
+                                 settings.max_upload_bytes, mode=settings.mode)
         self.server = AppServer(app, settings.listen_host, settings.listen_port)
         self.url = self.membership.url = service_url(settings, self.server.port)
 
@@ -42,7 +49,7 @@ class StorageService:
     async def start(self) -> None:
         await self.membership.start()
         await self.server.start(self.membership.serving_tls())
-        log.info("storage server ready", extra={"url": self.url,
+        log.info("storage server ready", extra={"url": self.url, "mode": self.settings.mode,
                                                 "component": self.membership.component_id})
 
     async def stop(self) -> None:

@@ -44,6 +44,7 @@ from yun.proto.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
+    Unavailable,
     Unprocessable,
     YunError,
 )
@@ -52,6 +53,7 @@ from yun.proto.resources import ImageUploadStatus
 from yun.storage.formats import ImageFormatError, detect_format, normalize_format
 from yun.util import qemu_img
 from yun.util.ids import uuid_problem
+from yun.util.image_files import image_file, read_sidecar, sidecar_path, write_sidecar
 
 log = logging.getLogger("yun.storage.store")
 
@@ -211,8 +213,12 @@ def _check_name(name: str) -> str:
 class ImageStore:
     """Images of one storage server, under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, publish_dir: Path | None = None) -> None:
+        """``publish_dir`` (shared mode): every stored image is also linked there, in the
+        layout nodes take images from (:mod:`yun.util.image_files`), so the nodes of
+        shared pools use it in place; ``root`` must then be on the same file system."""
         self.root = Path(root)
+        self.publish_dir = Path(publish_dir) if publish_dir is not None else None
         self.images_dir = self.root / "images"
         self.tmp_dir = self.root / "tmp"
         self.uploads_dir = self.root / "uploads"
@@ -230,6 +236,44 @@ class ImageStore:
         self._digests: dict[str, tuple[int, hashlib._Hash]] = {}
         self._sweep_tmp()
         self._tighten_modes()
+        if self.publish_dir is not None:
+            self.publish_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            for record in self.list():  # stored before the mode was shared, or lost
+                self._publish(record)
+
+    def _published(self, image_id: str, fmt: str) -> Path | None:
+        if self.publish_dir is None:
+            return None
+        return image_file(self.publish_dir, image_id, fmt)
+
+    def _publish(self, record: ImageRecord) -> None:
+        """Link the image into the shared mount's images/ with its checksum sidecar (a
+        hard link: no copy, on the one file system of the shared storage)."""
+        target = self._published(record.id, record.format)
+        if target is None:
+            return
+        sidecar = sidecar_path(target)
+        if target.exists() and read_sidecar(sidecar) == record.sha256:
+            return
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        try:
+            os.link(self.data_path(record.id), tmp)
+        except OSError as exc:
+            raise Unavailable(
+                f"image {record.id}: cannot link it into {self.publish_dir} ({exc}); the "
+                f"store ({self.root}) must be on the shared mount itself") from exc
+        os.replace(tmp, target)
+        write_sidecar(sidecar, record.sha256)
+        log.info("image published on the shared mount",
+                 extra={"image": record.id, "path": str(target)})
+
+    def _unpublish(self, image_id: str) -> None:
+        if self.publish_dir is None:
+            return
+        for path in self.publish_dir.glob(f"{check_image_id(image_id)}.*"):
+            if path.name.endswith(".lock"):
+                continue  # a node's fetch lock, harmless
+            path.unlink(missing_ok=True)
 
     def _sweep_tmp(self) -> None:
         """Remove uploads a previous process left half done (it died mid-upload)."""
@@ -622,6 +666,7 @@ class ImageStore:
         finally:
             meta_tmp.unlink(missing_ok=True)
         _fsync_dir(self.images_dir)
+        self._publish(record)
 
     async def delete(self, image_id: str) -> bool:
         """Remove an image and any unfinished upload of it; return whether either existed
@@ -633,6 +678,7 @@ class ImageStore:
             # Sidecar first: once it is gone the image no longer exists, even if the
             # process dies before the data file is removed.
             meta.unlink(missing_ok=True)
+            self._unpublish(image_id)
             self.data_path(image_id).unlink(missing_ok=True)
             partial = self._discard_partial(image_id)
         if existed:

@@ -46,6 +46,7 @@ class SimCluster:
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     token: str = ""
     gateway_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
     domain: DomainService | None = None
     control: ControlService | None = None
     storage: StorageService | None = None
@@ -71,7 +72,8 @@ class SimCluster:
             **self.common("control"), database_url=self.database_url,
             admin_password_file=password_file))
         await self.control.start()
-        self.storage = StorageService(StorageSettings(**self.common("storage")))
+        self.storage = StorageService(StorageSettings(**self.common("storage"),
+                                                      **self.storage_options))
         await self.storage.start()
         await self.add_nodes(self.nodes)
         # Tests and benchmarks send far more than one user would: no rate limit here

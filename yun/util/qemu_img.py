@@ -300,11 +300,13 @@ async def convert(
     *,
     src_fmt: str,
     dst_fmt: str = "qcow2",
+    preallocation: str | None = None,
     cpu_seconds: int = 3600,
     time_limit: float = 7200.0,
 ) -> None:
     """Convert the (untrusted, already vetted) image ``src`` of format ``src_fmt`` into a
-    new standalone ``dst_fmt`` image at ``dst``.
+    new standalone ``dst_fmt`` image at ``dst`` (``preallocation``: "falloc" or "full"
+    allocates the whole of it on disk, thick).
 
     The source format is always given (never probed) and the run is under the same
     address-space cap as :func:`info`; its CPU cap is larger because converting copies
@@ -313,7 +315,10 @@ async def convert(
     """
     if src_fmt not in IMAGE_FORMATS:
         raise QemuImgError(f"cannot convert from {src_fmt!r}: not an image format")
-    argv = [QEMU_IMG, "convert", "-q", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)]
+    argv = [QEMU_IMG, "convert", "-q", "-f", src_fmt, "-O", dst_fmt]
+    if preallocation is not None:
+        argv += ["-o", f"preallocation={_prealloc(preallocation)}"]
+    argv += [str(src), str(dst)]
     try:
         await run_async(_limited(argv, cpu_seconds), timeout=time_limit)
     except CommandError as exc:

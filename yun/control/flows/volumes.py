@@ -50,17 +50,25 @@ async def vm_volumes(session: AsyncSession, vm_uuid: str) -> list[VolumeRow]:
     return sorted(rows, key=lambda r: r.kind != VolumeKind.ROOT)
 
 
-def disk_spec(volume: VolumeRow, image: ImageRow | None = None) -> DiskSpec:
+def disk_spec(volume: VolumeRow, image: ImageRow | None = None,
+              pool: PoolRow | None = None) -> DiskSpec:
     """The disk a volume is to its VM's domain: a root disk is made when missing (from
-    ``image`` when given), a data disk must exist already."""
+    ``image`` when given), a data disk must exist already.
+
+    A root disk in shared storage is an overlay on the image's copy on the mount only
+    when its pool has backing images (F-BACKING); otherwise it is a full copy that
+    stays inside the shared storage. In local storage it is an overlay on the node's
+    cached copy, which the cache keeps while it is used."""
     root = volume.kind == VolumeKind.ROOT
+    shared = volume.storage_mode == StorageMode.SHARED
+    backing = bool(pool.backing) if shared and pool is not None else not shared
     return DiskSpec(
         disk_id=volume.disk_id or ROOT_DISK, size_gb=volume.size_gb,
         image_id=image.uuid if root and image is not None else None,
         image_sha256=image.sha256 if root and image is not None else None,
         image_format=image.format if root and image is not None else None,
         volume_id=volume.uuid, thin=volume.thin, create=root,
-        storage="shared" if volume.storage_mode == StorageMode.SHARED else "local")
+        storage="shared" if shared else "local", backing=backing)
 
 
 async def disk_specs(session: AsyncSession, vm: VmRow, node: NodeRow, image: ImageRow | None,
@@ -77,7 +85,7 @@ async def disk_specs(session: AsyncSession, vm: VmRow, node: NodeRow, image: Ima
     root.node_uuid = node.uuid
     if pool is not None and root.pool_uuid != pool.uuid:
         root.pool_uuid, root.storage_mode, root.thin = pool.uuid, pool.storage_mode, pool.thin
-    return [disk_spec(v, image) for v in volumes]
+    return [disk_spec(v, image, pool) for v in volumes]
 
 
 async def volumes_going_with(session: AsyncSession, vm_uuid: str) -> list[str]:

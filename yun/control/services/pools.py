@@ -31,8 +31,9 @@ from yun.control.services.addresses import (
 )
 from yun.control.services.common import find
 from yun.control.services.nodes import node_models
-from yun.proto.errors import Conflict, Unprocessable
-from yun.proto.messages import CpuQos
+from yun.proto.components import ComponentType
+from yun.proto.errors import Conflict, Unprocessable, YunError
+from yun.proto.messages import CpuQos, StorageServerInfo
 from yun.proto.resources import (
     NetworkMode,
     Node,
@@ -99,6 +100,38 @@ class PoolService:
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
 
+    async def storage_server_modes(self) -> dict[str, str]:
+        """The storage mode of every storage server in the domain (name -> mode); one
+        that does not answer is left out."""
+        modes: dict[str, str] = {}
+        membership = self.ctx.membership
+        for peer in membership.peers_of(ComponentType.STORAGE):
+            try:
+                info = StorageServerInfo.model_validate(await membership.client(peer).request(
+                    "GET", "/internal/v1/info", timeout=10))
+            except YunError as exc:
+                log.warning("storage server did not tell its mode: %s", exc,
+                            extra={"storage": peer.component_id})
+                continue
+            modes[peer.name] = info.mode
+        return modes
+
+    async def check_storage_server(self, pool_name: str, storage_mode: str) -> None:
+        """A pool's storage mode must be the mode of a storage server of the domain
+        (F-STO-MODEL): its VMs' images are kept where its nodes take them. 409 naming
+        the storage servers and their modes otherwise; no storage server yet: nothing to
+        match (the first one to join must match)."""
+        modes = await self.storage_server_modes()
+        if not modes or storage_mode in modes.values():
+            return
+        listed = ", ".join(f"{name} ({mode})" for name, mode in sorted(modes.items()))
+        raise Conflict(
+            f"pool {pool_name}: storage mode {storage_mode} needs a storage server in "
+            f"{storage_mode} mode, and the domain has {listed}; set [storage] mode = "
+            f"\"{storage_mode}\"" + (" and shared_storage to the pool's mount"
+                                      if storage_mode == StorageMode.SHARED else "")
+            + " on a storage server")
+
     # -- zones --------------------------------------------------------------------------
 
     async def create_zone(self, req: ZoneCreate, scope: Scope) -> Zone:
@@ -144,10 +177,12 @@ class PoolService:
     async def create_pool(self, req: PoolCreate, scope: Scope) -> Pool:
         require(scope.context, Permission.MANAGE_PLATFORM, "create pools")
         check_scheduler(req.filters, req.weights)
+        check_storage(req.storage_mode or StorageMode.LOCAL, bool(req.backing))
+        if req.storage_mode is not None:
+            await self.check_storage_server(req.name, req.storage_mode)
         async with self.ctx.db.session() as session:
             await _unique(session, PoolRow, req.name, "pool")
             zone = await find(session, ZoneRow, req.zone or DEFAULT_ZONE, "zone", scope)
-            check_storage(req.storage_mode or StorageMode.LOCAL, bool(req.backing))
             mode = req.network_mode or NetworkMode.SANDBOX_PRIVATE
             address_pool_uuid = await resolve_link(session, scope, mode, req.address_pool)
             row = PoolRow(
@@ -176,6 +211,8 @@ class PoolService:
         pool only while it has no VM (its VMs were built and addressed by them)."""
         require(scope.context, Permission.MANAGE_PLATFORM, "change pools")
         check_scheduler(req.filters, req.weights)
+        if req.storage_mode is not None:
+            await self.check_storage_server(ref, req.storage_mode)
         async with self.ctx.db.session() as session:
             row = await find(session, PoolRow, ref, "pool", scope)
             await session.refresh(row, with_for_update=True)

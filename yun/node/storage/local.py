@@ -88,6 +88,7 @@ from yun.proto.messages import (
 )
 from yun.util import qemu_img
 from yun.util.ids import uuid_problem
+from yun.util.image_files import image_file, read_sidecar, sidecar_path, write_sidecar
 
 log = logging.getLogger("yun.node.storage.local")
 
@@ -313,8 +314,8 @@ class LocalDiskBackend(DiskBackend):
             if self.shared is None:
                 raise DiskError(f"image {image_id}: node {self.node} has no shared storage "
                                 "([node] shared_storage)")
-            return self.shared / "images" / f"{image_id}.{fmt}"
-        return self.images_dir / f"{image_id}.{fmt}"
+            return image_file(self.shared / "images", image_id, fmt)
+        return image_file(self.images_dir, image_id, fmt)
 
     # --- image cache -------------------------------------------------------------------
 
@@ -336,13 +337,17 @@ class LocalDiskBackend(DiskBackend):
                     await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
                     if not await self._cached_ok(image, path):
                         await self._download(image, path, access)
+                    else:
+                        # Perhaps published by a storage server in shared mode (its own
+                        # file on the mount): QEMU's user must read it.
+                        await asyncio.to_thread(_private, path, self.owner)
                 finally:
                     os.close(fd)  # closing drops the flock
                 return path
             if not await self._cached_ok(image, path):
                 await self._download(image, path, access)
                 await asyncio.to_thread(self._evict, path)
-            _touch(_sha_path(path))
+            _touch(sidecar_path(path))
         return path
 
     def _evict(self, keep: Path) -> None:
@@ -356,14 +361,14 @@ class LocalDiskBackend(DiskBackend):
         if total <= self.image_cache_bytes:
             return
         pinned = self._pinned_bases() | {os.path.realpath(keep)}
-        for path in sorted(images, key=lambda p: _mtime(_sha_path(p))):
+        for path in sorted(images, key=lambda p: _mtime(sidecar_path(p))):
             if total <= self.image_cache_bytes:
                 break
             if os.path.realpath(path) in pinned:
                 continue
             size = path.stat().st_size
             path.unlink(missing_ok=True)
-            _sha_path(path).unlink(missing_ok=True)
+            sidecar_path(path).unlink(missing_ok=True)
             total -= size
             log.info("cached image evicted", extra={
                 "node": self.node, "image": path.stem, "size": size,
@@ -390,12 +395,12 @@ class LocalDiskBackend(DiskBackend):
     async def _cached_ok(self, image: ImageLocation, path: Path) -> bool:
         if not await asyncio.to_thread(path.exists):
             return False
-        sidecar = _sha_path(path)
-        recorded = await asyncio.to_thread(_read_sidecar, sidecar)
+        sidecar = sidecar_path(path)
+        recorded = await asyncio.to_thread(read_sidecar, sidecar)
         if recorded is None:
             # Died between verification and writing the sidecar: hash it once more.
             recorded = await asyncio.to_thread(_sha256_file, path)
-            _write_sidecar(sidecar, recorded)
+            write_sidecar(sidecar, recorded)
         if recorded != image.sha256:
             # Never replace it: running VMs may have overlays on top of this file.
             raise DiskError(
@@ -441,7 +446,7 @@ class LocalDiskBackend(DiskBackend):
         # QEMU opens the cached image as the backing file of every overlay on it.
         _private(part, self.owner)
         # Sidecar before rename: a cached file therefore always has its checksum.
-        _write_sidecar(_sha_path(path), got)
+        write_sidecar(sidecar_path(path), got)
         os.replace(part, path)
         log.info("image cached", extra={"image": image.image_id, "sha256": got,
                                         "size": image.size})
@@ -561,24 +566,38 @@ class LocalDiskBackend(DiskBackend):
         try:
             if base is None:
                 await _img(volume_id, qemu_img.create_blank(tmp, size, preallocation=prealloc))
-            else:
+            elif disk.backing:
                 await _img(volume_id, qemu_img.create_overlay(
                     base, tmp, size, backing_format=disk.image_format,
                     preallocation=prealloc))
+            else:
+                await self._full_copy(volume_id, base, disk, tmp, size, prealloc)
             _private(tmp, self.owner)
             _write_json(path.with_suffix(".json"), {
                 "thin": disk.thin, "image_id": disk.image_id,
-                "backing": str(base) if base is not None else None})
+                "backing": str(base) if base is not None and disk.backing else None})
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         if base is not None and not shared:
-            _touch(_sha_path(base))  # the image's last use, for the bounded cache
+            _touch(sidecar_path(base))  # the image's last use, for the bounded cache
         self._where[volume_id] = path
         log.info("volume created", extra={"volume": volume_id, "node": self.node,
                                           "directory": str(target), "image": disk.image_id,
                                           "size_gb": disk.size_gb, "thin": disk.thin})
         return path
+
+    async def _full_copy(self, volume_id: str, base: Path, disk: DiskSpec, tmp: Path,
+                         size: int, prealloc: str | None) -> None:
+        """The image copied whole into the new volume, which then stands on its own (no
+        backing file: the image may go, and a damaged base breaks nothing), grown to the
+        volume's size."""
+        assert disk.image_format is not None
+        await _img(volume_id, qemu_img.convert(base, tmp, src_fmt=disk.image_format,
+                                               preallocation=prealloc))
+        copied = await _img(volume_id, qemu_img.info(tmp, fmt="qcow2"))
+        if copied.virtual_size < size:
+            await _img(volume_id, qemu_img.resize(tmp, size, preallocation=prealloc))
 
     def _cached_base(self, disk: DiskSpec, shared: bool) -> Path:
         assert disk.image_id is not None and disk.image_format is not None
@@ -589,7 +608,7 @@ class LocalDiskBackend(DiskBackend):
                 f"{'on the shared mount' if shared else 'on this node'} (ensure_image first)"
             )
         if disk.image_sha256 is not None:
-            recorded = _read_sidecar(_sha_path(base))
+            recorded = read_sidecar(sidecar_path(base))
             if recorded is not None and recorded != disk.image_sha256:
                 raise DiskError(
                     f"disk {disk.disk_id}: cached image {disk.image_id} has sha256 {recorded}, "
@@ -601,7 +620,8 @@ class LocalDiskBackend(DiskBackend):
         path = self._require(volume_id)
         info = await _img(volume_id, qemu_img.info(path, fmt="qcow2"))
         meta = _read_json(path.with_suffix(".json"))
-        image_id = meta.get("image_id")
+        # A full copy records the image it came from but stands on its own.
+        image_id = meta.get("image_id") if meta.get("backing", True) else None
         if image_id is None and info.backing_file:
             stem = Path(info.backing_file).name.split(".")[0]
             image_id = stem if uuid_ok(stem) else None
@@ -842,16 +862,6 @@ def _private(path: Path, owner: Owner | None) -> None:
         os.chown(path, *owner)
 
 
-def _sha_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _read_sidecar(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return None
-
 
 def _size_or_zero(path: Path) -> int:
     try:
@@ -859,12 +869,6 @@ def _size_or_zero(path: Path) -> int:
     except FileNotFoundError:
         return 0
 
-
-def _write_sidecar(path: Path, sha256: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(sha256 + "\n")
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
 
 
 def _hash_into(path: Path, digest: hashlib._Hash, length: int) -> None:

@@ -131,6 +131,7 @@ class _SimVolume:
     shared: bool = False
     content: str = ""
     snapshots: dict[str, str] = field(default_factory=dict)
+    backing: bool = True  # an overlay on image_id (False: a full copy of it)
     created: dict[str, float] = field(default_factory=dict)
 
 
@@ -305,7 +306,7 @@ class SimDiskBackend(DiskBackend):
         return VolumeInfo(
             volume_id=vol.volume_id, path=str(self._path(vol)), format="qcow2",
             size_gb=vol.size_gb, allocated_bytes=vol.allocated, thin=vol.thin,
-            directory=vol.directory, backing_image_id=vol.image_id,
+            directory=vol.directory, backing_image_id=vol.image_id if vol.backing else None,
             snapshots=[VolumeSnapshotInfo(name=n, vm_state_size=0)
                        for n in sorted(vol.snapshots, key=lambda n: vol.created[n])])
 
@@ -353,7 +354,7 @@ class SimDiskBackend(DiskBackend):
         if self.image_cache_gb is None:
             return
         limit = int(self.image_cache_gb * GIB)
-        pinned = {v.image_id for v in self.volumes.values()} | {keep}
+        pinned = {v.image_id for v in self.volumes.values() if v.backing} | {keep}
         total = sum(i.size for i in self.images.values())
         for image_id, img in sorted(self.images.items(), key=lambda kv: kv[1].last_used):
             if total <= limit:
@@ -397,6 +398,9 @@ class SimDiskBackend(DiskBackend):
                     f"{cached.sha256}, not {disk.image_sha256}")
             cached.last_used = time.time()
             content = cached.content
+            copied = 0 if disk.backing else cached.size
+        else:
+            copied = 0
         size = disk.size_gb * GIB
         if shared and self.shared is not None:
             mount = self.shared
@@ -411,8 +415,8 @@ class SimDiskBackend(DiskBackend):
             volumes = self.volumes
         vol = _SimVolume(volume_id=volume_id, directory=target.path, size_gb=disk.size_gb,
                          thin=disk.thin, image_id=disk.image_id,
-                         allocated=QCOW2_HEADER_BYTES if disk.thin else size, shared=shared,
-                         content=content)
+                         allocated=QCOW2_HEADER_BYTES + copied if disk.thin else size,
+                         shared=shared, backing=disk.backing, content=content)
         volumes[volume_id] = vol
         self._save()
         log.info("volume created", extra={"volume": volume_id, "node": self.node,
