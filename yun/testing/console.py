@@ -57,7 +57,9 @@ def guest_sh(dc: DataCenter, vm: dict[str, Any], *setup: str, last: str,
         raise RuntimeError("the data centre is not started: no API client")
     tag = "Y" + secrets.token_hex(3)
     pattern = answer_pattern(tag)
-    command = f"echo {tag}=$({last} 2>&1|tr '\\n' ' ')"
+    # Braces: the stderr of every command of ``last`` is part of the answer, except
+    # where ``last`` sends it elsewhere itself (its own redirections come after ours).
+    command = f"echo {tag}=$({{ {last};}} 2>&1|tr '\\n' ' ')"
     url = f"/api/v1/vms/{vm['uuid']}/console-log"
     deadline = time.monotonic() + timeout
     with serial_console(dc.node_hosts[vm["node_name"]], vm["uuid"]) as type_line:
