@@ -223,7 +223,7 @@ def test_images_from_a_running_and_a_stopped_vm_boot_clones_with_their_content(
         done_b = pool.submit(from_b)
         images = {"a": done_a.result(), "b": done_b.result()}
     assert g.api.get(f"/api/v1/vms/{a['uuid']}").json()["state"] == "running"
-    assert guests.dc.guest_http(a)["token"] == tokens["a"]  # A went on serving
+    assert g.dc.guest_http(a)["token"] == tokens["a"]  # A went on serving
     g.timings["images"] = time.monotonic() - started
     print(f"images: {[(i['name'], i['format'], i['size']) for i in images.values()]}")
 
