@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from tests.system.conftest import need_root
-from tests.system.test_sandbox_network import AGENT_PORT, Sandbox, guest_sh
+from tests.system.test_sandbox_network import AGENT_PORT
+from yun.testing.console import guest_sh
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology, http_get_in
 
@@ -134,8 +135,8 @@ def test_a_lan_host_reaches_the_guests_http_server(direct: Direct) -> None:
 def test_guest_cannot_reach_the_node_agent(direct: Direct) -> None:
     node = direct.node
     before = direct.counters()
-    sb = Sandbox(direct.dc, direct.vm, direct.vm)  # guest_sh needs only its dc
-    answer = guest_sh(sb, direct.vm, last=f"echo x|nc -w3 {node.ip} {AGENT_PORT};echo rc=$?")
+    answer = guest_sh(direct.dc, direct.vm,
+                      last=f"echo x|nc -w3 {node.ip} {AGENT_PORT};echo rc=$?")
     assert answer.endswith("rc=1"), answer
     deadline = time.monotonic() + 20
     after = direct.counters()
@@ -145,7 +146,7 @@ def test_guest_cannot_reach_the_node_agent(direct: Direct) -> None:
         after = direct.counters()
     print(f"drops while the guest tried {node.ip}:{AGENT_PORT}: {before} -> {after}")
     # The LAN is still there for it: the LAN host answers its ping.
-    answer = guest_sh(sb, direct.vm, last=f"ping -c2 -W2 {direct.lan_host.ip}")
+    answer = guest_sh(direct.dc, direct.vm, last=f"ping -c2 -W2 {direct.lan_host.ip}")
     assert " 0% packet loss" in answer, answer
 
 

@@ -49,9 +49,9 @@ from tests.system.test_sandbox_network import sandbox_counters
 from tests.system.test_vm_lifecycle import (
     node_leftovers,
     node_network_leftovers,
-    serial_console,
     volume_ids,
 )
+from yun.testing.console import serial_console
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology
 from yun.testing.routernet import CLIENT_IP, Wan

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from tests.system.conftest import need_root
-from tests.system.test_vm_lifecycle import serial_console
+from yun.testing.console import guest_sh
 from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.netns import Host, Topology, http_get_in
 
@@ -86,35 +85,6 @@ def sandbox() -> Iterator[Sandbox]:
         yield Sandbox(dc, a, b)
 
 
-def guest_sh(sb: Sandbox, vm: dict[str, Any], *setup: str, last: str,
-             timeout: float = 120) -> str:
-    """Type the ``setup`` lines then ``echo TAG=$(last)`` on the guest's console; the
-    output of ``last`` (newlines as spaces). The typed echo never matches: ``$(``
-    follows the tag there. Lines stay short: the console is 80 columns wide."""
-    assert sb.dc.api is not None
-    tag = "Y" + secrets.token_hex(3)
-    pattern = re.compile(rf"(?:^|\n){tag}=(?!\$\()([^\r\n]*)\r?\n")
-    command = f"echo {tag}=$({last} 2>&1|tr '\\n' ' ')"
-    deadline = time.monotonic() + timeout
-    with serial_console(sb.dc.node_hosts[vm["node_name"]], vm["uuid"]) as type_line:
-        time.sleep(2)  # until QEMU polls the pty again and sees it open
-        for line in setup:
-            type_line(line)
-            time.sleep(1)
-        while time.monotonic() < deadline:
-            type_line(command)
-            until = min(deadline, time.monotonic() + 30)
-            while time.monotonic() < until:
-                log = sb.dc.api.get(f"/api/v1/vms/{vm['uuid']}/console-log").text
-                found = pattern.search(log)
-                if found:
-                    print(f"{vm['name']}$ {last} -> {found.group(1)!r}")
-                    return found.group(1).strip()
-                time.sleep(1)
-    log = sb.dc.api.get(f"/api/v1/vms/{vm['uuid']}/console-log").text
-    raise TimeoutError(f"{vm['name']} never ran {last!r}:\n{log[-1500:]}")
-
-
 def wait_counter(sb: Sandbox, name: str, above: int, timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
     value = sb.counters()[name]
@@ -136,7 +106,7 @@ def test_each_guest_has_its_lease_and_serves_http_from_the_node(sandbox: Sandbox
         assert page["hostname"] == vm["name"]
     assert sandbox.tap_of(sandbox.a) != sandbox.tap_of(sandbox.b)
     # The guest sees the node's gateway as its router and its address from DHCP.
-    assert guest_sh(sandbox, sandbox.a, last="ip -4 route show default").startswith(
+    assert guest_sh(sandbox.dc, sandbox.a, last="ip -4 route show default").startswith(
         f"default via {settings['gateway']}")
 
 
@@ -145,7 +115,7 @@ def test_guest_cannot_reach_another_guest(sandbox: Sandbox) -> None:
     # The same request from the node gets B's page: B is up and listening.
     assert sandbox.dc.guest_http(b)["hostname"] == "b"
     before = sandbox.counters()["vm_to_vm"]
-    answer = guest_sh(sandbox, a, last=f"echo GET /|nc -w3 {b['ip']} 80")
+    answer = guest_sh(sandbox.dc, a, last=f"echo GET /|nc -w3 {b['ip']} 80")
     assert "hostname=" not in answer, answer
     assert wait_counter(sandbox, "vm_to_vm", before) > before
 
@@ -156,7 +126,7 @@ def test_guest_cannot_reach_the_node_agent(sandbox: Sandbox) -> None:
     for target in (sandbox.node.ip, gateway):
         # What shows the drop is nc's exit status (0 once connected, TLS or not) and
         # the counter. (With stdin at EOF busybox nc gives up before sending a SYN.)
-        answer = guest_sh(sandbox, sandbox.a,
+        answer = guest_sh(sandbox.dc, sandbox.a,
                           last=f"echo x|nc -w3 {target} {AGENT_PORT};echo rc=$?")
         assert answer.endswith("rc=1"), answer
     assert wait_counter(sandbox, "to_host", before) >= before + 2
@@ -169,13 +139,13 @@ def test_spoofed_source_is_dropped(sandbox: Sandbox) -> None:
     # From A's own address the pings pass the guard and meet the input chain (the
     # node answers no ping of a VM): to_host counts them, spoofed does not.
     before = sandbox.counters()
-    guest_sh(sandbox, sandbox.a, last=f"ping -c2 -W2 {gateway}")
+    guest_sh(sandbox.dc, sandbox.a, last=f"ping -c2 -W2 {gateway}")
     after = {name: wait_counter(sandbox, name, before[name], timeout=5)
              for name in ("to_host", "spoofed")}
     assert after["to_host"] >= before["to_host"] + 2 and after["spoofed"] == before["spoofed"]
-    answer = guest_sh(sandbox, sandbox.a, f"ip addr add {spoofed}/32 dev eth0",
+    answer = guest_sh(sandbox.dc, sandbox.a, f"ip addr add {spoofed}/32 dev eth0",
                       last=f"ping -c2 -W2 -I {spoofed} {gateway}")
-    guest_sh(sandbox, sandbox.a, last=f"ip addr del {spoofed}/32 dev eth0")
+    guest_sh(sandbox.dc, sandbox.a, last=f"ip addr del {spoofed}/32 dev eth0")
     assert "0 packets received" in answer, answer
     assert wait_counter(sandbox, "spoofed", after["spoofed"]) >= after["spoofed"] + 2
     assert sandbox.counters()["to_host"] == after["to_host"]  # they never got that far
@@ -209,7 +179,7 @@ def test_dhcp_answer_from_a_guest_is_dropped(sandbox: Sandbox) -> None:
     subnet = ipaddress.IPv4Network(sandbox.settings()["subnet"])
     a = sandbox.a
     # A runs a DHCP server of its own (busybox udhcpd) on its link.
-    pid = guest_sh(sandbox, a,
+    pid = guest_sh(sandbox.dc, a,
                    "echo interface eth0 >/tmp/u",
                    f"echo start {subnet.network_address + 200} >>/tmp/u",
                    f"echo end {subnet.network_address + 210} >>/tmp/u",
@@ -227,7 +197,7 @@ def test_dhcp_answer_from_a_guest_is_dropped(sandbox: Sandbox) -> None:
     # The node's dnsmasq never leased the made-up client anything, A's server offered
     # and its offer went nowhere: A's own lease file is all it knows.
     assert "02:00:00:00:aa:01" not in (sandbox.state / "dnsmasq.leases").read_text()
-    guest_sh(sandbox, a, last="kill $(cat /tmp/p);echo done")
+    guest_sh(sandbox.dc, a, last="kill $(cat /tmp/p);echo done")
 
 
 _SET_FORWARDS = r"""
@@ -319,11 +289,11 @@ def test_nic_hot_plugged_into_a_running_guest_and_unplugged(sandbox: Sandbox) ->
     assert tap != sandbox.tap_of(b)
     # The guest finds the new interface by its MAC; its DHCP client (started for every
     # NIC that appears) gets the NIC's address from the node's dnsmasq.
-    found = guest_sh(sandbox, b, last=f"grep -l {nic['mac']} /sys/class/net/*/address")
+    found = guest_sh(sandbox.dc, b, last=f"grep -l {nic['mac']} /sys/class/net/*/address")
     match = re.fullmatch(r"/sys/class/net/(\w+)/address", found)
     assert match is not None and match.group(1) != "eth0", found
     ifname = match.group(1)
-    ip = guest_sh(sandbox, b, "w(){ for i in $(seq 60);do [ -s /run/yun-guest/ip.$1 ]"
+    ip = guest_sh(sandbox.dc, b, "w(){ for i in $(seq 60);do [ -s /run/yun-guest/ip.$1 ]"
                               "&&break;sleep 1;done;}",
                   last=f"w {ifname};cat /run/yun-guest/ip.{ifname}")
     assert ip == nic["ip"], ip
@@ -334,7 +304,7 @@ def test_nic_hot_plugged_into_a_running_guest_and_unplugged(sandbox: Sandbox) ->
 
     resp = api.delete(f"/api/v1/vms/{b['uuid']}/nics/1")
     assert resp.status_code == 204, resp.text
-    ifaces = guest_sh(sandbox, b, last="ls /sys/class/net").split()
+    ifaces = guest_sh(sandbox.dc, b, last="ls /sys/class/net").split()
     assert ifname not in ifaces and "eth0" in ifaces, ifaces
     assert node.run(["ip", "link", "show", tap], check=False).returncode != 0
     assert node.run(["ip", "-4", "route", "show", f"{nic['ip']}/32"]).stdout.strip() == ""

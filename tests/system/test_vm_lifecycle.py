@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from yun.node.network.nft import FAMILY, TABLE
+from yun.testing.console import serial_console  # noqa: F401  (imported from here by sibling tests)
 from yun.testing.datacenter import DataCenter
 from yun.testing.netns import Host
-from yun.testing.nodehost import NodeHost
 from yun.util.run import run
 
 pytestmark = pytest.mark.system
@@ -83,25 +81,6 @@ def node_network_leftovers(dc: DataCenter, vm: dict[str, Any]) -> list[str]:
     if any(vm["uuid"] in p.name for p in state.rglob("*")):
         found.append("files")
     return found
-
-
-@contextlib.contextmanager
-def serial_console(node_host: NodeHost, vm_uuid: str) -> Iterator[Callable[[str], None]]:
-    """A function typing a line on the guest's serial console (a root shell in the test
-    guest). The console stays open meanwhile: QEMU notices a newly opened pty only on
-    its next poll (about a second), and what was typed into a pty closed before is lost."""
-    import libvirt
-
-    conn = libvirt.open(node_host.libvirt_uri)
-    stream = conn.newStream(0)
-    try:
-        conn.lookupByUUIDString(vm_uuid).openConsole(None, stream,
-                                                     libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        yield lambda line: stream.send(f"\r{line}\r".encode())
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.abort()
-        conn.close()
 
 
 def volume_ids(dc: DataCenter, vm: dict[str, Any]) -> list[str]:
