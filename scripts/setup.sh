@@ -63,7 +63,8 @@ ln -sf "$ROOT/.venv/bin/yun" /usr/local/bin/yun
 .venv/bin/python -m yun.testing.host libvirtd
 
 # --- test guest image --------------------------------------------------------------------
-log "test guest image: $(.venv/bin/python -m yun.testing.guest build)"
+# The disk image, its live ISO and its installer ISO (F-ISO), built together and cached.
+log "test guest images: $(.venv/bin/python -m yun.testing.guest build --all | tr '\n' ' ')"
 # A real Debian 12 cloud image (cloud-init, sshd) for the system tests: debootstrapped
 # once from this machine's apt mirror and cached beside the test guest (about 90 s the
 # first time, nothing after); the tests never download it themselves.

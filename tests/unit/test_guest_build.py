@@ -284,6 +284,10 @@ def test_ensure_guest_image_builds_once_per_inputs(
     inputs = {"now": _fake_inputs(tmp_path)}
     monkeypatch.setattr(guest, "find_inputs", lambda: inputs["now"])
     monkeypatch.setattr(guest, "build_image", fake_build)
+    # The installer ISO is built beside the ISO (when the host can): its own test
+    # is in test_guest_installer.py.
+    monkeypatch.setattr(guest, "build_installer_iso",
+                        lambda _i, _w, _q, iso: iso.write_bytes(b"installer") and 1)
     cache = tmp_path / "cache"
 
     first = guest.ensure_guest_image(cache)

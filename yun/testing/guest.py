@@ -17,6 +17,11 @@ an initramfs. The cloud kernel builds virtio as modules, so the initramfs loads
 them and switches to the disk; booted from the ISO (``yun.live``), the guest runs
 from the initramfs itself.
 
+The installer ISO (:func:`ensure_installer_iso`, ``yun.install``) carries the disk
+image too: booted with exactly one blank virtio disk, it writes the image onto it,
+prints ``YUN-GUEST-INSTALLED`` and powers off (F-ISO); with no blank disk it runs
+as the live ISO does.
+
 Images are cached under ``/var/cache/yun/test-guest`` keyed on the kernel, busybox,
 the boot loader and the builder's own files, so a test run pays the build (under
 a second on our machines) once. The guest's shell scripts live in ``guest_files/``.
@@ -54,18 +59,23 @@ from yun.util.run import run
 log = logging.getLogger("yun.testing.guest")
 
 #: Bump when the build logic changes in a way the file hashes below do not see.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 DEFAULT_CACHE_DIR = Path("/var/cache/yun/test-guest")
 FILES_DIR = Path(__file__).with_name("guest_files")
 ROOT_LABEL = "yunroot"
 ISO_VOLUME_ID = "YUN-GUEST"
+INSTALLER_VOLUME_ID = "YUN-INSTALL"
+INSTALL_DIR = "yun-install"  # on the installer ISO: manifest and disk.gz
+INSTALL_CHUNK = 1 << 20  # the installer writes the disk's non-zero MiBs only
+INSTALL_FORMAT = 1  # version of the payload; the guest's install script checks it
 DISK_SIZE_MIB = 128  # virtual size; the qcow2 file only holds what is used (~19 MiB)
 PART_START_SECTOR = 2048  # 1 MiB alignment, as every partitioning tool does
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 BUSYBOX = Path("/bin/busybox")
+INSTALLER_SUFFIX = "-installer.iso"  # yun-guest-<key>-installer.iso
 KEEP_BUILDS = 3  # older cached builds are pruned ...
 PRUNE_AFTER_S = 24 * 3600  # ... once a day old (running VMs may use them as backing)
 
@@ -88,6 +98,8 @@ IP_MARKER = "YUN-GUEST-IP"  # followed by the first NIC's DHCP address
 READY_MARKER = "YUN-GUEST-READY"  # DHCP done (or given up) and HTTP answering
 SHUTDOWN_MARKER = "YUN-GUEST-SHUTDOWN"  # init started a clean power-off or reboot
 HALTED_MARKER = "YUN-GUEST-HALTED"  # file systems flushed, root read-only
+INSTALLED_MARKER = "YUN-GUEST-INSTALLED"  # the installer wrote the disk; powers off next
+NO_INSTALL_MARKER = "YUN-GUEST-NO-INSTALL"  # no single blank disk: runs live instead
 
 
 class GuestBuildError(RuntimeError):
@@ -201,10 +213,44 @@ def render_extlinux_conf(template: str, kernel: str, initrd: str, args: Sequence
     )
 
 
-def kernel_args(*, live: bool = False, extra: Sequence[str] = ()) -> list[str]:
-    """The kernel command line of the disk (``root=LABEL=...``) or the ISO (``yun.live``)."""
-    root = ["yun.live"] if live else [f"root=LABEL={ROOT_LABEL}", "rw"]
+def kernel_args(*, live: bool = False, install: bool = False,
+                extra: Sequence[str] = ()) -> list[str]:
+    """The kernel command line of the disk (``root=LABEL=...``), the ISO (``yun.live``)
+    or the installer ISO (``yun.live yun.install``: live when it installs nothing)."""
+    if install:
+        root = ["yun.live", "yun.install"]
+    else:
+        root = ["yun.live"] if live else [f"root=LABEL={ROOT_LABEL}", "rw"]
     return [*root, *KERNEL_ARGS, *extra]
+
+
+def write_install_payload(raw: Path, dest: Path, chunk: int = INSTALL_CHUNK) -> int:
+    """Write the installer's payload for the raw disk image ``raw`` into ``dest``.
+
+    ``dest/disk.gz`` is the gzip stream of the image's non-zero ``chunk``-sized
+    pieces, in order; ``dest/manifest`` is a header line ``yun-install <format>
+    <image bytes> <chunk bytes>`` and then the index of each piece, one a line (the
+    guest's ``install`` script dd's piece *n* of the stream to ``index * chunk``).
+    Zero pieces are left out: the image is 128 MiB, about 20 of them hold data,
+    and a blank disk reads zeros anyway. Returns the number of pieces.
+    """
+    size = raw.stat().st_size
+    if size == 0 or size % chunk:
+        raise GuestBuildError(f"{raw}: {size} bytes is not a whole number of {chunk}-byte "
+                              "chunks")
+    dest.mkdir(parents=True, exist_ok=True)
+    indexes: list[int] = []
+    with raw.open("rb") as src, gzip.GzipFile(dest / "disk.gz", "wb", compresslevel=6,
+                                              mtime=0) as out:
+        for index in range(size // chunk):
+            piece = src.read(chunk)
+            if piece.count(0) == len(piece):
+                continue
+            out.write(piece)
+            indexes.append(index)
+    lines = [f"yun-install {INSTALL_FORMAT} {size} {chunk}", *map(str, indexes)]
+    (dest / "manifest").write_text("\n".join(lines) + "\n")
+    return len(indexes)
 
 
 def parse_guest_info(text: str) -> dict[str, str]:
@@ -484,8 +530,13 @@ def build_image(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path | Non
         build_iso(root / "boot/vmlinuz", root / "boot/initrd.img", workdir / "iso", iso, template)
 
 
-def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: str) -> None:
-    """An isolinux ISO booting the guest from its initramfs (``yun.live``, no disk state)."""
+def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: str,
+              *, args: Sequence[str] | None = None, volume_id: str = ISO_VOLUME_ID) -> None:
+    """An isolinux ISO booting the guest from its initramfs (``yun.live``, no disk state).
+
+    ``args``: another kernel command line (the installer's); whatever ``staging``
+    already holds goes onto the ISO too (the installer's payload).
+    """
     if not ISOLINUX_BIN.is_file() or shutil.which("genisoimage") is None:
         raise GuestBuildError("the ISO needs the isolinux and genisoimage packages")
     (staging / "isolinux").mkdir(parents=True, exist_ok=True)
@@ -495,14 +546,40 @@ def build_iso(kernel: Path, initrd: Path, staging: Path, iso: Path, template: st
     shutil.copyfile(kernel, staging / "boot/vmlinuz")
     shutil.copyfile(initrd, staging / "boot/initrd.img")
     (staging / "isolinux/isolinux.cfg").write_text(
-        render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img", kernel_args(live=True))
+        render_extlinux_conf(template, "/boot/vmlinuz", "/boot/initrd.img",
+                             kernel_args(live=True) if args is None else args)
     )
-    tmp = staging.parent / "image.iso"
-    run(["genisoimage", "-quiet", "-o", str(tmp), "-V", ISO_VOLUME_ID, "-R", "-J",
+    tmp = staging.parent / f"{staging.name}.iso"
+    run(["genisoimage", "-quiet", "-o", str(tmp), "-V", volume_id, "-R", "-J",
          "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot",
          "-boot-load-size", "4", "-boot-info-table", str(staging)], timeout=60)
     tmp.chmod(0o644)
     os.replace(tmp, iso)
+
+
+def build_installer_iso(inputs: BuildInputs, workdir: Path, qcow2: Path, iso: Path) -> int:
+    """Build the installer ISO into ``iso``: the live ISO's kernel and initramfs booted
+    with ``yun.install``, carrying the disk image ``qcow2`` as its payload.
+
+    The payload is made from the built qcow2 itself (not rebuilt), so what the
+    installer writes is exactly the image VMs clone. Returns the payload's chunks.
+    """
+    if shutil.which("qemu-img") is None:
+        raise GuestBuildError("qemu-img not found")
+    root = workdir / "installer-root"
+    _stage_rootfs(root, inputs)
+    staging = workdir / "installer"
+    staging.mkdir(parents=True, exist_ok=True)
+    initrd = workdir / "installer-initrd.img"
+    initrd.write_bytes(_initramfs(root, inputs))
+    raw = workdir / "installer-disk.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow2), str(raw)], timeout=600)
+    chunks = write_install_payload(raw, staging / INSTALL_DIR)
+    raw.unlink()
+    template = (inputs.files_dir / "extlinux.conf").read_text()
+    build_iso(inputs.kernel, initrd, staging, iso, template,
+              args=kernel_args(install=True), volume_id=INSTALLER_VOLUME_ID)
+    return chunks
 
 
 # --------------------------------------------------------------------------- the cache
@@ -544,7 +621,8 @@ def prune_builds(
 
 def _prune(cache_dir: Path, keep: int, min_age: float = PRUNE_AFTER_S) -> None:
     """Prune the test guest's own builds (``yun-guest-<key>``)."""
-    prune_builds(cache_dir, "yun-guest-", keep, min_age)
+    prune_builds(cache_dir, "yun-guest-", keep, min_age,
+                 suffixes=(".qcow2", ".iso", INSTALLER_SUFFIX, ".json"))
 
 
 def update_link(cache_dir: Path, name: str, target: str) -> None:
@@ -556,30 +634,46 @@ def update_link(cache_dir: Path, name: str, target: str) -> None:
     os.replace(tmp_link, link)
 
 
-def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
+def _ensure(cache_dir: Path | None, want_iso: bool, want_installer: bool = False
+            ) -> tuple[Path, Path | None, Path | None]:
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
     inputs = find_inputs()
     key = cache_key(inputs)
     qcow2 = cache_dir / f"yun-guest-{key}.qcow2"
     iso = cache_dir / f"yun-guest-{key}.iso"
+    installer = cache_dir / f"yun-guest-{key}{INSTALLER_SUFFIX}"
     manifest = cache_dir / f"yun-guest-{key}.json"
     can_iso = ISOLINUX_BIN.is_file() and shutil.which("genisoimage") is not None
-    if want_iso and not can_iso:
+    if (want_iso or want_installer) and not can_iso:
         raise GuestBuildError("the ISO needs the isolinux and genisoimage packages")
 
-    def ready() -> bool:
+    def built() -> bool:
         return manifest.is_file() and qcow2.is_file() and (iso.is_file() or not want_iso)
 
+    def ready() -> bool:
+        return built() and (installer.is_file() or not want_installer)
+
+    answer = (qcow2, iso if want_iso else None, installer if want_installer else None)
     if ready():
-        return qcow2, iso if want_iso else None
+        return answer
     with locked(cache_dir):
+        if built() and not ready():
+            # An older build of the same key without the installer (it was removed):
+            # add it from the qcow2 as it is. Never rebuild the qcow2 here, VMs of a
+            # test run may use it as their backing file.
+            remove_stale_builds(cache_dir)
+            with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as tmp:
+                build_installer_iso(inputs, Path(tmp), qcow2, installer)
+            log.info("built the test guest's installer ISO", extra={"key": key})
         if not ready():  # another process may have built it while we waited
             remove_stale_builds(cache_dir)
             started = time.monotonic()
             log.info("building test guest", extra={"key": key, "kernel": inputs.kernel_version})
             with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as tmp:
                 build_image(inputs, Path(tmp), qcow2, iso if can_iso else None)
+                chunks = (build_installer_iso(inputs, Path(tmp), qcow2, installer)
+                          if can_iso else None)
             info = {
                 "key": key,
                 "kernel_version": inputs.kernel_version,
@@ -588,13 +682,15 @@ def _ensure(cache_dir: Path | None, want_iso: bool) -> tuple[Path, Path | None]:
                 "build_seconds": round(time.monotonic() - started, 2),
                 "qcow2": qcow2.name,
                 "iso": iso.name if can_iso else None,
+                "installer_iso": installer.name if can_iso else None,
+                "installer_chunks": chunks,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             manifest.write_text(json.dumps(info, indent=2) + "\n")
             # A stable name for people and scripts; tests should use the keyed path.
             update_link(cache_dir, "yun-guest.qcow2", qcow2.name)
             _prune(cache_dir, KEEP_BUILDS)
-    return qcow2, iso if want_iso else None
+    return answer
 
 
 def ensure_guest_image(cache_dir: Path | None = None) -> Path:
@@ -614,13 +710,28 @@ def ensure_guest_iso(cache_dir: Path | None = None) -> Path:
     return iso
 
 
+def ensure_installer_iso(cache_dir: Path | None = None) -> Path:
+    """Path of the cached installer ISO of the test guest (F-ISO).
+
+    Booted (from its CD drive) with exactly one blank virtio disk, one whose first
+    MiB is all zeros, it writes the test guest's disk image (:func:`ensure_guest_image`,
+    byte for byte where it holds data) onto it, prints :data:`INSTALLED_MARKER` and
+    powers off; with none, or several, it prints :data:`NO_INSTALL_MARKER` and runs
+    as the live ISO does.
+    """
+    installer = _ensure(cache_dir, want_iso=False, want_installer=True)[2]
+    assert installer is not None
+    return installer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``build`` prints the image's (or ISO's) path; ``boot`` tries it.
 
-    ``python -m yun.testing.guest build [--cache-dir DIR] [--iso]``
-    ``python -m yun.testing.guest boot [--cache-dir DIR] [--iso]`` boots it under bare
-    QEMU, prints the time to ``YUN-GUEST-READY`` and the guest's HTTP facts, then
-    presses the power button.
+    ``python -m yun.testing.guest build [--cache-dir DIR] [--iso | --installer]``
+    (``--all``: the disk, the ISO and the installer ISO, one path a line)
+    ``python -m yun.testing.guest boot [--cache-dir DIR] [--iso | --installer]`` boots it
+    under bare QEMU, prints the time to ``YUN-GUEST-READY`` and the guest's HTTP facts,
+    then presses the power button. ``--installer`` first installs onto a blank disk.
     """
     parser = argparse.ArgumentParser(prog="python -m yun.testing.guest")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -629,16 +740,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--cache-dir", type=Path, default=None,
                          help=f"cache directory (default {DEFAULT_CACHE_DIR})")
-        cmd.add_argument("--iso", action="store_true", help="the ISO instead of the disk")
+        kind = cmd.add_mutually_exclusive_group()
+        kind.add_argument("--iso", action="store_true", help="the ISO instead of the disk")
+        kind.add_argument("--installer", action="store_true",
+                          help="the installer ISO (F-ISO) instead of the disk")
+        if name == "build":
+            kind.add_argument("--all", action="store_true",
+                              help="the disk, the ISO and the installer ISO")
     args = parser.parse_args(argv)
     try:
-        path = ensure_guest_iso(args.cache_dir) if args.iso else ensure_guest_image(args.cache_dir)
+        if args.command == "build" and args.all:
+            print("\n".join(str(p) for p in _ensure(args.cache_dir, True, True) if p))
+            return 0
+        if args.iso:
+            path = ensure_guest_iso(args.cache_dir)
+        elif args.installer:
+            path = ensure_installer_iso(args.cache_dir)
+        else:
+            path = ensure_guest_image(args.cache_dir)
     except GuestBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.command == "build":
         print(path)
         return 0
+    if args.installer:
+        return _try_installer(path)
     from yun.testing.qemu import boot_guest  # qemu imports this module
 
     started = time.monotonic()
@@ -651,6 +778,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         g.powerdown()
         code = g.wait_exit(60)
         print(f"power button: QEMU exited {code} after {time.monotonic() - started:.2f} s")
+    return 0 if code == 0 else 1
+
+
+def _try_installer(installer: Path) -> int:
+    """Install onto a blank 1 GiB disk under bare QEMU, then boot that disk."""
+    from yun.testing.qemu import boot_guest  # qemu imports this module
+
+    with tempfile.TemporaryDirectory(prefix="yun-install-") as tmp:
+        disk = Path(tmp) / "blank.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], timeout=30)
+        started = time.monotonic()
+        with boot_guest(disk, writable=True, cdrom=installer, boot_cdrom=True,
+                        marker=INSTALLED_MARKER, workdir=Path(tmp) / "install") as g:
+            print(f"{INSTALLED_MARKER} after {time.monotonic() - started:.2f} s")
+            code = g.wait_exit(60)
+            print(f"installer powered off (QEMU exited {code}) after "
+                  f"{time.monotonic() - started:.2f} s")
+        started = time.monotonic()
+        with boot_guest(disk, writable=True, workdir=Path(tmp) / "boot") as g:
+            print(f"{READY_MARKER} from the installed disk after "
+                  f"{time.monotonic() - started:.2f} s")
+            print(g.http_get("/"), end="")
+            g.powerdown()
+            code = g.wait_exit(60)
     return 0 if code == 0 else 1
 
 
