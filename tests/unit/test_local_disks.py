@@ -487,3 +487,29 @@ async def test_capacity(tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     assert total == st.f_blocks * st.f_frsize // GIB
     assert 0 <= used <= total
+
+
+async def test_a_restarted_node_removes_what_an_interrupted_operation_left(
+        tmp_path: Path) -> None:
+    """An agent killed while building a volume or exporting one for a host image leaves
+    dot files in its volumes/ directory; the next start removes them (and nothing else),
+    but never on the shared mount, where another node may be at work."""
+    root, shared = tmp_path / "node", tmp_path / "shared"
+    shared.mkdir()
+    backend = LocalDiskBackend(root, shared_storage=shared, owner=None)
+    volume = await backend.ensure_volume(spec(1))
+    assert volume.path is not None
+    image = str(uuid.uuid4())
+    leftovers = [root / "volumes" / f".export-{image}.qcow2",
+                 root / "volumes" / f".{uuid.uuid4()}.qcow2.tmp"]
+    elsewhere = shared / "volumes" / f".export-{image}.qcow2"
+    for path in (*leftovers, elsewhere):
+        path.write_bytes(b"half a copy")
+    await backend.aclose()
+    again = LocalDiskBackend(root, shared_storage=shared, owner=None)
+    try:
+        assert not any(p.exists() for p in leftovers)
+        assert elsewhere.exists() and volume.path.exists()
+        assert await again.volume_ids() == [volume.path.stem]
+    finally:
+        await again.aclose()

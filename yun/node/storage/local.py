@@ -207,6 +207,7 @@ class LocalDiskBackend(DiskBackend):
                 _mkdir(d, self.owner)
         self._tighten_modes()
         self._adopt_legacy()
+        self._sweep_leftovers()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._volume_locks: dict[str, asyncio.Lock] = {}
         self._where: dict[str, Path] = {}
@@ -249,6 +250,18 @@ class LocalDiskBackend(DiskBackend):
         if self.shared is not None:
             places.append((self.shared, True))
         return places
+
+    def _sweep_leftovers(self) -> None:
+        """Remove what an agent that died mid-way left in its own storage directories:
+        volumes being built (``.<id>.qcow2.tmp``) and copies being exported
+        (``.export-<image>.qcow2``). Not on the shared mount, where another node may be
+        doing either right now."""
+        for directory in self.storage_dirs():
+            volumes = directory / "volumes"
+            for path in (*volumes.glob(".*.qcow2.tmp"), *volumes.glob(".export-*.qcow2")):
+                path.unlink(missing_ok=True)
+                log.info("leftover of an interrupted volume operation removed",
+                         extra={"node": self.node, "path": str(path)})
 
     def _tighten_modes(self) -> None:
         """Make what an older version left world-readable (0644 files, 0755
