@@ -229,13 +229,18 @@ class SimCluster:
         # The control server before the nodes: its pooled clients then close their idle
         # TLS connections to the nodes, whose servers otherwise wait out the graceful
         # shutdown timeout (5 s each) for a close_notify that never comes.
-        for service in [self.gateway, self.control, self.storage, *self.node_services,
-                        self.domain]:
-            if service is not None:
-                try:
-                    await service.stop()
-                except Exception:  # keep stopping the others
-                    pass
+        # Each server's stop takes ~0.2 s of uvicorn's own ticks and pauses, so the
+        # storage server and the nodes, which call nothing but the domain server on their
+        # way out, stop together (7 sequential stops were ~1.2 s of every test's teardown).
+        await _stop_all([self.gateway, self.control])
+        await _stop_all([self.storage, *self.node_services])
+        await _stop_all([self.domain])
+
+
+async def _stop_all(services: list[Any]) -> None:
+    """Stop ``services`` (None: not started) at once; one failing stops none of the others."""
+    await asyncio.gather(*(s.stop() for s in services if s is not None),
+                         return_exceptions=True)
 
 
 async def login(base_url: str, user: str, password: str, project: str | None = None) -> str:
