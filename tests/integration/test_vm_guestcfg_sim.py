@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from tests.integration.conftest import Cli, shown, upload
 from tests.integration.test_network_modes_sim import consistent, node_of
@@ -30,12 +31,19 @@ ECDSA_FP = "SHA256:4HuINaLN65j0ogITaN2zSk38RBC2Uw/YHF8IL+uU9ak"
 PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def cluster(request: pytest.FixtureRequest, tmp_path: Path
-                  ) -> AsyncIterator[SimCluster]:
-    """Every test on SQLite and on PostgreSQL (its foreign keys and JSON columns)."""
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module",
+                        params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[SimCluster]:
+    """One cloud per database for the module (a build and stop is ~3 s, twelve of them
+    were most of the module's time); every test on SQLite and on PostgreSQL (its
+    foreign keys and JSON columns)."""
+    root = tmp_path_factory.mktemp(f"guestcfg-{request.param}")
     if request.param == "sqlite":
-        sim = SimCluster(tmp_path, nodes=2)
+        sim = SimCluster(root, nodes=2)
         await sim.start()
         try:
             yield sim
@@ -46,13 +54,31 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path
         pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")
     from tests.integration.test_postgres import cluster_on_postgres
 
-    async with cluster_on_postgres(tmp_path, nodes=2) as sim:
-        try:
-            yield sim
-        finally:
-            # The next PostgreSQL test downgrades the schema to nothing, which cannot
-            # keep a blank VM (no disk image before migration 0008): delete the VMs.
-            await delete_all_vms(sim)
+    async with cluster_on_postgres(root, nodes=2) as sim:
+        yield sim
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def cluster(shared: SimCluster) -> AsyncIterator[SimCluster]:
+    """The module's cloud, emptied after each test through the API (VMs, then images
+    and SSH keys), so each test starts from a cloud with nothing in it. Emptying it
+    also keeps the next PostgreSQL module's schema downgrade possible: it cannot keep
+    a blank VM (no disk image before migration 0008)."""
+    assert await everything_of(shared) == {"vms": [], "images": [], "ssh-keys": []}
+    yield shared
+    await delete_all_vms(shared)
+    for kind in ("images", "ssh-keys"):
+        for item in (await api(shared).get(f"/api/v1/{kind}")).json()["items"]:
+            resp = await api(shared).delete(f"/api/v1/{kind}/{item['uuid']}")
+            assert resp.status_code == 204, resp.text
+    assert await consistent(shared) == []
+
+
+async def everything_of(sim: SimCluster) -> dict[str, list[str]]:
+    """The names of the VMs, images and SSH keys the cloud holds."""
+    return {kind: [item["name"] for item in
+                   (await api(sim).get(f"/api/v1/{kind}")).json()["items"]]
+            for kind in ("vms", "images", "ssh-keys")}
 
 
 async def delete_all_vms(sim: SimCluster) -> None:

@@ -1,34 +1,49 @@
-"""A real Debian 12 cloud guest applies a NoCloud seed written by Yun's own writer.
+"""A real Debian 12 cloud guest booted through Yun takes its NoCloud seed.
 
 The image (:mod:`yun.testing.debian_guest`) is built once by scripts/setup.sh from
-Debian packages; this test never downloads anything: without the cached image it
-skips (a failure under YUN_TEST_STRICT). It boots the image under bare QEMU (TCG) with
-the seed from :func:`yun.node.storage.seed.write_seed` as an IDE CD, logs in over the
-forwarded SSH port with a key pair made here, and checks that cloud-init took the host
-name, the SSH key and the user data (``write_files`` and ``runcmd``).
+Debian packages; this module never downloads anything: without the cached image it
+skips (a failure under YUN_TEST_STRICT). One deployment (control plane + one node host
+with its own libvirtd) is shared by the module. The fixture does what an operator does,
+with the ``yun`` CLI against the gateway: upload the image, ``yun key add`` a key pair
+made here, and ``yun vm create deb1 --image debian-12 --ssh-key NAME --user-data
+FILE``. The tests then log in over SSH from inside the node's network namespace (where
+the sandbox network routes to the guest) and check what cloud-init did with the seed
+Yun generated: the host name, the key, the user data, the data source and the instance
+id.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from yun.node.storage.seed import write_seed
-from yun.proto.messages import CloudInitSpec
+from tests.system.conftest import need_root
+from yun.testing.datacenter import DataCenter, deployed
 from yun.testing.debian_guest import DEFAULT_USER, cached_debian_image
-from yun.testing.qemu import GuestError, QemuGuest, boot_guest
+from yun.testing.netns import Host, Topology
 
 pytestmark = pytest.mark.system
 
-SSH_TIMEOUT = 240.0  # boot to a working login under TCG; about a minute when idle
-HOSTNAME = "deb-cloud-test"
+SSH_TIMEOUT = 300.0  # boot to a working login under TCG; about a minute when idle
+VM_NAME = "deb1"
+IMAGE_NAME = "debian-12"
+KEY_NAME = "deb-key"
+# cloud-init is Python and the cloud kernel's initramfs unpacks in RAM: 512 MiB keeps
+# the guest out of swapless memory pressure (the busybox test guest needs 192).
+MEMORY_MB = 512
+DISK_GB = 2  # the image's virtual size (debian_guest.DISK_SIZE_MIB)
 
 USER_DATA = """\
 #cloud-config
@@ -41,93 +56,154 @@ runcmd:
 """
 
 
-def _ssh(guest: QemuGuest, key: Path, command: str, timeout: float = 30.0,
-         user: str = DEFAULT_USER) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in the guest over the forwarded port, key authentication only."""
-    argv = ["ssh", "-i", str(key), "-p", str(guest.ssh_port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
-            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
-            f"{user}@127.0.0.1", command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+@dataclass
+class Debian:
+    dc: DataCenter
+    vm: dict[str, Any]
+    key: Path  # the private half of the key given at create
+    other: Path  # a key the guest never saw
+    token: str  # written by the user data's write_files and runcmd
+    commands: list[str]  # the CLI commands the fixture ran
+
+    @property
+    def node(self) -> Host:
+        return self.dc.node_of(self.vm)
+
+    def ssh(self, command: str, key: Path | None = None,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` in the guest from its node's namespace, key login only."""
+        argv = self.node.exec_argv(
+            ["ssh", "-i", str(key or self.key), "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+             "-o", "PasswordAuthentication=no", "-o", "ConnectTimeout=10",
+             "-o", "LogLevel=ERROR", f"{DEFAULT_USER}@{self.vm['ip']}", command])
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False)
+
+    def console(self) -> str:
+        assert self.dc.api is not None
+        return self.dc.api.get(f"/api/v1/vms/{self.vm['uuid']}/console-log").text
 
 
-def _wait_for_login(guest: QemuGuest, key: Path, timeout: float) -> float:
-    """Poll ``ssh ... true`` until it works; the seconds it took. Bounded by ``timeout``."""
-    started = time.monotonic()
+def yun_cli(dc: DataCenter, log: list[str], *args: str) -> Any:
+    """``yun ARGS -o json`` against the deployment's gateway with the admin's token, as
+    an operator's shell runs it (noted in ``log``); the JSON document it printed."""
+    assert dc.ctl is not None
+    env = {**os.environ, "YUN_API_URL": f"http://{dc.ctl.ip}:8080",
+           "YUN_API_TOKEN": dc.token, "COLUMNS": "200"}
+    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
+        env.pop(var, None)
+    log.append("yun " + " ".join(args))
+    done = subprocess.run([sys.executable, "-m", "yun", *args, "-o", "json"], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, f"yun {' '.join(args)}: {done.stdout}{done.stderr}"
+    out = done.stdout
+    return json.JSONDecoder().raw_decode(out, out.index("{"))[0]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "yun-test",
+                    "-f", str(path)], check=True, timeout=30)
+    return path
+
+
+def wait_for_login(deb: Debian, timeout: float) -> None:
+    """Poll ``ssh ... true`` until it works, bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
     last = ""
-    while time.monotonic() - started < timeout:
-        if guest.process.poll() is not None:
-            raise GuestError(f"QEMU exited ({guest.process.returncode})\n"
-                             f"{guest.serial_text()[-3000:]}")
+    while time.monotonic() < deadline:
         try:
-            result = _ssh(guest, key, "true", timeout=20)
+            result = deb.ssh("true", timeout=30)
         except subprocess.TimeoutExpired:
             last = "ssh timed out"
         else:
             if result.returncode == 0:
-                return time.monotonic() - started
+                return
             last = result.stderr.strip()
         time.sleep(2)
-    raise GuestError(f"no SSH login within {timeout:.0f} s (last: {last})\n"
-                     f"--- serial ---\n{guest.serial_text()[-4000:]}")
+    raise TimeoutError(f"no SSH login to {deb.vm['ip']} within {timeout:.0f} s "
+                       f"(last: {last})\n--- console ---\n{deb.console()[-4000:]}")
 
 
-def test_debian_guest_takes_hostname_key_and_user_data(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("booting the Debian guest needs root (its cache is root's)")
-    for tool in ("qemu-system-x86_64", "qemu-img", "genisoimage", "ssh", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed")
+@pytest.fixture(scope="module")
+def debian() -> Iterator[Debian]:
+    """The deployment with deb1 created through the CLI and logged into once; all of it
+    (namespaces, processes, files, the key pairs) removed after."""
+    need_root("nft", "dnsmasq", "ssh", "ssh-keygen", "qemu-img")
     image = cached_debian_image()
     if image is None:
         pytest.skip("no cached Debian guest: run scripts/setup.sh "
                     "(or python -m yun.testing.debian_guest) first")
+    keys = Path(tempfile.mkdtemp(prefix="yun-deb-keys-"))
+    try:
+        with Topology() as topo, deployed(topo, image=None) as dc:
+            commands: list[str] = []
+            key, other = keygen(keys / "id_ed25519"), keygen(keys / "other")
+            token = uuid.uuid4().hex
+            user_data = keys / "user-data.yaml"
+            user_data.write_text(USER_DATA.format(token=token))
+            yun_cli(dc, commands, "image", "upload", str(image), "--name", IMAGE_NAME)
+            yun_cli(dc, commands, "key", "add", KEY_NAME, f"{key}.pub")
+            started = time.monotonic()
+            created = yun_cli(dc, commands, "vm", "create", VM_NAME, "--image", IMAGE_NAME,
+                              "--ssh-key", KEY_NAME, "--user-data", str(user_data),
+                              "--memory", str(MEMORY_MB), "--disk", str(DISK_GB))
+            assert created["state"] == "running", created
+            running = time.monotonic()
+            deb = Debian(dc, created, key, other, token, commands)
+            wait_for_login(deb, SSH_TIMEOUT)
+            print(f"\nDebian guest through Yun: created and started in "
+                  f"{running - started:.1f} s, boot to SSH login "
+                  f"{time.monotonic() - running:.1f} s")
+            yield deb
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)
 
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "yun-test",
-                    "-f", str(key)], check=True, timeout=30)
-    token = uuid.uuid4().hex
-    spec = CloudInitSpec(instance_id=str(uuid.uuid4()), hostname=HOSTNAME,
-                         ssh_keys=[(tmp_path / "id_ed25519.pub").read_text().strip()],
-                         user_data=USER_DATA.format(token=token))
-    seed = tmp_path / "seed.iso"
-    asyncio.run(write_seed(seed, spec))
 
+def test_only_the_given_key_logs_in(debian: Debian) -> None:
+    authorized = debian.ssh("cat ~/.ssh/authorized_keys")
+    assert authorized.returncode == 0, authorized.stderr
+    assert Path(f"{debian.key}.pub").read_text().split()[1] in authorized.stdout
+    refused = debian.ssh("true", key=debian.other)
+    assert refused.returncode != 0
+    assert "Permission denied" in refused.stderr, refused.stderr
+
+
+@pytest.fixture(scope="module")
+def applied(debian: Debian) -> dict[str, str]:
+    """What cloud-init reports and wrote once it is done, read in one login (each
+    ``cloud-init`` command is seconds of Python start-up under TCG): the sections
+    ``status``, ``hostname``, ``files``, ``result`` and ``instance``."""
+    sections = ("status", "hostname", "files", "result", "instance")
+    # runcmd runs in cloud-final, after sshd may already accept logins: wait for it.
     started = time.monotonic()
-    # 512 MiB: cloud-init is Python; boot_guest boots an overlay in its own temporary
-    # directory, removed (QEMU killed) by the context manager whatever happens.
-    with boot_guest(image, cdrom=seed, memory_mb=512, forward_ssh=True,
-                    marker=None) as guest:
-        login_s = _wait_for_login(guest, key, SSH_TIMEOUT)
-        print(f"Debian guest: boot to SSH login {time.monotonic() - started:.1f} s "
-              f"(polled {login_s:.1f} s)")
+    result = debian.ssh(
+        "cloud-init status --wait --long; echo @@; hostname; echo @@; "
+        "cat /var/lib/yun-test/written /var/lib/yun-test/ran; echo @@; "
+        "cat /run/cloud-init/result.json; echo @@; "
+        "cat /run/cloud-init/instance-data.json", timeout=240)
+    print(f"\ncloud-init done {time.monotonic() - started:.1f} s after the first login")
+    parts = result.stdout.split("@@\n")
+    assert result.returncode == 0 and len(parts) == len(sections), (
+        result.stdout + result.stderr + debian.console()[-3000:])
+    return dict(zip(sections, parts, strict=True))
 
-        # runcmd runs in cloud-final, after sshd may already accept logins.
-        result = _ssh(guest, key, "cloud-init status --wait >/dev/null; hostname; "
-                                  "cat /var/lib/yun-test/written /var/lib/yun-test/ran",
-                      timeout=180)
-        done_s = time.monotonic() - started
-        print(f"Debian guest: cloud-init done {done_s:.1f} s after QEMU started")
-        assert result.returncode == 0, result.stderr + guest.serial_text()[-3000:]
-        lines = result.stdout.splitlines()
-        assert lines[0] == HOSTNAME
-        assert f"written by write_files {token}" in lines
-        assert f"ran runcmd {token}" in lines
 
-        # Only the seed's key let us in: the default user has no password and the
-        # key is the one cloud-init wrote from the seed's meta-data.
-        keys = _ssh(guest, key, "cat ~/.ssh/authorized_keys")
-        assert keys.returncode == 0
-        assert spec.ssh_keys[0] in keys.stdout
-        other = tmp_path / "other"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
-                       check=True, timeout=30)
-        assert _ssh(guest, other, "true").returncode != 0
+def test_hostname_and_user_data_applied(debian: Debian, applied: dict[str, str]) -> None:
+    assert applied["hostname"].strip() == VM_NAME
+    lines = applied["files"].splitlines()
+    assert f"written by write_files {debian.token}" in lines
+    assert f"ran runcmd {debian.token}" in lines
 
-        status = _ssh(guest, key, "cloud-init status --long; "
-                                  "cat /run/cloud-init/result.json")
-        assert "status: done" in status.stdout, status.stdout
-        assert "DataSourceNoCloud" in status.stdout, status.stdout
-        assert '"errors": []' in status.stdout, status.stdout
+
+def test_cloud_init_done_from_nocloud_with_the_vms_uuid(debian: Debian,
+                                                        applied: dict[str, str]) -> None:
+    assert "status: done" in applied["status"], applied["status"]
+    assert "DataSourceNoCloud" in applied["status"], applied["status"]
+    result = json.loads(applied["result"])["v1"]
+    assert result["errors"] == [], result
+    assert result["datasource"].startswith("DataSourceNoCloud"), result
+    # The instance id is the one in the seed Yun wrote: the VM's uuid.
+    instance = json.loads(applied["instance"])["v1"]
+    assert instance["instance_id"] == debian.vm["uuid"], instance
