@@ -163,9 +163,9 @@ async def test_a_date_outside_the_window_is_refused(offset: int, word: str) -> N
     resp = await gw.http.get("/api/v1/vms", headers=signed("GET", "/api/v1/vms", when=when))
     assert_401(resp, word, "at most 300 s")
     # The date has whole seconds, and a loaded machine may take seconds to answer: the
-    # offset named is 400 s, less the time the request took.
+    # offset named is 400 s, less (ahead) or more (behind) the time the request took.
     found = re.search(r"X-Yun-Date is (\d+) s", resp.json()["detail"])
-    assert found is not None and 385 <= int(found.group(1)) <= 401, resp.json()["detail"]
+    assert found is not None and 385 <= int(found.group(1)) <= 415, resp.json()["detail"]
     assert gw.control.seen == []  # refused before the key is even looked up
 
 
