@@ -15,10 +15,8 @@ id.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -85,22 +83,6 @@ class Debian:
         return self.dc.api.get(f"/api/v1/vms/{self.vm['uuid']}/console-log").text
 
 
-def yun_cli(dc: DataCenter, log: list[str], *args: str) -> Any:
-    """``yun ARGS -o json`` against the deployment's gateway with the admin's token, as
-    an operator's shell runs it (noted in ``log``); the JSON document it printed."""
-    assert dc.ctl is not None
-    env = {**os.environ, "YUN_API_URL": f"http://{dc.ctl.ip}:8080",
-           "YUN_API_TOKEN": dc.token, "COLUMNS": "200"}
-    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
-        env.pop(var, None)
-    log.append("yun " + " ".join(args))
-    done = subprocess.run([sys.executable, "-m", "yun", *args, "-o", "json"], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, f"yun {' '.join(args)}: {done.stdout}{done.stderr}"
-    out = done.stdout
-    return json.JSONDecoder().raw_decode(out, out.index("{"))[0]
-
 
 def keygen(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "yun-test",
@@ -143,10 +125,10 @@ def debian() -> Iterator[Debian]:
             token = uuid.uuid4().hex
             user_data = keys / "user-data.yaml"
             user_data.write_text(USER_DATA.format(token=token))
-            yun_cli(dc, commands, "image", "upload", str(image), "--name", IMAGE_NAME)
-            yun_cli(dc, commands, "key", "add", KEY_NAME, f"{key}.pub")
+            dc.cli(commands, "image", "upload", str(image), "--name", IMAGE_NAME)
+            dc.cli(commands, "key", "add", KEY_NAME, f"{key}.pub")
             started = time.monotonic()
-            created = yun_cli(dc, commands, "vm", "create", VM_NAME, "--image", IMAGE_NAME,
+            created = dc.cli(commands, "vm", "create", VM_NAME, "--image", IMAGE_NAME,
                               "--ssh-key", KEY_NAME, "--user-data", str(user_data),
                               "--memory", str(MEMORY_MB), "--disk", str(DISK_GB))
             assert created["state"] == "running", created

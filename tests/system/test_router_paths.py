@@ -30,12 +30,8 @@ From the internet: ``curl http://<web-mono's public_ip>/`` and
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import re
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +70,7 @@ class Paths:
 
     def yun(self, *args: str, json_out: bool = True) -> Any:
         """Run the `yun` CLI as the admin (like an operator's shell); its JSON output."""
-        return yun_cli(self.dc, self.commands, *args, json_out=json_out)
+        return self.dc.cli(self.commands, *args, json_out=json_out)
 
     def add_router(self, name: str) -> None:
         host = self.dc.topo.add_host(name)
@@ -97,23 +93,6 @@ class Paths:
 
         return str(until(f"{url} via {router} ({expect!r})", got, deadline))
 
-
-def yun_cli(dc: DataCenter, log: list[str], *args: str, json_out: bool = True) -> Any:
-    """``yun ARGS`` (with ``-o json`` when ``json_out``) against the deployment's gateway
-    with the admin's token, noted in ``log``; the document it printed (None: none)."""
-    assert dc.ctl is not None
-    env = {**os.environ, "YUN_API_URL": f"http://{dc.ctl.ip}:8080",
-           "YUN_API_TOKEN": dc.token, "COLUMNS": "200"}
-    for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
-        env.pop(var, None)
-    log.append("yun " + " ".join(args))
-    argv = [sys.executable, "-m", "yun", *args, *(["-o", "json"] if json_out else [])]
-    done = subprocess.run(argv, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, f"yun {' '.join(args)}: {done.stdout}{done.stderr}"
-    out = done.stdout
-    starts = [i for i in (out.find("{"), out.find("[")) if i >= 0]
-    return json.JSONDecoder().raw_decode(out, min(starts))[0] if starts else None
 
 
 def until(what: str, check: Callable[[], Any], deadline: float = 60) -> Any:

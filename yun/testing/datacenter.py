@@ -9,6 +9,7 @@ through ``ip netns exec`` into their node.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -324,6 +325,26 @@ class DataCenter:
                             if "=" in line)
             time.sleep(1)
         raise TimeoutError(f"guest {vm['ip']} gave no HTTP answer: {last}")
+
+    def cli(self, log: list[str], *args: str, json_out: bool = True) -> Any:
+        """``yun ARGS`` (with ``-o json`` when ``json_out``) against this deployment's
+        gateway with the admin's token, as an operator's shell runs it, noted in ``log``;
+        the JSON document it printed (None: none). A failed command fails the test with
+        its output."""
+        assert self.ctl is not None
+        env = {**os.environ, "YUN_API_URL": f"http://{self.ctl.ip}:8080",
+               "YUN_API_TOKEN": self.token, "COLUMNS": "200"}
+        for var in ("YUN_PROFILE", "YUN_OUTPUT", "YUN_ACCESS_KEY", "YUN_SECRET_KEY"):
+            env.pop(var, None)
+        log.append("yun " + " ".join(args))
+        argv = [sys.executable, "-m", "yun", *args, *(["-o", "json"] if json_out else [])]
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise AssertionError(f"yun {' '.join(args)}: {done.stdout}{done.stderr}")
+        out = done.stdout
+        starts = [i for i in (out.find("{"), out.find("[")) if i >= 0]
+        return json.JSONDecoder().raw_decode(out, min(starts))[0] if starts else None
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in self.procs.values())
