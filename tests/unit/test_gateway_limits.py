@@ -4,6 +4,7 @@ the ``Allow`` header of every 405."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 import pytest
@@ -132,17 +133,22 @@ async def test_every_405_carries_allow_with_all_methods_of_the_path() -> None:
     spec = (await gw.http.get("/openapi.json")).json()
     samples = {"{ref}": "web-1", "{token_uuid}": str(uuid.uuid4()),
                "{assignment_uuid}": str(uuid.uuid4()), "{task_uuid}": str(uuid.uuid4())}
+    # A literal path beside a template (POST /images/from-vm beside /images/{ref}): the
+    # template's methods reach the template (an image named "from-vm"), not a 405.
+    templates = [(re.compile(re.sub(r"\{[^}]+\}", "[^/]+", t)), {m.upper() for m in item})
+                 for t, item in spec["paths"].items()]
     checked = 0
-    for template, item in spec["paths"].items():
+    for template in spec["paths"]:
         path = template
         for placeholder, value in samples.items():
             path = path.replace(placeholder, value)
-        documented = sorted(m.upper() for m in item)
-        for method in {"GET", "POST", "PUT", "PATCH", "DELETE"} - set(documented):
+        served = set().union(*(methods for pattern, methods in templates
+                               if pattern.fullmatch(path)))
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE"} - served:
             resp = await gw.http.request(method, path, headers=BEARER)
             assert resp.status_code == 405, (method, path, resp.text)
             assert resp.headers["content-type"].startswith("application/problem+json")
-            assert resp.headers["Allow"] == ", ".join(documented), (method, path)
+            assert resp.headers["Allow"] == ", ".join(sorted(served)), (method, path)
             checked += 1
     assert checked > 100
     assert gw.control.seen == []
