@@ -82,3 +82,20 @@ async def test_peer_address_change_reaches_peers(cluster: SimCluster, tmp_path: 
     moved = storage.url
     await eventually(lambda: any(p.url == moved for p in
                                  cluster.control.ctx.membership.peers.values()))
+
+
+async def test_a_storage_server_that_knows_no_control_server_yet_waits_for_one(
+        cluster: SimCluster) -> None:
+    """A storage server that joined the domain before any control server did learns of
+    one at its next heartbeat; an upload finished meanwhile waited for it instead of
+    failing with 503 "no control server recorded image" (seen when a test deployment
+    started its services at once)."""
+    storage = cluster.storage
+    assert storage is not None
+    # As right after an early join: no control server in its list, and the domain's
+    # next answer (a newer generation) brings one.
+    await storage.membership._apply_peers([])
+    storage.membership.generation -= 1
+    assert storage.membership.peers_of(ComponentType.CONTROL) == []
+    controls = await storage._control_peers()
+    assert [p.type for p in controls] == [ComponentType.CONTROL]

@@ -69,19 +69,28 @@ class Debian:
 
     def ssh(self, command: str, key: Path | None = None,
             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run ``command`` in the guest from its node's namespace, key login only."""
+        """Run ``command`` in the guest from its node's namespace, key login only.
+
+        cloud-init restarts sshd once it has configured it (cloud-config stage), after a
+        first login may already have worked: a refused connection is tried again for a
+        while (bounded)."""
         argv = self.node.exec_argv(
             ["ssh", "-i", str(key or self.key), "-o", "StrictHostKeyChecking=no",
              "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
              "-o", "PasswordAuthentication=no", "-o", "ConnectTimeout=10",
              "-o", "LogLevel=ERROR", f"{DEFAULT_USER}@{self.vm['ip']}", command])
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+        deadline = time.monotonic() + 30
+        while True:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL, check=False)
+            if done.returncode != 255 or "Connection refused" not in done.stderr \
+                    or time.monotonic() > deadline:
+                return done
+            time.sleep(1)
 
     def console(self) -> str:
         assert self.dc.api is not None
         return self.dc.api.get(f"/api/v1/vms/{self.vm['uuid']}/console-log").text
-
 
 
 def keygen(path: Path) -> Path:

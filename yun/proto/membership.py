@@ -17,6 +17,7 @@ renewed certificate and credential.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -157,6 +158,11 @@ class Membership:
     def on_peers_changed(self, callback: PeersChanged) -> None:
         """Call ``callback(added, removed)`` whenever the associated peers change."""
         self._callbacks.append(callback)
+
+    def remove_peers_callback(self, callback: PeersChanged) -> None:
+        """Stop calling ``callback`` (no error if it was not registered)."""
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
 
     def peers_of(self, component_type: ComponentType) -> list[Peer]:
         return sorted(
@@ -409,7 +415,7 @@ class Membership:
                                               "peer": peer.component_id,
                                               "peer_type": str(peer.type), "url": peer.url})
         if added or removed:
-            for callback in self._callbacks:
+            for callback in list(self._callbacks):  # one may remove itself meanwhile
                 result = callback(added, removed)
                 if inspect.isawaitable(result):
                     await result

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from yun.config import StorageSettings
 from yun.proto.components import ComponentType
 from yun.proto.errors import Unavailable, YunError
 from yun.proto.membership import Membership
-from yun.proto.messages import StorageImageReport
+from yun.proto.messages import Peer, StorageImageReport
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
 from yun.util.serve import AppServer, service_url
@@ -33,9 +35,30 @@ class StorageService:
         self.server = AppServer(app, settings.listen_host, settings.listen_port)
         self.url = self.membership.url = service_url(settings, self.server.port)
 
+    async def _control_peers(self) -> list[Peer]:
+        """The control servers this server knows; when it knows none yet (it joined the
+        domain before any control server did, and learns of them at its next heartbeat),
+        wait up to two heartbeats for one rather than refuse the upload at once."""
+        controls = self.membership.peers_of(ComponentType.CONTROL)
+        if controls:
+            return controls
+        learned = asyncio.Event()
+
+        def changed(added: list[Peer], _removed: list[Peer]) -> None:
+            if any(p.type == ComponentType.CONTROL for p in added):
+                learned.set()
+
+        self.membership.on_peers_changed(changed)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(learned.wait(), 2 * self.settings.heartbeat_interval)
+        finally:
+            self.membership.remove_peers_callback(changed)
+        return self.membership.peers_of(ComponentType.CONTROL)
+
     async def _report_stored(self, report: StorageImageReport) -> None:
         """Tell a control server the bytes are here, so the image becomes usable."""
-        controls = self.membership.peers_of(ComponentType.CONTROL)
+        controls = await self._control_peers()
         for peer in controls:
             try:
                 await self.membership.client(peer).request(
