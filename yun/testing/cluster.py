@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import secrets
 import shutil
 import ssl
@@ -37,6 +38,8 @@ from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
 from yun.proto.pki import client_context, load_or_create_key, url_host, write_private
 from yun.storage.service import StorageService
+
+log = logging.getLogger("yun.testing.cluster")
 
 
 @dataclass
@@ -246,9 +249,24 @@ class SimCluster:
         await _stop_all([self.domain])
 
 
+#: A service's stop is seconds at most; one that takes longer is logged and left, so that
+#: a test's teardown never hangs the run (seen once: a stop that never returned).
+STOP_TIMEOUT = 30.0
+
+
 async def _stop_all(services: list[Any]) -> None:
     """Stop ``services`` (None: not started) at once; one failing stops none of the others."""
-    await asyncio.gather(*(s.stop() for s in services if s is not None),
+    async def stop(service: Any) -> None:
+        try:
+            await asyncio.wait_for(service.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            settings = getattr(service, "settings", None)
+            log.warning("service did not stop in time; left running",
+                        extra={"service": type(service).__name__,
+                               "component": getattr(settings, "name", None),
+                               "timeout_s": STOP_TIMEOUT})
+
+    await asyncio.gather(*(stop(s) for s in services if s is not None),
                          return_exceptions=True)
 
 
