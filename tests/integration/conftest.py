@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,14 +19,52 @@ from yun.testing.cluster import SimCluster
 Cli = Callable[..., Awaitable[tuple[int, str]]]
 
 
+@contextlib.asynccontextmanager
+async def started(cluster: SimCluster) -> AsyncIterator[SimCluster]:
+    """``cluster`` started, and stopped after the block whatever happens in it."""
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    c = SimCluster(tmp_path, nodes=2)
-    await c.start()
-    try:
+    async with started(SimCluster(tmp_path, nodes=2)) as c:
         yield c
-    finally:
-        await c.stop()
+
+
+@pytest.fixture
+async def one(tmp_path: Path) -> AsyncIterator[SimCluster]:
+    """One sim node on SQLite: every VM lands on it (a local volume can move between
+    VMs, a disk's content is read back from it)."""
+    async with started(SimCluster(tmp_path, nodes=1)) as c:
+        yield c
+
+
+PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(params=[
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=[
+        pytest.mark.postgres,
+        pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set "
+                                              "(scripts/test.sh sets it)")]),
+])
+async def one_on_each_db(request: pytest.FixtureRequest,
+                         tmp_path: Path) -> AsyncIterator[SimCluster]:
+    """One sim node, once on SQLite and once on PostgreSQL (a fresh schema): for the
+    scenarios whose claims and constraints each database enforces its own way."""
+    if request.param == "sqlite":
+        async with started(SimCluster(tmp_path, nodes=1)) as c:
+            yield c
+        return
+    from tests.integration.test_postgres import cluster_on_postgres
+
+    async with cluster_on_postgres(tmp_path, nodes=1) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

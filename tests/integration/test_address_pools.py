@@ -6,20 +6,13 @@ bad input refused with nothing changed, and elastic IPs kept inside their projec
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.integration.conftest import shown, upload
 from yun.testing.cluster import SimCluster
-
-PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
-
-
-
 
 
 def api(cluster: SimCluster) -> httpx.AsyncClient:
@@ -320,8 +313,10 @@ async def test_quota_counts_elastic_ips(cli, cluster: SimCluster) -> None:  # ty
     await ok(http.post("/api/v1/eips", json={"address_pool": "pub"}), 201)
 
 
-async def concurrent_allocations(cluster: SimCluster) -> None:
-    """50 allocations at once from a pool of 40 addresses: exactly 40 distinct."""
+async def test_concurrent_allocations(one_on_each_db: SimCluster) -> None:
+    """50 allocations at once from a pool of 40 addresses: exactly 40 distinct, on
+    SQLite and on PostgreSQL."""
+    cluster = one_on_each_db
     http = api(cluster)
     await ok(http.post("/api/v1/address-pools", json={
         "name": "race", "kind": "exclusive", "network": "100.64.0.0/24",
@@ -343,14 +338,3 @@ async def concurrent_allocations(cluster: SimCluster) -> None:
     assert listed["total"] == 40
 
 
-async def test_concurrent_allocations_on_sqlite(cluster: SimCluster) -> None:
-    await concurrent_allocations(cluster)
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set")
-async def test_concurrent_allocations_on_postgres(tmp_path: Path) -> None:
-    from tests.integration.test_postgres import cluster_on_postgres
-
-    async with cluster_on_postgres(tmp_path, nodes=1) as cluster:
-        await concurrent_allocations(cluster)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import upload
+from tests.integration.conftest import started, upload
 from tests.integration.test_network_modes_sim import consistent, create_vm, network_pool
 from yun.config import NodeSettings
 from yun.node.network.sim_direct import SimDirectBackend
@@ -31,12 +31,8 @@ class DirectSimCluster(SimCluster):
 
 @pytest.fixture
 async def direct_cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    c = DirectSimCluster(tmp_path, nodes=1)
-    await c.start()
-    try:
+    async with started(DirectSimCluster(tmp_path, nodes=1)) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def test_direct_vm_shows_the_address_of_the_lan(direct_cluster: SimCluster,

@@ -7,8 +7,6 @@ killed during the export (the image goes, its quota comes back)."""
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,6 @@ from yun.control.flows.image_capture import ExportVolume
 from yun.node.storage.sim import exported_content
 from yun.proto.components import ComponentType
 from yun.testing.cluster import SimCluster
-
-PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
-
-
-@pytest.fixture
-async def one(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    c = SimCluster(tmp_path, nodes=1)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 def api(cluster: SimCluster) -> httpx.AsyncClient:
@@ -70,20 +56,9 @@ async def power(cluster: SimCluster, vm: str, action: str) -> None:
     assert resp.status_code == 202 and resp.json()["task"]["state"] == "succeeded", resp.text
 
 
-async def test_images_of_a_running_and_a_stopped_vm(one: SimCluster, small_qcow2: Path) -> None:
-    await images_from_vms(one, small_qcow2)
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set")
-async def test_images_from_vms_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
-    from tests.integration.test_postgres import cluster_on_postgres
-
-    async with cluster_on_postgres(tmp_path, nodes=1) as cluster:
-        await images_from_vms(cluster, small_qcow2)
-
-
-async def images_from_vms(c: SimCluster, small_qcow2: Path) -> None:
+async def test_images_of_a_running_and_a_stopped_vm(one_on_each_db: SimCluster,
+                                                    small_qcow2: Path) -> None:
+    c = one_on_each_db
     await upload(c, small_qcow2)
     task, v1 = await create_vm(c, "web1")
     assert task["state"] == "succeeded", task

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from tests.integration.conftest import upload
+from tests.integration.conftest import started, upload
 from yun.control.db.models import ImageRow, VmRow, VolumeRow
 from yun.control.services.images import expire_uploads
 from yun.testing.cluster import SimCluster
@@ -26,12 +26,8 @@ OCTETS = {"Content-Type": "application/octet-stream"}
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[SimCluster]:
     """Gateway, control and storage server; no node (images need none)."""
-    c = SimCluster(tmp_path, nodes=0)
-    await c.start()
-    try:
+    async with started(SimCluster(tmp_path, nodes=0)) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def stored_files(cluster: SimCluster) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
-from tests.integration.conftest import upload
+from tests.integration.conftest import started, upload
 from yun.control.db.models import (
     ImageRow,
     InventoryRow,
@@ -48,12 +48,8 @@ def tables() -> set[str]:
 async def cluster_on_postgres(tmp_path: Path, nodes: int) -> AsyncIterator[SimCluster]:
     """A cloud of ``nodes`` sim nodes on a PostgreSQL schema made afresh."""
     downgrade(URL, "base")
-    cluster = SimCluster(tmp_path, nodes=nodes, database_url=URL)
-    await cluster.start()
-    try:
+    async with started(SimCluster(tmp_path, nodes=nodes, database_url=URL)) as cluster:
         yield cluster
-    finally:
-        await cluster.stop()
 
 
 def test_migrations_up_down_up() -> None:

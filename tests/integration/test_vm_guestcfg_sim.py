@@ -7,7 +7,6 @@ order and cloud-init seed)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.integration.conftest import Cli, shown, upload
+from tests.integration.conftest import PG_URL, Cli, shown, started, upload
 from tests.integration.test_network_modes_sim import consistent, node_of
 from yun.proto.messages import DomainSpec
 from yun.testing.cluster import SimCluster
@@ -28,8 +27,6 @@ ECDSA = ("ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAA
          "26SkPn6hiUq3YpSwJm1qgB6yeDPhp0QlypudQF7+wgeWXoylMSseMoH3PSNyiQGKRgSsBZB5HJ+0Li6mLkF"
          "AmXyhH8n/b/86RquDYu3/j2BygIOaZqEdFw== root@vm")
 ECDSA_FP = "SHA256:4HuINaLN65j0ogITaN2zSk38RBC2Uw/YHF8IL+uU9ak"
-PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
-
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,12 +40,8 @@ async def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     foreign keys and JSON columns)."""
     root = tmp_path_factory.mktemp(f"guestcfg-{request.param}")
     if request.param == "sqlite":
-        sim = SimCluster(root, nodes=2)
-        await sim.start()
-        try:
+        async with started(SimCluster(root, nodes=2)) as sim:
             yield sim
-        finally:
-            await sim.stop()
         return
     if not PG_URL:
         pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")

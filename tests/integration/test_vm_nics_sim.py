@@ -5,12 +5,10 @@ VM is deleted."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from tests.integration.conftest import Cli, shown, upload
@@ -28,7 +26,6 @@ from yun.control.services.vm_nics import MAX_NICS
 from yun.testing.cluster import SimCluster
 
 PASSWORD = "correct horse battery"
-PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
 def api(cluster: SimCluster) -> httpx.AsyncClient:
@@ -121,21 +118,9 @@ async def test_nic_added_to_a_stopped_vm_is_there_at_its_next_start(
 
 
 async def test_at_most_eight_nics_and_deleting_the_vm_gives_everything_back(
-        cluster: SimCluster, small_qcow2: Path) -> None:
-    await nics_to_the_limit_then_deleted(cluster, small_qcow2)
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set")
-async def test_at_most_eight_nics_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
-    """The same on PostgreSQL: its unique constraints and the cascade of the VM's rows."""
-    from tests.integration.test_postgres import cluster_on_postgres
-
-    async with cluster_on_postgres(tmp_path, nodes=1) as cluster:
-        await nics_to_the_limit_then_deleted(cluster, small_qcow2)
-
-
-async def nics_to_the_limit_then_deleted(cluster: SimCluster, small_qcow2: Path) -> None:
+        one_on_each_db: SimCluster, small_qcow2: Path) -> None:
+    """Also on PostgreSQL: its unique constraints and the cascade of the VM's rows."""
+    cluster = one_on_each_db
     await upload(cluster, small_qcow2)
     _, vm = await create_vm(cluster, "l1")
     made = []

@@ -7,8 +7,6 @@ storage threshold alarm raised and cleared."""
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +22,7 @@ from yun.control.services.pools import PoolService
 from yun.storage.service import StorageService
 from yun.testing.cluster import SimCluster
 
-PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 GIB = 1 << 30
-
-
-@pytest.fixture
-async def one(tmp_path: Path) -> AsyncIterator[SimCluster]:
-    """One sim node: every VM lands on it, so a local volume can move between VMs."""
-    c = SimCluster(tmp_path, nodes=1)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
 
 
 def api(cluster: SimCluster) -> httpx.AsyncClient:
@@ -64,21 +50,9 @@ async def power(cluster: SimCluster, vm: str, action: str) -> None:
 
 
 async def test_root_volume_and_a_data_volume_through_its_life(
-        one: SimCluster, small_qcow2: Path) -> None:
-    await volume_life(one, small_qcow2)
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set")
-async def test_volume_life_on_postgres(tmp_path: Path, small_qcow2: Path) -> None:
-    """The same on PostgreSQL: its conditional claim of the VM and its constraints."""
-    from tests.integration.test_postgres import cluster_on_postgres
-
-    async with cluster_on_postgres(tmp_path, nodes=1) as cluster:
-        await volume_life(cluster, small_qcow2)
-
-
-async def volume_life(c: SimCluster, small_qcow2: Path) -> None:
+        one_on_each_db: SimCluster, small_qcow2: Path) -> None:
+    """Also on PostgreSQL: its conditional claim of the VM and its constraints."""
+    c = one_on_each_db
     await upload(c, small_qcow2)
     task, v1 = await create_vm(c, "v1")
     assert task["state"] == "succeeded", task

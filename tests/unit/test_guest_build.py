@@ -256,7 +256,9 @@ def test_inittab_powers_off_cleanly() -> None:
 # ---------------------------------------------------------------- the cache (build faked)
 
 
-def _fake_inputs(tmp_path: Path, kernel_bytes: bytes = b"kernel") -> BuildInputs:
+def fake_inputs(tmp_path: Path, kernel_bytes: bytes = b"kernel") -> BuildInputs:
+    """Build inputs made of small files (the build itself is faked or needs none of
+    their content): what the cache keys on."""
     (tmp_path / "in").mkdir(exist_ok=True)
     kernel = tmp_path / "in/vmlinuz"
     kernel.write_bytes(kernel_bytes)
@@ -281,7 +283,7 @@ def test_ensure_guest_image_builds_once_per_inputs(
         if iso is not None:
             iso.write_bytes(b"iso")
 
-    inputs = {"now": _fake_inputs(tmp_path)}
+    inputs = {"now": fake_inputs(tmp_path)}
     monkeypatch.setattr(guest, "find_inputs", lambda: inputs["now"])
     monkeypatch.setattr(guest, "build_image", fake_build)
     # The installer ISO is built beside the ISO (when the host can): its own test
@@ -297,7 +299,7 @@ def test_ensure_guest_image_builds_once_per_inputs(
     assert (cache / "yun-guest.qcow2").resolve() == first.resolve()
     assert not list(cache.glob(".build-*"))  # the work directory is gone
 
-    inputs["now"] = _fake_inputs(tmp_path, b"a newer kernel")
+    inputs["now"] = fake_inputs(tmp_path, b"a newer kernel")
     second = guest.ensure_guest_image(cache)
     assert second != first and len(builds) == 2
     assert (cache / "yun-guest.qcow2").resolve() == second.resolve()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_guest_build import fake_inputs
 from yun.testing import guest
 from yun.testing.guest import (
     INSTALL_CHUNK,
@@ -172,14 +173,6 @@ def test_an_unknown_payload_format_installs_nothing(tmp_path: Path,
 # ---------------------------------------------------------------- the cache
 
 
-def _fake_inputs(tmp_path: Path) -> BuildInputs:
-    (tmp_path / "in").mkdir(exist_ok=True)
-    kernel = tmp_path / "in/vmlinuz"
-    kernel.write_bytes(b"kernel")
-    return BuildInputs(kernel=kernel, kernel_version="6.1.0-1-cloud-amd64",
-                       modules_dir=tmp_path / "in", busybox=kernel, busybox_version="1.35.0",
-                       mbr=kernel, files_dir=guest.FILES_DIR)
-
 
 def test_a_missing_installer_is_added_without_rebuilding_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -202,7 +195,7 @@ def test_a_missing_installer_is_added_without_rebuilding_the_disk(
         iso.write_bytes(b"installer")
         return 1
 
-    inputs = _fake_inputs(tmp_path)
+    inputs = fake_inputs(tmp_path)
     monkeypatch.setattr(guest, "find_inputs", lambda: inputs)
     monkeypatch.setattr(guest, "build_image", fake_build)
     monkeypatch.setattr(guest, "build_installer_iso", fake_installer)
