@@ -19,7 +19,7 @@ from yun.config import (
     load_settings,
 )
 from yun.proto.membership import JoinRefused
-from yun.util.lifecycle import run_until_signalled
+from yun.util.lifecycle import run_service, run_until_signalled
 from yun.util.logs import setup_logging
 
 app = typer.Typer(help="Run one Yun component in the foreground (logs as JSON on stderr).",
@@ -36,7 +36,7 @@ def _run(component: str, make: object) -> None:
         raise typer.Exit(2) from exc
     setup_logging(component, service.settings.log_level)
     try:
-        asyncio.run(run_until_signalled(service.start, service.stop))
+        run_service(run_until_signalled(service.start, service.stop))
     except JoinRefused as exc:
         typer.echo(f"yun {component}: {exc}", err=True)
         raise typer.Exit(3) from exc
@@ -104,4 +104,4 @@ def sim_nodes(
     async def stop() -> None:
         await asyncio.gather(*(s.stop() for s in services), return_exceptions=True)
 
-    asyncio.run(run_until_signalled(start, stop))
+    run_service(run_until_signalled(start, stop))

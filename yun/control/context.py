@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from yun.config import ControlSettings
 from yun.control.access.identity import IdentityService
+from yun.control.db.batch import GroupCommit
 from yun.control.db.session import Database
 from yun.control.flows.engine import FlowEngine
 from yun.control.network.modes import mode_for, on_placed
@@ -25,8 +26,11 @@ class ControlContext:
     placement: Placement = field(init=False)
     engine: FlowEngine = field(init=False)
     identity: IdentityService = field(init=False)
+    # The audit records of mutating requests, committed together (group commit).
+    audit: GroupCommit[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.audit = GroupCommit(self.db, "audit")
         self.placement = Placement(self.db, on_placed=on_placed, loads=self.loads,
                                    pool_needs=lambda mode: mode_for(mode).capabilities)
         self.identity = IdentityService(self.db)

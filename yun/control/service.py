@@ -102,6 +102,7 @@ class ControlService:
         await self.ctx.placement.stop()
         if getattr(self.ctx, "engine", None) is not None:
             await self.ctx.engine.shutdown()
+        await self.ctx.audit.close()
         await self.ctx.membership.stop()
         await self.server.stop()
         await self.db.dispose()

@@ -16,6 +16,13 @@ from yun.proto.errors import PeerError, Problem, YunError, error_from_problem
 
 M = TypeVar("M", bound=BaseModel)
 
+# How long an idle connection to a peer is kept for the next call. Longer than a node's
+# report interval and a control server's calls to one node at scale, so a call reuses
+# its connection instead of paying a TLS handshake (both sides) each time; shorter than
+# the servers' own keep-alive (yun.util.serve.KEEP_ALIVE), so a server never closes a
+# connection the client is about to reuse.
+KEEPALIVE_EXPIRY = 30.0
+
 
 class SigningAuth(httpx.Auth):
     """Signs every request an httpx client sends with this component's key: the final
@@ -51,7 +58,9 @@ class PeerClient:
         self.signer = signer
         self._client = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, verify=tls if tls is not None else True,
-            transport=transport, auth=SigningAuth(signer) if signer is not None else None)
+            transport=transport, auth=SigningAuth(signer) if signer is not None else None,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                keepalive_expiry=KEEPALIVE_EXPIRY))
 
     async def aclose(self) -> None:
         await self._client.aclose()

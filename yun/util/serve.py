@@ -20,6 +20,12 @@ from fastapi import FastAPI
 
 from yun.config import ComponentSettings
 
+# Seconds an idle keep-alive connection stays open (uvicorn's default is 5). Peers call
+# each other every few seconds (reports, heartbeats, a control server's calls to a node):
+# a connection closed in between costs a TLS handshake on both sides at the next call.
+# Longer than the clients' own expiry (yun.proto.client.KEEPALIVE_EXPIRY).
+KEEP_ALIVE = 40
+
 
 def service_url(settings: ComponentSettings, bound_port: int) -> str:
     """The URL peers use to reach a service bound to ``bound_port``."""
@@ -64,6 +70,7 @@ class AppServer:
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="on",
             timeout_graceful_shutdown=5, limit_concurrency=None,
+            timeout_keep_alive=KEEP_ALIVE,
         )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -73,13 +73,13 @@ class ControlRoute(APIRoute):
                     raise Conflict("the resource is busy with another task started at the "
                                    "same time; retry when it has finished") from None
             except YunError as exc:
-                await _audit(control.db, request, ctx, action, exc.status, exc.detail)
+                await _audit(control, request, ctx, action, exc.status, exc.detail)
                 raise
             except Exception as exc:
-                await _audit(control.db, request, ctx, action, 500,
+                await _audit(control, request, ctx, action, 500,
                              f"unexpected {exc.__class__.__name__}")
                 raise
-            await _audit(control.db, request, ctx, action, response.status_code, None,
+            await _audit(control, request, ctx, action, response.status_code, None,
                          _answered_uuid(response))
             return response
 
@@ -242,7 +242,7 @@ def _answered_uuid(response: Response) -> tuple[str | None, str | None]:
     return None, None
 
 
-async def _audit(db: Any, request: Request, ctx: Any, action: str, status: int,
+async def _audit(control: Any, request: Request, ctx: Any, action: str, status: int,
                  detail: str | None,
                  answered: tuple[str | None, str | None] = (None, None)) -> None:
     """One audit record for a mutating request; a failure to write it is logged, not
@@ -263,8 +263,7 @@ async def _audit(db: Any, request: Request, ctx: Any, action: str, status: int,
         source_ip=getattr(ctx, "source_ip", None), status=status,
         result="ok" if status < 400 else "error", detail=(detail or None) and detail[:2000])
     try:
-        async with db.session() as session:
-            session.add(record)
+        await control.audit.write(action, lambda session: session.add(record))
     except Exception:
         log.exception("could not write the audit record", extra={"action": action,
                                                                "status": status})

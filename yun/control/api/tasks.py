@@ -25,12 +25,12 @@ def task_router(api: ApiBundle) -> APIRouter:
     @r.get("/tasks/{task_uuid}", response_model=Task, name="task.show")
     async def show_task(task_uuid: str, sc: Scope = scope,
                         wait: Annotated[float, Query(ge=0, le=600)] = 0) -> Task:
-        async with api.ctx.db.session() as session:
+        async with api.ctx.db.reading() as session:
             row = await get_task(session, task_uuid, sc)
             uuid = row.uuid
         if wait:
             await api.ctx.engine.wait(uuid, wait)
-        async with api.ctx.db.session() as session:
+        async with api.ctx.db.reading() as session:
             return task_model(await get_task(session, uuid, sc))
 
     return r

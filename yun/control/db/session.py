@@ -24,6 +24,8 @@ from sqlalchemy.ext.asyncio import (
 log = logging.getLogger("yun.control.db")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Reader connections of an SQLite database (each is a thread of aiosqlite's).
+SQLITE_READERS = 2
 
 
 def sync_url(url: str) -> str:
@@ -83,6 +85,17 @@ class Database:
         if is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.reader: AsyncEngine | None = None
+        self.read_sessionmaker = self.sessionmaker
+        database = self.engine.url.database
+        if is_sqlite and database and database != ":memory:":
+            # WAL lets readers run beside the one writer: API reads (task polls, lists)
+            # get connections of their own instead of queueing behind every write.
+            self.reader = create_async_engine(
+                self.url, pool_size=SQLITE_READERS, max_overflow=0, pool_timeout=300,
+                connect_args={"timeout": 30})
+            event.listen(self.reader.sync_engine, "connect", _sqlite_reader_pragmas)
+            self.read_sessionmaker = async_sessionmaker(self.reader, expire_on_commit=False)
 
     async def migrate(self) -> None:
         await asyncio.to_thread(_private_sqlite_file, self.engine.url.database
@@ -95,8 +108,18 @@ class Database:
         async with self.sessionmaker() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only. On SQLite it runs on reader connections, beside the
+        writer (it sees what was committed when it began); elsewhere it is a session
+        like :meth:`session`. Writing in it fails on SQLite."""
+        async with self.read_sessionmaker() as session, session.begin():
+            yield session
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.reader is not None:
+            await self.reader.dispose()
 
 
 def _private_sqlite_file(path: str | None) -> None:
@@ -120,4 +143,11 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_reader_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA query_only=ON")
     cursor.close()

@@ -38,23 +38,22 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import lazyload
 
 from yun.control.db.models import (
     UNFINISHED_FLOW_INDEX,
     UNFINISHED_STATES,
     FlowRow,
-    FlowStepRow,
     utcnow,
 )
 from yun.control.db.session import Database
+from yun.control.flows.journal import FlowRecord, JournalWriter
 from yun.proto.errors import Conflict, PeerError, Unavailable, YunError
 from yun.util.queues import KeyedQueues
 
@@ -204,6 +203,7 @@ class FlowEngine:
         # component belongs to a previous life that crashed.
         self.boot_id = str(uuid.uuid4())
         self.retry = retry or RetryPolicy()
+        self.journal = JournalWriter(db)
         self.definitions: dict[str, FlowDefinition] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: dict[str, asyncio.Event] = {}
@@ -279,6 +279,7 @@ class FlowEngine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.journal.close()
 
     # -- ownership: recovery and takeover ------------------------------------------------
 
@@ -402,26 +403,37 @@ class FlowEngine:
                 event.set()
 
     async def _execute_held(self, flow_uuid: str) -> None:
-        async def load() -> tuple[FlowDefinition, FlowContext, bool, list[int], str | None]:
-            async with self.db.session() as session:
-                row = await session.get(FlowRow, flow_uuid)
-                if row is None or row.state not in UNFINISHED:
-                    raise _Ended
-                if row.owner not in (None, self.owner):
-                    raise FlowLost(flow_uuid)
-                definition = self.definitions[row.kind]
-                ctx = FlowContext(flow_uuid, row.kind, row.resource_uuid,
-                                  dict(row.context or {}), self.services)
-                interrupted = row.state != "pending"
-                started = [s.seq for s in row.steps]
-                current = row.current_step
-                row.state = "running"
-                row.owner = self.owner
-                return definition, ctx, interrupted, started, current
+        def load(record: FlowRecord, mark_first: bool = True
+                 ) -> tuple[FlowDefinition, FlowContext, bool, list[int], str | None]:
+            row = record.row
+            if row is None or row.state not in UNFINISHED:
+                raise _Ended
+            if row.owner not in (None, self.owner):
+                raise FlowLost(flow_uuid)
+            definition = self.definitions[row.kind]
+            ctx = FlowContext(flow_uuid, row.kind, row.resource_uuid,
+                              dict(row.context or {}), self.services)
+            interrupted = row.state != "pending"
+            started = sorted(record.steps)
+            current = row.current_step
+            row.state = "running"
+            row.owner = self.owner
+            if not interrupted and mark_first:
+                # The first step starts in the transaction that takes the flow.
+                _mark_step(record, 0, definition.steps[0].name, "running", started=True)
+            return definition, ctx, interrupted, started, current
 
+        first_marked = True
         try:
-            definition, ctx, interrupted, started, interrupted_step = \
-                await self._with_retry(load, "load the flow", flow_uuid)
+            try:
+                definition, ctx, interrupted, started, interrupted_step = \
+                    await self._write(flow_uuid, load, "load the flow")
+            except JournalUnavailable:
+                # The steps' journal may be what cannot be written: take the flow without
+                # its first step, whose own journal write then fails into a rollback.
+                first_marked = False
+                definition, ctx, interrupted, started, interrupted_step = \
+                    await self._write(flow_uuid, lambda r: load(r, False), "load the flow")
         except _Ended:
             return
 
@@ -433,15 +445,17 @@ class FlowEngine:
             return
 
         for seq, step in enumerate(definition.steps):
-            # One transaction records the previous step done (with the context) and this
-            # one running: half the journal writes, the same guarantees.
-            try:
-                await self._journal_step(flow_uuid, seq, step.name, "running", started=True,
-                                         done_before=seq > 0, data=ctx.data if seq else None)
-            except JournalUnavailable as exc:
-                ctx.error = f"{step.name}: the journal could not be written ({exc})"
-                await self._rollback(ctx, definition, started)
-                return
+            if seq > 0 or not first_marked:
+                # One write records the previous step done (with the context) and this
+                # one running: half the journal writes, the same guarantees.
+                try:
+                    await self._journal_step(flow_uuid, seq, step.name, "running",
+                                             started=True, done_before=seq > 0,
+                                             data=ctx.data if seq else None)
+                except JournalUnavailable as exc:
+                    ctx.error = f"{step.name}: the journal could not be written ({exc})"
+                    await self._rollback(ctx, definition, started)
+                    return
             started.append(seq)
             try:
                 await self._run_step(ctx, step)
@@ -465,10 +479,14 @@ class FlowEngine:
 
         last = len(definition.steps) - 1
         try:
-            await self._journal_step(flow_uuid, last, definition.steps[last].name, "done",
-                                     data=ctx.data)
             if definition.on_success is not None:
                 await self._hook(definition.on_success, ctx, "on_success")
+            # The last step's end and the flow's end in one write. A crash before it
+            # leaves the flow running in its last step: recovery rolls it back (and the
+            # failure hook undoes the success hook), as it would a crash before the
+            # success hook.
+            await self._finish(flow_uuid, "succeeded", None,
+                               last=(last, definition.steps[last].name), data=ctx.data)
         except JournalUnavailable as exc:
             ctx.error = f"the journal could not be written ({exc})"
             await self._rollback(ctx, definition, started)
@@ -480,7 +498,6 @@ class FlowEngine:
                 "error": ctx.error})
             await self._rollback(ctx, definition, started)
             return
-        await self._finish(flow_uuid, "succeeded", None)
         log.info("flow succeeded", extra={"flow": flow_uuid, "kind": ctx.kind,
                                           "resource": ctx.resource_uuid})
 
@@ -543,17 +560,12 @@ class FlowEngine:
 
     async def _rollback(self, ctx: FlowContext, definition: FlowDefinition,
                         started: list[int]) -> None:
-        async def mark() -> None:
-            async with self.db.session() as session:
-                row = await session.get(FlowRow, ctx.flow_uuid,
-                                        options=[lazyload(FlowRow.steps)])
-                assert row is not None
-                if row.owner not in (None, self.owner):
-                    raise FlowLost(ctx.flow_uuid)
-                row.state = "rolling_back"
-                row.error = ctx.error
+        def mark(record: FlowRecord) -> None:
+            row = _owned(record, ctx.flow_uuid, self.owner)
+            row.state = "rolling_back"
+            row.error = ctx.error
 
-        await self._with_retry(mark, "mark the flow rolling back", ctx.flow_uuid)
+        await self._write(ctx.flow_uuid, mark, "mark the flow rolling back")
         for seq in sorted(set(started), reverse=True):
             step = definition.steps[seq]
             await self._journal_step(ctx.flow_uuid, seq, step.name, "rolling_back")
@@ -601,6 +613,13 @@ class FlowEngine:
                     "error": describe(exc)})
             await asyncio.sleep(delay)
 
+    async def _write(self, flow_uuid: str, apply: Callable[[FlowRecord], T], what: str) -> T:
+        """A journal write through the group commit, retried like any journal write."""
+        async def write() -> T:
+            return await self.journal.write(flow_uuid, apply)  # type: ignore[no-any-return]
+
+        return await self._with_retry(write, what, flow_uuid)
+
     async def _check_owner(self, flow_uuid: str) -> None:
         async def check() -> None:
             async with self.db.session() as session:
@@ -616,34 +635,18 @@ class FlowEngine:
         error: str | None = None, data: dict[str, Any] | None = None,
         done_before: bool = False,
     ) -> None:
-        async def write() -> None:
+        def write(record: FlowRecord) -> None:
+            row = _owned(record, flow_uuid, self.owner)
             now = utcnow()
-            async with self.db.session() as session:
-                row = await session.get(FlowRow, flow_uuid, options=[lazyload(FlowRow.steps)])
-                assert row is not None
-                if row.owner not in (None, self.owner):
-                    raise FlowLost(flow_uuid)  # taken over: the new owner writes from now
-                if done_before:
-                    previous = await session.get(FlowStepRow, (flow_uuid, seq - 1))
-                    if previous is not None:
-                        previous.state, previous.finished_at = "done", now
-                step = await session.get(FlowStepRow, (flow_uuid, seq))
-                if step is None:
-                    step = FlowStepRow(flow_uuid=flow_uuid, seq=seq, name=name, state=state)
-                    session.add(step)
-                step.state = state
-                if started:
-                    step.started_at = now
-                    row.current_step = name
-                elif state in ("done", "failed", "rolled_back", "rollback_failed"):
-                    step.finished_at = now
-                if error is not None:
-                    step.error = error
-                if data is not None:
-                    row.context = dict(data)
-                row.updated_at = now
+            if done_before:
+                previous = record.steps.get(seq - 1)
+                if previous is not None:
+                    previous.state, previous.finished_at = "done", now
+            _mark_step(record, seq, name, state, started=started, error=error, now=now)
+            if data is not None:
+                row.context = dict(data)
 
-        await self._with_retry(write, f"journal step {name} {state}", flow_uuid)
+        await self._write(flow_uuid, write, f"journal step {name} {state}")
 
     async def _journal_quietly(self, flow_uuid: str, seq: int, name: str, state: str,
                                error: str | None = None) -> None:
@@ -655,18 +658,50 @@ class FlowEngine:
             log.warning("journal write lost", extra={"flow": flow_uuid, "step": name,
                                                      "error": str(exc)})
 
-    async def _finish(self, flow_uuid: str, state: str, error: str | None) -> None:
-        async def write() -> None:
-            async with self.db.session() as session:
-                row = await session.get(FlowRow, flow_uuid, options=[lazyload(FlowRow.steps)])
-                assert row is not None
-                if row.owner not in (None, self.owner):
-                    raise FlowLost(flow_uuid)
-                row.state = state
-                row.error = error
-                row.finished_at = utcnow()
+    async def _finish(self, flow_uuid: str, state: str, error: str | None, *,
+                      last: tuple[int, str] | None = None,
+                      data: dict[str, Any] | None = None) -> None:
+        """End the flow in ``state``; with ``last``, record that step done too."""
+        def write(record: FlowRecord) -> None:
+            row = _owned(record, flow_uuid, self.owner)
+            now = utcnow()
+            if last is not None:
+                _mark_step(record, last[0], last[1], "done", now=now)
+            if data is not None:
+                row.context = dict(data)
+            row.state = state
+            row.error = error
+            row.finished_at = now
 
-        await self._with_retry(write, f"end the flow {state}", flow_uuid)
+        await self._write(flow_uuid, write, f"end the flow {state}")
+
+
+def _owned(record: FlowRecord, flow_uuid: str, owner: str) -> FlowRow:
+    """The flow's row, when this server still owns it (FlowLost otherwise)."""
+    row = record.row
+    assert row is not None, f"flow {flow_uuid} vanished"
+    if row.owner not in (None, owner):
+        raise FlowLost(flow_uuid)  # taken over: the new owner writes from now
+    return row
+
+
+def _mark_step(record: FlowRecord, seq: int, name: str, state: str, *,
+               started: bool = False, error: str | None = None,
+               now: datetime | None = None) -> None:
+    """Record step ``seq`` of the flow in ``state`` (its start or end time with it)."""
+    now = now or utcnow()
+    row = record.row
+    assert row is not None
+    step = record.step(seq, name, state)
+    step.state = state
+    if started:
+        step.started_at = now
+        row.current_step = name
+    elif state in ("done", "failed", "rolled_back", "rollback_failed"):
+        step.finished_at = now
+    if error is not None:
+        step.error = error
+    row.updated_at = now
 
 
 class _Ended(Exception):

@@ -73,6 +73,8 @@ DEFERRED = "deferred_to_node"
 # The pools a create may use (one, or those of the zone it named); the nodes tried.
 POOLS = "pools"
 TRIED = "tried_nodes"
+# The node and domain state the provision step's answer reported.
+PROVISIONED = "provisioned"
 # How many nodes a create tries before it rolls back (the scheduler's alternates).
 MAX_NODES_TRIED = 3
 
@@ -308,8 +310,10 @@ class Provision(Step):
                 request = await provision_request(control, session, vm, node, image, pool)
                 client = node_client(control, node)
             try:
-                await client.provision(request, request_id=f"{ctx.flow_uuid}:provision",
-                                       timeout=control.settings.create_timeout)
+                info = await client.provision(request, request_id=f"{ctx.flow_uuid}:provision",
+                                              timeout=control.settings.create_timeout)
+                # What the node answered is what the confirm step checks first.
+                ctx.data[PROVISIONED] = {"node": node.uuid, "state": str(info.state)}
                 return
             except YunError as exc:
                 tried = list(ctx.data.get(TRIED) or [node.uuid])
@@ -422,6 +426,11 @@ class Confirm(Step):
         vm, node = await _vm_and_node(ctx)
         if vm is None or node is None:
             raise NotFound("the VM or its node vanished")
+        answered = ctx.data.get(PROVISIONED) or {}
+        if answered.get("node") == node.uuid and answered.get("state") == DomainState.RUNNING:
+            # The node's answer to the provision already reported the domain running: a
+            # second question would cost a round trip per VM and prove nothing more.
+            return
         info = await node_client(control, node).get_domain(vm.uuid, timeout=30)
         if info.state is not DomainState.RUNNING:
             raise Conflict(f"node {node.name} reports the domain {info.state}, not running")

@@ -215,7 +215,7 @@ async def listed(db: Database, kind: str, scope: Scope, params: ListParams,
                  convert: Convert[T], where: ColumnElement[bool] | None = None) -> Page[T]:
     """The API page of ``kind`` that ``scope`` sees (and ``where`` admits), its rows made
     models by ``convert`` (which may read more, e.g. tags, in the same session)."""
-    async with db.session() as session:
+    async with db.reading() as session:
         result = await list_page(session, kind, scope, params, where)
         return page_of(await convert(session, result.rows), result, params)
 
