@@ -116,6 +116,7 @@ async def test_every_component_serves_its_metrics(cloud: SimCluster, small_qcow2
     reports = _samples(control, "yun_node_report_duration_seconds",
                        "yun_node_report_duration_seconds_count", outcome="ok")
     assert reports and reports[0].value >= 1
+    assert _samples(control, "yun_nodes_reporting")[0].value >= 1
     for name in ("yun_queue_keys", "yun_queue_waiters", "yun_flow_duration_seconds",
                  "yun_flow_step_duration_seconds", "yun_flows_running",
                  "yun_db_transaction_seconds", "yun_journal_batch_size"):

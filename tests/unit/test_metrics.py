@@ -155,13 +155,34 @@ async def test_keyed_queue_depth_follows_holders_and_waiters() -> None:
     assert queues.keys() == []
 
 
-def test_report_gaps_observe_time_between_reports_of_one_node() -> None:
-    gaps = metrics.ReportGaps()
+def test_report_gaps_observe_time_between_reports_and_count_silent_nodes() -> None:
+    now = [1000.0]
+    gaps = metrics.ReportGaps(clock=lambda: now[0])
     before = REGISTRY.get_sample_value("yun_node_report_gap_seconds_count") or 0
     gaps.seen("node-a")  # a first report has no gap
     gaps.seen("node-b")
+    now[0] += 10
     gaps.seen("node-a")
-    assert REGISTRY.get_sample_value("yun_node_report_gap_seconds_count") == before + 1
+    gaps.seen("node-b")
+    assert REGISTRY.get_sample_value("yun_node_report_gap_seconds_count") == before + 2
+    assert gaps.counts() == (2, 0)
+    now[0] += 59  # within 6 gaps of 10 s
+    gaps.seen("node-b")
+    assert gaps.counts() == (2, 0)
+    now[0] += 2  # node-a: 61 s since its last report
+    assert gaps.counts() == (1, 1)
+    now[0] += metrics.FORGET_AFTER  # both silent an hour: forgotten
+    assert gaps.counts() == (0, 0)
+    gaps.seen("node-c")  # a first report, no gap known yet: the minimum applies
+    now[0] += metrics.SILENT_AFTER_MIN + 1
+    assert gaps.counts() == (0, 1)
+
+
+def test_nodes_reporting_gauge_reads_the_process_tracker() -> None:
+    node = f"unit-node-{next(_names)}"
+    before = REGISTRY.get_sample_value("yun_nodes_reporting") or 0
+    metrics.REPORT_GAPS.seen(node)
+    assert REGISTRY.get_sample_value("yun_nodes_reporting") == before + 1
 
 
 async def test_router_app_serves_metrics_without_a_signed_request() -> None:
