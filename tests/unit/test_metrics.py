@@ -205,3 +205,27 @@ async def test_router_app_serves_metrics_without_a_signed_request() -> None:
                if s.labels.get("component") == "router"]
     assert {(s.labels["route"], s.labels["status"]) for s in samples} >= {
         ("/healthz", "200"), ("/internal/v1/notice", "401")}
+
+
+async def test_gateway_serves_metrics_only_when_exposed() -> None:
+    from tests.unit.test_gateway_harness import make_gateway
+
+    hidden = make_gateway()
+    async with hidden.http:
+        assert (await hidden.http.get("/metrics")).status_code == 404
+
+    # A burst of two: the scrape is one more request of its address.
+    gateway = make_gateway(expose_metrics=True, rate_limit=0.001, rate_burst=2)
+    route = ("gateway", "GET", "/api/v1/vms", "401")
+    refused = ("gateway", "GET", "unmatched", "429")  # refused before routing
+    before = _count(*route), _count(*refused)
+    async with gateway.http:
+        assert (await gateway.http.get("/api/v1/vms")).status_code == 401
+        resp = await gateway.http.get("/metrics")
+        assert resp.status_code == 200, resp.text
+        assert (await gateway.http.get("/api/v1/vms")).status_code == 429
+    assert (_count(*route), _count(*refused)) == (before[0] + 1, before[1] + 1)
+    families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+    assert any(s.labels == dict(zip(("component", "method", "route", "status"), route,
+                                    strict=True))
+               for s in families["yun_http_requests"].samples)
