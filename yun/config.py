@@ -377,6 +377,11 @@ class GatewaySettings(ComponentSettings):
                             description="requests a user may send at once above the rate")
     max_json_body: int = Field(default=1 << 20, ge=1024, le=1 << 30,
                                description="largest JSON request body in bytes")
+    expose_metrics: bool = Field(
+        default=False,
+        description="serve GET /metrics (request rates and latencies, process CPU and "
+                    "memory) on the public port; off by default, as the public port is "
+                    "reachable by anyone")
 
 
 S = TypeVar("S", bound=ComponentSettings)

@@ -30,6 +30,7 @@ from yun.proto.messages import (
     JoinResponse,
 )
 from yun.proto.server import install_problem_handlers, peer_identity
+from yun.util.metrics import install_metrics
 
 
 def create_domain_app(registry: Registry, verifier: Verifier) -> FastAPI:
@@ -81,4 +82,5 @@ def create_domain_app(registry: Registry, verifier: Verifier) -> FastAPI:
     async def components(caller: Identity = caller_dep) -> list[ComponentInfo]:
         return [m.info() for m in registry.members.values()]
 
+    install_metrics(app, "domain")
     return app

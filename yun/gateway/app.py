@@ -29,6 +29,7 @@ from yun.proto.components import ComponentType
 from yun.proto.errors import PeerError, Problem, YunError
 from yun.proto.membership import Membership
 from yun.proto.server import install_problem_handlers, problem_response
+from yun.util.metrics import install_metrics
 
 log = logging.getLogger("yun.gateway")
 
@@ -65,6 +66,8 @@ def create_gateway_app(membership: Membership, settings: GatewaySettings) -> Fas
         app.include_router(router)
     _serve_docs_offline(app)
     install_openapi(app)
+    # Outermost middleware: it also counts what the guards refused (400, 413, 429).
+    install_metrics(app, "gateway", expose=settings.expose_metrics)
     return app
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from yun.proto.errors import PeerError, Unavailable, Unprocessable
 from yun.proto.membership import Membership
 from yun.proto.messages import NAME_PATTERN
 from yun.util.ids import uuid_problem
+from yun.util.metrics import UPSTREAM_SECONDS
 
 log = logging.getLogger("yun.gateway")
 
@@ -139,10 +141,13 @@ class Upstream:
         for peer in peers[start:] + peers[:start]:
             client = self.membership.client(peer)
             headers = {**client.headers(ctx.request_id or None), **extra}
+            sent = time.perf_counter()
+            status = "error"  # no answer (connection refused, timeout, broken off)
             try:
                 resp = await client.http.request(
                     method, url, json=_payload(body), params=_query(params), headers=headers,
                     timeout=timeout if timeout is not None else DEFAULT_TIMEOUT)
+                status = str(resp.status_code)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Nothing was sent, so even a POST may go to the next control server.
                 log.warning("control server unreachable: %s", exc,
@@ -151,6 +156,10 @@ class Upstream:
             except httpx.HTTPError as exc:
                 raise PeerError(f"control server {peer.name} did not answer "
                                 f"{method} {url}: {exc.__class__.__name__}") from exc
+            finally:
+                # The template, not the filled path: a bounded label.
+                UPSTREAM_SECONDS.labels(method, template, status).observe(
+                    time.perf_counter() - sent)
             if not resp.is_success:
                 raise error_for(resp, f"control server {peer.name}")
             replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"

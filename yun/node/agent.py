@@ -101,10 +101,10 @@ class NodeAgent:
             raise ValueError("a node always has a sandbox network backend")
         self.networks = dict(networks)
         self.report_interval = report_interval
-        self.queues = KeyedQueues()
+        self.queues = KeyedQueues("node-vms")
         # Volume operations outside any VM (ensure, resize, snapshots) queue per volume,
         # apart from the VM queues whose keys the report lists as busy VMs.
-        self.volume_queues = KeyedQueues()
+        self.volume_queues = KeyedQueues("node-volumes")
         self._tasks: list[asyncio.Task[None]] = []
         self._report_now = asyncio.Event()
         # Reports are numbered per boot; each control server is told the last report it

@@ -37,6 +37,7 @@ from yun.proto.messages import (
 )
 from yun.proto.network import NodeForwards
 from yun.proto.server import install_problem_handlers, peer_identity, problem_response
+from yun.util.metrics import install_metrics
 
 
 def create_node_app(agent: NodeAgent) -> FastAPI:
@@ -221,4 +222,5 @@ def create_node_app(agent: NodeAgent) -> FastAPI:
         return DomainConsole(vnc_host=info.vnc_host, vnc_port=info.vnc_port,
                              serial_log=str(info.serial_log) if info.serial_log else None)
 
+    install_metrics(app, "node")
     return app

@@ -11,6 +11,7 @@ from yun.proto.auth import Verifier
 from yun.proto.components import ComponentType as CT
 from yun.proto.network import RouterNotice
 from yun.proto.server import install_problem_handlers, peer_identity
+from yun.util.metrics import install_metrics
 
 
 def create_router_app(verifier: Verifier, on_notice: Callable[[RouterNotice], Awaitable[None]],
@@ -34,4 +35,5 @@ def create_router_app(verifier: Verifier, on_notice: Callable[[RouterNotice], Aw
     async def get_status() -> dict[str, Any]:
         return status()
 
+    install_metrics(app, "router")
     return app

@@ -48,6 +48,7 @@ from yun.storage.store import (
     check_image_id,
     parse_content_range,
 )
+from yun.util.metrics import install_metrics
 
 log = logging.getLogger("yun.storage.api")
 
@@ -226,4 +227,5 @@ def create_storage_app(
         return Response(status_code=204)
 
     app.include_router(router)
+    install_metrics(app, "storage")
     return app

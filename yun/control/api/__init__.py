@@ -25,6 +25,7 @@ from yun.control.api.volumes import volume_router
 from yun.control.context import ControlContext
 from yun.control.services.nodes import NodeRegistry
 from yun.proto.server import install_problem_handlers
+from yun.util.metrics import install_metrics
 
 
 def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
@@ -43,4 +44,5 @@ def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
                    router_router, router_sync_router, volume_router,
                    ssh_key_router):
         app.include_router(router(api))
+    install_metrics(app, "control")
     return app

@@ -47,6 +47,7 @@ from yun.control.scheduler.hoststate import (
 from yun.control.scheduler.loads import LiveLoads
 from yun.control.scheduler.scheduler import NoValidHost, Scheduler
 from yun.proto.errors import InsufficientCapacity, NotFound
+from yun.util.metrics import PLACEMENT_BATCH_SIZE, PLACEMENT_SECONDS
 
 log = logging.getLogger("yun.control.placement")
 
@@ -154,8 +155,18 @@ class Placement:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name="placement")
         future: asyncio.Future[Placed] = asyncio.get_running_loop().create_future()
-        await self._queue.put((vm_uuid, req, future))
-        return await future
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            await self._queue.put((vm_uuid, req, future))
+            placed = await future
+            outcome = "placed"
+            return placed
+        except InsufficientCapacity:
+            outcome = "no_capacity"
+            raise
+        finally:
+            PLACEMENT_SECONDS.labels(outcome).observe(time.perf_counter() - start)
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -188,6 +199,7 @@ class Placement:
             batch = [await self._queue.get()]
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            PLACEMENT_BATCH_SIZE.observe(len(batch))
             try:
                 async with self.db.session() as session:
                     results = await self._place_batch(session, batch)

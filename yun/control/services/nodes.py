@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -86,6 +87,7 @@ from yun.proto.resources import (
     StorageDir,
     VmState,
 )
+from yun.util.metrics import NODE_REPORT_SECONDS, REPORT_GAPS
 
 NODE_CAPABILITIES = {c.value for c in NodeCapability}
 
@@ -322,6 +324,8 @@ class NodeRegistry:
 
         The load goes to memory (:class:`LiveLoads`); the database is written only when
         the node's identity or capacity changed, or when its VMs need it."""
+        handling_started = time.perf_counter()  # metrics: handling time and report gaps
+        REPORT_GAPS.seen(report.node_id)
         now = utcnow()
         fresh_since = self._fresh_since(report)
         if report.report_interval:
@@ -365,6 +369,7 @@ class NodeRegistry:
         elif not was_up:
             await self._mark_up(report.node_id)
         self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
+        NODE_REPORT_SECONDS.labels("ok").observe(time.perf_counter() - handling_started)
         return answer
 
     @staticmethod
