@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from yun.util import metrics
+
 log = logging.getLogger("yun.control.db")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -105,16 +107,18 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction: committed on success, rolled back on error."""
-        async with self.sessionmaker() as session, session.begin():
-            yield session
+        with metrics.timed_transaction("write"):
+            async with self.sessionmaker() as session, session.begin():
+                yield session
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
         """A session for reads only. On SQLite it runs on reader connections, beside the
         writer (it sees what was committed when it began); elsewhere it is a session
         like :meth:`session`. Writing in it fails on SQLite."""
-        async with self.read_sessionmaker() as session, session.begin():
-            yield session
+        with metrics.timed_transaction("read"):
+            async with self.read_sessionmaker() as session, session.begin():
+                yield session
 
     async def dispose(self) -> None:
         await self.engine.dispose()

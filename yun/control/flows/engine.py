@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from yun.control.db.models import (
 from yun.control.db.session import Database
 from yun.control.flows.journal import FlowRecord, JournalWriter
 from yun.proto.errors import Conflict, PeerError, Unavailable, YunError
+from yun.util import metrics
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.control.flows")
@@ -204,6 +206,8 @@ class FlowEngine:
         self.boot_id = str(uuid.uuid4())
         self.retry = retry or RetryPolicy()
         self.journal = JournalWriter(db)
+        self.journal.on_batch = lambda writes, _seconds: metrics.JOURNAL_BATCH_SIZE.observe(
+            writes)
         self.definitions: dict[str, FlowDefinition] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: dict[str, asyncio.Event] = {}
@@ -437,12 +441,21 @@ class FlowEngine:
         except _Ended:
             return
 
+        with metrics.timed_flow(ctx.kind) as timing:
+            timing["outcome"] = await self._run_flow(
+                flow_uuid, definition, ctx, interrupted, started, interrupted_step,
+                first_marked)
+
+    async def _run_flow(self, flow_uuid: str, definition: FlowDefinition, ctx: FlowContext,
+                        interrupted: bool, started: list[int], interrupted_step: str | None,
+                        first_marked: bool) -> str:
+        """Run (or, when ``interrupted``, roll back) a loaded flow; its outcome."""
         if interrupted:
             where = (f"during step '{interrupted_step}'" if interrupted_step
                      else "before its first step")
             ctx.error = f"interrupted {where} by a control server restart; rolled back"
             await self._rollback(ctx, definition, started)
-            return
+            return "rolled_back"
 
         for seq, step in enumerate(definition.steps):
             if seq > 0 or not first_marked:
@@ -455,8 +468,9 @@ class FlowEngine:
                 except JournalUnavailable as exc:
                     ctx.error = f"{step.name}: the journal could not be written ({exc})"
                     await self._rollback(ctx, definition, started)
-                    return
+                    return "rolled_back"
             started.append(seq)
+            began = time.perf_counter()
             try:
                 await self._run_step(ctx, step)
             except asyncio.CancelledError:
@@ -464,6 +478,8 @@ class FlowEngine:
             except FlowLost:
                 raise
             except Exception as exc:
+                metrics.FLOW_STEP_SECONDS.labels(ctx.kind, step.name, "failed").observe(
+                    time.perf_counter() - began)
                 ctx.error = f"{step.name}: {describe(exc)}"
                 log.warning("flow step failed; rolling back", extra={
                     "flow": flow_uuid, "kind": ctx.kind, "resource": ctx.resource_uuid,
@@ -471,7 +487,9 @@ class FlowEngine:
                 await self._journal_quietly(flow_uuid, seq, step.name, "failed",
                                             error=ctx.error)
                 await self._rollback(ctx, definition, started)
-                return
+                return "rolled_back"
+            metrics.FLOW_STEP_SECONDS.labels(ctx.kind, step.name, "succeeded").observe(
+                time.perf_counter() - began)
             if self.pause_after == f"{ctx.kind}:{step.name}":
                 log.warning("test hook: flow paused", extra={"flow": flow_uuid,
                                                              "step": step.name})
@@ -490,16 +508,17 @@ class FlowEngine:
         except JournalUnavailable as exc:
             ctx.error = f"the journal could not be written ({exc})"
             await self._rollback(ctx, definition, started)
-            return
+            return "rolled_back"
         except _HookFailed as exc:
             ctx.error = f"completing the {ctx.kind} failed: {exc}"
             log.error("success hook failed; rolling back", extra={
                 "flow": flow_uuid, "kind": ctx.kind, "resource": ctx.resource_uuid,
                 "error": ctx.error})
             await self._rollback(ctx, definition, started)
-            return
+            return "rolled_back"
         log.info("flow succeeded", extra={"flow": flow_uuid, "kind": ctx.kind,
                                           "resource": ctx.resource_uuid})
+        return "succeeded"
 
     async def _run_step(self, ctx: FlowContext, step: Step) -> None:
         """Run ``step``, retrying temporary errors with backoff until its deadline."""

@@ -121,10 +121,19 @@ async def test_every_component_serves_its_metrics(cloud: SimCluster, small_qcow2
                  "yun_flow_step_duration_seconds", "yun_flows_running",
                  "yun_db_transaction_seconds", "yun_journal_batch_size"):
         assert name in control, name
-    # TODO(lead): once the flow engine observes FLOW_SECONDS, also assert
-    #   _samples(control, "yun_flow_duration_seconds", "yun_flow_duration_seconds_count",
-    #            kind="vm.create", outcome="succeeded")[0].value >= 1
-    # and a yun_db_transaction_seconds sample once the DB session observes it.
+    created = _samples(control, "yun_flow_duration_seconds", "yun_flow_duration_seconds_count",
+                       kind="vm.create", outcome="succeeded")
+    assert created and created[0].value >= 1
+    steps = _samples(control, "yun_flow_step_duration_seconds",
+                     "yun_flow_step_duration_seconds_count", kind="vm.create",
+                     step="provision", outcome="succeeded")
+    assert steps and steps[0].value >= 1
+    for mode in ("write", "read"):
+        done = _samples(control, "yun_db_transaction_seconds",
+                        "yun_db_transaction_seconds_count", mode=mode)
+        assert done and done[0].value >= 1, mode
+    batches = _samples(control, "yun_journal_batch_size", "yun_journal_batch_size_count")
+    assert batches and batches[0].value >= 1
 
     node_families = scraped["node"]
     assert _samples(node_families, "yun_http_requests", component="node", method="PUT",
