@@ -223,7 +223,7 @@ class FlowEngine:
 
     def new_flow(
         self, session: AsyncSession, kind: str, resource_uuid: str, data: dict[str, Any],
-        project_uuid: str | None = None,
+        project_uuid: str | None = None, flow_uuid: str | None = None,
     ) -> FlowRow:
         """Add a pending flow in the caller's transaction; start it with :meth:`launch` after.
 
@@ -232,7 +232,7 @@ class FlowEngine:
         :class:`IntegrityError`): prefer :meth:`add_flow`, which answers that as a 409."""
         definition = self.definitions[kind]
         row = FlowRow(
-            uuid=str(uuid.uuid4()), kind=kind, resource_type=definition.resource_type,
+            uuid=flow_uuid or str(uuid.uuid4()), kind=kind, resource_type=definition.resource_type,
             resource_uuid=resource_uuid, project_uuid=project_uuid, state="pending",
             context=data, owner=self.owner, steps=[],
         )
@@ -242,11 +242,12 @@ class FlowEngine:
     async def add_flow(
         self, session: AsyncSession, kind: str, resource_uuid: str, data: dict[str, Any],
         project_uuid: str | None = None, *, what: str | None = None,
+        flow_uuid: str | None = None,
     ) -> FlowRow:
         """:meth:`new_flow` and flush: raise :class:`Conflict` naming ``what`` (the
         resource) when another unfinished flow of the resource won the race. The caller's
         transaction is then unusable: let the Conflict end it."""
-        row = self.new_flow(session, kind, resource_uuid, data, project_uuid)
+        row = self.new_flow(session, kind, resource_uuid, data, project_uuid, flow_uuid)
         try:
             await session.flush()
         except IntegrityError as exc:

@@ -98,7 +98,7 @@ async def _vm(session: AsyncSession, vm_uuid: str) -> VmRow:
 
 async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
     """The flow's VM and the node it is placed on (either may be gone)."""
-    async with _ctl(ctx).db.session() as session:
+    async with _ctl(ctx).db.reading() as session:
         vm = await session.get(VmRow, ctx.resource_uuid)
         node = await session.get(NodeRow, vm.node_uuid) if vm and vm.node_uuid else None
         return vm, node

@@ -197,6 +197,8 @@ class VmService:
                 # In the transaction that makes the VM and its flow: a create carried out
                 # again after a crash finds this VM (U-IDEMP).
                 idempotency_key=key,
+                # Its create task, named here so the row is written once.
+                task_uuid=str(uuidlib.uuid4()),
             )
             session.add(vm)
             session.add(root_volume(vm, pool))  # C-STO: every disk is a volume
@@ -204,9 +206,8 @@ class VmService:
             flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid,
                                                   {POOLS: pools} if pool is None else {},
                                                   project_uuid=vm.project_uuid,
-                                                  what=f"VM {vm.name}")
-            vm.task_uuid = flow.uuid
-            await session.flush()
+                                                  what=f"VM {vm.name}",
+                                                  flow_uuid=vm.task_uuid)
             accepted = Accepted(task=task_model(flow), resource=vm_model(
                 vm, tags=tags,
                 pool=(pool.name, pool.qos_level, pool.network_mode) if pool else None,

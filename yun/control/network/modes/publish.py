@@ -29,11 +29,12 @@ async def publish(control: ControlContext, vm_uuid: str) -> bool:
 
     A VM without a public address or port (private, direct) changes nothing the routers
     apply: no change is recorded then. Returns whether one was."""
-    async with control.db.session() as session:
+    async with control.db.reading() as session:
         mapped = await session.scalar(select(PublicIpRow.uuid).where(
             PublicIpRow.vm_uuid == vm_uuid).limit(1))
-        if mapped is None:
-            return False
+    if mapped is None:
+        return False
+    async with control.db.session() as session:
         note_change(session, vm_uuid)
     await notify(control, vm_uuid)
     return True
