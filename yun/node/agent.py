@@ -719,7 +719,7 @@ class NodeAgent:
                 self._views.pop(peer.component_id, None)
             else:
                 self._views[peer.component_id] = new_view
-                if new_view.want_full:
+                if answer is not None and answer.full_report:
                     self._report_again = True  # the server lacks what deltas apply to
 
     async def snapshot(self) -> NodeReport:
