@@ -599,6 +599,7 @@ class NodeRegistry:
                 await _learn_addresses(session, vms, report, node_uuid)
             owners, waiting = await self._settle(session, report, vms, domains, complete,
                                                  held, in_flows, fresh_since)
+        self._note_seen(vms)
         orphans = {u for u in holding if u not in owners and u not in in_flows
                    and not self.ctx.queues.busy(u)}
         return orphans, waiting
@@ -620,9 +621,16 @@ class NodeRegistry:
                 await _learn_addresses(session, vms, report, node_uuid)
             owners, waiting = await self._settle(session, report, vms, live.domains, True,
                                                  held, in_flows, fresh_since)
+        self._note_seen(vms)
         orphans = {u for u in names & live.holding if u not in owners and u not in in_flows
                    and not self.ctx.queues.busy(u)}
         return orphans, waiting
+
+    def _note_seen(self, vms: list[VmRow]) -> None:
+        """These VMs, as just read or written here, need no second look when the watch
+        finds them changed (it skips a version it has seen)."""
+        for vm in vms:
+            self._seen[vm.uuid] = vm.updated_at
 
     async def _settle(self, session: AsyncSession, report: NodeReport, vms: list[VmRow],
                       domains: Mapping[str, DomainState], complete: bool, held: set[str],
