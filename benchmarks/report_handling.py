@@ -5,7 +5,9 @@ Seeds ``--nodes`` nodes with ``--vms-per-node`` running VMs each, then drives th
 :meth:`NodeRegistry.report` (no HTTP, no TLS) with the reports the nodes would send, one
 round (one report per node) at a time, and prints the CPU per report of each round:
 
-- ``full``: every list (what every report carried before delta reports);
+- ``full``: every list (what every report carried before delta reports; with them, a
+  full report that repeats the holdings is taken as a delta, and the full reconcile
+  runs after a node's restart and every ``FULL_RECONCILE_EVERY``-th full report);
 - ``delta, unchanged``: nothing changed on the node (the common case);
 - ``delta, 1 VM changed``: one domain of each node changed state (the VM follows: a write);
 - ``delta, after changes``: the next round, which re-reads the VMs the database watch
@@ -193,6 +195,12 @@ async def run(url: str, args: argparse.Namespace, state_dir: Path) -> None:
     await round_("full", False)
     await round_("full", False)
     if has_deltas:
+        # A full report that repeats the holdings is taken as a delta, except every
+        # FULL_RECONCILE_EVERY-th: the full reconcile, as after a node's restart.
+        for n in nodes:
+            n.boot_id, n.seq = uuidlib.uuid4().hex, 0
+        await round_("full (full reconcile)", False)
+        await round_("full (after restart)", False)
         await round_("delta, unchanged", True)
         await round_("delta, 1 VM changed", True, change=True)
         await round_("delta, after changes", True)

@@ -51,6 +51,10 @@ touch no database:
   task under way, or a change newer than the report), and those the database says
   changed since (below). One transaction reads them by primary key; none when there are
   none. A node that is not up gets ``full_report`` instead: only a full report marks it up.
+- A full report that repeats the live state's holdings (same boot and generation) is
+  taken as a delta of the domains whose state differs, except every
+  ``FULL_RECONCILE_EVERY``-th, which runs the full reconcile: the database is read in
+  full for a node a few times an hour, not at every sixth report.
 - Changes in the database come from this server's flows and from every other control
   server's: :meth:`NodeRegistry.watch_changes` reads, every ``WATCH_INTERVAL``, the VMs
   whose ``updated_at`` moved (indexed), with a ``WATCH_MARGIN`` of overlap for
@@ -93,13 +97,14 @@ from yun.control.scheduler.loads import LiveLoads, Load
 from yun.control.services.events import STORAGE_THRESHOLD, record_event
 from yun.proto.errors import NotFound, YunError
 from yun.proto.messages import (
+    DomainInfo,
     DomainState,
     NodeCapability,
     NodeReport,
     NodeReportAnswer,
     StorageDirReport,
 )
-from yun.proto.network import SandboxSettings
+from yun.proto.network import LearnedAddress, SandboxSettings
 from yun.proto.resources import (
     EventState,
     Inventory,
@@ -139,6 +144,10 @@ CLEANUP_TIMEOUT = 120.0
 # each read looks beyond the previous one (a transaction stamps updated_at before it commits).
 WATCH_INTERVAL = 1.0
 WATCH_MARGIN = 10.0
+# Of a node's full reports that repeat what it holds, every this many runs the full
+# reconcile (every 5th: every 30th report with the node's FULL_REPORT_EVERY of 6); the
+# others are taken as deltas (the live state and the watch make them equivalent).
+FULL_RECONCILE_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,9 @@ class _Live:
     sandbox: SandboxSettings | None
     # VMs to look at again on the next report: left to a task, or changed after the report.
     pending: set[str] = field(default_factory=set)
+    learned: list[LearnedAddress] = field(default_factory=list)
+    # Full reports taken as deltas since the last full reconcile.
+    fulls: int = 0
 
 
 def identity_of(report: NodeReport) -> Identity:
@@ -398,8 +410,15 @@ class NodeRegistry:
         self.ctx.loads.record(report.node_id, Load(
             cpu=host.cpu_load, memory_used_mb=host.memory_used_mb,
             disk_used_gb=host.disk_used_gb, net=host.net_load, at=now))
+        live = self._live.get(report.node_id)
         if report.delta:
-            answer = await self._delta(report, fresh_since)
+            answer = await self._delta(report, fresh_since, list(report.domains))
+        elif live is not None and self._repeats(report, live):
+            # The periodic full report of a node whose holdings did not move: what it
+            # says beyond the live state is a delta.
+            live.fulls += 1
+            answer = await self._delta(report, fresh_since, [
+                d for d in report.domains if live.domains.get(d.uuid) != d.state])
         else:
             answer = await self._full(report, fresh_since)
         self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
@@ -438,13 +457,24 @@ class NodeRegistry:
         self._live[report.node_id] = _Live(
             boot_id=report.boot_id, generation=report.generation, domains=domains,
             holding=holding, identity=identity_of(report), up=was_up or not orphans,
-            storage=storage, sandbox=sandbox, pending=waiting)
+            storage=storage, sandbox=sandbox, pending=waiting, learned=list(report.learned))
         return NodeReportAnswer(sandbox=sandbox, deltas=True)
 
-    async def _delta(self, report: NodeReport, fresh_since: datetime | None
-                     ) -> NodeReportAnswer:
-        """A delta report: apply it to the live state; touch only the VMs that may have
-        changed, and the node's row only when its identity, capacity or storage did."""
+    @staticmethod
+    def _repeats(report: NodeReport, live: _Live) -> bool:
+        """Whether a full report only repeats the live state's holdings (same boot and
+        generation, node up) and is not one of the full reports that run the full
+        reconcile (every ``FULL_RECONCILE_EVERY``-th)."""
+        return (report.full and report.ports is not None and report.disks is not None
+                and bool(report.generation) and live.up and live.boot_id == report.boot_id
+                and live.generation == report.generation
+                and live.fulls + 1 < FULL_RECONCILE_EVERY)
+
+    async def _delta(self, report: NodeReport, fresh_since: datetime | None,
+                     domains: list[DomainInfo]) -> NodeReportAnswer:
+        """A delta report (``domains``: those whose state changed): apply it to the live
+        state; touch only the VMs that may have changed, and the node's row only when its
+        identity, capacity or storage did."""
         node_uuid = report.node_id
         live = self._live.get(node_uuid)
         if (live is None or not live.up or live.boot_id != report.boot_id
@@ -467,18 +497,21 @@ class NodeRegistry:
                     return NodeReportAnswer(deltas=True, full_report=True)
                 await self._record_node(session, node, report)
                 live.identity, live.storage = identity, node.storage
-        for d in report.domains:
+        for d in domains:
             live.domains[d.uuid] = d.state
-        names = ({d.uuid for d in report.domains} | live.pending
+        names = ({d.uuid for d in domains} | live.pending
                  | self._changed.pop(node_uuid, set()))
-        if names or report.learned:
+        learned = bool(report.learned) and report.learned != live.learned
+        if names or learned:
             try:
                 orphans, waiting = await self._reconcile_some(report, live, names,
-                                                              fresh_since)
+                                                              fresh_since, learned)
             except BaseException:
                 live.pending |= names
                 raise
             live.pending = waiting
+            if learned:
+                live.learned = list(report.learned)
             if orphans:
                 self._clean(node_uuid, report.url, orphans)
         if (live.sandbox is not None and self._routers is not None
@@ -605,7 +638,8 @@ class NodeRegistry:
         return orphans, waiting
 
     async def _reconcile_some(self, report: NodeReport, live: _Live, names: set[str],
-                              fresh_since: datetime | None) -> tuple[set[str], set[str]]:
+                              fresh_since: datetime | None, learned: bool
+                              ) -> tuple[set[str], set[str]]:
         """The reconcile of a delta: the live state holds the full lists, so the same
         rules apply, to the VMs in ``names`` only (every VM of the node when the report
         carries learned addresses). Return the orphans among them and the VMs waiting."""
@@ -613,11 +647,11 @@ class NodeRegistry:
         held = set(live.holding) | set(report.busy)
         async with self.ctx.db.session() as session:
             query = select(VmRow).where(VmRow.node_uuid == node_uuid)
-            if not report.learned:
+            if not learned:
                 query = query.where(VmRow.uuid.in_(sorted(names)))
             vms = list((await session.scalars(query)).all())
             in_flows = await _with_unfinished_flows(session, names | {v.uuid for v in vms})
-            if report.learned:
+            if learned:
                 await _learn_addresses(session, vms, report, node_uuid)
             owners, waiting = await self._settle(session, report, vms, live.domains, True,
                                                  held, in_flows, fresh_since)
