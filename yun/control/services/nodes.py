@@ -104,7 +104,7 @@ from yun.proto.messages import (
     NodeReportAnswer,
     StorageDirReport,
 )
-from yun.proto.network import LearnedAddress, SandboxSettings
+from yun.proto.network import SandboxSettings
 from yun.proto.resources import (
     EventState,
     Inventory,
@@ -176,7 +176,6 @@ class _Live:
     sandbox: SandboxSettings | None
     # VMs to look at again on the next report: left to a task, or changed after the report.
     pending: set[str] = field(default_factory=set)
-    learned: list[LearnedAddress] = field(default_factory=list)
     # Full reports taken as deltas since the last full reconcile.
     fulls: int = 0
 
@@ -457,7 +456,7 @@ class NodeRegistry:
         self._live[report.node_id] = _Live(
             boot_id=report.boot_id, generation=report.generation, domains=domains,
             holding=holding, identity=identity_of(report), up=was_up or not orphans,
-            storage=storage, sandbox=sandbox, pending=waiting, learned=list(report.learned))
+            storage=storage, sandbox=sandbox, pending=waiting)
         return NodeReportAnswer(sandbox=sandbox, deltas=True)
 
     @staticmethod
@@ -501,7 +500,9 @@ class NodeRegistry:
             live.domains[d.uuid] = d.state
         names = ({d.uuid for d in domains} | live.pending
                  | self._changed.pop(node_uuid, set()))
-        learned = bool(report.learned) and report.learned != live.learned
+        # A delta carries them only when they changed; a full report always (a pool's
+        # network mode may have changed since: they are worth applying again).
+        learned = bool(report.learned)
         if names or learned:
             try:
                 orphans, waiting = await self._reconcile_some(report, live, names,
@@ -510,8 +511,6 @@ class NodeRegistry:
                 live.pending |= names
                 raise
             live.pending = waiting
-            if learned:
-                live.learned = list(report.learned)
             if orphans:
                 self._clean(node_uuid, report.url, orphans)
         if (live.sandbox is not None and self._routers is not None
