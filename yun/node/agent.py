@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,7 @@ from yun.proto.components import ComponentType
 from yun.proto.errors import BadRequest, NotFound, PeerError, Unavailable, YunError
 from yun.proto.membership import Membership
 from yun.proto.messages import (
+    NODE_REPORT_DELTA_FIELDS,
     CdromChange,
     DiskAttach,
     DiskSpec,
@@ -60,6 +63,75 @@ UPLOAD_CHUNK = 1 << 20
 GIB = 1024**3
 # The disk id of the VM's CD drive in the hypervisor (the seed is "cidata").
 CDROM_DISK_ID = "cdrom"
+# Every this many reports to a control server carries the full lists even when a delta
+# would do: it bounds how long a lost change can stay unseen there.
+FULL_REPORT_EVERY = 6
+
+
+def holdings_generation(domains: list[DomainInfo], ports: Mapping[str, list[str]],
+                        disks: Mapping[str, list[str]], volumes: list[str]) -> int:
+    """A hash of what the node holds: which domains, ports, disks and volumes (not the
+    domains' states, which deltas carry). Never 0, which means "not tracked"."""
+    held = [sorted(d.uuid for d in domains),
+            sorted((vm, sorted(macs)) for vm, macs in ports.items()),
+            sorted((vm, sorted(ids)) for vm, ids in disks.items()), sorted(volumes)]
+    digest = hashlib.blake2b(json.dumps(held, separators=(",", ":")).encode(),
+                             digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) or 1
+
+
+@dataclass
+class PeerView:
+    """What one control server has of this node: the last report it answered."""
+
+    seq: int
+    generation: int
+    domains: dict[str, DomainState]
+    storage: list[dict[str, object]] | None
+    learned: list[LearnedAddress]
+    since_full: int = 0
+    want_full: bool = False
+    # Set once the server's answer said it takes delta reports.
+    deltas: bool = field(default=False)
+
+
+def report_for_peer(report: NodeReport, view: PeerView | None, acked: int) -> NodeReport:
+    """The report to send one control server: the full ``report``, or a delta against
+    ``view`` (what that server answered last, report ``acked``) when it takes deltas,
+    holds the same generation and asked for nothing more, and the last full report
+    is fewer than ``FULL_REPORT_EVERY`` reports old."""
+    full = report.model_copy(update={"acked_seq": acked})
+    if (view is None or not view.deltas or view.want_full or view.seq != acked
+            or not acked or view.generation != report.generation or not report.generation
+            or view.since_full + 1 >= FULL_REPORT_EVERY):
+        return full
+    storage = report.storage
+    if storage is not None and [d.model_dump(mode="json") for d in storage] == view.storage:
+        storage = None
+    return report.model_copy(update={
+        "acked_seq": acked, "full": False, "delta": True, "ports": None, "disks": None,
+        "volumes": None, "storage": storage,
+        "domains": [d for d in report.domains if view.domains.get(d.uuid) != d.state],
+        "learned": [] if report.learned == view.learned else report.learned})
+
+
+def answered(view: PeerView | None, sent: NodeReport, taken: NodeReport,
+             answer: NodeReportAnswer | None) -> PeerView | None:
+    """What the server has after answering ``sent`` (taken from ``taken``); None while it
+    has not said it takes delta reports (``sent`` then had none of their fields)."""
+    if answer is None or not answer.deltas:
+        return None
+    storage = (None if taken.storage is None
+               else [d.model_dump(mode="json") for d in taken.storage])
+    if view is None or not view.deltas or not sent.generation:
+        # Its first answer saying it takes deltas: the next report is a full one with them.
+        return PeerView(seq=0, generation=0, domains={}, storage=None, learned=[],
+                        deltas=True, want_full=True)
+    return PeerView(seq=taken.seq, generation=taken.generation,
+                    domains={d.uuid: d.state for d in taken.domains}, storage=storage,
+                    learned=list(taken.learned),
+                    since_full=view.since_full + 1 if sent.delta else 0,
+                    want_full=answer.full_report, deltas=True)
 
 
 @dataclass(frozen=True)
@@ -112,6 +184,8 @@ class NodeAgent:
         self.boot_id = uuid.uuid4().hex
         self._seq = 0
         self._acked: dict[str, int] = {}
+        self._views: dict[str, PeerView] = {}
+        self._report_again = False
 
     @property
     def network(self) -> NetworkBackend:
@@ -614,27 +688,39 @@ class NodeAgent:
         return [NodeCapability.NET_DIRECT] if NicNetwork.DIRECT in self.networks else []
 
     async def report(self) -> None:
-        """Push identity, capacity, load and every domain to each control server."""
+        """Push identity, capacity, load and the domains to each control server: every
+        domain, or only those whose state changed (:func:`report_for_peer`)."""
         controls = self.membership.peers_of(ComponentType.CONTROL)
         if not controls:
             return
         report = await self.snapshot()
         for peer in controls:
-            body = report.model_copy(update={"acked_seq": self._acked.get(peer.component_id,
-                                                                          0)})
+            view = self._views.get(peer.component_id)
+            body = report_for_peer(report, view, self._acked.get(peer.component_id, 0))
+            # A server that has not said it takes deltas may be older: it refuses fields
+            # it does not know, so they are left out.
+            payload = body.model_dump(mode="json", exclude=(
+                None if view is not None and view.deltas else set(NODE_REPORT_DELTA_FIELDS)))
             try:
-                answer = await self.membership.client(peer).request(
-                    "POST", "/internal/v1/nodes/report", body=body, timeout=10)
-                if answer is not None:
-                    settings = NodeReportAnswer.model_validate(answer).sandbox
-                    if settings is not None:
-                        for backend in self.networks.values():
-                            await backend.ensure_network(settings)
+                raw = await self.membership.client(peer).request(
+                    "POST", "/internal/v1/nodes/report", body=payload,
+                    params={"deltas": "1"}, timeout=10)
+                answer = NodeReportAnswer.model_validate(raw) if raw is not None else None
+                if answer is not None and answer.sandbox is not None:
+                    for backend in self.networks.values():
+                        await backend.ensure_network(answer.sandbox)
             except YunError as exc:
                 log.warning("report to control server failed: %s", exc,
                             extra={"node": self.node_id, "control": peer.component_id})
                 continue
             self._acked[peer.component_id] = report.seq
+            new_view = answered(view, body, report, answer)
+            if new_view is None:
+                self._views.pop(peer.component_id, None)
+            else:
+                self._views[peer.component_id] = new_view
+                if answer is not None and answer.full_report:
+                    self._report_again = True  # the server lacks what deltas apply to
 
     async def snapshot(self) -> NodeReport:
         """What this node holds now: its domains, network reservations and volumes.
@@ -662,7 +748,8 @@ class NodeAgent:
                           domains=domains, ports=ports, disks=disks, busy=busy,
                           boot_id=self.boot_id, seq=self._seq,
                           report_interval=self.report_interval, learned=learned,
-                          storage=storage, volumes=volumes)
+                          storage=storage, volumes=volumes,
+                          generation=holdings_generation(domains, ports, disks, volumes))
 
     async def _report_loop(self) -> None:
         while True:
@@ -673,6 +760,9 @@ class NodeAgent:
             except Exception:
                 log.exception("node report failed", extra={"node": self.node_id})
             self._report_now.clear()
+            if self._report_again:  # a server asked for the full lists: send them now
+                self._report_again = False
+                self._report_now.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._report_now.wait(), self.report_interval)
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from yun.proto.base import MAC_RE, Message
 from yun.proto.components import ComponentType
@@ -375,13 +375,44 @@ class NodeReport(Message):
         description="the node's storage directories and their use; None: not reported")
     volumes: list[str] | None = Field(
         default=None, description="ids of every volume on the node; None: not reported")
+    generation: int = Field(
+        default=0, ge=0, description="a hash of what the node holds (which domains, ports, "
+                                     "disks and volumes, not the domains' states): equal "
+                                     "generations hold the same things; 0: not tracked")
+    delta: bool = Field(
+        default=False, description="domains lists only the domains whose state changed "
+                                   "since report acked_seq; ports, disks and volumes are "
+                                   "omitted (what the node holds is still that of "
+                                   "generation), storage and learned only when changed")
+
+    @model_validator(mode="after")
+    def _delta_needs_a_base(self) -> NodeReport:
+        if self.delta and (self.full or not self.generation or not self.acked_seq
+                           or self.ports is not None or self.disks is not None):
+            raise ValueError(
+                f"a delta report of node {self.node_id} needs full=false, a generation and "
+                f"an acked_seq to apply to, and no ports or disks (got full={self.full}, "
+                f"generation={self.generation}, acked_seq={self.acked_seq})")
+        return self
+
+
+# Serialised without the new fields for a control server that has not said it takes them.
+NODE_REPORT_DELTA_FIELDS = frozenset({"generation", "delta"})
 
 
 class NodeReportAnswer(Message):
     """What the control server answers a report with: the node-wide network settings
-    it must hold (applied idempotently; they change as routers come and go)."""
+    it must hold (applied idempotently; they change as routers come and go).
+
+    The last two fields are sent only to nodes that asked for them (``?deltas=1``), so an
+    older node, which refuses unknown fields, still reads the answer."""
 
     sandbox: SandboxSettings | None = None
+    deltas: bool = Field(default=False,
+                         description="this control server takes delta reports")
+    full_report: bool = Field(
+        default=False, description="send the full lists next time: this server has no "
+                                   "state of the node to apply a delta to")
 
 
 class DomainConsole(Message):

@@ -48,12 +48,18 @@ def component_router(api: ApiBundle) -> APIRouter:
     node_caller = Depends(api.deps.node)
     storage_caller = Depends(api.deps.storage)
 
-    @r.post("/nodes/report", response_model=NodeReportAnswer)
-    async def node_report(report: NodeReport, caller: Identity = node_caller
-                          ) -> NodeReportAnswer:
+    # Defaults left out: an older node refuses the answer's fields it does not know.
+    @r.post("/nodes/report", response_model=NodeReportAnswer,
+            response_model_exclude_defaults=True)
+    async def node_report(report: NodeReport, caller: Identity = node_caller,
+                          deltas: bool = False) -> NodeReportAnswer:
+        """A node's report; ``deltas``: the node reads the answer's delta fields."""
         if caller.component_id != report.node_id:
             raise Forbidden(f"{caller.component_id} may not report for node {report.node_id}")
-        return await api.nodes.report(report)
+        answer = await api.nodes.report(report)
+        if not deltas:
+            return NodeReportAnswer(sandbox=answer.sandbox)
+        return answer
 
     @r.post("/images/{image_uuid}/stored", response_model=Image,
             dependencies=[storage_caller])

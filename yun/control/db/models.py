@@ -201,7 +201,8 @@ class ImageRow(Stamped, Base):
 
 class VmRow(Stamped, Base):
     __tablename__ = "vms"
-    __table_args__ = (Index("ix_vms_node_uuid", "node_uuid"),)
+    __table_args__ = (Index("ix_vms_node_uuid", "node_uuid"),
+                      Index("ix_vms_updated_at", "updated_at"))
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), index=True)

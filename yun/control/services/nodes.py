@@ -34,6 +34,34 @@ while its node was down)                                    and disks are gone t
 and no operation under way in the same full report. A node that was down is marked up
 again only when its report shows no orphan, so nothing is placed on it while the
 leftovers of VMs deleted in its absence still run.
+
+Reports at scale (issue 10). The control server keeps each node's live state in memory
+(:class:`_Live`: what it holds, its domains' states, identity, status) and most reports
+touch no database:
+
+- A node sends the full lists every ``FULL_REPORT_EVERY`` reports, after its restart, when
+  what it holds changed (its ``generation``, a hash of its domains, ports, disks and
+  volumes, moved), and when this server asks for them (``full_report`` in the answer:
+  it has no state of the node, e.g. after its own restart). A full report runs the full
+  reconcile above and replaces the live state.
+- Otherwise it sends a *delta*: the domains whose state changed since the report this
+  server last answered. With the generation unchanged, the live state merged with the
+  delta is what a full report would have said, so the same table applies, but only to
+  the VMs that can have changed: those the delta names, those left waiting last time (a
+  task under way, or a change newer than the report), and those the database says
+  changed since (below). One transaction reads them by primary key; none when there are
+  none. A node that is not up gets ``full_report`` instead: only a full report marks it up.
+- A full report that repeats the live state's holdings (same boot and generation) is
+  taken as a delta of the domains whose state differs, except every
+  ``FULL_RECONCILE_EVERY``-th, which runs the full reconcile: the database is read in
+  full for a node a few times an hour, not at every sixth report.
+- Changes in the database come from this server's flows and from every other control
+  server's: :meth:`NodeRegistry.watch_changes` reads, every ``WATCH_INTERVAL``, the VMs
+  whose ``updated_at`` moved (indexed), with a ``WATCH_MARGIN`` of overlap for
+  transactions that committed late, and notes each under its node and under the node
+  that holds it. Each node's next report re-checks them.
+- The load and ``last_report_at`` stay in memory and are written in batches
+  (:class:`LiveLoads`); down detection reads them from memory.
 """
 
 from __future__ import annotations
@@ -41,15 +69,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.context import ControlContext
-from yun.control.db.models import FlowRow, NodeRow, PoolRow, VmRow, utcnow
+from yun.control.db.models import FlowRow, NodeRow, PoolRow, RouterRow, VmRow, utcnow
 from yun.control.db.tags import tags_of
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import finish_delete, release_placement
@@ -69,12 +98,14 @@ from yun.control.scheduler.loads import LiveLoads, Load
 from yun.control.services.events import STORAGE_THRESHOLD, record_event
 from yun.proto.errors import NotFound, YunError
 from yun.proto.messages import (
+    DomainInfo,
     DomainState,
     NodeCapability,
     NodeReport,
     NodeReportAnswer,
     StorageDirReport,
 )
+from yun.proto.network import SandboxSettings
 from yun.proto.resources import (
     EventState,
     Inventory,
@@ -111,6 +142,14 @@ LOAD_PERSIST_CHUNK = 500
 # (or its volumes, mount or alarm changed): not on every report.
 STORAGE_WRITE_STEP = 0.01
 CLEANUP_TIMEOUT = 120.0
+# How often the database is read for VMs changed by any control server, and how far back
+# each read looks beyond the previous one (a transaction stamps updated_at before it commits).
+WATCH_INTERVAL = 1.0
+WATCH_MARGIN = 10.0
+# Of a node's full reports that repeat what it holds, every this many runs the full
+# reconcile (every 5th: every 30th report with the node's FULL_REPORT_EVERY of 6); the
+# others are taken as deltas (the live state and the watch make them equivalent).
+FULL_RECONCILE_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -120,6 +159,34 @@ class _Answered:
     boot_id: str
     seq: int
     done_at: datetime
+
+
+Identity = tuple[str, str, str, str, list[str], str | None]
+
+
+@dataclass(slots=True)
+class _Live:
+    """What this server knows of a node from its last full report and the deltas since."""
+
+    boot_id: str
+    generation: int
+    domains: dict[str, DomainState]
+    holding: frozenset[str]
+    identity: Identity
+    up: bool
+    storage: list[dict[str, Any]] | None
+    sandbox: SandboxSettings | None
+    # VMs to look at again on the next report: left to a task, or changed after the report.
+    pending: set[str] = field(default_factory=set)
+    # Full reports taken as deltas since the last full reconcile.
+    fulls: int = 0
+
+
+def identity_of(report: NodeReport) -> Identity:
+    """The node's identity columns as the report gives them."""
+    host = report.host
+    return (report.name, report.url, host.hypervisor, host.accel,
+            sorted(str(c) for c in host.capabilities), host.forward_address)
 
 
 def used_percent(total: int, used: int) -> float:
@@ -250,15 +317,26 @@ class NodeRegistry:
         self._cleanups: dict[str, asyncio.Task[None]] = {}
         self._inventories: dict[str, dict[str, tuple[int, int]]] = {}
         self._persist: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._started = utcnow()
+        self._live: dict[str, _Live] = {}
+        # VMs changed in the database, by the node to re-check them on (watch_changes).
+        self._changed: dict[str, set[str]] = {}
+        self._held_by: dict[str, str] = {}
+        self._seen: dict[str, datetime] = {}
+        self._watched_to = utcnow()
+        self._routers: list[str] | None = None
 
     def start(self) -> None:
         self._started = utcnow()
+        self._watched_to = self._started
         self._liveness = asyncio.create_task(self._liveness_loop(), name="node-liveness")
         self._persist = asyncio.create_task(self._persist_loop(), name="node-load-persist")
+        self._watch = asyncio.create_task(self._watch_loop(), name="node-vm-watch")
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._liveness, self._persist, *self._cleanups.values()]
+        tasks = [t for t in [self._liveness, self._persist, self._watch,
+                             *self._cleanups.values()]
                  if t is not None]
         for task in tasks:
             task.cancel()
@@ -323,7 +401,8 @@ class NodeRegistry:
         """Record a node's identity, capacity and load, reconcile its VMs, clean its orphans.
 
         The load goes to memory (:class:`LiveLoads`); the database is written only when
-        the node's identity or capacity changed, or when its VMs need it."""
+        the node's identity or capacity changed, or when its VMs need it. A delta report
+        with nothing new touches no database (this module's docstring)."""
         handling_started = time.perf_counter()  # metrics: handling time and report gaps
         REPORT_GAPS.seen(report.node_id)
         now = utcnow()
@@ -334,43 +413,142 @@ class NodeRegistry:
         self.ctx.loads.record(report.node_id, Load(
             cpu=host.cpu_load, memory_used_mb=host.memory_used_mb,
             disk_used_gb=host.disk_used_gb, net=host.net_load, at=now))
-        async with self.ctx.db.session() as session:
-            node = await session.get(NodeRow, report.node_id)
-            if node is None:
-                node = await self._register(session, report)
-            identity = (report.name, report.url, host.hypervisor, host.accel,
-                        sorted(str(c) for c in host.capabilities), host.forward_address)
-            if (node.name, node.url, node.hypervisor, node.accel,
-                    node.capabilities, node.forward_address) != identity:
-                (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
-                 node.forward_address) = identity
-            if report.storage is not None:
-                self._record_storage(session, node, report.storage)
-            if not node.sandbox_subnet:
-                settings = self.ctx.settings
-                await assign_sandbox_subnet(session, node, settings.sandbox_supernet,
-                                            settings.sandbox_prefix)
-            inventory_now = reported_inventory(host)
-            if self._inventories.get(report.node_id) != inventory_now:
-                if await sync_inventory(session, report.node_id, inventory_now):
-                    log.info("node capacity changed", extra={
-                        "node": report.node_id, "node_name": report.name,
-                        "capacity": {k: {"total": t, "reserved": r}
-                                     for k, (t, r) in inventory_now.items()}})
-                    if node.pool_uuid:
-                        self.ctx.placement.invalidate(node.pool_uuid)
-                self._inventories[report.node_id] = inventory_now
-            was_up = node.status == "up"
-            answer = NodeReportAnswer(
-                sandbox=await sandbox_settings(session, node, self.ctx.settings))
-        orphans = await self.reconcile(report, fresh_since)
+        live = self._live.get(report.node_id)
+        if report.delta:
+            answer = await self._delta(report, fresh_since, list(report.domains))
+        elif live is not None and self._repeats(report, live):
+            # The periodic full report of a node whose holdings did not move: what it
+            # says beyond the live state is a delta.
+            live.fulls += 1
+            answer = await self._delta(report, fresh_since, [
+                d for d in report.domains if live.domains.get(d.uuid) != d.state])
+        else:
+            answer = await self._full(report, fresh_since)
+        self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
+        NODE_REPORT_SECONDS.labels("ok").observe(time.perf_counter() - handling_started)
+        return answer
+
+    async def _full(self, report: NodeReport, fresh_since: datetime | None
+                    ) -> NodeReportAnswer:
+        """A full report: record the node, run the full reconcile, renew the live state."""
+        # This reconcile reads every VM of the node: the changes noted so far are in it.
+        changed = self._changed.pop(report.node_id, set())
+        try:
+            async with self.ctx.db.session() as session:
+                node = await session.get(NodeRow, report.node_id)
+                if node is None:
+                    node = await self._register(session, report)
+                await self._record_node(session, node, report)
+                was_up = node.status == "up"
+                storage = node.storage
+                sandbox = await sandbox_settings(session, node, self.ctx.settings)
+            orphans, waiting = await self._reconcile_full(report, fresh_since)
+        except BaseException:
+            self._changed.setdefault(report.node_id, set()).update(changed)
+            raise
         if orphans:
             self._clean(report.node_id, report.url, orphans)
         elif not was_up:
             await self._mark_up(report.node_id)
-        self._answered[report.node_id] = _Answered(report.boot_id, report.seq, utcnow())
-        NODE_REPORT_SECONDS.labels("ok").observe(time.perf_counter() - handling_started)
-        return answer
+        domains = {d.uuid: d.state for d in report.domains}
+        holding = frozenset(set(domains) | set(report.ports or {}) | set(report.disks or {}))
+        old = self._live.get(report.node_id)
+        for vm_uuid in old.holding - holding if old is not None else ():
+            if self._held_by.get(vm_uuid) == report.node_id:
+                del self._held_by[vm_uuid]
+        for vm_uuid in holding:
+            self._held_by[vm_uuid] = report.node_id
+        self._live[report.node_id] = _Live(
+            boot_id=report.boot_id, generation=report.generation, domains=domains,
+            holding=holding, identity=identity_of(report), up=was_up or not orphans,
+            storage=storage, sandbox=sandbox, pending=waiting)
+        return NodeReportAnswer(sandbox=sandbox, deltas=True)
+
+    @staticmethod
+    def _repeats(report: NodeReport, live: _Live) -> bool:
+        """Whether a full report only repeats the live state's holdings (same boot and
+        generation, node up) and is not one of the full reports that run the full
+        reconcile (every ``FULL_RECONCILE_EVERY``-th)."""
+        return (report.full and report.ports is not None and report.disks is not None
+                and bool(report.generation) and live.up and live.boot_id == report.boot_id
+                and live.generation == report.generation
+                and live.fulls + 1 < FULL_RECONCILE_EVERY)
+
+    async def _delta(self, report: NodeReport, fresh_since: datetime | None,
+                     domains: list[DomainInfo]) -> NodeReportAnswer:
+        """A delta report (``domains``: those whose state changed): apply it to the live
+        state; touch only the VMs that may have changed, and the node's row only when its
+        identity, capacity or storage did."""
+        node_uuid = report.node_id
+        live = self._live.get(node_uuid)
+        if (live is None or not live.up or live.boot_id != report.boot_id
+                or live.generation != report.generation):
+            log.info("node sent a delta report this server cannot apply; asking for a "
+                     "full one", extra={"node": node_uuid, "node_name": report.name,
+                                        "known": live is not None,
+                                        "up": live is not None and live.up})
+            return NodeReportAnswer(sandbox=live.sandbox if live else None, deltas=True,
+                                    full_report=True)
+        identity = identity_of(report)
+        storage = (None if report.storage is None
+                   else [d.model_dump(mode="json") for d in report.storage])
+        if (identity != live.identity
+                or reported_inventory(report.host) != self._inventories.get(node_uuid)
+                or (storage is not None and storage_changed(live.storage, storage))):
+            async with self.ctx.db.session() as session:
+                node = await session.get(NodeRow, node_uuid)
+                if node is None:  # removed meanwhile: the full report registers it again
+                    return NodeReportAnswer(deltas=True, full_report=True)
+                await self._record_node(session, node, report)
+                live.identity, live.storage = identity, node.storage
+        for d in domains:
+            live.domains[d.uuid] = d.state
+        names = ({d.uuid for d in domains} | live.pending
+                 | self._changed.pop(node_uuid, set()))
+        # A delta carries them only when they changed; a full report always (a pool's
+        # network mode may have changed since: they are worth applying again).
+        learned = bool(report.learned)
+        if names or learned:
+            try:
+                orphans, waiting = await self._reconcile_some(report, live, names,
+                                                              fresh_since, learned)
+            except BaseException:
+                live.pending |= names
+                raise
+            live.pending = waiting
+            if orphans:
+                self._clean(node_uuid, report.url, orphans)
+        if (live.sandbox is not None and self._routers is not None
+                and live.sandbox.routers != self._routers):
+            live.sandbox = live.sandbox.model_copy(update={"routers": list(self._routers)})
+        return NodeReportAnswer(sandbox=live.sandbox, deltas=True)
+
+    async def _record_node(self, session: AsyncSession, node: NodeRow,
+                           report: NodeReport) -> None:
+        """Write the node's identity, storage and capacity where they changed; give it a
+        sandbox subnet if it has none."""
+        host = report.host
+        identity = identity_of(report)
+        if (node.name, node.url, node.hypervisor, node.accel,
+                node.capabilities, node.forward_address) != identity:
+            (node.name, node.url, node.hypervisor, node.accel, node.capabilities,
+             node.forward_address) = identity
+        if report.storage is not None:
+            self._record_storage(session, node, report.storage)
+        if not node.sandbox_subnet:
+            settings = self.ctx.settings
+            await assign_sandbox_subnet(session, node, settings.sandbox_supernet,
+                                        settings.sandbox_prefix)
+        inventory_now = reported_inventory(host)
+        if self._inventories.get(report.node_id) != inventory_now:
+            if await sync_inventory(session, report.node_id, inventory_now):
+                log.info("node capacity changed", extra={
+                    "node": report.node_id, "node_name": report.name,
+                    "capacity": {k: {"total": t, "reserved": r}
+                                 for k, (t, r) in inventory_now.items()}})
+                if node.pool_uuid:
+                    self.ctx.placement.invalidate(node.pool_uuid)
+            self._inventories[report.node_id] = inventory_now
 
     @staticmethod
     def _record_storage(session: AsyncSession, node: NodeRow,
@@ -438,44 +616,96 @@ class NodeRegistry:
     async def reconcile(self, report: NodeReport, fresh_since: datetime | None) -> set[str]:
         """Make the node's VMs follow what it holds (the table in this module's docstring);
         return the VMs whose leftovers on the node are orphans."""
+        return (await self._reconcile_full(report, fresh_since))[0]
+
+    async def _reconcile_full(self, report: NodeReport, fresh_since: datetime | None
+                              ) -> tuple[set[str], set[str]]:
+        """:meth:`reconcile` over every VM of the node; also return the VMs left waiting
+        (to a task, or for a report newer than their change)."""
         node_uuid = report.node_id
-        domains = {d.uuid: d for d in report.domains}
+        domains = {d.uuid: d.state for d in report.domains}
         holding = set(domains) | set(report.ports or {}) | set(report.disks or {})
         # Absence is proof only when the report lists everything the node holds.
         complete = report.full and report.ports is not None and report.disks is not None
         held = holding | set(report.busy)
-        owners: set[str] = set()
         async with self.ctx.db.session() as session:
             vms = list((await session.scalars(
                 select(VmRow).where(VmRow.node_uuid == node_uuid))).all())
             in_flows = await _with_unfinished_flows(session, {v.uuid for v in vms} | holding)
             if report.learned:
                 await _learn_addresses(session, vms, report, node_uuid)
-            for vm in vms:
-                busy = vm.uuid in in_flows or self.ctx.queues.busy(vm.uuid)
-                cleanup = vm.node_cleanup or (vm.state == VmState.DELETING and not busy)
-                if not cleanup:
-                    owners.add(vm.uuid)
-                if busy or fresh_since is None or vm.updated_at > fresh_since:
-                    continue  # left to its task, or this report may predate its change
-                if not cleanup:
-                    info = domains.get(vm.uuid)
-                    if info is not None:
-                        self._follow(vm, info.state, node_uuid)
-                        continue
-                    if not report.full:
-                        continue
-                    log.warning("VM's domain vanished from its node", extra={
-                        "vm": vm.uuid, "node": node_uuid, "recorded": vm.state})
-                    vm.state, vm.power_state = VmState.ERROR, DomainState.ABSENT
-                    vm.error = f"the domain vanished from its node {report.name}"
-                    vm.node_cleanup = True
-                    owners.discard(vm.uuid)
-                if complete and vm.uuid not in held:
-                    await self._release(session, vm, report.name)
+            owners, waiting = await self._settle(session, report, vms, domains, complete,
+                                                 held, in_flows, fresh_since)
+        self._note_seen(vms)
         orphans = {u for u in holding if u not in owners and u not in in_flows
                    and not self.ctx.queues.busy(u)}
-        return orphans
+        return orphans, waiting
+
+    async def _reconcile_some(self, report: NodeReport, live: _Live, names: set[str],
+                              fresh_since: datetime | None, learned: bool
+                              ) -> tuple[set[str], set[str]]:
+        """The reconcile of a delta: the live state holds the full lists, so the same
+        rules apply, to the VMs in ``names`` only (every VM of the node when the report
+        carries learned addresses). Return the orphans among them and the VMs waiting."""
+        node_uuid = report.node_id
+        held = set(live.holding) | set(report.busy)
+        async with self.ctx.db.session() as session:
+            query = select(VmRow).where(VmRow.node_uuid == node_uuid)
+            if not learned:
+                query = query.where(VmRow.uuid.in_(sorted(names)))
+            vms = list((await session.scalars(query)).all())
+            in_flows = await _with_unfinished_flows(session, names | {v.uuid for v in vms})
+            if learned:
+                await _learn_addresses(session, vms, report, node_uuid)
+            owners, waiting = await self._settle(session, report, vms, live.domains, True,
+                                                 held, in_flows, fresh_since)
+        self._note_seen(vms)
+        orphans = {u for u in names & live.holding if u not in owners and u not in in_flows
+                   and not self.ctx.queues.busy(u)}
+        return orphans, waiting
+
+    def _note_seen(self, vms: list[VmRow]) -> None:
+        """These VMs, as just read or written here, need no second look when the watch
+        finds them changed (it skips a version it has seen)."""
+        for vm in vms:
+            self._seen[vm.uuid] = vm.updated_at
+
+    async def _settle(self, session: AsyncSession, report: NodeReport, vms: list[VmRow],
+                      domains: Mapping[str, DomainState], complete: bool, held: set[str],
+                      in_flows: set[str], fresh_since: datetime | None
+                      ) -> tuple[set[str], set[str]]:
+        """Apply the module docstring's table to ``vms`` given the node's ``domains``
+        (every domain when the report is full) and what it ``held`` (everything, when
+        ``complete``). Return the VMs that own what the node holds for them, and those
+        left waiting."""
+        node_uuid = report.node_id
+        full = report.full or report.delta
+        owners: set[str] = set()
+        waiting: set[str] = set()
+        for vm in vms:
+            busy = vm.uuid in in_flows or self.ctx.queues.busy(vm.uuid)
+            cleanup = vm.node_cleanup or (vm.state == VmState.DELETING and not busy)
+            if not cleanup:
+                owners.add(vm.uuid)
+            if busy or fresh_since is None or vm.updated_at > fresh_since:
+                waiting.add(vm.uuid)
+                continue  # left to its task, or this report may predate its change
+            if not cleanup:
+                observed = domains.get(vm.uuid)
+                if observed is not None:
+                    self._follow(vm, observed, node_uuid)
+                    continue
+                if not full:
+                    continue
+                log.warning("VM's domain vanished from its node", extra={
+                    "vm": vm.uuid, "node": node_uuid, "recorded": vm.state})
+                vm.state, vm.power_state = VmState.ERROR, DomainState.ABSENT
+                vm.error = f"the domain vanished from its node {report.name}"
+                vm.node_cleanup = True
+                owners.discard(vm.uuid)
+            if complete and vm.uuid not in held:
+                await self._release(session, vm, report.name)
+        return owners, waiting
 
     @staticmethod
     def _follow(vm: VmRow, observed: DomainState, node_uuid: str) -> None:
@@ -548,6 +778,9 @@ class NodeRegistry:
         result = await session.execute(
             update(NodeRow).where(NodeRow.uuid == node_uuid).where(NodeRow.status == "up")
             .values(status="down"))
+        live = self._live.get(node_uuid)
+        if live is not None:
+            live.up = False  # only a full report marks it up again
         if result.rowcount:  # type: ignore[attr-defined]
             log.warning("node down", extra={"node": node_uuid, "reason": why})
             self.ctx.placement.invalidate()
@@ -586,6 +819,45 @@ class NodeRegistry:
                 await self.check_liveness()
             except Exception:
                 log.exception("node liveness check failed")
+
+
+    async def watch_changes(self) -> int:
+        """Note the VMs changed in the database (by any control server) since the last
+        call, under their node and the node holding them, for those nodes' next reports
+        to look at; refresh the live routers the sandbox answers carry. Return how many
+        notes were made."""
+        started = utcnow()
+        since = self._watched_to - timedelta(seconds=WATCH_MARGIN)
+        alive_since = started - timedelta(seconds=self.ctx.settings.router_timeout)
+        async with self.ctx.db.reading() as session:
+            rows = (await session.execute(
+                select(VmRow.uuid, VmRow.node_uuid, VmRow.updated_at)
+                .where(VmRow.updated_at > since))).all()
+            routers = sorted(set((await session.scalars(select(RouterRow.lan_address).where(
+                RouterRow.last_seen_at >= alive_since))).all()))
+        notes = 0
+        for vm_uuid, node_uuid, at in rows:
+            if self._seen.get(vm_uuid) == at:
+                continue  # seen by an earlier read of the overlap
+            self._seen[vm_uuid] = at
+            for node in {node_uuid, self._held_by.get(vm_uuid)}:
+                if node:
+                    self._changed.setdefault(node, set()).add(vm_uuid)
+                    notes += 1
+        self._seen = {u: at for u, at in self._seen.items() if at > since}
+        self._watched_to = started
+        self._routers = routers
+        return notes
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                notes = await self.watch_changes()
+                if notes:
+                    log.debug("VMs changed in the database", extra={"notes": notes})
+            except Exception:
+                log.exception("could not read the VMs changed in the database")
 
 
 async def _learn_addresses(session: AsyncSession, vms: list[VmRow], report: NodeReport,
