@@ -21,6 +21,9 @@ What the nodes of one process share is the plumbing:
   the domain CA and naming the host addressed (``check_hostname``); nothing checks which
   component's certificate it is, so real nodes are verified exactly as before. Client
   certificates are required and checked against the domain CA, as on any node.
+* One keep-alive connection pool to the peers (domain, control and storage servers),
+  presenting the first node's client certificate; each request is still signed by its
+  own node's key and credential, which is what peers authenticate a caller by.
 * The simulated hosts' state files are written in batches (at most every
   ``flush_delay`` seconds per node, and at stop; see
   :mod:`yun.node.hypervisor.sim.hostfile`): a kill -9 of the process may lose the last
@@ -38,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, cast
 
+import httpx
 from starlette.types import Receive, Scope, Send
 
 from yun.config import NodeSettings
@@ -117,6 +121,20 @@ class NodeRouter:
             _CURRENT.reset(token)
 
 
+class SharedTransport(httpx.AsyncBaseTransport):
+    """The process's connection pool as seen by one node's clients: closing a client
+    (a node stopping, a peer's URL changing) leaves the pool to the others."""
+
+    def __init__(self, pool: httpx.AsyncBaseTransport) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass  # the pool is closed by SimNodesService.stop
+
+
 class SimNode:
     """One simulated node of the process: its agent and its batched host state file."""
 
@@ -145,7 +163,8 @@ class SimNodesService:
     """``count`` sim nodes named ``<prefix>-<nnnnn>`` behind one listener."""
 
     def __init__(self, settings: NodeSettings, count: int, *, prefix: str = "sim",
-                 flush_delay: float = 0.5, join_concurrency: int = 32) -> None:
+                 flush_delay: float = 0.5, join_concurrency: int = 32,
+                 pool_size: int = 256) -> None:
         if count < 1:
             raise ValueError(f"sim-nodes count must be at least 1, not {count}")
         if join_concurrency < 1:
@@ -155,6 +174,8 @@ class SimNodesService:
         self.server = AppServer(self.router, settings.listen_host, settings.listen_port)
         self.url = service_url(settings, self.server.port)
         self.join_concurrency = join_concurrency
+        self.pool: httpx.AsyncHTTPTransport | None = None
+        self.pool_size = pool_size
         self.nodes = [SimNode(settings, f"{prefix}-{i:05d}", f"{self.url}{PREFIX}{prefix}-{i:05d}",
                               flush_delay) for i in range(count)]
 
@@ -178,6 +199,15 @@ class SimNodesService:
         first = self.nodes[0]
         await self._start_node(first)
         await self.server.start(first.agent.membership.serving_tls())
+        # The first node's client context: the domain CA, its certificate (renewed in
+        # place by its membership), hostname checks on.
+        self.pool = httpx.AsyncHTTPTransport(
+            verify=first.agent.membership.client_tls or True,
+            limits=httpx.Limits(max_connections=self.pool_size,
+                                max_keepalive_connections=self.pool_size))
+        shared = SharedTransport(self.pool)
+        for node in self.nodes[1:]:
+            node.agent.membership.transport = shared
         failed = [(n, e) for n, e in zip(self.nodes[1:],
                                          await self._bounded(self._start_node, self.nodes[1:]),
                                          strict=True) if e is not None]
@@ -197,3 +227,5 @@ class SimNodesService:
             self.router.remove(node.name)
             if exc is not None:
                 log.warning("sim node stop failed: %s", exc, extra={"node_name": node.name})
+        if self.pool is not None:
+            await self.pool.aclose()
