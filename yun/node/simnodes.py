@@ -150,13 +150,17 @@ class SimNode:
         await self.agent.start()
         self.started = True
 
-    async def stop(self) -> None:
+    async def stop_agent(self) -> None:
+        """Stop reporting and write the host's state (local work only)."""
         try:
             if self.started:
                 await self.agent.stop()
-            await self.agent.membership.stop()
         finally:
             self.file.flush()
+
+    async def leave(self) -> None:
+        """Leave the domain (one request) and close the node's clients."""
+        await self.agent.membership.stop()
 
 
 class SimNodesService:
@@ -219,13 +223,19 @@ class SimNodesService:
                                            "join_concurrency": self.join_concurrency})
 
     async def stop(self) -> None:
-        """Stop serving, then stop every node (leaving the domain, state written)."""
+        """Stop serving, stop every node's agent and write its state (local, all at
+        once: a stop cut short by SIGKILL has written the state already), then leave the
+        domain ``join_concurrency`` nodes at a time."""
         with contextlib.suppress(Exception):
             await self.server.stop()
-        results = await self._bounded(lambda n: n.stop(), self.nodes)
-        for node, exc in zip(self.nodes, results, strict=True):
+        stopped = await asyncio.gather(*(n.stop_agent() for n in self.nodes),
+                                       return_exceptions=True)
+        left = await self._bounded(lambda n: n.leave(), self.nodes)
+        for node, *errors in zip(self.nodes, stopped, left, strict=True):
             self.router.remove(node.name)
-            if exc is not None:
-                log.warning("sim node stop failed: %s", exc, extra={"node_name": node.name})
+            for exc in errors:
+                if exc is not None:
+                    log.warning("sim node stop failed: %s", exc,
+                                extra={"node_name": node.name})
         if self.pool is not None:
             await self.pool.aclose()
