@@ -39,8 +39,11 @@ MEASURED = ("sim-nodes", "domain", "control")
 
 def set_intervals(config: Path, interval: float) -> None:
     """Heartbeats (the domain tells every member its interval) and node reports every
-    ``interval`` seconds: at 10,000 nodes the benchmark's 2 s heartbeat would be the load."""
+    ``interval`` seconds: at 10,000 nodes the benchmark's 2 s heartbeat would be the load.
+    The domain's presence TTL becomes three intervals (its default, 6 s, is shorter than
+    a 10 s heartbeat: every member would be declared gone between two heartbeats)."""
     text = config.read_text()
+    text = text.replace("[domain]\n", f"[domain]\nttl = {3 * interval}\n", 1)
     text = re.sub(r"^heartbeat_interval = .*$", f"heartbeat_interval = {interval}", text,
                   flags=re.M)
     text = re.sub(r"^report_interval = .*$", f"report_interval = {interval}", text, flags=re.M)
