@@ -34,8 +34,11 @@ async def test_sim_nodes_join_as_themselves_behind_one_listener(tmp_path: Path) 
         assert len(ids) == 3 and "" not in ids
         assert [n.agent.membership.url for n in nodes] == [
             f"{sims.url}{PREFIX}t-{i:05d}" for i in range(3)]
-        assert all(isinstance(n.agent.membership.transport, SharedTransport)
-                   for n in nodes[1:])
+        first = nodes[0].agent.membership
+        for node in nodes[1:]:  # one pool, one pair of TLS contexts for the process
+            assert isinstance(node.agent.membership.transport, SharedTransport)
+            assert node.agent.membership.client_tls is first.client_tls
+            assert node.agent.membership.server_tls is first.server_tls
         caller = nodes[1].agent.membership  # any member of the domain may read /healthz
         for node in nodes:
             async with PeerClient(node.agent.membership.url, caller.signer,

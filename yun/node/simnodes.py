@@ -22,7 +22,8 @@ What the nodes of one process share is the plumbing:
   component's certificate it is, so real nodes are verified exactly as before. Client
   certificates are required and checked against the domain CA, as on any node.
 * One keep-alive connection pool to the peers (domain, control and storage servers),
-  presenting the first node's client certificate; each request is still signed by its
+  presenting the first node's client certificate (its TLS contexts are every node's:
+  image downloads too present it); each request is still signed by its
   own node's key and credential, which is what peers authenticate a caller by.
 * The simulated hosts' state files are written in batches (at most every
   ``flush_delay`` seconds per node, and at stop; see
@@ -210,8 +211,11 @@ class SimNodesService:
             limits=httpx.Limits(max_connections=self.pool_size,
                                 max_keepalive_connections=self.pool_size))
         shared = SharedTransport(self.pool)
+        tls = (first.agent.membership.serving_tls(), first.agent.membership.client_tls)
         for node in self.nodes[1:]:
             node.agent.membership.transport = shared
+            if tls[1] is not None:
+                node.agent.membership.shared_tls = (tls[0], tls[1])
         failed = [(n, e) for n, e in zip(self.nodes[1:],
                                          await self._bounded(self._start_node, self.nodes[1:]),
                                          strict=True) if e is not None]

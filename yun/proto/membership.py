@@ -112,6 +112,11 @@ class Membership:
         #: opening connections of their own; requests are still signed by this
         #: component's key. None (every real component): connections of its own.
         self.transport: httpx.AsyncBaseTransport | None = None
+        #: When set (the same sim nodes), the (server, client) TLS contexts of another
+        #: member of the same process, used instead of contexts of this component's own:
+        #: they are never used but for that process's one listener and pool, and two
+        #: contexts per node were ~40 KiB. Their owner keeps them renewed.
+        self.shared_tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
 
     # -- identity kept across restarts ------------------------------------------------
 
@@ -328,7 +333,9 @@ class Membership:
             self.signer = Signer(self.key, credential)
         else:
             self.signer.credential = credential
-        if self.server_tls is None or self.client_tls is None:
+        if self.shared_tls is not None:
+            self.server_tls, self.client_tls = self.shared_tls
+        elif self.server_tls is None or self.client_tls is None:
             self.server_tls = server_context(self.cert_file, self._key_file, ca_pem)
             self.client_tls = client_context(ca_pem, self.cert_file, self._key_file)
         else:
