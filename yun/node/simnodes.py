@@ -21,7 +21,8 @@ What the nodes of one process share is the plumbing:
   the domain CA and naming the host addressed (``check_hostname``); nothing checks which
   component's certificate it is, so real nodes are verified exactly as before. Client
   certificates are required and checked against the domain CA, as on any node.
-* One keep-alive connection pool to the peers (domain, control and storage servers),
+* Keep-alive connection pools to the peers (domain, control and storage servers), one
+  per 50 nodes,
   presenting the first node's client certificate (its TLS contexts are every node's:
   image downloads too present it); each request is still signed by its
   own node's key and credential, which is what peers authenticate a caller by.
@@ -57,6 +58,7 @@ from yun.util.serve import AppServer, service_url
 log = logging.getLogger("yun.node.sim")
 
 PREFIX = "/n/"
+NODES_PER_POOL = 50  # nodes sharing one keep-alive pool (of ``pool_size`` connections)
 
 _CURRENT: ContextVar[NodeAgent | None] = ContextVar("yun_sim_node_agent", default=None)
 
@@ -169,7 +171,7 @@ class SimNodesService:
 
     def __init__(self, settings: NodeSettings, count: int, *, prefix: str = "sim",
                  flush_delay: float = 0.5, join_concurrency: int = 32,
-                 pool_size: int = 256) -> None:
+                 pool_size: int = 8) -> None:
         if count < 1:
             raise ValueError(f"sim-nodes count must be at least 1, not {count}")
         if join_concurrency < 1:
@@ -179,7 +181,7 @@ class SimNodesService:
         self.server = AppServer(self.router, settings.listen_host, settings.listen_port)
         self.url = service_url(settings, self.server.port)
         self.join_concurrency = join_concurrency
-        self.pool: httpx.AsyncHTTPTransport | None = None
+        self.pools: list[httpx.AsyncHTTPTransport] = []
         self.pool_size = pool_size
         self.nodes = [SimNode(settings, f"{prefix}-{i:05d}", f"{self.url}{PREFIX}{prefix}-{i:05d}",
                               flush_delay) for i in range(count)]
@@ -205,14 +207,20 @@ class SimNodesService:
         await self._start_node(first)
         await self.server.start(first.agent.membership.serving_tls())
         # The first node's client context: the domain CA, its certificate (renewed in
-        # place by its membership), hostname checks on.
-        self.pool = httpx.AsyncHTTPTransport(
-            verify=first.agent.membership.client_tls or True,
-            limits=httpx.Limits(max_connections=self.pool_size,
-                                max_keepalive_connections=self.pool_size))
-        shared = SharedTransport(self.pool)
+        # place by its membership), hostname checks on. One pool per NODES_PER_POOL
+        # nodes: httpcore scans every queued request and every connection of a pool at
+        # each assignment, so one pool for 5,000 nodes spent 70% of the process's CPU
+        # in that scan (py-spy) once requests queued.
         tls = (first.agent.membership.serving_tls(), first.agent.membership.client_tls)
-        for node in self.nodes[1:]:
+        limits = httpx.Limits(max_connections=self.pool_size,
+                              max_keepalive_connections=self.pool_size)
+        for i, node in enumerate(self.nodes):
+            if i % NODES_PER_POOL == 0:
+                pool = httpx.AsyncHTTPTransport(verify=tls[1] or True, limits=limits)
+                self.pools.append(pool)
+                shared = SharedTransport(pool)
+            if i == 0:
+                continue  # joined already, with connections of its own
             node.agent.membership.transport = shared
             if tls[1] is not None:
                 node.agent.membership.shared_tls = (tls[0], tls[1])
@@ -241,5 +249,5 @@ class SimNodesService:
                 if exc is not None:
                     log.warning("sim node stop failed: %s", exc,
                                 extra={"node_name": node.name})
-        if self.pool is not None:
-            await self.pool.aclose()
+        for pool in self.pools:
+            await pool.aclose()
