@@ -22,7 +22,7 @@ What the nodes of one process share is the plumbing:
   component's certificate it is, so real nodes are verified exactly as before. Client
   certificates are required and checked against the domain CA, as on any node.
 * Keep-alive connection pools to the peers (domain, control and storage servers), one
-  per 50 nodes,
+  per peer and 50 nodes,
   presenting the first node's client certificate (its TLS contexts are every node's:
   image downloads too present it); each request is still signed by its
   own node's key and credential, which is what peers authenticate a caller by.
@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, cast
@@ -58,7 +59,7 @@ from yun.util.serve import AppServer, service_url
 log = logging.getLogger("yun.node.sim")
 
 PREFIX = "/n/"
-NODES_PER_POOL = 50  # nodes sharing one keep-alive pool (of ``pool_size`` connections)
+NODES_PER_POOL = 50  # nodes sharing keep-alive pools (``pool_size`` connections per peer)
 
 _CURRENT: ContextVar[NodeAgent | None] = ContextVar("yun_sim_node_agent", default=None)
 
@@ -125,17 +126,32 @@ class NodeRouter:
 
 
 class SharedTransport(httpx.AsyncBaseTransport):
-    """The process's connection pool as seen by one node's clients: closing a client
-    (a node stopping, a peer's URL changing) leaves the pool to the others."""
+    """The keep-alive pools of a group of nodes, one per peer (``host:port``), so a slow
+    peer (a busy control server answering reports) cannot starve the requests to
+    another (heartbeats to the domain server: with one pool for both they timed out
+    waiting for a connection, and 10,000 nodes were declared gone). Closing a node's
+    client leaves the pools to the others; :meth:`close_pools` closes them."""
 
-    def __init__(self, pool: httpx.AsyncBaseTransport) -> None:
-        self.pool = pool
+    def __init__(self, tls: ssl.SSLContext | None, pool_size: int) -> None:
+        self.tls = tls
+        self.limits = httpx.Limits(max_connections=pool_size,
+                                   max_keepalive_connections=pool_size)
+        self.pools: dict[bytes, httpx.AsyncHTTPTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self.pool.handle_async_request(request)
+        pool = self.pools.get(request.url.netloc)
+        if pool is None:
+            pool = self.pools[request.url.netloc] = httpx.AsyncHTTPTransport(
+                verify=self.tls or True, limits=self.limits)
+        return await pool.handle_async_request(request)
 
     async def aclose(self) -> None:
-        pass  # the pool is closed by SimNodesService.stop
+        pass  # shared: closed by close_pools when the process stops
+
+    async def close_pools(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+        self.pools.clear()
 
 
 class SimNode:
@@ -171,7 +187,7 @@ class SimNodesService:
 
     def __init__(self, settings: NodeSettings, count: int, *, prefix: str = "sim",
                  flush_delay: float = 0.5, join_concurrency: int = 32,
-                 pool_size: int = 8) -> None:
+                 pool_size: int = 16) -> None:
         if count < 1:
             raise ValueError(f"sim-nodes count must be at least 1, not {count}")
         if join_concurrency < 1:
@@ -181,7 +197,7 @@ class SimNodesService:
         self.server = AppServer(self.router, settings.listen_host, settings.listen_port)
         self.url = service_url(settings, self.server.port)
         self.join_concurrency = join_concurrency
-        self.pools: list[httpx.AsyncHTTPTransport] = []
+        self.transports: list[SharedTransport] = []
         self.pool_size = pool_size
         self.nodes = [SimNode(settings, f"{prefix}-{i:05d}", f"{self.url}{PREFIX}{prefix}-{i:05d}",
                               flush_delay) for i in range(count)]
@@ -212,13 +228,10 @@ class SimNodesService:
         # each assignment, so one pool for 5,000 nodes spent 70% of the process's CPU
         # in that scan (py-spy) once requests queued.
         tls = (first.agent.membership.serving_tls(), first.agent.membership.client_tls)
-        limits = httpx.Limits(max_connections=self.pool_size,
-                              max_keepalive_connections=self.pool_size)
         for i, node in enumerate(self.nodes):
             if i % NODES_PER_POOL == 0:
-                pool = httpx.AsyncHTTPTransport(verify=tls[1] or True, limits=limits)
-                self.pools.append(pool)
-                shared = SharedTransport(pool)
+                shared = SharedTransport(tls[1], self.pool_size)
+                self.transports.append(shared)
             if i == 0:
                 continue  # joined already, with connections of its own
             node.agent.membership.transport = shared
@@ -249,5 +262,5 @@ class SimNodesService:
                 if exc is not None:
                     log.warning("sim node stop failed: %s", exc,
                                 extra={"node_name": node.name})
-        for pool in self.pools:
-            await pool.aclose()
+        for transport in self.transports:
+            await transport.close_pools()
