@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -88,20 +87,18 @@ def router(config: ConfigOpt = None) -> None:
 def sim_nodes(
     count: Annotated[int, typer.Option(min=1, max=20000, help="how many simulated nodes")],
     prefix: Annotated[str, typer.Option(help="node names are <prefix>-<n>")] = "sim",
+    flush_delay: Annotated[float, typer.Option(
+        min=0.0, max=60.0,
+        help="seconds a sim host's state may wait before it is written (0: at once)")] = 0.5,
+    join_concurrency: Annotated[int, typer.Option(
+        min=1, max=1000, help="nodes joining the domain at a time")] = 32,
     config: ConfigOpt = None,
 ) -> None:
-    """Many simulated node clients in one process, each a real service (sim hypervisor)."""
-    from yun.node.service import NodeService
+    """Many simulated node clients in one process (sim hypervisor), behind one listener:
+    each a real node (own identity, join, heartbeats, reports, node API) at
+    https://<host>:<port>/n/<name>."""
+    from yun.node.simnodes import SimNodesService
 
-    settings = load_settings(NodeSettings, "node", config, hypervisor="sim", listen_port=0)
-    setup_logging("sim-nodes", settings.log_level)
-    services = [NodeService(settings, name=f"{prefix}-{i:05d}") for i in range(count)]
-
-    async def start() -> None:
-        for chunk in range(0, len(services), 50):
-            await asyncio.gather(*(s.start() for s in services[chunk:chunk + 50]))
-
-    async def stop() -> None:
-        await asyncio.gather(*(s.stop() for s in services), return_exceptions=True)
-
-    run_service(run_until_signalled(start, stop))
+    _run("sim-nodes", lambda: SimNodesService(
+        load_settings(NodeSettings, "node", config, hypervisor="sim", listen_port=0),
+        count, prefix=prefix, flush_delay=flush_delay, join_concurrency=join_concurrency))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yun.config import NodeSettings
 from yun.node.agent import HostReserve, NodeAgent
@@ -18,23 +20,34 @@ from yun.proto.network import NicNetwork
 from yun.util.net import reachable_address
 from yun.util.serve import AppServer, service_url
 
+if TYPE_CHECKING:
+    from yun.node.hypervisor.sim.hostfile import SimHostFile
+
 log = logging.getLogger("yun.node")
 
 
-def build_backends(settings: NodeSettings, name: str
+def sim_state_file(settings: NodeSettings, name: str) -> Path:
+    """Where the sim node ``name`` keeps its simulated host (``sim-host.json``)."""
+    from yun.node.hypervisor.sim.hostfile import FILE_NAME
+
+    # One file for the simulated host's domains, disks and leases, so a restarted
+    # sim node finds them as a libvirt node would (<state dir>/sim-host.json); the
+    # many nodes of `yun serve sim-nodes` share settings, so each gets its own dir.
+    return (settings.state_dir / FILE_NAME if name == settings.name
+            else settings.state_dir / "sim-hosts" / name / FILE_NAME)
+
+
+def build_backends(settings: NodeSettings, name: str, *, sim_file: SimHostFile | None = None
                    ) -> tuple[HypervisorDriver, DiskBackend, dict[NicNetwork, NetworkBackend]]:
-    """The driver and backends a node of these settings uses."""
+    """The driver and backends a node of these settings uses (a sim host's backends
+    write ``sim_file`` when given: one file object, batched, for all of them)."""
     node_dir = settings.state_dir / "node"
     if settings.hypervisor == "sim":
-        from yun.node.hypervisor.sim.hostfile import FILE_NAME
         from yun.node.network.sim import SimSandboxBackend
         from yun.node.storage.sim import SimDiskBackend
 
-        # One file for the simulated host's domains, disks and leases, so a restarted
-        # sim node finds them as a libvirt node would (<state dir>/sim-host.json); the
-        # many nodes of `yun serve sim-nodes` share settings, so each gets its own dir.
-        state_file = (settings.state_dir / FILE_NAME if name == settings.name
-                      else settings.state_dir / "sim-hosts" / name / FILE_NAME)
+        state_file: Path | SimHostFile = (sim_file if sim_file is not None
+                                          else sim_state_file(settings, name))
         sim_networks: dict[NicNetwork, NetworkBackend] = {
             NicNetwork.SANDBOX: SimSandboxBackend(state_file=state_file)}
         if settings.sim_direct:
@@ -74,10 +87,11 @@ def build_backends(settings: NodeSettings, name: str
     )
 
 
-def build_agent(settings: NodeSettings, name: str) -> NodeAgent:
+def build_agent(settings: NodeSettings, name: str, *,
+                sim_file: SimHostFile | None = None) -> NodeAgent:
     """The node agent these settings describe: its backends, host reserve, pool and
     uplink meter (not yet joined or serving)."""
-    driver, disks, networks = build_backends(settings, name)
+    driver, disks, networks = build_backends(settings, name, sim_file=sim_file)
     membership = Membership(settings, ComponentType.NODE, url="", name=name)
     # A simulated host has no uplink of its own: its network load is 0.
     uplink = (UplinkMeter(settings.uplink, settings.net_capacity_mbit)

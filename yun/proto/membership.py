@@ -27,6 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
+
 from yun.config import ComponentSettings
 from yun.proto.auth import (
     Signer,
@@ -105,6 +107,16 @@ class Membership:
         self._domain: PeerClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._interval = settings.heartbeat_interval
+        #: When set (the many sim nodes of one process), the clients to peers and to the
+        #: domain send through it, a keep-alive pool shared by the process, instead of
+        #: opening connections of their own; requests are still signed by this
+        #: component's key. None (every real component): connections of its own.
+        self.transport: httpx.AsyncBaseTransport | None = None
+        #: When set (the same sim nodes), the (server, client) TLS contexts of another
+        #: member of the same process, used instead of contexts of this component's own:
+        #: they are never used but for that process's one listener and pool, and two
+        #: contexts per node were ~40 KiB. Their owner keeps them renewed.
+        self.shared_tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
 
     # -- identity kept across restarts ------------------------------------------------
 
@@ -174,7 +186,7 @@ class Membership:
         """The client speaking to ``peer`` with this component's credential."""
         client = self._clients.get(peer.component_id)
         if client is None or client.base_url != peer.url.rstrip("/"):
-            client = PeerClient(peer.url, self.signer, self.client_tls)
+            client = PeerClient(peer.url, self.signer, self.client_tls, transport=self.transport)
             self._clients[peer.component_id] = client
         return client
 
@@ -186,7 +198,7 @@ class Membership:
         key = f"url:{url}"
         client = self._clients.get(key)
         if client is None:
-            client = PeerClient(url, self.signer, self.client_tls)
+            client = PeerClient(url, self.signer, self.client_tls, transport=self.transport)
             self._clients[key] = client
         return client
 
@@ -321,7 +333,9 @@ class Membership:
             self.signer = Signer(self.key, credential)
         else:
             self.signer.credential = credential
-        if self.server_tls is None or self.client_tls is None:
+        if self.shared_tls is not None:
+            self.server_tls, self.client_tls = self.shared_tls
+        elif self.server_tls is None or self.client_tls is None:
             self.server_tls = server_context(self.cert_file, self._key_file, ca_pem)
             self.client_tls = client_context(ca_pem, self.cert_file, self._key_file)
         else:
@@ -336,7 +350,8 @@ class Membership:
             if self._domain is not None:
                 await self._domain.aclose()
             assert self.domain_url is not None
-            self._domain = PeerClient(self.domain_url, self.signer, self.client_tls, timeout=10)
+            self._domain = PeerClient(self.domain_url, self.signer, self.client_tls, timeout=10,
+                                      transport=self.transport)
 
     def _apply_revoked(self, revoked: list[Revocation], generation: int) -> None:
         if generation == self.verifier.revocation_generation:

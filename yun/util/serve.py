@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Iterator
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from yun.config import ComponentSettings
 
@@ -56,7 +56,7 @@ class _Server(uvicorn.Server):
 class AppServer:
     """One uvicorn server serving ``app`` on ``host:port`` as a task of the running loop."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # Naming IPPROTO_TCP is what makes asyncio set TCP_NODELAY on accepted connections;
         # without it Nagle's algorithm delays every keep-alive answer by ~40 ms.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
-from yun.node.hypervisor.sim.hostfile import SimHostFile
+from yun.node.hypervisor.sim.hostfile import SimHostFile, host_file
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.dnsmasq import PortRecord
 from yun.node.network.ports import check_forwards, check_vm_uuid, plan_port
@@ -33,14 +33,14 @@ class SimSandboxBackend(NetworkBackend):
 
     kind = NicNetwork.SANDBOX
 
-    def __init__(self, state_file: Path | None = None) -> None:
+    def __init__(self, state_file: Path | SimHostFile | None = None) -> None:
         self.settings: SandboxSettings | None = None
         self.ports: dict[str, list[PortRecord]] = {}
         self.forwards: dict[str, list[NodeForward]] = {}
         #: taps that "exist" on the node; the hypervisor simulator may add to it.
         self.taps: set[str] = set()
         self._fail: dict[str, tuple[str, int]] = {}
-        self._file = SimHostFile(state_file) if state_file is not None else None
+        self._file = host_file(state_file)
         if self._file is not None:
             # "ports" is keyed by MAC, as the invariant checker reads it.
             for mac, data in self._file.section("ports").items():
@@ -53,17 +53,19 @@ class SimSandboxBackend(NetworkBackend):
                 self.forwards[vm] = [NodeForward.model_validate(f) for f in fwds]
 
     def _save(self) -> None:
-        if self._file is None:
-            return
+        if self._file is not None:
+            self._file.save("sandbox", self._sections)
+
+    def _sections(self) -> dict[str, dict[str, Any]]:
         ports: dict[str, Any] = {}
         for vm, records in self.ports.items():
             for p in records:
                 data = asdict(p)
                 ports[data.pop("mac")] = {"vm_uuid": vm, **data}
-        self._file.write({
+        return {
             "ports": ports,
             "forwards": {vm: [f.model_dump(mode="json") for f in fs]
-                         for vm, fs in self.forwards.items()}})
+                         for vm, fs in self.forwards.items()}}
 
     def fail_next(self, method: str, message: str = "injected failure",
                   times: int = 1) -> None:

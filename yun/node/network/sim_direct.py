@@ -17,9 +17,10 @@ import hashlib
 import ipaddress
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from yun.node.hypervisor.base import ResolvedNic
-from yun.node.hypervisor.sim.hostfile import SimHostFile
+from yun.node.hypervisor.sim.hostfile import SimHostFile, host_file
 from yun.node.network.base import NetworkBackend, NetworkError
 from yun.node.network.direct import DirectPort, plan_direct_port
 from yun.node.network.ports import check_vm_uuid
@@ -47,7 +48,8 @@ class SimDirectBackend(NetworkBackend):
 
     kind = NicNetwork.DIRECT
 
-    def __init__(self, lan: str = "192.168.77.0/24", state_file: Path | None = None) -> None:
+    def __init__(self, lan: str = "192.168.77.0/24",
+                 state_file: Path | SimHostFile | None = None) -> None:
         try:
             self.lan = ipaddress.IPv4Network(lan, strict=False)
         except ValueError as exc:
@@ -60,7 +62,7 @@ class SimDirectBackend(NetworkBackend):
         #: taps that "exist" on the node (joined to the simulated bridge).
         self.taps: set[str] = set()
         self.network_ready = False
-        self._file = SimHostFile(state_file) if state_file is not None else None
+        self._file = host_file(state_file)
         if self._file is not None:
             for mac, data in self._file.section(SECTION).items():
                 self.ports.setdefault(data["vm_uuid"], []).append(
@@ -70,15 +72,17 @@ class SimDirectBackend(NetworkBackend):
                 self.taps.add(data["tap"])
 
     def _save(self) -> None:
-        if self._file is None:
-            return
+        if self._file is not None:
+            self._file.save("direct", self._sections)
+
+    def _sections(self) -> dict[str, dict[str, Any]]:
         section = {}
         for vm, records in self.ports.items():
             for p in records:
                 data = asdict(p)
                 mac = data.pop("mac")
                 section[mac] = {"vm_uuid": vm, "ip": self.leases.get(mac), **data}
-        self._file.write({SECTION: section})
+        return {SECTION: section}
 
     async def ensure_network(self, settings: SandboxSettings | None = None) -> None:
         self.network_ready = True

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from yun.node.hypervisor.base import ResolvedDisk
-from yun.node.hypervisor.sim.hostfile import SimHostFile
+from yun.node.hypervisor.sim.hostfile import SimHostFile, host_file
 from yun.node.storage.base import (
     DiskBackend,
     DiskError,
@@ -163,7 +163,7 @@ class SimDiskBackend(DiskBackend):
         dirs: dict[str, int] | None = None, shared: SimSharedMount | None = None,
         node: str = "sim", image_cache_gb: float | None = None,
         alarm_percent: float = DEFAULT_ALARM_PERCENT, latency: float = 0.0,
-        state_file: Path | None = None,
+        state_file: Path | SimHostFile | None = None,
     ) -> None:
         """``dirs`` maps each storage directory to its size in GiB (default: ``root``
         with ``total_gb``); ``shared`` is the pool's shared mount, if any."""
@@ -183,7 +183,7 @@ class SimDiskBackend(DiskBackend):
         self.downloads = 0  # how many images were "fetched" (cache misses)
         self.exports: list[tuple[str, bool]] = []  # (volume id, live) of each export
         self._faults: dict[str, list[Exception]] = {}
-        self._file = SimHostFile(state_file) if state_file is not None else None
+        self._file = host_file(state_file)
         if self._file is not None:
             self._load(self._file)
 
@@ -216,9 +216,11 @@ class SimDiskBackend(DiskBackend):
                      extra={"node": self.node, "volumes": len(legacy)})
 
     def _save(self) -> None:
-        """Write volumes, cached images and VM files to the state file (when it has one)."""
-        if self._file is None:
-            return
+        """Persist volumes, cached images and VM files in the state file (when it has one)."""
+        if self._file is not None:
+            self._file.save("disks", self._sections)
+
+    def _sections(self) -> dict[str, dict[str, Any]]:
         vms = set(self.seeds) | set(self._attached)
         # "disks" keeps the documented per-VM view (the invariant checker reads it):
         # each volume attached to a VM, under "<vm>/<disk id>".
@@ -226,13 +228,13 @@ class SimDiskBackend(DiskBackend):
             "vm_uuid": vm, "disk_id": disk_id, "volume_id": vid,
             "size_gb": self.volumes[vid].size_gb if vid in self.volumes else None}
             for vm, attached in self._attached.items() for disk_id, vid in attached.items()}
-        self._file.write({
+        return {
             "disks": disks,
             "volumes": {v: asdict(vol) for v, vol in self.volumes.items()},
             "images": {i: asdict(img) for i, img in self.images.items()},
             "vm_files": {vm: {"seed": self.seeds.get(vm), "attached": self._attached.get(vm)}
                          for vm in vms},
-        })
+        }
 
     # -- test knobs ---------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from yun.node.hypervisor.base import (
     ResolvedDisk,
     ResolvedNic,
 )
-from yun.node.hypervisor.sim.hostfile import SimHostFile
+from yun.node.hypervisor.sim.hostfile import SimHostFile, host_file
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 
 log = logging.getLogger("yun.node.sim")
@@ -98,7 +98,7 @@ class SimDriver(HypervisorDriver):
                         hotplug_nic=True, hotplug_disk=True)
 
     def __init__(self, hostname: str = "sim", vcpus: int = 64, memory_mb: int = 262144,
-                 latency: float = 0.0, state_file: Path | None = None) -> None:
+                 latency: float = 0.0, state_file: Path | SimHostFile | None = None) -> None:
         self.hostname = hostname
         self.vcpus = vcpus
         self.memory_mb = memory_mb
@@ -107,7 +107,7 @@ class SimDriver(HypervisorDriver):
         self._faults: dict[str, int] = {}
         self._crash_on_start = 0
         self._events: asyncio.Queue[DomainEvent] = asyncio.Queue()
-        self._file = SimHostFile(state_file) if state_file is not None else None
+        self._file = host_file(state_file)
         if self._file is not None:
             for uuid, data in self._file.section("domains").items():
                 self.domains[uuid] = SimDomain.restored(data)
@@ -117,9 +117,12 @@ class SimDriver(HypervisorDriver):
                 self._save()
 
     def _save(self) -> None:
-        """Write every domain to the host's state file (when it has one)."""
+        """Persist every domain in the host's state file (when it has one)."""
         if self._file is not None:
-            self._file.write({"domains": {u: d.saved() for u, d in self.domains.items()}})
+            self._file.save("domains", self._sections)
+
+    def _sections(self) -> dict[str, dict[str, Any]]:
+        return {"domains": {u: d.saved() for u, d in self.domains.items()}}
 
     # -- test knobs -------------------------------------------------------------------------
 
