@@ -1031,12 +1031,12 @@ def machine() -> str:
 
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
     """The options of every benchmark that brings up this deployment."""
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds the VM creates may take to end (default 240, or "
-                             "0.1 s per VM when more)")
-    parser.add_argument("--startup-timeout", type=float, default=None,
-                        help="seconds the cloud may take to come up (default 90, or 0.2 s "
-                             "per node when more)")
+    parser.add_argument("--timeout", type=float, default=240.0,
+                        help="seconds the VM creates may take to end (default 240; "
+                             "create_throughput.py: 0.1 s per VM when more)")
+    parser.add_argument("--startup-timeout", type=float, default=90.0,
+                        help="seconds the cloud may take to come up (default 90; "
+                             "create_throughput.py: 0.2 s per node when more)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write the figures to FILE as JSON")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
@@ -1088,6 +1088,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="requests of each round-trip baseline (default 1000)")
     add_deployment_options(parser)
+    parser.set_defaults(timeout=None, startup_timeout=None)  # by size, see below
     parser.add_argument("--profile-control", type=Path, default=None, metavar="FILE",
                         help="diagnostics: run the control server under cProfile and write "
                              "its profile to FILE (slows it down: not for the figures)")
