@@ -5,6 +5,9 @@
   (its guests are switched off and on again behind the control server's back, and one
   domain vanishes from it), and the control server's view follows the node; nothing is
   overbooked, no task is left unfinished and the invariant checker finds nothing wrong.
+  The control plane runs as ``yun serve`` processes (the control server has a core of
+  its own, as in production), the sim nodes in the test's event loop (so that the test
+  can reach into a sim host).
 * ``test_kill_9_during_bulk_create``: the control server killed with -9 during a bulk
   create of 2,000 VMs on 200 sim nodes (the control plane and one ``sim-nodes`` process
   as real processes), then started again: it serves again within the bound, every
@@ -21,6 +24,7 @@ figures (``-s`` shows them on success).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import signal
@@ -35,16 +39,17 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.integration.conftest import started, upload
 from tests.integration.test_chaos import KeyRun, send_with_key, wait_until
+from yun.config import NodeSettings
 from yun.control.db.session import sync_url
 from yun.node.hypervisor.sim.driver import SimDriver
 from yun.node.hypervisor.sim.hostfile import FILE_NAME
 from yun.node.service import NodeService
-from yun.testing.cluster import SimCluster, wait_nodes_up
+from yun.testing.cluster import wait_nodes_up
 from yun.testing.invariants import KeyAnswer, check, summarize, unsettled
 from yun.testing.procs import ProcCloud, ServiceProcess, write_config
 
+log = logging.getLogger("tests.scale")
 POSTGRES_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
@@ -167,90 +172,146 @@ async def _converged(api: httpx.AsyncClient, want: dict[str, str]) -> list[str]:
             if seen[u] != s]
 
 
-async def test_bulk_create_converges(tmp_path: Path, small_qcow2: Path,
+async def _start_nodes(cloud: ProcCloud, count: int) -> list[NodeService]:
+    """``count`` sim nodes in this test's event loop, joined to ``cloud``: the control
+    plane runs in its own processes (on the other core), and the test can change a sim
+    host behind the control server's back."""
+    assert cloud.root is not None
+    nodes = []
+    for i in range(count):
+        name = f"node-{i:04d}"
+        nodes.append(NodeService(NodeSettings(
+            name=name, domain_name="chaos", domain_secret=cloud.secret,
+            domain_url=f"https://127.0.0.1:{cloud.ports['domain']}", listen_host="127.0.0.1",
+            listen_port=0, state_dir=cloud.state_dir(name), heartbeat_interval=2.0,
+            hypervisor="sim", report_interval=5.0, sim_vcpus=16, sim_memory_mb=32768,
+            sim_disk_gb=4096, pool="default", memory_reserve_mb=0)))
+    for chunk in range(0, count, 25):
+        await asyncio.gather(*(n.start() for n in nodes[chunk:chunk + 25]))
+    return nodes
+
+
+async def _stop_nodes(nodes: list[NodeService]) -> None:
+    results = await asyncio.gather(*(asyncio.wait_for(n.stop(), 30) for n in nodes),
+                                   return_exceptions=True)
+    for node, result in zip(nodes, results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("sim node did not stop: %r", result, extra={"node_name": node.name})
+
+
+async def test_bulk_create_converges(proc_cloud: ProcCloud, small_qcow2: Path,
                                      database_url: str) -> None:
-    db = _db(database_url)
+    db, cloud = _db(database_url), proc_cloud
     began = time.monotonic()
-    # 16 vCPU and 32 GiB per sim node: room for 16 of these VMs per node.
-    cluster = SimCluster(tmp_path, nodes=NODES, report_interval=5.0, heartbeat_interval=2.0,
-                         ttl=20.0, database_url=database_url)
-    async with started(cluster):
-        up = time.monotonic() - began
-        api = cluster.api
-        assert api is not None and cluster.control is not None
-        await upload(cluster, small_qcow2)
+    node_services = await _start_nodes(cloud, NODES)
+    try:
+        async with cloud.api(timeout=60.0) as api:
+            await _converges(cloud, api, node_services, small_qcow2, db, began)
+    finally:
+        await _stop_nodes(node_services)
 
-        # -- the bulk, while every node keeps reporting -----------------------------------
-        t = time.monotonic()
-        tasks = await _create_all(api, VMS, "scale")
-        accepted = time.monotonic() - t
-        results = await cluster.wait_tasks(tasks, timeout=TASKS_TIMEOUT)
-        bulk = time.monotonic() - t
-        failed = Counter(f"{r['current_step']}: {r['error']}" for r in results
-                         if r["state"] != "succeeded")
-        assert not failed, f"{sum(failed.values())} creates failed: {dict(failed)}"
 
-        vms = await _list_all(api, "/api/v1/vms")
-        nodes = await _list_all(api, "/api/v1/nodes")
-        assert len(vms) == VMS and {v["state"] for v in vms} == {"running"}
-        assert len({(v["node_uuid"], v["ip"]) for v in vms}) == VMS
-        assert len(nodes) == NODES and not _overbooked(nodes)
-        per_node = Counter(v["node_uuid"] for v in vms)
-        assert all(n["vcpus_reserved"] == per_node[n["uuid"]] for n in nodes)
-        held = sum(len(_sim(s).domains) for s in cluster.node_services)
-        assert held == VMS, f"the sim hosts hold {held} domains"
+async def _converges(cloud: ProcCloud, api: httpx.AsyncClient,
+                     node_services: list[NodeService], small_qcow2: Path, db: str,
+                     began: float) -> None:
+    await wait_nodes_up(api, NODES, timeout=max(60.0, NODES * 0.3))
+    resp = await api.post("/api/v1/images", params={"name": "img"},
+                          content=await asyncio.to_thread(small_qcow2.read_bytes),
+                          headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 201, resp.text
+    up = time.monotonic() - began
 
-        # -- one node loses VMs in its reports and regains them ---------------------------
-        node_uuid, _ = per_node.most_common(1)[0]
-        node = next(n for n in cluster.node_services if n.agent.node_id == node_uuid)
-        driver = _sim(node)
-        on_node = sorted(v["uuid"] for v in vms if v["node_uuid"] == node_uuid)
-        assert len(on_node) >= 3, f"node {node.name} holds {len(on_node)} VMs"
-        vanished, switched = on_node[0], on_node[1:1 + max(2, len(on_node) // 2)]
-        t = time.monotonic()
-        # Behind the control server's back: half the guests are switched off (the host's
-        # view: shut off), one domain disappears from the host altogether.
-        for vm_uuid in switched:
-            await driver.destroy(vm_uuid)
-        await driver.undefine(vanished)
-        lost = {u: "stopped" for u in switched}
-        lost_time, still = await wait_until(lambda: _converged(api, lost), CONVERGE_TIMEOUT,
-                                            quiet_polls=1)
-        assert lost_time is not None, f"the view never followed the node: {still}"
-        # ... and they come back: the guests run again.
-        for vm_uuid in switched:
-            await driver.start(vm_uuid)
-        regained = {u: "running" for u in switched}
-        regain_time, still = await wait_until(lambda: _converged(api, regained),
-                                              CONVERGE_TIMEOUT, quiet_polls=1)
-        assert regain_time is not None, f"the view never followed the node: {still}"
-        gone = (await api.get(f"/api/v1/vms/{vanished}")).json()
-        assert gone["state"] == "error" and "vanished" in gone["error"], gone
-        converge = time.monotonic() - t
+    # -- the bulk, while every node keeps reporting ---------------------------------------
+    t = time.monotonic()
+    tasks = await _create_all(api, VMS, "scale")
+    accepted = time.monotonic() - t
+    results = await _wait_tasks(api, tasks, TASKS_TIMEOUT)
+    bulk = time.monotonic() - t
+    failed = Counter(f"{r['current_step']}: {r['error']}" for r in results
+                     if r["state"] != "succeeded")
+    assert not failed, f"{sum(failed.values())} creates failed: {dict(failed)}"
 
-        # -- settled: every task ended, nothing overbooked, the checker agrees --------------
-        url = cluster.control.settings.db_url()
-        state_dirs = {n.name: n.settings.state_dir for n in cluster.node_services}
+    vms = await _list_all(api, "/api/v1/vms")
+    nodes = await _list_all(api, "/api/v1/nodes")
+    assert len(vms) == VMS and {v["state"] for v in vms} == {"running"}
+    assert len({(v["node_uuid"], v["ip"]) for v in vms}) == VMS
+    assert len(nodes) == NODES and not _overbooked(nodes)
+    per_node = Counter(v["node_uuid"] for v in vms)
+    assert all(n["vcpus_reserved"] == per_node[n["uuid"]] for n in nodes)
+    held = sum(len(_sim(s).domains) for s in node_services)
+    assert held == VMS, f"the sim hosts hold {held} domains"
 
-        async def problems() -> list[str]:
-            return (await asyncio.to_thread(unsettled, url)
-                    + await asyncio.to_thread(check, url, state_dirs))
+    # -- one node loses VMs in its reports and regains them -------------------------------
+    node_uuid, _ = per_node.most_common(1)[0]
+    node = next(n for n in node_services if n.agent.node_id == node_uuid)
+    driver = _sim(node)
+    on_node = sorted(v["uuid"] for v in vms if v["node_uuid"] == node_uuid)
+    assert len(on_node) >= 3, f"node {node.name} holds {len(on_node)} VMs"
+    vanished, switched = on_node[0], on_node[1:1 + max(2, len(on_node) // 2)]
+    t = time.monotonic()
+    # Behind the control server's back: half the guests are switched off (the host's
+    # view: shut off), one domain disappears from the host altogether.
+    for vm_uuid in switched:
+        await driver.destroy(vm_uuid)
+    await driver.undefine(vanished)
+    lost = {u: "stopped" for u in switched}
+    lost_time, still = await wait_until(lambda: _converged(api, lost), CONVERGE_TIMEOUT,
+                                        quiet_polls=1)
+    assert lost_time is not None, f"the view never followed the node: {still}"
+    # ... and they come back: the guests run again.
+    for vm_uuid in switched:
+        await driver.start(vm_uuid)
+    regained = {u: "running" for u in switched}
+    regain_time, still = await wait_until(lambda: _converged(api, regained),
+                                          CONVERGE_TIMEOUT, quiet_polls=1)
+    assert regain_time is not None, f"the view never followed the node: {still}"
 
-        settle_time, still = await wait_until(problems, CONVERGE_TIMEOUT, quiet_polls=1)
-        assert settle_time is not None, (
-            f"{len(still)} invariant violations: {summarize(still)}; e.g. {still[:10]}")
-        nodes = await _list_all(api, "/api/v1/nodes")
-        assert not _overbooked(nodes)
-        unfinished = (await api.get("/api/v1/tasks", params={
-            "q": "state in (pending,running,rolling_back)", "count": "true",
-            "limit": 1})).json()["total"]
-        assert unfinished == 0
-        assert (node.settings.state_dir / FILE_NAME).exists()
+    # -- settled: every task ended, nothing overbooked, the checker agrees ----------------
+    url = cloud.database_url
+    state_dirs = {n.name: n.settings.state_dir for n in node_services}
+
+    async def problems() -> list[str]:
+        return (await asyncio.to_thread(unsettled, url)
+                + await asyncio.to_thread(check, url, state_dirs))
+
+    settle_time, still = await wait_until(problems, CONVERGE_TIMEOUT, quiet_polls=1)
+    assert settle_time is not None, (
+        f"{len(still)} invariant violations: {summarize(still)}; e.g. {still[:10]}")
+    converge = time.monotonic() - t
+    gone = (await api.get(f"/api/v1/vms/{vanished}")).json()
+    assert gone["state"] == "error" and "vanished" in gone["error"], gone
+    assert not _overbooked(await _list_all(api, "/api/v1/nodes"))
+    unfinished = (await api.get("/api/v1/tasks", params={
+        "q": "state in (pending,running,rolling_back)", "count": "true",
+        "limit": 1})).json()["total"]
+    assert unfinished == 0
+    assert (node.settings.state_dir / FILE_NAME).exists()
     print(f"SCALE [{db}] {VMS} VMs on {NODES} nodes: cloud up in {up:.1f}s, accepted in "
           f"{accepted:.1f}s, all tasks ended in {bulk:.1f}s ({VMS / bulk:.1f} VMs/s); node "
           f"{node.name}: {len(switched)} guests off seen in {lost_time:.1f}s, on again in "
-          f"{regain_time:.1f}s, 1 vanished; settled {converge:.1f}s after; test "
-          f"{time.monotonic() - began:.1f}s")
+          f"{regain_time:.1f}s, 1 vanished; all settled {converge:.1f}s after the change; "
+          f"test {time.monotonic() - began:.1f}s")
+
+
+async def _wait_tasks(api: httpx.AsyncClient, tasks: list[str], timeout: float
+                      ) -> list[dict[str, Any]]:
+    """Poll the count of unfinished tasks until 0 (one request per poll), then read the
+    ``tasks`` once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        page = (await api.get("/api/v1/tasks", params={
+            "q": "state in (pending,running,rolling_back)", "limit": 1,
+            "count": "true"})).json()
+        if page["total"] == 0:
+            break
+        assert time.monotonic() < deadline, f"{page['total']} tasks unfinished"
+        await asyncio.sleep(1.0)
+    wanted = set(tasks)
+    found = {t["uuid"]: t for t in await _list_all(api, "/api/v1/tasks")
+             if t["uuid"] in wanted}
+    missing = wanted - set(found)
+    assert not missing, f"{len(missing)} tasks not listed"
+    return [found[u] for u in tasks]
 
 
 # --------------------------------------------------------------------------- kill -9
