@@ -39,7 +39,7 @@ from create_throughput import (
 
 
 async def rounds(args: argparse.Namespace, root: Path) -> int:
-    dep = start_deployment(root, args.nodes, 16, 32768)
+    dep = start_deployment(root, args.nodes, 128, 262144)  # room for every round
     try:
         async with new_client(dep, args.concurrency) as api:
             await bring_up(dep, api, args.nodes, 90)

@@ -26,6 +26,15 @@ def service_url(settings: ComponentSettings, bound_port: int) -> str:
     return settings.model_copy(update={"listen_port": bound_port}).url()
 
 
+#: Seconds an idle keep-alive connection stays open on the server side. Longer than the
+#: pooled clients keep one (httpx: 5 s), so that it is always the client that drops an
+#: idle connection: with uvicorn's default (also 5 s) a request sent on a connection
+#: idle for about 5 s could cross the server's close and fail with "Server disconnected
+#: without sending a response" — a POST forwarded by the gateway then failed with 502
+#: (benchmarks/keepalive_race.py; the occasional failed creates of create_throughput.py).
+KEEP_ALIVE_TIMEOUT = 30
+
+
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signals alone: the component handles them, stopping
     its parts in order (several servers may share one process)."""
@@ -64,6 +73,7 @@ class AppServer:
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="on",
             timeout_graceful_shutdown=5, limit_concurrency=None,
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
         )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
