@@ -1198,6 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run(args, url)
         else:
             summary = run(args, "")
+        if summary is not None:
+            print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 2
@@ -1207,7 +1209,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept in {save(args, tee, summary)}")
     if summary is None:
         return 130
-    print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0 if summary["failures"] == 0 else 1
