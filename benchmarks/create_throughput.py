@@ -452,7 +452,7 @@ async def sequential_creates(api: httpx.AsyncClient, count: int, timeout: float
 
 # What varies between two failures of the same cause: ids, names, numbers.
 _VARYING = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-                      r"|\bvm-\d+\b|\bsim-\d+\b|\d+(\.\d+)?")
+                      r"|\bvm-\d+\b|\bsim-\d+\b|\b\d+(\.\d+)*\b")
 
 
 @dataclass
@@ -464,7 +464,11 @@ class Failure:
 
     @property
     def cause(self) -> str:
-        """The reason with ids, names and numbers replaced by ``#``: the grouping key."""
+        """The reason with ids, names and numbers replaced by ``#`` (an HTTP status at
+        its start is kept): the grouping key."""
+        status, _, rest = self.reason.partition(" ")
+        if status.isdigit():
+            return f"{status} {_VARYING.sub('#', rest)}"[:160]
         return _VARYING.sub("#", self.reason)[:160]
 
 
