@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import secrets
 import shutil
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,7 +239,8 @@ async def wait_until(what: str, check: Callable[[], Awaitable[bool]], timeout: f
 
 
 def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: int,
-                     profile_control: Path | None = None) -> Deployment:
+                     profile_control: Path | None = None, database_url: str = ""
+                     ) -> Deployment:
     """Write the config and start the control plane and the sim-nodes process."""
     ports = {name: free_port() for name in CONTROL_PLANE}
     # The control server makes the super admin ``admin`` (in project ``default``) from
@@ -256,7 +258,9 @@ def start_deployment(root: Path, nodes: int, node_vcpus: int, node_memory_mb: in
         },
         "domain": {"name": "domain", "listen_port": ports["domain"], "mdns": False},
         "control": {"name": "control", "listen_port": ports["control"],
-                    "admin_password_file": str(password_file)},
+                    "admin_password_file": str(password_file),
+                    # empty: SQLite in the control server's state directory
+                    **({"database_url": database_url} if database_url else {})},
         "storage": {"name": "storage", "listen_port": ports["storage"]},
         "gateway": {"name": "gateway", "listen_port": ports["gateway"],
                     "listen_host": "127.0.0.1", "rate_limit": 0},  # 0: no rate limit
@@ -446,6 +450,43 @@ async def sequential_creates(api: httpx.AsyncClient, count: int, timeout: float
             "p95_ms": 1000 * pct(latencies, 0.95), "failures": failures}
 
 
+# What varies between two failures of the same cause: ids, names, numbers.
+_VARYING = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+                      r"|\bvm-\d+\b|\bsim-\d+\b|\b\d+(\.\d+)*\b")
+
+
+@dataclass
+class Failure:
+    """One create that did not end in a running VM: what it was and why."""
+
+    what: str  # ``vm-00012`` (refused) or ``vm-00012 task <uuid>`` (task not succeeded)
+    reason: str  # ``409 <detail>``, ``ReadTimeout(...)``, ``failed at step X: <error>``
+
+    @property
+    def cause(self) -> str:
+        """The reason with ids, names and numbers replaced by ``#`` (an HTTP status at
+        its start is kept): the grouping key."""
+        status, _, rest = self.reason.partition(" ")
+        if status.isdigit():
+            return f"{status} {_VARYING.sub('#', rest)}"[:160]
+        return _VARYING.sub("#", self.reason)[:160]
+
+
+def failure_detail(resp: httpx.Response) -> str:
+    """The status and the ``detail`` of an error answer (its text if it is not JSON)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return f"{resp.status_code} {resp.text[:300]!r}"
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return f"{resp.status_code} {json.dumps(detail)[:300]}"
+
+
+def grouped(failures: list[Failure]) -> list[tuple[int, str]]:
+    """(count, cause) of ``failures``, most frequent first."""
+    return [(n, cause) for cause, n in Counter(f.cause for f in failures).most_common()]
+
+
 @dataclass
 class Bulk:
     """What the bulk create measured."""
@@ -456,8 +497,8 @@ class Bulk:
     last_accepted: float = 0.0
     all_ended_seen: float = 0.0  # the poll that saw nothing unfinished
     last_finished: float = 0.0  # max finished_at of the tasks
-    rejected: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    rejected: list[Failure] = field(default_factory=list)  # no 202
+    failed: list[Failure] = field(default_factory=list)  # 202, task not succeeded
     accept_latencies: list[float] = field(default_factory=list)
     create_latencies: list[float] = field(default_factory=list)  # request → finished_at
     polls: int = 0
@@ -469,6 +510,7 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
     bulk = Bulk(vms, concurrency)
     sem = asyncio.Semaphore(concurrency)
     sent: dict[str, float] = {}  # task uuid -> request sent (wall clock)
+    names: dict[str, str] = {}  # task uuid -> VM name
 
     async def create(i: int) -> None:
         async with sem:
@@ -477,15 +519,17 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
                 resp = await api.post("/api/v1/vms", json={
                     "name": f"vm-{i:05d}", "image": "img", "vcpus": 1, "memory_mb": 256})
             except httpx.HTTPError as exc:
-                bulk.rejected.append(f"vm-{i:05d}: {exc!r}")
+                bulk.rejected.append(Failure(f"vm-{i:05d}", f"no answer: {exc!r}"))
                 return
             done = time.time()
             bulk.last_accepted = max(bulk.last_accepted, done)
             bulk.accept_latencies.append(done - t)
             if resp.status_code != 202:
-                bulk.rejected.append(f"vm-{i:05d}: {resp.status_code} {resp.text[:200]}")
+                bulk.rejected.append(Failure(f"vm-{i:05d}", failure_detail(resp)))
                 return
-            sent[resp.json()["task"]["uuid"]] = t
+            task_uuid = resp.json()["task"]["uuid"]
+            sent[task_uuid] = t
+            names[task_uuid] = f"vm-{i:05d}"
 
     bulk.first_request = time.time()
     await asyncio.gather(*(create(i) for i in range(vms)))
@@ -506,17 +550,30 @@ async def bulk_create(api: httpx.AsyncClient, vms: int, concurrency: int, timeou
         if task["uuid"] in sent:
             found[task["uuid"]] = task
     for task_uuid, t_sent in sent.items():
-        task = found.get(task_uuid)
-        if task is None:
-            bulk.failed.append(f"task {task_uuid} not listed")
+        listed = found.get(task_uuid)
+        what = f"{names[task_uuid]} task {task_uuid}"
+        if listed is None:
+            bulk.failed.append(Failure(what, "task not listed after the bulk"))
             continue
+        task = listed
         if task["state"] != "succeeded":
-            bulk.failed.append(f"task {task_uuid}: {task['state']} {task.get('error')}")
+            bulk.failed.append(Failure(what, task_failure(task)))
         if task.get("finished_at"):
             finished = parse_ts(task["finished_at"])
             bulk.last_finished = max(bulk.last_finished, finished)
             bulk.create_latencies.append(finished - t_sent)
     return bulk
+
+
+def task_failure(task: dict[str, Any]) -> str:
+    """Why a task did not succeed: its state, the step it stopped at, its error and the
+    first failed step's own error when that says more."""
+    steps = [s for s in task.get("steps", []) if s.get("error")]
+    step_error = f" (step {steps[0]['name']}: {steps[0]['error']})" if steps else ""
+    if steps and steps[0]["error"] == task.get("error"):
+        step_error = ""
+    return (f"{task['state']} at step {task.get('current_step')}: "
+            f"{task.get('error') or 'no error recorded'}{step_error}")
 
 
 async def list_all(api: httpx.AsyncClient, path: str, q: str | None = None,
@@ -556,6 +613,183 @@ def usage(dep: Deployment) -> dict[str, dict[str, float]]:
         if service.alive():
             out[name] = {"cpu_s": service.cpu_seconds(), **service.memory_kib()}
     return out
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+# The local server the setup script starts (yun/testing/host.py: role yun, password yun).
+DEFAULT_POSTGRES = "postgresql+psycopg://yun:yun@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def fresh_postgres(server_url: str) -> Iterator[str]:
+    """A database made for this run on the server of ``server_url`` (any database of
+    it; the role must be allowed CREATE DATABASE), dropped afterwards even on failure;
+    yields its URL. BenchmarkError naming the server when it cannot be reached."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    base = make_url(server_url)
+    name = f"yun_bench_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" OWNER "{base.username}"'))
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise BenchmarkError(
+            f"PostgreSQL at {base.render_as_string(hide_password=True)}: cannot create a "
+            f"database ({first[0] if first else exc!r}); is the server running "
+            f"(`python -m yun.testing.host postgres`, or scripts/setup.sh --test) and may "
+            f"role {base.username} create databases?") from None
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except SQLAlchemyError as exc:
+            print(f"could not drop database {name}: {exc}", file=sys.stderr)
+        admin.dispose()
+
+
+# --------------------------------------------------------------------------- profile
+
+
+PROFILED = ("control", "gateway", "sim-nodes")
+
+
+def find_py_spy() -> str | None:
+    """py-spy next to this Python (the virtualenv) or on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+@dataclass
+class Spies:
+    """py-spy samplers attached to some of the deployment's processes: per process one
+    of every busy thread and one (``--gil``) of the thread holding the GIL."""
+
+    out: Path
+    rate: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    started: float = 0.0
+
+    def start(self, py_spy: str, dep: Deployment) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        for name in PROFILED:
+            for mode, extra in (("all", []), ("gil", ["--gil"])):
+                raw = self.out / f"{name}-{mode}.folded"
+                with (self.out / f"{name}-{mode}.log").open("wb") as log:
+                    # No --duration: the bulk's length is not known in advance; SIGINT
+                    # at its end makes py-spy write what it sampled and exit.
+                    self.procs[f"{name}-{mode}"] = subprocess.Popen(
+                        [py_spy, "record", "--pid", str(dep.services[name].pid), "--rate",
+                         str(self.rate), "--format", "raw", "--nonblocking", "--threads",
+                         "--function", *extra, "--output", str(raw)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def stop(self, top: int) -> list[str]:
+        """Stop sampling; write ``<name>-<mode>.txt`` summaries; return them as lines."""
+        seconds = time.monotonic() - self.started
+        for spy in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                spy.send_signal(signal.SIGINT)
+        for spy in self.procs.values():
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        # Lazy: api_reads imports this module at its top.
+        from api_reads import summarize_folded  # benchmarks/api_reads.py
+
+        lines: list[str] = []
+        for key, spy in self.procs.items():
+            raw = self.out / f"{key}.folded"
+            sampled = "thread holding the GIL" if key.endswith("-gil") else "every busy thread"
+            title = f"{key}: {sampled}, {seconds:.0f} s at {self.rate} Hz"
+            if not raw.exists() or raw.stat().st_size == 0:
+                log = (self.out / f"{key}.log").read_text(errors="replace")[-300:]
+                body = [f"  py-spy wrote nothing (exit {spy.returncode}): {log.strip()}"]
+            else:
+                body = summarize_folded(raw.read_text(), seconds, self.rate, top)
+            (self.out / f"{key}.txt").write_text("\n".join([title, *body]) + "\n")
+            # The run's output gets the headline and self time by package; the
+            # functions are in the files.
+            lines.append(f"{title} (in full: {self.out / key}.txt)")
+            lines.extend(body[:2])
+            if "  self time by package:" in body:
+                at = body.index("  self time by package:")
+                lines.extend(body[at:at + 7])
+        return lines
+
+
+# --------------------------------------------------------------------------- /metrics
+
+
+async def control_metrics(dep: Deployment) -> str | None:
+    """The control server's ``/metrics`` text, None when it serves none (yet). Its port
+    speaks TLS with domain certificates: the benchmark does not check the server's and
+    shows the control server's own when asked for one."""
+    certs = sorted((dep.root / "state" / "control").rglob("cert.pem"))
+    cert: tuple[str, str] | None = None
+    if certs and (certs[0].parent / "key.pem").exists():
+        cert = (str(certs[0]), str(certs[0].parent / "key.pem"))
+    try:
+        async with httpx.AsyncClient(verify=False, cert=cert, timeout=10) as client:
+            resp = await client.get(f"https://127.0.0.1:{dep.ports['control']}/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200 or "# TYPE" not in resp.text:
+        return None
+    return resp.text
+
+
+def histogram_sums(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]:
+    """(family, labels) → [count, sum] of every histogram and summary in ``text``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type not in ("histogram", "summary"):
+            continue
+        for sample in family.samples:
+            suffix = sample.name[len(family.name):]
+            if suffix not in ("_count", "_sum"):
+                continue
+            labels = tuple(sorted(sample.labels.items()))
+            pair = out.setdefault((family.name, labels), [0.0, 0.0])
+            pair[0 if suffix == "_count" else 1] = sample.value
+    return out
+
+
+def where_time_went(before: str, after: str, top: int = 8) -> list[str]:
+    """Per histogram family, the label sets that gained the most time between the two
+    scrapes: count, total seconds, mean (flow and step durations, DB transactions,
+    placement, ... whatever the control server records)."""
+    old, new = histogram_sums(before), histogram_sums(after)
+    families: dict[str, list[tuple[float, float, str]]] = {}
+    for (family, labels), (count, total) in new.items():
+        was = old.get((family, labels), [0.0, 0.0])
+        n, t = count - was[0], total - was[1]
+        if n <= 0:
+            continue
+        label_text = ",".join(f"{k}={v}" for k, v in labels) or "(all)"
+        families.setdefault(family, []).append((t, n, label_text))
+    lines: list[str] = []
+    for family in sorted(families):
+        rows = sorted(families[family], reverse=True)
+        lines.append(f"  {family}: {sum(r[1] for r in rows):.0f} observations, "
+                     f"sum {sum(r[0] for r in rows):.2f}")
+        for t, n, label_text in rows[:top]:
+            lines.append(f"    {label_text:<60} n={n:<7.0f} sum={t:9.2f}  "
+                         f"mean={1000 * t / n:8.2f} ms")
+    return lines or ["  /metrics answered but no histogram moved during the bulk"]
 
 
 # --------------------------------------------------------------------------- the run
@@ -603,23 +837,37 @@ async def measure(dep: Deployment, args: argparse.Namespace) -> dict[str, Any]:
         sequential = await sequential_creates(api, args.baseline_vms, args.timeout)
     # A fresh connection pool: none of the bulk's connections has sat idle long enough
     # for the server to close it (uvicorn's keep-alive timeout is 5 s).
+    metrics_before = await control_metrics(dep)
+    spies: Spies | None = None
+    if args.profile is not None:
+        spies = Spies(args.profile, args.profile_rate)
+        spies.start(args.py_spy, dep)
     async with new_client(dep, args.concurrency) as api:
         print(f"creating {args.vms} VMs, {args.concurrency} in flight ...", flush=True)
         before, client = usage(dep), client_cpu()
-        bulk = await bulk_create(api, args.vms, args.concurrency, args.timeout)
-        client = client_cpu() - client
-        after = usage(dep)
+        try:
+            bulk = await bulk_create(api, args.vms, args.concurrency, args.timeout)
+        finally:
+            client = client_cpu() - client
+            after = usage(dep)
+            profile = spies.stop(args.profile_top) if spies is not None else []
         spread = await placement(api)
+    metrics_after = await control_metrics(dep) if metrics_before is not None else None
+    metrics = (where_time_went(metrics_before, metrics_after)
+               if metrics_before is not None and metrics_after is not None
+               else ["  (the control server serves no /metrics in this tree)"])
     return {"up_seconds": up_seconds, "healthz": healthz, "task_count": task_count,
             "sequential": sequential, "bulk": bulk, "before": before, "after": after,
-            "spread": spread, "client_cpu_s": client}
+            "spread": spread, "client_cpu_s": client, "metrics": metrics,
+            "profile": profile}
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Print the figures; return them as a JSON-able summary."""
     bulk: Bulk = result["bulk"]
     ok = bulk.vms - len(bulk.rejected) - len(bulk.failed)
-    create_s = bulk.last_finished - bulk.first_request
+    # No task finished at all (every create refused): the rate is 0 over the bulk.
+    create_s = (bulk.last_finished or bulk.all_ended_seen) - bulk.first_request
     accept_s = bulk.last_accepted - bulk.first_request
     failures = len(bulk.rejected) + len(bulk.failed)
     before, after = result["before"], result["after"]
@@ -627,22 +875,35 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(f"Create throughput: {bulk.vms} VMs (1 vCPU, 256 MiB) on {args.nodes} sim nodes "
           f"({args.node_vcpus} vCPU, {args.node_memory_mb} MiB each), "
-          f"{bulk.concurrency} requests in flight")
+          f"{bulk.concurrency} requests in flight, database {args.db}")
     print(f"  VMs per second (first request → last task finished) : "
           f"{ok / create_s:8.1f}   ({create_s:.2f} s)")
     print(f"  accepted requests per second (first request → last 202): "
           f"{(bulk.vms - len(bulk.rejected)) / accept_s:8.1f}   ({accept_s:.2f} s)")
     print(f"  failures                                            : {failures:8d}"
           f"   ({len(bulk.rejected)} refused, {len(bulk.failed)} tasks not succeeded)")
-    for sample in (bulk.rejected + bulk.failed)[:5]:
-        print(f"    {sample}")
-    print(f"  202 latency p50 / p95 / max                         : "
-          f"{1000 * statistics.median(bulk.accept_latencies):.0f} / "
-          f"{1000 * pct(bulk.accept_latencies, 0.95):.0f} / "
-          f"{1000 * max(bulk.accept_latencies):.0f} ms")
-    print(f"  request → task finished p50 / p95 / max             : "
-          f"{statistics.median(bulk.create_latencies):.2f} / "
-          f"{pct(bulk.create_latencies, 0.95):.2f} / {max(bulk.create_latencies):.2f} s")
+    for label, group in (("refused (no 202)", bulk.rejected),
+                         ("tasks not succeeded", bulk.failed)):
+        if not group:
+            continue
+        print(f"    {label}, by cause:")
+        for count, cause in grouped(group):
+            print(f"      {count:5d} × {cause}")
+        print(f"    {label}, each ({min(len(group), MAX_FAILURES_SHOWN)} of {len(group)}):")
+        for failure in group[:MAX_FAILURES_SHOWN]:
+            print(f"      {failure.what}: {failure.reason}")
+    accept = latency_ms(bulk.accept_latencies)
+    print(f"  202 latency p50 / p95 / p99 / max                   : "
+          f"{accept['p50']:.0f} / {accept['p95']:.0f} / {accept['p99']:.0f} / "
+          f"{accept['max']:.0f} ms")
+    if bulk.create_latencies:
+        print(f"  request → task finished p50 / p95 / max             : "
+              f"{statistics.median(bulk.create_latencies):.2f} / "
+              f"{pct(bulk.create_latencies, 0.95):.2f} / {max(bulk.create_latencies):.2f} s")
+    control_bulk = after["control"]["cpu_s"] - before["control"]["cpu_s"]
+    control_ms_per_vm = 1000 * control_bulk / max(ok, 1)
+    print(f"  control server CPU per VM created (reports included): "
+          f"{control_ms_per_vm:8.1f} ms")
     print(f"  waiting: {bulk.polls} polls of the unfinished-task count; all ended seen "
           f"{bulk.all_ended_seen - bulk.first_request:.2f} s after the first request")
     spread = result["spread"]
@@ -682,22 +943,87 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         print(f"  GETs retried after a transport error: {len(RETRIES)}, e.g. {RETRIES[0]}")
     print()
     print(f"control server peak memory (VmHWM): {hwm:.1f} MiB")
+    metrics_lines = result.get("metrics") or []
+    if metrics_lines:
+        print()
+        print("Where the control server's time went during the bulk (its /metrics, after − before)")
+        for line in metrics_lines:
+            print(line)
+    if result.get("profile"):
+        print()
+        print("Profiles (py-spy during the bulk; raw stacks and summaries in "
+              f"{args.profile})")
+        for line in result["profile"]:
+            print(line)
+    now = {"vms_per_second": ok / create_s, "p50": accept["p50"], "p95": accept["p95"],
+           "p99": accept["p99"], "control_ms": control_ms_per_vm, "failures": failures,
+           "hwm": hwm}
+    print()
+    for line in comparison(now, args):
+        print(line)
     return {
         "vms": bulk.vms, "nodes": args.nodes, "concurrency": bulk.concurrency,
         "vms_per_second": ok / create_s, "create_seconds": create_s,
         "accepted_per_second": (bulk.vms - len(bulk.rejected)) / accept_s,
         "accept_seconds": accept_s, "failures": failures,
-        "failure_samples": (bulk.rejected + bulk.failed)[:10],
-        "accept_latency_ms": {"p50": 1000 * statistics.median(bulk.accept_latencies),
-                              "p95": 1000 * pct(bulk.accept_latencies, 0.95)},
-        "create_latency_s": {"p50": statistics.median(bulk.create_latencies),
-                             "p95": pct(bulk.create_latencies, 0.95)},
+        "db": args.db, "size": args.size,
+        "refused": [vars(f) for f in bulk.rejected],
+        "not_succeeded": [vars(f) for f in bulk.failed],
+        "failure_causes": [{"count": n, "cause": c}
+                           for n, c in grouped(bulk.rejected + bulk.failed)],
+        "accept_latency_ms": accept, "control_cpu_ms_per_vm": control_ms_per_vm,
+        "create_latency_s": {"p50": statistics.median(bulk.create_latencies or [0.0]),
+                             "p95": pct(bulk.create_latencies or [0.0], 0.95)},
+        "control_metrics": metrics_lines,
         "placement": spread, "processes": {"before_bulk": before, "after_bulk": after},
         "control_vmhwm_mib": hwm, "control_plane_cpu_s_bulk": control_plane,
         "client_cpu_s": result["client_cpu_s"], "baseline_healthz": hz,
         "baseline_task_count": tc, "baseline_sequential": seq,
         "startup_seconds": result["up_seconds"], "get_retries": RETRIES,
     }
+
+
+SIZES = {"small": {"vms": 1_000, "nodes": 100}, "large": {"vms": 10_000, "nodes": 1_000}}
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_FAILURES_SHOWN = 200  # each failure's line, up to this many (all are grouped)
+
+# The figures before issue 10 (docs/BENCHMARKS.md section 2, this machine, SQLite, 1,000
+# VMs on 100 nodes, 50 in flight): what every run is compared with.
+PREVIOUS = {"vms_per_second": 18.5, "p50": 2346.0, "p95": 3651.0, "p99": None,
+            "control_ms": 46.0, "failures": None, "hwm": 206.0}
+PREVIOUS_RANGE = "13.7–21.1"  # VMs/s over the recorded runs
+GOALS = {"vms_per_second": "≥ 200", "p50": "", "p95": "< 200", "p99": "", "control_ms": "",
+         "failures": "0", "hwm": "< 2048 (100,000 VMs)"}
+
+
+def latency_ms(latencies: list[float]) -> dict[str, float]:
+    """p50/p95/p99/max of ``latencies`` (seconds) in milliseconds; zeros when empty."""
+    if not latencies:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    return {"p50": 1000 * statistics.median(latencies), "p95": 1000 * pct(latencies, 0.95),
+            "p99": 1000 * pct(latencies, 0.99), "max": 1000 * max(latencies)}
+
+
+def comparison(now: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """This run against the figures before issue 10 and the issue's goals, as a table."""
+    rows = (("VMs per second", "vms_per_second", "{:.1f}"),
+            ("202 latency p50 (ms)", "p50", "{:.0f}"),
+            ("202 latency p95 (ms)", "p95", "{:.0f}"),
+            ("202 latency p99 (ms)", "p99", "{:.0f}"),
+            ("control CPU per VM (ms)", "control_ms", "{:.1f}"),
+            ("failed creates", "failures", "{:d}"),
+            ("control peak RSS (MiB)", "hwm", "{:.0f}"))
+    head = f"{args.vms} VMs / {args.nodes} nodes, {args.db}"
+    out = [f"Against the previous figures (1,000 VMs / 100 nodes, SQLite; "
+           f"{PREVIOUS_RANGE} VMs/s over the recorded runs)",
+           f"  {'':<26}{'previous':>10}  {head:>28}  {'change':>8}  goal"]
+    for label, key, fmt in rows:
+        old, new = PREVIOUS[key], now[key]
+        change = f"{new / old:.2f}x" if old else ""
+        old_text = fmt.format(old) if old is not None else "–"
+        out.append(f"  {label:<26}{old_text:>10}  {fmt.format(new):>28}  {change:>8}  "
+                   f"{GOALS[key]}")
+    return out
 
 
 def machine() -> str:
@@ -710,9 +1036,11 @@ def machine() -> str:
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
     """The options of every benchmark that brings up this deployment."""
     parser.add_argument("--timeout", type=float, default=240.0,
-                        help="seconds the VM creates may take to end (default 240)")
+                        help="seconds the VM creates may take to end (default 240; "
+                             "create_throughput.py: 0.1 s per VM when more)")
     parser.add_argument("--startup-timeout", type=float, default=90.0,
-                        help="seconds the cloud may take to come up (default 90)")
+                        help="seconds the cloud may take to come up (default 90; "
+                             "create_throughput.py: 0.2 s per node when more)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write the figures to FILE as JSON")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
@@ -727,8 +1055,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "M VMs created through the REST API with bounded concurrency. Prints "
                     "VMs/s, accepted requests/s, failures, the control server's peak RSS, "
                     "CPU seconds per process and baselines measured in the same run.")
-    parser.add_argument("--vms", type=int, default=1000, help="VMs to create (default 1000)")
-    parser.add_argument("--nodes", type=int, default=100, help="sim nodes (default 100)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="small: 1,000 VMs on 100 nodes (default); large: 10,000 VMs "
+                             "on 1,000 nodes (the issue's sizes)")
+    parser.add_argument("--vms", type=int, default=None,
+                        help="VMs to create (default: the size's)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="sim nodes (default: the size's)")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the control server's database: SQLite in its state directory "
+                             "(default) or a fresh PostgreSQL database made and dropped by "
+                             "the run on the server of --postgres-url")
+    parser.add_argument("--postgres-url", default=os.environ.get("YUN_BENCH_POSTGRES_URL",
+                                                                 DEFAULT_POSTGRES),
+                        help="a URL of the PostgreSQL server to make the run's database on "
+                             f"(default $YUN_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES})")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="py-spy the control server, the gateway and sim-nodes during the "
+                             "bulk (every busy thread, and --gil) into DIR: raw folded stacks "
+                             "and a text summary of each (slows the run down)")
+    parser.add_argument("--profile-rate", type=int, default=100,
+                        help="py-spy samples per second (default 100)")
+    parser.add_argument("--profile-top", type=int, default=15,
+                        help="functions listed per summary (default 15)")
+    parser.add_argument("--save", action="store_true",
+                        help="keep the output, the JSON figures and the profile summaries "
+                             "under benchmarks/results/<date>-create-<db>-<size>/")
     parser.add_argument("--concurrency", type=int, default=50,
                         help="create requests in flight (default 50)")
     parser.add_argument("--node-vcpus", type=int, default=16,
@@ -740,10 +1092,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="requests of each round-trip baseline (default 1000)")
     add_deployment_options(parser)
+    parser.set_defaults(timeout=None, startup_timeout=None)  # by size, see below
     parser.add_argument("--profile-control", type=Path, default=None, metavar="FILE",
                         help="diagnostics: run the control server under cProfile and write "
                              "its profile to FILE (slows it down: not for the figures)")
     args = parser.parse_args(argv)
+    preset = SIZES[args.size]
+    if args.vms is None and args.nodes is None:
+        args.label = args.size
+    else:  # a size of one's own: named by its figures in the results directory
+        args.label = f"{args.vms or preset['vms']}vms-{args.nodes or preset['nodes']}nodes"
+    args.vms = args.vms if args.vms is not None else preset["vms"]
+    args.nodes = args.nodes if args.nodes is not None else preset["nodes"]
+    # Today's rate is ~20 VMs/s: the bulk's bound grows with its size.
+    if args.timeout is None:
+        args.timeout = max(240.0, args.vms / 10)
+    if args.startup_timeout is None:
+        args.startup_timeout = max(90.0, args.nodes * 0.2)
+    args.py_spy = None
+    if args.profile is not None:
+        args.py_spy = find_py_spy()
+        if args.py_spy is None:
+            parser.error("--profile needs py-spy, which is not a dependency of Yun and is "
+                         "not installed beside this Python nor on PATH "
+                         "(`.venv/bin/pip install py-spy`)")
+        if args.profile_rate < 1 or args.profile_top < 1:
+            parser.error("--profile-rate and --profile-top must be at least 1")
     for name in ("vms", "nodes", "concurrency", "baseline_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -772,18 +1146,73 @@ def run_then_stop(root: Path, dep: Any, keep_logs: Path | None,
         shutil.rmtree(root, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.monotonic()
-    print(machine(), flush=True)
+class Tee:
+    """Everything printed to stdout, also kept (for ``--save``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.kept: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.kept.append(text)
+        return int(self.stream.write(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def run(args: argparse.Namespace, database_url: str) -> dict[str, Any] | None:
+    """One deployment, measured and stopped; the summary (None when interrupted)."""
     root = Path(tempfile.mkdtemp(prefix="yun-bench-create-"))
     dep = start_deployment(root, args.nodes, args.node_vcpus, args.node_memory_mb,
-                           args.profile_control)
-    summary = run_then_stop(root, dep, args.keep_logs,
-                            lambda: report(asyncio.run(measure(dep, args)), args))
+                           args.profile_control, database_url)
+    return run_then_stop(root, dep, args.keep_logs,
+                         lambda: report(asyncio.run(measure(dep, args)), args))
+
+
+def save(args: argparse.Namespace, tee: Tee, summary: dict[str, Any] | None) -> Path:
+    """Output, figures and profile summaries under benchmarks/results/ (text, small)."""
+    folder = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-create-{args.db}-{args.label}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "output.txt").write_text("".join(tee.kept))
+    if summary is not None:
+        (folder / "figures.json").write_text(json.dumps(summary, indent=2, default=str)
+                                             + "\n")
+    if args.profile is not None:  # the summaries, not the raw stacks (megabytes)
+        for text in sorted(args.profile.glob("*.txt")):
+            shutil.copy(text, folder / f"profile-{text.name}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tee = Tee(sys.stdout)
+    if args.save:
+        sys.stdout = tee
+    started = time.monotonic()
+    print(machine(), flush=True)
+    print(f"{args.size if args.label == args.size else 'custom'} size: {args.vms} VMs on "
+          f"{args.nodes} nodes, database {args.db}", flush=True)
+    summary: dict[str, Any] | None = None
+    try:
+        if args.db == "postgres":
+            with fresh_postgres(args.postgres_url) as url:
+                print(f"PostgreSQL database {url.rsplit('/', 1)[1]} made for this run",
+                      flush=True)
+                summary = run(args, url)
+        else:
+            summary = run(args, "")
+        if summary is not None:
+            print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.save:
+            sys.stdout = tee.stream
+            print(f"kept in {save(args, tee, summary)}")
     if summary is None:
         return 130
-    print(f"benchmark wall time {time.monotonic() - started:.0f} s; {machine()}")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0 if summary["failures"] == 0 else 1

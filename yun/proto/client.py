@@ -19,7 +19,7 @@ M = TypeVar("M", bound=BaseModel)
 # How long an idle connection to a peer is kept for the next call. Longer than a node's
 # report interval and a control server's calls to one node at scale, so a call reuses
 # its connection instead of paying a TLS handshake (both sides) each time; shorter than
-# the servers' own keep-alive (yun.util.serve.KEEP_ALIVE), so a server never closes a
+# the servers' own keep-alive (yun.util.serve.KEEP_ALIVE_TIMEOUT), so a server never closes a
 # connection the client is about to reuse.
 KEEPALIVE_EXPIRY = 30.0
 

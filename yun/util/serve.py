@@ -20,16 +20,21 @@ from starlette.types import ASGIApp
 
 from yun.config import ComponentSettings
 
-# Seconds an idle keep-alive connection stays open (uvicorn's default is 5). Peers call
-# each other every few seconds (reports, heartbeats, a control server's calls to a node):
-# a connection closed in between costs a TLS handshake on both sides at the next call.
-# Longer than the clients' own expiry (yun.proto.client.KEEPALIVE_EXPIRY).
-KEEP_ALIVE = 40
-
-
 def service_url(settings: ComponentSettings, bound_port: int) -> str:
     """The URL peers use to reach a service bound to ``bound_port``."""
     return settings.model_copy(update={"listen_port": bound_port}).url()
+
+
+#: Seconds an idle keep-alive connection stays open on the server side. Longer than the
+#: pooled clients keep one (httpx's default 5 s; peer clients 30 s,
+#: yun.proto.client.KEEPALIVE_EXPIRY), so that it is always the client that drops an
+#: idle connection: with uvicorn's default (also 5 s) a request sent on a connection
+#: idle for about 5 s could cross the server's close and fail with "Server disconnected
+#: without sending a response" — a POST forwarded by the gateway then failed with 502
+#: (benchmarks/keepalive_race.py; the occasional failed creates of create_throughput.py).
+#: Long enough too that node reports, heartbeats and a control server's calls to a node,
+#: a few seconds apart, reuse their TLS connection instead of a handshake on both sides.
+KEEP_ALIVE_TIMEOUT = 40
 
 
 class _Server(uvicorn.Server):
@@ -70,7 +75,7 @@ class AppServer:
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="on",
             timeout_graceful_shutdown=5, limit_concurrency=None,
-            timeout_keep_alive=KEEP_ALIVE,
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
         )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
