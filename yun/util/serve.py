@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from yun.config import ComponentSettings
 
+
 def service_url(settings: ComponentSettings, bound_port: int) -> str:
     """The URL peers use to reach a service bound to ``bound_port``."""
     return settings.model_copy(update={"listen_port": bound_port}).url()
