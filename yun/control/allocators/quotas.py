@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.db.models import ProjectRow, QuotaRow
@@ -37,18 +37,26 @@ async def create_quota(session: AsyncSession, project_uuid: str,
 async def claim(session: AsyncSession, project: ProjectRow | str,
                 amounts: Mapping[QuotaResource, int]) -> None:
     """Count ``amounts`` against the project's quota, or raise :class:`QuotaExceeded`
-    naming the first limit it would pass (the caller's transaction then rolls back)."""
+    naming the first limit it would pass (the caller's transaction then rolls back).
+
+    One conditional UPDATE counts every resource: each row is counted only while it stays
+    within its limit, and the rows it returns say which were; a VM create claims four
+    resources, and four statements per create were a measurable share of the server's
+    work at hundreds of creates per second."""
     project_uuid = project if isinstance(project, str) else project.uuid
+    wanted = {resource.value: amount for resource, amount in amounts.items() if amount > 0}
+    if not wanted:
+        return
+    amount_of = case(wanted, value=QuotaRow.resource)
+    counted = set((await session.scalars(
+        update(QuotaRow)
+        .where(QuotaRow.project_uuid == project_uuid, QuotaRow.resource.in_(wanted),
+               (QuotaRow.limit < 0) | (QuotaRow.used + amount_of <= QuotaRow.limit))
+        .values(used=QuotaRow.used + amount_of)
+        .returning(QuotaRow.resource)
+        .execution_options(synchronize_session=False))).all())
     for resource, amount in amounts.items():
-        if amount <= 0:
-            continue
-        result = await session.execute(
-            update(QuotaRow)
-            .where(QuotaRow.project_uuid == project_uuid, QuotaRow.resource == resource.value,
-                   (QuotaRow.limit < 0) | (QuotaRow.used + amount <= QuotaRow.limit))
-            .values(used=QuotaRow.used + amount)
-            .execution_options(synchronize_session=False))
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if amount <= 0 or resource.value in counted:
             continue
         row = await session.get(QuotaRow, (project_uuid, resource.value))
         name = project if isinstance(project, str) else project.name

@@ -94,7 +94,7 @@ class GroupCommit(Generic[K]):
         """What one write's ``apply`` is given (default: the session)."""
         return session
 
-    def applied(self, session: AsyncSession, target: Any) -> None:
+    async def applied(self, session: AsyncSession, target: Any) -> None:
         """After one write's ``apply`` (e.g. add what it made to the session)."""
 
     async def _drain(self) -> None:
@@ -116,7 +116,8 @@ class GroupCommit(Generic[K]):
                         results.append((pending, True, pending.apply(target)))
                     except Exception as exc:  # this write alone fails
                         results.append((pending, False, exc))
-                    self.applied(session, target)
+                        continue
+                    await self.applied(session, target)
         except BaseException as exc:
             for pending in batch:
                 if pending.future.done():

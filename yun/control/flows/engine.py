@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Executable, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -141,6 +141,10 @@ class FlowContext:
     data: dict[str, Any]
     services: Any
     error: str | None = None
+    # Statements a success hook leaves to the flow's end: run in the transaction that
+    # records the flow succeeded, so the resource's new state and the task's end are one
+    # commit (and cost no transaction of their own).
+    at_end: list[Executable] = field(default_factory=list)
 
 
 class Step:
@@ -505,7 +509,8 @@ class FlowEngine:
             # failure hook undoes the success hook), as it would a crash before the
             # success hook.
             await self._finish(flow_uuid, "succeeded", None,
-                               last=(last, definition.steps[last].name), data=ctx.data)
+                               last=(last, definition.steps[last].name), data=ctx.data,
+                               statements=ctx.at_end)
         except JournalUnavailable as exc:
             ctx.error = f"the journal could not be written ({exc})"
             await self._rollback(ctx, definition, started)
@@ -680,8 +685,12 @@ class FlowEngine:
 
     async def _finish(self, flow_uuid: str, state: str, error: str | None, *,
                       last: tuple[int, str] | None = None,
-                      data: dict[str, Any] | None = None) -> None:
-        """End the flow in ``state``; with ``last``, record that step done too."""
+                      data: dict[str, Any] | None = None,
+                      statements: list[Executable] | None = None) -> None:
+        """End the flow in ``state``; with ``last``, record that step done too; run
+        ``statements`` in the same transaction."""
+        statements = list(statements or [])
+
         def write(record: FlowRecord) -> None:
             row = _owned(record, flow_uuid, self.owner)
             now = utcnow()
@@ -692,6 +701,7 @@ class FlowEngine:
             row.state = state
             row.error = error
             row.finished_at = now
+            record.statements.extend(statements)
 
         await self._write(flow_uuid, write, f"end the flow {state}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import Executable, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 
@@ -30,6 +30,8 @@ class FlowRecord:
     row: FlowRow | None
     steps: dict[int, FlowStepRow]
     added: list[FlowStepRow] = field(default_factory=list)
+    # Statements of the flow's own (e.g. its resource's new state) to run in the batch.
+    statements: list[Executable] = field(default_factory=list)
 
     def step(self, seq: int, name: str, state: str) -> FlowStepRow:
         """The flow's step ``seq``, made (as ``name`` in ``state``) when it has no row yet."""
@@ -67,6 +69,9 @@ class JournalWriter(GroupCommit[str]):
         rows, steps = prepared
         return FlowRecord(rows.get(key), steps[key])
 
-    def applied(self, session: AsyncSession, target: FlowRecord) -> None:
+    async def applied(self, session: AsyncSession, target: FlowRecord) -> None:
         session.add_all(target.added)
         target.added.clear()
+        for statement in target.statements:
+            await session.execute(statement)
+        target.statements.clear()

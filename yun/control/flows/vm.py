@@ -27,7 +27,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.allocators import quotas
-from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow
+from yun.control.db.models import ImageRow, NodeRow, PoolRow, VmNicRow, VmRow, utcnow
 from yun.control.db.tags import drop_tags
 from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.flows.volumes import disk_specs, release_volumes, volumes_going_with
@@ -423,14 +423,14 @@ class Confirm(Step):
 
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
+        if (ctx.data.get(PROVISIONED) or {}).get("state") == DomainState.RUNNING:
+            # The node's answer to the provision (of this flow: the VM held by it, so on
+            # the node that answered) reported the domain running: asking again would
+            # cost a read and a round trip per VM and prove nothing more.
+            return
         vm, node = await _vm_and_node(ctx)
         if vm is None or node is None:
             raise NotFound("the VM or its node vanished")
-        answered = ctx.data.get(PROVISIONED) or {}
-        if answered.get("node") == node.uuid and answered.get("state") == DomainState.RUNNING:
-            # The node's answer to the provision already reported the domain running: a
-            # second question would cost a round trip per VM and prove nothing more.
-            return
         info = await node_client(control, node).get_domain(vm.uuid, timeout=30)
         if info.state is not DomainState.RUNNING:
             raise Conflict(f"node {node.name} reports the domain {info.state}, not running")
@@ -449,7 +449,10 @@ async def _set_state(ctx: FlowContext, state: VmState, error: str | None,
 
 
 async def _created(ctx: FlowContext) -> None:
-    await _set_state(ctx, VmState.RUNNING, None, DomainState.RUNNING)
+    # With the flow's end, in its transaction: no commit of its own per VM.
+    ctx.at_end.append(update(VmRow).where(VmRow.uuid == ctx.resource_uuid).values(
+        state=VmState.RUNNING, error=None, power_state=DomainState.RUNNING,
+        updated_at=utcnow()))
 
 
 async def _create_failed(ctx: FlowContext) -> None:
