@@ -4,7 +4,7 @@ as what consumes them, by a conditional UPDATE, so concurrent requests never pas
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from sqlalchemy import case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,6 +47,7 @@ async def claim(session: AsyncSession, project: ProjectRow | str,
     wanted = {resource.value: amount for resource, amount in amounts.items() if amount > 0}
     if not wanted:
         return
+    await _lock(session, project_uuid, wanted)
     amount_of = case(wanted, value=QuotaRow.resource)
     counted = set((await session.scalars(
         update(QuotaRow)
@@ -70,9 +71,22 @@ async def claim(session: AsyncSession, project: ProjectRow | str,
                      "requested": amount}])
 
 
+async def _lock(session: AsyncSession, project_uuid: str, resources: Iterable[str]) -> None:
+    """Lock the project's quota rows of ``resources`` in one order, the same for every
+    claim and release: concurrent multi-row UPDATEs lock rows in scan order and deadlock
+    (PostgreSQL; SQLite has a single writer and needs no lock)."""
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    await session.execute(
+        select(QuotaRow.resource).where(QuotaRow.project_uuid == project_uuid,
+                                        QuotaRow.resource.in_(list(resources)))
+        .order_by(QuotaRow.resource).with_for_update())
+
+
 async def release(session: AsyncSession, project_uuid: str,
                   amounts: Mapping[QuotaResource, int]) -> None:
     """Give back what a deleted resource counted (never below zero)."""
+    await _lock(session, project_uuid, [r.value for r, a in amounts.items() if a > 0])
     for resource, amount in amounts.items():
         if amount <= 0:
             continue

@@ -67,6 +67,7 @@ touch no database:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -320,6 +321,9 @@ class NodeRegistry:
         self._watch: asyncio.Task[None] | None = None
         self._started = utcnow()
         self._live: dict[str, _Live] = {}
+        # Nodes seen with their sandbox subnet; the others are recorded under the lock.
+        self._subnet_known: set[str] = set()
+        self._assigning = asyncio.Lock()
         # VMs changed in the database, by the node to re-check them on (watch_changes).
         self._changed: dict[str, set[str]] = {}
         self._held_by: dict[str, str] = {}
@@ -434,14 +438,21 @@ class NodeRegistry:
         # This reconcile reads every VM of the node: the changes noted so far are in it.
         changed = self._changed.pop(report.node_id, set())
         try:
-            async with self.ctx.db.session() as session:
-                node = await session.get(NodeRow, report.node_id)
-                if node is None:
-                    node = await self._register(session, report)
-                await self._record_node(session, node, report)
-                was_up = node.status == "up"
-                storage = node.storage
-                sandbox = await sandbox_settings(session, node, self.ctx.settings)
+            # A node without its sandbox subnet yet (a new node) is recorded one at a time:
+            # concurrent first reports would pick the same free subnet and all but one
+            # fail on its unique constraint (100 nodes joining at once on PostgreSQL).
+            async with (self._assigning if report.node_id not in self._subnet_known
+                        else contextlib.nullcontext()):
+                async with self.ctx.db.session() as session:
+                    node = await session.get(NodeRow, report.node_id)
+                    if node is None:
+                        node = await self._register(session, report)
+                    await self._record_node(session, node, report)
+                    was_up = node.status == "up"
+                    storage = node.storage
+                    sandbox = await sandbox_settings(session, node, self.ctx.settings)
+                    if node.sandbox_subnet:
+                        self._subnet_known.add(report.node_id)
             orphans, waiting = await self._reconcile_full(report, fresh_since)
         except BaseException:
             self._changed.setdefault(report.node_id, set()).update(changed)
