@@ -286,6 +286,12 @@ async def _converges(cloud: ProcCloud, api: httpx.AsyncClient,
         "limit": 1})).json()["total"]
     assert unfinished == 0
     assert (node.settings.state_dir / FILE_NAME).exists()
+    # Nothing failed unexpectedly on the way (before: deadlocks of quota claims and
+    # concurrent first reports picking one sandbox subnet, on PostgreSQL).
+    control_log = cloud.root / "logs" / "control.log"
+    unexpected = [line[:300] for line in control_log.read_text().splitlines()
+                  if '"unexpected error"' in line]
+    assert not unexpected, "\n".join(unexpected[:5])
     print(f"SCALE [{db}] {VMS} VMs on {NODES} nodes: cloud up in {up:.1f}s, accepted in "
           f"{accepted:.1f}s, all tasks ended in {bulk:.1f}s ({VMS / bulk:.1f} VMs/s); node "
           f"{node.name}: {len(switched)} guests off seen in {lost_time:.1f}s, on again in "
