@@ -736,10 +736,12 @@ async def control_metrics(dep: Deployment) -> str | None:
     """The control server's ``/metrics`` text, None when it serves none (yet). Its port
     speaks TLS with domain certificates: the benchmark does not check the server's and
     shows the control server's own when asked for one."""
-    certs = sorted((dep.root / "state" / "control").rglob("cert.pem"))
+    # The control server's own credential (ids/control-<name>.crt and .key): its port
+    # asks every caller for a certificate of the domain's CA.
+    certs = sorted((dep.root / "state" / "control" / "ids").glob("control-*.crt"))
     cert: tuple[str, str] | None = None
-    if certs and (certs[0].parent / "key.pem").exists():
-        cert = (str(certs[0]), str(certs[0].parent / "key.pem"))
+    if certs and certs[0].with_suffix(".key").exists():
+        cert = (str(certs[0]), str(certs[0].with_suffix(".key")))
     try:
         async with httpx.AsyncClient(verify=False, cert=cert, timeout=10) as client:
             resp = await client.get(f"https://127.0.0.1:{dep.ports['control']}/metrics")

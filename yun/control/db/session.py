@@ -101,7 +101,7 @@ class Database:
             # get connections of their own instead of queueing behind every write.
             self.reader = create_async_engine(
                 self.url, pool_size=SQLITE_READERS, max_overflow=0, pool_timeout=300,
-                connect_args={"timeout": 30})
+                async_creator=partial(_inline_sqlite, database))
             event.listen(self.reader.sync_engine, "connect", _sqlite_reader_pragmas)
             self.read_sessionmaker = async_sessionmaker(self.reader, expire_on_commit=False)
 
@@ -148,13 +148,15 @@ def _private_sqlite_file(path: str | None) -> None:
 
 
 class _InlineConnection(aiosqlite.Connection):
-    """The writer's aiosqlite connection, whose statements run on the event loop's thread.
+    """An aiosqlite connection whose statements run on the event loop's thread.
 
-    aiosqlite hands every call to a thread of its own and back. For the writer's short
-    statements (a WAL commit with ``synchronous=NORMAL`` writes without a flush) those
-    two thread hand-offs cost far more than the statement: under a bulk create they
-    were a third of the control server's CPU. Reads keep their threaded connections,
-    where a long query does not hold up the loop."""
+    aiosqlite hands every call to a thread of its own and back. For the control
+    server's short statements (a WAL commit with ``synchronous=NORMAL`` writes without a
+    flush) those two hand-offs cost far more than the statement: under a bulk create
+    they were a third of the control server's CPU. And in a process whose event loop
+    keeps the GIL busy, each hand-off waits for the GIL (up to the 5 ms switch interval):
+    reads on threaded connections took 2.4 s on average during a bulk create. A long
+    query holds up the loop instead, as its rows' Python-side processing would anyway."""
 
     async def _execute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self._running or not self._connection:
