@@ -788,9 +788,10 @@ def where_time_went(before: str, after: str, top: int = 8) -> list[str]:
         rows = sorted(families[family], reverse=True)
         lines.append(f"  {family}: {sum(r[1] for r in rows):.0f} observations, "
                      f"sum {sum(r[0] for r in rows):.2f}")
+        seconds = family.endswith("_seconds")  # else a size (e.g. journal batches)
         for t, n, label_text in rows[:top]:
-            lines.append(f"    {label_text:<60} n={n:<7.0f} sum={t:9.2f}  "
-                         f"mean={1000 * t / n:8.2f} ms")
+            mean = f"{1000 * t / n:8.2f} ms" if seconds else f"{t / n:8.2f}"
+            lines.append(f"    {label_text:<60} n={n:<7.0f} sum={t:9.2f}  mean={mean}")
     return lines or ["  /metrics answered but no histogram moved during the bulk"]
 
 
