@@ -8,6 +8,13 @@ tests can exercise rollbacks and timing without real guests.
 Given a state file (see :mod:`.hostfile`), it behaves like a libvirt host across a
 restart of its process: persistent domains come back, shut off (the process dying is a
 host crash: every guest died with it). Without one, domains live in memory only.
+
+A test hook for hosts in another process (``yun serve sim-nodes``), where a test cannot
+reach the driver object: a file ``sim-poweroff`` beside the state file, one VM uuid a
+line, is read and removed whenever the domains are listed (each node report). Each
+named domain that runs is switched off behind the node agent's back, with no event, as
+a guest powering itself off unseen: the control server learns it only from the node's
+next report (``benchmarks/inventory_scale.py`` measures how soon it shows in the API).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from yun.node.hypervisor.sim.hostfile import SimHostFile, host_file
 from yun.proto.messages import DomainInfo, DomainSpec, DomainState, QosSpec
 
 log = logging.getLogger("yun.node.sim")
+
+POWEROFF_FILE = "sim-poweroff"  # the test hook's file, beside the host's state file
 
 
 @dataclass
@@ -108,6 +117,8 @@ class SimDriver(HypervisorDriver):
         self._crash_on_start = 0
         self._events: asyncio.Queue[DomainEvent] = asyncio.Queue()
         self._file = host_file(state_file)
+        self.poweroff_file = (self._file.path.parent / POWEROFF_FILE
+                              if self._file is not None else None)
         if self._file is not None:
             for uuid, data in self._file.section("domains").items():
                 self.domains[uuid] = SimDomain.restored(data)
@@ -177,8 +188,38 @@ class SimDriver(HypervisorDriver):
                           disks=[d.disk_id for d in dom.disks if d.device == "disk"],
                           cdrom_image=_cdrom_image(dom.disks))
 
+    def _external_poweroffs(self) -> None:
+        """Switch off the running domains the test hook's file names (see the module's
+        docstring), silently, and remove the file. One failed stat when there is none."""
+        if self.poweroff_file is None:
+            return
+        try:
+            text = self.poweroff_file.read_text()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("sim poweroff requests not read: %s", exc,
+                        extra={"node_name": self.hostname, "file": str(self.poweroff_file)})
+            return
+        self.poweroff_file.unlink(missing_ok=True)
+        for uuid in text.split():
+            dom = self.domains.get(uuid)
+            if dom is None or dom.state is not DomainState.RUNNING:
+                log.warning("sim poweroff request for a domain not running", extra={
+                    "node_name": self.hostname, "vm_uuid": uuid,
+                    "state": dom.state.value if dom else None})
+                continue
+            # No event and no _set: the agent must find it out by listing, as the
+            # control server must from the report.
+            dom.state = DomainState.SHUTOFF
+            dom.log("state shutoff (powered off behind the agent's back: test hook)")
+            self._save()
+            log.info("sim domain powered off by request", extra={
+                "node_name": self.hostname, "vm_uuid": uuid})
+
     async def list_domains(self) -> list[DomainInfo]:
         await self._enter("list_domains")
+        self._external_poweroffs()
         return [self._info(d) for d in self.domains.values()]
 
     async def get_domain(self, uuid: str) -> DomainInfo | None:
