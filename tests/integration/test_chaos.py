@@ -23,11 +23,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, func, select
 
 from yun.control.db.models import VmRow
 from yun.control.db.session import sync_url
+from yun.testing.host import fresh_postgres_database
 from yun.testing.invariants import KeyAnswer, check, summarize, unsettled
 from yun.testing.procs import ProcCloud
 
@@ -159,17 +159,8 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     if not POSTGRES_URL:
         pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")
-    base = make_url(sync_url(POSTGRES_URL))
-    name = f"{base.database}_chaos_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database(POSTGRES_URL, "chaos") as url:
+        yield url
 
 
 @pytest.fixture

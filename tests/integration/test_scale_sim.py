@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import time
 from collections import Counter
@@ -36,16 +35,14 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.integration.test_chaos import KeyRun, send_with_key, wait_until
 from yun.config import NodeSettings
-from yun.control.db.session import sync_url
 from yun.node.hypervisor.sim.driver import SimDriver
 from yun.node.hypervisor.sim.hostfile import FILE_NAME
 from yun.node.service import NodeService
 from yun.testing.cluster import wait_nodes_up
+from yun.testing.host import fresh_postgres_database
 from yun.testing.invariants import KeyAnswer, check, summarize, unsettled
 from yun.testing.procs import ProcCloud, ServiceProcess, write_config
 
@@ -89,17 +86,8 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     if not POSTGRES_URL:
         pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")
-    base = make_url(sync_url(POSTGRES_URL))
-    name = f"{base.database}_scale_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database(POSTGRES_URL, "scale") as url:
+        yield url
 
 
 def _db(database_url: str) -> str:

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from yun.util.run import CommandError, run
 
 PG_USER = "yun"
 PG_PASSWORD = "yun"
 PG_DATABASE = "yun_test"
+
+
+@contextmanager
+def fresh_postgres_database(url: str, tag: str) -> Iterator[str]:
+    """A database made on the PostgreSQL server of ``url`` for one test or run, named
+    ``<url's database>_<tag>_<random>``, dropped afterwards (also on failure, with its
+    connections cut); yields ``url`` naming it (same driver and role)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from yun.control.db.session import sync_url
+
+    base = make_url(sync_url(url))
+    name = f"{base.database}_{tag}_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def ensure_postgres(timeout: float = 60.0) -> None:
