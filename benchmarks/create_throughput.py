@@ -1036,6 +1036,18 @@ def machine() -> str:
     return f"cpu {model}, {os.cpu_count()} cores, {mem_gib:.1f} GiB, loadavg {load}"
 
 
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    """``--db`` and ``--postgres-url``: the control server's database of a benchmark."""
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the control server's database: SQLite in its state directory "
+                             "(default) or a fresh PostgreSQL database made and dropped by "
+                             "the run on the server of --postgres-url")
+    parser.add_argument("--postgres-url", default=os.environ.get("YUN_BENCH_POSTGRES_URL",
+                                                                 DEFAULT_POSTGRES),
+                        help="a URL of the PostgreSQL server to make the run's database on "
+                             f"(default $YUN_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES})")
+
+
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
     """The options of every benchmark that brings up this deployment."""
     parser.add_argument("--timeout", type=float, default=240.0,
@@ -1065,14 +1077,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="VMs to create (default: the size's)")
     parser.add_argument("--nodes", type=int, default=None,
                         help="sim nodes (default: the size's)")
-    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
-                        help="the control server's database: SQLite in its state directory "
-                             "(default) or a fresh PostgreSQL database made and dropped by "
-                             "the run on the server of --postgres-url")
-    parser.add_argument("--postgres-url", default=os.environ.get("YUN_BENCH_POSTGRES_URL",
-                                                                 DEFAULT_POSTGRES),
-                        help="a URL of the PostgreSQL server to make the run's database on "
-                             f"(default $YUN_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES})")
+    add_database_options(parser)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="py-spy the control server, the gateway and sim-nodes during the "
                              "bulk (every busy thread, and --gil) into DIR: raw folded stacks "

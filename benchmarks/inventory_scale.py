@@ -58,11 +58,11 @@ from typing import Any
 
 import httpx
 from create_throughput import (  # benchmarks/create_throughput.py
-    DEFAULT_POSTGRES,
     RESULTS,
     BenchmarkError,
     Deployment,
     Tee,
+    add_database_options,
     add_deployment_options,
     bring_up,
     bulk_create,
@@ -448,13 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="size the figures are extrapolated to (default 10000)")
     parser.add_argument("--target-vms", type=int, default=100_000,
                         help="VMs of that size (default 100000)")
-    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
-                        help="SQLite in the control server's state directory (default) or "
-                             "a fresh PostgreSQL database on --postgres-url's server")
-    parser.add_argument("--postgres-url", default=os.environ.get("YUN_BENCH_POSTGRES_URL",
-                                                                 DEFAULT_POSTGRES),
-                        help=f"the PostgreSQL server (default $YUN_BENCH_POSTGRES_URL or "
-                             f"{DEFAULT_POSTGRES})")
+    add_database_options(parser)
     parser.add_argument("--save", action="store_true",
                         help="keep the output and figures under benchmarks/results/"
                              "<date>-inventory-<db>-<nodes>/")

@@ -36,12 +36,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import event, insert, text
 
 from yun.config import ControlSettings
 from yun.control.allocators.addresses import mac_for
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, InventoryRow, NodeRow, PoolRow, ProjectRow, VmRow
+from yun.control.db.models import InventoryRow, NodeRow, VmRow
 from yun.control.db.session import Database
 from yun.control.scheduler.inventory import reported_inventory
 from yun.control.services.nodes import NodeRegistry
@@ -54,6 +54,7 @@ from yun.proto.messages import (
     NodeReport,
     StorageDirReport,
 )
+from yun.testing.seed import default_project_pool_image
 
 NS = uuidlib.UUID("0b7d4c52-61a8-4f0e-8f1b-6a3e2d9c7f10")
 
@@ -116,10 +117,7 @@ async def seed(db: Database, nodes: list[Node]) -> None:
     await db.migrate()
     now = datetime.now(UTC)
     async with db.session() as s:
-        project = (await s.scalars(select(ProjectRow.uuid))).first()
-        pool = (await s.scalars(select(PoolRow.uuid).where(PoolRow.name == "default"))).one()
-        await s.execute(insert(ImageRow), [dict(uuid="img", name="img", status="active",
-                                                project_uuid=project)])
+        project, pool = await default_project_pool_image(s)
     rows: list[dict[str, Any]] = []
     inventories: list[dict[str, Any]] = []
     vms: list[dict[str, Any]] = []

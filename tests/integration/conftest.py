@@ -5,7 +5,7 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from yun.cli.main import app
 from yun.testing.cluster import SimCluster
+from yun.testing.host import fresh_postgres_database
 
 #: ``await cli("vm", "list")`` -> (exit code, what it printed, stderr mixed in).
 Cli = Callable[..., Awaitable[tuple[int, str]]]
@@ -46,13 +47,29 @@ async def one(tmp_path: Path) -> AsyncIterator[SimCluster]:
 PG_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
-@pytest.fixture(params=[
+EACH_DB = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgres", id="postgres", marks=[
         pytest.mark.postgres,
         pytest.mark.skipif(not PG_URL, reason="YUN_TEST_POSTGRES_URL is not set "
                                               "(scripts/test.sh sets it)")]),
-])
+]
+
+
+@pytest.fixture(params=EACH_DB)
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The control server's database URL, once per database: '' for SQLite in its state
+    directory, then a fresh PostgreSQL database made for the test (named after its
+    module) and dropped after it."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    tag = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    with fresh_postgres_database(PG_URL, tag) as url:
+        yield url
+
+
+@pytest.fixture(params=EACH_DB)
 async def one_on_each_db(request: pytest.FixtureRequest,
                          tmp_path: Path) -> AsyncIterator[SimCluster]:
     """One sim node, once on SQLite and once on PostgreSQL (a fresh schema): for the

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +27,9 @@ from sqlalchemy import create_engine, func, select
 
 from yun.control.db.models import VmRow
 from yun.control.db.session import sync_url
-from yun.testing.host import fresh_postgres_database
 from yun.testing.invariants import KeyAnswer, check, summarize, unsettled
 from yun.testing.procs import ProcCloud
 
-POSTGRES_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 VMS = 300
 SPREAD = 30.0  # seconds over which the creates are sent, so every crash hits some
 CONCURRENCY = 32  # requests in flight at once (a bulk client's connection pool)
@@ -148,19 +146,6 @@ async def wait_until(probe: Callable[[], Awaitable[list[str]]], timeout: float,
             return time.monotonic() - began, []
         await asyncio.sleep(1.0)
     return None, last
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """'' for SQLite in the control server's state directory; for PostgreSQL a fresh
-    database made for this run and dropped after it."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    if not POSTGRES_URL:
-        pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")
-    with fresh_postgres_database(POSTGRES_URL, "chaos") as url:
-        yield url
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,10 @@ from yun.node.hypervisor.sim.driver import SimDriver
 from yun.node.hypervisor.sim.hostfile import FILE_NAME
 from yun.node.service import NodeService
 from yun.testing.cluster import wait_nodes_up
-from yun.testing.host import fresh_postgres_database
 from yun.testing.invariants import KeyAnswer, check, summarize, unsettled
 from yun.testing.procs import ProcCloud, ServiceProcess, write_config
 
 log = logging.getLogger("tests.scale")
-POSTGRES_URL = os.environ.get("YUN_TEST_POSTGRES_URL", "")
 
 
 def _size(name: str, default: int) -> int:
@@ -77,17 +75,13 @@ RESTART_GOAL = 10.0
 RESTART_BOUND = 2 * RESTART_GOAL
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """'' for SQLite in the control server's state directory; for PostgreSQL a fresh
-    database made for this test and dropped after it."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    if not POSTGRES_URL:
-        pytest.skip("YUN_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)")
-    with fresh_postgres_database(POSTGRES_URL, "scale") as url:
-        yield url
+async def _ready(api: httpx.AsyncClient, nodes: int, image: Path) -> None:
+    """Wait for ``nodes`` nodes up, then upload ``image`` as ``img``."""
+    await wait_nodes_up(api, nodes, timeout=max(60.0, nodes * 0.3))
+    resp = await api.post("/api/v1/images", params={"name": "img"},
+                          content=await asyncio.to_thread(image.read_bytes),
+                          headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 201, resp.text
 
 
 def _db(database_url: str) -> str:
@@ -202,11 +196,7 @@ async def test_bulk_create_converges(proc_cloud: ProcCloud, small_qcow2: Path,
 async def _converges(cloud: ProcCloud, api: httpx.AsyncClient,
                      node_services: list[NodeService], small_qcow2: Path, db: str,
                      began: float) -> None:
-    await wait_nodes_up(api, NODES, timeout=max(60.0, NODES * 0.3))
-    resp = await api.post("/api/v1/images", params={"name": "img"},
-                          content=await asyncio.to_thread(small_qcow2.read_bytes),
-                          headers={"Content-Type": "application/octet-stream"})
-    assert resp.status_code == 201, resp.text
+    await _ready(api, NODES, small_qcow2)
     up = time.monotonic() - began
 
     # -- the bulk, while every node keeps reporting ---------------------------------------
@@ -377,11 +367,7 @@ async def test_kill_9_during_bulk_create(proc_cloud: ProcCloud, small_qcow2: Pat
     began = time.monotonic()
     nodes = _start_sim_nodes(cloud, KILL_NODES)
     async with cloud.api() as api:
-        await wait_nodes_up(api, KILL_NODES, timeout=max(60.0, KILL_NODES * 0.3))
-        resp = await api.post("/api/v1/images", params={"name": "img"},
-                              content=await asyncio.to_thread(small_qcow2.read_bytes),
-                              headers={"Content-Type": "application/octet-stream"})
-        assert resp.status_code == 201, resp.text
+        await _ready(api, KILL_NODES, small_qcow2)
     up = time.monotonic() - began
 
     # -- the bulk; the control server dies a third of the way in --------------------------

@@ -15,13 +15,14 @@ from sqlalchemy import event, insert, select, update
 
 from yun.config import ControlSettings
 from yun.control.context import ControlContext
-from yun.control.db.models import ImageRow, NodeRow, PoolRow, ProjectRow, VmRow
+from yun.control.db.models import NodeRow, VmRow
 from yun.control.db.session import Database
 from yun.control.services.nodes import NodeRegistry
 from yun.node.agent import holdings_generation
 from yun.proto.components import ComponentType
 from yun.proto.membership import Membership
 from yun.proto.messages import DomainInfo, DomainState, HostInfo, NodeReport
+from yun.testing.seed import default_project_pool_image
 
 HOST = HostInfo(hostname="n1", hypervisor="sim", accel="tcg", vcpus=8, memory_mb=16384,
                 disk_gb=100)
@@ -58,10 +59,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[NodeRegistry]:
     await db.migrate()
     now = datetime.now(UTC)
     async with db.session() as s:
-        project = (await s.scalars(select(ProjectRow.uuid))).first()
-        pool = (await s.scalars(select(PoolRow.uuid).where(PoolRow.name == "default"))).one()
-        await s.execute(insert(ImageRow), [dict(uuid="img", name="img", status="active",
-                                                project_uuid=project)])
+        project, pool = await default_project_pool_image(s)
         await s.execute(insert(NodeRow), [dict(
             uuid="node-1", name="n1", url="https://n1:7720", status="up",
             admin_state="active", pool_uuid=pool, labels={}, capabilities=[],
