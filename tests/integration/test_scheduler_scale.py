@@ -508,11 +508,28 @@ async def test_a_drained_node_gets_no_new_vm_and_keeps_its_own(cloud: Cloud) -> 
     consistent(cloud)
 
 
+async def free_vcpus(api: httpx.AsyncClient, pool: str) -> int:
+    """The vCPUs still free on the up, active nodes of ``pool``."""
+    nodes = (await ok(await api.get("/api/v1/nodes", params={"limit": 100})))["items"]
+    return sum(i["free"] for n in nodes
+               if n["pool_name"] == pool and n["status"] == "up"
+               and n["admin_state"] == "active"
+               for i in n["inventory"] if i["resource_class"] == "vcpu")
+
+
 @PRIVATE
 async def test_a_node_added_under_load_gets_vms_at_once(cloud: Cloud) -> None:
+    """Creates flow into silver while node-0007 is added to it: the creates after the
+    addition go to the new node, the emptiest. The creates that may run before it are
+    fewer than silver's free vCPUs (what the earlier tests left depends on how their
+    races went), so none is refused for want of room however fast they run."""
     api = cloud.api
+    before_add = min(20, await free_vcpus(api, "silver") - 2)
+    assert before_add >= 4, "the earlier tests left silver too full for this test"
+    print(f"\nsilver: {before_add + 2} vCPUs free before node-0007 joins")
     sem = asyncio.Semaphore(4)
     added = asyncio.Event()
+    first = asyncio.Event()
     after_add: list[str] = []
 
     async def one(i: int) -> None:
@@ -520,14 +537,18 @@ async def test_a_node_added_under_load_gets_vms_at_once(cloud: Cloud) -> None:
             late = added.is_set()
             resp = await create(cloud, f"load-{i:02d}", pool="silver")
             vm = await created(cloud, resp)
+            first.set()
             if late:
                 after_add.append(vm["node_name"])
 
-    flowing = asyncio.gather(*(one(i) for i in range(40)))
-    await asyncio.sleep(1.0)  # creates are flowing
-    await move_node(api, "node-0007", "silver")
-    added.set()
-    await flowing
+    async with asyncio.TaskGroup() as flowing:
+        for i in range(before_add):
+            flowing.create_task(one(i))
+        await asyncio.wait_for(first.wait(), 60)  # creates are flowing
+        await move_node(api, "node-0007", "silver")
+        added.set()
+        for i in range(before_add, before_add + 20):
+            flowing.create_task(one(i))
     # The new node is the emptiest of silver: the creates after its addition go there.
     assert after_add and "node-0007" in after_add, after_add
     consistent(cloud)
