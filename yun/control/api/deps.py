@@ -72,15 +72,16 @@ class UserDeps:
         self.ctx = ctx
         gateway = deps.gateway
 
-        def user(request: Request,
-                 caller: Identity = Depends(gateway)) -> RequestContext:
+        # async: a plain def would run in FastAPI's thread pool, a thread hop per request.
+        async def user(request: Request,
+                       caller: Identity = Depends(gateway)) -> RequestContext:
             found = context_of(ctx, request, caller)
             if not isinstance(found, RequestContext):
                 raise Unauthorized("this route needs a logged-in user")
             return found
 
-        def anonymous(request: Request, caller: Identity = Depends(gateway)
-                      ) -> AnonymousContext | RequestContext:
+        async def anonymous(request: Request, caller: Identity = Depends(gateway)
+                            ) -> AnonymousContext | RequestContext:
             return context_of(ctx, request, caller)
 
         self.user = user
