@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from yun.control.access.policy import Scope, scope_for
 from yun.control.context import ControlContext
 from yun.control.services.listing import ListParams
 from yun.proto.auth import Identity
@@ -86,7 +85,3 @@ class UserDeps:
 
         self.user = user
         self.anonymous = anonymous
-
-    async def scope(self, user: RequestContext) -> Scope:
-        async with self.ctx.db.session() as session:
-            return await scope_for(session, user)

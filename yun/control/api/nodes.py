@@ -35,7 +35,7 @@ def node_router(api: ApiBundle) -> APIRouter:
     @r.get("/nodes/{ref}", response_model=Node, name="node.show")
     async def show_node(ref: str, sc: Scope = scope) -> Node:
         require(sc.context, Permission.MANAGE_PLATFORM, "show nodes")
-        async with api.ctx.db.session() as session:
+        async with api.ctx.db.reading() as session:
             row = await find(session, NodeRow, ref, "node", sc)
             return (await node_models(session, [row], api.ctx.loads))[0]
 

@@ -41,7 +41,7 @@ def router_router(api: ApiBundle) -> APIRouter:
     @users.get("/routers", response_model=RouterList, name="router.list")
     async def routers(sc: Scope = scope) -> RouterList:
         require(sc.context, Permission.MANAGE_PLATFORM, "list routers")
-        async with api.ctx.db.session() as session:
+        async with api.ctx.db.reading() as session:
             return await list_routers(session, api.ctx.settings.router_timeout)
 
     return users

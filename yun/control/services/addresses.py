@@ -359,7 +359,7 @@ class AddressService:
             return (await address_pool_models(session, [row]))[0]
 
     async def get_pool(self, ref: str, scope: Scope) -> AddressPool:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, AddressPoolRow, ref, "address pool", scope)
             return (await address_pool_models(session, [row]))[0]
 
@@ -464,7 +464,7 @@ class AddressService:
             return (await eip_models(session, [row]))[0]
 
     async def get_eip(self, ref: str, scope: Scope) -> ElasticIp:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return (await eip_models(session, [await _find_eip(session, ref, scope)]))[0]
 
     async def bind_eip(self, ref: str, vm_ref: str, scope: Scope) -> ElasticIp:

@@ -260,7 +260,7 @@ class ImageService:
             return (await image_models(session, [row]))[0]
 
     async def get(self, ref: str, scope: Scope) -> Image:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, ImageRow, ref, "image", scope)
             return (await image_models(session, [row]))[0]
 

@@ -156,7 +156,7 @@ class PoolService:
             return (await zone_models(session, [row]))[0]
 
     async def get_zone(self, ref: str, scope: Scope) -> Zone:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return (await zone_models(session, [await find(session, ZoneRow, ref, "zone",
                                                            scope)]))[0]
 
@@ -262,7 +262,7 @@ class PoolService:
         row.network_mode, row.address_pool_uuid = mode, uuid
 
     async def get_pool(self, ref: str, scope: Scope) -> Pool:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return (await pool_models(session, [await find(session, PoolRow, ref, "pool",
                                                            scope)]))[0]
 

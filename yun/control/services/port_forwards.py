@@ -97,7 +97,7 @@ class PortForwardService:
         return vm, pool
 
     async def list(self, ref: str, scope: Scope) -> list[PortForward]:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             vm, _ = await self._vm(session, ref, scope, write=False)
             return (await forwards_of(session, [vm.uuid])).get(vm.uuid, [])
 

@@ -94,7 +94,7 @@ class ProjectService:
             return (await department_models(session, [row]))[0]
 
     async def get_department(self, ref: str, scope: Scope) -> Department:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, DepartmentRow, ref, "department", scope)
             return (await department_models(session, [row]))[0]
 
@@ -154,7 +154,7 @@ class ProjectService:
             return (await project_models(session, [row]))[0]
 
     async def get_project(self, ref: str, scope: Scope) -> Project:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, ProjectRow, ref, "project", scope)
             return (await project_models(session, [row]))[0]
 
@@ -169,7 +169,7 @@ class ProjectService:
             return (await project_models(session, [row]))[0]
 
     async def quota(self, ref: str | None, scope: Scope) -> Quota:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             if ref is None:
                 if scope.context.project_uuid is None:
                     raise Unprocessable("this token is not scoped to a project; name one")

@@ -59,7 +59,7 @@ class SshKeyService:
             return SshKey.model_validate(row)
 
     async def get(self, ref: str, scope: Scope) -> SshKey:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return SshKey.model_validate(await find(session, SshKeyRow, ref, "SSH key", scope))
 
     async def delete(self, ref: str, scope: Scope) -> str:

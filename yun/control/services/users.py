@@ -132,7 +132,7 @@ class UserService:
             return (await user_models(session, [row]))[0]
 
     async def get_user(self, ref: str, scope: Scope) -> User:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, UserRow, ref, "user", scope)
             return (await user_models(session, [row]))[0]
 
@@ -297,7 +297,7 @@ class UserService:
             return IssuedApiKey(**ApiKey.model_validate(row).model_dump(), secret=secret)
 
     async def get_key(self, ref: str, scope: Scope) -> ApiKey:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return ApiKey.model_validate(await self._key(session, ref, scope))
 
     @staticmethod

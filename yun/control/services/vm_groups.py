@@ -67,7 +67,7 @@ class VmGroupService:
             return (await vm_group_models(session, [row]))[0]
 
     async def get(self, ref: str, scope: Scope) -> VmGroup:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return (await vm_group_models(session, [await find(
                 session, VmGroupRow, ref, "VM group", scope)]))[0]
 

@@ -69,7 +69,7 @@ class VmNicService:
 
     async def list(self, ref: str, scope: Scope) -> list[VmNic]:
         """Every NIC of the VM, the primary one (index 0) first."""
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             vm = await find(session, VmRow, ref, "VM", scope)
             mode = await _mode(session, vm)
             rows = await _rows(session, vm.uuid)

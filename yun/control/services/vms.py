@@ -302,7 +302,7 @@ class VmService:
                         resource=(await vm_models(session, [vm]))[0].model_dump(mode="json"))
 
     async def get(self, ref: str, scope: Scope) -> Vm:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             return (await vm_models(session, [await find(session, VmRow, ref, "VM", scope)]))[0]
 
     async def action(self, ref: str, action: str, scope: Scope,

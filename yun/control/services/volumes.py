@@ -138,12 +138,12 @@ class VolumeService:
     # -- reading --------------------------------------------------------------------------
 
     async def get(self, ref: str, scope: Scope) -> Volume:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, VolumeRow, ref, "volume", scope)
             return (await volume_models(session, [row]))[0]
 
     async def snapshots(self, ref: str, scope: Scope) -> list[VolumeSnapshot]:
-        async with self.ctx.db.session() as session:
+        async with self.ctx.db.reading() as session:
             row = await find(session, VolumeRow, ref, "volume", scope)
             rows = (await session.scalars(select(VolumeSnapshotRow).where(
                 VolumeSnapshotRow.volume_uuid == row.uuid).order_by(
