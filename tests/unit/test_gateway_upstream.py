@@ -185,6 +185,25 @@ async def test_control_server_errors_pass_through_and_malformed_answers_are_502(
     assert_problem(await gw.http.get("/api/v1/vms/odd", headers=BEARER), 502, "malformed Vm")
 
 
+async def test_a_relayed_answer_is_the_public_model_of_the_control_servers_bytes() -> None:
+    """Checked and rewritten from the bytes received: what the public model lacks is not
+    relayed, and text outside ASCII arrives as sent."""
+    gw = make_gateway()
+    vm = {**vm_json("wéb-1"), "internal_only": "not for users"}
+    gw.control.on("GET", "/internal/v1/vms/web", 200, vm)
+    resp = await gw.http.get("/api/v1/vms/web", headers=BEARER)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert body["name"] == "wéb-1" and body["uuid"] == vm["uuid"]
+    assert "internal_only" not in body
+    page = {"items": [vm_json(f"vm-{i}") for i in range(3)], "total": None, "limit": 3,
+            "offset": 0, "next_cursor": "c"}
+    gw.control.on("GET", "/internal/v1/vms", 200, page)
+    listed = (await gw.http.get("/api/v1/vms?limit=3", headers=BEARER)).json()
+    assert [v["name"] for v in listed["items"]] == ["vm-0", "vm-1", "vm-2"]
+    assert listed["next_cursor"] == "c"
+
+
 async def test_no_control_server_is_503() -> None:
     gw = make_gateway()
     gw.control.tokens.clear()

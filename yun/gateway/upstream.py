@@ -12,11 +12,11 @@ nothing else about the user.
 from __future__ import annotations
 
 import itertools
+import json as json_module
 import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -45,14 +45,31 @@ _TEMPLATE = re.compile(r"^(/[a-z-]+|/\{[a-z_]+\})+$")
 _REF = re.compile(NAME_PATTERN)
 
 
-@dataclass(frozen=True)
 class Reply:
-    """A control server's successful answer: status, decoded body (JSON, text or None)
-    and whether it replays the first answer to an ``Idempotency-Key``."""
+    """A control server's successful answer: status, body and whether it replays the
+    first answer to an ``Idempotency-Key``.
 
-    status: int
-    data: Any
-    replayed: bool = False
+    ``data`` is the body decoded (JSON, text or None). A JSON body is also kept as
+    received (``json``): a relayed answer is checked and written again straight from
+    those bytes (:func:`yun.gateway.routers.common.answer`), never decoded into Python
+    objects first.
+    """
+
+    __slots__ = ("_data", "json", "replayed", "status")
+
+    def __init__(self, status: int, data: Any = None, replayed: bool = False, *,
+                 json: bytes | None = None) -> None:
+        self.status, self.replayed, self.json = status, replayed, json
+        self._data = data
+
+    @property
+    def data(self) -> Any:
+        if self._data is None and self.json is not None:
+            self._data = json_module.loads(self.json)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Reply(status={self.status}, replayed={self.replayed})"
 
 
 def placeholder_problem(name: str, value: object) -> str | None:
@@ -94,13 +111,13 @@ def _payload(body: BaseModel | Mapping[str, Any] | None) -> Any:
     return dict(body) if body is not None else None
 
 
-def _decode(resp: httpx.Response) -> Any:
+def _reply(resp: httpx.Response, replayed: bool) -> Reply:
     if resp.status_code == 204 or not resp.content:
-        return None
+        return Reply(resp.status_code, None, replayed)
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
-        return resp.json()
-    return resp.text
+        return Reply(resp.status_code, replayed=replayed, json=resp.content)
+    return Reply(resp.status_code, resp.text, replayed)
 
 
 class Upstream:
@@ -163,7 +180,7 @@ class Upstream:
             if not resp.is_success:
                 raise error_for(resp, f"control server {peer.name}")
             replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
-            return Reply(resp.status_code, _decode(resp), replayed)
+            return _reply(resp, replayed)
         raise Unavailable("no control server is reachable; try again shortly")
 
 
