@@ -14,4 +14,5 @@ export YUN_TEST_STRICT=1
 export YUN_SCALE_FRACTION="${YUN_SCALE_FRACTION:-0.1}"
 .venv/bin/ruff check yun tests
 .venv/bin/lint-imports
-exec .venv/bin/python -m pytest -p no:cacheprovider tests "$@"
+# --durations: the slowest tests in every run's log, to keep the suite within its time.
+exec .venv/bin/python -m pytest -p no:cacheprovider --durations=30 tests "$@"
