@@ -22,6 +22,8 @@ M = TypeVar("M", bound=BaseModel)
 # the servers' own keep-alive (yun.util.serve.KEEP_ALIVE_TIMEOUT), so a server never closes a
 # connection the client is about to reuse.
 KEEPALIVE_EXPIRY = 30.0
+# Connections to one peer at once; more concurrent calls wait for one to be free.
+MAX_CONNECTIONS = 100
 
 
 class SigningAuth(httpx.Auth):
@@ -59,7 +61,11 @@ class PeerClient:
         self._client = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, verify=tls if tls is not None else True,
             transport=transport, auth=SigningAuth(signer) if signer is not None else None,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
+            # Every connection opened is kept (until KEEPALIVE_EXPIRY idle): with fewer
+            # kept than opened, each burst above that many closed the rest, and the next
+            # burst paid a TLS handshake on both sides for each (tests/unit/test_peer_pool).
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                max_keepalive_connections=MAX_CONNECTIONS,
                                 keepalive_expiry=KEEPALIVE_EXPIRY))
 
     async def aclose(self) -> None:

@@ -1,0 +1,48 @@
+"""A peer client keeps every connection it opened for the next calls, however many ran at
+once: one closed after each burst is a TLS handshake on both sides at the next (issue 10:
+the gateway's 32 concurrent reads to the control server kept only 20, and the handshakes
+were a fifth of the control server's CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+
+from yun.proto.client import PeerClient
+from yun.util.serve import AppServer
+
+CONCURRENT = 48
+
+
+async def test_connections_of_a_burst_are_all_kept_for_the_next() -> None:
+    app = FastAPI()
+    connections: set[tuple[str, int]] = set()
+    arrived = asyncio.Event()
+    waiting = 0
+
+    @app.get("/work")
+    async def work(request: Request) -> str:
+        nonlocal waiting
+        assert request.client is not None
+        connections.add((request.client.host, request.client.port))
+        waiting += 1
+        if waiting == CONCURRENT:  # every request of the burst in flight at once
+            arrived.set()
+        await asyncio.wait_for(arrived.wait(), 10)
+        return "done"
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    client = PeerClient(f"http://127.0.0.1:{server.port}")
+    try:
+        for burst in range(3):
+            arrived.clear()
+            waiting = 0
+            answers = await asyncio.gather(*(client.request("GET", "/work")
+                                             for _ in range(CONCURRENT)))
+            assert answers == ["done"] * CONCURRENT
+            assert len(connections) == CONCURRENT, (burst, len(connections))
+    finally:
+        await client.aclose()
+        await server.stop()
