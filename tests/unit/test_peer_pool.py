@@ -9,7 +9,7 @@ import asyncio
 
 from fastapi import FastAPI, Request
 
-from yun.proto.client import PeerClient
+from yun.proto.client import POOL_SHARDS, SHARD_CONNECTIONS, PeerClient
 from yun.util.serve import AppServer
 
 CONCURRENT = 48
@@ -43,6 +43,36 @@ async def test_connections_of_a_burst_are_all_kept_for_the_next() -> None:
                                              for _ in range(CONCURRENT)))
             assert answers == ["done"] * CONCURRENT
             assert len(connections) == CONCURRENT, (burst, len(connections))
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
+async def test_calls_one_at_a_time_use_one_connection_and_a_crowd_still_gets_through(
+) -> None:
+    app = FastAPI()
+    connections: set[tuple[str, int]] = set()
+
+    @app.get("/work")
+    async def work(request: Request) -> str:
+        assert request.client is not None
+        connections.add((request.client.host, request.client.port))
+        await asyncio.sleep(0.01)
+        return "done"
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    client = PeerClient(f"http://127.0.0.1:{server.port}")
+    try:
+        for _ in range(5):
+            assert await client.request("GET", "/work") == "done"
+        assert len(connections) == 1
+        # More calls at once than the pools have connections: the rest wait their turn.
+        crowd = 2 * POOL_SHARDS * SHARD_CONNECTIONS
+        answers = await asyncio.gather(*(client.request("GET", "/work")
+                                         for _ in range(crowd)))
+        assert answers == ["done"] * crowd
+        assert len(connections) == POOL_SHARDS * SHARD_CONNECTIONS
     finally:
         await client.aclose()
         await server.stop()

@@ -161,7 +161,7 @@ class Upstream:
             sent = time.perf_counter()
             status = "error"  # no answer (connection refused, timeout, broken off)
             try:
-                resp = await client.http.request(
+                resp = await client.send(
                     method, url, json=_payload(body), params=_query(params), headers=headers,
                     timeout=timeout if timeout is not None else DEFAULT_TIMEOUT)
                 status = str(resp.status_code)

@@ -22,8 +22,10 @@ M = TypeVar("M", bound=BaseModel)
 # the servers' own keep-alive (yun.util.serve.KEEP_ALIVE_TIMEOUT), so a server never closes a
 # connection the client is about to reuse.
 KEEPALIVE_EXPIRY = 30.0
-# Connections to one peer at once; more concurrent calls wait for one to be free.
-MAX_CONNECTIONS = 100
+# Connections to one peer at once (POOL_SHARDS x SHARD_CONNECTIONS, see PeerClient); more
+# concurrent calls wait for one to be free.
+POOL_SHARDS = 8
+SHARD_CONNECTIONS = 16
 
 
 class SigningAuth(httpx.Auth):
@@ -44,10 +46,17 @@ class PeerClient:
     """Speaks the internal protocol to one peer at ``base_url``.
 
     Requests are signed by ``signer`` (none before a join) and sent over TLS checked by
-    ``tls`` (the domain CA and this component's client certificate). The httpx client
-    keeps its connections, so a TLS handshake is paid once per connection, not per call.
+    ``tls`` (the domain CA and this component's client certificate). The httpx clients
+    keep their connections, so a TLS handshake is paid once per connection, not per call.
     Errors answered by the peer come back as the same :class:`YunError` subclass
     the peer raised; an unreachable peer raises :class:`PeerError`.
+
+    The connections are split among up to ``POOL_SHARDS`` httpx clients of
+    ``SHARD_CONNECTIONS`` each, opened as concurrency needs them: httpcore's pool walks
+    all its connections for every request it assigns, several times over (its cost grows
+    with the square of the connections: 45% of the gateway's CPU at 32 concurrent calls
+    in one pool). A call goes to the first client with a free connection, so a peer
+    called one at a time (a node) has one client.
     """
 
     def __init__(
@@ -58,18 +67,48 @@ class PeerClient:
         ``httpx.ASGITransport``)."""
         self.base_url = base_url.rstrip("/")
         self.signer = signer
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, verify=tls if tls is not None else True,
-            transport=transport, auth=SigningAuth(signer) if signer is not None else None,
+        self._timeout, self._tls, self._transport = timeout, tls, transport
+        self._shards: list[httpx.AsyncClient] = []
+        self._in_flight: list[int] = []
+        self._new_shard()
+
+    def _new_shard(self) -> int:
+        self._shards.append(httpx.AsyncClient(
+            base_url=self.base_url, timeout=self._timeout,
+            verify=self._tls if self._tls is not None else True, transport=self._transport,
+            auth=SigningAuth(self.signer) if self.signer is not None else None,
             # Every connection opened is kept (until KEEPALIVE_EXPIRY idle): with fewer
-            # kept than opened, each burst above that many closed the rest, and the next
-            # burst paid a TLS handshake on both sides for each (tests/unit/test_peer_pool).
-            limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
-                                max_keepalive_connections=MAX_CONNECTIONS,
-                                keepalive_expiry=KEEPALIVE_EXPIRY))
+            # kept than opened, each burst closed the rest, and the next burst paid a TLS
+            # handshake on both sides for each (tests/unit/test_peer_pool.py).
+            limits=httpx.Limits(max_connections=SHARD_CONNECTIONS,
+                                max_keepalive_connections=SHARD_CONNECTIONS,
+                                keepalive_expiry=KEEPALIVE_EXPIRY)))
+        self._in_flight.append(0)
+        return len(self._shards) - 1
+
+    def _shard(self) -> int:
+        """The client for the next call: the first with a connection free, a new one if
+        none has and there may be more, else the least busy."""
+        for index, busy in enumerate(self._in_flight):
+            if busy < SHARD_CONNECTIONS:
+                return index
+        if len(self._shards) < POOL_SHARDS:
+            return self._new_shard()
+        return min(range(len(self._shards)), key=self._in_flight.__getitem__)
+
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send one request through the pool (``kwargs`` as for ``httpx.AsyncClient.request``)
+        and return the answer read whole; httpx errors propagate."""
+        index = self._shard()
+        self._in_flight[index] += 1
+        try:
+            return await self._shards[index].request(method, url, **kwargs)
+        finally:
+            self._in_flight[index] -= 1
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for shard in self._shards:
+            await shard.aclose()
 
     async def __aenter__(self) -> PeerClient:
         return self
@@ -101,7 +140,7 @@ class PeerClient:
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            resp = await self._client.request(
+            resp = await self.send(
                 method, path, json=payload, params=params,
                 headers={**self.headers(request_id), **(headers or {})}, **kwargs,
             )
@@ -122,8 +161,8 @@ class PeerClient:
 
     @property
     def http(self) -> httpx.AsyncClient:
-        """The underlying client, for streaming transfers."""
-        return self._client
+        """An underlying client (the first), for streaming transfers."""
+        return self._shards[0]
 
 
 def decode_response(resp: httpx.Response, where: str) -> Any:
