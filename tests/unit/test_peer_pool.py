@@ -6,6 +6,8 @@ were a fifth of the control server's CPU)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 
@@ -13,6 +15,19 @@ from yun.proto.client import POOL_SHARDS, SHARD_CONNECTIONS, PeerClient
 from yun.util.serve import AppServer
 
 CONCURRENT = 48
+
+
+@contextlib.asynccontextmanager
+async def client_of(app: FastAPI) -> AsyncIterator[PeerClient]:
+    """A peer client of ``app`` served on a free local port (plain HTTP)."""
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    client = PeerClient(f"http://127.0.0.1:{server.port}")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await server.stop()
 
 
 async def test_connections_of_a_burst_are_all_kept_for_the_next() -> None:
@@ -32,10 +47,7 @@ async def test_connections_of_a_burst_are_all_kept_for_the_next() -> None:
         await asyncio.wait_for(arrived.wait(), 10)
         return "done"
 
-    server = AppServer(app, "127.0.0.1", 0)
-    await server.start()
-    client = PeerClient(f"http://127.0.0.1:{server.port}")
-    try:
+    async with client_of(app) as client:
         for burst in range(3):
             arrived.clear()
             waiting = 0
@@ -43,9 +55,6 @@ async def test_connections_of_a_burst_are_all_kept_for_the_next() -> None:
                                              for _ in range(CONCURRENT)))
             assert answers == ["done"] * CONCURRENT
             assert len(connections) == CONCURRENT, (burst, len(connections))
-    finally:
-        await client.aclose()
-        await server.stop()
 
 
 async def test_calls_one_at_a_time_use_one_connection_and_a_crowd_still_gets_through(
@@ -60,10 +69,7 @@ async def test_calls_one_at_a_time_use_one_connection_and_a_crowd_still_gets_thr
         await asyncio.sleep(0.01)
         return "done"
 
-    server = AppServer(app, "127.0.0.1", 0)
-    await server.start()
-    client = PeerClient(f"http://127.0.0.1:{server.port}")
-    try:
+    async with client_of(app) as client:
         for _ in range(5):
             assert await client.request("GET", "/work") == "done"
         assert len(connections) == 1
@@ -73,6 +79,3 @@ async def test_calls_one_at_a_time_use_one_connection_and_a_crowd_still_gets_thr
                                          for _ in range(crowd)))
         assert answers == ["done"] * crowd
         assert len(connections) == POOL_SHARDS * SHARD_CONNECTIONS
-    finally:
-        await client.aclose()
-        await server.stop()
