@@ -269,6 +269,18 @@ async def test_plain_http_to_internal_ports_is_refused(cluster: SimCluster) -> N
 
 async def test_domain_restart_keeps_the_ca_and_running_work(cluster: SimCluster) -> None:
     assert cluster.domain and cluster.control and cluster.api
+    control = cluster.control.ctx.membership
+    node_id = cluster.node_services[0].agent.node_id
+
+    async def known() -> bool:
+        return any(p.component_id == node_id for p in control.peers_of(ComponentType.NODE))
+
+    # The node as the control server knew it before the restart: a heartbeat of the
+    # control server that fails while the domain server is down makes it join the new
+    # one, and its peer list then lacks the nodes until they rejoin too (as the comment
+    # below says).
+    await eventually(known, timeout=30)
+    [peer] = [p for p in control.peers_of(ComponentType.NODE) if p.component_id == node_id]
     old = cluster.domain
     fingerprint = old.ca.fingerprint
     settings = old.settings.model_copy(update={"listen_port": old.server.port})
@@ -279,9 +291,6 @@ async def test_domain_restart_keeps_the_ca_and_running_work(cluster: SimCluster)
     cluster.domain = fresh
     # Before anyone rejoined, the components still trust each other's certificates and
     # credentials: the control server drives a node.
-    control = cluster.control.ctx.membership
-    [peer] = [p for p in control.peers_of(ComponentType.NODE)
-              if p.component_id == cluster.node_services[0].agent.node_id]
     host = await control.client(peer).request("GET", "/internal/v1/host")
     assert host["vcpus"] > 0
     # And every component joins the new domain server again, as itself.
