@@ -202,7 +202,10 @@ class ImageRow(Stamped, Base):
 class VmRow(Stamped, Base):
     __tablename__ = "vms"
     __table_args__ = (Index("ix_vms_node_uuid", "node_uuid"),
-                      Index("ix_vms_updated_at", "updated_at"))
+                      Index("ix_vms_updated_at", "updated_at"),
+                      # Lists are read newest first (migration 0010).
+                      Index("ix_vms_created", "created_at", "uuid"),
+                      Index("ix_vms_project_created", "project_uuid", "created_at", "uuid"))
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), index=True)
@@ -255,7 +258,11 @@ class VolumeRow(Stamped, Base):
     outlive its VM and, in shared mode, move between the nodes of its pool."""
 
     __tablename__ = "volumes"
-    __table_args__ = (UniqueConstraint("vm_uuid", "disk_id", name="uq_volumes_vm_disk"),)
+    __table_args__ = (UniqueConstraint("vm_uuid", "disk_id", name="uq_volumes_vm_disk"),
+                      # Lists are read newest first (migration 0010).
+                      Index("ix_volumes_created", "created_at", "uuid"),
+                      Index("ix_volumes_project_created", "project_uuid", "created_at",
+                            "uuid"))
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), index=True)
@@ -466,6 +473,9 @@ class FlowRow(Base):
     __tablename__ = "flows"
     __table_args__ = (
         Index("ix_flows_state", "state"), Index("ix_flows_resource", "resource_uuid"),
+        # Task lists are read newest first (migration 0010).
+        Index("ix_flows_created", "created_at", "uuid"),
+        Index("ix_flows_project_created", "project_uuid", "created_at", "uuid"),
         # One unfinished flow per resource, kept by the database itself (not a SELECT
         # then INSERT): a concurrent second flow fails to insert.
         Index(UNFINISHED_FLOW_INDEX, "resource_uuid", unique=True,
@@ -635,6 +645,8 @@ class TagRow(Base):
     """One key=value tag of any resource (Z-TAG); ``sys:`` keys belong to the platform."""
 
     __tablename__ = "resource_tags"
+    # Filters by tag (``tag:env=prod``) find the resources by key and value (0002).
+    __table_args__ = (Index("ix_resource_tags_key_value", "key", "value"),)
 
     resource_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
