@@ -75,6 +75,7 @@ from create_throughput import (  # benchmarks/create_throughput.py: the same dep
     BenchmarkError,
     Deployment,
     add_deployment_options,
+    add_sampling_options,
     bring_up,
     get_json,
     list_all,
@@ -695,10 +696,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default get-token,list-token; 'none' to skip)")
     parser.add_argument("--profile-seconds", type=int, default=10,
                         help="seconds each profile samples (default 10)")
-    parser.add_argument("--profile-rate", type=int, default=100,
-                        help="py-spy samples per second (default 100)")
-    parser.add_argument("--profile-top", type=int, default=15,
-                        help="functions listed per list and process (default 15)")
+    add_sampling_options(parser)
     parser.add_argument("--profile-out", type=Path,
                         default=RESULTS / f"api_reads-profile-{date.today().isoformat()}.txt",
                         help="where the profile summary is written (default "

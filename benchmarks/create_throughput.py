@@ -1048,8 +1048,10 @@ def add_database_options(parser: argparse.ArgumentParser) -> None:
                              f"(default $YUN_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES})")
 
 
-def add_deployment_options(parser: argparse.ArgumentParser) -> None:
-    """The options of every benchmark that brings up this deployment."""
+def add_deployment_options(parser: argparse.ArgumentParser, *,
+                           sized_by_run: bool = False) -> None:
+    """The options of every benchmark that brings up this deployment. ``sized_by_run``:
+    the script sizes the timeouts by its run when they are not given (None until then)."""
     parser.add_argument("--timeout", type=float, default=240.0,
                         help="seconds the VM creates may take to end (default 240; "
                              "create_throughput.py: 0.1 s per VM when more)")
@@ -1060,6 +1062,23 @@ def add_deployment_options(parser: argparse.ArgumentParser) -> None:
                         help="also write the figures to FILE as JSON")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                         help="copy the services' logs and config to DIR before cleaning up")
+    if sized_by_run:
+        parser.set_defaults(timeout=None, startup_timeout=None)
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """``--profile-rate`` and ``--profile-top``: how py-spy samples and how much of each
+    summary is printed, for the benchmarks that profile with it."""
+    parser.add_argument("--profile-rate", type=int, default=100,
+                        help="py-spy samples per second (default 100)")
+    parser.add_argument("--profile-top", type=int, default=15,
+                        help="functions listed per summary (default 15)")
+
+
+def add_bulk_create_options(parser: argparse.ArgumentParser) -> None:
+    """``--concurrency``: create requests in flight in a benchmark's bulk create."""
+    parser.add_argument("--concurrency", type=int, default=50,
+                        help="create requests in flight during the bulk (default 50)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1082,15 +1101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="py-spy the control server, the gateway and sim-nodes during the "
                              "bulk (every busy thread, and --gil) into DIR: raw folded stacks "
                              "and a text summary of each (slows the run down)")
-    parser.add_argument("--profile-rate", type=int, default=100,
-                        help="py-spy samples per second (default 100)")
-    parser.add_argument("--profile-top", type=int, default=15,
-                        help="functions listed per summary (default 15)")
+    add_sampling_options(parser)
     parser.add_argument("--save", action="store_true",
                         help="keep the output, the JSON figures and the profile summaries "
                              "under benchmarks/results/<date>-create-<db>-<size>/")
-    parser.add_argument("--concurrency", type=int, default=50,
-                        help="create requests in flight (default 50)")
+    add_bulk_create_options(parser)
     parser.add_argument("--node-vcpus", type=int, default=16,
                         help="vCPUs of each sim node (default 16)")
     parser.add_argument("--node-memory-mb", type=int, default=32768,
@@ -1099,8 +1114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="VMs of the one-at-a-time baseline, deleted again (default 20)")
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="requests of each round-trip baseline (default 1000)")
-    add_deployment_options(parser)
-    parser.set_defaults(timeout=None, startup_timeout=None)  # by size, see below
+    add_deployment_options(parser, sized_by_run=True)  # by size, see below
     parser.add_argument("--profile-control", type=Path, default=None, metavar="FILE",
                         help="diagnostics: run the control server under cProfile and write "
                              "its profile to FILE (slows it down: not for the figures)")

@@ -62,6 +62,7 @@ from create_throughput import (  # benchmarks/create_throughput.py
     BenchmarkError,
     Deployment,
     Tee,
+    add_bulk_create_options,
     add_database_options,
     add_deployment_options,
     bring_up,
@@ -442,8 +443,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lag-timeout-intervals", type=float, default=6.0,
                         help="a probe not seen after this many intervals counts as not "
                              "seen (default 6)")
-    parser.add_argument("--concurrency", type=int, default=50,
-                        help="create requests in flight during the bulk (default 50)")
+    add_bulk_create_options(parser)
     parser.add_argument("--target-nodes", type=int, default=10_000,
                         help="size the figures are extrapolated to (default 10000)")
     parser.add_argument("--target-vms", type=int, default=100_000,
@@ -452,8 +452,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save", action="store_true",
                         help="keep the output and figures under benchmarks/results/"
                              "<date>-inventory-<db>-<nodes>/")
-    add_deployment_options(parser)
-    parser.set_defaults(timeout=None, startup_timeout=None)
+    add_deployment_options(parser, sized_by_run=True)
     args = parser.parse_args(argv)
     try:
         args.sizes = sorted({int(n) for n in args.nodes.split(",")})
