@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -19,6 +19,21 @@ def need_root(*tools: str) -> None:
     for tool in ("ip", *tools):
         if shutil.which(tool) is None:
             pytest.skip(f"system tests need {tool}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, None]:
+    """A failed test's report carries the logs of every data centre still up: one kept
+    by a module fixture outlives the test, and its logs are gone by the time the module
+    ends, yet they hold the reason a task failed."""
+    from yun.testing.datacenter import LIVE
+
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for index, dc in enumerate(LIVE):
+            report.sections.append((f"yun logs of data centre {index}", dc.logs(40)))
 
 
 @pytest.fixture(scope="session", autouse=True)

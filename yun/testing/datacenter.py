@@ -70,6 +70,11 @@ class Process:
             return ""
 
 
+#: every data centre started and not yet closed, so a failing test's report can carry
+#: the logs of one that a module fixture keeps up (tests/system/conftest.py)
+LIVE: list[DataCenter] = []
+
+
 class DataCenter:
     def __init__(self, topo: Topology, workdir: Path, nodes: int = 1,
                  discover: bool = False, node_options: dict[str, Any] | None = None,
@@ -125,6 +130,7 @@ class DataCenter:
         return PORTS[self.sections.get(name, name)]
 
     def start(self) -> DataCenter:
+        LIVE.append(self)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o755)
         self.ctl = self.topo.add_host("ctl")
@@ -346,10 +352,13 @@ class DataCenter:
         starts = [i for i in (out.find("{"), out.find("[")) if i >= 0]
         return json.JSONDecoder().raw_decode(out, min(starts))[0] if starts else None
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in self.procs.values())
+    def logs(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of each process's log."""
+        return "\n".join(f"--- {p.name}\n{p.tail(lines)}" for p in self.procs.values())
 
     def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            LIVE.remove(self)
         if self.api is not None:
             self.api.close()
         # Every process but the domain server at once (each stop waits out that process's
