@@ -43,7 +43,7 @@ def test_control_killed_mid_create_rolls_back(datacenter_factory) -> None:  # ty
     assert task["state"] == "failed"
     assert "interrupted during step 'provision'" in task["error"]
     assert {s["name"]: s["state"] for s in task["steps"]} == {
-        "schedule": "rolled_back", "address": "rolled_back", "provision": "rolled_back"}
+        "schedule": "rolled_back", "address": "skipped", "provision": "rolled_back"}
     vm = dc.api.get(f"/api/v1/vms/{vm_uuid}").json()
     assert vm["state"] == "error" and vm["ip"] is None and vm["node_uuid"] is None
     assert node_leftovers(dc, {**vm, "node_name": "node0", "ip": None},

@@ -65,6 +65,79 @@ async def test_success_journals_every_step_done_with_context(db: Database) -> No
     assert row.context == {"a": True, "b": True}
 
 
+class Optional(Recorder):
+    """A step needed only when the flow's data says so."""
+
+    def needed(self, ctx: FlowContext) -> bool:
+        return bool(ctx.data.get(f"need {self.name}"))
+
+
+def journal_writes(engine: FlowEngine) -> list[int]:
+    """Counts the journal writes the engine asks for (group commit or not)."""
+    writes: list[int] = []
+    write = engine.journal.write
+
+    async def counted(flow_uuid: str, apply):  # type: ignore[no-untyped-def]
+        writes.append(1)
+        return await write(flow_uuid, apply)
+    engine.journal.write = counted  # type: ignore[method-assign]
+    return writes
+
+
+async def test_steps_not_needed_are_skipped_in_the_next_journal_write(db: Database) -> None:
+    log: list[str] = []
+
+    class NeedsC(Recorder):
+        async def run(self, ctx: FlowContext) -> None:
+            await super().run(ctx)
+            ctx.data["need c"] = True  # what a step learns decides what follows
+
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.skip", "thing", [
+        Recorder("a", log), Optional("b", log), NeedsC("m", log), Optional("c", log),
+        Optional("d", log)]))
+    writes = journal_writes(engine)
+    row = await run_flow(engine, "t.skip")
+    assert log == ["run a", "run m", "run c"]
+    assert row.state == "succeeded"
+    assert [(s.name, s.state) for s in row.steps] == [
+        ("a", "done"), ("b", "skipped"), ("m", "done"), ("c", "done"), ("d", "skipped")]
+    assert all(s.finished_at is not None for s in row.steps)
+    # Taking the flow (a running), m running, c running, the end: no write of their own
+    # for b or d. Before skipping, every step cost one.
+    assert len(writes) == 4, writes
+
+
+async def test_a_failure_rolls_back_past_skipped_steps_without_them(db: Database) -> None:
+    log: list[str] = []
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.skipfail", "thing", [
+        Recorder("a", log), Optional("b", log), Recorder("c", log, fail=True)]))
+    row = await run_flow(engine, "t.skipfail")
+    assert log == ["run a", "run c", "rollback c", "rollback a"]
+    assert row.state == "failed"
+    assert [(s.name, s.state) for s in row.steps] == [
+        ("a", "rolled_back"), ("b", "skipped"), ("c", "rolled_back")]
+
+
+async def test_recovery_passes_over_skipped_steps(db: Database) -> None:
+    log: list[str] = []
+    async with db.session() as session:
+        session.add(FlowRow(uuid="f1", kind="t.crash", resource_type="thing",
+                            resource_uuid="r", state="running", current_step="c",
+                            context={}, owner="me", steps=[
+                                FlowStepRow(seq=0, name="a", state="done"),
+                                FlowStepRow(seq=1, name="b", state="skipped"),
+                                FlowStepRow(seq=2, name="c", state="running")]))
+    engine = FlowEngine(db, KeyedQueues(), None, "me")
+    engine.register(FlowDefinition("t.crash", "thing", [
+        Recorder("a", log), Recorder("b", log), Recorder("c", log)]))
+    assert await engine.recover(live_peers=set()) == 1
+    await asyncio.sleep(0)
+    await engine.wait("f1", 10)
+    assert log == ["rollback c", "rollback a"]
+
+
 async def test_recovery_rolls_back_a_flow_a_crash_left_running(db: Database) -> None:
     log: list[str] = []
     definition = FlowDefinition("t.crash", "thing", [Recorder("a", log), Recorder("b", log)])

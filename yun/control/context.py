@@ -28,6 +28,10 @@ class ControlContext:
     identity: IdentityService = field(init=False)
     # The audit records of mutating requests, committed together (group commit).
     audit: GroupCommit[str] = field(init=False)
+    # The LAN addresses of the live routers, as the node registry's watch last read them
+    # (every second); None before its first read. Sandbox settings use it instead of a
+    # query of their own.
+    live_routers: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.audit = GroupCommit(self.db, "audit")

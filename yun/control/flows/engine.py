@@ -5,7 +5,9 @@ A flow runs its steps in order. Before a step runs, the journal records it as
 fails, the steps already taken are rolled back in reverse order, and the flow ends
 ``failed`` with the step's error. Rollbacks are therefore written to be idempotent and
 to work from the database and the nodes' state, not from the context alone: a step may
-have run without its ``done`` having been recorded.
+have run without its ``done`` having been recorded. A step whose :meth:`Step.needed`
+says this run has nothing for it (judged from the context) is passed over: it is
+recorded ``skipped`` with the next journal write, never run and never rolled back.
 
 Failure handling (a flow always ends):
 
@@ -37,7 +39,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -62,6 +64,8 @@ from yun.util.queues import KeyedQueues
 log = logging.getLogger("yun.control.flows")
 
 UNFINISHED = UNFINISHED_STATES
+#: the journal state of a step a run passed over (:meth:`Step.needed`)
+SKIPPED = "skipped"
 T = TypeVar("T")
 
 
@@ -164,6 +168,13 @@ class Step:
 
     async def rollback(self, ctx: FlowContext) -> None:
         """Undo :meth:`run`; must be idempotent and tolerate a partial run."""
+
+    def needed(self, ctx: FlowContext) -> bool:
+        """Whether this run of the flow has anything for the step to do, judged from
+        ``ctx.data`` alone (no I/O) just before it would start. A step that is not
+        needed neither runs nor rolls back, and costs no journal write of its own: it is
+        recorded ``skipped`` with the next one. The first step always runs."""
+        return True
 
 
 Hook = Callable[[FlowContext], Awaitable[None]]
@@ -423,7 +434,9 @@ class FlowEngine:
             ctx = FlowContext(flow_uuid, row.kind, row.resource_uuid,
                               dict(row.context or {}), self.services)
             interrupted = row.state != "pending"
-            started = sorted(record.steps)
+            # Skipped steps did nothing: a rollback passes them over too.
+            started = sorted(seq for seq, step in record.steps.items()
+                             if step.state != SKIPPED)
             current = row.current_step
             row.state = "running"
             row.owner = self.owner
@@ -462,19 +475,29 @@ class FlowEngine:
             await self._rollback(ctx, definition, started)
             return "rolled_back"
 
+        # The step that ran last (done, not yet recorded so) and the steps skipped since:
+        # both go with the next journal write.
+        previous: tuple[int, str] | None = None
+        skipped: list[tuple[int, str]] = []
         for seq, step in enumerate(definition.steps):
+            if seq > 0 and not step.needed(ctx):
+                skipped.append((seq, step.name))
+                continue
             if seq > 0 or not first_marked:
-                # One write records the previous step done (with the context) and this
-                # one running: half the journal writes, the same guarantees.
+                # One write records the previous step done (with the context), the
+                # skipped ones, and this one running: fewer journal writes, the same
+                # guarantees.
                 try:
                     await self._journal_step(flow_uuid, seq, step.name, "running",
-                                             started=True, done_before=seq > 0,
+                                             started=True, done=previous, skipped=skipped,
                                              data=ctx.data if seq else None)
                 except JournalUnavailable as exc:
                     ctx.error = f"{step.name}: the journal could not be written ({exc})"
                     await self._rollback(ctx, definition, started)
                     return "rolled_back"
+                skipped = []
             started.append(seq)
+            previous = (seq, step.name)
             began = time.perf_counter()
             try:
                 await self._run_step(ctx, step)
@@ -500,7 +523,6 @@ class FlowEngine:
                                                              "step": step.name})
                 await asyncio.Event().wait()
 
-        last = len(definition.steps) - 1
         try:
             if definition.on_success is not None:
                 await self._hook(definition.on_success, ctx, "on_success")
@@ -508,9 +530,8 @@ class FlowEngine:
             # leaves the flow running in its last step: recovery rolls it back (and the
             # failure hook undoes the success hook), as it would a crash before the
             # success hook.
-            await self._finish(flow_uuid, "succeeded", None,
-                               last=(last, definition.steps[last].name), data=ctx.data,
-                               statements=ctx.at_end)
+            await self._finish(flow_uuid, "succeeded", None, last=previous, skipped=skipped,
+                               data=ctx.data, statements=ctx.at_end)
         except JournalUnavailable as exc:
             ctx.error = f"the journal could not be written ({exc})"
             await self._rollback(ctx, definition, started)
@@ -658,15 +679,16 @@ class FlowEngine:
     async def _journal_step(
         self, flow_uuid: str, seq: int, name: str, state: str, *, started: bool = False,
         error: str | None = None, data: dict[str, Any] | None = None,
-        done_before: bool = False,
+        done: tuple[int, str] | None = None, skipped: Sequence[tuple[int, str]] = (),
     ) -> None:
+        """Record step ``seq`` in ``state``; with it, step ``done`` finished and the
+        ``skipped`` steps passed over."""
         def write(record: FlowRecord) -> None:
             row = _owned(record, flow_uuid, self.owner)
             now = utcnow()
-            if done_before:
-                previous = record.steps.get(seq - 1)
-                if previous is not None:
-                    previous.state, previous.finished_at = "done", now
+            if done is not None:
+                _mark_step(record, *done, "done", now=now)
+            _mark_skipped(record, skipped, now)
             _mark_step(record, seq, name, state, started=started, error=error, now=now)
             if data is not None:
                 row.context = dict(data)
@@ -685,10 +707,11 @@ class FlowEngine:
 
     async def _finish(self, flow_uuid: str, state: str, error: str | None, *,
                       last: tuple[int, str] | None = None,
+                      skipped: Sequence[tuple[int, str]] = (),
                       data: dict[str, Any] | None = None,
                       statements: list[Executable] | None = None) -> None:
-        """End the flow in ``state``; with ``last``, record that step done too; run
-        ``statements`` in the same transaction."""
+        """End the flow in ``state``; with ``last``, record that step done too, and the
+        ``skipped`` steps passed over; run ``statements`` in the same transaction."""
         statements = list(statements or [])
 
         def write(record: FlowRecord) -> None:
@@ -696,6 +719,7 @@ class FlowEngine:
             now = utcnow()
             if last is not None:
                 _mark_step(record, last[0], last[1], "done", now=now)
+            _mark_skipped(record, skipped, now)
             if data is not None:
                 row.context = dict(data)
             row.state = state
@@ -732,6 +756,14 @@ def _mark_step(record: FlowRecord, seq: int, name: str, state: str, *,
     if error is not None:
         step.error = error
     row.updated_at = now
+
+
+def _mark_skipped(record: FlowRecord, skipped: Sequence[tuple[int, str]],
+                  now: datetime) -> None:
+    """Record steps passed over as not needed (:meth:`Step.needed`)."""
+    for seq, name in skipped:
+        step = record.step(seq, name, SKIPPED)
+        step.state, step.finished_at = SKIPPED, now
 
 
 class _Ended(Exception):

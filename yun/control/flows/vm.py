@@ -33,6 +33,7 @@ from yun.control.flows.engine import FlowContext, FlowDefinition, Step
 from yun.control.flows.volumes import disk_specs, release_volumes, volumes_going_with
 from yun.control.network import public_ips
 from yun.control.network.modes import (
+    NetworkMode,
     mode_for,
     release_all,
     release_node_scoped,
@@ -75,6 +76,16 @@ POOLS = "pools"
 TRIED = "tried_nodes"
 # The node and domain state the provision step's answer reported.
 PROVISIONED = "provisioned"
+# What the VM's network mode needs of the create (recorded when its pool is known at
+# create; absent, as for a zone's VM, the steps they spare run and find it out).
+PUBLIC_AT_CREATE = "public_at_create"
+ROUTED = "routed"
+
+
+def network_needs(mode: NetworkMode) -> dict[str, bool]:
+    """The create's flow data saying whether the VM takes a public address at create
+    (its "address" step) and whether the routers may forward to it ("forwarders")."""
+    return {PUBLIC_AT_CREATE: mode.public_at_create, ROUTED: mode.routed}
 # How many nodes a create tries before it rolls back (the scheduler's alternates).
 MAX_NODES_TRIED = 3
 
@@ -283,7 +294,8 @@ async def provision_request(control: ControlContext, session: AsyncSession, vm: 
     )
     sandbox = None
     if any(n.network == NicNetwork.SANDBOX for n in spec.nics):
-        sandbox = await sandbox_settings(session, node, control.settings)
+        sandbox = await sandbox_settings(session, node, control.settings,
+                                         control.live_routers)
         if sandbox is None:
             raise Conflict(f"node {node.name} has no sandbox subnet yet")
     request = ProvisionRequest(spec=spec, images=images, start=True, sandbox=sandbox)
@@ -383,6 +395,9 @@ class Address(Step):
 
     name = "address"
 
+    def needed(self, ctx: FlowContext) -> bool:
+        return bool(ctx.data.get(PUBLIC_AT_CREATE, True))
+
     async def run(self, ctx: FlowContext) -> None:
         async with _ctl(ctx).db.session() as session:
             vm = await _vm(session, ctx.resource_uuid)
@@ -410,6 +425,9 @@ class Forwarders(Step):
 
     name = "forwarders"
 
+    def needed(self, ctx: FlowContext) -> bool:
+        return bool(ctx.data.get(ROUTED, True))
+
     async def run(self, ctx: FlowContext) -> None:
         await publish(_ctl(ctx), ctx.resource_uuid)
 
@@ -421,13 +439,14 @@ class Forwarders(Step):
 class Confirm(Step):
     name = "confirm"
 
+    def needed(self, ctx: FlowContext) -> bool:
+        # The node's answer to the provision (of this flow: the VM held by it, so on the
+        # node that answered) reported the domain running: asking again would cost a
+        # read and a round trip per VM and prove nothing more.
+        return bool((ctx.data.get(PROVISIONED) or {}).get("state") != DomainState.RUNNING)
+
     async def run(self, ctx: FlowContext) -> None:
         control = _ctl(ctx)
-        if (ctx.data.get(PROVISIONED) or {}).get("state") == DomainState.RUNNING:
-            # The node's answer to the provision (of this flow: the VM held by it, so on
-            # the node that answered) reported the domain running: asking again would
-            # cost a read and a round trip per VM and prove nothing more.
-            return
         vm, node = await _vm_and_node(ctx)
         if vm is None or node is None:
             raise NotFound("the VM or its node vanished")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -47,15 +48,20 @@ async def assign_sandbox_subnet(session: AsyncSession, node: NodeRow, supernet: 
                                f"for node {node.name}")
 
 
-async def sandbox_settings(session: AsyncSession, node: NodeRow,
-                           settings: ControlSettings) -> SandboxSettings | None:
+async def sandbox_settings(session: AsyncSession, node: NodeRow, settings: ControlSettings,
+                           live_routers: Sequence[str] | None = None
+                           ) -> SandboxSettings | None:
     """What the node's sandbox network must be now: its subnet, the live routers (next
-    hops of mono and share VMs) and the networks no VM may reach."""
+    hops of mono and share VMs) and the networks no VM may reach. ``live_routers``: the
+    routers as last read (``ControlContext.live_routers``), read here when None."""
     if not node.sandbox_subnet:
         return None
-    since = utcnow() - timedelta(seconds=settings.router_timeout)
-    routers = sorted(set((await session.scalars(select(RouterRow.lan_address).where(
-        RouterRow.last_seen_at >= since))).all()))
+    if live_routers is not None:
+        routers = list(live_routers)
+    else:
+        since = utcnow() - timedelta(seconds=settings.router_timeout)
+        routers = sorted(set((await session.scalars(select(RouterRow.lan_address).where(
+            RouterRow.last_seen_at >= since))).all()))
     blocked = sorted({settings.sandbox_supernet, *settings.vm_blocked_networks})
     return SandboxSettings(subnet=node.sandbox_subnet, gateway=gateway_of(node.sandbox_subnet),
                            routers=routers, blocked=blocked)

@@ -329,7 +329,6 @@ class NodeRegistry:
         self._held_by: dict[str, str] = {}
         self._seen: dict[str, datetime] = {}
         self._watched_to = utcnow()
-        self._routers: list[str] | None = None
 
     def start(self) -> None:
         self._started = utcnow()
@@ -529,9 +528,9 @@ class NodeRegistry:
             live.pending = waiting
             if orphans:
                 self._clean(node_uuid, report.url, orphans)
-        if (live.sandbox is not None and self._routers is not None
-                and live.sandbox.routers != self._routers):
-            live.sandbox = live.sandbox.model_copy(update={"routers": list(self._routers)})
+        routers = self.ctx.live_routers
+        if live.sandbox is not None and routers is not None and live.sandbox.routers != routers:
+            live.sandbox = live.sandbox.model_copy(update={"routers": list(routers)})
         return NodeReportAnswer(sandbox=live.sandbox, deltas=True)
 
     async def _record_node(self, session: AsyncSession, node: NodeRow,
@@ -857,7 +856,7 @@ class NodeRegistry:
                     notes += 1
         self._seen = {u: at for u, at in self._seen.items() if at > since}
         self._watched_to = started
-        self._routers = routers
+        self.ctx.live_routers = routers
         return notes
 
     async def _watch_loop(self) -> None:

@@ -32,7 +32,13 @@ from yun.control.db.models import (
 )
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
-from yun.control.flows.vm import CDROM_IMAGE, POOLS, effective_qos, qos_needs
+from yun.control.flows.vm import (
+    CDROM_IMAGE,
+    POOLS,
+    effective_qos,
+    network_needs,
+    qos_needs,
+)
 from yun.control.flows.volumes import root_volume
 from yun.control.network.modes import mode_for
 from yun.control.network.modes.base import address_pool_of
@@ -204,7 +210,8 @@ class VmService:
             session.add(root_volume(vm, pool))  # C-STO: every disk is a volume
             tags = await update_tags(session, "vm", vm.uuid, req.tags) if req.tags else {}
             flow = await self.ctx.engine.add_flow(session, "vm.create", vm.uuid,
-                                                  {POOLS: pools} if pool is None else {},
+                                                  {POOLS: pools} if mode is None
+                                                  else network_needs(mode),
                                                   project_uuid=vm.project_uuid,
                                                   what=f"VM {vm.name}",
                                                   flow_uuid=vm.task_uuid)

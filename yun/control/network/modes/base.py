@@ -6,7 +6,10 @@ the modes themselves:
 
 - ``capabilities``: what a node must have to take the VM (the scheduler filters on it);
 - ``on_placed``: node-scoped addresses, in the placement's transaction;
-- ``allocate_public``: public addresses taken at create (the flow's "address" step);
+- ``allocate_public``: public addresses taken at create (the flow's "address" step,
+  skipped for a mode without ``public_at_create``);
+- ``routed``: whether the routers may forward to its VMs (a public address or port):
+  the create's "forwarders" step is skipped for a mode that is not;
 - ``release``: everything the VM holds of the network, in the caller's transaction;
 - ``nic_specs``: the NICs the node makes;
 - ``forward_kind``: how the operator reaches a port of the VM (node NAT port, public
@@ -77,6 +80,10 @@ class NetworkMode(ABC):
     network: ClassVar[NicNetwork]
     #: node capabilities a node needs to take a VM of this mode
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: the VM takes a public address at create (:meth:`allocate_public` has work)
+    public_at_create: bool = False
+    #: the routers may forward to the VM: a public address or port maps to it
+    routed: bool = False
 
     @abstractmethod
     async def on_placed(self, session: AsyncSession, vm: VmRow, node_uuid: str,

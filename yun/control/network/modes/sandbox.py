@@ -33,6 +33,9 @@ class SandboxMode(NetworkMode):
     def __init__(self, exposure: Exposure) -> None:
         self.exposure = exposure
         self.name = f"sandbox-{exposure.value}"
+        # mono: its own public address; share: public ports of the pool's address.
+        self.public_at_create = exposure is Exposure.MONO
+        self.routed = exposure is not Exposure.PRIVATE
         self.addresses = AddressAllocator()
 
     async def on_placed(self, session: AsyncSession, vm: VmRow, node_uuid: str,
