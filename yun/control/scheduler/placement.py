@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -92,6 +92,17 @@ OnPlaced = Callable[[AsyncSession, VmRow, str, str, str],
 #: The node capabilities every VM of a pool needs, from the pool's network mode (the
 #: network modes live above the scheduler, so the control server hands this in).
 PoolNeeds = Callable[[str | None], frozenset[str]]
+
+
+async def _pool_rows(session: AsyncSession, uuids: Sequence[str]) -> list[PoolRow]:
+    """The pools ``uuids`` that exist. One pool (most creates) is looked up by key, so
+    a row the session already holds (the create read it) costs no statement."""
+    if len(uuids) == 1:
+        row = await session.get(PoolRow, uuids[0])
+        return [row] if row is not None else []
+    if not uuids:
+        return []
+    return list((await session.scalars(select(PoolRow).where(PoolRow.uuid.in_(uuids)))).all())
 
 
 def pool_policy(row: PoolRow, needs: PoolNeeds | None = None) -> PoolPolicy:
@@ -176,8 +187,8 @@ class Placement:
     async def check(self, session: AsyncSession, req: Request) -> None:
         """Raise :class:`InsufficientCapacity`, saying why, when no node could take ``req``
         now; reserves nothing (the create's own placement is the real claim)."""
-        policies = {row.uuid: pool_policy(row, self.pool_needs) for row in (await session.scalars(
-            select(PoolRow).where(PoolRow.uuid.in_(req.pool_uuids)))).all()}
+        policies = {row.uuid: pool_policy(row, self.pool_needs)
+                    for row in await _pool_rows(session, req.pool_uuids)}
         group = await self._group(session, req.group_uuid, {})
         spec = _spec(req, group)
         misses = []
@@ -221,8 +232,10 @@ class Placement:
         self, session: AsyncSession, batch: list[tuple[str, Request, asyncio.Future[Placed]]]
     ) -> list[Placed | Exception]:
         wanted = {p for _, req, _ in batch for p in req.pool_uuids}
-        policies = {row.uuid: pool_policy(row, self.pool_needs) for row in (await session.scalars(
-            select(PoolRow).where(PoolRow.uuid.in_(wanted)))).all()} if wanted else {}
+        # Held for the whole batch: the session's identity map keeps only rows referenced
+        # somewhere, and the placement hook (on_placed) gets its VM's pool from it.
+        pool_rows = await _pool_rows(session, sorted(wanted))
+        policies = {row.uuid: pool_policy(row, self.pool_needs) for row in pool_rows}
         groups: dict[str, GroupSpec] = {}
         results: list[Placed | Exception] = []
         # The batch's VMs in one query, not one each.
