@@ -107,6 +107,24 @@ async def _vm(session: AsyncSession, vm_uuid: str) -> VmRow:
     return vm
 
 
+async def _build_rows(session: AsyncSession, vm_uuid: str
+                      ) -> tuple[VmRow, NodeRow, ImageRow | None, PoolRow | None]:
+    """What building the VM on its node starts from, in one statement: the VM, its node,
+    its image and its pool. NotFound when the VM, its node or its image is gone."""
+    found = (await session.execute(
+        select(VmRow, NodeRow, ImageRow, PoolRow)
+        .outerjoin(NodeRow, NodeRow.uuid == VmRow.node_uuid)
+        .outerjoin(ImageRow, ImageRow.uuid == VmRow.image_uuid)
+        .outerjoin(PoolRow, PoolRow.uuid == VmRow.pool_uuid)
+        .where(VmRow.uuid == vm_uuid))).first()
+    if found is None:
+        raise NotFound(f"VM {vm_uuid} no longer exists")
+    vm, node, image, pool = found
+    if node is None or (vm.image_uuid and image is None):
+        raise NotFound(f"VM {vm.name}: its node or image vanished")
+    return vm, node, image, pool
+
+
 async def _vm_and_node(ctx: FlowContext) -> tuple[VmRow | None, NodeRow | None]:
     """The flow's VM and the node it is placed on (either may be gone)."""
     async with _ctl(ctx).db.reading() as session:
@@ -313,12 +331,7 @@ class Provision(Step):
         control = _ctl(ctx)
         while True:
             async with control.db.session() as session:
-                vm = await _vm(session, ctx.resource_uuid)
-                node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
-                image = await session.get(ImageRow, vm.image_uuid) if vm.image_uuid else None
-                if node is None or (vm.image_uuid and image is None):
-                    raise NotFound("the VM's node or image vanished")
-                pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+                vm, node, image, pool = await _build_rows(session, ctx.resource_uuid)
                 request = await provision_request(control, session, vm, node, image, pool)
                 client = node_client(control, node)
             try:
@@ -647,12 +660,7 @@ class Redefine(Step):
             return  # an insert leaves the boot order as it was
         control = _ctl(ctx)
         async with control.db.session() as session:
-            vm = await _vm(session, ctx.resource_uuid)
-            node = await session.get(NodeRow, vm.node_uuid) if vm.node_uuid else None
-            image = await session.get(ImageRow, vm.image_uuid) if vm.image_uuid else None
-            if node is None or (vm.image_uuid and image is None):
-                raise NotFound(f"VM {vm.name}: its node or image vanished")
-            pool = await session.get(PoolRow, vm.pool_uuid) if vm.pool_uuid else None
+            vm, node, image, pool = await _build_rows(session, ctx.resource_uuid)
             request = await provision_request(control, session, vm, node, image, pool)
             client = node_client(control, node)
         request.start = False
