@@ -15,6 +15,7 @@ import shutil
 import ssl
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,17 +255,40 @@ class SimCluster:
 STOP_TIMEOUT = 30.0
 
 
+def _awaiting(coro: Any) -> str:
+    """Where a suspended coroutine waits: each frame of its chain of awaits, outermost
+    first (a task's own stack shows only the outermost)."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} "
+                         f"in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(lines) or "  (no frame)"
+
+
 async def _stop_all(services: list[Any]) -> None:
-    """Stop ``services`` (None: not started) at once; one failing stops none of the others."""
+    """Stop ``services`` (None: not started) at once; one failing stops none of the others.
+
+    A stop that outlasts ``STOP_TIMEOUT`` is cancelled and reported as a warning naming
+    the service and where its stop was waiting: pytest lists warnings at the end of a
+    run, passing tests' included, where a log record of a passing test is never shown."""
     async def stop(service: Any) -> None:
-        try:
-            await asyncio.wait_for(service.stop(), STOP_TIMEOUT)
-        except TimeoutError:
-            settings = getattr(service, "settings", None)
-            log.warning("service did not stop in time; left running",
-                        extra={"service": type(service).__name__,
-                               "component": getattr(settings, "name", None),
-                               "timeout_s": STOP_TIMEOUT})
+        task = asyncio.ensure_future(service.stop())
+        done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        if done:
+            task.result()
+            return
+        waiting = _awaiting(task.get_coro())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        settings = getattr(service, "settings", None)
+        what = f"{type(service).__name__} {getattr(settings, 'name', '') or ''}".strip()
+        log.warning("service did not stop in time; left running",
+                    extra={"service": what, "timeout_s": STOP_TIMEOUT, "waiting": waiting})
+        warnings.warn(f"{what} did not stop within {STOP_TIMEOUT:g} s; its stop was "
+                      f"waiting in:\n{waiting}", RuntimeWarning, stacklevel=1)
 
     await asyncio.gather(*(stop(s) for s in services if s is not None),
                          return_exceptions=True)
