@@ -288,3 +288,23 @@ def test_registry_generation_never_repeats_across_restarts(tmp_path: Path) -> No
     join(first, CT.NODE, "n")
     second = registry(tmp_path)
     assert second.generation > first.generation
+
+
+def test_the_domain_servers_own_stall_is_not_counted_as_silence(tmp_path: Path) -> None:
+    reg = registry(tmp_path)  # TTL 5 s
+    node = join(reg, CT.NODE, "n")
+    seen = reg.get(node.component_id).last_seen
+    # The server heard nobody from 1 s to 7 s after the node's last heartbeat.
+    reg.deaf(seen + 1, seen + 7)
+    assert reg.silence(reg.get(node.component_id), seen + 9) == pytest.approx(3)
+    assert reg.expire(now=seen + 9) == []
+    gone = reg.expire(now=seen + 11.1)  # 5.1 s of silence while listening
+    assert [m.component_id for m in gone] == [node.component_id]
+
+
+def test_stalls_older_than_any_silence_that_matters_are_forgotten(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    now = time.time()
+    for k in range(1000):
+        reg.deaf(now + k, now + k + 0.5)
+    assert len(reg._deaf) <= 10 * reg.ttl + 1

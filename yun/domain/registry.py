@@ -102,6 +102,9 @@ class Registry:
         self.challenge_ttl = challenge_ttl
         self.max_challenges = max_challenges
         self.members: dict[str, Member] = {}
+        # Times (wall clock, start and end) when this server itself was stalled and heard
+        # nobody: not counted as any member's silence.
+        self._deaf: list[tuple[float, float]] = []
         self._challenges: dict[str, _Challenge] = {}
         self._revoked_file = state_dir / "revoked.json" if state_dir else None
         self.revoked: dict[str, Revocation] = self._load_revoked()
@@ -312,17 +315,32 @@ class Registry:
         log.info("component left", extra={"component": component_id, "type": str(member.type)})
         self.revoke(component_id, "left the domain")
 
+    def deaf(self, start: float, end: float) -> None:
+        """Record that this server could hear no heartbeat from ``start`` to ``end`` (its own
+        stall: a blocked event loop, a starved or paused process). Heartbeats sent meanwhile
+        wait unread in its sockets, so that time is not counted as the senders' silence."""
+        self._deaf = [(s, e) for s, e in self._deaf if e > end - 10 * self.ttl]
+        self._deaf.append((start, end))
+
+    def silence(self, member: Member, now: float) -> float:
+        """How long this server has heard nothing from ``member`` while it was listening."""
+        unheard = sum(max(0.0, min(e, now) - max(s, member.last_seen)) for s, e in self._deaf)
+        return now - member.last_seen - unheard
+
     def expire(self, now: float | None = None) -> list[Member]:
         """Mark members silent for longer than the TTL as gone; return them."""
         now = now or time.time()
         gone = []
         for member in self.members.values():
-            if member.status is ComponentStatus.ALIVE and now - member.last_seen > self.ttl:
+            if member.status is not ComponentStatus.ALIVE:
+                continue
+            silent_for = self.silence(member, now)
+            if silent_for > self.ttl:
                 member.status = ComponentStatus.GONE
                 gone.append(member)
                 log.warning("component gone: no heartbeat", extra={
                     "component": member.component_id, "type": str(member.type),
-                    "component_name": member.name, "silent_for": round(now - member.last_seen, 1)})
+                    "component_name": member.name, "silent_for": round(silent_for, 1)})
         if gone:
             self.generation += 1
         return gone

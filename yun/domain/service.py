@@ -25,6 +25,9 @@ from yun.util.serve import AppServer, service_url
 
 log = logging.getLogger("yun.domain")
 
+# A presence sweep this late (seconds) means the server was not serving meanwhile.
+STALL = 0.05
+
 
 class DomainService:
     """One domain server."""
@@ -89,8 +92,20 @@ class DomainService:
         await self.server.stop()
 
     async def _expire_loop(self) -> None:
+        period = min(1.0, self.settings.ttl / 3)
         while True:
-            await asyncio.sleep(min(1.0, self.settings.ttl / 3))
+            due = time.monotonic() + period
+            await asyncio.sleep(period)
+            # Woken late, this server was stalled and heard nobody meanwhile: the members'
+            # heartbeats of that time are still unread, and must not expire them first.
+            late = time.monotonic() - due
+            if late > STALL:
+                now = time.time()
+                self.registry.deaf(now - late, now)
+                if late > self.settings.ttl / 2:
+                    log.warning("domain server stalled; members' silence meanwhile not "
+                                "counted", extra={"stalled_for": round(late, 2),
+                                                  "ttl": self.settings.ttl})
             self.registry.expire()
             self.registry.purge_revoked()
             if time.time() - self._cert_issued > self.settings.credential_lifetime / 2:
