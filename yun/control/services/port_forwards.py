@@ -51,9 +51,17 @@ def node_address(node: NodeRow) -> str:
 async def forwards_of(session: AsyncSession, vm_uuids: list[str]
                       ) -> dict[str, list[PortForward]]:
     """The port forwards of each VM (node NAT ports and public ports), by VM port."""
+    return (await addressing_of(session, vm_uuids))[1]
+
+
+async def addressing_of(session: AsyncSession, vm_uuids: list[str]
+                        ) -> tuple[dict[str, str], dict[str, list[PortForward]]]:
+    """Each VM's whole public address, if it has one (sandbox-mono, or an elastic IP), and
+    its port forwards (node NAT ports and public ports, by VM port): two statements."""
+    public: dict[str, str] = {}
     found: dict[str, list[PortForward]] = defaultdict(list)
     if not vm_uuids:
-        return found
+        return public, found
     rows = (await session.execute(
         select(NodeForwardRow, NodeRow).join(NodeRow, NodeRow.uuid == NodeForwardRow.node_uuid)
         .where(NodeForwardRow.vm_uuid.in_(vm_uuids)))).all()
@@ -61,24 +69,19 @@ async def forwards_of(session: AsyncSession, vm_uuids: list[str]
         found[fwd.vm_uuid].append(PortForward(
             protocol=fwd.protocol, vm_port=fwd.vm_port, address=node_address(node),
             port=fwd.node_port))
-    public = (await session.scalars(select(PublicIpRow).where(
-        PublicIpRow.vm_uuid.in_(vm_uuids), PublicIpRow.port > 0))).all()
-    for row in public:
-        found[row.vm_uuid or ""].append(PortForward(
-            protocol=row.protocol, vm_port=row.vm_port or 0, address=row.ip, port=row.port))
+    # A whole address is a row with port 0; a public port forward, one with its port.
+    for row in (await session.scalars(select(PublicIpRow).where(
+            PublicIpRow.vm_uuid.in_(vm_uuids)).order_by(PublicIpRow.created_at))).all():
+        if not row.vm_uuid:
+            continue
+        if row.port == 0:
+            public.setdefault(row.vm_uuid, row.ip)
+        else:
+            found[row.vm_uuid].append(PortForward(
+                protocol=row.protocol, vm_port=row.vm_port or 0, address=row.ip, port=row.port))
     for forwards in found.values():
         forwards.sort(key=lambda f: (f.vm_port, f.protocol))
-    return found
-
-
-async def public_addresses_of(session: AsyncSession, vm_uuids: list[str]) -> dict[str, str]:
-    """The whole public address of each VM that has one (sandbox-mono, or an elastic IP)."""
-    if not vm_uuids:
-        return {}
-    rows = (await session.execute(select(PublicIpRow.vm_uuid, PublicIpRow.ip).where(
-        PublicIpRow.vm_uuid.in_(vm_uuids), PublicIpRow.port == 0)
-        .order_by(PublicIpRow.created_at))).all()
-    return {vm: ip for vm, ip in rows if vm}
+    return public, found
 
 
 class PortForwardService:

@@ -48,8 +48,7 @@ from yun.control.services.common import find
 from yun.control.services.pools import DEFAULT_POOL
 from yun.control.services.port_forwards import (
     PortForwardService,
-    forwards_of,
-    public_addresses_of,
+    addressing_of,
 )
 from yun.control.services.ssh_keys import resolve_keys
 from yun.control.services.tasks import task_model
@@ -120,24 +119,27 @@ def _fingerprints(lines: list[str]) -> list[str]:
 
 
 async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
-    """The API view of many VMs, with their node and pool names and tags."""
-    node_uuids = {r.node_uuid for r in rows if r.node_uuid}
-    names: dict[str, str] = {}
-    if node_uuids:
-        names = dict((await session.execute(select(NodeRow.uuid, NodeRow.name).where(
-            NodeRow.uuid.in_(node_uuids)))).all())
-    pool_uuids = {r.pool_uuid for r in rows if r.pool_uuid}
-    pools: dict[str, tuple[str, str, str]] = {}
-    if pool_uuids:
-        pools = {u: (n, q, m) for u, n, q, m in (await session.execute(
-            select(PoolRow.uuid, PoolRow.name, PoolRow.qos_level, PoolRow.network_mode).where(
-                PoolRow.uuid.in_(pool_uuids)))).all()}
+    """The API view of many VMs, with their node and pool names and tags (four statements:
+    node and pool names, tags, forwards, public addresses)."""
     uuids = [r.uuid for r in rows]
+    names: dict[str, str] = {}
+    pools: dict[str, tuple[str, str, str]] = {}
+    if any(r.node_uuid or r.pool_uuid for r in rows):
+        placed = await session.execute(
+            select(VmRow.uuid, NodeRow.name, PoolRow.name, PoolRow.qos_level,
+                   PoolRow.network_mode)
+            .outerjoin(NodeRow, NodeRow.uuid == VmRow.node_uuid)
+            .outerjoin(PoolRow, PoolRow.uuid == VmRow.pool_uuid)
+            .where(VmRow.uuid.in_(uuids)))
+        for uuid, node_name, pool_name, qos_level, network_mode in placed.all():
+            if node_name is not None:
+                names[uuid] = node_name
+            if pool_name is not None:
+                pools[uuid] = (pool_name, qos_level, network_mode)
     tags = await tags_of(session, uuids)
-    public = await public_addresses_of(session, uuids)
-    forwards = await forwards_of(session, uuids)
-    return [vm_model(r, names.get(r.node_uuid or ""), tags.get(r.uuid),
-                     pools.get(r.pool_uuid or ""), public.get(r.uuid), forwards.get(r.uuid))
+    public, forwards = await addressing_of(session, uuids)
+    return [vm_model(r, names.get(r.uuid), tags.get(r.uuid), pools.get(r.uuid),
+                     public.get(r.uuid), forwards.get(r.uuid))
             for r in rows]
 
 
