@@ -19,10 +19,13 @@ async def tags_of(session: AsyncSession, uuids: Iterable[str]) -> dict[str, dict
     wanted = list(dict.fromkeys(uuids))
     found: dict[str, dict[str, str]] = {u: {} for u in wanted}
     for chunk in range(0, len(wanted), 500):
-        rows = await session.scalars(select(TagRow).where(
-            TagRow.resource_uuid.in_(wanted[chunk:chunk + 500])).order_by(TagRow.key))
-        for row in rows:
-            found[row.resource_uuid][row.key] = row.value
+        # Columns, not entities: a page of 50 VMs carries a hundred tags or more, and an
+        # ORM instance per tag costs far more than its three strings.
+        rows = await session.execute(
+            select(TagRow.resource_uuid, TagRow.key, TagRow.value).where(
+                TagRow.resource_uuid.in_(wanted[chunk:chunk + 500])).order_by(TagRow.key))
+        for resource_uuid, key, value in rows:
+            found[resource_uuid][key] = value
     return found
 
 
