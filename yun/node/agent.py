@@ -54,6 +54,7 @@ from yun.proto.messages import (
     legacy_volume_id,
 )
 from yun.proto.network import LearnedAddress, NicNetwork, NodeForward
+from yun.util.lifecycle import wait_set
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.node")
@@ -763,8 +764,7 @@ class NodeAgent:
             if self._report_again:  # a server asked for the full lists: send them now
                 self._report_again = False
                 self._report_now.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), self.report_interval)
+            await wait_set(self._report_now, self.report_interval)
 
     async def _event_loop(self) -> None:
         async for event in self.driver.events():

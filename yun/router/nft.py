@@ -413,7 +413,9 @@ class NftTable:
             self.nft, *args, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation.
+            async with asyncio.timeout(self.timeout):
+                out, err = await proc.communicate(stdin)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -26,6 +26,7 @@ from yun.router.api import create_router_app
 from yun.router.decode import RuleSetDecoder
 from yun.router.nft import NftError, NftTable, desired_state
 from yun.router.routes import apply_routes, set_forwarding
+from yun.util.lifecycle import wait_set
 from yun.util.serve import AppServer, service_url
 
 log = logging.getLogger("yun.router")
@@ -161,11 +162,9 @@ class RouterService:
                 log.warning("rule sync failed, retrying: %s", exc,
                             extra={"retry_in": delay, "synced": self.applied is not None})
                 wait, delay = delay, min(delay * 2, self.settings.sync_interval)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                full = False  # a notice: pull and apply the difference
-            except TimeoutError:
-                full = True  # the periodic check: compare with the live table
+            # Woken by a notice: pull and apply the difference; at the periodic check:
+            # compare with the live table.
+            full = not await wait_set(self._wake, wait)
             self._wake.clear()
 
     # -- lifecycle

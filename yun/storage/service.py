@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from yun.config import StorageSettings
@@ -13,6 +12,7 @@ from yun.proto.membership import Membership
 from yun.proto.messages import Peer, StorageImageReport
 from yun.storage.api import create_storage_app
 from yun.storage.store import ImageStore
+from yun.util.lifecycle import wait_set
 from yun.util.serve import AppServer, service_url
 
 log = logging.getLogger("yun.storage")
@@ -50,8 +50,7 @@ class StorageService:
 
         self.membership.on_peers_changed(changed)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(learned.wait(), 2 * self.settings.heartbeat_interval)
+            await wait_set(learned, 2 * self.settings.heartbeat_interval)
         finally:
             self.membership.remove_peers_callback(changed)
         return self.membership.peers_of(ComponentType.CONTROL)

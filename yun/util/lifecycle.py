@@ -45,6 +45,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set (True) or ``timeout`` seconds pass (False).
+
+    The services' loops wait like this between rounds; ``asyncio.wait_for`` must not be
+    used for it: on Python 3.11 a cancellation that arrives as the event is set is
+    swallowed (the waiting task returns instead of raising), so the loop goes round
+    again and the service's stop, awaiting that task, never returns."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def run_service(main: Awaitable[T]) -> T:
     """Run a component's main coroutine on uvloop: the event loop itself is a large part
     of a busy server's CPU, and uvloop's costs a fraction of asyncio's own."""

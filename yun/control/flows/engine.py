@@ -59,6 +59,7 @@ from yun.control.db.session import Database
 from yun.control.flows.journal import FlowRecord, JournalWriter
 from yun.proto.errors import Conflict, PeerError, Unavailable, YunError
 from yun.util import metrics
+from yun.util.lifecycle import wait_set
 from yun.util.queues import KeyedQueues
 
 log = logging.getLogger("yun.control.flows")
@@ -286,10 +287,7 @@ class FlowEngine:
         event = self._done.get(flow_uuid)
         if event is None:
             return
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        await wait_set(event, timeout)
 
     async def shutdown(self) -> None:
         if self._background is not None:
@@ -376,10 +374,7 @@ class FlowEngine:
         after :meth:`wake`) with the control servers ``live_peers()`` names."""
         async def loop() -> None:
             while True:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), interval)
-                except TimeoutError:
-                    pass
+                await wait_set(self._wake, interval)
                 self._wake.clear()
                 try:
                     await self.heartbeat()
