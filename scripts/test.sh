@@ -15,4 +15,31 @@ export YUN_SCALE_FRACTION="${YUN_SCALE_FRACTION:-0.1}"
 .venv/bin/ruff check yun tests
 .venv/bin/lint-imports
 # --durations: the slowest tests in every run's log, to keep the suite within its time.
-exec .venv/bin/python -m pytest -p no:cacheprovider --durations=30 tests "$@"
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider --durations=20)
+if [ "$#" -gt 0 ]; then  # a part of the suite, as pytest arguments: run just that
+    exec "${PYTEST[@]}" "$@"
+fi
+
+# The whole suite runs as two streams at once: each alone keeps about one of the two
+# cores busy (guests under TCG wait on their one vCPU thread; the services of a test
+# wait on each other), so together they take little more than the longer one. Each
+# stream hands out its own part of the test ports (yun/testing/ports.py); namespaces,
+# subnets, node hosts and databases are named per run already. The QoS measurements
+# (CPU shares of guests pinned to one core, IOPS and bandwidth limits) run alone first:
+# the other stream's load would move their figures.
+ALONE=(tests/system/test_qos.py tests/system/test_all_in_one_capacity.py)
+stream() {  # NAME PORTS PYTEST-ARGS...: one pytest run, its lines prefixed with NAME
+    local name=$1 ports=$2
+    shift 2
+    YUN_TEST_PORT_RANGE=$ports "${PYTEST[@]}" "$@" 2>&1 | sed -u "s/^/[$name] /"
+}
+status=0
+stream alone 20000-31999 "${ALONE[@]}" || status=1
+stream guests 20000-25999 tests/system "${ALONE[@]/#/--ignore=}" & guests=$!
+stream services 26000-31999 tests/unit tests/integration & services=$!
+wait "$guests" || status=1
+wait "$services" || status=1
+if [ "$status" -ne 0 ]; then
+    echo "test suite FAILED: see the [alone], [guests] and [services] summaries above" >&2
+fi
+exit "$status"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import socket
 
-from yun.testing.ports import _ephemeral_range, free_port
+import pytest
+
+from yun.testing.ports import PORT_RANGE_VARIABLE, _ephemeral_range, free_port
 
 
 def test_ports_are_outside_the_ephemeral_range_and_never_repeat() -> None:
@@ -30,3 +32,16 @@ def test_a_port_someone_listens_on_is_not_handed_out() -> None:
     finally:
         for sock in taken:
             sock.close()
+
+
+def test_a_run_given_a_range_hands_out_only_ports_of_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(PORT_RANGE_VARIABLE, "26000-26099")
+    ports = {free_port() for _ in range(50)}
+    assert ports <= set(range(26000, 26100))
+
+
+@pytest.mark.parametrize("text", ["26000", "x-y", "26100-26000", "80-90", "26000-70000"])
+def test_a_bad_range_is_refused_naming_the_variable(monkeypatch, text: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(PORT_RANGE_VARIABLE, text)
+    with pytest.raises(ValueError, match=PORT_RANGE_VARIABLE):
+        free_port()
