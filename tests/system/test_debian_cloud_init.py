@@ -42,6 +42,9 @@ KEY_NAME = "deb-key"
 # the guest out of swapless memory pressure (the busybox test guest needs 192).
 MEMORY_MB = 512
 DISK_GB = 2  # the image's virtual size (debian_guest.DISK_SIZE_MIB)
+# What ssh prints when sshd goes away before authentication (cloud-init restarting it).
+SSHD_RESTARTING = ("Connection refused", "kex_exchange_identification",
+                   "Connection reset by peer", "Connection closed by")
 
 USER_DATA = """\
 #cloud-config
@@ -72,8 +75,9 @@ class Debian:
         """Run ``command`` in the guest from its node's namespace, key login only.
 
         cloud-init restarts sshd once it has configured it (cloud-config stage), after a
-        first login may already have worked: a refused connection is tried again for a
-        while (bounded)."""
+        first login may already have worked: a connection refused, or reset or closed
+        before authentication (sshd stopping under a connection it had accepted; seen
+        on a loaded host), is tried again for a while (bounded). A key refused is not."""
         argv = self.node.exec_argv(
             ["ssh", "-i", str(key or self.key), "-o", "StrictHostKeyChecking=no",
              "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
@@ -83,8 +87,8 @@ class Debian:
         while True:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL, check=False)
-            if done.returncode != 255 or "Connection refused" not in done.stderr \
-                    or time.monotonic() > deadline:
+            if done.returncode != 255 or time.monotonic() > deadline \
+                    or not any(sign in done.stderr for sign in SSHD_RESTARTING):
                 return done
             time.sleep(1)
 
