@@ -33,6 +33,9 @@ async def test_wrong_domain_secret_is_refused(cluster: SimCluster, tmp_path: Pat
 
 
 async def test_association_table(cluster: SimCluster) -> None:
+    # Components that joined after another are learnt at its next heartbeat: converged,
+    # each knows exactly the types it works with (no more: a node never sees a gateway).
+    await cluster.wait_association()
     node = cluster.node_services[0].agent.membership
     assert {p.type for p in node.peers.values()} == {ComponentType.CONTROL,
                                                      ComponentType.STORAGE}

@@ -294,6 +294,7 @@ async def test_domain_server_restart_changes_nothing_for_running_work(
     """Peers not yet rejoined after a domain-server restart are not taken for dead nodes:
     no VM goes unknown, no node goes down, and creates under way succeed."""
     assert cluster.api is not None and cluster.control is not None
+    await cluster.wait_association()  # what is watched below holds from here on
     await upload(cluster, small_qcow2)
     running = [await create_vm(cluster, f"before-{i}") for i in range(2)]
     for node in cluster.node_services:

@@ -119,6 +119,25 @@ class SimCluster:
                 raise TimeoutError("components did not learn their peers")
             await asyncio.sleep(0.05)
 
+    async def wait_association(self, timeout: float = 30) -> None:
+        """Until every component knows all the peers it is meant to: the control server
+        the nodes, storage server and gateway; the gateway the control server; each node
+        the control and storage servers. A component learns peers that joined after it at
+        its next heartbeat, which a loaded host may delay by seconds."""
+        assert self.control and self.gateway
+        expected = [(self.control.ctx.membership, {ComponentType.STORAGE, ComponentType.GATEWAY}
+                     | ({ComponentType.NODE} if self.node_services else set())),
+                    (self.gateway.membership, {ComponentType.CONTROL})]
+        expected += [(node.agent.membership, {ComponentType.CONTROL, ComponentType.STORAGE})
+                     for node in self.node_services]
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not all({p.type for p in membership.peers.values()} >= types
+                      for membership, types in expected):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("components did not learn all their peers in "
+                                   f"{timeout:g} s")
+            await asyncio.sleep(0.05)
+
     def node_settings(self, name: str) -> NodeSettings:
         return NodeSettings(**self.common(name), hypervisor="sim",
                             report_interval=self.report_interval, sim_vcpus=16,
