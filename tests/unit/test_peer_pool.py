@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 
-from yun.proto.client import POOL_SHARDS, SHARD_CONNECTIONS, PeerClient
+from yun.proto.client import MAX_CONNECTIONS, PeerClient
 from yun.util.serve import AppServer
 
 CONCURRENT = 48
@@ -73,9 +73,9 @@ async def test_calls_one_at_a_time_use_one_connection_and_a_crowd_still_gets_thr
         for _ in range(5):
             assert await client.request("GET", "/work") == "done"
         assert len(connections) == 1
-        # More calls at once than the pools have connections: the rest wait their turn.
-        crowd = 2 * POOL_SHARDS * SHARD_CONNECTIONS
+        # More calls at once than the pool has connections: the rest wait their turn.
+        crowd = 2 * MAX_CONNECTIONS
         answers = await asyncio.gather(*(client.request("GET", "/work")
                                          for _ in range(crowd)))
         assert answers == ["done"] * crowd
-        assert len(connections) == POOL_SHARDS * SHARD_CONNECTIONS
+        assert len(connections) == MAX_CONNECTIONS

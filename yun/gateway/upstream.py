@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 from pydantic import BaseModel
 
 from yun.proto.client import error_for
 from yun.proto.components import ComponentType
 from yun.proto.context import CONTEXT_HEADER, AnonymousContext, RequestContext, encode_context
 from yun.proto.errors import PeerError, Unavailable, Unprocessable
+from yun.proto.http11 import Answer, NoAnswer, NotSent
 from yun.proto.membership import Membership
 from yun.proto.messages import NAME_PATTERN
 from yun.util.ids import uuid_problem
@@ -111,7 +111,7 @@ def _payload(body: BaseModel | Mapping[str, Any] | None) -> Any:
     return dict(body) if body is not None else None
 
 
-def _reply(resp: httpx.Response, replayed: bool) -> Reply:
+def _reply(resp: Answer, replayed: bool) -> Reply:
     if resp.status_code == 204 or not resp.content:
         return Reply(resp.status_code, None, replayed)
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -165,21 +165,21 @@ class Upstream:
                     method, url, json=_payload(body), params=_query(params), headers=headers,
                     timeout=timeout if timeout is not None else DEFAULT_TIMEOUT)
                 status = str(resp.status_code)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except NotSent as exc:
                 # Nothing was sent, so even a POST may go to the next control server.
                 log.warning("control server unreachable: %s", exc,
                             extra={"peer": peer.url, "request_id": ctx.request_id})
                 continue
-            except httpx.HTTPError as exc:
+            except NoAnswer as exc:
                 raise PeerError(f"control server {peer.name} did not answer "
-                                f"{method} {url}: {exc.__class__.__name__}") from exc
+                                f"{method} {url}: {exc}") from exc
             finally:
                 # The template, not the filled path: a bounded label.
                 UPSTREAM_SECONDS.labels(method, template, status).observe(
                     time.perf_counter() - sent)
             if not resp.is_success:
                 raise error_for(resp, f"control server {peer.name}")
-            replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
+            replayed = resp.headers.get(REPLAYED_HEADER.lower(), "").lower() == "true"
             return _reply(resp, replayed)
         raise Unavailable("no control server is reachable; try again shortly")
 

@@ -1,11 +1,19 @@
-"""Client side of the internal protocol: one authenticated httpx client per peer."""
+"""Client side of the internal protocol: one authenticated client per peer.
+
+Calls with whole bodies (nearly all) go through a keep-alive :class:`ConnectionPool` of
+:mod:`yun.proto.http11`; streamed transfers (image bytes) use an httpx client
+(:attr:`PeerClient.http`). Both sign every request with the component's key.
+"""
 
 from __future__ import annotations
 
+import functools
+import json as json_module
 import ssl
 import uuid
-from collections.abc import Generator
-from typing import Any, TypeVar
+from collections.abc import Generator, Mapping
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -13,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
 from yun.proto.auth import CONTEXT_HEADER, Signer
 from yun.proto.errors import PeerError, Problem, YunError, error_from_problem
+from yun.proto.http11 import Answer, ConnectionPool, NoAnswer, NotSent
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -22,12 +31,11 @@ M = TypeVar("M", bound=BaseModel)
 # the servers' own keep-alive (yun.util.serve.KEEP_ALIVE_TIMEOUT), so a server never closes a
 # connection the client is about to reuse.
 KEEPALIVE_EXPIRY = 30.0
-# Connections to one peer at once (POOL_SHARDS x SHARD_CONNECTIONS, see PeerClient); more
-# concurrent calls wait for one to be free. Small shards: httpcore checks every connection
-# of a pool for expiry on each request (a socket poll through anyio's TLS stream each), so
-# a shard of 16 cost the gateway 20% more CPU per forwarded read than shards of 4.
-POOL_SHARDS = 32
-SHARD_CONNECTIONS = 4
+# Connections to one peer in use at once; more concurrent calls wait for one to be free.
+MAX_CONNECTIONS = 128
+# Characters a path may carry as they are (RFC 3986 pchar and "/"); "%" keeps the escapes
+# a caller already made. Anything else is percent-encoded, as httpx would.
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 
 
 class SigningAuth(httpx.Auth):
@@ -44,22 +52,29 @@ class SigningAuth(httpx.Auth):
         yield request
 
 
+class HttpAnswer(Protocol):
+    """What :func:`decode_response` and :func:`error_for` read of an answer: an
+    :class:`~yun.proto.http11.Answer` or an ``httpx.Response``."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def is_success(self) -> bool: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
 class PeerClient:
     """Speaks the internal protocol to one peer at ``base_url``.
 
     Requests are signed by ``signer`` (none before a join) and sent over TLS checked by
-    ``tls`` (the domain CA and this component's client certificate). The httpx clients
-    keep their connections, so a TLS handshake is paid once per connection, not per call.
-    Errors answered by the peer come back as the same :class:`YunError` subclass
-    the peer raised; an unreachable peer raises :class:`PeerError`.
-
-    The connections are split among up to ``POOL_SHARDS`` httpx clients of
-    ``SHARD_CONNECTIONS`` each, opened as concurrency needs them: httpcore's pool walks
-    all its connections for every request it assigns, several times over (its cost grows
-    with the square of the connections: 45% of the gateway's CPU at 32 concurrent calls
-    in one pool; 20% more per forwarded read with 16 per shard than with 4). A call goes
-    to the first client with a free connection, so a peer called one at a time (a node)
-    has one client.
+    ``tls`` (the domain CA and this component's client certificate). Connections are
+    kept, so a TLS handshake is paid once per connection, not per call. Errors answered
+    by the peer come back as the same :class:`YunError` subclass the peer raised; an
+    unreachable peer raises :class:`PeerError`.
     """
 
     def __init__(
@@ -67,51 +82,96 @@ class PeerClient:
         *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """``transport`` replaces the network (tests serve a peer in-process with
-        ``httpx.ASGITransport``)."""
+        ``httpx.ASGITransport``; the sim nodes of one process share one pool): every call
+        then goes through httpx."""
         self.base_url = base_url.rstrip("/")
         self.signer = signer
-        self._timeout, self._tls, self._transport = timeout, tls, transport
-        self._shards: list[httpx.AsyncClient] = []
-        self._in_flight: list[int] = []
-        self._new_shard()
-
-    def _new_shard(self) -> int:
-        self._shards.append(httpx.AsyncClient(
-            base_url=self.base_url, timeout=self._timeout,
-            verify=self._tls if self._tls is not None else True, transport=self._transport,
-            auth=SigningAuth(self.signer) if self.signer is not None else None,
-            # Every connection opened is kept (until KEEPALIVE_EXPIRY idle): with fewer
-            # kept than opened, each burst closed the rest, and the next burst paid a TLS
-            # handshake on both sides for each (tests/unit/test_peer_pool.py).
-            limits=httpx.Limits(max_connections=SHARD_CONNECTIONS,
-                                max_keepalive_connections=SHARD_CONNECTIONS,
-                                keepalive_expiry=KEEPALIVE_EXPIRY)))
-        self._in_flight.append(0)
-        return len(self._shards) - 1
-
-    def _shard(self) -> int:
-        """The client for the next call: the first with a connection free, a new one if
-        none has and there may be more, else the least busy."""
-        for index, busy in enumerate(self._in_flight):
-            if busy < SHARD_CONNECTIONS:
-                return index
-        if len(self._shards) < POOL_SHARDS:
-            return self._new_shard()
-        return min(range(len(self._shards)), key=self._in_flight.__getitem__)
-
-    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """Send one request through the pool (``kwargs`` as for ``httpx.AsyncClient.request``)
-        and return the answer read whole; httpx errors propagate."""
-        index = self._shard()
-        self._in_flight[index] += 1
+        self._timeout, self._transport = timeout, transport
+        self._http: httpx.AsyncClient | None = None
+        self._tls = tls
+        self._pool: ConnectionPool | None = None
+        self._url_problem: str | None = None
         try:
-            return await self._shards[index].request(method, url, **kwargs)
-        finally:
-            self._in_flight[index] -= 1
+            self._origin, self._prefix, self.authority = _split_peer_url(self.base_url)
+        except ValueError as exc:
+            # A peer URL taken from a record may be anything: calls to it fail as
+            # unreachable, as they would through httpx.
+            self._origin, self._prefix, self.authority = "", "", ""
+            self._url_problem = str(exc)
+            return
+        if tls is None and self._origin.startswith("https:"):
+            self._tls = _default_tls()
+        if transport is None:
+            url = urlsplit(self._origin)
+            self._pool = ConnectionPool(
+                url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
+                self._tls if url.scheme == "https" else None,
+                max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """An httpx client of the peer, for streaming transfers (opened on first use)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url, timeout=self._timeout,
+                verify=self._tls if self._tls is not None else True, transport=self._transport,
+                auth=SigningAuth(self.signer) if self.signer is not None else None,
+                limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                    max_keepalive_connections=MAX_CONNECTIONS,
+                                    keepalive_expiry=KEEPALIVE_EXPIRY))
+        return self._http
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections the pool has opened so far (a steady load opens none)."""
+        return self._pool.opened if self._pool is not None else 0
+
+    async def send(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+        json: Any = None, headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Answer:
+        """Send one request, signed, and return its answer read whole.
+
+        Raises :class:`NotSent` when the peer could not be reached (nothing was sent: the
+        call may go to another peer) and :class:`NoAnswer` when it gave no whole answer.
+        """
+        timeout = self._timeout if timeout is None else timeout
+        body = None if json is None else json_module.dumps(
+            json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        target = quote(self._prefix + path, safe=_PATH_SAFE)
+        if params:
+            target += "?" + urlencode(params, doseq=True, quote_via=quote)
+        headers = dict(headers or {})
+        if self._url_problem:
+            raise NotSent(self._url_problem)
+        if self._pool is None:
+            return await self._send_through_httpx(method, target, headers, body, timeout)
+        if self.signer is not None:
+            headers.update(self.signer.headers(method, target, self.authority,
+                                               headers.get(CONTEXT_HEADER)))
+        return await self._pool.exchange(_message(method, target, self.authority, headers, body),
+                                         timeout)
+
+    async def _send_through_httpx(self, method: str, target: str, headers: dict[str, str],
+                                  body: bytes | None, timeout: float) -> Answer:
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            resp = await self.http.request(method, self._origin + target, content=body,
+                                           headers=headers, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise NotSent(f"{exc.__class__.__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise NoAnswer(f"{exc.__class__.__name__}: {exc}") from exc
+        return Answer(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
+                      resp.content)
 
     async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def __aenter__(self) -> PeerClient:
         return self
@@ -139,15 +199,10 @@ class PeerClient:
     ) -> Any:
         """Send one request and return the decoded JSON answer (None for 204)."""
         payload: Any = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
-        kwargs: dict[str, Any] = {}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
         try:
-            resp = await self.send(
-                method, path, json=payload, params=params,
-                headers={**self.headers(request_id), **(headers or {})}, **kwargs,
-            )
-        except httpx.HTTPError as exc:
+            resp = await self.send(method, path, json=payload, params=params, timeout=timeout,
+                                   headers={**self.headers(request_id), **(headers or {})})
+        except (NotSent, NoAnswer) as exc:
             raise PeerError(
                 f"{self.base_url} unreachable: {exc.__class__.__name__}: {exc}") from exc
         return decode_response(resp, self.base_url)
@@ -162,13 +217,45 @@ class PeerClient:
         except ValidationError as exc:
             raise PeerError(f"{self.base_url}{path} answered a malformed {model.__name__}") from exc
 
-    @property
-    def http(self) -> httpx.AsyncClient:
-        """An underlying client (the first), for streaming transfers."""
-        return self._shards[0]
+
+def _split_peer_url(base_url: str) -> tuple[str, str, str]:
+    """``base_url``'s origin, path prefix and authority (``host:port`` as httpx sends it,
+    which is what the peer checks a signature against); ValueError if it is not one."""
+    try:
+        url = urlsplit(base_url)
+        port = url.port
+        authority = httpx.URL(base_url).netloc.decode("ascii")
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise ValueError(f"not a peer URL: {base_url[:200]!r} ({exc})") from exc
+    if url.scheme not in ("http", "https") or not url.hostname or port == 0:
+        raise ValueError(f"not a peer URL: {base_url[:200]!r}")
+    return f"{url.scheme}://{authority}", url.path, authority
 
 
-def decode_response(resp: httpx.Response, where: str) -> Any:
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """What httpx checks a server with when given no context: the system's CAs."""
+    return ssl.create_default_context()
+
+
+def _message(method: str, target: str, authority: str, headers: Mapping[str, str],
+             body: bytes | None) -> bytes:
+    """The whole HTTP/1.1 request. A header that could end the head early (a CR or LF in
+    it) is refused: every value is the caller's, and some come from a client's input."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or not name or any(c in name for c in ":\r\n "):
+            raise ValueError(f"header {name!r} may not hold a line break")
+        lines.append(f"{name}: {value}")
+    if body is not None:
+        lines.append("Content-Type: application/json")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body else head
+
+
+def decode_response(resp: HttpAnswer, where: str) -> Any:
     """Return the JSON body of a success, or raise the peer's error."""
     if resp.status_code == 204 or not resp.content:
         if resp.is_success:
@@ -178,7 +265,7 @@ def decode_response(resp: httpx.Response, where: str) -> Any:
     raise error_for(resp, where)
 
 
-def error_for(resp: httpx.Response, where: str) -> YunError:
+def error_for(resp: HttpAnswer, where: str) -> YunError:
     """The error a failed answer stands for."""
     try:
         problem = Problem.model_validate(resp.json())
