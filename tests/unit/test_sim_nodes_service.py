@@ -36,9 +36,20 @@ async def test_sim_nodes_join_as_themselves_behind_one_listener(tmp_path: Path) 
             f"{sims.url}{PREFIX}t-{i:05d}" for i in range(3)]
         first = nodes[0].agent.membership
         for node in nodes[1:]:  # one pool, one pair of TLS contexts for the process
-            assert isinstance(node.agent.membership.transport, SharedTransport)
+            transport = node.agent.membership.transport
+            assert isinstance(transport, SharedTransport)
+            assert node.agent.membership.pools is transport.whole
             assert node.agent.membership.client_tls is first.client_tls
             assert node.agent.membership.server_tls is first.server_tls
+        # Their calls to the domain server go over the group's connections: one pool for
+        # that peer, shared by both nodes.
+        group = nodes[1].agent.membership.pools
+        assert group is not None and group is nodes[2].agent.membership.pools
+        [domain_pool] = group.pools.values()
+        for node in nodes[1:]:
+            client = node.agent.membership.client_for_url(domain.url)
+            await client.request("GET", "/healthz")
+        assert domain_pool.opened == 1
         caller = nodes[1].agent.membership  # any member of the domain may read /healthz
         for node in nodes:
             async with PeerClient(node.agent.membership.url, caller.signer,

@@ -53,6 +53,7 @@ from yun.node.api import create_node_app
 from yun.node.hypervisor.sim.hostfile import SimHostFile
 from yun.node.service import build_agent, sim_state_file
 from yun.proto.errors import NotFound
+from yun.proto.http11 import PoolGroup
 from yun.proto.server import problem_response
 from yun.util.serve import AppServer, service_url
 
@@ -129,14 +130,17 @@ class SharedTransport(httpx.AsyncBaseTransport):
     """The keep-alive pools of a group of nodes, one per peer (``host:port``), so a slow
     peer (a busy control server answering reports) cannot starve the requests to
     another (heartbeats to the domain server: with one pool for both they timed out
-    waiting for a connection, and 10,000 nodes were declared gone). Closing a node's
-    client leaves the pools to the others; :meth:`close_pools` closes them."""
+    waiting for a connection, and 10,000 nodes were declared gone). Whole-body calls
+    (reports, heartbeats, answers) go through :attr:`whole`, streamed ones through the
+    httpx pools. Closing a node's client leaves the pools to the others;
+    :meth:`close_pools` closes them."""
 
     def __init__(self, tls: ssl.SSLContext | None, pool_size: int) -> None:
         self.tls = tls
         self.limits = httpx.Limits(max_connections=pool_size,
                                    max_keepalive_connections=pool_size)
         self.pools: dict[bytes, httpx.AsyncHTTPTransport] = {}
+        self.whole = PoolGroup(tls, pool_size)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         pool = self.pools.get(request.url.netloc)
@@ -152,6 +156,7 @@ class SharedTransport(httpx.AsyncBaseTransport):
         for pool in self.pools.values():
             await pool.aclose()
         self.pools.clear()
+        await self.whole.aclose()
 
 
 class SimNode:
@@ -223,7 +228,7 @@ class SimNodesService:
         await self._start_node(first)
         await self.server.start(first.agent.membership.serving_tls())
         # The first node's client context: the domain CA, its certificate (renewed in
-        # place by its membership), hostname checks on. One pool per NODES_PER_POOL
+        # place by its membership), hostname checks on. One group of pools per NODES_PER_POOL
         # nodes: httpcore scans every queued request and every connection of a pool at
         # each assignment, so one pool for 5,000 nodes spent 70% of the process's CPU
         # in that scan (py-spy) once requests queued.
@@ -235,6 +240,7 @@ class SimNodesService:
             if i == 0:
                 continue  # joined already, with connections of its own
             node.agent.membership.transport = shared
+            node.agent.membership.pools = shared.whole
             if tls[1] is not None:
                 node.agent.membership.shared_tls = (tls[0], tls[1])
         failed = [(n, e) for n, e in zip(self.nodes[1:],

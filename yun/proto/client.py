@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from yun.proto import PROTOCOL_VERSION, REQUEST_ID_HEADER, VERSION_HEADER
 from yun.proto.auth import CONTEXT_HEADER, Signer
 from yun.proto.errors import PeerError, Problem, YunError, error_from_problem
-from yun.proto.http11 import Answer, ConnectionPool, NoAnswer, NotSent
+from yun.proto.http11 import Answer, ConnectionPool, NoAnswer, NotSent, PoolGroup
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,16 +80,19 @@ class PeerClient:
     def __init__(
         self, base_url: str, signer: Signer | None = None, tls: ssl.SSLContext | None = None,
         *, timeout: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
+        pools: PoolGroup | None = None,
     ) -> None:
-        """``transport`` replaces the network (tests serve a peer in-process with
-        ``httpx.ASGITransport``; the sim nodes of one process share one pool): every call
-        then goes through httpx."""
+        """``transport`` replaces the network for httpx (tests serve a peer in-process
+        with ``httpx.ASGITransport``): without ``pools``, every call then goes through
+        httpx. ``pools`` are connection pools shared with other clients of the process
+        (the sim nodes of one process), used instead of a pool of this client's own."""
         self.base_url = base_url.rstrip("/")
         self.signer = signer
         self._timeout, self._transport = timeout, transport
         self._http: httpx.AsyncClient | None = None
         self._tls = tls
         self._pool: ConnectionPool | None = None
+        self._owns_pool = True
         self._url_problem: str | None = None
         try:
             self._origin, self._prefix, self.authority = _split_peer_url(self.base_url)
@@ -101,12 +104,15 @@ class PeerClient:
             return
         if tls is None and self._origin.startswith("https:"):
             self._tls = _default_tls()
-        if transport is None:
-            url = urlsplit(self._origin)
-            self._pool = ConnectionPool(
-                url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
-                self._tls if url.scheme == "https" else None,
-                max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_EXPIRY)
+        url = urlsplit(self._origin)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        tls_of_pool = self._tls if url.scheme == "https" else None
+        self._owns_pool = pools is None
+        if pools is not None:
+            self._pool = pools.pool(host, port, tls_of_pool)
+        elif transport is None:
+            self._pool = ConnectionPool(host, port, tls_of_pool, max_connections=MAX_CONNECTIONS,
+                                        keepalive_expiry=KEEPALIVE_EXPIRY)
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -168,7 +174,8 @@ class PeerClient:
                       resp.content)
 
     async def aclose(self) -> None:
-        if self._pool is not None:
+        """Close this client's connections (shared pools stay open for the others)."""
+        if self._pool is not None and self._owns_pool:
             await self._pool.aclose()
         if self._http is not None:
             await self._http.aclose()

@@ -230,3 +230,32 @@ def _loop_time(deadline: float) -> float:
     """``deadline`` on time.monotonic's clock as a time of the running loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (deadline - time.monotonic())
+
+
+class PoolGroup:
+    """Connection pools shared by many clients of one process (the sim nodes of a
+    sim-nodes process): one pool per peer ``host``:``port``, so a slow peer (a busy
+    control server answering reports) cannot take the connections the calls to another
+    need (heartbeats to the domain server)."""
+
+    def __init__(self, tls: ssl.SSLContext | None, max_connections: int, *,
+                 keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY) -> None:
+        self.tls = tls
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self.pools: dict[tuple[str, int], ConnectionPool] = {}
+
+    def pool(self, host: str, port: int, tls: ssl.SSLContext | None) -> ConnectionPool:
+        """The pool of ``host``:``port`` (over the group's TLS context when ``tls`` is
+        given: the group's members all present the same certificate)."""
+        pool = self.pools.get((host, port))
+        if pool is None:
+            pool = self.pools[(host, port)] = ConnectionPool(
+                host, port, self.tls if tls is not None else None,
+                max_connections=self.max_connections, keepalive_expiry=self.keepalive_expiry)
+        return pool
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+        self.pools.clear()

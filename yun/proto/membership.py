@@ -42,6 +42,7 @@ from yun.proto.client import PeerClient
 from yun.proto.components import ComponentType
 from yun.proto.discovery import discover_domain
 from yun.proto.errors import Forbidden, NotFound, PeerError, Unauthorized, YunError
+from yun.proto.http11 import PoolGroup
 from yun.proto.messages import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -112,6 +113,9 @@ class Membership:
         #: opening connections of their own; requests are still signed by this
         #: component's key. None (every real component): connections of its own.
         self.transport: httpx.AsyncBaseTransport | None = None
+        #: Set with ``transport`` (the same sim nodes): the connection pools of that
+        #: process for whole-body calls (``transport`` then carries streamed ones only).
+        self.pools: PoolGroup | None = None
         #: When set (the same sim nodes), the (server, client) TLS contexts of another
         #: member of the same process, used instead of contexts of this component's own:
         #: they are never used but for that process's one listener and pool, and two
@@ -186,7 +190,8 @@ class Membership:
         """The client speaking to ``peer`` with this component's credential."""
         client = self._clients.get(peer.component_id)
         if client is None or client.base_url != peer.url.rstrip("/"):
-            client = PeerClient(peer.url, self.signer, self.client_tls, transport=self.transport)
+            client = PeerClient(peer.url, self.signer, self.client_tls, transport=self.transport,
+                                pools=self.pools)
             self._clients[peer.component_id] = client
         return client
 
@@ -198,7 +203,8 @@ class Membership:
         key = f"url:{url}"
         client = self._clients.get(key)
         if client is None:
-            client = PeerClient(url, self.signer, self.client_tls, transport=self.transport)
+            client = PeerClient(url, self.signer, self.client_tls, transport=self.transport,
+                                pools=self.pools)
             self._clients[key] = client
         return client
 
@@ -351,7 +357,7 @@ class Membership:
                 await self._domain.aclose()
             assert self.domain_url is not None
             self._domain = PeerClient(self.domain_url, self.signer, self.client_tls, timeout=10,
-                                      transport=self.transport)
+                                      transport=self.transport, pools=self.pools)
 
     def _apply_revoked(self, revoked: list[Revocation], generation: int) -> None:
         if generation == self.verifier.revocation_generation:
