@@ -200,6 +200,16 @@ async def test_what_is_sent_on_the_wire() -> None:
     assert b"content-length" not in seen[1].lower()
 
 
+async def test_a_head_answer_without_its_announced_body_ends() -> None:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await writer.drain()
+
+    async with peer(handler) as (client, _):
+        answer = await client.send("HEAD", "/x", timeout=2)
+        assert answer.status_code == 200 and answer.content == b""
+
+
 async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
     seen, handler = recording()
     async with peer(handler) as (client, accepted):

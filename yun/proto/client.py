@@ -151,7 +151,8 @@ class PeerClient:
         headers = dict(headers or {})
         if self._url_problem:
             raise NotSent(self._url_problem)
-        if self._pool is None:
+        if self._pool is None or method == "HEAD":
+            # The pool's parser would wait for the body a HEAD answer announces but has not.
             return await self._send_through_httpx(method, target, headers, body, timeout)
         if self.signer is not None:
             headers.update(self.signer.headers(method, target, self.authority,
