@@ -190,6 +190,7 @@ async def test_what_is_sent_on_the_wire() -> None:
         await client.request("POST", "/a b/ü", body={"name": "é"},
                              params={"q": "state=running and x", "flag": ["1", "2"]})
         await client.request("DELETE", "/thing")
+        await client.request("GET", "/q?x=1#f")  # no query or fragment through the path
     head, _, body = seen[0].partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == (b"POST /a%20b/%C3%BC?q=state%3Drunning%20and%20x&flag=1&flag=2 "
@@ -198,6 +199,7 @@ async def test_what_is_sent_on_the_wire() -> None:
     assert f"content-length: {len(body)}".encode() in [line.lower() for line in lines]
     assert seen[1].startswith(b"DELETE /thing HTTP/1.1\r\n")
     assert b"content-length" not in seen[1].lower()
+    assert seen[2].startswith(b"GET /q%3Fx=1%23f HTTP/1.1\r\n")
 
 
 async def test_a_head_answer_without_its_announced_body_ends() -> None:

@@ -139,6 +139,9 @@ class PeerClient:
     ) -> Answer:
         """Send one request, signed, and return its answer read whole.
 
+        ``path`` is a path only: a ``?`` or ``#`` in it is percent-encoded like any other
+        character a path may not hold, so the query goes in ``params``.
+
         Raises :class:`NotSent` when the peer could not be reached (nothing was sent: the
         call may go to another peer) and :class:`NoAnswer` when it gave no whole answer.
         """
