@@ -7,9 +7,9 @@ from enum import IntEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, false, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.db.models import ProjectRow
+from yun.control.db.session import Database
 from yun.proto.context import RequestContext
 from yun.proto.errors import Forbidden, Unprocessable
 from yun.proto.identity import Role
@@ -75,18 +75,20 @@ class Scope:
                                          and project_uuid in self.projects)
 
 
-async def scope_for(session: AsyncSession, ctx: RequestContext) -> Scope:
+async def scope_for(db: Database, ctx: RequestContext) -> Scope:
     """The projects ``ctx`` sees: all for a super admin; the departments' projects for a
-    department admin; otherwise the one project the token is scoped to."""
+    department admin; otherwise the one project the token is scoped to. Only a
+    department admin's scope reads the database (every request builds a scope)."""
     if ctx.is_super_admin:
         return Scope(ctx, None)
     projects: set[str] = set()
     if ctx.project_uuid is not None and ctx.roles:
         projects.add(ctx.project_uuid)
     if ctx.admin_of_departments:
-        rows = await session.scalars(select(ProjectRow.uuid).where(
-            ProjectRow.department_uuid.in_(sorted(ctx.admin_of_departments))))
-        projects.update(rows.all())
+        async with db.reading() as session:
+            rows = await session.scalars(select(ProjectRow.uuid).where(
+                ProjectRow.department_uuid.in_(sorted(ctx.admin_of_departments))))
+            projects.update(rows.all())
     return Scope(ctx, frozenset(projects))
 
 

@@ -65,6 +65,5 @@ class ApiBundle:
         user_dep = self.users.user
 
         async def scope(user: RequestContext = Depends(user_dep)) -> Scope:
-            async with ctx.db.reading() as session:
-                return await scope_for(session, user)
+            return await scope_for(ctx.db, user)
         return Depends(scope)

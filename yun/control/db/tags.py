@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.db.models import TagRow
+from yun.control.db.prepared import column_rows
 from yun.proto.errors import Unprocessable
 from yun.proto.resources import SYSTEM_TAG_PREFIX
 
 MAX_TAGS = 50
+# Columns, not entities: a page of 50 VMs carries a hundred tags or more, and an ORM
+# instance per tag costs far more than its three strings.
+_TAGS_OF = select(TagRow.resource_uuid, TagRow.key, TagRow.value).where(
+    TagRow.resource_uuid.in_(bindparam("uuids", expanding=True))).order_by(TagRow.key)
 
 
 async def tags_of(session: AsyncSession, uuids: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -19,11 +24,7 @@ async def tags_of(session: AsyncSession, uuids: Iterable[str]) -> dict[str, dict
     wanted = list(dict.fromkeys(uuids))
     found: dict[str, dict[str, str]] = {u: {} for u in wanted}
     for chunk in range(0, len(wanted), 500):
-        # Columns, not entities: a page of 50 VMs carries a hundred tags or more, and an
-        # ORM instance per tag costs far more than its three strings.
-        rows = await session.execute(
-            select(TagRow.resource_uuid, TagRow.key, TagRow.value).where(
-                TagRow.resource_uuid.in_(wanted[chunk:chunk + 500])).order_by(TagRow.key))
+        rows = await column_rows(session, _TAGS_OF, {"uuids": wanted[chunk:chunk + 500]})
         for resource_uuid, key, value in rows:
             found[resource_uuid][key] = value
     return found

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import Scope
 from yun.control.access.visibility import visible
+from yun.control.db.prepared import row_by_uuid
 from yun.proto.errors import Conflict, NotFound
 from yun.util.ids import canonical_uuid
 
@@ -27,10 +28,12 @@ async def find(session: AsyncSession, model: type[R], ref: str, what: str,
     where = visible(model, scope)
     key = canonical_uuid(ref)
     if key is not None:
-        row = (await session.scalars(select(model).where(
-            model.uuid == key, where).limit(1))).first()  # type: ignore[attr-defined]
+        statement = row_by_uuid(model)
+        if not scope.everything:  # the prepared statement serves the common case as it is
+            statement = statement.where(where)
+        row = (await session.scalars(statement, {"uuid": key})).first()
         if row is not None:
-            return row
+            return row  # type: ignore[no-any-return]
     if not hasattr(model, "name"):
         raise NotFound(f"no {what} '{ref}'")
     rows = (await session.scalars(select(model).where(

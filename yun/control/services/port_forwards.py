@@ -17,13 +17,14 @@ import uuid as uuidlib
 from collections import defaultdict
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import Permission, Scope, require_in_project
 from yun.control.context import ControlContext
 from yun.control.db.models import NodeForwardRow, NodeRow, PoolRow, PublicIpRow, VmRow
+from yun.control.db.prepared import column_rows
 from yun.control.network import public_ips
 from yun.control.network.modes import mode_for
 from yun.control.network.modes.base import address_pool_of
@@ -45,13 +46,30 @@ _ATTEMPTS = 8
 def node_address(node: NodeRow) -> str:
     """Where the node's NAT ports answer: the address it reports for them, else the
     host of its agent's URL."""
-    return node.forward_address or urlsplit(node.url).hostname or node.url
+    return forward_address_of(node.forward_address, node.url)
+
+
+def forward_address_of(forward_address: str | None, url: str) -> str:
+    """:func:`node_address` from the two columns it reads."""
+    return forward_address or urlsplit(url).hostname or url
 
 
 async def forwards_of(session: AsyncSession, vm_uuids: list[str]
                       ) -> dict[str, list[PortForward]]:
     """The port forwards of each VM (node NAT ports and public ports), by VM port."""
     return (await addressing_of(session, vm_uuids))[1]
+
+
+_NODE_FORWARDS = (
+    select(NodeForwardRow.vm_uuid, NodeForwardRow.protocol, NodeForwardRow.vm_port,
+           NodeForwardRow.node_port, NodeRow.forward_address, NodeRow.url)
+    .join(NodeRow, NodeRow.uuid == NodeForwardRow.node_uuid)
+    .where(NodeForwardRow.vm_uuid.in_(bindparam("uuids", expanding=True))))
+_PUBLIC_ADDRESSES = (
+    select(PublicIpRow.vm_uuid, PublicIpRow.ip, PublicIpRow.port, PublicIpRow.protocol,
+           PublicIpRow.vm_port)
+    .where(PublicIpRow.vm_uuid.in_(bindparam("uuids", expanding=True)))
+    .order_by(PublicIpRow.created_at))
 
 
 async def addressing_of(session: AsyncSession, vm_uuids: list[str]
@@ -62,23 +80,22 @@ async def addressing_of(session: AsyncSession, vm_uuids: list[str]
     found: dict[str, list[PortForward]] = defaultdict(list)
     if not vm_uuids:
         return public, found
-    rows = (await session.execute(
-        select(NodeForwardRow, NodeRow).join(NodeRow, NodeRow.uuid == NodeForwardRow.node_uuid)
-        .where(NodeForwardRow.vm_uuid.in_(vm_uuids)))).all()
-    for fwd, node in rows:
-        found[fwd.vm_uuid].append(PortForward(
-            protocol=fwd.protocol, vm_port=fwd.vm_port, address=node_address(node),
-            port=fwd.node_port))
+    params = {"uuids": vm_uuids}
+    for vm_uuid, protocol, vm_port, node_port, forward_address, url in await column_rows(
+            session, _NODE_FORWARDS, params):
+        found[vm_uuid].append(PortForward(
+            protocol=protocol, vm_port=vm_port, address=forward_address_of(forward_address, url),
+            port=node_port))
     # A whole address is a row with port 0; a public port forward, one with its port.
-    for row in (await session.scalars(select(PublicIpRow).where(
-            PublicIpRow.vm_uuid.in_(vm_uuids)).order_by(PublicIpRow.created_at))).all():
-        if not row.vm_uuid:
+    for holder, ip, port, public_protocol, public_vm_port in await column_rows(
+            session, _PUBLIC_ADDRESSES, params):
+        if not holder:
             continue
-        if row.port == 0:
-            public.setdefault(row.vm_uuid, row.ip)
+        if port == 0:
+            public.setdefault(holder, ip)
         else:
-            found[row.vm_uuid].append(PortForward(
-                protocol=row.protocol, vm_port=row.vm_port or 0, address=row.ip, port=row.port))
+            found[holder].append(PortForward(
+                protocol=public_protocol, vm_port=public_vm_port or 0, address=ip, port=port))
     for forwards in found.values():
         forwards.sort(key=lambda f: (f.vm_port, f.protocol))
     return public, found

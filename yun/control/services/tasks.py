@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import Scope
 from yun.control.access.visibility import visible
 from yun.control.db.models import FlowRow
+from yun.control.db.prepared import row_by_uuid
 from yun.proto.errors import NotFound
 from yun.proto.resources import Task, TaskState, TaskStep
 from yun.util.ids import canonical_uuid
@@ -28,8 +28,10 @@ async def get_task(session: AsyncSession, task_uuid: str, scope: Scope) -> FlowR
     key = canonical_uuid(task_uuid)
     row = None
     if key is not None:
-        row = (await session.scalars(select(FlowRow).where(
-            FlowRow.uuid == key, visible(FlowRow, scope)))).first()
+        statement = row_by_uuid(FlowRow)
+        if not scope.everything:
+            statement = statement.where(visible(FlowRow, scope))
+        row = (await session.scalars(statement, {"uuid": key})).first()
     if row is None:
         raise NotFound(f"no task {task_uuid}")
     return row

@@ -8,7 +8,7 @@ import uuid as uuidlib
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yun.control.access.policy import (
@@ -30,6 +30,7 @@ from yun.control.db.models import (
     VmRow,
     ZoneRow,
 )
+from yun.control.db.prepared import column_rows
 from yun.control.db.tags import tags_of, update_tags
 from yun.control.flows.engine import UNFINISHED
 from yun.control.flows.vm import (
@@ -118,6 +119,14 @@ def _fingerprints(lines: list[str]) -> list[str]:
     return out
 
 
+# A VM's node name and its pool's name, QoS level and network mode, for vm_models.
+_PLACEMENT_NAMES = (
+    select(VmRow.uuid, NodeRow.name, PoolRow.name, PoolRow.qos_level, PoolRow.network_mode)
+    .outerjoin(NodeRow, NodeRow.uuid == VmRow.node_uuid)
+    .outerjoin(PoolRow, PoolRow.uuid == VmRow.pool_uuid)
+    .where(VmRow.uuid.in_(bindparam("uuids", expanding=True))))
+
+
 async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
     """The API view of many VMs, with their node and pool names and tags (four statements:
     node and pool names, tags, forwards, public addresses)."""
@@ -125,13 +134,8 @@ async def vm_models(session: AsyncSession, rows: list[VmRow]) -> list[Vm]:
     names: dict[str, str] = {}
     pools: dict[str, tuple[str, str, str]] = {}
     if any(r.node_uuid or r.pool_uuid for r in rows):
-        placed = await session.execute(
-            select(VmRow.uuid, NodeRow.name, PoolRow.name, PoolRow.qos_level,
-                   PoolRow.network_mode)
-            .outerjoin(NodeRow, NodeRow.uuid == VmRow.node_uuid)
-            .outerjoin(PoolRow, PoolRow.uuid == VmRow.pool_uuid)
-            .where(VmRow.uuid.in_(uuids)))
-        for uuid, node_name, pool_name, qos_level, network_mode in placed.all():
+        placed = await column_rows(session, _PLACEMENT_NAMES, {"uuids": uuids})
+        for uuid, node_name, pool_name, qos_level, network_mode in placed:
             if node_name is not None:
                 names[uuid] = node_name
             if pool_name is not None:
