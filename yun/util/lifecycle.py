@@ -11,6 +11,9 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from yun.util.heap import settle_started_heap
+from yun.util.metrics import watch_collector
+
 T = TypeVar("T")
 
 
@@ -24,6 +27,8 @@ async def run_until_signalled(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stopping.set)
     await start()
+    watch_collector()
+    settle_started_heap()
     try:
         await stopping.wait()
     finally:

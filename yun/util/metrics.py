@@ -106,6 +106,29 @@ NODE_REPORT_GAP_SECONDS = Histogram(
     "report interval plus lag: growth beyond the interval is reports falling behind)",
     buckets=(.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 120, 300))
 
+# --- Process (every component) ---------------------------------------------------------
+
+GC_SECONDS = Counter(
+    "yun_gc_seconds", "CPU time spent in the cyclic garbage collector, by generation "
+    "collected (prometheus-client's python_gc_* series count collections, not their time)",
+    ["generation"])
+_gc_started: list[float] = []
+
+
+def _time_collections(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[:] = [time.process_time()]
+    elif _gc_started:
+        GC_SECONDS.labels(str(info["generation"])).inc(time.process_time() - _gc_started[0])
+
+
+def watch_collector() -> None:
+    """Record the collector's time in :data:`GC_SECONDS` (once per process)."""
+    import gc
+    if _time_collections not in gc.callbacks:
+        gc.callbacks.append(_time_collections)
+
+
 # --- Gateway ----------------------------------------------------------------------------
 
 UPSTREAM_SECONDS = Histogram(
