@@ -11,7 +11,9 @@ from yun.control.api.bundle import ApiBundle
 from yun.control.api.deps import Listing
 from yun.control.services.listing import each, listed
 from yun.control.services.tasks import get_task, task_model
-from yun.proto.resources import Page, Task
+from yun.proto.resources import Page, Task, TaskState
+
+ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED})
 
 
 def task_router(api: ApiBundle) -> APIRouter:
@@ -26,11 +28,11 @@ def task_router(api: ApiBundle) -> APIRouter:
     async def show_task(task_uuid: str, sc: Scope = scope,
                         wait: Annotated[float, Query(ge=0, le=600)] = 0) -> Task:
         async with api.ctx.db.reading() as session:
-            row = await get_task(session, task_uuid, sc)
-            uuid = row.uuid
-        if wait:
-            await api.ctx.engine.wait(uuid, wait)
+            task = task_model(await get_task(session, task_uuid, sc))
+        if not wait or task.state in ENDED:  # nothing to wait for: no second read
+            return task
+        await api.ctx.engine.wait(task.uuid, wait)
         async with api.ctx.db.reading() as session:
-            return task_model(await get_task(session, uuid, sc))
+            return task_model(await get_task(session, task.uuid, sc))
 
     return r
