@@ -12,13 +12,7 @@ import pytest
 from yun.domain.service import DomainService
 from yun.proto.components import ComponentType
 from yun.testing.cluster import SimCluster
-
-
-async def eventually(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.1)
+from yun.testing.waiting import eventually
 
 
 async def test_stopped_component_is_gone_and_rejoins(cluster: SimCluster) -> None:
@@ -81,11 +75,11 @@ async def test_domain_server_restart_is_survived(cluster: SimCluster) -> None:
 async def test_peer_address_change_reaches_peers(cluster: SimCluster, tmp_path: Path) -> None:
     """F-MOVE: a component that reports a new URL is seen there by its peers."""
     assert cluster.control and cluster.storage
+    control = cluster.control.ctx.membership
     storage = cluster.storage.membership
     storage.url = storage.url + "/"  # the same server, under a different address string
     moved = storage.url
-    await eventually(lambda: any(p.url == moved for p in
-                                 cluster.control.ctx.membership.peers.values()))
+    await eventually(lambda: any(p.url == moved for p in control.peers.values()))
 
 
 async def test_a_storage_server_that_knows_no_control_server_yet_waits_for_one(

@@ -32,16 +32,10 @@ from yun.proto.pki import (
     write_private,
 )
 from yun.testing.cluster import SimCluster
+from yun.testing.waiting import eventually
 from yun.util.serve import AppServer
 
 REPORT = "/internal/v1/nodes/report"
-
-
-async def eventually(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.1)
 
 
 # --- (a) an impostor answering for the domain learns nothing ------------------------------

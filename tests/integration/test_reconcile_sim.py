@@ -9,7 +9,6 @@ import ipaddress
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,7 @@ from yun.node.service import NodeService
 from yun.proto.components import ComponentType
 from yun.proto.messages import CloudInitSpec, DomainSpec, NicSpec
 from yun.testing.cluster import SimCluster
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60.0,
-                what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"{what} never held within {timeout} s"
-        await asyncio.sleep(0.2)
+from yun.testing.waiting import eventually
 
 
 async def vm_of(cluster: SimCluster, vm_uuid: str) -> dict[str, Any]:
@@ -95,7 +87,7 @@ async def test_host_crash_brings_domains_back_shut_off(cluster: SimCluster,
 
     async def stopped() -> bool:
         return (await vm_of(cluster, vm["uuid"]))["state"] == "stopped"
-    await until(stopped, what="VM stopped after the host crash")
+    await eventually(stopped, timeout=60, what="VM stopped after the host crash")
     after = await vm_of(cluster, vm["uuid"])
     assert after["ip"] == vm["ip"] and after["node_uuid"] == vm["node_uuid"]
     resp = await cluster.api.post(f"/api/v1/vms/{vm['uuid']}/start")
@@ -117,7 +109,7 @@ async def test_unknown_vm_whose_domain_is_gone_becomes_error_and_releases(
 
     async def unknown() -> bool:
         return (await vm_of(cluster, vm["uuid"]))["state"] == "unknown"
-    await until(unknown, what="VM unknown while its node is away")
+    await eventually(unknown, timeout=60, what="VM unknown while its node is away")
     assert (await node_of(cluster, node_uuid))["status"] == "down"
 
     # The host lost the domain's definition; its lease and disk are still there.
@@ -133,7 +125,7 @@ async def test_unknown_vm_whose_domain_is_gone_becomes_error_and_releases(
             # Whatever the node still holds keeps the address held.
             assert await addresses_of(cluster, vm["uuid"]) == [vm["ip"]]
         return current["state"] == "error" and current["ip"] is None
-    await until(settled, what="VM in error with its address released")
+    await eventually(settled, timeout=60, what="VM in error with its address released")
     current = await vm_of(cluster, vm["uuid"])
     assert "vanished" in current["error"] and current["node_uuid"] is None
     assert not await holds(node, vm["uuid"])
@@ -142,7 +134,7 @@ async def test_unknown_vm_whose_domain_is_gone_becomes_error_and_releases(
 
     async def up() -> bool:
         return (await node_of(cluster, node_uuid))["status"] == "up"
-    await until(up, what="node up again")
+    await eventually(up, timeout=60, what="node up again")
     # The errored VM is deleted at once: the node holds nothing for it.
     resp = await cluster.api.delete(f"/api/v1/vms/{vm['uuid']}")
     assert (await cluster.wait_task(resp.json()["task"]["uuid"]))["state"] == "succeeded"
@@ -177,7 +169,7 @@ async def test_failed_rollback_keeps_address_until_node_confirms(
             assert current["ip"] is not None and await addresses_of(cluster, vm_uuid), (
                 "the address was released while a node still holds the VM")
         return not held and current["ip"] is None
-    await until(released, what="leftovers removed and address released")
+    await eventually(released, timeout=60, what="leftovers removed and address released")
     current = await vm_of(cluster, vm_uuid)
     assert current["state"] == "error" and current["error"].startswith("create failed:")
     assert current["node_uuid"] is None
@@ -201,7 +193,7 @@ async def test_delete_on_down_node_waits_for_the_node(cluster: SimCluster,
 
     async def down() -> bool:
         return (await node_of(cluster, node_uuid))["status"] == "down"
-    await until(down, what="node down")
+    await eventually(down, timeout=60, what="node down")
     resp = await cluster.api.delete(f"/api/v1/vms/{vm['uuid']}")
     await cluster.wait_task(resp.json()["task"]["uuid"])
     current = await vm_of(cluster, vm["uuid"])
@@ -223,14 +215,14 @@ async def test_delete_on_down_node_waits_for_the_node(cluster: SimCluster,
     async def gone() -> bool:
         assert cluster.api is not None
         return (await cluster.api.get(f"/api/v1/vms/{vm['uuid']}")).status_code == 404
-    await until(gone, what="delete finished once the node confirmed")
+    await eventually(gone, timeout=60, what="delete finished once the node confirmed")
     assert not await holds(node, vm["uuid"])
     assert await addresses_of(cluster, vm["uuid"]) == []
     assert await no_reservations(cluster)
 
     async def up() -> bool:
         return (await node_of(cluster, node_uuid))["status"] == "up"
-    await until(up, what="node up after its orphans were removed")
+    await eventually(up, timeout=60, what="node up after its orphans were removed")
 
 
 async def test_orphan_cleanup_is_one_background_job_per_node(cluster: SimCluster) -> None:
@@ -284,7 +276,7 @@ async def test_orphan_cleanup_is_one_background_job_per_node(cluster: SimCluster
 
     async def clean() -> bool:
         return not any([await holds(node, u) for u in (domain_only, port_only, disk_only)])
-    await until(clean, what="orphans removed")
+    await eventually(clean, timeout=60, what="orphans removed")
     assert set(calls) == {domain_only, port_only, disk_only}, calls
     assert not overlapping, calls
 

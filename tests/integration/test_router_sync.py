@@ -22,6 +22,7 @@ from yun.control.network.router_sync import notify_routers
 from yun.testing.cluster import SimCluster
 from yun.testing.netns import Topology, http_get_in
 from yun.testing.routernet import CLIENT_IP, NetworkRows, RouterLab
+from yun.testing.waiting import eventually
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
                                 reason="needs root and nft (network namespaces)")
@@ -54,14 +55,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[tuple[RouterLab, LabCluster]]:
 
 async def until(what: str, check: Callable[[], Any], deadline: float = 60.0) -> Any:
     """Poll ``check`` (run in a thread: it may run commands) until it is truthy."""
-    end = time.monotonic() + deadline
-    while True:  # bounded by the deadline
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.3)
+    return await eventually(lambda: asyncio.to_thread(check), timeout=deadline, what=what,
+                            interval=0.3)
 
 
 def start(lab: RouterLab, cluster: SimCluster, name: str) -> None:
