@@ -38,8 +38,12 @@ def create_control_app(ctx: ControlContext, nodes: NodeRegistry) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    for router in (component_router, auth_router, tenancy_router, account_router,
-                   audit_router, node_router, image_router, vm_router, task_router,
+    # In the order of how often they are asked: FastAPI tries routes one after the other
+    # (≈ 2 µs each), and a VM's GET behind every other router cost ≈ 0.1 ms to find.
+    # Paths of different routers never overlap (tests/unit/test_route_order.py), so the
+    # order changes nothing else.
+    for router in (component_router, task_router, vm_router, auth_router, tenancy_router,
+                   account_router, audit_router, node_router, image_router,
                    tag_router, pool_router, vm_group_router, address_router,
                    router_router, router_sync_router, volume_router,
                    ssh_key_router):
